@@ -1,0 +1,81 @@
+// lgm-ext host layer shared by every backend: input validation, the choice
+// between the direct and the GEMM path, and the GEMM orchestration (ATen ops,
+// device-agnostic).  A backend supplies only its row/class kernels through
+// `Backend`; the per-element math they run is in include/lgm_ext/math.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace lgm_ext {
+
+using at::Tensor;
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+enum Impl : int64_t { kAuto = 0, kDirect = 1, kGemm = 2 };
+
+// K*D at or below which the direct fused loop beats GEMM + epilogue (measured
+// on the CPU in benchmarks/bench_lgm.py; see README).
+constexpr int64_t kDirectMaxKD = 8192;
+
+// Inputs after validation: contiguous, labels as int64 (undefined if absent),
+// w = exp(-log_var) and hl = 0.5 * sum(log_var) (undefined for identity).
+struct Inputs {
+  Tensor x, mu, s, w, hl, labels;
+  int64_t N = 0, K = 0, D = 0;
+  bool identity() const { return !s.defined(); }
+};
+
+Inputs prepare(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
+               const std::optional<Tensor>& labels, bool labels_required, const char* op);
+void check_scalars(double alpha, double lambda, int64_t reduction, int64_t impl);
+bool use_gemm(int64_t impl, int64_t K, int64_t D);
+
+// What a backend implements.  All tensors are contiguous and on the backend's device.
+struct Backend {
+  // Direct path, one fused pass per row: logits (N,K) always -- margin-free,
+  // or with the margin in the labelled column when `margin_out` -- and lse (N)
+  // and per-row loss (N) when defined (loss mode needs labels).
+  void (*direct_rows)(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
+                      Tensor& row_loss);
+  // GEMM path epilogue: m (N,K) holds sum_j x^2 w - 2 x mu w; c (K) sum_j mu^2 w.
+  // Turns m into logits in place (as direct_rows); fills lse and row_loss when defined.
+  void (*gemm_rows)(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
+                    Tensor& lse, Tensor& row_loss);
+  // Backward row pass: gradient coefficients g (N,K) and the label-column
+  // log-det correction r (N).  Loss mode (lse defined): from the saved
+  // margin-free logits and lse, scale (N) the incoming gradient per row,
+  // grad_logits (N,K) optional.  Logits mode (lse undefined): grad_logits is the
+  // gradient of lgm_logits' output (margin in the labelled column if labels).
+  void (*coefficients)(const Inputs& in, const Tensor& logits, const Tensor& lse, const Tensor& scale,
+                       const Tensor& grad_logits, double alpha, double lambda, Tensor& g, Tensor& r);
+  // Direct path gradients from the coefficients (any output may be skipped by
+  // passing an undefined tensor).
+  void (*direct_grads)(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
+                       Tensor& grad_s);
+};
+
+// Operator bodies, shared by all backends.
+std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor& x, const Tensor& mu,
+                                                const std::optional<Tensor>& log_var, const Tensor& labels,
+                                                double alpha, double lambda, int64_t reduction, int64_t impl);
+std::tuple<Tensor, Tensor, Tensor> loss_backward(const Backend& be, const Tensor& grad_loss,
+                                                 const std::optional<Tensor>& grad_logits, const Tensor& x,
+                                                 const Tensor& mu, const std::optional<Tensor>& log_var,
+                                                 const Tensor& labels, const Tensor& logits, const Tensor& lse,
+                                                 double alpha, double lambda, int64_t reduction, int64_t impl);
+Tensor logits_forward(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
+                      const std::optional<Tensor>& labels, double alpha, int64_t impl);
+std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tensor& grad, const Tensor& x,
+                                                   const Tensor& mu, const std::optional<Tensor>& log_var,
+                                                   const std::optional<Tensor>& labels, double alpha, int64_t impl);
+std::tuple<Tensor, Tensor> log_likelihood(const Backend& be, const Tensor& x, const Tensor& mu,
+                                          const std::optional<Tensor>& log_var, int64_t impl);
+
+// PGD step validation (shared by the CPU and CUDA step kernels).
+void check_pgd(const Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps, double lower,
+               double upper);
+
+}  // namespace lgm_ext

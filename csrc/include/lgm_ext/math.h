@@ -1,0 +1,288 @@
+// lgm-ext: the per-element and per-row math of every operator, written once.
+//
+// Everything here is a __host__ __device__ inline function: the CPU kernels
+// (csrc/cpu), the CUDA kernels (csrc/cuda) and the CPU emulation of the CUDA
+// thread decomposition (csrc/cpu/emulate_cuda.cpp) all call these, so a formula
+// exists in exactly one place.  Only loops, launches and reductions live in the
+// backends.  Notation follows ../shared/SPEC.md section 1:
+//   d[n,k] = 0.5 * sum_j (x[n,j] - mu[k,j])^2 * w[k,j],   w = exp(-log_var)
+//   hl[k]  = 0.5 * sum_j log_var[k,j]                      (half log-determinant)
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#if !defined(__CUDA_ARCH__)
+#include <cmath>
+#endif
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LGM_HD __host__ __device__ __forceinline__
+#define LGM_SIMD_SUM(var)
+#define LGM_SIMD
+#else
+#define LGM_HD inline
+#define LGM_PRAGMA_(x) _Pragma(#x)
+// Lets the host compiler vectorise a float reduction (needs -fopenmp or -fopenmp-simd).
+#define LGM_SIMD_SUM(var) LGM_PRAGMA_(omp simd reduction(+ : var))
+#define LGM_SIMD LGM_PRAGMA_(omp simd)
+#endif
+
+namespace lgm_ext {
+namespace math {
+
+template <typename T>
+LGM_HD T exp_(T v) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(v);
+#else
+  return std::exp(v);
+#endif
+}
+
+template <typename T>
+LGM_HD T log_(T v) {
+#if defined(__CUDA_ARCH__)
+  return ::log(v);
+#else
+  return std::log(v);
+#endif
+}
+
+template <typename T>
+LGM_HD T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// exp(z) for z <= 0, returning exactly 0 where the result would be a denormal:
+// probabilities below the normal range are flushed here so no hot loop ever
+// carries a denormal (they slow x86 arithmetic by ~10x).
+template <typename T>
+LGM_HD T min_log_normal();
+template <>
+LGM_HD float min_log_normal<float>() {
+  return -87.0f;  // exp(-87) = 1.6e-38 > FLT_MIN = 1.18e-38
+}
+template <>
+LGM_HD double min_log_normal<double>() {
+  return -708.0;  // exp(-708) = 3.3e-308 > DBL_MIN = 2.2e-308
+}
+
+template <typename T>
+LGM_HD T safe_exp(T z) {
+  return z < min_log_normal<T>() ? T(0) : exp_(z);
+}
+
+// ---------------------------------------------------------------- distances
+// Partial sum over j = start, start+stride, ... < D of (x_j - mu_j)^2 * w_j
+// (w == nullptr: identity covariance).  A CPU row calls it with (0, 1); a CUDA
+// lane with (lane, 32), and the lanes' partials are summed by a butterfly.
+template <typename T>
+LGM_HD T sqdist_partial(const T* x, const T* mu, const T* w, int64_t D, int64_t start, int64_t stride) {
+  T acc = T(0);
+  if (w != nullptr) {
+    LGM_SIMD_SUM(acc)
+    for (int64_t j = start; j < D; j += stride) {
+      const T t = x[j] - mu[j];
+      acc += t * t * w[j];
+    }
+  } else {
+    LGM_SIMD_SUM(acc)
+    for (int64_t j = start; j < D; j += stride) {
+      const T t = x[j] - mu[j];
+      acc += t * t;
+    }
+  }
+  return acc;
+}
+
+// d from the full squared-distance sum.
+template <typename T>
+LGM_HD T dist_from_sqdist(T sq) {
+  return T(0.5) * sq;
+}
+
+// d from the GEMM expansion: m = sum_j x^2 w - 2 x mu w (one GEMM), c = sum_j mu^2 w.
+// The expansion cancels when x ~ mu, so it is clamped at 0.
+template <typename T>
+LGM_HD T dist_from_expansion(T m, T c) {
+  const T d = T(0.5) * (m + c);
+  return d > T(0) ? d : T(0);
+}
+
+// ---------------------------------------------------------------- logits
+// Margin-free logit: the log-likelihood up to the constant -0.5 D log(2 pi).
+template <typename T>
+LGM_HD T free_logit(T d, T hl) {
+  return -d - hl;
+}
+
+// The labelled class's logit carries the margin: -(1 + alpha) d - hl.
+template <typename T>
+LGM_HD T margin_logit(T d, T hl, T alpha) {
+  return -(T(1) + alpha) * d - hl;
+}
+
+// The margin logit recovered from the margin-free one (d = -l0 - hl).
+template <typename T>
+LGM_HD T margin_from_free(T l0, T hl, T alpha) {
+  return (T(1) + alpha) * l0 + alpha * hl;
+}
+
+// ---------------------------------------------------------------- logsumexp
+// Online logsumexp: a running maximum and the sum of exp(v - max).
+template <typename T>
+struct Lse {
+  T m;
+  T s;
+};
+
+template <typename T>
+LGM_HD Lse<T> lse_init() {
+  return Lse<T>{neg_inf<T>(), T(0)};
+}
+
+template <typename T>
+LGM_HD void lse_push(Lse<T>& a, T v) {
+  if (v > a.m) {
+    a.s = a.s * safe_exp(a.m - v) + T(1);
+    a.m = v;
+  } else if (v != neg_inf<T>()) {
+    a.s += safe_exp(v - a.m);
+  }
+}
+
+// Merge of two partial states (a warp butterfly step, or two CPU chunks).
+template <typename T>
+LGM_HD Lse<T> lse_combine(Lse<T> a, Lse<T> b) {
+  if (b.m > a.m) {
+    const Lse<T> t = a;
+    a = b;
+    b = t;
+  }
+  if (b.m == neg_inf<T>()) return a;
+  return Lse<T>{a.m, a.s + b.s * safe_exp(b.m - a.m)};
+}
+
+template <typename T>
+LGM_HD T lse_value(Lse<T> a) {
+  return a.m + log_(a.s);
+}
+
+// ---------------------------------------------------------------- loss
+// L[n] = lse - logit_y + lambda * (d_y + hl_y)
+template <typename T>
+LGM_HD T row_loss(T lse, T logit_y, T d_y, T hl_y, T lambda) {
+  return lse - logit_y + lambda * (d_y + hl_y);
+}
+
+// ---------------------------------------------------------------- backward
+// Probability of a logit under the row's logsumexp (denormal-free).
+template <typename T>
+LGM_HD T prob(T logit, T lse) {
+  return safe_exp(logit - lse);
+}
+
+// g[n,k] = dL[n]/dd[n,k], scaled by c (incoming gradient, 1/N for "mean").
+template <typename T>
+LGM_HD T coef_g_label(T p_y, T alpha, T lambda, T c) {
+  return c * ((T(1) + alpha) * (T(1) - p_y) + lambda);
+}
+
+template <typename T>
+LGM_HD T coef_g_other(T p_k, T c) {
+  return -c * p_k;
+}
+
+// The log-det coefficient h equals g except in the labelled column, where
+// h_y - g_y = -alpha (1 - p_y): r carries that difference, scaled by c.
+template <typename T>
+LGM_HD T coef_r(T p_y, T alpha, T c) {
+  return -c * alpha * (T(1) - p_y);
+}
+
+// A gradient reaching the margin-free logits adds to both coefficients:
+// d l0 / d d = -1 and d l0 / d hl = -1, so g -= gl and h -= gl (r unchanged).
+template <typename T>
+LGM_HD T coef_add_logit_grad(T g, T gl) {
+  return g - gl;
+}
+
+// Coefficients when the gradient reaches only the logits (lgm_logits): the
+// labelled column with margin has dl/dd = -(1 + alpha) and dl/dhl = -1.
+template <typename T>
+LGM_HD T coef_g_logit(T gl, bool is_label_with_margin, T alpha) {
+  return is_label_with_margin ? -(T(1) + alpha) * gl : -gl;
+}
+
+template <typename T>
+LGM_HD T coef_r_logit(T gl_y, T alpha) {
+  return alpha * gl_y;
+}
+
+// One class's contribution to dL/dx[n,j]: g * w * (x - mu).
+template <typename T>
+LGM_HD T grad_x_term(T g, T w, T x, T mu) {
+  return g * w * (x - mu);
+}
+
+// dL/dx[n,j] for one j: sum over k of grad_x_term (CUDA lane / emulator order).
+template <typename T>
+LGM_HD T grad_x_elem(const T* g_row, T x_j, const T* mu_col, const T* w_col, int64_t K, int64_t ld) {
+  T acc = T(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const T g = g_row[k];
+    acc += grad_x_term(g, w_col != nullptr ? w_col[k * ld] : T(1), x_j, mu_col[k * ld]);
+  }
+  return acc;
+}
+
+// out[j] += grad_x_term(g, w[j], x[j], mu[j]) for one class over a row (CPU order).
+template <typename T>
+LGM_HD void grad_x_axpy(T* out, T g, const T* x, const T* mu, const T* w, int64_t D) {
+  if (w != nullptr) {
+    LGM_SIMD
+    for (int64_t j = 0; j < D; ++j) out[j] += grad_x_term(g, w[j], x[j], mu[j]);
+  } else {
+    LGM_SIMD
+    for (int64_t j = 0; j < D; ++j) out[j] += grad_x_term(g, T(1), x[j], mu[j]);
+  }
+}
+
+// Per-class sums over samples: a1 += g (x - mu), a2 += g (x - mu)^2.
+template <typename T>
+LGM_HD void class_accum(T& a1, T& a2, T g, T x, T mu) {
+  const T t = x - mu;
+  a1 += g * t;
+  a2 += g * t * t;
+}
+
+// dL/dmu[k,j] = -w a1 ;  dL/dlog_var[k,j] = -0.5 w a2 + 0.5 hsum[k]
+template <typename T>
+LGM_HD T grad_mu_final(T a1, T w) {
+  return -w * a1;
+}
+
+template <typename T>
+LGM_HD T grad_log_var_final(T a2, T w, T hsum) {
+  return T(-0.5) * w * a2 + T(0.5) * hsum;
+}
+
+// ---------------------------------------------------------------- PGD step
+template <typename T>
+LGM_HD T sign0(T g) {
+  return T((g > T(0)) - (g < T(0)));
+}
+
+// clip_[lo,hi]( clip_[x0-eps, x0+eps]( x + alpha sign(g) ) )
+template <typename T>
+LGM_HD T pgd_step_elem(T x, T g, T x0, T alpha, T eps, T lo, T hi) {
+  T v = x + alpha * sign0(g);
+  const T a = x0 - eps;
+  const T b = x0 + eps;
+  v = v < a ? a : (v > b ? b : v);
+  v = v < lo ? lo : (v > hi ? hi : v);
+  return v;
+}
+
+}  // namespace math
+}  // namespace lgm_ext

@@ -1,0 +1,38 @@
+// lgm-ext operator schemas (namespace lgm_ext).  Kernels are registered per
+// backend in csrc/cpu and csrc/cuda; fake kernels and autograd in
+// lgm_ext/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import lgm_ext._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(lgm_ext, m) {
+  // L-GM loss.  reduction: 0 none, 1 mean, 2 sum.  impl: 0 auto, 1 direct, 2 gemm.
+  // Returns (loss, margin-free logits (N,K), per-row logsumexp of the margin logits (N)).
+  m.def(
+      "lgm_loss_forward(Tensor features, Tensor means, Tensor? log_var, Tensor labels, float alpha, "
+      "float lambda_, int reduction, int impl) -> (Tensor, Tensor, Tensor)");
+  // Analytic backward (SPEC section 1); the third output is empty when log_var is None.
+  m.def(
+      "lgm_loss_backward(Tensor grad_loss, Tensor? grad_logits, Tensor features, Tensor means, Tensor? log_var, "
+      "Tensor labels, Tensor logits, Tensor lse, float alpha, float lambda_, int reduction, int impl) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Logits; with labels the labelled column carries the margin alpha.
+  m.def("lgm_logits(Tensor features, Tensor means, Tensor? log_var, Tensor? labels, float alpha, int impl) -> Tensor");
+  m.def(
+      "lgm_logits_backward(Tensor grad, Tensor features, Tensor means, Tensor? log_var, Tensor? labels, "
+      "float alpha, int impl) -> (Tensor, Tensor, Tensor)");
+  // (log-likelihood of the best class, that class)
+  m.def("lgm_log_likelihood(Tensor features, Tensor means, Tensor? log_var, int impl) -> (Tensor, Tensor)");
+  // Projected sign step (no gradient).
+  m.def(
+      "pgd_step(Tensor x, Tensor grad, Tensor x_orig, float alpha, float eps, float lower, float upper) -> Tensor");
+  m.def(
+      "pgd_step_(Tensor(a!) x, Tensor grad, Tensor x_orig, float alpha, float eps, float lower, float upper) -> ()");
+}

@@ -1,0 +1,163 @@
+"""The public functional API (``SPEC.md`` section 2), over the fused operators."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from ._ops import REDUCTIONS, current_impl, ops
+
+__all__ = [
+    "lgm_loss",
+    "lgm_loss_and_logits",
+    "lgm_logits",
+    "lgm_log_likelihood",
+    "pgd_step",
+    "pgd_step_",
+]
+
+
+def _scalar(name: str, value) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _nonneg(name: str, value) -> float:
+    v = _scalar(name, value)
+    if not v >= 0.0 or math.isinf(v):  # also rejects NaN
+        raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    return v
+
+
+def _reduction(reduction: str) -> int:
+    try:
+        return REDUCTIONS[reduction]
+    except (KeyError, TypeError):
+        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}") from None
+
+
+def _tensor(name: str, t, optional: bool = False):
+    if t is None and optional:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def lgm_loss_and_logits(
+    features: Tensor,
+    means: Tensor,
+    log_var: Tensor | None,
+    labels: Tensor,
+    *,
+    alpha: float = 0.0,
+    lambda_: float = 0.0,
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor]:
+    """L-GM loss and the margin-free logits (N, K) from one fused pass.
+
+    Both outputs are differentiable with respect to features, means and log_var.
+    """
+    out = ops.lgm_loss_forward(
+        _tensor("features", features),
+        _tensor("means", means),
+        _tensor("log_var", log_var, optional=True),
+        _tensor("labels", labels),
+        _nonneg("alpha", alpha),
+        _nonneg("lambda_", lambda_),
+        _reduction(reduction),
+        current_impl(),
+    )
+    return out[0], out[1]
+
+
+def lgm_loss(
+    features: Tensor,
+    means: Tensor,
+    log_var: Tensor | None,
+    labels: Tensor,
+    *,
+    alpha: float = 0.0,
+    lambda_: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Large-Margin Gaussian Mixture loss (Wan et al. 2018, Eqs. 17-18), diagonal covariance.
+
+    ``L = L_cls + lambda_ * L_lkd``, margin ``alpha`` on the labelled class's
+    distance.  ``log_var`` is the log of the covariance diagonal (K, D); ``None``
+    means identity covariance.  Analytic backward (Eqs. 19-23).
+    """
+    return lgm_loss_and_logits(features, means, log_var, labels, alpha=alpha, lambda_=lambda_, reduction=reduction)[0]
+
+
+def lgm_logits(
+    features: Tensor,
+    means: Tensor,
+    log_var: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    alpha: float = 0.0,
+) -> Tensor:
+    """Logits ``-(1 + alpha [k = y]) d[n,k] - 0.5 sum_j log_var[k,j]`` (N, K); the
+    margin applies only when labels are given.  Differentiable."""
+    return ops.lgm_logits(
+        _tensor("features", features),
+        _tensor("means", means),
+        _tensor("log_var", log_var, optional=True),
+        _tensor("labels", labels, optional=True),
+        _nonneg("alpha", alpha),
+        current_impl(),
+    )
+
+
+def lgm_log_likelihood(features: Tensor, means: Tensor, log_var: Tensor | None = None) -> Tensor:
+    """Log-likelihood of each feature under the Gaussian of its predicted class
+    (paper section 4.3): ``-d[n, yhat] - 0.5 sum_j log_var[yhat, j] - 0.5 D log(2 pi)``."""
+    return ops.lgm_log_likelihood(
+        _tensor("features", features),
+        _tensor("means", means),
+        _tensor("log_var", log_var, optional=True),
+        current_impl(),
+    )[0]
+
+
+def _pgd_args(x, grad, x_orig, alpha, eps, lower, upper):
+    _tensor("x", x), _tensor("grad", grad), _tensor("x_orig", x_orig)
+    a = _scalar("alpha", alpha)
+    e = _scalar("eps", eps)
+    lo, hi = _scalar("lower", lower), _scalar("upper", upper)
+    if not e >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {e}")
+    if not lo <= hi:
+        raise ValueError(f"lower must be <= upper, got lower={lo}, upper={hi}")
+    return a, e, lo, hi
+
+
+def pgd_step(
+    x: Tensor, grad: Tensor, x_orig: Tensor, *, alpha: float, eps: float, lower: float = 0.0, upper: float = 1.0
+) -> Tensor:
+    """``clip_[lower,upper](clip_[x_orig-eps, x_orig+eps](x + alpha * sign(grad)))`` in one pass.
+
+    ``alpha < 0`` descends (inverse adversary); ``sign(0) = 0``.  The step carries
+    no gradient: the result never requires grad (attack loops detach anyway).
+    """
+    a, e, lo, hi = _pgd_args(x, grad, x_orig, alpha, eps, lower, upper)
+    with torch.no_grad():
+        return ops.pgd_step(x, grad, x_orig, a, e, lo, hi)
+
+
+def pgd_step_(
+    x: Tensor, grad: Tensor, x_orig: Tensor, *, alpha: float, eps: float, lower: float = 0.0, upper: float = 1.0
+) -> Tensor:
+    """In-place :func:`pgd_step`: overwrites and returns ``x``."""
+    a, e, lo, hi = _pgd_args(x, grad, x_orig, alpha, eps, lower, upper)
+    with torch.no_grad():
+        ops.pgd_step_(x, grad, x_orig, a, e, lo, hi)
+    return x

@@ -1,0 +1,70 @@
+"""Build lgm-ext: the CPU extension always; the CUDA kernels when torch has CUDA and
+a toolkit is found.
+
+Environment switches:
+  LGM_EXT_CPU_ONLY=1    skip CUDA sources (fast iteration build)
+  LGM_EXT_FORCE_CUDA=1  build CUDA sources even if detection says no (fails if no toolkit)
+  TORCH_CUDA_ARCH_LIST  CUDA targets (default "8.0;9.0+PTX": sm_80, sm_90 and PTX)
+  MAX_JOBS              parallel compile jobs (ninja)
+"""
+import glob
+import os
+
+# /usr/local/bin/nvcc may be a wrapper script: torch would then guess CUDA_HOME=/usr/local.
+# Prefer the real toolkit directory when the caller did not choose one.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = os.path.realpath("/usr/local/cuda")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def build_cuda():
+    if _flag("LGM_EXT_CPU_ONLY"):
+        return False
+    if _flag("LGM_EXT_FORCE_CUDA"):
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extensions():
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(HERE, "csrc", "include")]
+    cxx = ["-O3", "-fopenmp", "-DNDEBUG"]
+    if build_cuda():
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-DNDEBUG", "-Xptxas=-v", "--expt-relaxed-constexpr", "-lineinfo"]
+        return [
+            CUDAExtension(
+                "lgm_ext._C",
+                cpu_sources + cuda_sources,
+                include_dirs=include_dirs,
+                define_macros=[("LGM_EXT_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    return [
+        CppExtension(
+            "lgm_ext._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+setup(
+    packages=find_packages(include=["lgm_ext", "lgm_ext.*", "lgm_cli", "lgm_cli.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension},
+)
