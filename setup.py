@@ -38,7 +38,7 @@ def build_cuda():
 def extensions():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
-    cxx = ["-O3", "-fopenmp", "-DNDEBUG"]
+    cxx = ["-O3", "-fopenmp", "-DNDEBUG", "-std=c++20"]
     if build_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-DNDEBUG", "-Xptxas=-v", "--expt-relaxed-constexpr", "-lineinfo"]

@@ -18,8 +18,13 @@ void check_same(const Tensor& a, const char* an, const Tensor& b, const char* bn
 
 }  // namespace
 
-Inputs prepare(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
-               const std::optional<Tensor>& labels, bool labels_required, const char* op) {
+void check_label_range(int64_t lo, int64_t hi, int64_t K) {
+  TORCH_CHECK_VALUE(lo >= 0 && hi < K, "labels must lie in [0, K) = [0, ", K, "), got values in [", lo, ", ", hi,
+                    "]");
+}
+
+Inputs prepare(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
+               const std::optional<Tensor>& labels, bool labels_required, bool check_range, const char* op) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
                    ": features must be float32 or float64, got ", dtype_name(x));
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": features must be 2-D (N, D), got shape ", x.sizes());
@@ -41,8 +46,9 @@ Inputs prepare(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& l
     TORCH_CHECK_VALUE(s.sizes() == mu.sizes(), op, ": log_var must have the shape of means ", mu.sizes(), ", got ",
                       s.sizes());
     in.s = s.contiguous();
-    in.w = at::exp(-in.s);
-    in.hl = in.s.sum(1).mul_(0.5);
+    in.w = at::empty_like(in.s);
+    in.hl = at::empty({in.K}, in.s.options());
+    be.class_tables(in.s, in.w, in.hl);
   }
   if (labels.has_value() && labels->defined()) {
     const Tensor& y = *labels;
@@ -53,13 +59,7 @@ Inputs prepare(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& l
     TORCH_CHECK_VALUE(y.device() == x.device(), op, ": labels is on ", y.device(), " but features is on ",
                       x.device(), "; all inputs must be on one device");
     in.labels = y.to(at::kLong).contiguous();
-    // One small reduction; on CUDA it synchronises (the price of a clear error
-    // instead of a device-side assert).
-    auto mm = at::aminmax(in.labels);
-    const int64_t lo = std::get<0>(mm).item<int64_t>();
-    const int64_t hi = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0 && hi < in.K, op, ": labels must lie in [0, K) = [0, ", in.K, "), got values in [", lo,
-                      ", ", hi, "]");
+    if (check_range) be.check_labels(in);
   } else {
     TORCH_CHECK_VALUE(!labels_required, op, ": labels are required");
   }
@@ -83,16 +83,16 @@ bool use_gemm(int64_t impl, int64_t K, int64_t D) {
 
 namespace {
 
-// m = sum_j x^2 w - 2 x mu w as one GEMM (identity: |x|^2 - 2 x.mu); c = sum_j mu^2 w.
-Tensor expansion(const Inputs& in, Tensor& c) {
+// m = sum_j x^2 w - 2 x mu w (N,K) as one GEMM, c = sum_j mu^2 w (math.h, GEMM operands).
+Tensor expansion(const Backend& be, const Inputs& in, Tensor& c) {
   if (in.identity()) {
     c = in.mu.square().sum(1);
     return at::addmm(in.x.square().sum(1, /*keepdim=*/true), in.x, in.mu.t(), /*beta=*/1, /*alpha=*/-2);
   }
-  const Tensor muw = in.mu * in.w;
-  c = (muw * in.mu).sum(1);
-  const Tensor a = at::cat({in.x.square(), in.x}, 1);
-  const Tensor b = at::cat({in.w, muw.mul(-2)}, 1);
+  Tensor a = at::empty({in.N, 2 * in.D}, in.x.options());
+  Tensor b = at::empty({in.K, 2 * in.D}, in.x.options());
+  c = at::empty({in.K}, in.x.options());
+  be.gemm_operands(in, a, b, c);
   return at::mm(a, b.t());
 }
 
@@ -104,7 +104,7 @@ Tensor compute_logits(const Backend& be, const Inputs& in, double alpha, double 
     return logits;
   }
   Tensor c;
-  Tensor m = expansion(in, c);
+  Tensor m = expansion(be, in, c);
   be.gemm_rows(in, m, c, alpha, lambda, margin_out, lse, row_loss);
   return m;
 }
@@ -120,25 +120,18 @@ std::tuple<Tensor, Tensor, Tensor> grads_from_coefficients(const Backend& be, co
     be.direct_grads(in, g, r, gx, gmu, gs_out);
     return {gx, gmu, gs};
   }
-  const Tensor gsum = g.sum(0).unsqueeze(1);  // (K,1)
   if (in.identity()) {
     // dx = x * rowsum(g) - g mu ;  dmu = mu * colsum(g) - g^T x
     at::addmm_out(gx, in.x * g.sum(1, true), g, in.mu, 1, -1);
-    at::addmm_out(gmu, in.mu * gsum, g.t(), in.x, 1, -1);
+    at::addmm_out(gmu, in.mu * g.sum(0).unsqueeze(1), g.t(), in.x, 1, -1);
     return {gx, gmu, gs};
   }
-  const int64_t D = in.D;
-  const Tensor muw = in.mu * in.w;
-  const Tensor t = at::mm(g, at::cat({in.w, muw}, 1));                      // (N, 2D)
-  at::sub_out(gx, in.x * t.narrow(1, 0, D), t.narrow(1, D, D));             // x (g w) - g (mu w)
-  const Tensor s = at::mm(g.t(), at::cat({in.x, in.x.square()}, 1));         // (K, 2D)
-  const Tensor s1 = s.narrow(1, 0, D), s2 = s.narrow(1, D, D);
-  const Tensor a1 = s1 - in.mu * gsum;                                       // sum_n g (x - mu)
-  const Tensor a2 = s2 - 2 * in.mu * s1 + in.mu.square() * gsum;             // sum_n g (x - mu)^2
-  Tensor hsum = gsum.squeeze(1).clone();
-  if (in.labels.defined()) hsum.index_add_(0, in.labels, r);
-  at::mul_out(gmu, in.w, a1).neg_();
-  at::addcmul_out(gs, (0.5 * hsum).unsqueeze(1), in.w, a2, -0.5);
+  Tensor a = at::empty({in.N, 2 * in.D}, in.x.options());
+  Tensor b = at::empty({in.K, 2 * in.D}, in.x.options());
+  Tensor c = at::empty({in.K}, in.x.options());
+  be.gemm_operands(in, a, b, c);
+  be.gemm_grad_x(in, at::mm(g, b), gx);
+  be.gemm_class_grads(in, at::mm(g.t(), a), g, r, gmu, gs);
   return {gx, gmu, gs};
 }
 
@@ -148,7 +141,7 @@ std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor&
                                                 const std::optional<Tensor>& log_var, const Tensor& labels,
                                                 double alpha, double lambda, int64_t reduction, int64_t impl) {
   check_scalars(alpha, lambda, reduction, impl);
-  const Inputs in = prepare(x, mu, log_var, labels, true, "lgm_loss");
+  const Inputs in = prepare(be, x, mu, log_var, labels, true, true, "lgm_loss");
   Tensor lse = at::empty({in.N}, in.x.options());
   Tensor row = at::empty({in.N}, in.x.options());
   Tensor logits = compute_logits(be, in, alpha, lambda, /*margin_out=*/false, impl, lse, row);
@@ -162,31 +155,27 @@ std::tuple<Tensor, Tensor, Tensor> loss_backward(const Backend& be, const Tensor
                                                  const Tensor& labels, const Tensor& logits, const Tensor& lse,
                                                  double alpha, double lambda, int64_t reduction, int64_t impl) {
   check_scalars(alpha, lambda, reduction, impl);
-  const Inputs in = prepare(x, mu, log_var, labels, true, "lgm_loss_backward");
+  const Inputs in = prepare(be, x, mu, log_var, labels, true, false, "lgm_loss_backward");
   TORCH_CHECK_VALUE(logits.sizes() == at::IntArrayRef({in.N, in.K}) && lse.numel() == in.N,
                     "lgm_loss_backward: saved logits/lse do not match the inputs");
-  Tensor scale;
-  if (reduction == kNone) {
-    TORCH_CHECK_VALUE(grad_loss.numel() == in.N, "lgm_loss_backward: grad_loss must have N elements");
-    scale = grad_loss.to(in.x.scalar_type()).contiguous();
-  } else {
-    TORCH_CHECK_VALUE(grad_loss.numel() == 1, "lgm_loss_backward: grad_loss must be a scalar");
-    scale = grad_loss.to(in.x.scalar_type()).reshape({1});
-    if (reduction == kMean) scale = scale / static_cast<double>(in.N);
-    scale = scale.expand({in.N}).contiguous();
-  }
+  TORCH_CHECK_VALUE(grad_loss.numel() == (reduction == kNone ? in.N : 1), "lgm_loss_backward: grad_loss must have ",
+                    reduction == kNone ? in.N : 1, " element(s), got ", grad_loss.numel());
+  check_same(in.x, "features", grad_loss, "grad_loss", "lgm_loss_backward");
+  const Tensor scale = grad_loss.contiguous();
+  const int64_t scale_stride = reduction == kNone ? 1 : 0;
+  const double scale_mult = reduction == kMean ? 1.0 / static_cast<double>(in.N) : 1.0;
   Tensor gl;
   if (grad_logits.has_value() && grad_logits->defined()) gl = grad_logits->to(in.x.scalar_type()).contiguous();
   Tensor g = at::empty({in.N, in.K}, in.x.options());
   Tensor r = at::empty({in.N}, in.x.options());
-  be.coefficients(in, logits.contiguous(), lse.contiguous(), scale, gl, alpha, lambda, g, r);
+  be.coefficients(in, logits.contiguous(), lse.contiguous(), scale, scale_stride, scale_mult, gl, alpha, lambda, g, r);
   return grads_from_coefficients(be, in, g, r, impl);
 }
 
 Tensor logits_forward(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
                       const std::optional<Tensor>& labels, double alpha, int64_t impl) {
   check_scalars(alpha, 0.0, kMean, impl);
-  const Inputs in = prepare(x, mu, log_var, labels, false, "lgm_logits");
+  const Inputs in = prepare(be, x, mu, log_var, labels, false, true, "lgm_logits");
   Tensor none_lse, none_row;
   return compute_logits(be, in, alpha, 0.0, /*margin_out=*/in.labels.defined(), impl, none_lse, none_row);
 }
@@ -195,19 +184,19 @@ std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tens
                                                    const Tensor& mu, const std::optional<Tensor>& log_var,
                                                    const std::optional<Tensor>& labels, double alpha, int64_t impl) {
   check_scalars(alpha, 0.0, kMean, impl);
-  const Inputs in = prepare(x, mu, log_var, labels, false, "lgm_logits_backward");
+  const Inputs in = prepare(be, x, mu, log_var, labels, false, false, "lgm_logits_backward");
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({in.N, in.K}), "lgm_logits_backward: grad must be (N, K)");
   Tensor g = at::empty({in.N, in.K}, in.x.options());
   Tensor r = at::empty({in.N}, in.x.options());
   Tensor none;
-  be.coefficients(in, none, none, none, grad.to(in.x.scalar_type()).contiguous(), alpha, 0.0, g, r);
+  be.coefficients(in, none, none, none, 0, 1.0, grad.to(in.x.scalar_type()).contiguous(), alpha, 0.0, g, r);
   return grads_from_coefficients(be, in, g, r, impl);
 }
 
 std::tuple<Tensor, Tensor> log_likelihood(const Backend& be, const Tensor& x, const Tensor& mu,
                                           const std::optional<Tensor>& log_var, int64_t impl) {
   check_scalars(0.0, 0.0, kMean, impl);
-  const Inputs in = prepare(x, mu, log_var, std::nullopt, false, "lgm_log_likelihood");
+  const Inputs in = prepare(be, x, mu, log_var, std::nullopt, false, false, "lgm_log_likelihood");
   Tensor none_lse, none_row;
   Tensor logits = compute_logits(be, in, 0.0, 0.0, false, impl, none_lse, none_row);
   auto best = logits.max(1);

@@ -22,14 +22,17 @@ constexpr int64_t kDirectMaxKD = 8192;
 
 // Inputs after validation: contiguous, labels as int64 (undefined if absent),
 // w = exp(-log_var) and hl = 0.5 * sum(log_var) (undefined for identity).
+// (Backend is declared below; prepare() takes it for its label and table passes.)
 struct Inputs {
   Tensor x, mu, s, w, hl, labels;
   int64_t N = 0, K = 0, D = 0;
   bool identity() const { return !s.defined(); }
 };
 
-Inputs prepare(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
-               const std::optional<Tensor>& labels, bool labels_required, const char* op);
+struct Backend;
+// check_range: verify labels lie in [0, K) (forward ops; backward trusts its forward).
+Inputs prepare(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
+               const std::optional<Tensor>& labels, bool labels_required, bool check_range, const char* op);
 void check_scalars(double alpha, double lambda, int64_t reduction, int64_t impl);
 bool use_gemm(int64_t impl, int64_t K, int64_t D);
 
@@ -49,13 +52,28 @@ struct Backend {
   // margin-free logits and lse, scale (N) the incoming gradient per row,
   // grad_logits (N,K) optional.  Logits mode (lse undefined): grad_logits is the
   // gradient of lgm_logits' output (margin in the labelled column if labels).
+  // scale[n * scale_stride] * scale_mult is row n's incoming gradient (stride 0: a scalar).
   void (*coefficients)(const Inputs& in, const Tensor& logits, const Tensor& lse, const Tensor& scale,
-                       const Tensor& grad_logits, double alpha, double lambda, Tensor& g, Tensor& r);
+                       int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha,
+                       double lambda, Tensor& g, Tensor& r);
   // Direct path gradients from the coefficients (any output may be skipped by
   // passing an undefined tensor).
   void (*direct_grads)(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                        Tensor& grad_s);
+  // Validates labels in [0, K) (calls check_label_range with the min and max).
+  void (*check_labels)(const Inputs& in);
+  // w = exp(-s) (K,D) and hl = 0.5 sum_j s (K), one pass.
+  void (*class_tables)(const Tensor& s, Tensor& w, Tensor& hl);
+  // GEMM path (diagonal covariance): operands a (N,2D), b (K,2D), c (K) -- see math.h.
+  void (*gemm_operands)(const Inputs& in, Tensor& a, Tensor& b, Tensor& c);
+  // grad_x from t = g b (N,2D).
+  void (*gemm_grad_x)(const Inputs& in, const Tensor& t, Tensor& grad_x);
+  // grad_mu, grad_s from s = g^T a (K,2D), the coefficients g and r.
+  void (*gemm_class_grads)(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
+                           Tensor& grad_s);
 };
+
+void check_label_range(int64_t lo, int64_t hi, int64_t K);
 
 // Operator bodies, shared by all backends.
 std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor& x, const Tensor& mu,

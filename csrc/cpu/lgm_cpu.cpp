@@ -1,5 +1,6 @@
 // lgm-ext CPU backend: the row and class loops around include/lgm_ext/math.h,
-// parallel over rows (or classes) with at::parallel_for.
+// parallel over rows (or classes) with at::parallel_for.  Each loop body is a
+// block function cloned per ISA (cpu_kernels.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -7,12 +8,14 @@
 #include <vector>
 
 #include "../host.h"
+#include "cpu_kernels.h"
 #include "lgm_ext/math.h"
 
 namespace lgm_ext {
 namespace {
 
 using namespace lgm_ext::math;
+using cpu::grain;
 
 template <typename T>
 const T* ptr_or_null(const Tensor& t) {
@@ -24,164 +27,351 @@ T* mut_or_null(Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-// Rows per task so that a task holds at least ~32k multiply-adds.
-int64_t grain(int64_t work_per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row)); }
+// Everything a block function reads or writes.
+template <typename T>
+struct Args {
+  int64_t N, K, D;
+  const T *x, *mu, *w, *hl;
+  const int64_t* y;
+  T alpha, lambda;
+  bool margin_out;
+  // forward
+  const T* c;  // GEMM path: sum_j mu^2 w
+  T *logits, *lse, *loss;
+  // backward
+  const T *saved_logits, *saved_lse, *scale, *grad_logits;
+  int64_t scale_stride;
+  T scale_mult;
+  const T* moments;  // GEMM path backward: t = g b (N,2D) or s = g^T a (K,2D)
+  T *op_a, *op_b, *op_c;  // GEMM operands
+  const T *gsum, *hsum;   // per-class sums of g, and of the log-det coefficient
+  T *g, *r, *gx, *gmu, *gs;
+};
+
+template <typename T>
+Args<T> make_args(const Inputs& in, double alpha, double lambda) {
+  Args<T> a{};
+  a.N = in.N, a.K = in.K, a.D = in.D;
+  a.x = in.x.data_ptr<T>(), a.mu = in.mu.data_ptr<T>(), a.w = ptr_or_null<T>(in.w), a.hl = ptr_or_null<T>(in.hl);
+  a.y = ptr_or_null<int64_t>(in.labels);
+  a.alpha = T(alpha), a.lambda = T(lambda);
+  return a;
+}
 
 // One row of logits from its distances; shared by the direct and GEMM paths.
-// dist(k) returns d[n,k].
+// dist(k) returns d[n,k].  The row is written first (free logits, or margin
+// logits when margin_out), then lse over the margin logits in two passes.
 template <typename T, typename Dist>
-void row_pass(int64_t n, int64_t K, const T* hl, const int64_t* labels, T alpha, T lambda, bool margin_out,
-              Dist dist, T* logits, T* lse, T* row_loss) {
-  const int64_t y = labels != nullptr ? labels[n] : -1;
-  Lse<T> st = lse_init<T>();
-  T d_y = T(0), l_y = T(0);
-  T* out = logits + n * K;
-  for (int64_t k = 0; k < K; ++k) {
-    const T d = dist(k);
-    const T h = hl != nullptr ? hl[k] : T(0);
-    const T l0 = free_logit(d, h);
-    const T l = k == y ? margin_logit(d, h, alpha) : l0;
-    out[k] = margin_out ? l : l0;
-    if (lse != nullptr) lse_push(st, l);
-    if (k == y) {
-      d_y = d;
-      l_y = l;
-    }
-  }
-  if (lse != nullptr) {
-    const T v = lse_value(st);
-    lse[n] = v;
-    row_loss[n] = math::row_loss(v, l_y, d_y, hl != nullptr ? hl[y] : T(0), lambda);
+LGM_ALWAYS_INLINE void row_pass(const Args<T>& a, int64_t n, Dist dist) {
+  const int64_t K = a.K;
+  const int64_t y = a.y != nullptr ? a.y[n] : -1;
+  T* out = a.logits + n * K;
+  for (int64_t k = 0; k < K; ++k) out[k] = free_logit(dist(k), a.hl != nullptr ? a.hl[k] : T(0));
+  if (y < 0) return;
+  const T hl_y = a.hl != nullptr ? a.hl[y] : T(0);
+  const T d_y = -out[y] - hl_y;
+  const T l_y = margin_logit(d_y, hl_y, a.alpha);
+  if (a.margin_out) out[y] = l_y;
+  if (a.lse == nullptr) return;
+  const T m = row_max_partial(out, K, y, l_y, 0, 1);
+  const T v = lse_from_parts(m, row_sumexp_partial(out, K, y, l_y, m, 0, 1));
+  a.lse[n] = v;
+  a.loss[n] = row_loss(v, l_y, d_y, hl_y, a.lambda);
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void direct_rows_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  const int64_t D = a.D;
+  for (int64_t n = b; n < e; ++n) {
+    const T* xr = a.x + n * D;
+    row_pass(a, n, [&](int64_t k) {
+      return dist_from_sqdist(sqdist_partial(xr, a.mu + k * D, a.w != nullptr ? a.w + k * D : nullptr, D, 0, 1));
+    });
   }
 }
+
+template <typename T>
+LGM_ALWAYS_INLINE void gemm_rows_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  for (int64_t n = b; n < e; ++n) {
+    const T* mr = a.logits + n * a.K;  // entry k is read before row_pass overwrites it
+    row_pass(a, n, [&](int64_t k) { return dist_from_expansion(mr[k], a.c[k]); });
+  }
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void coefficients_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  const int64_t K = a.K;
+  for (int64_t n = b; n < e; ++n) {
+    T* gr = a.g + n * K;
+    const T* glr = a.grad_logits != nullptr ? a.grad_logits + n * K : nullptr;
+    const int64_t yn = a.y != nullptr ? a.y[n] : -1;
+    if (a.saved_lse != nullptr) {  // loss mode
+      const T* lr = a.saved_logits + n * K;
+      const T l = a.saved_lse[n], c = a.scale[n * a.scale_stride] * a.scale_mult;
+      const T p_y = prob(margin_from_free(lr[yn], a.hl != nullptr ? a.hl[yn] : T(0), a.alpha), l);
+      LGM_SIMD
+      for (int64_t k = 0; k < K; ++k) gr[k] = coef_g_other(prob(lr[k], l), c);
+      gr[yn] = coef_g_label(p_y, a.alpha, a.lambda, c);
+      if (glr != nullptr) {
+        LGM_SIMD
+        for (int64_t k = 0; k < K; ++k) gr[k] = coef_add_logit_grad(gr[k], glr[k]);
+      }
+      a.r[n] = coef_r(p_y, a.alpha, c);
+    } else {  // logits mode
+      for (int64_t k = 0; k < K; ++k) gr[k] = coef_g_logit(glr[k], k == yn, a.alpha);
+      a.r[n] = yn >= 0 ? coef_r_logit(glr[yn], a.alpha) : T(0);
+    }
+  }
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  const int64_t K = a.K, D = a.D;
+  for (int64_t n = b; n < e; ++n) {
+    T* out = a.gx + n * D;
+    std::fill(out, out + D, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T gk = a.g[n * K + k];
+      if (gk != T(0)) grad_x_axpy(out, gk, a.x + n * D, a.mu + k * D, a.w != nullptr ? a.w + k * D : nullptr, D);
+    }
+  }
+}
+
+// Log-det coefficient sums of every class: hsum[k] = sum_n g[n,k] + sum_{n: y_n = k} r[n],
+// one row-major pass over g (a column walk would miss the cache on every element).
+template <typename T>
+void coefficient_column_sums(const Args<T>& a, T* hsum) {
+  std::fill(hsum, hsum + a.K, T(0));
+  for (int64_t n = 0; n < a.N; ++n) {
+    const T* gr = a.g + n * a.K;
+    LGM_SIMD
+    for (int64_t k = 0; k < a.K; ++k) hsum[k] += gr[k];
+  }
+  if (a.y != nullptr)
+    for (int64_t n = 0; n < a.N; ++n) hsum[a.y[n]] += a.r[n];
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void class_final(const Args<T>& a, int64_t k, const T* A1, const T* A2, T hsum) {
+  const int64_t D = a.D;
+  for (int64_t j = 0; j < D; ++j) {
+    const T wj = a.w != nullptr ? a.w[k * D + j] : T(1);
+    a.gmu[k * D + j] = grad_mu_final(A1[j], wj);
+    if (a.gs != nullptr) a.gs[k * D + j] = grad_log_var_final(A2[j], wj, hsum);
+  }
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void class_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  const int64_t N = a.N, K = a.K, D = a.D;
+  std::vector<T> a1v(D), a2v(D);
+  T* A1 = a1v.data();
+  T* A2 = a2v.data();
+  for (int64_t k = b; k < e; ++k) {
+    std::fill(A1, A1 + D, T(0));
+    std::fill(A2, A2 + D, T(0));
+    const T* muk = a.mu + k * D;
+    for (int64_t n = 0; n < N; ++n) {
+      const T gk = a.g[n * K + k];
+      if (gk == T(0)) continue;
+      const T* xr = a.x + n * D;
+      LGM_SIMD
+      for (int64_t j = 0; j < D; ++j) class_accum(A1[j], A2[j], gk, xr[j], muk[j]);
+    }
+    class_final(a, k, A1, A2, a.hsum[k]);
+  }
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void tables_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  // a.mu holds log_var here; outputs w -> op_b, hl -> op_c.
+  const int64_t D = a.D;
+  for (int64_t k = b; k < e; ++k) {
+    const T* sk = a.mu + k * D;
+    T* wk = a.op_b + k * D;
+    T h = T(0);
+    LGM_SIMD_SUM(h)
+    for (int64_t j = 0; j < D; ++j) {
+      wk[j] = inv_var(sk[j]);
+      h += half_logdet_term(sk[j]);
+    }
+    a.op_c[k] = h;
+  }
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void operands_a_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  const int64_t D = a.D;
+  for (int64_t n = b; n < e; ++n) {
+    const T* xr = a.x + n * D;
+    T* ar = a.op_a + n * 2 * D;
+    LGM_SIMD
+    for (int64_t j = 0; j < D; ++j) operand_a(xr[j], ar[j], ar[D + j]);
+  }
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void operands_b_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  const int64_t D = a.D;
+  for (int64_t k = b; k < e; ++k) {
+    const T *muk = a.mu + k * D, *wk = a.w + k * D;
+    T* br = a.op_b + k * 2 * D;
+    T c = T(0);
+    LGM_SIMD_SUM(c)
+    for (int64_t j = 0; j < D; ++j) operand_b(muk[j], wk[j], br[j], br[D + j], c);
+    a.op_c[k] = c;
+  }
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void gemm_grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  const int64_t D = a.D;
+  for (int64_t n = b; n < e; ++n) {
+    const T *xr = a.x + n * D, *tr = a.moments + n * 2 * D;
+    T* out = a.gx + n * D;
+    LGM_SIMD
+    for (int64_t j = 0; j < D; ++j) out[j] = grad_x_from_moments(xr[j], tr[j], tr[D + j]);
+  }
+}
+
+template <typename T>
+LGM_ALWAYS_INLINE void gemm_class_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  const int64_t D = a.D;
+  std::vector<T> a1v(D), a2v(D);
+  T* A1 = a1v.data();
+  T* A2 = a2v.data();
+  for (int64_t k = b; k < e; ++k) {
+    const T *sr = a.moments + k * 2 * D, *muk = a.mu + k * D;
+    const T gsum = a.gsum[k];
+    LGM_SIMD
+    for (int64_t j = 0; j < D; ++j) class_sums_from_moments(sr[j], sr[D + j], gsum, muk[j], A1[j], A2[j]);
+    class_final(a, k, A1, A2, a.hsum[k]);
+  }
+}
+
+// Per-ISA clones of each block, for both dtypes.
+#define LGM_CPU_BLOCK(name)                                                                         \
+  LGM_CPU_CLONES void name(const Args<float>& a, int64_t b, int64_t e) { name##_t<float>(a, b, e); } \
+  LGM_CPU_CLONES void name(const Args<double>& a, int64_t b, int64_t e) { name##_t<double>(a, b, e); }
+LGM_CPU_BLOCK(direct_rows_block)
+LGM_CPU_BLOCK(gemm_rows_block)
+LGM_CPU_BLOCK(coefficients_block)
+LGM_CPU_BLOCK(grad_x_block)
+LGM_CPU_BLOCK(class_block)
+LGM_CPU_BLOCK(tables_block)
+LGM_CPU_BLOCK(operands_a_block)
+LGM_CPU_BLOCK(operands_b_block)
+LGM_CPU_BLOCK(gemm_grad_x_block)
+LGM_CPU_BLOCK(gemm_class_block)
+#undef LGM_CPU_BLOCK
 
 void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
                  Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_rows", [&] {
-    using T = scalar_t;
-    const int64_t K = in.K, D = in.D;
-    const T *x = in.x.data_ptr<T>(), *mu = in.mu.data_ptr<T>(), *w = ptr_or_null<T>(in.w);
-    const T* hl = ptr_or_null<T>(in.hl);
-    const int64_t* y = ptr_or_null<int64_t>(in.labels);
-    T *L = logits.data_ptr<T>(), *lse_p = mut_or_null<T>(lse), *loss_p = mut_or_null<T>(row_loss);
-    at::parallel_for(0, in.N, grain(K * D), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        const T* xr = x + n * D;
-        auto dist = [&](int64_t k) {
-          return dist_from_sqdist(sqdist_partial(xr, mu + k * D, w != nullptr ? w + k * D : nullptr, D, 0, 1));
-        };
-        row_pass<T>(n, K, hl, y, T(alpha), T(lambda), margin_out, dist, L, lse_p, loss_p);
-      }
-    });
+    auto a = make_args<scalar_t>(in, alpha, lambda);
+    a.margin_out = margin_out;
+    a.logits = logits.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { direct_rows_block(a, b, e); });
   });
 }
 
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
                Tensor& lse, Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_rows", [&] {
-    using T = scalar_t;
-    const int64_t K = in.K;
-    const T* hl = ptr_or_null<T>(in.hl);
-    const T* cp = c.data_ptr<T>();
-    const int64_t* y = ptr_or_null<int64_t>(in.labels);
-    T *M = m.data_ptr<T>(), *lse_p = mut_or_null<T>(lse), *loss_p = mut_or_null<T>(row_loss);
-    at::parallel_for(0, in.N, grain(4 * K), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        const T* mr = M + n * K;  // read before row_pass overwrites entry k
-        auto dist = [&](int64_t k) { return dist_from_expansion(mr[k], cp[k]); };
-        row_pass<T>(n, K, hl, y, T(alpha), T(lambda), margin_out, dist, M, lse_p, loss_p);
-      }
-    });
+    auto a = make_args<scalar_t>(in, alpha, lambda);
+    a.margin_out = margin_out;
+    a.c = c.data_ptr<scalar_t>();
+    a.logits = m.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    at::parallel_for(0, in.N, grain(8 * in.K), [&](int64_t b, int64_t e) { gemm_rows_block(a, b, e); });
   });
 }
 
 void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, const Tensor& scale,
-                  const Tensor& grad_logits, double alpha_, double lambda_, Tensor& g, Tensor& r) {
+                  int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha, double lambda,
+                  Tensor& g, Tensor& r) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_coefficients", [&] {
-    using T = scalar_t;
-    const int64_t K = in.K;
-    const T alpha = T(alpha_), lambda = T(lambda_);
-    const T* hl = ptr_or_null<T>(in.hl);
-    const int64_t* y = ptr_or_null<int64_t>(in.labels);
-    const T *L = ptr_or_null<T>(logits), *lse_p = ptr_or_null<T>(lse), *sc = ptr_or_null<T>(scale);
-    const T* gl = ptr_or_null<T>(grad_logits);
-    T *G = g.data_ptr<T>(), *R = r.data_ptr<T>();
-    at::parallel_for(0, in.N, grain(8 * K), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        T* gr = G + n * K;
-        const T* glr = gl != nullptr ? gl + n * K : nullptr;
-        const int64_t yn = y != nullptr ? y[n] : -1;
-        if (lse_p != nullptr) {  // loss mode
-          const T* lr = L + n * K;
-          const T l = lse_p[n], c = sc[n];
-          const T p_y = prob(margin_from_free(lr[yn], hl != nullptr ? hl[yn] : T(0), alpha), l);
-          for (int64_t k = 0; k < K; ++k) gr[k] = coef_g_other(prob(lr[k], l), c);
-          gr[yn] = coef_g_label(p_y, alpha, lambda, c);
-          if (glr != nullptr)
-            for (int64_t k = 0; k < K; ++k) gr[k] = coef_add_logit_grad(gr[k], glr[k]);
-          R[n] = coef_r(p_y, alpha, c);
-        } else {  // logits mode
-          for (int64_t k = 0; k < K; ++k) gr[k] = coef_g_logit(glr[k], k == yn, alpha);
-          R[n] = yn >= 0 ? coef_r_logit(glr[yn], alpha) : T(0);
-        }
-      }
-    });
+    auto a = make_args<scalar_t>(in, alpha, lambda);
+    a.saved_logits = ptr_or_null<scalar_t>(logits), a.saved_lse = ptr_or_null<scalar_t>(lse);
+    a.scale = ptr_or_null<scalar_t>(scale), a.grad_logits = ptr_or_null<scalar_t>(grad_logits);
+    a.scale_stride = scale_stride, a.scale_mult = scalar_t(scale_mult);
+    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
+    at::parallel_for(0, in.N, grain(8 * in.K), [&](int64_t b, int64_t e) { coefficients_block(a, b, e); });
   });
 }
 
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_grads", [&] {
-    using T = scalar_t;
-    const int64_t N = in.N, K = in.K, D = in.D;
-    const T *x = in.x.data_ptr<T>(), *mu = in.mu.data_ptr<T>(), *w = ptr_or_null<T>(in.w);
-    const int64_t* y = ptr_or_null<int64_t>(in.labels);
-    const T *G = g.data_ptr<T>(), *R = r.data_ptr<T>();
-    // dL/dx: rows in parallel, classes accumulated along the row.
-    T* gx = grad_x.data_ptr<T>();
-    at::parallel_for(0, N, grain(K * D), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        T* out = gx + n * D;
-        std::fill(out, out + D, T(0));
-        for (int64_t k = 0; k < K; ++k) {
-          const T gk = G[n * K + k];
-          if (gk != T(0)) grad_x_axpy(out, gk, x + n * D, mu + k * D, w != nullptr ? w + k * D : nullptr, D);
-        }
-      }
-    });
-    // dL/dmu and dL/dlog_var: classes in parallel, samples accumulated.
-    T* gmu = grad_mu.data_ptr<T>();
-    T* gs = mut_or_null<T>(grad_s);
-    at::parallel_for(0, K, std::max<int64_t>(1, grain(N * D)), [&](int64_t b, int64_t e) {
-      std::vector<T> a1(D), a2(D);
-      for (int64_t k = b; k < e; ++k) {
-        std::fill(a1.begin(), a1.end(), T(0));
-        std::fill(a2.begin(), a2.end(), T(0));
-        T* A1 = a1.data();
-        T* A2 = a2.data();
-        const T* muk = mu + k * D;
-        T hsum = T(0);
-        for (int64_t n = 0; n < N; ++n) {
-          const T gk = G[n * K + k];
-          hsum += gk;
-          if (y != nullptr && y[n] == k) hsum += R[n];
-          if (gk == T(0)) continue;
-          const T* xr = x + n * D;
-          LGM_SIMD
-          for (int64_t j = 0; j < D; ++j) class_accum(A1[j], A2[j], gk, xr[j], muk[j]);
-        }
-        for (int64_t j = 0; j < D; ++j) {
-          const T wj = w != nullptr ? w[k * D + j] : T(1);
-          gmu[k * D + j] = grad_mu_final(A1[j], wj);
-          if (gs != nullptr) gs[k * D + j] = grad_log_var_final(A2[j], wj, hsum);
-        }
-      }
-    });
+    auto a = make_args<scalar_t>(in, 0.0, 0.0);
+    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
+    a.gx = grad_x.data_ptr<scalar_t>(), a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    std::vector<scalar_t> hsum(in.K);
+    coefficient_column_sums(a, hsum.data());
+    a.hsum = hsum.data();
+    // dL/dx: rows in parallel.  dL/dmu, dL/dlog_var: classes in parallel.
+    at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { grad_x_block(a, b, e); });
+    at::parallel_for(0, in.K, grain(in.N * in.D), [&](int64_t b, int64_t e) { class_block(a, b, e); });
   });
 }
 
+void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lgm_class_tables", [&] {
+    Args<scalar_t> a{};
+    a.K = s.size(0), a.D = s.size(1);
+    a.mu = s.data_ptr<scalar_t>(), a.op_b = w.data_ptr<scalar_t>(), a.op_c = hl.data_ptr<scalar_t>();
+    at::parallel_for(0, a.K, grain(8 * a.D), [&](int64_t b, int64_t e) { tables_block(a, b, e); });
+  });
+}
+
+void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_operands", [&] {
+    auto a = make_args<scalar_t>(in, 0.0, 0.0);
+    a.op_a = op_a.data_ptr<scalar_t>(), a.op_b = op_b.data_ptr<scalar_t>(), a.op_c = c.data_ptr<scalar_t>();
+    at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { operands_a_block(a, b, e); });
+    at::parallel_for(0, in.K, grain(4 * in.D), [&](int64_t b, int64_t e) { operands_b_block(a, b, e); });
+  });
+}
+
+void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_grad_x", [&] {
+    auto a = make_args<scalar_t>(in, 0.0, 0.0);
+    a.moments = t.data_ptr<scalar_t>(), a.gx = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { gemm_grad_x_block(a, b, e); });
+  });
+}
+
+void gemm_class_grads(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
+                      Tensor& grad_s) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_class_grads", [&] {
+    auto a = make_args<scalar_t>(in, 0.0, 0.0);
+    a.moments = s.data_ptr<scalar_t>(), a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
+    a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    std::vector<scalar_t> gsum(in.K), hsum(in.K);
+    auto a0 = a;
+    a0.r = nullptr, a0.y = nullptr;  // plain column sums of g
+    coefficient_column_sums(a0, gsum.data());
+    std::copy(gsum.begin(), gsum.end(), hsum.begin());
+    if (a.y != nullptr)
+      for (int64_t n = 0; n < in.N; ++n) hsum[a.y[n]] += a.r[n];
+    a.gsum = gsum.data(), a.hsum = hsum.data();
+    at::parallel_for(0, in.K, grain(8 * in.D), [&](int64_t b, int64_t e) { gemm_class_block(a, b, e); });
+  });
+}
+
+void check_labels_cpu(const Inputs& in) {
+  const int64_t* y = in.labels.data_ptr<int64_t>();
+  int64_t lo = y[0], hi = y[0];
+  for (int64_t n = 1; n < in.N; ++n) {
+    lo = std::min(lo, y[n]);
+    hi = std::max(hi, y[n]);
+  }
+  check_label_range(lo, hi, in.K);
+}
+
 const Backend& cpu_backend() {
-  static const Backend be{&direct_rows, &gemm_rows, &coefficients, &direct_grads};
+  static const Backend be{&direct_rows,      &gemm_rows,     &coefficients, &direct_grads,
+                          &check_labels_cpu, &class_tables, &gemm_operands, &gemm_grad_x,
+                          &gemm_class_grads};
   return be;
 }
 

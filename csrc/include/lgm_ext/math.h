@@ -30,6 +30,32 @@
 namespace lgm_ext {
 namespace math {
 
+#if !defined(__CUDA_ARCH__)
+// Branch-free float exp for host loops, so `omp simd` loops that call it
+// vectorise (libm's expf is a scalar call).  Range reduction x = n ln2 + r,
+// |r| <= ln2/2, then a degree-6 minimax polynomial for e^r (Cephes
+// coefficients); max error ~2 ulp over the normal range.  Inputs below -87.3
+// are clamped (callers flush those to 0 anyway via safe_exp).
+inline float fast_expf(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  // round(x log2 e) without std::floor (which blocks vectorisation): adding
+  // and subtracting 1.5 * 2^23 rounds to the nearest integer (|x log2 e| < 2^22).
+  const float shifter = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);  // 2^n
+}
+#endif
+
 template <typename T>
 LGM_HD T exp_(T v) {
 #if defined(__CUDA_ARCH__)
@@ -38,6 +64,13 @@ LGM_HD T exp_(T v) {
   return std::exp(v);
 #endif
 }
+
+#if !defined(__CUDA_ARCH__)
+template <>
+inline float exp_<float>(float v) {
+  return fast_expf(v);
+}
+#endif
 
 template <typename T>
 LGM_HD T log_(T v) {
@@ -69,7 +102,61 @@ LGM_HD double min_log_normal<double>() {
 
 template <typename T>
 LGM_HD T safe_exp(T z) {
-  return z < min_log_normal<T>() ? T(0) : exp_(z);
+  const T e = exp_(z);
+  return z < min_log_normal<T>() ? T(0) : e;
+}
+
+// v, or 0 if |v| is below the normal range (a product of small factors).
+template <typename T>
+LGM_HD T flush_denormal(T v) {
+  const T tiny = std::numeric_limits<T>::min();
+  return (v < tiny && v > -tiny) ? T(0) : v;
+}
+
+// ---------------------------------------------------------------- class tables
+// w = exp(-log_var) (inverse variance); hl = sum_j half_logdet_term(log_var_j).
+template <typename T>
+LGM_HD T inv_var(T s) {
+  return exp_(-s);
+}
+
+template <typename T>
+LGM_HD T half_logdet_term(T s) {
+  return T(0.5) * s;
+}
+
+// ---------------------------------------------------------------- GEMM operands
+// One pair of operands serves the forward and the backward GEMMs:
+//   A[n] = [-2 x | x^2] (N, 2D),  B[k] = [mu w | w] (K, 2D),  c[k] = sum_j mu^2 w
+//   forward   m = A B^T            = sum_j x^2 w - 2 x mu w
+//   backward  T = g B   (N, 2D)    = [sum_k g mu w | sum_k g w]
+//             S = g^T A (K, 2D)    = [-2 sum_n g x | sum_n g x^2]
+// (scaling by -2 is exact in binary floating point).
+template <typename T>
+LGM_HD void operand_a(T x, T& a1, T& a2) {
+  a1 = T(-2) * x;
+  a2 = x * x;
+}
+
+template <typename T>
+LGM_HD void operand_b(T mu, T w, T& b1, T& b2, T& c) {
+  b1 = mu * w;
+  b2 = w;
+  c += mu * b1;
+}
+
+// dL/dx[n,j] from T: x * (sum_k g w) - sum_k g mu w.
+template <typename T>
+LGM_HD T grad_x_from_moments(T x, T t1, T t2) {
+  return x * t2 - t1;
+}
+
+// Per-class sample sums from S: a1 = sum_n g (x - mu), a2 = sum_n g (x - mu)^2.
+template <typename T>
+LGM_HD void class_sums_from_moments(T sa, T sb, T gsum, T mu, T& a1, T& a2) {
+  const T s1 = T(-0.5) * sa;  // sum_n g x
+  a1 = s1 - mu * gsum;
+  a2 = sb - T(2) * mu * s1 + mu * mu * gsum;
 }
 
 // ---------------------------------------------------------------- distances
@@ -129,6 +216,33 @@ LGM_HD T margin_from_free(T l0, T hl, T alpha) {
 }
 
 // ---------------------------------------------------------------- logsumexp
+// Two passes over a row of logits l[0..K) whose labelled entry y is replaced
+// by l_y (the margin logit; y < 0: none).  Partial over k = start, start+stride,
+// ...: a CPU row runs (0, 1), a CUDA lane (lane, 32) followed by a warp max /
+// sum.  lse = m + log(sum_k exp(l_k - m)).
+template <typename T>
+LGM_HD T row_max_partial(const T* l, int64_t K, int64_t y, T l_y, int64_t start, int64_t stride) {
+  T m = neg_inf<T>();
+  for (int64_t k = start; k < K; k += stride) {
+    const T v = k == y ? l_y : l[k];
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+template <typename T>
+LGM_HD T row_sumexp_partial(const T* l, int64_t K, int64_t y, T l_y, T m, int64_t start, int64_t stride) {
+  T acc = T(0);
+  LGM_SIMD_SUM(acc)
+  for (int64_t k = start; k < K; k += stride) acc += safe_exp((k == y ? l_y : l[k]) - m);
+  return acc;
+}
+
+template <typename T>
+LGM_HD T lse_from_parts(T m, T sumexp) {
+  return m + log_(sumexp);
+}
+
 // Online logsumexp: a running maximum and the sum of exp(v - max).
 template <typename T>
 struct Lse {
@@ -190,7 +304,7 @@ LGM_HD T coef_g_label(T p_y, T alpha, T lambda, T c) {
 
 template <typename T>
 LGM_HD T coef_g_other(T p_k, T c) {
-  return -c * p_k;
+  return flush_denormal(-c * p_k);
 }
 
 // The log-det coefficient h equals g except in the labelled column, where
