@@ -29,8 +29,9 @@ class LGMLoss(nn.Module):
     accuracy); ``predict`` and ``log_likelihood`` serve inference.
 
     Initialisation: means Xavier-uniform, log-variances 0.  ``log_var`` is
-    projected onto ``[-log_var_bound, log_var_bound]`` before every forward: a
-    collapsing variance would otherwise blow up the log-det term (NaN).
+    clamped to ``[-log_var_bound, log_var_bound]`` in every forward: a
+    collapsing variance would otherwise blow up the log-det term (NaN).  The
+    clamp is applied to the value used (beyond the bound the gradient is 0).
     ``backend="reference"`` swaps the fused operator for the pure-PyTorch oracle.
     """
 
@@ -80,10 +81,9 @@ class LGMLoss(nn.Module):
         )
 
     def _log_var(self) -> Tensor | None:
-        if self.log_var is not None:
-            with torch.no_grad():
-                self.log_var.clamp_(-self.log_var_bound, self.log_var_bound)
-        return self.log_var
+        if self.log_var is None:
+            return None
+        return self.log_var.clamp(-self.log_var_bound, self.log_var_bound)
 
     def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         s = self._log_var()

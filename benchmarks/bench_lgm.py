@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Benchmark the fused L-GM loss against plain-PyTorch versions (see lgm_ext/bench.py).
+
+    python benchmarks/bench_lgm.py                 # CPU, the four standard sizes, prints a table
+    python benchmarks/bench_lgm.py --write         # also rewrite the L-GM section of benchmarks/RESULTS.md
+    python benchmarks/bench_lgm.py --device cuda   # GPU mode (CUDA events, cuda peak memory)
+"""
+import argparse
+import pathlib
+import sys
+
+from lgm_ext import bench
+from results_file import replace_section
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=256, help="batch size N (default 256)")
+    p.add_argument("--sizes", default=None, help="K:D pairs, e.g. 10:2,10:100 (default: the four standard sizes)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default: by size)")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument("--write", action="store_true", help="rewrite the L-GM section of benchmarks/RESULTS.md")
+    a = p.parse_args(argv)
+    sizes = bench.LGM_SIZES
+    if a.sizes:
+        sizes = [tuple(int(v) for v in s.split(":")) for s in a.sizes.split(",")]
+    rows = bench.bench_lgm(
+        sizes, n=a.n, device=a.device, repeats=a.repeats, memory=not a.no_memory,
+        progress=lambda m: print("  ..", m, file=sys.stderr),
+    )
+    table = bench.lgm_markdown(rows, a.n)
+    print(table)
+    if a.write:
+        path = pathlib.Path(__file__).with_name("RESULTS.md")
+        body = (
+            f"Command: `python benchmarks/bench_lgm.py --write` (N={a.n}, float32, alpha=1, lambda_=0.1, diagonal "
+            f"covariance, forward+backward, median).\n\nMachine: {bench.machine_description(a.device)}. "
+            "Denormals flushed on every thread for every side.\n\n" + table + "\n"
+        )
+        replace_section(path, f"lgm-{a.device}", body)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Benchmarks of the fused operators against plain-PyTorch versions.
+
+Used by ``benchmarks/bench_lgm.py`` and ``lgm bench``.  Times are medians of
+forward+backward wall time (CUDA events on a GPU); peak memory is measured per
+case in a fresh subprocess on the CPU (growth of the resident-set high-water
+mark over one forward+backward) and with ``torch.cuda.max_memory_allocated``
+on a GPU.  On the CPU, denormals are flushed on every thread for every side.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import reference
+from ._ops import force_impl, ops
+from .functional import lgm_loss
+
+LGM_SIZES = [(10, 2), (10, 100), (1000, 512), (10575, 512)]
+LGM_IMPLS = {
+    "fused": lgm_loss,
+    "reference": reference.lgm_loss,
+    "plain_gemm": reference.lgm_loss_gemm,
+    "naive_nkd": reference.lgm_loss_naive,
+}
+
+
+def flush_denormals(on: bool = True) -> bool:
+    """Flush denormals to zero on the calling thread and on every ATen worker thread."""
+    torch.set_flush_denormal(on)
+    return bool(ops._flush_denormal_all_threads(on))
+
+
+def machine_description(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {cap} (torch {torch.__version__})"
+
+
+def _inputs(n, k, d, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype).to(device).requires_grad_()
+    # Means a few units apart and features near them, as after some training.
+    mu = (torch.randn(k, d, generator=g, dtype=dtype) * 0.5).to(device).requires_grad_()
+    s = (0.1 * torch.randn(k, d, generator=g, dtype=dtype)).to(device).requires_grad_()
+    y = torch.randint(0, k, (n,), generator=g).to(device)
+    return x, mu, s, y
+
+
+def _step(fn, x, mu, s, y):
+    for t in (x, mu, s):
+        t.grad = None
+    fn(x, mu, s, y, alpha=1.0, lambda_=0.1).backward()
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, repeats: int, warmup: int, device: str = "cpu") -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def naive_fits(n, k, d, itemsize=4, device="cpu") -> bool:
+    """The N x K x D broadcast keeps ~4 such tensors alive through backward."""
+    need = 4 * n * k * d * itemsize
+    if device.startswith("cuda"):
+        return need < 0.8 * torch.cuda.get_device_properties(0).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return need < 0.5 * total
+
+
+def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu") -> float:
+    """Extra peak memory of one forward+backward, in MiB."""
+    if device.startswith("cuda"):
+        x, mu, s, y = _inputs(n, k, d, device, torch.float32)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _step(LGM_IMPLS[impl], x, mu, s, y)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    code = (
+        "import resource, torch, lgm_ext.bench as b\n"
+        f"x, mu, s, y = b._inputs({n}, {k}, {d}, 'cpu', torch.float32)\n"
+        "b.flush_denormals()\n"
+        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"b._step(b.LGM_IMPLS[{impl!r}], x, mu, s, y)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def sgemm_gflops(m: int, n: int, kk: int, device: str = "cpu", repeats: int = 5) -> float:
+    a = torch.randn(m, kk, device=device)
+    b = torch.randn(n, kk, device=device)
+    ms = median_ms(lambda: torch.mm(a, b.t()), repeats, 2, device)
+    return 2.0 * m * n * kk / (ms * 1e6)
+
+
+@dataclass
+class LGMRow:
+    k: int
+    d: int
+    path: str
+    times_ms: dict = field(default_factory=dict)
+    peak_mib: dict = field(default_factory=dict)
+    speedup_vs_best_plain: float = 0.0
+    best_plain: str = ""
+    fused_gflops: float = 0.0
+    sgemm_gflops: float = 0.0
+
+
+def bench_lgm(
+    sizes=LGM_SIZES,
+    n: int = 256,
+    device: str = "cpu",
+    repeats: int | None = None,
+    memory: bool = True,
+    progress=None,
+) -> list[LGMRow]:
+    """Forward+backward of the L-GM loss (alpha=1, lambda_=0.1, diagonal covariance), float32."""
+    if device == "cpu":
+        flush_denormals(True)
+    rows = []
+    for k, d in sizes:
+        work = n * k * d
+        reps = repeats or max(3, min(200, int(2e8 / max(work, 1))))
+        x, mu, s, y = _inputs(n, k, d, device, torch.float32)
+        row = LGMRow(k=k, d=d, path="direct" if k * d <= 8192 else "gemm")
+        for name, fn in LGM_IMPLS.items():
+            if name == "naive_nkd" and not naive_fits(n, k, d, device=device):
+                continue
+            r = reps if name in ("fused", "plain_gemm") else max(3, min(reps, int(5e7 / max(work, 1))))
+            if progress:
+                progress(f"K={k} D={d} {name}")
+            row.times_ms[name] = median_ms(lambda: _step(fn, x, mu, s, y), r, max(1, min(5, r)), device)
+            if memory:
+                row.peak_mib[name] = peak_memory_mib(name, n, k, d, device)
+        plain = {kk: v for kk, v in row.times_ms.items() if kk != "fused"}
+        row.best_plain = min(plain, key=plain.get)
+        row.speedup_vs_best_plain = plain[row.best_plain] / row.times_ms["fused"]
+        if row.path == "gemm":
+            # Diagonal covariance: 3 GEMMs of N x K x 2D (forward, dx, dmu/dlog_var).
+            flops = 3 * 2.0 * n * k * 2 * d
+            row.fused_gflops = flops / (row.times_ms["fused"] * 1e6)
+            row.sgemm_gflops = sgemm_gflops(n, k, 2 * d, device)
+        rows.append(row)
+    return rows
+
+
+def lgm_markdown(rows: list[LGMRow], n: int = 256) -> str:
+    names = list(LGM_IMPLS)
+    head = "| K | D | path | " + " | ".join(f"{m} ms" for m in names) + " | speed-up vs best plain | "
+    head += " | ".join(f"{m} MiB" for m in names) + " | fused GFLOP/s (% of sgemm) |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(names) + 2)]
+    for r in rows:
+        t = " | ".join(f"{r.times_ms[m]:.3f}" if m in r.times_ms else "skipped" for m in names)
+        mem = " | ".join(f"{r.peak_mib[m]:.1f}" if m in r.peak_mib else "-" for m in names)
+        rate = f"{r.fused_gflops:.0f} ({100 * r.fused_gflops / r.sgemm_gflops:.0f}% of {r.sgemm_gflops:.0f})" if r.sgemm_gflops else "-"
+        lines.append(
+            f"| {r.k} | {r.d} | {r.path} | {t} | **{r.speedup_vs_best_plain:.2f}x** ({r.best_plain}) | {mem} | {rate} |"
+        )
+    return "\n".join(lines)
+
+
+def to_json(rows) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2)
+
+
+__all__ = ["bench_lgm", "lgm_markdown", "flush_denormals", "machine_description", "median_ms", "to_json"]
+
+_ = resource  # used in the subprocess snippet

@@ -1,0 +1,120 @@
+"""LGMLoss and CenterLoss modules."""
+import pytest
+import torch
+
+import lgm_ext
+from lgm_ext import reference as R
+
+
+def test_lgm_module_forward_matches_functional(device):
+    head = lgm_ext.LGMLoss(5, 3, alpha=0.5, lambda_=0.2).to(device).double()
+    with torch.no_grad():
+        head.log_var.normal_(0, 0.3)
+    x = torch.randn(8, 3, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.randint(0, 5, (8,), device=device)
+    loss, logits = head(x, y)
+    torch.testing.assert_close(loss, R.lgm_loss(x, head.means, head.log_var, y, alpha=0.5, lambda_=0.2))
+    # inference helpers between forward and backward must not disturb the graph
+    torch.testing.assert_close(logits, R.lgm_logits(x, head.means, head.log_var))
+    torch.testing.assert_close(head.predict(x), logits.argmax(1))
+    torch.testing.assert_close(head.log_likelihood(x), R.lgm_log_likelihood(x, head.means, head.log_var))
+    loss.backward()
+    assert head.means.grad is not None and head.log_var.grad is not None and x.grad is not None
+
+
+def test_lgm_module_reference_backend_agrees(device):
+    torch.manual_seed(1)
+    fused = lgm_ext.LGMLoss(4, 6).to(device).double()
+    ref = lgm_ext.LGMLoss(4, 6, backend="reference").to(device).double()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(10, 6, dtype=torch.float64, device=device)
+    y = torch.randint(0, 4, (10,), device=device)
+    a, b = fused(x, y), ref(x, y)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q)
+    a[0].backward()
+    b[0].backward()
+    torch.testing.assert_close(fused.means.grad, ref.means.grad)
+    torch.testing.assert_close(fused.log_var.grad, ref.log_var.grad)
+
+
+def test_lgm_identity_covariance_has_no_log_var():
+    head = lgm_ext.LGMLoss(3, 2, covariance="identity")
+    assert head.log_var is None
+    assert [n for n, _ in head.named_parameters()] == ["means"]
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(head(x, y)[0], R.lgm_loss(x, head.means, None, y, alpha=1.0, lambda_=0.1))
+
+
+def test_lgm_log_var_is_bounded():
+    head = lgm_ext.LGMLoss(3, 2, log_var_bound=2.0)
+    with torch.no_grad():
+        head.log_var.fill_(-50.0)  # a collapsed variance
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 0])
+    loss, _ = head(x, y)
+    assert torch.isfinite(loss)
+    want = R.lgm_loss(x, head.means, torch.full((3, 2), -2.0), y, alpha=1.0, lambda_=0.1)
+    torch.testing.assert_close(loss, want)
+
+
+def test_lgm_module_learns_a_separable_problem():
+    torch.manual_seed(0)
+    centers = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]])
+    y = torch.randint(0, 3, (300,))
+    x = centers[y] + 0.5 * torch.randn(300, 2)
+    head = lgm_ext.LGMLoss(3, 2, alpha=0.3, lambda_=0.1)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    first = None
+    for _ in range(100):
+        loss, _ = head(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    assert (head.predict(x) == y).float().mean() > 0.95
+
+
+def test_lgm_module_bad_arguments():
+    with pytest.raises(ValueError, match="covariance"):
+        lgm_ext.LGMLoss(3, 2, covariance="full")
+    with pytest.raises(ValueError, match="backend"):
+        lgm_ext.LGMLoss(3, 2, backend="triton")
+    with pytest.raises(ValueError):
+        lgm_ext.LGMLoss(0, 2)
+    with pytest.raises(ValueError):
+        lgm_ext.LGMLoss(3, 2, alpha=-1)
+
+
+def test_center_loss_value_and_update_by_hand():
+    c = lgm_ext.CenterLoss(3, 2, alpha=0.5)
+    with torch.no_grad():
+        c.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]))
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 1])
+    loss = c(x, y)
+    # 0.5 * mean(|x - c_y|^2) = 0.5 * (1 + 9 + (1 + 4)) / 3
+    assert loss.item() == pytest.approx(0.5 * 15 / 3)
+    # Class 0: delta = ((0-1) + (0-3), (0-0) + (0-0)) / (1 + 2) = (-4/3, 0); c0 <- c0 - 0.5 delta = (2/3, 0)
+    # Class 1: delta = ((1-2), (1-3)) / 2 = (-0.5, -1); c1 <- (1.25, 1.5).  Class 2 has no samples: unchanged.
+    torch.testing.assert_close(c.centers, torch.tensor([[2.0 / 3.0, 0.0], [1.25, 1.5], [5.0, 5.0]]))
+    loss.backward()
+    # d loss / d x = (x - c_y_old) / N
+    torch.testing.assert_close(x.grad, torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 2.0]]) / 3)
+
+
+def test_center_loss_eval_mode_does_not_update():
+    c = lgm_ext.CenterLoss(2, 2).eval()
+    before = c.centers.clone()
+    c(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]))
+    torch.testing.assert_close(c.centers, before)
+
+
+def test_center_loss_bad_input():
+    c = lgm_ext.CenterLoss(2, 2)
+    with pytest.raises(ValueError):
+        c(torch.randn(3, 2), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError):
+        c(torch.randn(3, 2), torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError):
+        c(torch.randn(3, 5), torch.tensor([0, 1, 1]))
