@@ -1,12 +1,32 @@
+"""Every test that takes `device` runs on:
+  cpu            -- the CPU kernels;
+  cuda-emulated  -- CPU tensors through the CPU emulation of the CUDA kernels
+                    (same device functions, same grid/block/lane decomposition,
+                    exact warp-shuffle emulation), since CI has no GPU;
+  cuda           -- the real CUDA kernels, when a GPU is present."""
 import pytest
 import torch
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+import lgm_ext  # noqa: F401  (loads the operators)
+
+BACKENDS = ["cpu", "cuda-emulated"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
-        metafunc.parametrize("device", DEVICES)
+        metafunc.parametrize("device", BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def device(request):
+    if request.param == "cuda-emulated":
+        old = torch.ops.lgm_ext._set_cuda_emulation(True)
+        try:
+            yield "cpu"
+        finally:
+            torch.ops.lgm_ext._set_cuda_emulation(old)
+    else:
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,10 @@
 
 #include <vector>
 
+#include "../args.h"
 #include "../host.h"
 #include "cpu_kernels.h"
+#include "emulate_cuda.h"
 #include "lgm_ext/math.h"
 
 namespace lgm_ext {
@@ -16,47 +18,6 @@ namespace {
 
 using namespace lgm_ext::math;
 using cpu::grain;
-
-template <typename T>
-const T* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-T* mut_or_null(Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-// Everything a block function reads or writes.
-template <typename T>
-struct Args {
-  int64_t N, K, D;
-  const T *x, *mu, *w, *hl;
-  const int64_t* y;
-  T alpha, lambda;
-  bool margin_out;
-  // forward
-  const T* c;  // GEMM path: sum_j mu^2 w
-  T *logits, *lse, *loss;
-  // backward
-  const T *saved_logits, *saved_lse, *scale, *grad_logits;
-  int64_t scale_stride;
-  T scale_mult;
-  const T* moments;  // GEMM path backward: t = g b (N,2D) or s = g^T a (K,2D)
-  T *op_a, *op_b, *op_c;  // GEMM operands
-  const T *gsum, *hsum;   // per-class sums of g, and of the log-det coefficient
-  T *g, *r, *gx, *gmu, *gs;
-};
-
-template <typename T>
-Args<T> make_args(const Inputs& in, double alpha, double lambda) {
-  Args<T> a{};
-  a.N = in.N, a.K = in.K, a.D = in.D;
-  a.x = in.x.data_ptr<T>(), a.mu = in.mu.data_ptr<T>(), a.w = ptr_or_null<T>(in.w), a.hl = ptr_or_null<T>(in.hl);
-  a.y = ptr_or_null<int64_t>(in.labels);
-  a.alpha = T(alpha), a.lambda = T(lambda);
-  return a;
-}
 
 // One row of logits from its distances; shared by the direct and GEMM paths.
 // dist(k) returns d[n,k].  The row is written first (free logits, or margin
@@ -316,9 +277,7 @@ void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& gr
 
 void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lgm_class_tables", [&] {
-    Args<scalar_t> a{};
-    a.K = s.size(0), a.D = s.size(1);
-    a.mu = s.data_ptr<scalar_t>(), a.op_b = w.data_ptr<scalar_t>(), a.op_c = hl.data_ptr<scalar_t>();
+    auto a = make_table_args<scalar_t>(s, w, hl);
     at::parallel_for(0, a.K, grain(8 * a.D), [&](int64_t b, int64_t e) { tables_block(a, b, e); });
   });
 }
@@ -368,12 +327,15 @@ void check_labels_cpu(const Inputs& in) {
   check_label_range(lo, hi, in.K);
 }
 
-const Backend& cpu_backend() {
+const Backend& cpu_loops() {
   static const Backend be{&direct_rows,      &gemm_rows,     &coefficients, &direct_grads,
                           &check_labels_cpu, &class_tables, &gemm_operands, &gemm_grad_x,
                           &gemm_class_grads};
   return be;
 }
+
+// The CPU loops, or (tests) the CPU emulation of the CUDA kernels.
+const Backend& cpu_backend() { return cuda_emulation_enabled() ? emulated_cuda_backend() : cpu_loops(); }
 
 std::tuple<Tensor, Tensor, Tensor> loss_forward_cpu(const Tensor& x, const Tensor& mu,
                                                     const std::optional<Tensor>& s, const Tensor& y, double alpha,

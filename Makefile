@@ -1,0 +1,41 @@
+# lgm-ext: `make demo` installs everything and runs the main job; `make test` installs and runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# torch's CUDA 13.0 build (CPU works too); the extension compiles against it.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+JOBS   ?= 2
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: install demo test bench build-cpu clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "setuptools>=68" wheel ninja numpy
+	$(PIP) install -q $(TORCH)
+	@mkdir -p build
+	@echo "building lgm-ext (C++ and, when a CUDA toolkit is found, CUDA kernels; log: build/build.log)"
+	MAX_JOBS=$(JOBS) $(PIP) install -v --no-build-isolation -e '.[test]' > build/build.log 2>&1 \
+	  || { tail -n 60 build/build.log; exit 1; }
+	@grep -E "ptxas info|bytes spill" build/build.log > build/ptxas.log || true
+	@$(PY) -c "import lgm_ext; print('lgm_ext', lgm_ext.__version__, '| CUDA kernels:', lgm_ext.has_cuda_kernels())"
+	touch $@
+
+# Fast iteration: C++ only, no CUDA compile.
+build-cpu:
+	LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) $(PIP) install --no-build-isolation --no-deps -e .
+
+demo: install
+	$(PY) benchmarks/bench_lgm.py
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_lgm.py --write
+
+clean:
+	rm -rf build lgm_ext/_C*.so *.egg-info

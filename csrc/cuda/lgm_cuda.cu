@@ -1,0 +1,426 @@
+// lgm-ext CUDA backend.  Every formula comes from include/lgm_ext/math.h;
+// this file holds only the thread decomposition (include/lgm_ext/launch.h),
+// warp reductions and launches.  csrc/cpu/emulate_cuda.cpp runs the same
+// decomposition on the CPU for the test suite, so a change here must be
+// mirrored there (the tests compare both with the reference).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../args.h"
+#include "../host.h"
+#include "lgm_ext/launch.h"
+#include "lgm_ext/math.h"
+
+namespace lgm_ext {
+namespace {
+
+using namespace lgm_ext::math;
+using namespace lgm_ext::launch;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Butterfly all-reduce: every lane ends with the same value.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const T u = __shfl_xor_sync(kFullMask, v, o);
+    v = u > v ? u : v;
+  }
+  return v;
+}
+
+// ------------------------------------------------------------------ row kernels: one warp per row
+// The row's logits are written (free logits; lane k % 32 writes entry k), then
+// the labelled entry gets its margin and the warp computes lse and the loss.
+template <typename T>
+__device__ __forceinline__ void row_finish(const Args<T>& a, int64_t n, int lane, int64_t y, T d_y) {
+  if (y < 0) return;
+  T* out = a.logits + n * a.K;
+  const T hl_y = a.hl != nullptr ? a.hl[y] : T(0);
+  const T l_y = margin_logit(d_y, hl_y, a.alpha);
+  if (a.margin_out && lane == y % kWarp) out[y] = l_y;
+  if (a.lse == nullptr) return;
+  const T m = warp_max(row_max_partial(out, a.K, y, l_y, lane, kWarp));
+  const T s = warp_sum(row_sumexp_partial(out, a.K, y, l_y, m, lane, kWarp));
+  if (lane == 0) {
+    const T v = lse_from_parts(m, s);
+    a.lse[n] = v;
+    a.loss[n] = row_loss(v, l_y, d_y, hl_y, a.lambda);
+  }
+}
+
+template <typename T>
+__global__ void direct_rows_kernel(Args<T> a) {
+  const int lane = threadIdx.x;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (n >= a.N) return;  // whole warp
+  const int64_t K = a.K, D = a.D;
+  const T* xr = a.x + n * D;
+  const int64_t y = a.y != nullptr ? a.y[n] : -1;
+  T* out = a.logits + n * K;
+  T d_y = T(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const T part = sqdist_partial(xr, a.mu + k * D, a.w != nullptr ? a.w + k * D : nullptr, D, lane, kWarp);
+    const T d = dist_from_sqdist(warp_sum(part));
+    if (lane == k % kWarp) out[k] = free_logit(d, a.hl != nullptr ? a.hl[k] : T(0));
+    if (k == y) d_y = d;
+  }
+  row_finish(a, n, lane, y, d_y);
+}
+
+template <typename T>
+__global__ void gemm_rows_kernel(Args<T> a) {
+  const int lane = threadIdx.x;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (n >= a.N) return;
+  const int64_t K = a.K;
+  T* m = a.logits + n * K;
+  const int64_t y = a.y != nullptr ? a.y[n] : -1;
+  const T d_y = y >= 0 ? dist_from_expansion(m[y], a.c[y]) : T(0);
+  __syncwarp();  // every lane has read m[y] before it is overwritten
+  for (int64_t k = lane; k < K; k += kWarp) m[k] = free_logit(dist_from_expansion(m[k], a.c[k]), a.hl != nullptr ? a.hl[k] : T(0));
+  row_finish(a, n, lane, y, d_y);
+}
+
+template <typename T>
+__global__ void coefficients_kernel(Args<T> a) {
+  const int lane = threadIdx.x;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (n >= a.N) return;
+  const int64_t K = a.K;
+  T* gr = a.g + n * K;
+  const T* glr = a.grad_logits != nullptr ? a.grad_logits + n * K : nullptr;
+  const int64_t yn = a.y != nullptr ? a.y[n] : -1;
+  if (a.saved_lse != nullptr) {
+    const T* lr = a.saved_logits + n * K;
+    const T l = a.saved_lse[n], c = a.scale[n * a.scale_stride] * a.scale_mult;
+    const T p_y = prob(margin_from_free(lr[yn], a.hl != nullptr ? a.hl[yn] : T(0), a.alpha), l);
+    for (int64_t k = lane; k < K; k += kWarp) {
+      T v = k == yn ? coef_g_label(p_y, a.alpha, a.lambda, c) : coef_g_other(prob(lr[k], l), c);
+      if (glr != nullptr) v = coef_add_logit_grad(v, glr[k]);
+      gr[k] = v;
+    }
+    if (lane == 0) a.r[n] = coef_r(p_y, a.alpha, c);
+  } else {
+    for (int64_t k = lane; k < K; k += kWarp) gr[k] = coef_g_logit(glr[k], k == yn, a.alpha);
+    if (lane == 0) a.r[n] = yn >= 0 ? coef_r_logit(glr[yn], a.alpha) : T(0);
+  }
+}
+
+template <typename T>
+__global__ void grad_x_kernel(Args<T> a) {
+  const int lane = threadIdx.x;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (n >= a.N) return;
+  const int64_t K = a.K, D = a.D;
+  for (int64_t j = lane; j < D; j += kWarp)
+    a.gx[n * D + j] = grad_x_elem(a.g + n * K, a.x[n * D + j], a.mu + j, a.w != nullptr ? a.w + j : nullptr, K, D);
+}
+
+// Class tables: one warp per class, lanes over j.
+template <typename T>
+__global__ void tables_kernel(Args<T> a) {
+  const int lane = threadIdx.x;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (k >= a.K) return;
+  const int64_t D = a.D;
+  T h = T(0);
+  for (int64_t j = lane; j < D; j += kWarp) {
+    const T s = a.mu[k * D + j];
+    a.op_b[k * D + j] = inv_var(s);
+    h += half_logdet_term(s);
+  }
+  h = warp_sum(h);
+  if (lane == 0) a.op_c[k] = h;
+}
+
+// ------------------------------------------------------------------ class kernels (direct path)
+// grid (K, ceil(D / kClassThreads), ceil(N / kChunkRows)): thread j of class k
+// sums rows [chunk * kChunkRows, ...) into partials p1, p2 (chunks, K, D) and
+// ph (chunks, K); class_finalize_kernel adds the chunks in order.
+template <typename T>
+__global__ void class_partial_kernel(Args<T> a, T* p1, T* p2, T* ph) {
+  const int64_t k = blockIdx.x;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * kClassThreads + threadIdx.x;
+  const int64_t chunk = blockIdx.z;
+  const int64_t K = a.K, D = a.D;
+  const int64_t n0 = chunk * kChunkRows;
+  const int64_t n1 = n0 + kChunkRows < a.N ? n0 + kChunkRows : a.N;
+  T a1 = T(0), a2 = T(0), hs = T(0);
+  const T muj = j < D ? a.mu[k * D + j] : T(0);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T gk = a.g[n * K + k];
+    hs += gk;
+    if (a.y != nullptr && a.y[n] == k) hs += a.r[n];
+    if (j < D) class_accum(a1, a2, gk, a.x[n * D + j], muj);
+  }
+  if (j < D) {
+    p1[(chunk * K + k) * D + j] = a1;
+    p2[(chunk * K + k) * D + j] = a2;
+  }
+  if (j == 0) ph[chunk * K + k] = hs;
+}
+
+template <typename T>
+__global__ void class_finalize_kernel(Args<T> a, const T* p1, const T* p2, const T* ph, int64_t chunks) {
+  const int64_t K = a.K, D = a.D;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < K * D;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = i / D;
+    T A1 = T(0), A2 = T(0), hs = T(0);
+    for (int64_t c = 0; c < chunks; ++c) {
+      A1 += p1[c * K * D + i];
+      A2 += p2[c * K * D + i];
+      hs += ph[c * K + k];
+    }
+    const T wj = a.w != nullptr ? a.w[i] : T(1);
+    a.gmu[i] = grad_mu_final(A1, wj);
+    if (a.gs != nullptr) a.gs[i] = grad_log_var_final(A2, wj, hs);
+  }
+}
+
+// ------------------------------------------------------------------ GEMM path helpers
+template <typename T>
+__global__ void operands_a_kernel(Args<T> a) {
+  const int64_t D = a.D;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.N * D;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / D, j = i % D;
+    operand_a(a.x[i], a.op_a[n * 2 * D + j], a.op_a[n * 2 * D + D + j]);
+  }
+}
+
+template <typename T>
+__global__ void operands_b_kernel(Args<T> a) {
+  const int lane = threadIdx.x;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (k >= a.K) return;
+  const int64_t D = a.D;
+  T c = T(0);
+  for (int64_t j = lane; j < D; j += kWarp)
+    operand_b(a.mu[k * D + j], a.w[k * D + j], a.op_b[k * 2 * D + j], a.op_b[k * 2 * D + D + j], c);
+  c = warp_sum(c);
+  if (lane == 0) a.op_c[k] = c;
+}
+
+template <typename T>
+__global__ void gemm_grad_x_kernel(Args<T> a) {
+  const int64_t D = a.D;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.N * D;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / D, j = i % D;
+    a.gx[i] = grad_x_from_moments(a.x[i], a.moments[n * 2 * D + j], a.moments[n * 2 * D + D + j]);
+  }
+}
+
+// Column sums of g (thread per class; consecutive threads read consecutive k).
+template <typename T>
+__global__ void column_sums_kernel(Args<T> a, T* gsum, T* hsum) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= a.K) return;
+  T gs = T(0), rs = T(0);
+  for (int64_t n = 0; n < a.N; ++n) {
+    gs += a.g[n * a.K + k];
+    if (a.y != nullptr && a.y[n] == k) rs += a.r[n];
+  }
+  gsum[k] = gs;
+  hsum[k] = gs + rs;
+}
+
+template <typename T>
+__global__ void gemm_class_kernel(Args<T> a) {
+  const int64_t K = a.K, D = a.D;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < K * D;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = i / D, j = i % D;
+    T A1, A2;
+    class_sums_from_moments(a.moments[k * 2 * D + j], a.moments[k * 2 * D + D + j], a.gsum[k], a.mu[i], A1, A2);
+    const T wj = a.w[i];
+    a.gmu[i] = grad_mu_final(A1, wj);
+    a.gs[i] = grad_log_var_final(A2, wj, a.hsum[k]);
+  }
+}
+
+// ------------------------------------------------------------------ launches
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+dim3 row_grid(int64_t rows) { return dim3(static_cast<unsigned>(ceil_div(rows, kRowsPerBlock))); }
+const dim3 kRowBlock(kWarp, kRowsPerBlock);
+
+unsigned elem_grid(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>(kMaxBlocks, std::max<int64_t>(1, ceil_div(n, kThreads))));
+}
+
+void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
+                 Tensor& row_loss) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_rows_cuda", [&] {
+    auto a = make_args<scalar_t>(in, alpha, lambda);
+    a.margin_out = margin_out;
+    a.logits = logits.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    direct_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
+               Tensor& lse, Tensor& row_loss) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_rows_cuda", [&] {
+    auto a = make_args<scalar_t>(in, alpha, lambda);
+    a.margin_out = margin_out;
+    a.c = c.data_ptr<scalar_t>();
+    a.logits = m.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    gemm_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, const Tensor& scale,
+                  int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha, double lambda,
+                  Tensor& g, Tensor& r) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_coefficients_cuda", [&] {
+    auto a = make_args<scalar_t>(in, alpha, lambda);
+    a.saved_logits = ptr_or_null<scalar_t>(logits), a.saved_lse = ptr_or_null<scalar_t>(lse);
+    a.scale = ptr_or_null<scalar_t>(scale), a.grad_logits = ptr_or_null<scalar_t>(grad_logits);
+    a.scale_stride = scale_stride, a.scale_mult = scalar_t(scale_mult);
+    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
+    coefficients_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
+                  Tensor& grad_s) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_grads_cuda", [&] {
+    auto a = make_args<scalar_t>(in, 0.0, 0.0);
+    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
+    a.gx = grad_x.data_ptr<scalar_t>(), a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    grad_x_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t chunks = ceil_div(in.N, kChunkRows);
+    Tensor p = at::empty({2, chunks, in.K, in.D}, in.x.options());
+    Tensor ph = at::empty({chunks, in.K}, in.x.options());
+    scalar_t* p1 = p.data_ptr<scalar_t>();
+    scalar_t* p2 = p1 + chunks * in.K * in.D;
+    const dim3 grid(static_cast<unsigned>(in.K), static_cast<unsigned>(ceil_div(in.D, kClassThreads)),
+                    static_cast<unsigned>(chunks));
+    class_partial_kernel<scalar_t><<<grid, kClassThreads, 0, stream()>>>(a, p1, p2, ph.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    class_finalize_kernel<scalar_t><<<elem_grid(in.K * in.D), kThreads, 0, stream()>>>(a, p1, p2,
+                                                                                         ph.data_ptr<scalar_t>(), chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void check_labels(const Inputs& in) {
+  // One small reduction and a host sync: the price of a clear error instead of a device assert.
+  auto mm = at::aminmax(in.labels);
+  check_label_range(std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), in.K);
+}
+
+void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lgm_class_tables_cuda", [&] {
+    auto a = make_table_args<scalar_t>(s, w, hl);
+    tables_kernel<scalar_t><<<row_grid(a.K), kRowBlock, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_operands_cuda", [&] {
+    auto a = make_args<scalar_t>(in, 0.0, 0.0);
+    a.op_a = op_a.data_ptr<scalar_t>(), a.op_b = op_b.data_ptr<scalar_t>(), a.op_c = c.data_ptr<scalar_t>();
+    operands_a_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    operands_b_kernel<scalar_t><<<row_grid(in.K), kRowBlock, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_grad_x_cuda", [&] {
+    auto a = make_args<scalar_t>(in, 0.0, 0.0);
+    a.moments = t.data_ptr<scalar_t>(), a.gx = grad_x.data_ptr<scalar_t>();
+    gemm_grad_x_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void gemm_class_grads(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
+                      Tensor& grad_s) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_class_grads_cuda", [&] {
+    auto a = make_args<scalar_t>(in, 0.0, 0.0);
+    a.moments = s.data_ptr<scalar_t>(), a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
+    a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    Tensor sums = at::empty({2, in.K}, in.x.options());
+    scalar_t* gsum = sums.data_ptr<scalar_t>();
+    column_sums_kernel<scalar_t><<<elem_grid(in.K), kThreads, 0, stream()>>>(a, gsum, gsum + in.K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    a.gsum = gsum, a.hsum = gsum + in.K;
+    gemm_class_kernel<scalar_t><<<elem_grid(in.K * in.D), kThreads, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+const Backend& cuda_backend() {
+  static const Backend be{&direct_rows,  &gemm_rows,    &coefficients,  &direct_grads,    &check_labels,
+                          &class_tables, &gemm_operands, &gemm_grad_x,  &gemm_class_grads};
+  return be;
+}
+
+// ------------------------------------------------------------------ operator entry points
+std::tuple<Tensor, Tensor, Tensor> loss_forward_cuda(const Tensor& x, const Tensor& mu,
+                                                     const std::optional<Tensor>& s, const Tensor& y, double alpha,
+                                                     double lambda, int64_t reduction, int64_t impl) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return loss_forward(cuda_backend(), x, mu, s, y, alpha, lambda, reduction, impl);
+}
+
+std::tuple<Tensor, Tensor, Tensor> loss_backward_cuda(const Tensor& gloss, const std::optional<Tensor>& glogits,
+                                                      const Tensor& x, const Tensor& mu,
+                                                      const std::optional<Tensor>& s, const Tensor& y,
+                                                      const Tensor& logits, const Tensor& lse, double alpha,
+                                                      double lambda, int64_t reduction, int64_t impl) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return loss_backward(cuda_backend(), gloss, glogits, x, mu, s, y, logits, lse, alpha, lambda, reduction, impl);
+}
+
+Tensor logits_cuda(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& s,
+                   const std::optional<Tensor>& y, double alpha, int64_t impl) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return logits_forward(cuda_backend(), x, mu, s, y, alpha, impl);
+}
+
+std::tuple<Tensor, Tensor, Tensor> logits_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& mu,
+                                                        const std::optional<Tensor>& s,
+                                                        const std::optional<Tensor>& y, double alpha, int64_t impl) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return logits_backward(cuda_backend(), grad, x, mu, s, y, alpha, impl);
+}
+
+std::tuple<Tensor, Tensor> log_likelihood_cuda(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& s,
+                                               int64_t impl) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return log_likelihood(cuda_backend(), x, mu, s, impl);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lgm_ext, CUDA, m) {
+  m.impl("lgm_loss_forward", &loss_forward_cuda);
+  m.impl("lgm_loss_backward", &loss_backward_cuda);
+  m.impl("lgm_logits", &logits_cuda);
+  m.impl("lgm_logits_backward", &logits_backward_cuda);
+  m.impl("lgm_log_likelihood", &log_likelihood_cuda);
+}
+
+}  // namespace lgm_ext
