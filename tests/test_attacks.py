@@ -1,0 +1,160 @@
+"""Attack invariants on a small model trained here (SPEC section 4)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lgm_ext
+from lgm_ext.attacks import FGSM, PGD, InversePGD, LGMClassificationLoss, TargetedFGSM
+
+CLASSES = 4
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    x = 0.35 + 0.15 * torch.randn(n, 1, 8, 8, generator=g)
+    for c in range(CLASSES):  # class c: a brighter quadrant
+        r, q = divmod(c, 2)
+        x[y == c, :, 4 * r : 4 * r + 4, 4 * q : 4 * q + 4] += 0.3
+    return x.clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, CLASSES))
+    x, y = _data(512, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    xt, yt = _data(200, 1)
+    assert (model(xt).argmax(1) == yt).float().mean() > 0.9
+    return model, xt, yt
+
+
+def _ce(model, x, y):
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y).item()
+
+
+def _invariants(model, x, adv, eps):
+    assert adv.shape == x.shape and not adv.requires_grad
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fgsm_raises_loss(trained):
+    model, x, y = trained
+    adv = FGSM(model, eps=0.1)(x, y)
+    _invariants(model, x, adv, 0.1)
+    assert _ce(model, adv, y) > _ce(model, x, y) + 0.1
+
+
+def test_pgd_stronger_than_fgsm_and_deterministic(trained):
+    model, x, y = trained
+    a = PGD(model, eps=0.1, alpha=0.02, steps=10, seed=3)(x, y)
+    b = PGD(model, eps=0.1, alpha=0.02, steps=10, seed=3)(x, y)
+    _invariants(model, x, a, 0.1)
+    assert torch.equal(a, b)
+    assert _ce(model, a, y) >= _ce(model, FGSM(model, eps=0.1)(x, y), y) - 1e-3
+
+
+def test_inverse_pgd_lowers_loss(trained):
+    model, x, y = trained
+    atk = InversePGD(model)
+    assert (atk.eps, atk.alpha, atk.steps, atk.random_start) == (4 / 255, 2 / 255, 5, False)
+    adv = atk(x, y)
+    _invariants(model, x, adv, 4 / 255)
+    assert _ce(model, adv, y) < _ce(model, x, y)
+
+
+def test_targeted_hits_target_more_than_chance(trained):
+    model, x, y = trained
+    targets = (y + 1) % CLASSES
+    adv = PGD(model, eps=0.3, alpha=0.05, steps=20, targeted=True, seed=0)(x, y, targets)
+    _invariants(model, x, adv, 0.3)
+    with torch.no_grad():
+        hit = (model(adv).argmax(1) == targets).float().mean().item()
+    assert hit > 1.0 / CLASSES + 0.2
+    adv = TargetedFGSM(model, eps=0.3)(x, y)  # default target: second most likely class
+    with torch.no_grad():
+        second = model(x).topk(2, 1).indices[:, 1]
+        hit = (model(adv).argmax(1) == second).float().mean().item()
+    assert hit > 1.0 / CLASSES
+
+
+def test_mode_restored_and_any_batch_size(trained):
+    model, x, y = trained
+    model.train()
+    for n in (1, 3):
+        FGSM(model, eps=0.05)(x[:n], y[:n])
+        PGD(model, eps=0.05, steps=2, seed=0)(x[:n], y[:n])
+    assert model.training
+    model.eval()
+    InversePGD(model)(x[:2], y[:2])
+    assert not model.training
+
+
+def test_per_sample_independent_of_batch(trained):
+    model, x, y = trained
+    whole = InversePGD(model)(x[:8], y[:8])
+    single = torch.cat([InversePGD(model)(x[i : i + 1], y[i : i + 1]) for i in range(8)])
+    torch.testing.assert_close(whole, single)
+
+
+def test_lgm_classification_loss_plugs_in():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 8))
+    head = lgm_ext.LGMLoss(CLASSES, 8, alpha=0.3, lambda_=0.1)
+    x, y = _data(512, 0)
+    opt = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        head(backbone(x), y)[0].backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss_fn = LGMClassificationLoss(head)
+    xt, yt = _data(100, 1)
+    with torch.no_grad():
+        assert (head.predict(backbone(xt)) == yt).float().mean() > 0.9
+        clean = loss_fn(backbone(xt), yt).item()
+    adv = FGSM(backbone, eps=0.1, loss_fn=loss_fn)(xt, yt)
+    inv = InversePGD(backbone, loss_fn=loss_fn)(xt, yt)
+    with torch.no_grad():
+        assert loss_fn(backbone(adv), yt).item() > clean
+        assert loss_fn(backbone(inv), yt).item() < clean
+    tgt = TargetedFGSM(backbone, eps=0.1, loss_fn=loss_fn)(xt, yt)  # targets from the head's logits
+    assert tgt.shape == xt.shape
+    assert all(p.grad is None for p in list(backbone.parameters()) + list(head.parameters()))
+
+
+def test_bad_arguments(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError):
+        FGSM(model, eps=-1)
+    with pytest.raises(ValueError):
+        PGD(model, steps=-1)
+    with pytest.raises(ValueError, match="targets"):
+        PGD(model, targeted=True)(x, y)
+    with pytest.raises(ValueError, match="labels"):
+        FGSM(model)(x, y[:3])
+    with pytest.raises(TypeError):
+        FGSM(model)(x.long(), y)
+
+
+def test_lenet_plus_plus_shapes():
+    from lgm_ext.models import LeNetPlusPlus
+
+    m = LeNetPlusPlus(feat_dim=2)
+    assert m(torch.rand(3, 1, 28, 28)).shape == (3, 2)
+    m = LeNetPlusPlus(feat_dim=100)
+    f = m(torch.rand(2, 1, 28, 28))
+    assert f.shape == (2, 100) and (f >= 0).all()  # 100-D features pass through ReLU
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert all(c.bias.abs().max() == 0 for c in convs)
