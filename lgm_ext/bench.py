@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -76,24 +75,40 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn, repeats: int, warmup: int, device: str = "cpu") -> float:
-    for _ in range(warmup):
+def _time_once(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
         fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(fn, repeats: int, warmup: int, device: str = "cpu") -> float:
+    return interleaved_medians({"f": (fn, repeats)}, warmup, device, rounds=1)["f"]
+
+
+def interleaved_medians(fns: dict, warmup: int, device: str = "cpu", rounds: int = 5) -> dict:
+    """Median ms of each ``name: (fn, repeats)``.  The sides alternate in blocks
+    over several rounds, so the ratios come from one run under the same
+    conditions (clock, other load); each block starts with ``warmup`` untimed
+    calls, so a side is not charged for the allocator and cache state another
+    side left behind (after a large plain-PyTorch step the next few calls of any
+    op pay page faults here)."""
+    times = {name: [] for name in fns}
+    for rnd in range(rounds):
+        for name, (fn, reps) in fns.items():
+            block = -(-reps // rounds)
+            for _ in range(max(1, warmup)):
+                fn()
+            _sync(device)
+            for _ in range(min(block, reps - rnd * block)):
+                times[name].append(_time_once(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def naive_fits(n, k, d, itemsize=4, device="cpu") -> bool:
@@ -115,13 +130,18 @@ def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu") -> f
         _step(LGM_IMPLS[impl], x, mu, s, y)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # A fresh process; the kernel's peak-RSS counter is reset (clear_refs 5) just
+    # before the step, so the import's own peak does not hide the step's.
     code = (
-        "import resource, torch, lgm_ext.bench as b\n"
+        "import torch, lgm_ext.bench as b\n"
         f"x, mu, s, y = b._inputs({n}, {k}, {d}, 'cpu', torch.float32)\n"
         "b.flush_denormals()\n"
-        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "def kib(f):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(f))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "r0 = kib('VmRSS:')\n"
         f"b._step(b.LGM_IMPLS[{impl!r}], x, mu, s, y)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0)\n"
+        "print(kib('VmHWM:') - r0)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0
@@ -130,7 +150,7 @@ def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu") -> f
 def sgemm_gflops(m: int, n: int, kk: int, device: str = "cpu", repeats: int = 5) -> float:
     a = torch.randn(m, kk, device=device)
     b = torch.randn(n, kk, device=device)
-    ms = median_ms(lambda: torch.mm(a, b.t()), repeats, 2, device)
+    ms = median_ms(lambda: torch.mm(a, b.t()), repeats, 3, device)
     return 2.0 * m * n * kk / (ms * 1e6)
 
 
@@ -164,14 +184,19 @@ def bench_lgm(
         reps = repeats or max(3, min(200, int(2e8 / max(work, 1))))
         x, mu, s, y = _inputs(n, k, d, device, torch.float32)
         row = LGMRow(k=k, d=d, path="direct" if k * d <= 8192 else "gemm")
+        cases = {}
         for name, fn in LGM_IMPLS.items():
             if name == "naive_nkd" and not naive_fits(n, k, d, device=device):
                 continue
             r = reps if name in ("fused", "plain_gemm") else max(3, min(reps, int(5e7 / max(work, 1))))
-            if progress:
-                progress(f"K={k} D={d} {name}")
-            row.times_ms[name] = median_ms(lambda: _step(fn, x, mu, s, y), r, max(1, min(5, r)), device)
-            if memory:
+            cases[name] = ((lambda fn=fn: _step(fn, x, mu, s, y)), r)
+        if progress:
+            progress(f"K={k} D={d}: timing {', '.join(cases)}")
+        row.times_ms = interleaved_medians(cases, 3, device, rounds=min(5, min(r for _, r in cases.values())))
+        if memory:
+            for name in cases:
+                if progress:
+                    progress(f"K={k} D={d}: peak memory of {name}")
                 row.peak_mib[name] = peak_memory_mib(name, n, k, d, device)
         plain = {kk: v for kk, v in row.times_ms.items() if kk != "fused"}
         row.best_plain = min(plain, key=plain.get)
@@ -180,7 +205,7 @@ def bench_lgm(
             # Diagonal covariance: 3 GEMMs of N x K x 2D (forward, dx, dmu/dlog_var).
             flops = 3 * 2.0 * n * k * 2 * d
             row.fused_gflops = flops / (row.times_ms["fused"] * 1e6)
-            row.sgemm_gflops = sgemm_gflops(n, k, 2 * d, device)
+            row.sgemm_gflops = sgemm_gflops(n, k, 2 * d, device, repeats=max(5, reps))
         rows.append(row)
     return rows
 
@@ -220,10 +245,13 @@ def bench_pgd_step(shapes=PGD_SHAPES, device: str = "cpu", repeats: int = 300) -
         x = (x0 + 0.01 * torch.randn(shape, generator=g).to(device)).clamp(0, 1)
         grad = torch.randn(shape, generator=g).to(device)
         kw = dict(alpha=2 / 255, eps=8 / 255)
-        t_plain = median_ms(lambda: reference.pgd_step(x, grad, x0, **kw), repeats, 20, device)
-        t_fused = median_ms(lambda: pgd_step(x, grad, x0, **kw), repeats, 20, device)
         buf = x.clone()
-        t_inplace = median_ms(lambda: pgd_step_(buf, grad, x0, **kw), repeats, 20, device)
+        t = interleaved_medians({
+            "plain": (lambda: reference.pgd_step(x, grad, x0, **kw), repeats),
+            "fused": (lambda: pgd_step(x, grad, x0, **kw), repeats),
+            "inplace": (lambda: pgd_step_(buf, grad, x0, **kw), repeats),
+        }, 20, device)
+        t_plain, t_fused, t_inplace = t["plain"], t["fused"], t["inplace"]
         rows.append(dict(case=name, plain_ms=t_plain, fused_ms=t_fused, fused_inplace_ms=t_inplace,
                          speedup=t_plain / t_fused, speedup_inplace=t_plain / t_inplace))
     return rows
@@ -247,8 +275,11 @@ def bench_pgd_attack(batch: int = 32, steps: int = 10, device: str = "cpu", repe
     t_attack = median_ms(lambda: atk(x, y), repeats, 1, device)
     grad = torch.randn_like(x)
     buf = x.clone()
-    t_step = median_ms(lambda: pgd_step_(buf, grad, x, alpha=0.01, eps=0.3), 200, 20, device)
-    t_plain = median_ms(lambda: reference.pgd_step(buf, grad, x, alpha=0.01, eps=0.3), 200, 20, device)
+    t = interleaved_medians({
+        "fused": (lambda: pgd_step_(buf, grad, x, alpha=0.01, eps=0.3), 200),
+        "plain": (lambda: reference.pgd_step(buf, grad, x, alpha=0.01, eps=0.3), 200),
+    }, 20, device)
+    t_step, t_plain = t["fused"], t["plain"]
     return dict(batch=batch, steps=steps, attack_ms=t_attack, step_ms=t_step, plain_step_ms=t_plain,
                 step_share=steps * t_step / t_attack, plain_step_share=steps * t_plain / t_attack)
 
@@ -268,4 +299,3 @@ def pgd_markdown(rows: list[dict], attack: dict | None) -> str:
 
 __all__ = ["bench_pgd_step", "bench_pgd_attack", "pgd_markdown", "bench_lgm", "lgm_markdown", "flush_denormals", "machine_description", "median_ms", "to_json"]
 
-_ = resource  # used in the subprocess snippet

@@ -14,23 +14,39 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 _BLOCK_ELEMS = 1 << 22  # N * classes-per-block * D elements at most
 
 
+def _block_distances(features: Tensor, means: Tensor, w: Tensor | None) -> Tensor:
+    diff = features[:, None, :] - means[None, :, :]
+    sq = diff * diff
+    if w is not None:
+        sq = sq * w[None, :, :]
+    return 0.5 * sq.sum(-1)
+
+
 def distances(features: Tensor, means: Tensor, log_var: Tensor | None = None) -> Tensor:
-    """``d[n,k] = 0.5 * sum_j (x[n,j] - mu[k,j])^2 * exp(-log_var[k,j])`` (N, K), direct and exact."""
+    """``d[n,k] = 0.5 * sum_j (x[n,j] - mu[k,j])^2 * exp(-log_var[k,j])`` (N, K), direct and exact.
+
+    Evaluated in blocks of classes of at most ``_BLOCK_ELEMS`` N*c*D elements;
+    with several blocks under autograd each block is checkpointed (recomputed in
+    backward), so memory stays bounded by one block in backward too."""
     n, dim = features.shape
     k = means.shape[0]
     step = max(1, _BLOCK_ELEMS // max(1, n * dim))
     w = None if log_var is None else torch.exp(-log_var)
+    if step >= k:
+        return _block_distances(features, means, w)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, means, w))
     blocks = []
     for start in range(0, k, step):
-        diff = features[:, None, :] - means[None, start : start + step, :]
-        sq = diff * diff
-        if w is not None:
-            sq = sq * w[None, start : start + step, :]
-        blocks.append(0.5 * sq.sum(-1))
+        args = (features, means[start : start + step], None if w is None else w[start : start + step])
+        if grad:
+            blocks.append(checkpoint(_block_distances, *args, use_reentrant=False))
+        else:
+            blocks.append(_block_distances(*args))
     return torch.cat(blocks, 1)
 
 

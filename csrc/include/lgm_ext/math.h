@@ -163,21 +163,22 @@ LGM_HD void class_sums_from_moments(T sa, T sb, T gsum, T mu, T& a1, T& a2) {
 // Partial sum over j = start, start+stride, ... < D of (x_j - mu_j)^2 * w_j
 // (w == nullptr: identity covariance).  A CPU row calls it with (0, 1); a CUDA
 // lane with (lane, 32), and the lanes' partials are summed by a butterfly.
+// One feature's contribution to the squared distance: (x - mu)^2 w.
+template <typename T>
+LGM_HD T sqdist_term(T x, T mu, T w) {
+  const T t = x - mu;
+  return t * t * w;
+}
+
 template <typename T>
 LGM_HD T sqdist_partial(const T* x, const T* mu, const T* w, int64_t D, int64_t start, int64_t stride) {
   T acc = T(0);
   if (w != nullptr) {
     LGM_SIMD_SUM(acc)
-    for (int64_t j = start; j < D; j += stride) {
-      const T t = x[j] - mu[j];
-      acc += t * t * w[j];
-    }
+    for (int64_t j = start; j < D; j += stride) acc += sqdist_term(x[j], mu[j], w[j]);
   } else {
     LGM_SIMD_SUM(acc)
-    for (int64_t j = start; j < D; j += stride) {
-      const T t = x[j] - mu[j];
-      acc += t * t;
-    }
+    for (int64_t j = start; j < D; j += stride) acc += sqdist_term(x[j], mu[j], T(1));
   }
   return acc;
 }
