@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LeNetPlusPlus", "he_init_"]
+__all__ = ["LeNetPlusPlus", "CifarResNet", "resnet20", "resnet56", "resnet110", "build_model", "MODELS", "he_init_"]
 
 
 def he_init_(module: nn.Module, prelu_slope: float = 0.25) -> nn.Module:
@@ -41,3 +41,70 @@ class LeNetPlusPlus(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.feat_act(self.fc(torch.flatten(self.body(x), 1)))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Identity()
+        if stride != 1 or cin != cout:  # projection shortcut (option B)
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNets of He et al. (2016): depth 6n+2, three stages of n basic
+    blocks with 16, 32, 64 channels, global average pooling, then a linear layer
+    to ``feat_dim`` (the feature; the head is separate)."""
+
+    def __init__(self, depth: int, feat_dim: int = 64, in_channels: int = 3) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        blocks, c = [], 16
+        for i, out in enumerate((16, 32, 64)):
+            for b in range(n):
+                blocks.append(_BasicBlock(c, out, 2 if (b == 0 and i > 0) else 1))
+                c = out
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, feat_dim)
+        self.feat_dim = feat_dim
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+def resnet20(feat_dim: int = 64, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(20, feat_dim, in_channels)
+
+
+def resnet56(feat_dim: int = 64, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(56, feat_dim, in_channels)
+
+
+def resnet110(feat_dim: int = 64, in_channels: int = 3) -> CifarResNet:
+    return CifarResNet(110, feat_dim, in_channels)
+
+
+MODELS = {"lenetpp": None, "resnet20": 20, "resnet56": 56, "resnet110": 110}
+
+
+def build_model(name: str, feat_dim: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
+    if name == "lenetpp":
+        return LeNetPlusPlus(feat_dim=feat_dim, in_channels=in_channels, image_size=image_size)
+    if name in MODELS:
+        return CifarResNet(MODELS[name], feat_dim, in_channels)
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")

@@ -1,0 +1,240 @@
+"""Data, models, heads, training, checkpoints and the train/eval CLI (issue: training pipeline)."""
+import gzip
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from lgm_ext import data as D
+from lgm_ext.heads import build_head
+from lgm_ext.models import build_model, resnet20
+from lgm_ext.train import (CheckpointError, TrainingDiverged, config_from_preset, evaluate, load_checkpoint,
+                           load_trained, train)
+
+
+def _write_idx(folder: Path, n_train=600, n_test=200, seed=0):
+    """Small Fashion-MNIST-format files: 10 classes, each a distinct bright block."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        for c in range(10):
+            r, q = divmod(c, 5)
+            x[y == c, 4 + 10 * r : 12 + 10 * r, 2 + 5 * q : 6 + 5 * q] = 230
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.numpy().tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + y.to(torch.uint8).numpy().tobytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory):
+    """Real Fashion-MNIST when the Debian package is installed, small written files otherwise."""
+    if all((D.SYSTEM_FASHION_MNIST / f"{f}.gz").exists() for f in D.IDX_FILES):
+        return D.SYSTEM_FASHION_MNIST
+    return _write_idx(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LGM_DATA_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_load_dataset_from_idx_files(tmp_path):
+    src = _write_idx(tmp_path / "src", n_train=50, n_test=20)
+    train_ds = D.load_dataset("fashion-mnist", True, data_dir=src, download=False)
+    test_ds = D.load_dataset("fashion-mnist", False, data_dir=src, download=False)
+    assert len(train_ds) == 50 and len(test_ds) == 20
+    x, y = train_ds[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert 0 <= int(y) < 10
+    a = D.load_dataset("fashion-mnist", True, data_dir=src, subset=10, download=False)
+    b = D.load_dataset("fashion-mnist", True, data_dir=src, subset=10, download=False)
+    assert len(a) == 10 and a.indices == b.indices
+
+
+def test_missing_dataset_says_what_to_do(tmp_path):
+    with pytest.raises(D.DatasetUnavailable, match="--data-dir"):
+        D.load_dataset("mnist", True, data_dir=tmp_path, download=False)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        D.load_dataset("imagenet")
+
+
+def test_real_fashion_mnist_when_installed(fmnist_dir):
+    if fmnist_dir != D.SYSTEM_FASHION_MNIST:
+        pytest.skip("dataset-fashion-mnist not installed")
+    ds = D.load_dataset("fashion-mnist", False)
+    assert len(ds) == 10000
+
+
+def test_models_return_features():
+    assert build_model("lenetpp", 2)(torch.rand(2, 1, 28, 28)).shape == (2, 2)
+    r = resnet20(feat_dim=64)
+    assert r(torch.rand(2, 3, 32, 32)).shape == (2, 64)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in r.modules()) == 19 + 2  # 19 convs + 2 projections
+    with pytest.raises(ValueError):
+        build_model("vgg", 2)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "center", "lgm"])
+def test_few_steps_lower_the_loss(kind, fmnist_dir):
+    torch.manual_seed(0)
+    ds = D.load_dataset("fashion-mnist", True, data_dir=fmnist_dir, subset=256, download=False)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    model, head = build_model("lenetpp", 2), build_head(kind, 2, 10, alpha=1.0, lambda_=0.1)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
+
+    def full_loss():  # the loss at the final alpha/lambda on all 256 images, without updating centers
+        head.eval()
+        if hasattr(head, "set_warmup"):
+            head.set_warmup(1.0)
+        with torch.no_grad():
+            value = head(model(x), y)[0].item()
+        head.train()
+        return value
+
+    before = full_loss()
+    losses = []
+    for step in range(30):
+        if hasattr(head, "set_warmup"):
+            head.set_warmup(step / 30)
+        i = torch.arange(step * 64, step * 64 + 64) % len(x)
+        loss, _ = head(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(lambda v: v == v, losses))
+    assert full_loss() < 0.85 * before
+
+
+def _tiny(**kw):
+    base = dict(epochs=2, subset=96, test_subset=64, batch_size=32, feat_dim=2, head="lgm", schedule="cyclic")
+    base.update(kw)
+    return config_from_preset(None, **base)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, fmnist_dir):
+    cfg = _tiny(data_dir=str(fmnist_dir))
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = train(cfg, tmp_path / "part", progress=False, stop_after=1)  # "killed" after epoch 1
+    assert part.epochs_done == 1
+    resumed = train(cfg, tmp_path / "part", progress=False, resume=True)
+    assert resumed.epochs_done == 2
+    for a, b in zip(full.metrics, resumed.metrics):
+        for k in ("train_loss", "train_accuracy", "test_error_percent", "lr"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+    sa, sb = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
+    for k in sa["model"]:
+        torch.testing.assert_close(sa["model"][k], sb["model"][k])
+    metrics = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2]
+
+
+def test_resume_refuses_a_different_config(tmp_path, fmnist_dir):
+    train(_tiny(data_dir=str(fmnist_dir), epochs=1), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="configuration differs"):
+        train(_tiny(data_dir=str(fmnist_dir), epochs=1, lr=0.5), tmp_path, progress=False, resume=True)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_tampered_and_corrupt_checkpoints_are_refused(tmp_path, fmnist_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = train(_tiny(data_dir=str(fmnist_dir), epochs=1), tmp_path / "run", progress=False)
+    good = Path(res.checkpoint).read_bytes()
+    bad = tmp_path / "tampered.pt"
+    torch.save({"format": "lgm-ext-checkpoint-v1", "model": _Payload()}, bad)
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_checkpoint(bad)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+    raw = tmp_path / "raw_pickle.pt"
+    raw.write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+    cut = tmp_path / "truncated.pt"
+    cut.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(cut)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="format"):
+        load_checkpoint(other)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, fmnist_dir, monkeypatch):
+    cfg = _tiny(data_dir=str(fmnist_dir), epochs=2)
+    train(cfg, tmp_path, progress=False, stop_after=1)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    from lgm_ext import heads
+
+    real = heads.LGMHead.forward
+
+    def nan_forward(self, features, labels):
+        loss, logits = real(self, features, labels)
+        return loss * float("nan"), logits
+
+    monkeypatch.setattr(heads.LGMHead, "forward", nan_forward)
+    with pytest.raises(TrainingDiverged, match="epoch 2.*Last good checkpoint"):
+        train(cfg, tmp_path, progress=False, resume=True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_evaluate_reports_error_confusion_and_likelihood(tmp_path, fmnist_dir):
+    res = train(_tiny(data_dir=str(fmnist_dir), epochs=1, head="center"), tmp_path, progress=False)
+    model, head, cfg, _ = load_trained(res.checkpoint)
+    ds = D.load_dataset("fashion-mnist", False, data_dir=fmnist_dir, subset=64, download=False)
+    ev = evaluate(model, head, ds)
+    cm = torch.tensor(ev["confusion"])
+    assert cm.shape == (10, 10) and int(cm.sum()) == 64
+    assert ev["error_percent"] == pytest.approx(100 * (1 - cm.diag().sum().item() / 64))
+    assert ev["log_likelihood"]["min"] <= ev["log_likelihood"]["median"] <= ev["log_likelihood"]["p95"]
+
+
+def test_presets_and_bad_config():
+    q = config_from_preset("report")
+    assert (q.epochs, q.lr, q.momentum, q.nesterov, q.weight_decay, q.schedule) == (25, 0.01, 0.9, True, 5e-4, "cyclic")
+    assert config_from_preset("quick", epochs=1).epochs == 1  # explicit options win
+    with pytest.raises(ValueError):
+        config_from_preset("fast")
+    with pytest.raises(ValueError):
+        config_from_preset(None, head="arcface")
+
+
+def test_cli_train_and_eval_end_to_end(tmp_path, fmnist_dir):
+    from typer.testing import CliRunner
+
+    from lgm_cli.app import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--out", str(out), "--head", "lgm", "--epochs", "1", "--subset", "64",
+                            "--test-subset", "32", "--batch-size", "32", "--data-dir", str(fmnist_dir),
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "test error" in r.output
+    assert {"checkpoint.pt", "metrics.json", "config.json"} <= {p.name for p in out.iterdir()}
+    r = runner.invoke(app, ["eval", str(out / "checkpoint.pt"), "--json", str(tmp_path / "ev.json")])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["samples"] == 32 and 0 <= ev["error_percent"] <= 100 and "log_likelihood" in ev
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = runner.invoke(app, ["eval", str(bad)])
+    assert r.exit_code == 2 and "refusing" in r.output
+    r = runner.invoke(app, ["train", "--help"])
+    assert r.exit_code == 0 and "--warmup-epochs" in r.output
