@@ -34,11 +34,11 @@ $(VENV)/.installed: $(SOURCES)
 build-cpu:
 	LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) $(PIP) install --no-build-isolation --no-deps -e .
 
-# The main job: train a small L-GM model on Fashion-MNIST (~2-3 minutes on 2 cores) and evaluate it.
-# Re-running reuses the finished run (delete runs/demo to train again).
+# The main job: re-measure the source documents' claims (quick preset: Fashion-MNIST subsets, <= 10 min
+# on 2 cores) into runs/reproduce/report.md.  Re-running reuses finished checkpoints.
 demo: install
-	$(VENV)/bin/lgm train --preset quick --head lgm --out runs/demo --resume
-	$(VENV)/bin/lgm eval runs/demo/checkpoint.pt --json runs/demo/eval.json
+	$(VENV)/bin/lgm reproduce --preset quick --out runs/reproduce
+	@echo "report: runs/reproduce/report.md (figures in runs/reproduce/figures)"
 
 test: install
 	$(PY) -m pytest -q

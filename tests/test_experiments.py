@@ -1,0 +1,116 @@
+"""The seeds' experiments: metrics, commands and the reproduction pipeline on tiny data."""
+import json
+
+import pytest
+import torch
+
+from lgm_ext import experiments as E
+from lgm_ext.train import config_from_preset, train
+
+from test_train import _write_idx
+
+
+def test_eer_perfect_and_identical():
+    assert E.eer(torch.tensor([0.9, 0.8, 0.95]), torch.tensor([0.1, 0.2, 0.05]))[0] == 0.0
+    g = torch.Generator().manual_seed(0)
+    same = torch.rand(4000, generator=g)
+    rate, roc = E.eer(same[:2000], same[2000:])
+    assert abs(rate - 0.5) < 0.05 and abs(roc["auc"] - 0.5) < 0.05
+    rate, _ = E.eer(torch.tensor([0.4, 0.6, 0.9]), torch.tensor([0.1, 0.5, 0.7]))
+    assert 0 < rate < 0.5
+
+
+def test_compare_centers_identity_and_known_values():
+    a = torch.randn(10, 5)
+    r = E.compare_centers(a, a)
+    assert r["mean_cosine"] == pytest.approx(1.0) and r["mean_mse"] == pytest.approx(0.0)
+    r = E.compare_centers(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]))
+    assert r["cosine"] == [pytest.approx(0.0)] and r["mse"] == [pytest.approx((1 + 4) / 2)]
+
+
+def test_class_means():
+    f = torch.tensor([[1.0, 1.0], [3.0, 3.0], [5.0, 0.0]])
+    torch.testing.assert_close(E.class_means(f, torch.tensor([0, 0, 2]), 3),
+                               torch.tensor([[2.0, 2.0], [0.0, 0.0], [5.0, 0.0]]))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    src = _write_idx(tmp_path_factory.mktemp("idx"), n_train=160, n_test=64)
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, kw in {"softmax": dict(head="softmax"), "center": dict(head="center"), "lgm": dict(head="lgm")}.items():
+        cfg = config_from_preset(None, data_dir=str(src), epochs=2, batch_size=32, feat_dim=2, lr=0.01, **kw)
+        runs[name] = train(cfg, root / name, progress=False).checkpoint
+    return src, runs
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from lgm_cli.app import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_attack_command(tiny_runs, tmp_path):
+    _src, runs = tiny_runs
+    out = tmp_path / "attack.json"
+    text = _cli("attack", runs["softmax"], runs["lgm"], "--subset", 32, "--json", out)
+    assert "paper" in text
+    res = json.loads(out.read_text())
+    for errs in res.values():
+        assert set(errs) == {"0.0", "0.1", "0.2", "0.3"}
+        assert all(0.0 <= v <= 100.0 for v in errs.values())
+
+
+def test_verify_command(tiny_runs, tmp_path):
+    _src, runs = tiny_runs
+    _cli("verify", runs["softmax"], runs["center"], runs["lgm"], "--subset", 32, "--out", tmp_path)
+    _cli("verify", runs["lgm"], "--targeted", "--subset", 32, "--out", tmp_path / "t")
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res) == 3 and all(0.0 <= r["eer_percent"] <= 100.0 for r in res.values())
+    assert (tmp_path / "roc.png").stat().st_size > 1000
+    assert len(list(tmp_path.glob("hist_*.png"))) == 3
+
+
+def test_centers_command(tiny_runs, tmp_path):
+    _src, runs = tiny_runs
+    out = tmp_path / "centers.json"
+    text = _cli("centers", "--model-a", runs["center"], "--model-b", runs["softmax"], "--lgm", runs["lgm"],
+                "--subset", 32, "--json", out)
+    assert "claims" in text
+    rep = json.loads(out.read_text())
+    assert {"A", "B", "L-GM", "claims"} <= set(rep)
+    assert "inverse vs center-loss centers" in rep["A"] and "inverse vs L-GM means" in rep["L-GM"]
+    for comp in rep["A"].values():
+        assert len(comp["cosine"]) == 10 and all(-1.0001 <= c <= 1.0001 for c in comp["cosine"])
+        assert all(m >= 0 for m in comp["mse"])
+    assert all(isinstance(c["supported"], bool) for c in rep["claims"])
+
+
+def test_embed_command(tiny_runs, tmp_path):
+    _src, runs = tiny_runs
+    _cli("embed", runs["lgm"], "--out", tmp_path / "e.png", "--points", 100, "--fgsm", 5)
+    assert (tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_reproduce_tiny(tmp_path, monkeypatch):
+    src = _write_idx(tmp_path / "idx", n_train=96, n_test=48)
+    monkeypatch.setitem(E.REPRODUCE_PRESETS, "tiny", dict(train=dict(subset=64, test_subset=48, epochs=1,
+                                                                    batch_size=32), attack_subset=24,
+                                                           embed_points=64))
+    res = E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
+    report = (tmp_path / "out" / "report.md").read_text()
+    for heading in ("Table 1", "Table 6", "Adversarial verification", "claims", "Figures"):
+        assert heading in report
+    assert len(res["table1"]) == 10
+    assert all(0 <= v <= 100 for v in res["table1"].values())
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["preset"] == "tiny"
+    assert (tmp_path / "out" / "figures" / "embed_lgm-a1.png").exists()
+    # re-running reuses the finished checkpoints
+    before = (tmp_path / "out" / "runs" / "softmax-2d" / "checkpoint.pt").stat().st_mtime_ns
+    E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
+    assert (tmp_path / "out" / "runs" / "softmax-2d" / "checkpoint.pt").stat().st_mtime_ns == before
