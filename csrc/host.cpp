@@ -1,6 +1,8 @@
 // lgm-ext: validation and operator bodies shared by the CPU and CUDA backends.
 #include "host.h"
 
+#include <c10/core/DeviceGuard.h>
+
 #include <cmath>
 
 namespace lgm_ext {
@@ -140,6 +142,7 @@ std::tuple<Tensor, Tensor, Tensor> grads_from_coefficients(const Backend& be, co
 std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor& x, const Tensor& mu,
                                                 const std::optional<Tensor>& log_var, const Tensor& labels,
                                                 double alpha, double lambda, int64_t reduction, int64_t impl) {
+  const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, lambda, reduction, impl);
   const Inputs in = prepare(be, x, mu, log_var, labels, true, true, "lgm_loss");
   Tensor lse = at::empty({in.N}, in.x.options());
@@ -154,6 +157,7 @@ std::tuple<Tensor, Tensor, Tensor> loss_backward(const Backend& be, const Tensor
                                                  const Tensor& mu, const std::optional<Tensor>& log_var,
                                                  const Tensor& labels, const Tensor& logits, const Tensor& lse,
                                                  double alpha, double lambda, int64_t reduction, int64_t impl) {
+  const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, lambda, reduction, impl);
   const Inputs in = prepare(be, x, mu, log_var, labels, true, false, "lgm_loss_backward");
   TORCH_CHECK_VALUE(logits.sizes() == at::IntArrayRef({in.N, in.K}) && lse.numel() == in.N,
@@ -174,6 +178,7 @@ std::tuple<Tensor, Tensor, Tensor> loss_backward(const Backend& be, const Tensor
 
 Tensor logits_forward(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
                       const std::optional<Tensor>& labels, double alpha, int64_t impl) {
+  const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, 0.0, kMean, impl);
   const Inputs in = prepare(be, x, mu, log_var, labels, false, true, "lgm_logits");
   Tensor none_lse, none_row;
@@ -183,6 +188,7 @@ Tensor logits_forward(const Backend& be, const Tensor& x, const Tensor& mu, cons
 std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tensor& grad, const Tensor& x,
                                                    const Tensor& mu, const std::optional<Tensor>& log_var,
                                                    const std::optional<Tensor>& labels, double alpha, int64_t impl) {
+  const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, 0.0, kMean, impl);
   const Inputs in = prepare(be, x, mu, log_var, labels, false, false, "lgm_logits_backward");
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({in.N, in.K}), "lgm_logits_backward: grad must be (N, K)");
@@ -195,6 +201,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tens
 
 std::tuple<Tensor, Tensor> log_likelihood(const Backend& be, const Tensor& x, const Tensor& mu,
                                           const std::optional<Tensor>& log_var, int64_t impl) {
+  const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(0.0, 0.0, kMean, impl);
   const Inputs in = prepare(be, x, mu, log_var, std::nullopt, false, false, "lgm_log_likelihood");
   Tensor none_lse, none_row;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -91,6 +92,30 @@ std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tens
                                                    const std::optional<Tensor>& labels, double alpha, int64_t impl);
 std::tuple<Tensor, Tensor> log_likelihood(const Backend& be, const Tensor& x, const Tensor& mu,
                                           const std::optional<Tensor>& log_var, int64_t impl);
+
+// Registers the five L-GM operators of one backend (inside TORCH_LIBRARY_IMPL).
+template <const Backend& (*B)()>
+void register_lgm_ops(torch::Library& m) {
+  using OptT = std::optional<Tensor>;
+  m.impl("lgm_loss_forward", [](const Tensor& x, const Tensor& mu, const OptT& s, const Tensor& y, double alpha,
+                                double lambda, int64_t reduction, int64_t impl) {
+    return loss_forward(B(), x, mu, s, y, alpha, lambda, reduction, impl);
+  });
+  m.impl("lgm_loss_backward", [](const Tensor& gloss, const OptT& glogits, const Tensor& x, const Tensor& mu,
+                                 const OptT& s, const Tensor& y, const Tensor& logits, const Tensor& lse, double alpha,
+                                 double lambda, int64_t reduction, int64_t impl) {
+    return loss_backward(B(), gloss, glogits, x, mu, s, y, logits, lse, alpha, lambda, reduction, impl);
+  });
+  m.impl("lgm_logits", [](const Tensor& x, const Tensor& mu, const OptT& s, const OptT& y, double alpha,
+                          int64_t impl) { return logits_forward(B(), x, mu, s, y, alpha, impl); });
+  m.impl("lgm_logits_backward", [](const Tensor& grad, const Tensor& x, const Tensor& mu, const OptT& s,
+                                   const OptT& y, double alpha, int64_t impl) {
+    return logits_backward(B(), grad, x, mu, s, y, alpha, impl);
+  });
+  m.impl("lgm_log_likelihood", [](const Tensor& x, const Tensor& mu, const OptT& s, int64_t impl) {
+    return log_likelihood(B(), x, mu, s, impl);
+  });
+}
 
 // PGD step validation (shared by the CPU and CUDA step kernels).
 void check_pgd(const Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps, double lower,

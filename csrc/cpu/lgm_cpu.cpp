@@ -337,44 +337,8 @@ const Backend& cpu_loops() {
 // The CPU loops, or (tests) the CPU emulation of the CUDA kernels.
 const Backend& cpu_backend() { return cuda_emulation_enabled() ? emulated_cuda_backend() : cpu_loops(); }
 
-std::tuple<Tensor, Tensor, Tensor> loss_forward_cpu(const Tensor& x, const Tensor& mu,
-                                                    const std::optional<Tensor>& s, const Tensor& y, double alpha,
-                                                    double lambda, int64_t reduction, int64_t impl) {
-  return loss_forward(cpu_backend(), x, mu, s, y, alpha, lambda, reduction, impl);
-}
-
-std::tuple<Tensor, Tensor, Tensor> loss_backward_cpu(const Tensor& gloss, const std::optional<Tensor>& glogits,
-                                                     const Tensor& x, const Tensor& mu,
-                                                     const std::optional<Tensor>& s, const Tensor& y,
-                                                     const Tensor& logits, const Tensor& lse, double alpha,
-                                                     double lambda, int64_t reduction, int64_t impl) {
-  return loss_backward(cpu_backend(), gloss, glogits, x, mu, s, y, logits, lse, alpha, lambda, reduction, impl);
-}
-
-Tensor logits_cpu(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& s,
-                  const std::optional<Tensor>& y, double alpha, int64_t impl) {
-  return logits_forward(cpu_backend(), x, mu, s, y, alpha, impl);
-}
-
-std::tuple<Tensor, Tensor, Tensor> logits_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& mu,
-                                                       const std::optional<Tensor>& s,
-                                                       const std::optional<Tensor>& y, double alpha, int64_t impl) {
-  return logits_backward(cpu_backend(), grad, x, mu, s, y, alpha, impl);
-}
-
-std::tuple<Tensor, Tensor> log_likelihood_cpu(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& s,
-                                              int64_t impl) {
-  return log_likelihood(cpu_backend(), x, mu, s, impl);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lgm_ext, CPU, m) {
-  m.impl("lgm_loss_forward", &loss_forward_cpu);
-  m.impl("lgm_loss_backward", &loss_backward_cpu);
-  m.impl("lgm_logits", &logits_cpu);
-  m.impl("lgm_logits_backward", &logits_backward_cpu);
-  m.impl("lgm_log_likelihood", &log_likelihood_cpu);
-}
+TORCH_LIBRARY_IMPL(lgm_ext, CPU, m) { register_lgm_ops<&cpu_backend>(m); }
 
 }  // namespace lgm_ext

@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -377,50 +376,8 @@ const Backend& cuda_backend() {
   return be;
 }
 
-// ------------------------------------------------------------------ operator entry points
-std::tuple<Tensor, Tensor, Tensor> loss_forward_cuda(const Tensor& x, const Tensor& mu,
-                                                     const std::optional<Tensor>& s, const Tensor& y, double alpha,
-                                                     double lambda, int64_t reduction, int64_t impl) {
-  c10::cuda::CUDAGuard guard(x.device());
-  return loss_forward(cuda_backend(), x, mu, s, y, alpha, lambda, reduction, impl);
-}
-
-std::tuple<Tensor, Tensor, Tensor> loss_backward_cuda(const Tensor& gloss, const std::optional<Tensor>& glogits,
-                                                      const Tensor& x, const Tensor& mu,
-                                                      const std::optional<Tensor>& s, const Tensor& y,
-                                                      const Tensor& logits, const Tensor& lse, double alpha,
-                                                      double lambda, int64_t reduction, int64_t impl) {
-  c10::cuda::CUDAGuard guard(x.device());
-  return loss_backward(cuda_backend(), gloss, glogits, x, mu, s, y, logits, lse, alpha, lambda, reduction, impl);
-}
-
-Tensor logits_cuda(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& s,
-                   const std::optional<Tensor>& y, double alpha, int64_t impl) {
-  c10::cuda::CUDAGuard guard(x.device());
-  return logits_forward(cuda_backend(), x, mu, s, y, alpha, impl);
-}
-
-std::tuple<Tensor, Tensor, Tensor> logits_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& mu,
-                                                        const std::optional<Tensor>& s,
-                                                        const std::optional<Tensor>& y, double alpha, int64_t impl) {
-  c10::cuda::CUDAGuard guard(x.device());
-  return logits_backward(cuda_backend(), grad, x, mu, s, y, alpha, impl);
-}
-
-std::tuple<Tensor, Tensor> log_likelihood_cuda(const Tensor& x, const Tensor& mu, const std::optional<Tensor>& s,
-                                               int64_t impl) {
-  c10::cuda::CUDAGuard guard(x.device());
-  return log_likelihood(cuda_backend(), x, mu, s, impl);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lgm_ext, CUDA, m) {
-  m.impl("lgm_loss_forward", &loss_forward_cuda);
-  m.impl("lgm_loss_backward", &loss_backward_cuda);
-  m.impl("lgm_logits", &logits_cuda);
-  m.impl("lgm_logits_backward", &logits_backward_cuda);
-  m.impl("lgm_log_likelihood", &log_likelihood_cuda);
-}
+TORCH_LIBRARY_IMPL(lgm_ext, CUDA, m) { register_lgm_ops<&cuda_backend>(m); }
 
 }  // namespace lgm_ext
