@@ -1,7 +1,8 @@
 """Classification heads compared by the source documents, behind one interface:
 ``loss, logits = head(features, labels)``; ``head.predict(features)``;
 ``head.score(features)``, the likelihood-style score of the predicted class
-used for adversarial verification (paper section 4.3).
+used for adversarial verification (paper section 4.3), and ``head.log_score``,
+its logarithm, which ROC curves use (exp(-d) underflows for large d).
 
 - ``softmax``: a linear layer and cross-entropy; score = the affinity wᵀx+b of
   the predicted class, normalised to (0, 1] by a sigmoid.
@@ -42,7 +43,11 @@ class SoftmaxHead(nn.Module):
         return self.logits(features).argmax(1)
 
     def score(self, features: Tensor) -> Tensor:
-        return torch.sigmoid(self.logits(features).max(1).values)
+        return self.log_score(features).exp()
+
+    def log_score(self, features: Tensor) -> Tensor:
+        """log of :meth:`score`, exact where the score underflows (use it for ROC)."""
+        return F.logsigmoid(self.logits(features).max(1).values)
 
     def class_weights(self) -> Tensor:
         return self.fc.weight
@@ -60,9 +65,9 @@ class CenterHead(SoftmaxHead):
         logits = self.logits(features)
         return F.cross_entropy(logits, labels) + self.lambda_c * self.center(features, labels), logits
 
-    def score(self, features: Tensor) -> Tensor:
+    def log_score(self, features: Tensor) -> Tensor:
         c = self.center.centers.index_select(0, self.predict(features))
-        return torch.exp(-0.5 * (features - c).pow(2).sum(1))
+        return -0.5 * (features - c).pow(2).sum(1)
 
     def centers(self) -> Tensor:
         return self.center.centers
@@ -101,12 +106,15 @@ class LGMHead(nn.Module):
         return self.lgm.log_likelihood(features)
 
     def score(self, features: Tensor) -> Tensor:
+        return self.log_score(features).exp()
+
+    def log_score(self, features: Tensor) -> Tensor:
+        """-d[n, ŷ] (the log of exp(-d)); exact where exp(-d) underflows."""
         logits = self.logits(features)  # -d - hl
         best = logits.argmax(1)
         s = self.lgm._log_var()
         hl = 0.5 * s.sum(1) if s is not None else torch.zeros_like(logits[0])
-        d = -(logits.gather(1, best[:, None]).squeeze(1) + hl[best])
-        return torch.exp(-d)
+        return logits.gather(1, best[:, None]).squeeze(1) + hl[best]
 
     def centers(self) -> Tensor:
         return self.lgm.means

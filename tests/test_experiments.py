@@ -114,3 +114,19 @@ def test_reproduce_tiny(tmp_path, monkeypatch):
     before = (tmp_path / "out" / "runs" / "softmax-2d" / "checkpoint.pt").stat().st_mtime_ns
     E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
     assert (tmp_path / "out" / "runs" / "softmax-2d" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_verification_scores_do_not_tie_when_likelihood_underflows():
+    """In 100-D, exp(-d) underflows to 0 for every input; the ROC must still see the ordering (log-scores)."""
+    from lgm_ext.heads import build_head
+
+    head = build_head("lgm", 100, 3).eval()
+    with torch.no_grad():
+        head.lgm.means.zero_()
+    near, far = torch.full((5, 100), 20.0), torch.full((5, 100), 30.0)  # d = 20000 and 45000
+    assert (head.score(near) == 0).all() and (head.score(far) == 0).all()
+    assert E.eer(head.log_score(near), head.log_score(far))[0] == 0.0
+    for kind in ("softmax", "center"):
+        h = build_head(kind, 4, 3).eval()
+        f = torch.randn(6, 4)
+        torch.testing.assert_close(h.score(f), h.log_score(f).exp())
