@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: $(SOURCES)
 	@# Fashion-MNIST, the default dataset, from Debian (offline); elsewhere torchvision downloads it.
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  echo "installing dataset-fashion-mnist (Debian)"; \
 	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
 	    > /dev/null 2>&1 || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded if the network allows"; \

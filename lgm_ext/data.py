@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -62,16 +63,27 @@ def _stage_idx(src: Path, root: Path, folder: str) -> bool:
     return True
 
 
+def _staging_root(src: Path) -> Path:
+    """Where IDX files found in ``src`` are unpacked: a cache folder per source, so
+    a read-only source (the Debian package) is never written to and different
+    sources never mix."""
+    key = re.sub(r"[^A-Za-z0-9]+", "_", str(src.resolve())).strip("_")
+    return default_data_dir() / "staged" / key
+
+
 def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, download: bool) -> Dataset:
     import torchvision
 
     cls_name = DATASETS[name][0]
-    sources = [p for p in (data_dir, data_dir / cls_name if data_dir else None) if p is not None]
-    if name == "fashion-mnist":
-        sources.append(SYSTEM_FASHION_MNIST)
-    for src in sources:
-        if src.is_dir() and _stage_idx(src, root, cls_name):
-            break
+    if not (data_dir is not None and (data_dir / cls_name / "raw").is_dir()):  # not already torchvision's layout
+        sources = [p for p in (data_dir, data_dir / cls_name if data_dir else None) if p is not None]
+        if name == "fashion-mnist":
+            sources.append(SYSTEM_FASHION_MNIST)
+        for src in sources:
+            if src.is_dir() and all((src / f).exists() or (src / f"{f}.gz").exists() for f in IDX_FILES):
+                root = _staging_root(src)
+                _stage_idx(src, root, cls_name)
+                break
     cls = getattr(torchvision.datasets, cls_name)
     try:
         ds = cls(str(root), train=train, download=download)

@@ -238,3 +238,12 @@ def test_cli_train_and_eval_end_to_end(tmp_path, fmnist_dir):
     assert r.exit_code == 2 and "refusing" in r.output
     r = runner.invoke(app, ["train", "--help"])
     assert r.exit_code == 0 and "--warmup-epochs" in r.output
+
+
+def test_staging_never_writes_into_the_source(tmp_path):
+    src = _write_idx(tmp_path / "src", n_train=20, n_test=10)
+    before = sorted(p.name for p in src.iterdir())
+    D.load_dataset("fashion-mnist", True, data_dir=src, download=False)
+    assert sorted(p.name for p in src.iterdir()) == before
+    other = _write_idx(tmp_path / "other", n_train=30, n_test=10, seed=1)
+    assert len(D.load_dataset("fashion-mnist", True, data_dir=other, download=False)) == 30  # no mixing
