@@ -25,6 +25,11 @@ void check_label_range(int64_t lo, int64_t hi, int64_t K) {
                     "]");
 }
 
+void check_labels_aminmax(const Inputs& in) {
+  auto mm = at::aminmax(in.labels);
+  check_label_range(std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), in.K);
+}
+
 Inputs prepare(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
                const std::optional<Tensor>& labels, bool labels_required, bool check_range, const char* op) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -75,6 +76,9 @@ struct Backend {
 };
 
 void check_label_range(int64_t lo, int64_t hi, int64_t K);
+// check_labels for device backends: one aminmax and a host sync (the price of a clear
+// error instead of a device-side assert).
+void check_labels_aminmax(const Inputs& in);
 
 // Operator bodies, shared by all backends.
 std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor& x, const Tensor& mu,
@@ -120,5 +124,32 @@ void register_lgm_ops(torch::Library& m) {
 // PGD step validation (shared by the CPU and CUDA step kernels).
 void check_pgd(const Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps, double lower,
                double upper);
+
+// A backend's step: out[i] = pgd_step_elem(x[i], g[i], x0[i]) over contiguous tensors (out may be x).
+using PgdStepFn = void (*)(Tensor& out, const Tensor& x, const Tensor& g, const Tensor& x0, double alpha, double eps,
+                           double lower, double upper);
+
+// Registers pgd_step and pgd_step_ of one backend: validation, contiguity and the
+// in-place write-back are here, once.
+template <PgdStepFn Step>
+void register_pgd_ops(torch::Library& m) {
+  m.impl("pgd_step", [](const Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps,
+                        double lower, double upper) {
+    check_pgd(x, grad, x_orig, alpha, eps, lower, upper);
+    const c10::OptionalDeviceGuard guard(x.device());
+    const Tensor xc = x.contiguous();
+    Tensor out = at::empty_like(xc);
+    Step(out, xc, grad.contiguous(), x_orig.contiguous(), alpha, eps, lower, upper);
+    return out;
+  });
+  m.impl("pgd_step_", [](Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps, double lower,
+                         double upper) {
+    check_pgd(x, grad, x_orig, alpha, eps, lower, upper);
+    const c10::OptionalDeviceGuard guard(x.device());
+    Tensor xc = x.is_contiguous() ? x : x.contiguous();
+    Step(xc, xc, grad.contiguous(), x_orig.contiguous(), alpha, eps, lower, upper);
+    if (!x.is_contiguous()) x.copy_(xc);
+  });
+}
 
 }  // namespace lgm_ext

@@ -279,7 +279,7 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print) 
     (EERs, targeted FGSM), the centers analysis and the figures, into ``out_dir``
     with ``report.md``.  Finished checkpoints are reused."""
     from .data import load_dataset
-    from .train import config_from_preset, evaluate, load_trained, train
+    from .train import config_from_preset, evaluate, load_checkpoint, load_trained, train
 
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(REPRODUCE_PRESETS)}")
@@ -296,7 +296,7 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print) 
                                      feat_dim=dim, **P["train"], **kw)
             progress(f"training {key} ({cfg.epochs} epochs)")
             ck = out / "runs" / key / "checkpoint.pt"
-            if ck.exists() and load_trained(ck)[3]["epoch"] >= cfg.epochs:
+            if ck.exists() and load_checkpoint(ck)["epoch"] >= cfg.epochs:
                 reused += 1
             train(cfg, out / "runs" / key, resume=True, progress=False)
             runs[key] = load_trained(out / "runs" / key / "checkpoint.pt")[:3]

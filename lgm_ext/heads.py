@@ -74,9 +74,7 @@ class CenterHead(SoftmaxHead):
 
     def log_likelihood(self, features: Tensor) -> Tensor:
         """log N(x; c_ŷ, I): the center-loss model read as a unit-variance Gaussian per class."""
-        c = self.center.centers.index_select(0, self.predict(features))
-        d = features.shape[1]
-        return -0.5 * (features - c).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
+        return self.log_score(features) - 0.5 * features.shape[1] * math.log(2 * math.pi)
 
 
 class LGMHead(nn.Module):

@@ -126,9 +126,8 @@ def _scheduler(cfg, opt, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-def _loader(ds: Dataset, cfg: TrainConfig, epoch: int | None) -> DataLoader:
-    if epoch is None:
-        return DataLoader(ds, batch_size=max(256, cfg.batch_size), shuffle=False)
+def _loader(ds: Dataset, cfg: TrainConfig, epoch: int) -> DataLoader:
+    """Epoch ``epoch``'s shuffled batches; the order depends only on (seed, epoch)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=False)
 

@@ -261,9 +261,7 @@ void gemm_class_grads_t(Args<T> a) {
 void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
                  Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_direct_rows", [&] {
-    auto a = make_args<scalar_t>(in, alpha, lambda);
-    a.margin_out = margin_out;
-    a.logits = logits.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, lse, row_loss);
     direct_rows_t(a);
   });
 }
@@ -271,10 +269,7 @@ void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out,
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
                Tensor& lse, Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_rows", [&] {
-    auto a = make_args<scalar_t>(in, alpha, lambda);
-    a.margin_out = margin_out;
-    a.c = c.data_ptr<scalar_t>();
-    a.logits = m.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, lse, row_loss, c);
     gemm_rows_t(a);
   });
 }
@@ -283,11 +278,8 @@ void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, con
                   int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha, double lambda,
                   Tensor& g, Tensor& r) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_coefficients", [&] {
-    auto a = make_args<scalar_t>(in, alpha, lambda);
-    a.saved_logits = ptr_or_null<scalar_t>(logits), a.saved_lse = ptr_or_null<scalar_t>(lse);
-    a.scale = ptr_or_null<scalar_t>(scale), a.grad_logits = ptr_or_null<scalar_t>(grad_logits);
-    a.scale_stride = scale_stride, a.scale_mult = scalar_t(scale_mult);
-    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
+    auto a = coefficient_args<scalar_t>(in, logits, lse, scale, scale_stride, scale_mult, grad_logits, alpha,
+                                        lambda, g, r);
     coefficients_t(a);
   });
 }
@@ -295,16 +287,9 @@ void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, con
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_direct_grads", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
-    a.gx = grad_x.data_ptr<scalar_t>(), a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
     direct_grads_t(a);
   });
-}
-
-void check_labels(const Inputs& in) {
-  auto mm = at::aminmax(in.labels);
-  check_label_range(std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), in.K);
 }
 
 void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
@@ -313,16 +298,14 @@ void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
 
 void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_operands", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.op_a = op_a.data_ptr<scalar_t>(), a.op_b = op_b.data_ptr<scalar_t>(), a.op_c = c.data_ptr<scalar_t>();
+    auto a = operand_args<scalar_t>(in, op_a, op_b, c);
     operands_t(a);
   });
 }
 
 void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_grad_x", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.moments = t.data_ptr<scalar_t>(), a.gx = grad_x.data_ptr<scalar_t>();
+    auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
     gemm_grad_x_t(a);
   });
 }
@@ -330,9 +313,7 @@ void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
 void gemm_class_grads(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
                       Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_class_grads", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.moments = s.data_ptr<scalar_t>(), a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
-    a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s);
     gemm_class_grads_t(a);
   });
 }
@@ -344,7 +325,7 @@ bool set_cuda_emulation(bool on) { return g_emulate.exchange(on); }
 bool cuda_emulation_enabled() { return g_emulate.load(std::memory_order_relaxed); }
 
 const Backend& emulated_cuda_backend() {
-  static const Backend be{&direct_rows,  &gemm_rows,    &coefficients,  &direct_grads,    &check_labels,
+  static const Backend be{&direct_rows,  &gemm_rows,    &coefficients,  &direct_grads,    &check_labels_aminmax,
                           &class_tables, &gemm_operands, &gemm_grad_x,  &gemm_class_grads};
   return be;
 }

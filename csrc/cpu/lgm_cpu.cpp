@@ -98,16 +98,18 @@ LGM_ALWAYS_INLINE void grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
   }
 }
 
-// Log-det coefficient sums of every class: hsum[k] = sum_n g[n,k] + sum_{n: y_n = k} r[n],
-// one row-major pass over g (a column walk would miss the cache on every element).
+// Per-class sums of the coefficients, one row-major pass over g (a column walk
+// would miss the cache on every element): gsum[k] = sum_n g[n,k] (when gsum is
+// given) and hsum[k] = sum_n g[n,k] + sum_{n: y_n = k} r[n], the log-det coefficient.
 template <typename T>
-void coefficient_column_sums(const Args<T>& a, T* hsum) {
+void coefficient_column_sums(const Args<T>& a, T* gsum, T* hsum) {
   std::fill(hsum, hsum + a.K, T(0));
   for (int64_t n = 0; n < a.N; ++n) {
     const T* gr = a.g + n * a.K;
     LGM_SIMD
     for (int64_t k = 0; k < a.K; ++k) hsum[k] += gr[k];
   }
+  if (gsum != nullptr) std::copy(hsum, hsum + a.K, gsum);
   if (a.y != nullptr)
     for (int64_t n = 0; n < a.N; ++n) hsum[a.y[n]] += a.r[n];
 }
@@ -229,9 +231,7 @@ LGM_CPU_BLOCK(gemm_class_block)
 void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
                  Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_rows", [&] {
-    auto a = make_args<scalar_t>(in, alpha, lambda);
-    a.margin_out = margin_out;
-    a.logits = logits.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, lse, row_loss);
     at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { direct_rows_block(a, b, e); });
   });
 }
@@ -239,10 +239,7 @@ void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out,
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
                Tensor& lse, Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_rows", [&] {
-    auto a = make_args<scalar_t>(in, alpha, lambda);
-    a.margin_out = margin_out;
-    a.c = c.data_ptr<scalar_t>();
-    a.logits = m.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, lse, row_loss, c);
     at::parallel_for(0, in.N, grain(8 * in.K), [&](int64_t b, int64_t e) { gemm_rows_block(a, b, e); });
   });
 }
@@ -251,11 +248,8 @@ void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, con
                   int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha, double lambda,
                   Tensor& g, Tensor& r) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_coefficients", [&] {
-    auto a = make_args<scalar_t>(in, alpha, lambda);
-    a.saved_logits = ptr_or_null<scalar_t>(logits), a.saved_lse = ptr_or_null<scalar_t>(lse);
-    a.scale = ptr_or_null<scalar_t>(scale), a.grad_logits = ptr_or_null<scalar_t>(grad_logits);
-    a.scale_stride = scale_stride, a.scale_mult = scalar_t(scale_mult);
-    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
+    auto a = coefficient_args<scalar_t>(in, logits, lse, scale, scale_stride, scale_mult, grad_logits, alpha,
+                                        lambda, g, r);
     at::parallel_for(0, in.N, grain(8 * in.K), [&](int64_t b, int64_t e) { coefficients_block(a, b, e); });
   });
 }
@@ -263,11 +257,9 @@ void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, con
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_grads", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
-    a.gx = grad_x.data_ptr<scalar_t>(), a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
     std::vector<scalar_t> hsum(in.K);
-    coefficient_column_sums(a, hsum.data());
+    coefficient_column_sums(a, static_cast<scalar_t*>(nullptr), hsum.data());
     a.hsum = hsum.data();
     // dL/dx: rows in parallel.  dL/dmu, dL/dlog_var: classes in parallel.
     at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { grad_x_block(a, b, e); });
@@ -284,8 +276,7 @@ void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
 
 void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_operands", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.op_a = op_a.data_ptr<scalar_t>(), a.op_b = op_b.data_ptr<scalar_t>(), a.op_c = c.data_ptr<scalar_t>();
+    auto a = operand_args<scalar_t>(in, op_a, op_b, c);
     at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { operands_a_block(a, b, e); });
     at::parallel_for(0, in.K, grain(4 * in.D), [&](int64_t b, int64_t e) { operands_b_block(a, b, e); });
   });
@@ -293,8 +284,7 @@ void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
 
 void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_grad_x", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.moments = t.data_ptr<scalar_t>(), a.gx = grad_x.data_ptr<scalar_t>();
+    auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
     at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { gemm_grad_x_block(a, b, e); });
   });
 }
@@ -302,16 +292,9 @@ void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
 void gemm_class_grads(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
                       Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_class_grads", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.moments = s.data_ptr<scalar_t>(), a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
-    a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s);
     std::vector<scalar_t> gsum(in.K), hsum(in.K);
-    auto a0 = a;
-    a0.r = nullptr, a0.y = nullptr;  // plain column sums of g
-    coefficient_column_sums(a0, gsum.data());
-    std::copy(gsum.begin(), gsum.end(), hsum.begin());
-    if (a.y != nullptr)
-      for (int64_t n = 0; n < in.N; ++n) hsum[a.y[n]] += a.r[n];
+    coefficient_column_sums(a, gsum.data(), hsum.data());
     a.gsum = gsum.data(), a.hsum = hsum.data();
     at::parallel_for(0, in.K, grain(8 * in.D), [&](int64_t b, int64_t e) { gemm_class_block(a, b, e); });
   });

@@ -40,32 +40,8 @@ void step_into(Tensor& out, const Tensor& x, const Tensor& g, const Tensor& x0, 
   });
 }
 
-Tensor pgd_step_cpu(const Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps,
-                    double lower, double upper) {
-  check_pgd(x, grad, x_orig, alpha, eps, lower, upper);
-  const Tensor xc = x.contiguous();
-  Tensor out = at::empty_like(xc);
-  step_into(out, xc, grad.contiguous(), x_orig.contiguous(), alpha, eps, lower, upper);
-  return out;
-}
-
-void pgd_step_inplace_cpu(Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps,
-                          double lower, double upper) {
-  check_pgd(x, grad, x_orig, alpha, eps, lower, upper);
-  if (x.is_contiguous()) {
-    step_into(x, x, grad.contiguous(), x_orig.contiguous(), alpha, eps, lower, upper);
-  } else {
-    Tensor tmp = x.contiguous();
-    step_into(tmp, tmp, grad.contiguous(), x_orig.contiguous(), alpha, eps, lower, upper);
-    x.copy_(tmp);
-  }
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lgm_ext, CPU, m) {
-  m.impl("pgd_step", &pgd_step_cpu);
-  m.impl("pgd_step_", &pgd_step_inplace_cpu);
-}
+TORCH_LIBRARY_IMPL(lgm_ext, CPU, m) { register_pgd_ops<&step_into>(m); }
 
 }  // namespace lgm_ext

@@ -38,6 +38,11 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
+// Row kernels run one warp per row (or per class): blocks of kRowsPerBlock warps.
+__device__ __forceinline__ int64_t warp_row() {
+  return static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+}
+
 // ------------------------------------------------------------------ row kernels: one warp per row
 // The row's logits are written (free logits; lane k % 32 writes entry k), then
 // the labelled entry gets its margin and the warp computes lse and the loss.
@@ -61,7 +66,7 @@ __device__ __forceinline__ void row_finish(const Args<T>& a, int64_t n, int lane
 template <typename T>
 __global__ void direct_rows_kernel(Args<T> a) {
   const int lane = threadIdx.x;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  const int64_t n = warp_row();
   if (n >= a.N) return;  // whole warp
   const int64_t K = a.K, D = a.D;
   const T* xr = a.x + n * D;
@@ -80,7 +85,7 @@ __global__ void direct_rows_kernel(Args<T> a) {
 template <typename T>
 __global__ void gemm_rows_kernel(Args<T> a) {
   const int lane = threadIdx.x;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  const int64_t n = warp_row();
   if (n >= a.N) return;
   const int64_t K = a.K;
   T* m = a.logits + n * K;
@@ -94,7 +99,7 @@ __global__ void gemm_rows_kernel(Args<T> a) {
 template <typename T>
 __global__ void coefficients_kernel(Args<T> a) {
   const int lane = threadIdx.x;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  const int64_t n = warp_row();
   if (n >= a.N) return;
   const int64_t K = a.K;
   T* gr = a.g + n * K;
@@ -119,7 +124,7 @@ __global__ void coefficients_kernel(Args<T> a) {
 template <typename T>
 __global__ void grad_x_kernel(Args<T> a) {
   const int lane = threadIdx.x;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  const int64_t n = warp_row();
   if (n >= a.N) return;
   const int64_t K = a.K, D = a.D;
   for (int64_t j = lane; j < D; j += kWarp)
@@ -130,7 +135,7 @@ __global__ void grad_x_kernel(Args<T> a) {
 template <typename T>
 __global__ void tables_kernel(Args<T> a) {
   const int lane = threadIdx.x;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  const int64_t k = warp_row();
   if (k >= a.K) return;
   const int64_t D = a.D;
   T h = T(0);
@@ -202,7 +207,7 @@ __global__ void operands_a_kernel(Args<T> a) {
 template <typename T>
 __global__ void operands_b_kernel(Args<T> a) {
   const int lane = threadIdx.x;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  const int64_t k = warp_row();
   if (k >= a.K) return;
   const int64_t D = a.D;
   T c = T(0);
@@ -263,9 +268,7 @@ unsigned elem_grid(int64_t n) {
 void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
                  Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_rows_cuda", [&] {
-    auto a = make_args<scalar_t>(in, alpha, lambda);
-    a.margin_out = margin_out;
-    a.logits = logits.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, lse, row_loss);
     direct_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -274,10 +277,7 @@ void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out,
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
                Tensor& lse, Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_rows_cuda", [&] {
-    auto a = make_args<scalar_t>(in, alpha, lambda);
-    a.margin_out = margin_out;
-    a.c = c.data_ptr<scalar_t>();
-    a.logits = m.data_ptr<scalar_t>(), a.lse = mut_or_null<scalar_t>(lse), a.loss = mut_or_null<scalar_t>(row_loss);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, lse, row_loss, c);
     gemm_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -287,11 +287,8 @@ void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, con
                   int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha, double lambda,
                   Tensor& g, Tensor& r) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_coefficients_cuda", [&] {
-    auto a = make_args<scalar_t>(in, alpha, lambda);
-    a.saved_logits = ptr_or_null<scalar_t>(logits), a.saved_lse = ptr_or_null<scalar_t>(lse);
-    a.scale = ptr_or_null<scalar_t>(scale), a.grad_logits = ptr_or_null<scalar_t>(grad_logits);
-    a.scale_stride = scale_stride, a.scale_mult = scalar_t(scale_mult);
-    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
+    auto a = coefficient_args<scalar_t>(in, logits, lse, scale, scale_stride, scale_mult, grad_logits, alpha,
+                                        lambda, g, r);
     coefficients_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -300,9 +297,7 @@ void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, con
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_grads_cuda", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
-    a.gx = grad_x.data_ptr<scalar_t>(), a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
     grad_x_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t chunks = ceil_div(in.N, kChunkRows);
@@ -320,12 +315,6 @@ void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& gr
   });
 }
 
-void check_labels(const Inputs& in) {
-  // One small reduction and a host sync: the price of a clear error instead of a device assert.
-  auto mm = at::aminmax(in.labels);
-  check_label_range(std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), in.K);
-}
-
 void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lgm_class_tables_cuda", [&] {
     auto a = make_table_args<scalar_t>(s, w, hl);
@@ -336,8 +325,7 @@ void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
 
 void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_operands_cuda", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.op_a = op_a.data_ptr<scalar_t>(), a.op_b = op_b.data_ptr<scalar_t>(), a.op_c = c.data_ptr<scalar_t>();
+    auto a = operand_args<scalar_t>(in, op_a, op_b, c);
     operands_a_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     operands_b_kernel<scalar_t><<<row_grid(in.K), kRowBlock, 0, stream()>>>(a);
@@ -347,8 +335,7 @@ void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
 
 void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_grad_x_cuda", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.moments = t.data_ptr<scalar_t>(), a.gx = grad_x.data_ptr<scalar_t>();
+    auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
     gemm_grad_x_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -357,9 +344,7 @@ void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
 void gemm_class_grads(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
                       Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_class_grads_cuda", [&] {
-    auto a = make_args<scalar_t>(in, 0.0, 0.0);
-    a.moments = s.data_ptr<scalar_t>(), a.g = g.data_ptr<scalar_t>(), a.r = r.data_ptr<scalar_t>();
-    a.gmu = grad_mu.data_ptr<scalar_t>(), a.gs = mut_or_null<scalar_t>(grad_s);
+    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s);
     Tensor sums = at::empty({2, in.K}, in.x.options());
     scalar_t* gsum = sums.data_ptr<scalar_t>();
     column_sums_kernel<scalar_t><<<elem_grid(in.K), kThreads, 0, stream()>>>(a, gsum, gsum + in.K);
@@ -371,7 +356,7 @@ void gemm_class_grads(const Inputs& in, const Tensor& s, const Tensor& g, const 
 }
 
 const Backend& cuda_backend() {
-  static const Backend be{&direct_rows,  &gemm_rows,    &coefficients,  &direct_grads,    &check_labels,
+  static const Backend be{&direct_rows,  &gemm_rows,    &coefficients,  &direct_grads,    &check_labels_aminmax,
                           &class_tables, &gemm_operands, &gemm_grad_x,  &gemm_class_grads};
   return be;
 }

@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -37,30 +36,8 @@ void step_into(Tensor& out, const Tensor& x, const Tensor& g, const Tensor& x0, 
   });
 }
 
-Tensor pgd_step_cuda(const Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps,
-                     double lower, double upper) {
-  check_pgd(x, grad, x_orig, alpha, eps, lower, upper);
-  c10::cuda::CUDAGuard guard(x.device());
-  const Tensor xc = x.contiguous();
-  Tensor out = at::empty_like(xc);
-  step_into(out, xc, grad.contiguous(), x_orig.contiguous(), alpha, eps, lower, upper);
-  return out;
-}
-
-void pgd_step_inplace_cuda(Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps,
-                           double lower, double upper) {
-  check_pgd(x, grad, x_orig, alpha, eps, lower, upper);
-  c10::cuda::CUDAGuard guard(x.device());
-  Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  step_into(xc, xc, grad.contiguous(), x_orig.contiguous(), alpha, eps, lower, upper);
-  if (!x.is_contiguous()) x.copy_(xc);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lgm_ext, CUDA, m) {
-  m.impl("pgd_step", &pgd_step_cuda);
-  m.impl("pgd_step_", &pgd_step_inplace_cuda);
-}
+TORCH_LIBRARY_IMPL(lgm_ext, CUDA, m) { register_pgd_ops<&step_into>(m); }
 
 }  // namespace lgm_ext
