@@ -24,7 +24,7 @@ $(VENV)/.installed: $(SOURCES)
 	$(PIP) install -q $(TORCH)
 	@mkdir -p build
 	@echo "building lgm-ext (C++ and, when a CUDA toolkit is found, CUDA kernels; log: build/build.log)"
-	MAX_JOBS=$(JOBS) $(PIP) install -v --no-build-isolation -e '.[test]' > build/build.log 2>&1 \
+	MAX_JOBS=$(JOBS) $(PIP) install -v --no-build-isolation -e '.[all]' > build/build.log 2>&1 \
 	  || { tail -n 60 build/build.log; exit 1; }
 	@grep -E "ptxas info|bytes spill" build/build.log > build/ptxas.log || true
 	@$(PY) -c "import lgm_ext; print('lgm_ext', lgm_ext.__version__, '| CUDA kernels:', lgm_ext.has_cuda_kernels())"

@@ -64,7 +64,7 @@ def extensions():
 
 
 setup(
-    packages=find_packages(include=["lgm_ext", "lgm_ext.*", "lgm_cli", "lgm_cli.*"]),
+    packages=find_packages(include=["lgm_ext", "lgm_ext.*", "lgm_lab", "lgm_lab.*", "lgm_cli", "lgm_cli.*"]),
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
 )

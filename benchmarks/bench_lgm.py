@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the fused L-GM loss against plain-PyTorch versions (see lgm_ext/bench.py).
+"""Benchmark the fused L-GM loss against plain-PyTorch versions (see lgm_lab/bench.py).
 
     python benchmarks/bench_lgm.py                 # CPU, the four standard sizes, prints a table
     python benchmarks/bench_lgm.py --write         # also rewrite the L-GM section of benchmarks/RESULTS.md
@@ -9,7 +9,7 @@ import argparse
 import pathlib
 import sys
 
-from lgm_ext import bench
+from lgm_lab import bench
 from results_file import replace_section
 
 

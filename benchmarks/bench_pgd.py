@@ -8,7 +8,7 @@ import argparse
 import pathlib
 import sys
 
-from lgm_ext import bench
+from lgm_lab import bench
 from results_file import replace_section
 
 

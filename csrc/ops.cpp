@@ -4,11 +4,32 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "host.h"
+
 extern "C" {
 // `import lgm_ext._C` loads this library, which runs the registrations below.
+// The module exports the codes and the path threshold of host.h, so Python
+// reads them from here instead of repeating them.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  const struct {
+    const char* name;
+    long value;
+  } constants[] = {
+      {"REDUCTION_NONE", lgm_ext::kNone},   {"REDUCTION_MEAN", lgm_ext::kMean},
+      {"REDUCTION_SUM", lgm_ext::kSum},     {"IMPL_AUTO", lgm_ext::kAuto},
+      {"IMPL_DIRECT", lgm_ext::kDirect},    {"IMPL_GEMM", lgm_ext::kGemm},
+      {"DIRECT_MAX_KD", static_cast<long>(lgm_ext::kDirectMaxKD)},
+  };
+  for (const auto& c : constants) {
+    if (PyModule_AddIntConstant(m, c.name, c.value) != 0) {
+      Py_DECREF(m);
+      return nullptr;
+    }
+  }
+  return m;
 }
 }
 
@@ -18,7 +39,7 @@ TORCH_LIBRARY(lgm_ext, m) {
   m.def(
       "lgm_loss_forward(Tensor features, Tensor means, Tensor? log_var, Tensor labels, float alpha, "
       "float lambda_, int reduction, int impl) -> (Tensor, Tensor, Tensor)");
-  // Analytic backward (SPEC section 1); the third output is empty when log_var is None.
+  // Analytic backward (docs/SPEC.md section 1); the third output is empty when log_var is None.
   m.def(
       "lgm_loss_backward(Tensor grad_loss, Tensor? grad_logits, Tensor features, Tensor means, Tensor? log_var, "
       "Tensor labels, Tensor logits, Tensor lse, float alpha, float lambda_, int reduction, int impl) "

@@ -1,6 +1,14 @@
-"""The `lgm` command line.  Each command is a thin layer over a library function."""
+"""The `lgm` command line.  Each command is a thin layer over a library function.
+
+Nothing here imports torch at module level: ``lgm --help`` and ``lgm --version``
+stay fast; each command imports what it needs when it runs.  ``lgm train``'s
+options are generated from :class:`lgm_lab.config.TrainConfig`'s fields, so the
+two cannot drift.
+"""
 from __future__ import annotations
 
+import enum
+import inspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -10,8 +18,41 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lgm_lab import config as C
+
 app = typer.Typer(help="lgm-ext: fused L-GM loss and attack operators for PyTorch; training and evaluation of softmax, center-loss and L-GM heads.", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lgm-ext")
+    except PackageNotFoundError:  # running from a source tree without an install
+        return "unknown"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"lgm-ext {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """lgm-ext: fused L-GM loss and attack operators; training and evaluation of softmax, center-loss and L-GM heads."""
+
+
+def _choices(name: str, values) -> type[enum.Enum]:
+    """A str Enum of ``values``, so --help and shell completion list the choices."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+Preset = _choices("Preset", C.PRESETS)
+ReproducePreset = _choices("ReproducePreset", C.REPRODUCE_PRESETS)
 
 
 @app.command()
@@ -40,7 +81,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
 ) -> None:
     """Time the fused L-GM loss (forward+backward) against plain-PyTorch versions."""
-    from lgm_ext import bench as B
+    from lgm_lab import bench as B
 
     pairs = B.LGM_SIZES if not sizes else [tuple(int(v) for v in s.split(":")) for s in sizes.split(",")]
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as prog:
@@ -55,62 +96,60 @@ def bench(
         json_out.write_text(B.to_json(rows))
 
 
-def _d(name: str) -> str:
-    from lgm_ext.train import TrainConfig
-
-    return f"(default: {getattr(TrainConfig, name)}, or the preset's)"
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
-@app.command("train")
-def train_cmd(
-    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="run folder: checkpoint.pt, metrics.json, config.json"),
-    preset: Optional[str] = typer.Option(None, help="quick (a few minutes on 2 cores) | report (the inverse-adversary "
-                                         "report's recipe) | paper (L-GM paper's LeNet++ setting); explicit options win"),
-    dataset: Optional[str] = typer.Option(None, help=f"fashion-mnist | mnist | cifar10 {_d('dataset')}"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder with the dataset files (else ~/.cache/lgm-ext/data; "
-                                            "Fashion-MNIST also from /usr/share/datasets/fashion-mnist)"),
-    subset: Optional[int] = typer.Option(None, help="use N training images (seeded choice) (default: all)"),
-    test_subset: Optional[int] = typer.Option(None, help="use N test images (default: all)"),
-    model: Optional[str] = typer.Option(None, help=f"lenetpp | resnet20 | resnet56 | resnet110 {_d('model')}"),
-    feat_dim: Optional[int] = typer.Option(None, help=f"feature dimension (2 for plots, 100 for accuracy) {_d('feat_dim')}"),
-    head: Optional[str] = typer.Option(None, help=f"softmax | center | lgm {_d('head')}"),
-    alpha: Optional[float] = typer.Option(None, help=f"L-GM margin {_d('alpha')}"),
-    lambda_: Optional[float] = typer.Option(None, "--lambda", help=f"L-GM likelihood weight {_d('lambda_')}"),
-    covariance: Optional[str] = typer.Option(None, help=f"L-GM covariance: diag | identity {_d('covariance')}"),
-    lambda_c: Optional[float] = typer.Option(None, help=f"center-loss weight {_d('lambda_c')}"),
-    center_alpha: Optional[float] = typer.Option(None, help=f"center update rate (Wen et al. Eq. 4) {_d('center_alpha')}"),
-    warmup_epochs: Optional[float] = typer.Option(None, help=f"L-GM: ramp alpha and lambda from 0 over these epochs {_d('warmup_epochs')}"),
-    epochs: Optional[int] = typer.Option(None, help=f"epochs {_d('epochs')}"),
-    batch_size: Optional[int] = typer.Option(None, help=f"batch size {_d('batch_size')}"),
-    lr: Optional[float] = typer.Option(None, help=f"(peak) learning rate {_d('lr')}"),
-    momentum: Optional[float] = typer.Option(None, help=f"SGD momentum {_d('momentum')}"),
-    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help=f"Nesterov momentum {_d('nesterov')}"),
-    weight_decay: Optional[float] = typer.Option(None, help=f"weight decay {_d('weight_decay')}"),
-    schedule: Optional[str] = typer.Option(None, help=f"cyclic (one cycle to the peak lr) | step | constant {_d('schedule')}"),
-    seed: Optional[int] = typer.Option(None, help=f"random seed {_d('seed')}"),
-    device: Optional[str] = typer.Option(None, help=f"cpu | cuda {_d('device')}"),
-    resume: bool = typer.Option(False, help="continue the run in --out from its last completed epoch"),
-    progress: bool = typer.Option(True, help="show progress bars"),
-) -> None:
+def _config_parameters() -> list[inspect.Parameter]:
+    """One ``typer.Option`` per TrainConfig field: choices as enums, booleans as --x/--no-x,
+    every default None so that a preset's values win unless an option is given."""
+    params = []
+    for f in C.config_fields():
+        base = _TYPES[str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")]
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        help_ = f"{f.metadata['help']} (default: {f.default}, or the preset's)"
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            base = _choices(f.name.title().replace("_", ""), choices)
+        decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base],
+                                        default=typer.Option(None, *decls, help=help_)))
+    return params
+
+
+def train_cmd(**options) -> None:
     """Train a feature model with a softmax, center-loss or L-GM head; checkpoint every epoch."""
-    from lgm_ext.data import DatasetUnavailable
-    from lgm_ext.train import CheckpointError, TrainingDiverged, config_from_preset, train
+    from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.train import CheckpointError, TrainingDiverged, train
 
+    out, preset, resume, progress = (options.pop(k) for k in ("out", "preset", "resume", "progress"))
+    overrides = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in options.items()}
+    if overrides.get("data_dir") is not None:
+        overrides["data_dir"] = str(overrides["data_dir"])
     try:
-        cfg = config_from_preset(
-            preset, dataset=dataset, data_dir=str(data_dir) if data_dir else None, subset=subset,
-            test_subset=test_subset, model=model, feat_dim=feat_dim, head=head, alpha=alpha, lambda_=lambda_,
-            covariance=covariance, lambda_c=lambda_c, center_alpha=center_alpha, warmup_epochs=warmup_epochs,
-            epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, nesterov=nesterov,
-            weight_decay=weight_decay, schedule=schedule, seed=seed, device=device,
-        )
+        cfg = C.config_from_preset(preset.value if preset else None, **overrides)
         result = train(cfg, out, resume=resume, progress=progress)
     except (ValueError, DatasetUnavailable, CheckpointError, TrainingDiverged) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2)
+        _fail(err)
     last = result.metrics[-1]
     console.print(f"{cfg.head} head, {result.epochs_done} epochs: test error {last['test_error_percent']:.2f}% "
                   f"({last['train_images_per_second']:.0f} training images/s); run in {result.out_dir}")
+
+
+_TRAIN_PARAMS = [
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Option(
+        Path("runs/train"), "--out", "-o", help="run folder: checkpoint.pt, metrics.json, config.json")),
+    inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Preset], default=typer.Option(
+        None, help="quick (a few minutes on 2 cores) | report (the inverse-adversary report's recipe) | paper "
+                   "(the L-GM paper's LeNet++ setting); explicit options win")),
+    *_config_parameters(),
+    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, help="continue the run in --out from its last completed epoch")),
+    inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        True, help="show progress bars")),
+]
+train_cmd.__signature__ = inspect.Signature(_TRAIN_PARAMS)
+train_cmd.__annotations__ = {p.name: p.annotation for p in _TRAIN_PARAMS}
+app.command("train")(train_cmd)
 
 
 @app.command("eval")
@@ -122,16 +161,15 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
 ) -> None:
     """Test error, confusion matrix and (L-GM / center heads) the log-likelihood summary of a trained model."""
-    from lgm_ext.data import DatasetUnavailable, load_dataset
-    from lgm_ext.train import CheckpointError, evaluate, load_trained
+    from lgm_lab.data import DatasetUnavailable, load_dataset
+    from lgm_lab.train import CheckpointError, evaluate, load_trained
 
     try:
         model, head, cfg, _ck = load_trained(checkpoint, device)
         ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir,
                           subset=subset if subset is not None else cfg.test_subset, seed=cfg.seed)
     except (CheckpointError, DatasetUnavailable) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2)
+        _fail(err)
     res = evaluate(model, head, ds, device=device)
     res.update(dataset=cfg.dataset, head=cfg.head, checkpoint=str(checkpoint))
     t = Table(title=f"{cfg.head} head on {cfg.dataset} ({res['samples']} test images)")
@@ -153,7 +191,7 @@ def eval_cmd(
 
 
 def _load_runs(checkpoints: list[Path]):
-    from lgm_ext.train import load_trained
+    from lgm_lab.train import load_trained
 
     runs = {}
     for ck in checkpoints:
@@ -164,15 +202,16 @@ def _load_runs(checkpoints: list[Path]):
 
 
 def _test_tensors(cfg, subset: Optional[int], data_dir: Optional[Path]):
-    from lgm_ext.data import load_dataset
-    from lgm_ext.experiments import stack_dataset
+    from lgm_lab.data import load_dataset
+    from lgm_lab.experiments import stack_dataset
 
     ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir, subset=subset, seed=cfg.seed)
     return stack_dataset(ds)
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[red]error:[/red] {err}")
+    """One line on stderr, exit status 2, no traceback."""
+    err_console.print(f"[red]error:[/red] {err}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -185,8 +224,8 @@ def attack(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
 ) -> None:
     """The L-GM paper's Table 6: test error under FGSM for each eps, beside the paper's values."""
-    from lgm_ext.experiments import PAPER, fgsm_errors
-    from lgm_ext.train import CheckpointError
+    from lgm_lab.experiments import PAPER, fgsm_errors
+    from lgm_lab.train import CheckpointError
 
     eps_list = [float(e) for e in eps.split(",")]
     try:
@@ -219,8 +258,8 @@ def verify(
     out: Path = typer.Option(Path("runs/verify"), help="folder for the histograms, ROC plot and results.json"),
 ) -> None:
     """Adversarial verification (paper section 4.3): likelihood histograms, ROC curves and EER per model."""
-    from lgm_ext.experiments import PAPER, verification, verification_figures
-    from lgm_ext.train import CheckpointError
+    from lgm_lab.experiments import PAPER, verification, verification_figures
+    from lgm_lab.train import CheckpointError
 
     try:
         runs = _load_runs(checkpoints)
@@ -238,8 +277,9 @@ def verify(
         paper = PAPER["targeted"]["eer"] if targeted and name.startswith("lgm") else PAPER["eer"].get(name.split(" ")[0], "-")
         t.add_row(name, f"{r['eer_percent']:.1f}", str(paper), f"{r['roc']['auc']:.3f}", f"{r['adversarial_error_percent']:.2f}")
     console.print(t)
-    slim = {n: {k: v for k, v in r.items() if k not in ("scores_normal", "scores_adversarial", "roc")} | {"auc": r["roc"]["auc"]}
-            for n, r in results.items()}
+    from lgm_lab.experiments import _slim
+
+    slim = {n: _slim(r) for n, r in results.items()}
     (out / "results.json").write_text(json.dumps(slim, indent=2))
     console.print("figures: " + ", ".join(figs))
 
@@ -254,8 +294,8 @@ def centers(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
 ) -> None:
     """The inverse-adversary report: class centers compared by cosine similarity and MSE, and its claims checked."""
-    from lgm_ext.experiments import centers_report
-    from lgm_ext.train import CheckpointError, load_trained
+    from lgm_lab.experiments import centers_report
+    from lgm_lab.train import CheckpointError, load_trained
 
     try:
         models = {"A": load_trained(model_a)[:2], "B": load_trained(model_b)[:2]}
@@ -296,9 +336,9 @@ def embed(
 ) -> None:
     """Paper Fig. 1: the 2-D feature embedding of the training set; for L-GM, the likelihood map."""
     from lgm_ext.attacks import FGSM
-    from lgm_ext.data import load_dataset
-    from lgm_ext.experiments import Classifier, embedding_figure, stack_dataset
-    from lgm_ext.train import CheckpointError, load_trained
+    from lgm_lab.data import load_dataset
+    from lgm_lab.experiments import Classifier, embedding_figure, stack_dataset
+    from lgm_lab.train import CheckpointError, load_trained
 
     try:
         model, head, cfg, _ = load_trained(checkpoint)
@@ -312,18 +352,19 @@ def embed(
 
 @app.command()
 def reproduce(
-    preset: str = typer.Option("quick", help="quick (Fashion-MNIST subsets, <= 10 min on 2 cores) | paper (the "
-                                             "paper's settings; MNIST when available, else Fashion-MNIST)"),
+    preset: ReproducePreset = typer.Option("quick", help="quick (Fashion-MNIST subsets, <= 10 min on 2 cores) | "
+                                                         "paper (the paper's settings; MNIST when available, else "
+                                                         "Fashion-MNIST)"),
     out: Path = typer.Option(Path("runs/reproduce"), help="output folder (finished checkpoints there are reused)"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
 ) -> None:
     """Train every head, then Table 1, Table 6, EERs, centers tables and figures, into OUT/report.md."""
-    from lgm_ext.experiments import reproduce as run
+    from lgm_lab.experiments import reproduce as run
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as prog:
         task = prog.add_task("reproduce", total=None)
         try:
-            res = run(out, preset=preset, data_dir=data_dir, progress=lambda m: prog.update(task, description=m))
+            res = run(out, preset=preset.value, data_dir=data_dir, progress=lambda m: prog.update(task, description=m))
         except (RuntimeError, ValueError) as err:
             _fail(err)
     console.print(f"done in {res['seconds'] / 60:.1f} min; report: {out / 'report.md'}")

@@ -1,15 +1,17 @@
 """lgm-ext: fused Large-Margin Gaussian Mixture loss and attack operators for PyTorch.
 
-Operators live under ``torch.ops.lgm_ext``; this package wraps them::
+The core library: operators (``torch.ops.lgm_ext``), the functional API, the
+``nn`` modules, the pure-PyTorch reference and the attacks.  It depends on
+torch only; the paper-reproduction application (models, data, training,
+experiments, benchmarks) is the separate package ``lgm_lab``::
 
     import lgm_ext
     loss = lgm_ext.lgm_loss(features, means, log_var, labels, alpha=1.0, lambda_=0.1)
 """
-from ._ops import force_impl, has_cuda_kernels
+from ._ops import DIRECT_MAX_KD, IMPLS, has_cuda_kernels
+from ._version import __version__
 from .functional import lgm_log_likelihood, lgm_logits, lgm_loss, lgm_loss_and_logits, pgd_step, pgd_step_
-from .modules import CenterLoss, LGMLoss
-
-__version__ = "0.1.0"
+from .modules import CenterLoss, LGMLoss, param_groups
 
 __all__ = [
     "lgm_loss",
@@ -20,6 +22,9 @@ __all__ = [
     "pgd_step_",
     "LGMLoss",
     "CenterLoss",
-    "force_impl",
+    "param_groups",
     "has_cuda_kernels",
+    "IMPLS",
+    "DIRECT_MAX_KD",
+    "__version__",
 ]

@@ -3,37 +3,19 @@
 (``csrc/``); importing this module loads them."""
 from __future__ import annotations
 
-import contextlib
-import math
-
 import torch
 
-from . import _C  # noqa: F401  -- loads the operator library (schemas + kernels)
+from . import _C  # loads the operator library (schemas + kernels)
 
 ops = torch.ops.lgm_ext
 
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-IMPLS = {"auto": 0, "direct": 1, "gemm": 2}
-_state = {"impl": 0}
-
-
-@contextlib.contextmanager
-def force_impl(name: str):
-    """Force the kernel path: ``"direct"`` (fused per-row loop), ``"gemm"``
-    (GEMM expansion + fused row pass) or ``"auto"`` (by K*D).  For tests and
-    benchmarks; results agree to rounding."""
-    if name not in IMPLS:
-        raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {name!r}")
-    old = _state["impl"]
-    _state["impl"] = IMPLS[name]
-    try:
-        yield
-    finally:
-        _state["impl"] = old
-
-
-def current_impl() -> int:
-    return _state["impl"]
+# Codes shared with the C++ operators; defined once, in csrc/host.h, and exported by _C.
+REDUCTIONS = {"none": _C.REDUCTION_NONE, "mean": _C.REDUCTION_MEAN, "sum": _C.REDUCTION_SUM}
+KERNEL_IMPLS = {"auto": _C.IMPL_AUTO, "direct": _C.IMPL_DIRECT, "gemm": _C.IMPL_GEMM}
+# "auto" takes the fused per-row loop when K*D <= DIRECT_MAX_KD, else the GEMM path.
+DIRECT_MAX_KD = _C.DIRECT_MAX_KD
+# The values of the ``impl=`` argument of the functional API and the modules.
+IMPLS = (*KERNEL_IMPLS, "reference")
 
 
 def has_cuda_kernels() -> bool:
@@ -161,5 +143,3 @@ def _ll_backward(ctx, grad_ll, _grad_pred):
 
 
 torch.library.register_autograd("lgm_ext::lgm_log_likelihood", _ll_backward, setup_context=_ll_setup)
-
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)

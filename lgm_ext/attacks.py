@@ -1,4 +1,4 @@
-"""Adversarial and inverse-adversarial examples (SPEC section 4), built on the
+"""Adversarial and inverse-adversarial examples (docs/SPEC.md section 4), built on the
 fused :func:`lgm_ext.pgd_step`.
 
 Usage follows the torchattacks habit: construct with the model and the

@@ -1,4 +1,16 @@
-"""The public functional API (``SPEC.md`` section 2), over the fused operators."""
+"""The public functional API (docs/SPEC.md section 2), over the fused operators.
+
+Every L-GM function takes ``impl=``, the one implementation selector:
+
+- ``"auto"`` (default): the fused operator, which runs its per-row loop when
+  ``K * D <= DIRECT_MAX_KD`` (8192) and the GEMM expansion above;
+- ``"direct"`` / ``"gemm"``: the fused operator on that path (results agree to rounding);
+- ``"reference"``: the pure-PyTorch oracle of :mod:`lgm_ext.reference` (slow; for tests).
+
+Defaults: the functions default to ``alpha=0, lambda_=0`` (plain Gaussian-mixture
+cross-entropy: nothing is added unless asked), while :class:`lgm_ext.LGMLoss`
+defaults to the paper's ``alpha=1, lambda_=0.1``.
+"""
 from __future__ import annotations
 
 import math
@@ -7,7 +19,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from ._ops import REDUCTIONS, current_impl, ops
+from . import reference
+from ._ops import IMPLS, KERNEL_IMPLS, REDUCTIONS, ops
 
 __all__ = [
     "lgm_loss",
@@ -43,6 +56,21 @@ def _reduction(reduction: str) -> int:
         raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}") from None
 
 
+def _impl(impl: str) -> str:
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    return impl
+
+
+def _check_reference_labels(labels: Tensor, n: int, k: int) -> None:
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"labels must lie in [0, K) = [0, {k})")
+
+
 def _tensor(name: str, t, optional: bool = False):
     if t is None and optional:
         return None
@@ -60,21 +88,21 @@ def lgm_loss_and_logits(
     alpha: float = 0.0,
     lambda_: float = 0.0,
     reduction: str = "mean",
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """L-GM loss and the margin-free logits (N, K) from one fused pass.
 
     Both outputs are differentiable with respect to features, means and log_var.
+    ``impl`` selects the implementation (module docstring).
     """
-    out = ops.lgm_loss_forward(
-        _tensor("features", features),
-        _tensor("means", means),
-        _tensor("log_var", log_var, optional=True),
-        _tensor("labels", labels),
-        _nonneg("alpha", alpha),
-        _nonneg("lambda_", lambda_),
-        _reduction(reduction),
-        current_impl(),
-    )
+    args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True),
+            _tensor("labels", labels))
+    a, lam, red, impl = _nonneg("alpha", alpha), _nonneg("lambda_", lambda_), _reduction(reduction), _impl(impl)
+    if impl == "reference":
+        _check_reference_labels(labels, features.shape[0], means.shape[0])
+        loss = reference.lgm_loss(*args, alpha=a, lambda_=lam, reduction=reduction)
+        return loss, reference.lgm_logits(*args[:3])
+    out = ops.lgm_loss_forward(*args, a, lam, red, KERNEL_IMPLS[impl])
     return out[0], out[1]
 
 
@@ -87,14 +115,17 @@ def lgm_loss(
     alpha: float = 0.0,
     lambda_: float = 0.0,
     reduction: str = "mean",
+    impl: str = "auto",
 ) -> Tensor:
     """Large-Margin Gaussian Mixture loss (Wan et al. 2018, Eqs. 17-18), diagonal covariance.
 
     ``L = L_cls + lambda_ * L_lkd``, margin ``alpha`` on the labelled class's
     distance.  ``log_var`` is the log of the covariance diagonal (K, D); ``None``
-    means identity covariance.  Analytic backward (Eqs. 19-23).
+    means identity covariance.  Analytic backward (Eqs. 19-23).  Defaults
+    ``alpha=0, lambda_=0``; :class:`lgm_ext.LGMLoss` defaults to the paper's 1 and 0.1.
     """
-    return lgm_loss_and_logits(features, means, log_var, labels, alpha=alpha, lambda_=lambda_, reduction=reduction)[0]
+    return lgm_loss_and_logits(features, means, log_var, labels, alpha=alpha, lambda_=lambda_, reduction=reduction,
+                               impl=impl)[0]
 
 
 def lgm_logits(
@@ -104,28 +135,28 @@ def lgm_logits(
     labels: Tensor | None = None,
     *,
     alpha: float = 0.0,
+    impl: str = "auto",
 ) -> Tensor:
     """Logits ``-(1 + alpha [k = y]) d[n,k] - 0.5 sum_j log_var[k,j]`` (N, K); the
     margin applies only when labels are given.  Differentiable."""
-    return ops.lgm_logits(
-        _tensor("features", features),
-        _tensor("means", means),
-        _tensor("log_var", log_var, optional=True),
-        _tensor("labels", labels, optional=True),
-        _nonneg("alpha", alpha),
-        current_impl(),
-    )
+    args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True),
+            _tensor("labels", labels, optional=True))
+    a, impl = _nonneg("alpha", alpha), _impl(impl)
+    if impl == "reference":
+        if labels is not None:
+            _check_reference_labels(labels, features.shape[0], means.shape[0])
+        return reference.lgm_logits(*args, alpha=a)
+    return ops.lgm_logits(*args, a, KERNEL_IMPLS[impl])
 
 
-def lgm_log_likelihood(features: Tensor, means: Tensor, log_var: Tensor | None = None) -> Tensor:
+def lgm_log_likelihood(features: Tensor, means: Tensor, log_var: Tensor | None = None, *,
+                       impl: str = "auto") -> Tensor:
     """Log-likelihood of each feature under the Gaussian of its predicted class
     (paper section 4.3): ``-d[n, yhat] - 0.5 sum_j log_var[yhat, j] - 0.5 D log(2 pi)``."""
-    return ops.lgm_log_likelihood(
-        _tensor("features", features),
-        _tensor("means", means),
-        _tensor("log_var", log_var, optional=True),
-        current_impl(),
-    )[0]
+    args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True))
+    if _impl(impl) == "reference":
+        return reference.lgm_log_likelihood(*args)
+    return ops.lgm_log_likelihood(*args, KERNEL_IMPLS[impl])[0]
 
 
 def _pgd_args(x, grad, x_orig, alpha, eps, lower, upper):

@@ -1,7 +1,7 @@
 """Pure-PyTorch versions of the operators.
 
 ``lgm_loss`` / ``lgm_logits`` / ``lgm_log_likelihood`` / ``pgd_step`` are the
-test oracle: the direct formula of SPEC section 1, evaluated in blocks of
+test oracle: the direct formula of docs/SPEC.md section 1, evaluated in blocks of
 classes so memory stays bounded, differentiated by autograd.  Two more versions
 exist for the benchmarks: ``lgm_loss_gemm`` (the GEMM expansion in plain
 PyTorch, the fastest plain version at large K*D) and ``lgm_loss_naive`` (the

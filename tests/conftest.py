@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lgm_ext  # noqa: F401  (loads the operators)
+from lgm_ext._testing import cuda_emulation
 
 BACKENDS = ["cpu", "cuda-emulated"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -20,11 +21,8 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def device(request):
     if request.param == "cuda-emulated":
-        old = torch.ops.lgm_ext._set_cuda_emulation(True)
-        try:
+        with cuda_emulation():
             yield "cpu"
-        finally:
-            torch.ops.lgm_ext._set_cuda_emulation(old)
     else:
         yield request.param
 

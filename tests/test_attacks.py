@@ -148,7 +148,7 @@ def test_bad_arguments(trained):
 
 
 def test_lenet_plus_plus_shapes():
-    from lgm_ext.models import LeNetPlusPlus
+    from lgm_lab.models import LeNetPlusPlus
 
     m = LeNetPlusPlus(feat_dim=2)
     assert m(torch.rand(3, 1, 28, 28)).shape == (3, 2)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import lgm_ext
+from lgm_ext._testing import cuda_emulation
 
 OPS = ["lgm_loss_forward", "lgm_loss_backward", "lgm_logits", "lgm_logits_backward", "lgm_log_likelihood",
        "pgd_step", "pgd_step_"]
@@ -32,6 +33,9 @@ def test_ci_builds_cuda():
 def test_emulation_switch_restores():
     old = torch.ops.lgm_ext._set_cuda_emulation(True)
     assert torch.ops.lgm_ext._set_cuda_emulation(old) is True
+    with cuda_emulation():
+        assert torch.ops.lgm_ext._set_cuda_emulation(True) is True
+    assert torch.ops.lgm_ext._set_cuda_emulation(old) is old
 
 
 def test_emulation_matches_cpu_loops_bitwise_where_order_agrees():
@@ -40,14 +44,10 @@ def test_emulation_matches_cpu_loops_bitwise_where_order_agrees():
 
     for shape, impl in [((37, 45, 70), "direct"), ((37, 45, 70), "gemm"), ((300, 3, 5), "direct")]:
         x, mu, s, y = lgm_inputs(*shape, seed=3)
-        with lgm_ext.force_impl(impl):
-            a = lgm_ext.lgm_loss_and_logits(x, mu, s, y, alpha=1.0, lambda_=0.1)
-            ga = torch.autograd.grad(a[0] + a[1].sum(), (x, mu, s))
-            old = torch.ops.lgm_ext._set_cuda_emulation(True)
-            try:
-                b = lgm_ext.lgm_loss_and_logits(x, mu, s, y, alpha=1.0, lambda_=0.1)
-                gb = torch.autograd.grad(b[0] + b[1].sum(), (x, mu, s))
-            finally:
-                torch.ops.lgm_ext._set_cuda_emulation(old)
+        a = lgm_ext.lgm_loss_and_logits(x, mu, s, y, alpha=1.0, lambda_=0.1, impl=impl)
+        ga = torch.autograd.grad(a[0] + a[1].sum(), (x, mu, s))
+        with cuda_emulation():
+            b = lgm_ext.lgm_loss_and_logits(x, mu, s, y, alpha=1.0, lambda_=0.1, impl=impl)
+            gb = torch.autograd.grad(b[0] + b[1].sum(), (x, mu, s))
         for p, q in zip((*a, *ga), (*b, *gb)):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)

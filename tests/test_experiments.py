@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from lgm_ext import experiments as E
-from lgm_ext.train import config_from_preset, train
+from lgm_lab import experiments as E
+from lgm_lab.train import config_from_preset, train
 
 from test_train import _write_idx
 
@@ -99,26 +99,46 @@ def test_embed_command(tiny_runs, tmp_path):
 
 def test_reproduce_tiny(tmp_path, monkeypatch):
     src = _write_idx(tmp_path / "idx", n_train=96, n_test=48)
-    monkeypatch.setitem(E.REPRODUCE_PRESETS, "tiny", dict(train=dict(subset=64, test_subset=48, epochs=1,
-                                                                    batch_size=32), attack_subset=24,
-                                                           embed_points=64))
+    monkeypatch.setitem(E.REPRODUCE_PRESETS, "tiny", dict(
+        train=dict(subset=64, test_subset=48, epochs=1, batch_size=32), seeds=(0, 1),
+        models100=("softmax", "softmax-relu", "center", "lsoftmax", "lgm-a1"), models2=("softmax", "lgm-a1"),
+        attack_subset=24, embed_points=64))
     res = E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
     report = (tmp_path / "out" / "report.md").read_text()
-    for heading in ("Table 1", "Table 6", "Adversarial verification", "claims", "Figures"):
+    for heading in ("Table 1", "Table 6", "Adversarial verification", "claims, tested", "report's claims",
+                    "Figures", "±"):
         assert heading in report
-    assert len(res["table1"]) == 10
-    assert all(0 <= v <= 100 for v in res["table1"].values())
+    assert set(res["runs"]) == {"softmax", "softmax-relu", "center", "lsoftmax", "lgm-a1"}
+    assert all(set(seeds) == {0, 1} for seeds in res["runs"].values())
+    ev = res["runs"]["lgm-a1"][1]
+    assert 0 <= ev["error"] <= 100 and set(ev["fgsm"]) == {"0.0", "0.1", "0.2", "0.3"}
+    assert {"default", "identity", "distance", "max_posterior", "mixture"} <= set(ev["verification"]["scores"])
+    assert "targeted" in ev
+    assert set(res["table1_2d"]) == {"softmax", "lgm-a1"}
+    assert {c["verdict"] for c in res["claims"]} <= {"holds", "fails", "within noise"} and res["claims"]
     assert json.loads((tmp_path / "out" / "results.json").read_text())["preset"] == "tiny"
     assert (tmp_path / "out" / "figures" / "embed_lgm-a1.png").exists()
+    assert (tmp_path / "out" / "figures" / "pmax_fgsm.png").exists()
     # re-running reuses the finished checkpoints
-    before = (tmp_path / "out" / "runs" / "softmax-2d" / "checkpoint.pt").stat().st_mtime_ns
-    E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
-    assert (tmp_path / "out" / "runs" / "softmax-2d" / "checkpoint.pt").stat().st_mtime_ns == before
+    before = (tmp_path / "out" / "runs" / "softmax-2d-s0" / "checkpoint.pt").stat().st_mtime_ns
+    res2 = E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
+    assert (tmp_path / "out" / "runs" / "softmax-2d-s0" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert res2["models_reused"] == res2["models"] == 12
+
+
+def test_compare_verdicts_use_the_binomial_error():
+    # 5% vs 10% on 2000 images: se ~ 0.8 points, z ~ 6 -> holds; reversed -> fails; 9.8 vs 10 -> noise
+    assert E.compare([5.0], [10.0], 2000)["verdict"] == "holds"
+    assert E.compare([10.0], [5.0], 2000)["verdict"] == "fails"
+    assert E.compare([9.8], [10.0], 2000)["verdict"] == "within noise"
+    assert E.binomial_se(50.0, 100) == pytest.approx(5.0)
+    # seed spread widens the error: the same means with large std across seeds are within noise
+    assert E.compare([1.0, 9.0], [8.0, 12.0], 100000)["verdict"] == "within noise"
 
 
 def test_verification_scores_do_not_tie_when_likelihood_underflows():
     """In 100-D, exp(-d) underflows to 0 for every input; the ROC must still see the ordering (log-scores)."""
-    from lgm_ext.heads import build_head
+    from lgm_lab.heads import build_head
 
     head = build_head("lgm", 100, 3).eval()
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """The fused L-GM operators against the pure-PyTorch reference (SPEC section 1-2)."""
 import itertools
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ HYPER = [(0.0, 0.0), (1.0, 0.1), (0.3, 0.0), (0.0, 0.5)]
 IMPLS = ["direct", "gemm"]
 
 
-def loss_and_logits(x, mu, s, y, alpha, lambda_, reduction="mean"):
-    return lgm_ext.lgm_loss_and_logits(x, mu, s, y, alpha=alpha, lambda_=lambda_, reduction=reduction)
+def loss_and_logits(x, mu, s, y, alpha, lambda_, reduction="mean", impl="auto"):
+    return lgm_ext.lgm_loss_and_logits(x, mu, s, y, alpha=alpha, lambda_=lambda_, reduction=reduction, impl=impl)
 
 
 # --------------------------------------------------------------------------- gradcheck (float64)
@@ -32,21 +33,20 @@ def test_gradcheck_loss(device, impl, shape, identity):
         def f(*t):
             xs, ms = t[0], t[1]
             ss = None if identity else t[2]
-            loss, logits = loss_and_logits(xs, ms, ss, y, alpha, lambda_)
+            loss, logits = loss_and_logits(xs, ms, ss, y, alpha, lambda_, impl=impl)
             return loss, logits
 
-        with lgm_ext.force_impl(impl):
-            assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_gradcheck_reductions(device, impl, reduction):
     x, mu, s, y = lgm_inputs(6, 4, 3, device=device, seed=3)
-    with lgm_ext.force_impl(impl):
-        assert torch.autograd.gradcheck(
-            lambda a, b, c: lgm_ext.lgm_loss(a, b, c, y, alpha=0.5, lambda_=0.2, reduction=reduction), (x, mu, s)
-        )
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: lgm_ext.lgm_loss(a, b, c, y, alpha=0.5, lambda_=0.2, reduction=reduction, impl=impl),
+        (x, mu, s),
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -54,9 +54,8 @@ def test_gradcheck_reductions(device, impl, reduction):
 def test_gradcheck_logits_and_likelihood(device, impl, with_labels):
     x, mu, s, y = lgm_inputs(5, 4, 3, device=device, seed=4)
     labels = y if with_labels else None
-    with lgm_ext.force_impl(impl):
-        assert torch.autograd.gradcheck(lambda a, b, c: lgm_ext.lgm_logits(a, b, c, labels, alpha=0.7), (x, mu, s))
-        assert torch.autograd.gradcheck(lambda a, b, c: lgm_ext.lgm_log_likelihood(a, b, c), (x, mu, s))
+    assert torch.autograd.gradcheck(lambda a, b, c: lgm_ext.lgm_logits(a, b, c, labels, alpha=0.7, impl=impl), (x, mu, s))
+    assert torch.autograd.gradcheck(lambda a, b, c: lgm_ext.lgm_log_likelihood(a, b, c, impl=impl), (x, mu, s))
 
 
 # --------------------------------------------------------------------------- values vs reference
@@ -66,8 +65,7 @@ def test_gradcheck_logits_and_likelihood(device, impl, with_labels):
 def test_matches_reference_float64(device, impl, shape, identity):
     x, mu, s, y = lgm_inputs(*shape, device=device, identity=identity, seed=1)
     for reduction in ("mean", "sum", "none"):
-        with lgm_ext.force_impl(impl):
-            loss, logits = loss_and_logits(x, mu, s, y, 1.0, 0.1, reduction)
+        loss, logits = loss_and_logits(x, mu, s, y, 1.0, 0.1, reduction, impl=impl)
         ref = R.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, reduction=reduction)
         torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(logits, R.lgm_logits(x, mu, s), rtol=1e-10, atol=1e-10)
@@ -95,9 +93,8 @@ def test_float32_no_worse_than_plain_pytorch(device, impl, plain, shape):
     truth_loss = R.lgm_loss(x64, mu64, s64, y, alpha=1.0, lambda_=0.1).item()
     truth = _grads(R.lgm_loss, x64, mu64, s64, y)
     x, mu, s = (t.detach().float().requires_grad_() for t in (x64, mu64, s64))
-    with lgm_ext.force_impl(impl):
-        ours_loss = lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1).item()
-        ours = _grads(lgm_ext.lgm_loss, x, mu, s, y)
+    ours_loss = lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl=impl).item()
+    ours = _grads(partial(lgm_ext.lgm_loss, impl=impl), x, mu, s, y)
     plain_loss = plain(x, mu, s, y, alpha=1.0, lambda_=0.1).item()
     theirs = _grads(plain, x, mu, s, y)
     scale = max(1.0, abs(truth_loss))
@@ -109,12 +106,10 @@ def test_float32_no_worse_than_plain_pytorch(device, impl, plain, shape):
 def test_paths_agree(device):
     for shape in [(7, 5, 3), (40, 120, 70), (3, 1, 9)]:
         x, mu, s, y = lgm_inputs(*shape, device=device, seed=5)
-        with lgm_ext.force_impl("direct"):
-            a = _grads(lgm_ext.lgm_loss, x, mu, s, y)
-            la = lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1)
-        with lgm_ext.force_impl("gemm"):
-            b = _grads(lgm_ext.lgm_loss, x, mu, s, y)
-            lb = lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1)
+        a = _grads(partial(lgm_ext.lgm_loss, impl="direct"), x, mu, s, y)
+        la = lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl="direct")
+        b = _grads(partial(lgm_ext.lgm_loss, impl="gemm"), x, mu, s, y)
+        lb = lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl="gemm")
         torch.testing.assert_close(la, lb)
         for p, q in zip(a, b):
             torch.testing.assert_close(p, q)
@@ -136,8 +131,7 @@ def test_noncontiguous_inputs(device, impl):
     xn, mun, sn = noncontiguous(x), noncontiguous(mu), noncontiguous(s)
     yn = torch.stack([y, y], 1)[:, 0]
     assert not yn.is_contiguous()
-    with lgm_ext.force_impl(impl):
-        got = _grads(lgm_ext.lgm_loss, xn, mun, sn, yn)
+    got = _grads(partial(lgm_ext.lgm_loss, impl=impl), xn, mun, sn, yn)
     for p, q in zip(got, want):
         torch.testing.assert_close(p, q)
 
@@ -164,8 +158,7 @@ def test_far_features_are_finite_and_exact(device):
     with torch.no_grad():
         x.mul_(30.0)
     for impl in IMPLS:
-        with lgm_ext.force_impl(impl):
-            got = _grads(lgm_ext.lgm_loss, x, mu, s, y)
+        got = _grads(partial(lgm_ext.lgm_loss, impl=impl), x, mu, s, y)
         want = _grads(R.lgm_loss, x, mu, s, y)
         for p, q in zip(got, want):
             assert torch.isfinite(p).all()

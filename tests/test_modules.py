@@ -25,7 +25,7 @@ def test_lgm_module_forward_matches_functional(device):
 def test_lgm_module_reference_backend_agrees(device):
     torch.manual_seed(1)
     fused = lgm_ext.LGMLoss(4, 6).to(device).double()
-    ref = lgm_ext.LGMLoss(4, 6, backend="reference").to(device).double()
+    ref = lgm_ext.LGMLoss(4, 6, impl="reference").to(device).double()
     ref.load_state_dict(fused.state_dict())
     x = torch.randn(10, 6, dtype=torch.float64, device=device)
     y = torch.randint(0, 4, (10,), device=device)
@@ -78,8 +78,8 @@ def test_lgm_module_learns_a_separable_problem():
 def test_lgm_module_bad_arguments():
     with pytest.raises(ValueError, match="covariance"):
         lgm_ext.LGMLoss(3, 2, covariance="full")
-    with pytest.raises(ValueError, match="backend"):
-        lgm_ext.LGMLoss(3, 2, backend="triton")
+    with pytest.raises(ValueError, match="impl"):
+        lgm_ext.LGMLoss(3, 2, impl="triton")
     with pytest.raises(ValueError):
         lgm_ext.LGMLoss(0, 2)
     with pytest.raises(ValueError):

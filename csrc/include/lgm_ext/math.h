@@ -4,7 +4,7 @@
 // (csrc/cpu), the CUDA kernels (csrc/cuda) and the CPU emulation of the CUDA
 // thread decomposition (csrc/cpu/emulate_cuda.cpp) all call these, so a formula
 // exists in exactly one place.  Only loops, launches and reductions live in the
-// backends.  Notation follows ../shared/SPEC.md section 1:
+// backends.  Notation follows docs/SPEC.md section 1:
 //   d[n,k] = 0.5 * sum_j (x[n,j] - mu[k,j])^2 * w[k,j],   w = exp(-log_var)
 //   hl[k]  = 0.5 * sum_j log_var[k,j]                      (half log-determinant)
 #pragma once

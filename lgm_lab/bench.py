@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import reference
-from ._ops import force_impl, ops
-from .functional import lgm_loss
+from lgm_ext import DIRECT_MAX_KD, lgm_loss, reference
+from lgm_ext._testing import flush_denormals
 
 LGM_SIZES = [(10, 2), (10, 100), (1000, 512), (10575, 512)]
 LGM_IMPLS = {
@@ -30,12 +29,6 @@ LGM_IMPLS = {
     "plain_gemm": reference.lgm_loss_gemm,
     "naive_nkd": reference.lgm_loss_naive,
 }
-
-
-def flush_denormals(on: bool = True) -> bool:
-    """Flush denormals to zero on the calling thread and on every ATen worker thread."""
-    torch.set_flush_denormal(on)
-    return bool(ops._flush_denormal_all_threads(on))
 
 
 def machine_description(device: str = "cpu") -> str:
@@ -133,7 +126,7 @@ def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu") -> f
     # A fresh process; the kernel's peak-RSS counter is reset (clear_refs 5) just
     # before the step, so the import's own peak does not hide the step's.
     code = (
-        "import torch, lgm_ext.bench as b\n"
+        "import torch, lgm_lab.bench as b\n"
         f"x, mu, s, y = b._inputs({n}, {k}, {d}, 'cpu', torch.float32)\n"
         "b.flush_denormals()\n"
         "def kib(f):\n"
@@ -183,7 +176,7 @@ def bench_lgm(
         work = n * k * d
         reps = repeats or max(3, min(200, int(2e8 / max(work, 1))))
         x, mu, s, y = _inputs(n, k, d, device, torch.float32)
-        row = LGMRow(k=k, d=d, path="direct" if k * d <= 8192 else "gemm")
+        row = LGMRow(k=k, d=d, path="direct" if k * d <= DIRECT_MAX_KD else "gemm")
         cases = {}
         for name, fn in LGM_IMPLS.items():
             if name == "naive_nkd" and not naive_fits(n, k, d, device=device):
@@ -241,7 +234,7 @@ PGD_SHAPES = {"CIFAR batch 128x3x32x32": (128, 3, 32, 32), "MNIST batch 128x1x28
 
 def bench_pgd_step(shapes=PGD_SHAPES, device: str = "cpu", repeats: int = 300) -> list[dict]:
     """The fused projected sign step (out-of-place and in-place) against the same step in plain torch ops."""
-    from .functional import pgd_step, pgd_step_
+    from lgm_ext import pgd_step, pgd_step_
 
     if device == "cpu":
         flush_denormals(True)
@@ -268,8 +261,9 @@ def bench_pgd_attack(batch: int = 32, steps: int = 10, device: str = "cpu", repe
     """A full PGD attack on LeNet++ (100-D features + linear layer): total time and the step's share."""
     from torch import nn
 
-    from .attacks import PGD
-    from .functional import pgd_step_
+    from lgm_ext import pgd_step_
+    from lgm_ext.attacks import PGD
+
     from .models import LeNetPlusPlus
 
     if device == "cpu":

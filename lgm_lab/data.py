@@ -16,28 +16,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .config import DATASETS, dataset_info
+
 __all__ = ["DATASETS", "DatasetUnavailable", "load_dataset", "dataset_info", "default_data_dir"]
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
-DATASETS = {
-    # name: (torchvision class name, channels, image size, classes)
-    "fashion-mnist": ("FashionMNIST", 1, 28, 10),
-    "mnist": ("MNIST", 1, 28, 10),
-    "cifar10": ("CIFAR10", 3, 32, 10),
-}
-
-
 class DatasetUnavailable(RuntimeError):
     """The dataset is neither on disk nor downloadable here."""
-
-
-def dataset_info(name: str) -> dict:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    _cls, c, size, k = DATASETS[name]
-    return {"channels": c, "image_size": size, "num_classes": k}
 
 
 def default_data_dir() -> Path:

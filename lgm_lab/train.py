@@ -22,16 +22,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+import lgm_ext
 from torch.utils.data import DataLoader, Dataset
 
-from .data import dataset_info, load_dataset
+from .config import PRESETS, TrainConfig, config_from_preset, dataset_info
+from .data import load_dataset
 from .heads import build_head
 from .models import build_model
 
 __all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "load_checkpoint", "load_trained", "CheckpointError",
            "TrainingDiverged", "config_from_preset"]
 
-CHECKPOINT_FORMAT = "lgm-ext-checkpoint-v1"
+CHECKPOINT_FORMAT = "lgm-ext-checkpoint-v2"
 
 
 class CheckpointError(RuntimeError):
@@ -42,75 +45,34 @@ class TrainingDiverged(RuntimeError):
     """The loss became non-finite."""
 
 
-@dataclass
-class TrainConfig:
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    subset: int | None = None          # training images (None: all)
-    test_subset: int | None = None     # test images (None: all)
-    model: str = "lenetpp"
-    feat_dim: int = 2
-    head: str = "lgm"                  # softmax | center | lgm
-    alpha: float = 1.0                 # L-GM margin
-    lambda_: float = 0.1               # L-GM likelihood weight
-    covariance: str = "diag"           # L-GM: diag | identity
-    lambda_c: float = 0.01             # center-loss weight
-    center_alpha: float = 0.5          # center update rate (Wen et al. Eq. 4)
-    warmup_epochs: float = 1.0         # L-GM: ramp alpha and lambda_ from 0 over this many epochs
-    epochs: int = 25
-    batch_size: int = 128
-    lr: float = 0.01                   # maximum learning rate
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cyclic"           # cyclic (one cycle, peak lr) | step (x0.1 at 50%, 75%) | constant
-    augment: bool = True               # CIFAR: pad-4 crop + flip
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.head not in ("softmax", "center", "lgm"):
-            raise ValueError(f"head must be softmax, center or lgm, got {self.head!r}")
-        if self.schedule not in ("cyclic", "step", "constant"):
-            raise ValueError(f"schedule must be cyclic, step or constant, got {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.feat_dim < 1:
-            raise ValueError("epochs, batch_size and feat_dim must be >= 1")
-        dataset_info(self.dataset)
-
-
-PRESETS = {
-    # The report's recipe (inverse adversaries): SGD + Nesterov 0.9, cyclic lr peaking at 0.01, wd 5e-4, 25 epochs.
-    "report": dict(epochs=25, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cyclic"),
-    # The L-GM paper's LeNet++ setting as we read it: SGD momentum 0.9, lr 0.01 stepped down, wd 5e-4.
-    "paper": dict(epochs=20, lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="step",
-                  feat_dim=100),
-    # A few minutes on 2 CPU cores.
-    "quick": dict(epochs=4, subset=10000, lr=0.01, schedule="cyclic"),
-}
-
-
-def config_from_preset(preset: str | None = None, **overrides) -> TrainConfig:
-    base = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        base = dict(PRESETS[preset])
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**base)
-
-
 # ----------------------------------------------------------------------------- pieces
-def _build(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The L-GM ramp length in optimizer steps (``warmup_epochs`` of ``steps_per_epoch``)."""
+    return max(1, int(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
+
+
+def _build(cfg: TrainConfig, steps_per_epoch: int = 0) -> tuple[nn.Module, nn.Module]:
+    """The feature network and the head of ``cfg``; the head gets exactly the config fields it declares."""
+    from .heads import HEADS
+
     info = dataset_info(cfg.dataset)
-    model = build_model(cfg.model, cfg.feat_dim, info["channels"], info["image_size"])
-    head = build_head(cfg.head, cfg.feat_dim, info["num_classes"], alpha=cfg.alpha, lambda_=cfg.lambda_,
-                      covariance=cfg.covariance, lambda_c=cfg.lambda_c, center_alpha=cfg.center_alpha)
+    model = build_model(cfg.model, cfg.feat_dim, info["channels"], info["image_size"], feature_relu=cfg.feature_relu)
+    derived = {"warmup_steps": warmup_steps(cfg, steps_per_epoch)}
+    kwargs = {k: derived[k] if k in derived else getattr(cfg, k) for k in HEADS[cfg.head].config_keys}
+    head = build_head(cfg.head, cfg.feat_dim, info["num_classes"], **kwargs)
     return model.to(cfg.device), head.to(cfg.device)
 
 
-def _optimizer(cfg, params):
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
+def _optimizer(cfg: TrainConfig, model: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
+    """SGD over two parameter groups (lgm_ext.param_groups): the network and the head's other
+    parameters at ``lr``; the head's class parameters (L-GM means, log-variances) at
+    ``lr * head_lr_mult`` with ``head_weight_decay``."""
+    cls = head.class_parameters()
+    ids = {id(p) for p in cls}
+    rest = list(model.parameters()) + [p for p in head.parameters() if id(p) not in ids]
+    groups = lgm_ext.param_groups(rest, cls, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
+                                  weight_decay=cfg.weight_decay, head_weight_decay=cfg.head_weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def _step_schedule(total: int):
@@ -120,7 +82,7 @@ def _step_schedule(total: int):
 def _scheduler(cfg, opt, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "cyclic":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.LambdaLR(opt, _step_schedule(total))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -196,7 +158,7 @@ def evaluate(model: nn.Module, head: nn.Module, dataset: Dataset, *, batch_size:
     likelihood (L-GM, center) a summary of the per-sample log-likelihood."""
     was = model.training, head.training
     model.eval(), head.eval()
-    num_classes = head.class_weights().shape[0] if hasattr(head, "class_weights") else head.lgm.num_classes
+    num_classes = head.num_classes
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     lls = []
     t0 = time.perf_counter()
@@ -204,8 +166,7 @@ def evaluate(model: nn.Module, head: nn.Module, dataset: Dataset, *, batch_size:
         feats = model(images.to(device))
         pred = head.predict(feats).cpu()
         confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-        if hasattr(head, "log_likelihood"):
-            lls.append(head.log_likelihood(feats).cpu())
+        lls.append(head.log_likelihood(feats).cpu())
     n = int(confusion.sum())
     out = {
         "samples": n,
@@ -247,9 +208,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model, head = _build(cfg)
-    opt = _optimizer(cfg, list(model.parameters()) + list(head.parameters()))
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    model, head = _build(cfg, steps_per_epoch)
+    opt = _optimizer(cfg, model, head)
     sched = _scheduler(cfg, opt, steps_per_epoch)
     history: list[dict] = []
     start_epoch = 0
@@ -268,7 +229,6 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
         history, start_epoch = list(ck["metrics"]), int(ck["epoch"])
     _save_json(out / "config.json", asdict(cfg))
 
-    warm_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
     bar = _progress(progress)
     done_here = 0
     with bar:
@@ -277,9 +237,6 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
             model.train(), head.train()
             seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
             for i, (images, labels) in enumerate(_loader(train_ds, cfg, epoch)):
-                step = epoch * steps_per_epoch + i
-                if hasattr(head, "set_warmup"):
-                    head.set_warmup(1.0 if warm_steps == 0 else step / warm_steps)
                 images, labels = images.to(cfg.device), labels.to(cfg.device)
                 loss, logits = head(model(images), labels)
                 if not torch.isfinite(loss):

@@ -10,7 +10,7 @@ __all__ = ["LeNetPlusPlus", "CifarResNet", "resnet20", "resnet56", "resnet110", 
 
 def he_init_(module: nn.Module, prelu_slope: float = 0.25) -> nn.Module:
     """He et al. (Kaiming normal) initialisation for conv and linear weights,
-    zero biases (SPEC section 5: PyTorch's default leaves the six-conv stack at
+    zero biases (docs/SPEC.md section 5: PyTorch's default leaves the six-conv stack at
     chance for hundreds of steps)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -23,9 +23,16 @@ def he_init_(module: nn.Module, prelu_slope: float = 0.25) -> nn.Module:
 class LeNetPlusPlus(nn.Module):
     """LeNet++ (Wen et al. 2016; Wan et al. 2018): six 5x5 convs with 32, 32, 64,
     64, 128, 128 channels and PReLU, a 2x2 max-pool after each pair, then a
-    linear layer to the feature (2-D for plots; 100-D with ReLU for accuracy)."""
+    linear layer to the feature (2-D for plots, 100-D for accuracy).
 
-    def __init__(self, feat_dim: int = 2, in_channels: int = 1, image_size: int = 28, feat_relu: bool | None = None):
+    ``feature_relu=False`` (default) leaves the feature layer linear, as the
+    L-GM authors' code does (their Caffe MNIST prototxt comments the ReLU out;
+    their PyTorch release has a plain Linear); ``True`` adds the ReLU of the
+    paper's text.  With it, 80-95% of the 100 feature dimensions die and FGSM
+    pulls features to the origin, where the mixture density is highest
+    (docs/SPEC.md section 5)."""
+
+    def __init__(self, feat_dim: int = 2, in_channels: int = 1, image_size: int = 28, feature_relu: bool = False):
         super().__init__()
         layers, c = [], in_channels
         for out in (32, 64, 128):
@@ -36,7 +43,7 @@ class LeNetPlusPlus(nn.Module):
         side = image_size // 8
         self.fc = nn.Linear(128 * side * side, feat_dim)
         self.feat_dim = feat_dim
-        self.feat_act = nn.ReLU() if (feat_relu if feat_relu is not None else feat_dim > 2) else nn.Identity()
+        self.feat_act = nn.ReLU() if feature_relu else nn.Identity()
         he_init_(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -64,7 +71,7 @@ class CifarResNet(nn.Module):
     blocks with 16, 32, 64 channels, global average pooling, then a linear layer
     to ``feat_dim`` (the feature; the head is separate)."""
 
-    def __init__(self, depth: int, feat_dim: int = 64, in_channels: int = 3) -> None:
+    def __init__(self, depth: int, feat_dim: int = 64, in_channels: int = 3, feature_relu: bool = False) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2, got {depth}")
@@ -78,13 +85,14 @@ class CifarResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(64, feat_dim)
         self.feat_dim = feat_dim
+        self.feat_act = nn.ReLU() if feature_relu else nn.Identity()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.blocks(self.stem(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+        return self.feat_act(self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1)))
 
 
 def resnet20(feat_dim: int = 64, in_channels: int = 3) -> CifarResNet:
@@ -99,12 +107,17 @@ def resnet110(feat_dim: int = 64, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(110, feat_dim, in_channels)
 
 
-MODELS = {"lenetpp": None, "resnet20": 20, "resnet56": 56, "resnet110": 110}
+# The registry, keyed by lgm_lab.config.MODEL_NAMES: name -> builder(feat_dim, in_channels, image_size, **kw).
+MODELS = {
+    "lenetpp": lambda feat_dim, in_channels, image_size, **kw: LeNetPlusPlus(feat_dim, in_channels, image_size, **kw),
+    "resnet20": lambda feat_dim, in_channels, image_size, **kw: CifarResNet(20, feat_dim, in_channels, **kw),
+    "resnet56": lambda feat_dim, in_channels, image_size, **kw: CifarResNet(56, feat_dim, in_channels, **kw),
+    "resnet110": lambda feat_dim, in_channels, image_size, **kw: CifarResNet(110, feat_dim, in_channels, **kw),
+}
 
 
-def build_model(name: str, feat_dim: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
-    if name == "lenetpp":
-        return LeNetPlusPlus(feat_dim=feat_dim, in_channels=in_channels, image_size=image_size)
-    if name in MODELS:
-        return CifarResNet(MODELS[name], feat_dim, in_channels)
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+def build_model(name: str, feat_dim: int, in_channels: int = 1, image_size: int = 28, **kwargs) -> nn.Module:
+    """The feature network registered as ``name``; extra keyword arguments go to its constructor."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](feat_dim, in_channels, image_size, **kwargs)

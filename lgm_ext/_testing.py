@@ -1,0 +1,38 @@
+"""Test and benchmark hooks (private: not part of the public API).
+
+Two operators exist only for the test suite and the benchmarks; they are
+registered with a leading underscore in ``torch.ops.lgm_ext`` and wrapped here:
+
+- ``_set_cuda_emulation(on) -> previous``: route the CPU operators through the
+  CPU emulation of the CUDA kernels (same device functions, same grid / block /
+  lane decomposition).  The test suite runs every device-parametrized test this
+  way as ``cuda-emulated``.
+- ``_flush_denormal_all_threads(on) -> ok``: set flush-to-zero on the calling
+  thread *and* on every ATen worker thread (``torch.set_flush_denormal`` sets
+  only the calling thread); benchmarks call it for every side.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ._ops import ops
+
+__all__ = ["cuda_emulation", "flush_denormals"]
+
+
+@contextlib.contextmanager
+def cuda_emulation(on: bool = True):
+    """Within the block, CPU tensors run through the emulated CUDA kernels."""
+    old = ops._set_cuda_emulation(bool(on))
+    try:
+        yield
+    finally:
+        ops._set_cuda_emulation(old)
+
+
+def flush_denormals(on: bool = True) -> bool:
+    """Flush denormals to zero on the calling thread and on every ATen worker thread."""
+    torch.set_flush_denormal(on)
+    return bool(ops._flush_denormal_all_threads(on))

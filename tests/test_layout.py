@@ -1,0 +1,220 @@
+"""The library/application split (issue 9): import direction, dependencies, one head interface,
+one implementation selector, the CLI generated from the config, the L-GM warm-up in the module."""
+import ast
+import inspect
+import subprocess
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+import lgm_ext
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_ONLY = {"typer", "rich", "matplotlib", "sklearn", "torchvision"}
+STDLIB = set(sys.stdlib_module_names)
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level names a module imports (absolute imports only; relative ones stay inside the package)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=ROOT).stdout
+
+
+def test_core_imports_only_torch_numpy_and_the_stdlib():
+    for path in sorted((ROOT / "lgm_ext").rglob("*.py")):
+        bad = _imports(path) - STDLIB - {"torch", "numpy", "lgm_ext"}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}: the core may import torch (and numpy) only"
+
+
+def test_application_never_imports_the_cli():
+    for path in sorted((ROOT / "lgm_lab").rglob("*.py")):
+        assert "lgm_cli" not in _imports(path), f"{path.relative_to(ROOT)} imports the CLI"
+
+
+def test_import_lgm_ext_loads_no_application_dependency():
+    out = _run("import sys, lgm_ext\nprint(sorted(m for m in sys.modules if m.split('.')[0] in "
+               f"{sorted(APP_ONLY)!r} or m.startswith('lgm_lab')))")
+    assert out.strip() == "[]"
+
+
+def test_required_dependencies_are_torch_and_numpy_only():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip() for d in meta["dependencies"]}
+    assert names == {"torch", "numpy"}
+    torch_req = next(d for d in meta["dependencies"] if d.startswith("torch"))
+    assert ">=" in torch_req and "==" not in torch_req, "torch is a lower bound, not a pin"
+    lab = set(meta["optional-dependencies"]["lab"])
+    assert {d.split(">")[0] for d in lab} >= {"typer", "rich", "torchvision", "matplotlib", "scikit-learn"}
+
+
+def test_typed_marker_and_version():
+    assert (ROOT / "lgm_ext" / "py.typed").exists()
+    assert lgm_ext.__version__ == _run("from lgm_ext._version import __version__; print(__version__)").strip()
+
+
+def test_lgm_help_and_version_do_not_import_torch():
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom lgm_cli.app import app\n"
+            "r = CliRunner().invoke(app, ['--help'])\nassert r.exit_code == 0, r.output\n"
+            "v = CliRunner().invoke(app, ['--version'])\nassert v.exit_code == 0, v.output\n"
+            "t = CliRunner().invoke(app, ['train', '--help'])\nassert t.exit_code == 0, t.output\n"
+            "print('torch' in sys.modules)\nprint(v.output.strip())")
+    loaded, version = _run(code).strip().splitlines()
+    assert loaded == "False"
+    assert version == f"lgm-ext {lgm_ext.__version__}"
+
+
+def test_train_options_come_from_the_config():
+    from typer.main import get_command
+
+    from lgm_cli.app import app
+    from lgm_lab.config import TrainConfig
+
+    cmd = get_command(app).commands["train"]
+    opts = {p.name: p for p in cmd.params}
+    for f in fields(TrainConfig):
+        assert f.name in opts, f"TrainConfig.{f.name} has no `lgm train` option"
+    assert "--augment" in opts["augment"].opts and "--no-augment" in opts["augment"].secondary_opts
+    assert "--lambda" in opts["lambda_"].opts
+    from typer.testing import CliRunner
+
+    help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"}).output
+    for f in fields(TrainConfig):
+        for choice in f.metadata.get("choices", ()):
+            assert choice in help_text, f"`lgm train --help` does not list {choice!r} for --{f.name}"
+    bad = CliRunner().invoke(app, ["train", "--head", "arcface"])
+    assert bad.exit_code == 2 and "arcface" in bad.output
+
+
+def test_registries_are_keyed_by_the_config_names():
+    from lgm_lab import config, heads, models
+
+    assert tuple(heads.HEADS) == config.HEAD_NAMES
+    assert tuple(models.MODELS) == config.MODEL_NAMES
+
+
+@pytest.mark.parametrize("kind", ["softmax", "center", "lgm"])
+def test_every_head_implements_the_interface(kind):
+    from lgm_lab.heads import HEADS, Head, build_head
+
+    head = build_head(kind, 4, 3)
+    assert isinstance(head, Head) and isinstance(head, HEADS[kind]) and head.num_classes == 3
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    loss, logits = head(x, y)
+    assert loss.dim() == 0 and logits.shape == (5, 3)
+    assert head.predict(x).shape == (5,) and head.log_score(x).shape == (5,)
+    assert head.log_likelihood(x).shape == (5,)
+    c = head.centers()
+    assert c is None or c.shape == (3, 4)
+    assert torch.isfinite(head.score(x)).all()
+
+
+def test_unknown_head_arguments_raise():
+    from lgm_lab.heads import build_head
+
+    with pytest.raises(TypeError, match="alpha"):
+        build_head("softmax", 4, 3, alpha=1.0)
+    with pytest.raises(TypeError, match="lambda_c"):
+        build_head("lgm", 4, 3, lambda_c=0.1)
+    with pytest.raises(ValueError, match="unknown head"):
+        build_head("arcface", 4, 3)
+
+
+def test_config_rejects_unknown_keys_and_bad_choices():
+    from lgm_lab.config import config_from_preset
+
+    with pytest.raises(TypeError, match="unknown configuration"):
+        config_from_preset(None, lamda=0.1)
+    with pytest.raises(ValueError, match="head"):
+        config_from_preset(None, head="arcface")
+    with pytest.raises(ValueError, match="lr"):
+        config_from_preset(None, lr=float("nan"))
+
+
+def test_impl_is_the_one_selector():
+    x, mu, s = torch.randn(6, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), \
+        0.3 * torch.randn(4, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    want = lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl="reference")
+    for impl in ("auto", "direct", "gemm"):
+        torch.testing.assert_close(lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl=impl), want)
+        torch.testing.assert_close(lgm_ext.lgm_logits(x, mu, s, impl=impl), lgm_ext.lgm_logits(x, mu, s, impl="reference"))
+        torch.testing.assert_close(lgm_ext.lgm_log_likelihood(x, mu, s, impl=impl),
+                                   lgm_ext.lgm_log_likelihood(x, mu, s, impl="reference"))
+    with pytest.raises(ValueError, match="impl"):
+        lgm_ext.lgm_loss(x, mu, s, y, impl="triton")
+    with pytest.raises(ValueError, match="labels"):
+        lgm_ext.lgm_loss(x, mu, s, y + 4, impl="reference")
+    assert not hasattr(lgm_ext, "force_impl")
+    assert "impl" in inspect.signature(lgm_ext.LGMLoss).parameters
+
+
+def test_constants_are_read_from_the_extension():
+    from lgm_ext import _C, _ops
+
+    assert lgm_ext.DIRECT_MAX_KD == _C.DIRECT_MAX_KD == 8192
+    assert _ops.REDUCTIONS == {"none": 0, "mean": 1, "sum": 2}
+    assert lgm_ext.IMPLS == ("auto", "direct", "gemm", "reference")
+
+
+def test_test_hooks_are_private():
+    documented = {"lgm_loss_forward", "lgm_loss_backward", "lgm_logits", "lgm_logits_backward",
+                  "lgm_log_likelihood", "pgd_step", "pgd_step_"}
+    registered = {op.split("::")[1].split(".")[0] for op in torch._C._dispatch_get_all_op_names()
+                  if op.startswith("lgm_ext::")}
+    assert {n for n in registered if not n.startswith("_")} <= documented
+    assert {"_set_cuda_emulation", "_flush_denormal_all_threads"} <= registered
+    from lgm_ext._testing import cuda_emulation
+
+    with cuda_emulation():
+        assert torch.ops.lgm_ext._set_cuda_emulation(True) is True
+    assert torch.ops.lgm_ext._set_cuda_emulation(False) is False
+
+
+def test_lgm_warmup_ramps_alpha_and_lambda_in_the_module():
+    head = lgm_ext.LGMLoss(3, 2, alpha=1.0, lambda_=0.1, warmup_steps=4)
+    x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    seen = []
+    for _ in range(6):
+        seen.append((head.current_alpha, head.current_lambda))
+        want = lgm_ext.lgm_loss(x, head.means, head.log_var, y, alpha=head.current_alpha,
+                                lambda_=head.current_lambda)
+        torch.testing.assert_close(head(x, y)[0], want)
+    assert [a for a, _ in seen] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert seen[2][1] == pytest.approx(0.05)
+    head.eval()
+    head(x, y)
+    assert int(head.step) == 6, "the ramp advances only in training mode"
+    clone = lgm_ext.LGMLoss(3, 2, warmup_steps=4)
+    clone.load_state_dict(head.state_dict())
+    assert int(clone.step) == 6 and clone.current_alpha == 1.0
+    assert lgm_ext.LGMLoss(3, 2).current_alpha == 1.0  # no ramp by default
+    with pytest.raises(ValueError, match="warmup_steps"):
+        lgm_ext.LGMLoss(3, 2, warmup_steps=-1)
+
+
+def test_param_groups_put_the_head_at_its_own_rate():
+    net, head = torch.nn.Linear(3, 2), lgm_ext.LGMLoss(4, 2)
+    groups = lgm_ext.param_groups(net, head, lr=0.01, head_lr_mult=10, weight_decay=5e-4, head_weight_decay=0.0)
+    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1)]
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+    assert {id(p) for p in groups[1]["params"]} == {id(head.means), id(head.log_var)}
+    opt = torch.optim.SGD(groups, lr=0.01)
+    assert len(opt.param_groups) == 2
+    with pytest.raises(ValueError, match="head_lr_mult"):
+        lgm_ext.param_groups(net, head, lr=0.01, head_lr_mult=-1)
+    with pytest.raises(ValueError, match="share"):
+        lgm_ext.param_groups(net, net, lr=0.01)

@@ -1,0 +1,122 @@
+"""The L-GM recipe (issue 10): linear feature layer by default, the head's own learning rate,
+verification scores, L-Softmax."""
+import math
+
+import pytest
+import torch
+
+import lgm_ext
+from lgm_lab.config import config_from_preset
+from lgm_lab.heads import LSoftmaxHead, build_head
+from lgm_lab.models import build_model
+from lgm_lab.train import _build, _optimizer, _scheduler
+
+
+def test_feature_layer_is_linear_by_default_and_relu_on_request():
+    assert isinstance(build_model("lenetpp", 100).feat_act, torch.nn.Identity)
+    assert isinstance(build_model("lenetpp", 100, feature_relu=True).feat_act, torch.nn.ReLU)
+    model, _ = _build(config_from_preset(None, feat_dim=100, feature_relu=True))
+    assert isinstance(model.feat_act, torch.nn.ReLU)
+    assert config_from_preset(None).feature_relu is False
+
+
+@pytest.mark.parametrize("kind", ["lgm", "softmax", "center", "lsoftmax"])
+def test_head_class_parameters_get_the_multiplier(kind):
+    cfg = config_from_preset(None, head=kind, feat_dim=8, lr=0.02, head_lr_mult=10.0, weight_decay=5e-4,
+                             head_weight_decay=0.0)
+    model, head = _build(cfg, steps_per_epoch=10)
+    opt = _optimizer(cfg, model, head)
+    every = {id(p) for p in list(model.parameters()) + list(head.parameters())}
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(every), "each parameter in exactly one group"
+    if kind == "lgm":
+        assert len(opt.param_groups) == 2
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.2)
+        assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[0]["weight_decay"] == 5e-4
+        assert {id(p) for p in opt.param_groups[1]["params"]} == {id(head.lgm.means), id(head.lgm.log_var)}
+        sched = _scheduler(cfg, opt, 10)
+        peaks = []
+        for _ in range(cfg.epochs * 10 - 1):
+            opt.step()
+            sched.step()
+            peaks.append([g["lr"] for g in opt.param_groups])
+        top = max(peaks, key=lambda p: p[0])
+        assert top[0] == pytest.approx(0.02, rel=1e-3) and top[1] == pytest.approx(0.2, rel=1e-3)
+    else:
+        assert len(opt.param_groups) == 1
+
+
+def test_lgm_scores_match_their_formulas():
+    torch.manual_seed(0)
+    head = build_head("lgm", 5, 4).double().eval()
+    with torch.no_grad():
+        head.lgm.log_var.copy_(0.3 * torch.randn(4, 5, dtype=torch.float64))
+    x = torch.randn(7, 5, dtype=torch.float64)
+    s = head.scores(x)
+    mu, lv = head.lgm.means, head.lgm.log_var
+    d = 0.5 * ((x[:, None] - mu[None]) ** 2 * torch.exp(-lv)[None]).sum(-1)
+    log_n = -d - 0.5 * lv.sum(1) - 2.5 * math.log(2 * math.pi)  # log N(x; mu_k, Sigma_k)
+    best = log_n.argmax(1)
+    torch.testing.assert_close(s["default"], log_n.max(1).values)
+    torch.testing.assert_close(head.log_score(x), log_n.max(1).values)
+    torch.testing.assert_close(s["identity"], -0.5 * ((x - mu[best]) ** 2).sum(1))
+    torch.testing.assert_close(s["distance"], -d.gather(1, best[:, None]).squeeze(1))
+    torch.testing.assert_close(s["mixture"], torch.logsumexp(log_n, 1) - math.log(4))
+    torch.testing.assert_close(s["max_posterior"], torch.log_softmax(log_n, 1).max(1).values)
+
+
+def _lsoftmax_formula(w, x, y, m, beta):
+    """Liu et al. Eq. 6 with theta from acos (the test's independent route)."""
+    logits = x @ w.t()
+    out = logits.clone()
+    for n in range(len(x)):
+        wy, xn = w[y[n]], x[n]
+        cos = (wy @ xn / (wy.norm() * xn.norm())).clamp(-1, 1)
+        theta = torch.acos(cos)
+        k = min(int(math.floor(theta.item() * m / math.pi)), m - 1)
+        psi = (-1) ** k * torch.cos(m * theta) - 2 * k
+        out[n, y[n]] = wy.norm() * xn.norm() * (beta * cos + psi) / (1 + beta)
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("beta", [0.0, 5.0])
+def test_lsoftmax_forward_matches_its_formula(m, beta):
+    torch.manual_seed(m)
+    head = LSoftmaxHead(6, 5, lsoftmax_m=m).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    y = torch.randint(0, 5, (40,))
+    got = head.margin_logits(x, y, beta)
+    torch.testing.assert_close(got, _lsoftmax_formula(head.weight.detach(), x, y, m, beta))
+    if m == 1:  # no margin: the plain linear logits
+        torch.testing.assert_close(got, x @ head.weight.t())
+    # the margin only lowers the labelled logit (psi(theta) <= cos(theta))
+    assert (got.gather(1, y[:, None]) <= (x @ head.weight.t()).gather(1, y[:, None]) + 1e-12).all()
+
+
+def test_lsoftmax_gradcheck_and_beta_schedule():
+    torch.manual_seed(1)
+    head = LSoftmaxHead(4, 3, lsoftmax_m=3, warmup_steps=10).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (6,))
+    assert torch.autograd.gradcheck(lambda a: head.margin_logits(a, y, 0.5), (x,))
+    assert head.beta() == 1000.0
+    for _ in range(10):
+        head(x, y)
+    assert head.beta() == pytest.approx(1000.0 / 1001.0)
+    head.eval()
+    head(x, y)
+    assert int(head.step) == 10
+    with pytest.raises(ValueError, match="lsoftmax_m"):
+        LSoftmaxHead(4, 3, lsoftmax_m=0)
+
+
+def test_param_groups_helper_used_by_a_plain_loop():
+    net, head = torch.nn.Linear(3, 2), lgm_ext.LGMLoss(4, 2)
+    opt = torch.optim.SGD(lgm_ext.param_groups(net, head, lr=0.1, head_lr_mult=10), lr=0.1)
+    before = head.means.detach().clone()
+    loss, _ = head(net(torch.randn(8, 3)), torch.randint(0, 4, (8,)))
+    loss.backward()
+    g = head.means.grad.clone()
+    opt.step()
+    torch.testing.assert_close(head.means.detach(), before - 1.0 * g)  # lr 0.1 x 10
