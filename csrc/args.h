@@ -11,18 +11,20 @@ namespace lgm_ext {
 template <typename T>
 struct Args {
   int64_t N, K, D;
-  const T *x, *mu, *w, *hl;
+  const T *x, *mu, *s, *w, *hl;  // s: log_var (K,D); w = exp(-s) table (direct path only); null for identity
   const int64_t* y;
   T alpha, lambda;
   bool margin_out;
   // forward
-  const T* c;  // GEMM path: sum_j mu^2 w
-  T *logits, *lse, *loss;
-  // backward
-  const T *saved_logits, *saved_lse, *scale, *grad_logits;
+  const T* c;  // GEMM path: sum_j mu^2 w (of the tile, in the backward)
+  T *logits, *stats, *loss;  // stats (N,2): lse, 1 - P[n,y]
+  // backward, over the class tile [k0, k0 + kt)
+  int64_t k0, kt;
+  const T *saved_logits, *saved_stats, *scale, *grad_logits;  // saved_logits: free logits, or m when c != null
+  int64_t ld_logits, ld_grad;                                  // row strides of saved_logits, grad_logits
   int64_t scale_stride;
   T scale_mult;
-  const T* moments;       // GEMM path backward: t = g b (N,2D) or s = g^T a (K,2D)
+  const T* moments;       // GEMM path backward: t = g b (N,2D) or s = g^T a (kt,2D)
   T *op_a, *op_b, *op_c;  // GEMM operands; class tables (w -> op_b, hl -> op_c)
   const T *gsum, *hsum;   // per-class sums of g, and of the log-det coefficient
   T *g, *r, *gx, *gmu, *gs;
@@ -42,53 +44,62 @@ template <typename T>
 Args<T> make_args(const Inputs& in, double alpha, double lambda) {
   Args<T> a{};
   a.N = in.N, a.K = in.K, a.D = in.D;
-  a.x = in.x.data_ptr<T>(), a.mu = in.mu.data_ptr<T>(), a.w = ptr_or_null<T>(in.w), a.hl = ptr_or_null<T>(in.hl);
+  a.x = in.x.data_ptr<T>(), a.mu = in.mu.data_ptr<T>(), a.s = ptr_or_null<T>(in.s);
+  a.w = ptr_or_null<T>(in.w), a.hl = ptr_or_null<T>(in.hl);
   a.y = ptr_or_null<int64_t>(in.labels);
   a.alpha = T(alpha), a.lambda = T(lambda);
+  a.kt = in.K;
   return a;
 }
 
 // ---- one builder per backend hook, so every backend fills Args the same way
 
-// direct_rows / gemm_rows: logits (N,K) written (for gemm_rows, read first as m), lse and
+// direct_rows / gemm_rows: logits (N,K) written (for gemm_rows, read first as m), stats and
 // row_loss when defined, c = sum_j mu^2 w on the GEMM path.
 template <typename T>
 Args<T> row_args(const Inputs& in, double alpha, double lambda, bool margin_out, at::Tensor& logits,
-                 at::Tensor& lse, at::Tensor& row_loss, const at::Tensor& c = at::Tensor()) {
+                 at::Tensor& stats, at::Tensor& row_loss, const at::Tensor& c = at::Tensor()) {
   Args<T> a = make_args<T>(in, alpha, lambda);
   a.margin_out = margin_out;
   a.c = ptr_or_null<T>(c);
-  a.logits = logits.data_ptr<T>(), a.lse = mut_or_null<T>(lse), a.loss = mut_or_null<T>(row_loss);
+  a.logits = logits.data_ptr<T>(), a.stats = mut_or_null<T>(stats), a.loss = mut_or_null<T>(row_loss);
   return a;
 }
 
 template <typename T>
-Args<T> coefficient_args(const Inputs& in, const at::Tensor& logits, const at::Tensor& lse,
-                         const at::Tensor& scale, int64_t scale_stride, double scale_mult,
-                         const at::Tensor& grad_logits, double alpha, double lambda, at::Tensor& g, at::Tensor& r) {
-  Args<T> a = make_args<T>(in, alpha, lambda);
-  a.saved_logits = ptr_or_null<T>(logits), a.saved_lse = ptr_or_null<T>(lse);
-  a.scale = ptr_or_null<T>(scale), a.grad_logits = ptr_or_null<T>(grad_logits);
-  a.scale_stride = scale_stride, a.scale_mult = T(scale_mult);
+Args<T> coefficient_args(const Inputs& in, const Coef& cf, at::Tensor& g, at::Tensor& r) {
+  Args<T> a = make_args<T>(in, cf.alpha, cf.lambda);
+  a.k0 = cf.k0, a.kt = cf.kt;
+  a.saved_logits = ptr_or_null<T>(cf.logits), a.ld_logits = cf.logits.defined() ? cf.logits.stride(0) : 0;
+  a.c = ptr_or_null<T>(cf.c);
+  a.saved_stats = ptr_or_null<T>(cf.stats);
+  a.scale = ptr_or_null<T>(cf.scale), a.scale_stride = cf.scale_stride, a.scale_mult = T(cf.scale_mult);
+  a.grad_logits = ptr_or_null<T>(cf.grad_logits), a.ld_grad = cf.grad_logits.defined() ? cf.grad_logits.stride(0) : 0;
   a.g = g.data_ptr<T>(), a.r = r.data_ptr<T>();
   return a;
 }
 
-// direct_grads, gemm_grad_x, gemm_class_grads: any tensor may be undefined (not used by that hook).
+// direct_grads, gemm_grad_x, gemm_class_grads (classes [k0, k0 + kt)): any tensor may be undefined
+// (not used by that hook, or not wanted).
 template <typename T>
 Args<T> grad_args(const Inputs& in, const at::Tensor& g, const at::Tensor& r, const at::Tensor& grad_x,
-                  const at::Tensor& grad_mu, const at::Tensor& grad_s, const at::Tensor& moments = at::Tensor()) {
+                  const at::Tensor& grad_mu, const at::Tensor& grad_s, const at::Tensor& moments = at::Tensor(),
+                  int64_t k0 = 0, int64_t kt = -1) {
   Args<T> a = make_args<T>(in, 0.0, 0.0);
+  a.k0 = k0, a.kt = kt < 0 ? in.K : kt;
   a.g = mut_or_null<T>(g), a.r = mut_or_null<T>(r);
   a.gx = mut_or_null<T>(grad_x), a.gmu = mut_or_null<T>(grad_mu), a.gs = mut_or_null<T>(grad_s);
   a.moments = ptr_or_null<T>(moments);
   return a;
 }
 
+// GEMM operands: a (N,2D) when op_a is defined; b and c of classes [k0, k0 + kt) when op_b is defined.
 template <typename T>
-Args<T> operand_args(const Inputs& in, at::Tensor& op_a, at::Tensor& op_b, at::Tensor& c) {
+Args<T> operand_args(const Inputs& in, const at::Tensor& op_a, int64_t k0, int64_t kt, const at::Tensor& op_b,
+                     const at::Tensor& c) {
   Args<T> a = make_args<T>(in, 0.0, 0.0);
-  a.op_a = op_a.data_ptr<T>(), a.op_b = op_b.data_ptr<T>(), a.op_c = c.data_ptr<T>();
+  a.k0 = k0, a.kt = kt;
+  a.op_a = mut_or_null<T>(op_a), a.op_b = mut_or_null<T>(op_b), a.op_c = mut_or_null<T>(c);
   return a;
 }
 
@@ -97,7 +108,7 @@ template <typename T>
 Args<T> make_table_args(const at::Tensor& s, at::Tensor& w, at::Tensor& hl) {
   Args<T> a{};
   a.K = s.size(0), a.D = s.size(1);
-  a.mu = s.data_ptr<T>(), a.op_b = w.data_ptr<T>(), a.op_c = hl.data_ptr<T>();
+  a.mu = s.data_ptr<T>(), a.op_b = mut_or_null<T>(w), a.op_c = hl.data_ptr<T>();
   return a;
 }
 

@@ -31,7 +31,8 @@ void check_labels_aminmax(const Inputs& in) {
 }
 
 Inputs prepare(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
-               const std::optional<Tensor>& labels, bool labels_required, bool check_range, const char* op) {
+               const std::optional<Tensor>& labels, bool labels_required, bool check_range, int64_t impl,
+               const char* op) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
                    ": features must be float32 or float64, got ", dtype_name(x));
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": features must be 2-D (N, D), got shape ", x.sizes());
@@ -53,7 +54,7 @@ Inputs prepare(const Backend& be, const Tensor& x, const Tensor& mu, const std::
     TORCH_CHECK_VALUE(s.sizes() == mu.sizes(), op, ": log_var must have the shape of means ", mu.sizes(), ", got ",
                       s.sizes());
     in.s = s.contiguous();
-    in.w = at::empty_like(in.s);
+    if (!use_gemm(impl, in.K, in.D)) in.w = at::empty_like(in.s);
     in.hl = at::empty({in.K}, in.s.options());
     be.class_tables(in.s, in.w, in.hl);
   }
@@ -88,57 +89,154 @@ bool use_gemm(int64_t impl, int64_t K, int64_t D) {
   return K * D > kDirectMaxKD;
 }
 
+int64_t gemm_tile(int64_t N, int64_t K, int64_t D) {
+  int64_t kt = kTileElems / (4 * D + 2 * N);
+  kt = std::max<int64_t>(64, kt - kt % 32);
+  return std::min(kt, K);
+}
+
 namespace {
 
-// m = sum_j x^2 w - 2 x mu w (N,K) as one GEMM, c = sum_j mu^2 w (math.h, GEMM operands).
+// Validation of a tensor the backward ops read besides the inputs.
+void check_aux(const Inputs& in, const Tensor& t, const char* name, at::IntArrayRef shape, const char* op) {
+  check_same(in.x, "features", t, name, op);
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// m = sum_j x^2 w - 2 x mu w (N,K) and c = sum_j mu^2 w (K) (math.h, GEMM operands).
+// Diagonal covariance: the class operand b is built and multiplied one class
+// tile at a time into m's columns, so no (K, 2D) matrix is ever held.
 Tensor expansion(const Backend& be, const Inputs& in, Tensor& c) {
   if (in.identity()) {
     c = in.mu.square().sum(1);
     return at::addmm(in.x.square().sum(1, /*keepdim=*/true), in.x, in.mu.t(), /*beta=*/1, /*alpha=*/-2);
   }
   Tensor a = at::empty({in.N, 2 * in.D}, in.x.options());
-  Tensor b = at::empty({in.K, 2 * in.D}, in.x.options());
+  Tensor none;
+  be.gemm_operands(in, a, 0, 0, none, none);
+  Tensor m = at::empty({in.N, in.K}, in.x.options());
   c = at::empty({in.K}, in.x.options());
-  be.gemm_operands(in, a, b, c);
-  return at::mm(a, b.t());
+  const int64_t tile = gemm_tile(in.N, in.K, in.D);
+  Tensor b = at::empty({tile, 2 * in.D}, in.x.options());
+  for (int64_t k0 = 0; k0 < in.K; k0 += tile) {
+    const int64_t kt = std::min(tile, in.K - k0);
+    Tensor bt = b.narrow(0, 0, kt), ct = c.narrow(0, k0, kt), mt = m.narrow(1, k0, kt);
+    be.gemm_operands(in, none, k0, kt, bt, ct);
+    at::mm_out(mt, a, bt.t());
+  }
+  return m;
 }
 
 Tensor compute_logits(const Backend& be, const Inputs& in, double alpha, double lambda, bool margin_out,
-                      int64_t impl, Tensor& lse, Tensor& row_loss) {
+                      int64_t impl, Tensor& stats, Tensor& row_loss) {
   if (!use_gemm(impl, in.K, in.D)) {
     Tensor logits = at::empty({in.N, in.K}, in.x.options());
-    be.direct_rows(in, alpha, lambda, margin_out, logits, lse, row_loss);
+    be.direct_rows(in, alpha, lambda, margin_out, logits, stats, row_loss);
     return logits;
   }
   Tensor c;
   Tensor m = expansion(be, in, c);
-  be.gemm_rows(in, m, c, alpha, lambda, margin_out, lse, row_loss);
+  be.gemm_rows(in, m, c, alpha, lambda, margin_out, stats, row_loss);
   return m;
 }
 
-// dL/dx, dL/dmu, dL/dlog_var from the coefficients g (N,K) and r (N).
-std::tuple<Tensor, Tensor, Tensor> grads_from_coefficients(const Backend& be, const Inputs& in, const Tensor& g,
-                                                           const Tensor& r, int64_t impl) {
-  Tensor gx = at::empty_like(in.x);
-  Tensor gmu = at::empty_like(in.mu);
-  Tensor gs = in.identity() ? at::empty({0}, in.x.options()) : at::empty_like(in.mu);
+// dL/dx, dL/dmu, dL/dlog_var (those `mask` asks for; the others come back
+// empty) from the coefficient pass described by `cf` (k0, kt are set here).
+//
+// Direct path (K*D <= kDirectMaxKD, or impl = direct): g (N,K) at once, then
+// the fused gradient loops; `cf.logits` is the saved (N,K) logits or, if none
+// were saved, recomputed here.
+//
+// GEMM path: one class tile at a time (gemm_tile classes): the tile's
+// coefficients g (N,kt) come from the saved logits' columns, or -- when the
+// forward saved none (`saved` false, the memory-lean path) -- from the tile's
+// expansion m = a b^T recomputed by one GEMM; then t += g b (N,2D) for dL/dx
+// and s = g^T a (kt,2D) for the tile's rows of dL/dmu, dL/dlog_var.  Live
+// memory: the outputs plus one tile, never (K,2D) and, without saved logits,
+// never (N,K).
+std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& in, Coef cf, bool saved,
+                                               int64_t impl, Mask mask) {
+  const bool need_x = mask[0], need_mu = mask[1], need_s = mask[2] && !in.identity();
+  const bool need_class = need_mu || need_s;
+  const auto empty = [&] { return at::empty({0}, in.x.options()); };  // a fresh one each: outputs must not alias
+  Tensor gx = need_x ? at::empty_like(in.x) : empty();
+  Tensor gmu = need_mu ? at::empty_like(in.mu) : empty();
+  Tensor gs = need_s ? at::empty_like(in.mu) : empty();
+  Tensor gx_out = need_x ? gx : Tensor(), gmu_out = need_mu ? gmu : Tensor(), gs_out = need_s ? gs : Tensor();
+  if (!need_x && !need_class) return {gx, gmu, gs};
+  Tensor r = at::zeros({in.N}, in.x.options());
   if (!use_gemm(impl, in.K, in.D)) {
-    Tensor gs_out = in.identity() ? Tensor() : gs;
-    be.direct_grads(in, g, r, gx, gmu, gs_out);
+    if (cf.stats.defined() && !saved) {
+      Tensor none_stats, none_row;
+      cf.logits = compute_logits(be, in, 0.0, 0.0, false, impl, none_stats, none_row);
+    }
+    cf.k0 = 0, cf.kt = in.K;
+    Tensor g = at::empty({in.N, in.K}, in.x.options());
+    be.coefficients(in, cf, g, r);
+    be.direct_grads(in, g, r, gx_out, gmu_out, gs_out);
     return {gx, gmu, gs};
   }
+  const bool loss_mode = cf.stats.defined();
+  const bool recompute = loss_mode && !saved;
+  const Tensor full_logits = cf.logits, full_grad_logits = cf.grad_logits;
+  const int64_t tile = gemm_tile(in.N, in.K, in.D);
+  Tensor none;
   if (in.identity()) {
-    // dx = x * rowsum(g) - g mu ;  dmu = mu * colsum(g) - g^T x
-    at::addmm_out(gx, in.x * g.sum(1, true), g, in.mu, 1, -1);
-    at::addmm_out(gmu, in.mu * g.sum(0).unsqueeze(1), g.t(), in.x, 1, -1);
+    // dx = x * rowsum(g) - g mu ;  dmu = mu * colsum(g) - g^T x ;  m = sum x^2 - 2 x mu^T
+    Tensor xsq = recompute ? in.x.square().sum(1, true) : Tensor();
+    Tensor rowsum = need_x ? at::zeros({in.N, 1}, in.x.options()) : Tensor();
+    Tensor gmu_acc = need_x ? at::zeros_like(in.x) : Tensor();  // sum_k g mu
+    for (int64_t k0 = 0; k0 < in.K; k0 += tile) {
+      const int64_t kt = std::min(tile, in.K - k0);
+      const Tensor mut = in.mu.narrow(0, k0, kt);
+      cf.k0 = k0, cf.kt = kt;
+      if (recompute) {
+        cf.logits = at::addmm(xsq, in.x, mut.t(), 1, -2);
+        cf.c = mut.square().sum(1);
+      } else if (loss_mode) {
+        cf.logits = full_logits.narrow(1, k0, kt);
+      }
+      if (full_grad_logits.defined()) cf.grad_logits = full_grad_logits.narrow(1, k0, kt);
+      Tensor g = at::empty({in.N, kt}, in.x.options());
+      be.coefficients(in, cf, g, r);
+      if (need_x) {
+        rowsum.add_(g.sum(1, true));
+        gmu_acc.addmm_(g, mut);
+      }
+      if (need_mu) {
+        Tensor out = gmu.narrow(0, k0, kt);
+        at::addmm_out(out, mut * g.sum(0).unsqueeze(1), g.t(), in.x, 1, -1);
+      }
+    }
+    if (need_x) at::sub_out(gx, in.x * rowsum, gmu_acc);
     return {gx, gmu, gs};
   }
   Tensor a = at::empty({in.N, 2 * in.D}, in.x.options());
-  Tensor b = at::empty({in.K, 2 * in.D}, in.x.options());
-  Tensor c = at::empty({in.K}, in.x.options());
-  be.gemm_operands(in, a, b, c);
-  be.gemm_grad_x(in, at::mm(g, b), gx);
-  be.gemm_class_grads(in, at::mm(g.t(), a), g, r, gmu, gs);
+  be.gemm_operands(in, a, 0, 0, none, none);
+  Tensor t = need_x ? at::zeros({in.N, 2 * in.D}, in.x.options()) : Tensor();
+  Tensor b = (need_x || recompute) ? at::empty({tile, 2 * in.D}, in.x.options()) : Tensor();
+  Tensor c = b.defined() ? at::empty({tile}, in.x.options()) : Tensor();
+  for (int64_t k0 = 0; k0 < in.K; k0 += tile) {
+    const int64_t kt = std::min(tile, in.K - k0);
+    cf.k0 = k0, cf.kt = kt;
+    Tensor bt = b.defined() ? b.narrow(0, 0, kt) : Tensor();
+    if (bt.defined()) {
+      Tensor ct = c.narrow(0, 0, kt);
+      be.gemm_operands(in, none, k0, kt, bt, ct);
+      if (recompute) cf.c = ct;
+    }
+    if (recompute) {
+      cf.logits = at::mm(a, bt.t());
+    } else if (loss_mode) {
+      cf.logits = full_logits.narrow(1, k0, kt);
+    }
+    if (full_grad_logits.defined()) cf.grad_logits = full_grad_logits.narrow(1, k0, kt);
+    Tensor g = at::empty({in.N, kt}, in.x.options());
+    be.coefficients(in, cf, g, r);
+    if (need_x) t.addmm_(g, bt);
+    if (need_class) be.gemm_class_grads(in, k0, kt, at::mm(g.t(), a), g, r, gmu_out, gs_out);
+  }
+  if (need_x) be.gemm_grad_x(in, t, gx);
   return {gx, gmu, gs};
 }
 
@@ -149,68 +247,80 @@ std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor&
                                                 double alpha, double lambda, int64_t reduction, int64_t impl) {
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, lambda, reduction, impl);
-  const Inputs in = prepare(be, x, mu, log_var, labels, true, true, "lgm_loss");
-  Tensor lse = at::empty({in.N}, in.x.options());
+  const Inputs in = prepare(be, x, mu, log_var, labels, true, true, impl,
+                            "lgm_loss");
+  Tensor stats = at::empty({in.N, 2}, in.x.options());
   Tensor row = at::empty({in.N}, in.x.options());
-  Tensor logits = compute_logits(be, in, alpha, lambda, /*margin_out=*/false, impl, lse, row);
+  Tensor logits = compute_logits(be, in, alpha, lambda, /*margin_out=*/false, impl, stats, row);
   Tensor loss = reduction == kNone ? row : (reduction == kSum ? row.sum() : row.mean());
-  return {loss, logits, lse};
+  return {loss, logits, stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> loss_backward(const Backend& be, const Tensor& grad_loss,
                                                  const std::optional<Tensor>& grad_logits, const Tensor& x,
                                                  const Tensor& mu, const std::optional<Tensor>& log_var,
-                                                 const Tensor& labels, const Tensor& logits, const Tensor& lse,
-                                                 double alpha, double lambda, int64_t reduction, int64_t impl) {
+                                                 const Tensor& labels, const std::optional<Tensor>& logits,
+                                                 const Tensor& stats, double alpha, double lambda, int64_t reduction,
+                                                 int64_t impl, Mask mask) {
+  const char* op = "lgm_loss_backward";
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, lambda, reduction, impl);
-  const Inputs in = prepare(be, x, mu, log_var, labels, true, false, "lgm_loss_backward");
-  TORCH_CHECK_VALUE(logits.sizes() == at::IntArrayRef({in.N, in.K}) && lse.numel() == in.N,
-                    "lgm_loss_backward: saved logits/lse do not match the inputs");
-  TORCH_CHECK_VALUE(grad_loss.numel() == (reduction == kNone ? in.N : 1), "lgm_loss_backward: grad_loss must have ",
+  const Inputs in = prepare(be, x, mu, log_var, labels, true, true, impl, op);
+  check_same(in.x, "features", grad_loss, "grad_loss", op);
+  TORCH_CHECK_VALUE(grad_loss.numel() == (reduction == kNone ? in.N : 1), op, ": grad_loss must have ",
                     reduction == kNone ? in.N : 1, " element(s), got ", grad_loss.numel());
-  check_same(in.x, "features", grad_loss, "grad_loss", "lgm_loss_backward");
-  const Tensor scale = grad_loss.contiguous();
-  const int64_t scale_stride = reduction == kNone ? 1 : 0;
-  const double scale_mult = reduction == kMean ? 1.0 / static_cast<double>(in.N) : 1.0;
-  Tensor gl;
-  if (grad_logits.has_value() && grad_logits->defined()) gl = grad_logits->to(in.x.scalar_type()).contiguous();
-  Tensor g = at::empty({in.N, in.K}, in.x.options());
-  Tensor r = at::empty({in.N}, in.x.options());
-  be.coefficients(in, logits.contiguous(), lse.contiguous(), scale, scale_stride, scale_mult, gl, alpha, lambda, g, r);
-  return grads_from_coefficients(be, in, g, r, impl);
+  check_aux(in, stats, "row_stats", {in.N, 2}, op);
+  Coef cf;
+  cf.stats = stats.contiguous();
+  cf.scale = grad_loss.contiguous();
+  cf.scale_stride = reduction == kNone ? 1 : 0;
+  cf.scale_mult = reduction == kMean ? 1.0 / static_cast<double>(in.N) : 1.0;
+  cf.alpha = alpha, cf.lambda = lambda;
+  const bool saved = logits.has_value() && logits->defined();
+  if (saved) {
+    check_aux(in, *logits, "logits", {in.N, in.K}, op);
+    cf.logits = logits->contiguous();
+  }
+  if (grad_logits.has_value() && grad_logits->defined()) {
+    check_aux(in, *grad_logits, "grad_logits", {in.N, in.K}, op);
+    cf.grad_logits = grad_logits->contiguous();
+  }
+  return grads_tiled(be, in, cf, saved, impl, mask);
 }
 
 Tensor logits_forward(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
                       const std::optional<Tensor>& labels, double alpha, int64_t impl) {
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, 0.0, kMean, impl);
-  const Inputs in = prepare(be, x, mu, log_var, labels, false, true, "lgm_logits");
-  Tensor none_lse, none_row;
-  return compute_logits(be, in, alpha, 0.0, /*margin_out=*/in.labels.defined(), impl, none_lse, none_row);
+  const Inputs in = prepare(be, x, mu, log_var, labels, false, true, impl,
+                            "lgm_logits");
+  Tensor none_stats, none_row;
+  return compute_logits(be, in, alpha, 0.0, /*margin_out=*/in.labels.defined(), impl, none_stats, none_row);
 }
 
 std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tensor& grad, const Tensor& x,
                                                    const Tensor& mu, const std::optional<Tensor>& log_var,
-                                                   const std::optional<Tensor>& labels, double alpha, int64_t impl) {
+                                                   const std::optional<Tensor>& labels, double alpha, int64_t impl,
+                                                   Mask mask) {
+  const char* op = "lgm_logits_backward";
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, 0.0, kMean, impl);
-  const Inputs in = prepare(be, x, mu, log_var, labels, false, false, "lgm_logits_backward");
-  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({in.N, in.K}), "lgm_logits_backward: grad must be (N, K)");
-  Tensor g = at::empty({in.N, in.K}, in.x.options());
-  Tensor r = at::empty({in.N}, in.x.options());
-  Tensor none;
-  be.coefficients(in, none, none, none, 0, 1.0, grad.to(in.x.scalar_type()).contiguous(), alpha, 0.0, g, r);
-  return grads_from_coefficients(be, in, g, r, impl);
+  const Inputs in = prepare(be, x, mu, log_var, labels, false, true, impl, op);
+  check_aux(in, grad, "grad", {in.N, in.K}, op);
+  Coef cf;
+  cf.grad_logits = grad.contiguous();
+  cf.alpha = alpha;
+  return grads_tiled(be, in, cf, false, impl, mask);
 }
 
 std::tuple<Tensor, Tensor> log_likelihood(const Backend& be, const Tensor& x, const Tensor& mu,
                                           const std::optional<Tensor>& log_var, int64_t impl) {
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(0.0, 0.0, kMean, impl);
-  const Inputs in = prepare(be, x, mu, log_var, std::nullopt, false, false, "lgm_log_likelihood");
-  Tensor none_lse, none_row;
-  Tensor logits = compute_logits(be, in, 0.0, 0.0, false, impl, none_lse, none_row);
+  const Inputs in = prepare(be, x, mu, log_var, std::nullopt, false, false, impl,
+                            "lgm_log_likelihood");
+  Tensor none_stats, none_row;
+  Tensor logits = compute_logits(be, in, 0.0, 0.0, false, impl, none_stats, none_row);
   auto best = logits.max(1);
   Tensor ll = std::get<0>(best).sub_(0.5 * static_cast<double>(in.D) * std::log(2.0 * M_PI));
   return {ll, std::get<1>(best)};

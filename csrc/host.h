@@ -8,6 +8,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -22,8 +23,14 @@ enum Impl : int64_t { kAuto = 0, kDirect = 1, kGemm = 2 };
 // on the CPU in benchmarks/bench_lgm.py; see README).
 constexpr int64_t kDirectMaxKD = 8192;
 
+// GEMM path: classes are processed in tiles so that no (K, 2D) operand or
+// moment matrix is ever materialised; a tile's temporaries (b (kt,2D), its
+// moments (kt,2D), g and m (N,kt)) hold about this many elements.
+constexpr int64_t kTileElems = int64_t(1) << 20;
+int64_t gemm_tile(int64_t N, int64_t K, int64_t D);
+
 // Inputs after validation: contiguous, labels as int64 (undefined if absent),
-// w = exp(-log_var) and hl = 0.5 * sum(log_var) (undefined for identity).
+// w = exp(-log_var) (direct path only) and hl = 0.5 * sum(log_var) (undefined for identity).
 // (Backend is declared below; prepare() takes it for its label and table passes.)
 struct Inputs {
   Tensor x, mu, s, w, hl, labels;
@@ -32,53 +39,70 @@ struct Inputs {
 };
 
 struct Backend;
-// check_range: verify labels lie in [0, K) (forward ops; backward trusts its forward).
+// check_range: verify labels lie in [0, K) (every public op does: the kernels index with them).
+// impl: the w table is built on the direct path only (the GEMM path computes w where it reads it).
 Inputs prepare(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
-               const std::optional<Tensor>& labels, bool labels_required, bool check_range, const char* op);
+               const std::optional<Tensor>& labels, bool labels_required, bool check_range, int64_t impl,
+               const char* op);
 void check_scalars(double alpha, double lambda, int64_t reduction, int64_t impl);
 bool use_gemm(int64_t impl, int64_t K, int64_t D);
 
-// What a backend implements.  All tensors are contiguous and on the backend's device.
+// What the backward coefficient pass reads for the class tile [k0, k0 + kt).
+// Loss mode (stats defined): `logits` is an (N, kt) view (any row stride) of the
+// margin-free logits -- or, when `c` (kt) is defined, of the GEMM expansion m
+// of the tile, turned into logits on the fly (recompute mode); stats (N,2) =
+// (lse, 1 - P[n,y]) from the forward; scale[n * scale_stride] * scale_mult is
+// row n's incoming gradient; grad_logits an optional (N, kt) view.
+// Logits mode (stats undefined): grad_logits is the gradient of lgm_logits'
+// output (margin in the labelled column if labels).
+struct Coef {
+  int64_t k0 = 0, kt = 0;
+  Tensor logits, c, stats, scale, grad_logits;
+  int64_t scale_stride = 0;
+  double scale_mult = 1.0, alpha = 0.0, lambda = 0.0;
+};
+
+// What a backend implements.  All tensors are on the backend's device; inputs contiguous.
 struct Backend {
   // Direct path, one fused pass per row: logits (N,K) always -- margin-free,
-  // or with the margin in the labelled column when `margin_out` -- and lse (N)
-  // and per-row loss (N) when defined (loss mode needs labels).
-  void (*direct_rows)(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
+  // or with the margin in the labelled column when `margin_out` -- and stats
+  // (N,2) = (lse, 1 - P[n,y]) and per-row loss (N) when defined (needs labels).
+  void (*direct_rows)(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
                       Tensor& row_loss);
   // GEMM path epilogue: m (N,K) holds sum_j x^2 w - 2 x mu w; c (K) sum_j mu^2 w.
-  // Turns m into logits in place (as direct_rows); fills lse and row_loss when defined.
+  // Turns m into logits in place (as direct_rows; non-finite expansions are
+  // recomputed directly, math::dist_gemm); fills stats and row_loss when defined.
   void (*gemm_rows)(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
-                    Tensor& lse, Tensor& row_loss);
-  // Backward row pass: gradient coefficients g (N,K) and the label-column
-  // log-det correction r (N).  Loss mode (lse defined): from the saved
-  // margin-free logits and lse, scale (N) the incoming gradient per row,
-  // grad_logits (N,K) optional.  Logits mode (lse undefined): grad_logits is the
-  // gradient of lgm_logits' output (margin in the labelled column if labels).
-  // scale[n * scale_stride] * scale_mult is row n's incoming gradient (stride 0: a scalar).
-  void (*coefficients)(const Inputs& in, const Tensor& logits, const Tensor& lse, const Tensor& scale,
-                       int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha,
-                       double lambda, Tensor& g, Tensor& r);
-  // Direct path gradients from the coefficients (any output may be skipped by
-  // passing an undefined tensor).
+                    Tensor& stats, Tensor& row_loss);
+  // Backward coefficients of one class tile: g (N, kt) contiguous, and r[n]
+  // (the label-column log-det correction) for the rows whose label lies in the
+  // tile; other entries of r are left as they are.
+  void (*coefficients)(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r);
+  // Direct path gradients from the coefficients g (N,K) and r (N) (any output
+  // may be skipped by passing an undefined tensor).
   void (*direct_grads)(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                        Tensor& grad_s);
   // Validates labels in [0, K) (calls check_label_range with the min and max).
   void (*check_labels)(const Inputs& in);
-  // w = exp(-s) (K,D) and hl = 0.5 sum_j s (K), one pass.
+  // w = exp(-s) (K,D; skipped when w is undefined) and hl = 0.5 sum_j s (K), one pass.
   void (*class_tables)(const Tensor& s, Tensor& w, Tensor& hl);
-  // GEMM path (diagonal covariance): operands a (N,2D), b (K,2D), c (K) -- see math.h.
-  void (*gemm_operands)(const Inputs& in, Tensor& a, Tensor& b, Tensor& c);
+  // GEMM path (diagonal covariance), see math.h: operand a (N,2D) when defined,
+  // operand b (kt,2D) and c (kt) of classes [k0, k0 + kt) when b is defined.
+  void (*gemm_operands)(const Inputs& in, Tensor& a, int64_t k0, int64_t kt, Tensor& b, Tensor& c);
   // grad_x from t = g b (N,2D).
   void (*gemm_grad_x)(const Inputs& in, const Tensor& t, Tensor& grad_x);
-  // grad_mu, grad_s from s = g^T a (K,2D), the coefficients g and r.
-  void (*gemm_class_grads)(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
-                           Tensor& grad_s);
+  // Rows [k0, k0 + kt) of grad_mu, grad_s (either may be undefined) from the
+  // tile's moments s = g^T a (kt,2D), its coefficients g (N,kt) and r.
+  void (*gemm_class_grads)(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g,
+                           const Tensor& r, Tensor& grad_mu, Tensor& grad_s);
 };
 
 void check_label_range(int64_t lo, int64_t hi, int64_t K);
 // check_labels for device backends: one aminmax and a host sync (the price of a clear
 // error instead of a device-side assert).
 void check_labels_aminmax(const Inputs& in);
+
+using Mask = std::array<bool, 3>;  // which of (features, means, log_var) need a gradient
 
 // Operator bodies, shared by all backends.
 std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor& x, const Tensor& mu,
@@ -87,13 +111,15 @@ std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor&
 std::tuple<Tensor, Tensor, Tensor> loss_backward(const Backend& be, const Tensor& grad_loss,
                                                  const std::optional<Tensor>& grad_logits, const Tensor& x,
                                                  const Tensor& mu, const std::optional<Tensor>& log_var,
-                                                 const Tensor& labels, const Tensor& logits, const Tensor& lse,
-                                                 double alpha, double lambda, int64_t reduction, int64_t impl);
+                                                 const Tensor& labels, const std::optional<Tensor>& logits,
+                                                 const Tensor& stats, double alpha, double lambda, int64_t reduction,
+                                                 int64_t impl, Mask mask);
 Tensor logits_forward(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
                       const std::optional<Tensor>& labels, double alpha, int64_t impl);
 std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tensor& grad, const Tensor& x,
                                                    const Tensor& mu, const std::optional<Tensor>& log_var,
-                                                   const std::optional<Tensor>& labels, double alpha, int64_t impl);
+                                                   const std::optional<Tensor>& labels, double alpha, int64_t impl,
+                                                   Mask mask);
 std::tuple<Tensor, Tensor> log_likelihood(const Backend& be, const Tensor& x, const Tensor& mu,
                                           const std::optional<Tensor>& log_var, int64_t impl);
 
@@ -106,15 +132,15 @@ void register_lgm_ops(torch::Library& m) {
     return loss_forward(B(), x, mu, s, y, alpha, lambda, reduction, impl);
   });
   m.impl("lgm_loss_backward", [](const Tensor& gloss, const OptT& glogits, const Tensor& x, const Tensor& mu,
-                                 const OptT& s, const Tensor& y, const Tensor& logits, const Tensor& lse, double alpha,
-                                 double lambda, int64_t reduction, int64_t impl) {
-    return loss_backward(B(), gloss, glogits, x, mu, s, y, logits, lse, alpha, lambda, reduction, impl);
+                                 const OptT& s, const Tensor& y, const OptT& logits, const Tensor& stats, double alpha,
+                                 double lambda, int64_t reduction, int64_t impl, Mask mask) {
+    return loss_backward(B(), gloss, glogits, x, mu, s, y, logits, stats, alpha, lambda, reduction, impl, mask);
   });
   m.impl("lgm_logits", [](const Tensor& x, const Tensor& mu, const OptT& s, const OptT& y, double alpha,
                           int64_t impl) { return logits_forward(B(), x, mu, s, y, alpha, impl); });
   m.impl("lgm_logits_backward", [](const Tensor& grad, const Tensor& x, const Tensor& mu, const OptT& s,
-                                   const OptT& y, double alpha, int64_t impl) {
-    return logits_backward(B(), grad, x, mu, s, y, alpha, impl);
+                                   const OptT& y, double alpha, int64_t impl, Mask mask) {
+    return logits_backward(B(), grad, x, mu, s, y, alpha, impl, mask);
   });
   m.impl("lgm_log_likelihood", [](const Tensor& x, const Tensor& mu, const OptT& s, int64_t impl) {
     return log_likelihood(B(), x, mu, s, impl);

@@ -35,20 +35,24 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(lgm_ext, m) {
   // L-GM loss.  reduction: 0 none, 1 mean, 2 sum.  impl: 0 auto, 1 direct, 2 gemm.
-  // Returns (loss, margin-free logits (N,K), per-row logsumexp of the margin logits (N)).
+  // Returns (loss, margin-free logits (N,K), row statistics (N,2): the logsumexp
+  // of the margin logits and 1 - P[n, y], what the backward needs per row).
   m.def(
       "lgm_loss_forward(Tensor features, Tensor means, Tensor? log_var, Tensor labels, float alpha, "
       "float lambda_, int reduction, int impl) -> (Tensor, Tensor, Tensor)");
-  // Analytic backward (docs/SPEC.md section 1); the third output is empty when log_var is None.
+  // Analytic backward (docs/SPEC.md section 1).  logits: the forward's logits, or None to
+  // recompute them in class tiles (memory-lean); output_mask: which of
+  // (features, means, log_var) need a gradient -- the others come back empty,
+  // as does the third when log_var is None.
   m.def(
       "lgm_loss_backward(Tensor grad_loss, Tensor? grad_logits, Tensor features, Tensor means, Tensor? log_var, "
-      "Tensor labels, Tensor logits, Tensor lse, float alpha, float lambda_, int reduction, int impl) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor labels, Tensor? logits, Tensor row_stats, float alpha, float lambda_, int reduction, int impl, "
+      "bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
   // Logits; with labels the labelled column carries the margin alpha.
   m.def("lgm_logits(Tensor features, Tensor means, Tensor? log_var, Tensor? labels, float alpha, int impl) -> Tensor");
   m.def(
       "lgm_logits_backward(Tensor grad, Tensor features, Tensor means, Tensor? log_var, Tensor? labels, "
-      "float alpha, int impl) -> (Tensor, Tensor, Tensor)");
+      "float alpha, int impl, bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
   // (log-likelihood of the best class, that class)
   m.def("lgm_log_likelihood(Tensor features, Tensor means, Tensor? log_var, int impl) -> (Tensor, Tensor)");
   // Projected sign step (no gradient).

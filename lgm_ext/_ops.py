@@ -24,7 +24,20 @@ def has_cuda_kernels() -> bool:
 
 
 # --------------------------------------------------------------------- fake kernels
-def _fake_lgm_shapes(features, means, log_var, labels):
+# The fake kernels also serve the Meta dispatch key: a call mixing real and meta
+# tensors dispatches here, so they check devices like the real kernels do
+# (otherwise they would hand back uninitialised memory on the real device).
+def _check_devices(op, anchor_name, anchor, **named):
+    for name, t in named.items():
+        if t is not None and t.device != anchor.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {anchor_name} is on {anchor.device}; "
+                "all inputs must be on one device"
+            )
+
+
+def _fake_lgm_shapes(op, features, means, log_var, labels, **others):
+    _check_devices(op, "features", features, means=means, log_var=log_var, labels=labels, **others)
     torch._check(features.dim() == 2, lambda: "features must be 2-D (N, D)")
     torch._check(means.dim() == 2, lambda: "means must be 2-D (K, D)")
     torch._check(means.shape[1] == features.shape[1], lambda: "means and features disagree on D")
@@ -37,72 +50,106 @@ def _fake_lgm_shapes(features, means, log_var, labels):
 
 @torch.library.register_fake("lgm_ext::lgm_loss_forward")
 def _(features, means, log_var, labels, alpha, lambda_, reduction, impl):
-    n, k = _fake_lgm_shapes(features, means, log_var, labels)
+    n, k = _fake_lgm_shapes("lgm_loss", features, means, log_var, labels)
     loss = features.new_empty(()) if reduction != 0 else features.new_empty((n,))
-    return loss, features.new_empty((n, k)), features.new_empty((n,))
+    return loss, features.new_empty((n, k)), features.new_empty((n, 2))
 
 
-def _fake_grads(features, means, log_var):
-    gs = torch.empty_like(means) if log_var is not None else features.new_empty((0,))
-    return torch.empty_like(features), torch.empty_like(means), gs
+def _fake_grads(features, means, log_var, output_mask):
+    def grad_like(t, need):
+        return torch.empty_like(t) if need and t is not None else features.new_empty((0,))
+
+    return (
+        grad_like(features, output_mask[0]),
+        grad_like(means, output_mask[1]),
+        grad_like(means if log_var is not None else None, output_mask[2]),
+    )
 
 
 @torch.library.register_fake("lgm_ext::lgm_loss_backward")
-def _(grad_loss, grad_logits, features, means, log_var, labels, logits, lse, alpha, lambda_, reduction, impl):
-    _fake_lgm_shapes(features, means, log_var, labels)
-    return _fake_grads(features, means, log_var)
+def _(grad_loss, grad_logits, features, means, log_var, labels, logits, row_stats, alpha, lambda_, reduction, impl,
+      output_mask=(True, True, True)):
+    _fake_lgm_shapes("lgm_loss_backward", features, means, log_var, labels, grad_loss=grad_loss,
+                     grad_logits=grad_logits, logits=logits, row_stats=row_stats)
+    return _fake_grads(features, means, log_var, output_mask)
 
 
 @torch.library.register_fake("lgm_ext::lgm_logits")
 def _(features, means, log_var, labels, alpha, impl):
-    n, k = _fake_lgm_shapes(features, means, log_var, labels)
+    n, k = _fake_lgm_shapes("lgm_logits", features, means, log_var, labels)
     return features.new_empty((n, k))
 
 
 @torch.library.register_fake("lgm_ext::lgm_logits_backward")
-def _(grad, features, means, log_var, labels, alpha, impl):
-    _fake_lgm_shapes(features, means, log_var, labels)
-    return _fake_grads(features, means, log_var)
+def _(grad, features, means, log_var, labels, alpha, impl, output_mask=(True, True, True)):
+    _fake_lgm_shapes("lgm_logits_backward", features, means, log_var, labels, grad=grad)
+    return _fake_grads(features, means, log_var, output_mask)
 
 
 @torch.library.register_fake("lgm_ext::lgm_log_likelihood")
 def _(features, means, log_var, impl):
-    n, _k = _fake_lgm_shapes(features, means, log_var, None)
+    n, _k = _fake_lgm_shapes("lgm_log_likelihood", features, means, log_var, None)
     return features.new_empty((n,)), features.new_empty((n,), dtype=torch.long)
 
 
 @torch.library.register_fake("lgm_ext::pgd_step")
 def _(x, grad, x_orig, alpha, eps, lower, upper):
+    _check_devices("pgd_step", "x", x, grad=grad, x_orig=x_orig)
     torch._check(grad.shape == x.shape and x_orig.shape == x.shape, lambda: "pgd_step: shapes differ")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("lgm_ext::pgd_step_")
 def _(x, grad, x_orig, alpha, eps, lower, upper):
+    _check_devices("pgd_step_", "x", x, grad=grad, x_orig=x_orig)
     torch._check(grad.shape == x.shape and x_orig.shape == x.shape, lambda: "pgd_step_: shapes differ")
     return None
 
 
 # --------------------------------------------------------------------- autograd
+DIRECT_MAX_KD = 8192  # csrc/host.h kDirectMaxKD: auto picks the direct path at or below this K*D
+
+
+def keep_logits_for_backward(n: int, k: int, d: int, impl: int) -> bool:
+    """Whether the L-GM loss saves its (N, K) logits for the backward (True) or
+    the backward recomputes them one class tile at a time (False, memory-lean).
+
+    The direct path (K*D <= 8192, or impl=1) always saves them: they are small and
+    recomputing is a second pass over N*K*D.  The GEMM path recomputes a tile's
+    logits with one extra GEMM when the saved logits would outweigh a class
+    parameter tensor (N > D: N*K > K*D); otherwise it keeps them (the extra GEMM
+    costs ~1/3 more arithmetic to save N*K elements).  See README "How it is built".
+    """
+    direct = impl == IMPLS["direct"] or (impl == IMPLS["auto"] and k * d <= DIRECT_MAX_KD)
+    return direct or n <= d
+
+
+def _needs(ctx, has_log_var):
+    return [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(has_log_var and ctx.needs_input_grad[2])]
+
+
 def _loss_setup(ctx, inputs, output):
     features, means, log_var, labels, alpha, lambda_, reduction, impl = inputs
-    _loss, logits, lse = output
-    ctx.save_for_backward(features, means, log_var, labels, logits, lse)
+    _loss, logits, row_stats = output
+    keep = keep_logits_for_backward(features.shape[0], means.shape[0], features.shape[1], impl)
+    ctx.save_for_backward(features, means, log_var, labels, logits if keep else None, row_stats)
     ctx.hyper = (alpha, lambda_, reduction, impl)
     ctx.has_log_var = log_var is not None
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(row_stats)
     ctx.set_materialize_grads(False)
 
 
-def _loss_backward(ctx, grad_loss, grad_logits, _grad_lse):
-    features, means, log_var, labels, logits, lse = ctx.saved_tensors
+def _loss_backward(ctx, grad_loss, grad_logits, _grad_stats):
+    features, means, log_var, labels, logits, row_stats = ctx.saved_tensors
     alpha, lambda_, reduction, impl = ctx.hyper
     if grad_loss is None:
         grad_loss = features.new_zeros(() if reduction != 0 else (features.shape[0],))
+    mask = _needs(ctx, ctx.has_log_var)
     gx, gmu, gs = ops.lgm_loss_backward(
-        grad_loss, grad_logits, features, means, log_var, labels, logits, lse, alpha, lambda_, reduction, impl
+        grad_loss, grad_logits, features, means, log_var, labels, logits, row_stats, alpha, lambda_, reduction, impl,
+        mask,
     )
-    return gx, gmu, (gs if ctx.has_log_var else None), None, None, None, None, None
+    return (gx if mask[0] else None), (gmu if mask[1] else None), (gs if mask[2] else None), None, None, None, None, None
 
 
 torch.library.register_autograd("lgm_ext::lgm_loss_forward", _loss_backward, setup_context=_loss_setup)
@@ -118,8 +165,9 @@ def _logits_setup(ctx, inputs, output):
 def _logits_backward(ctx, grad):
     features, means, log_var, labels = ctx.saved_tensors
     alpha, impl = ctx.hyper
-    gx, gmu, gs = ops.lgm_logits_backward(grad, features, means, log_var, labels, alpha, impl)
-    return gx, gmu, (gs if ctx.has_log_var else None), None, None, None
+    mask = _needs(ctx, ctx.has_log_var)
+    gx, gmu, gs = ops.lgm_logits_backward(grad, features, means, log_var, labels, alpha, impl, mask)
+    return (gx if mask[0] else None), (gmu if mask[1] else None), (gs if mask[2] else None), None, None, None
 
 
 torch.library.register_autograd("lgm_ext::lgm_logits", _logits_backward, setup_context=_logits_setup)
@@ -138,8 +186,29 @@ def _ll_backward(ctx, grad_ll, _grad_pred):
     # d log_lik[n] / d logits[n, k] is one-hot at the predicted class.
     grad_logits = features.new_zeros((features.shape[0], means.shape[0]))
     grad_logits.scatter_(1, pred.unsqueeze(1), grad_ll.unsqueeze(1))
-    gx, gmu, gs = ops.lgm_logits_backward(grad_logits, features, means, log_var, None, 0.0, ctx.impl)
-    return gx, gmu, (gs if ctx.has_log_var else None), None
+    mask = _needs(ctx, ctx.has_log_var)
+    gx, gmu, gs = ops.lgm_logits_backward(grad_logits, features, means, log_var, None, 0.0, ctx.impl, mask)
+    return (gx if mask[0] else None), (gmu if mask[1] else None), (gs if mask[2] else None), None
 
 
 torch.library.register_autograd("lgm_ext::lgm_log_likelihood", _ll_backward, setup_context=_ll_setup)
+
+
+# Double backward is not supported (as torchvision's ops, which mark their
+# backward once_differentiable): the backward ops get an autograd formula that
+# raises when it is reached, instead of PyTorch's default (a warning, then
+# silently zero second derivatives).  First derivatives with create_graph=True
+# still work; only differentiating them again raises.
+def _no_double_backward(op):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"lgm_ext.{op}: double backward is not supported -- the fused L-GM operators' gradients are not "
+            "differentiable (torch.autograd.gradgradcheck, gradient penalties or Hessian products through them "
+            "need impl="reference", the pure-PyTorch oracle)"
+        )
+
+    return backward
+
+
+for _op in ("lgm_loss_backward", "lgm_logits_backward"):
+    torch.library.register_autograd(f"lgm_ext::{_op}", _no_double_backward(_op), setup_context=lambda ctx, inputs, output: None)

@@ -178,25 +178,29 @@ def test_float32_tiny_probabilities_are_flushed(device):
 # --------------------------------------------------------------------------- torch.library
 def _opcheck_samples(device):
     x, mu, s, y = lgm_inputs(5, 4, 3, device=device, seed=11)
-    loss, logits, lse = ops.lgm_loss_forward(x.detach(), mu.detach(), s.detach(), y, 1.0, 0.1, 1, 0)
+    loss, logits, stats = ops.lgm_loss_forward(x.detach(), mu.detach(), s.detach(), y, 1.0, 0.1, 1, 0)
     g = torch.ones((), dtype=x.dtype, device=device)
-    return x, mu, s, y, loss, logits, lse, g
+    return x, mu, s, y, loss, logits, stats, g
 
 
 @pytest.mark.parametrize("impl", [1, 2])
 def test_opcheck(device, impl):
-    x, mu, s, y, _loss, logits, lse, g = _opcheck_samples(device)
+    x, mu, s, y, _loss, logits, stats, g = _opcheck_samples(device)
     for red in (0, 1, 2):
         torch.library.opcheck(ops.lgm_loss_forward.default, (x, mu, s, y, 1.0, 0.1, red, impl))
         torch.library.opcheck(ops.lgm_loss_forward.default, (x, mu, None, y, 0.5, 0.0, red, impl))
+    xd, mud, sd = x.detach(), mu.detach(), s.detach()
+    torch.library.opcheck(ops.lgm_loss_backward.default, (g, None, xd, mud, sd, y, logits, stats, 1.0, 0.1, 1, impl))
+    # memory-lean: no saved logits (recomputed in class tiles), and only some gradients wanted
     torch.library.opcheck(
         ops.lgm_loss_backward.default,
-        (g, None, x.detach(), mu.detach(), s.detach(), y, logits, lse, 1.0, 0.1, 1, impl),
+        (g, torch.randn_like(logits), xd, mud, sd, y, None, stats, 1.0, 0.1, 1, impl, [True, False, True]),
     )
     torch.library.opcheck(ops.lgm_logits.default, (x, mu, s, y, 0.3, impl))
     torch.library.opcheck(ops.lgm_logits.default, (x, mu, None, None, 0.0, impl))
+    torch.library.opcheck(ops.lgm_logits_backward.default, (torch.randn_like(logits), xd, mud, sd, y, 0.3, impl))
     torch.library.opcheck(
-        ops.lgm_logits_backward.default, (torch.randn_like(logits), x.detach(), mu.detach(), s.detach(), y, 0.3, impl)
+        ops.lgm_logits_backward.default, (torch.randn_like(logits), xd, mud, None, None, 0.0, impl, [True, False, False])
     )
     torch.library.opcheck(ops.lgm_log_likelihood.default, (x, mu, s, impl))
 

@@ -94,3 +94,20 @@ def test_compiles(device):
     f = torch.compile(lambda a, b, c: lgm_ext.pgd_step(a, b, c, alpha=0.1, eps=0.05) * 2, fullgraph=True,
                       backend="aot_eager")
     assert torch.equal(f(x, g, x0), 2 * R.pgd_step(x, g, x0, alpha=0.1, eps=0.05))
+
+
+def test_nan_propagates(device):
+    """A NaN in x or x_orig gives NaN, as the formula in plain torch ops (torch.maximum / minimum propagate NaN;
+    torch.sign(NaN) = 0, so a NaN gradient entry makes no step)."""
+    for dtype in (torch.float32, torch.float64):
+        x, g, x0 = _data((6, 5), dtype, device, seed=2)
+        x[0, 1] = float("nan")
+        g[1, 2] = float("nan")
+        x0[2, 3] = float("nan")
+        got = lgm_ext.pgd_step(x, g, x0, alpha=0.1, eps=0.05)
+        want = R.pgd_step(x, g, x0, alpha=0.1, eps=0.05)
+        assert torch.isnan(want[[0, 2], [1, 3]]).all() and torch.isnan(want).sum() == 2
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+        buf = x.clone()
+        lgm_ext.pgd_step_(buf, g, x0, alpha=0.1, eps=0.05)
+        torch.testing.assert_close(buf, want, equal_nan=True, rtol=0, atol=0)

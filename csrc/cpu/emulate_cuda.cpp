@@ -74,15 +74,17 @@ void row_finish(const Args<T>& a, int64_t n, int64_t y, const Lanes<T>& d_y) {
   Lanes<T> l_y;
   for (int l = 0; l < kWarp; ++l) l_y[l] = margin_logit(d_y[l], hl_y, a.alpha);
   if (a.margin_out) out[y] = l_y[y % kWarp];
-  if (a.lse == nullptr) return;
+  if (a.stats == nullptr) return;
   Lanes<T> m, s;
   for (int l = 0; l < kWarp; ++l) m[l] = row_max_partial(out, a.K, y, l_y[l], l, kWarp);
   m = warp_max(m);
-  for (int l = 0; l < kWarp; ++l) s[l] = row_sumexp_partial(out, a.K, y, l_y[l], m[l], l, kWarp);
+  for (int l = 0; l < kWarp; ++l) s[l] = row_sumexp_others_partial(out, a.K, y, m[l], l, kWarp);
   s = warp_sum(s);
-  const T v = lse_from_parts(m[0], s[0]);  // lane 0 writes
-  a.lse[n] = v;
-  a.loss[n] = row_loss(v, l_y[0], d_y[0], hl_y, a.lambda);
+  T lse, q;
+  row_stats(m[0], s[0], l_y[0], lse, q);  // lane 0 writes
+  a.stats[2 * n] = lse;
+  a.stats[2 * n + 1] = q;
+  a.loss[n] = row_loss(lse, l_y[0], d_y[0], hl_y, a.lambda);
 }
 
 template <typename T>
@@ -107,6 +109,12 @@ void direct_rows_t(const Args<T>& a) {
   });
 }
 
+// d[n, kk] on the GEMM path from the expansion entry m (math::dist_gemm).
+template <typename T>
+T gemm_dist(const Args<T>& a, int64_t n, int64_t kk, T m, T c) {
+  return dist_gemm(m, c, a.x + n * a.D, a.mu + kk * a.D, a.s != nullptr ? a.s + kk * a.D : nullptr, a.D);
+}
+
 template <typename T>
 void gemm_rows_t(const Args<T>& a) {
   const int64_t K = a.K;
@@ -114,35 +122,44 @@ void gemm_rows_t(const Args<T>& a) {
     T* m = a.logits + n * K;
     const int64_t y = a.y != nullptr ? a.y[n] : -1;
     Lanes<T> d_y;
-    d_y.fill(y >= 0 ? dist_from_expansion(m[y], a.c[y]) : T(0));
+    d_y.fill(y >= 0 ? gemm_dist(a, n, y, m[y], a.c[y]) : T(0));
     for (int l = 0; l < kWarp; ++l)
       for (int64_t k = l; k < K; k += kWarp)
-        m[k] = free_logit(dist_from_expansion(m[k], a.c[k]), a.hl != nullptr ? a.hl[k] : T(0));
+        m[k] = free_logit(gemm_dist(a, n, k, m[k], a.c[k]), a.hl != nullptr ? a.hl[k] : T(0));
     row_finish(a, n, y, d_y);
   });
 }
 
 template <typename T>
 void coefficients_t(const Args<T>& a) {
-  const int64_t K = a.K;
+  const int64_t kt = a.kt, k0 = a.k0;
   for_each_warp_row(a.N, [&](int64_t n) {
-    T* gr = a.g + n * K;
-    const T* glr = a.grad_logits != nullptr ? a.grad_logits + n * K : nullptr;
-    const int64_t yn = a.y != nullptr ? a.y[n] : -1;
+    T* gr = a.g + n * kt;
+    const T* glr = a.grad_logits != nullptr ? a.grad_logits + n * a.ld_grad : nullptr;
+    const int64_t yl = a.y != nullptr ? a.y[n] - k0 : -1;
+    const bool in_tile = yl >= 0 && yl < kt;
     for (int l = 0; l < kWarp; ++l) {
-      if (a.saved_lse != nullptr) {
-        const T* lr = a.saved_logits + n * K;
-        const T lse = a.saved_lse[n], c = a.scale[n * a.scale_stride] * a.scale_mult;
-        const T p_y = prob(margin_from_free(lr[yn], a.hl != nullptr ? a.hl[yn] : T(0), a.alpha), lse);
-        for (int64_t k = l; k < K; k += kWarp) {
-          T v = k == yn ? coef_g_label(p_y, a.alpha, a.lambda, c) : coef_g_other(prob(lr[k], lse), c);
+      if (a.saved_stats != nullptr) {
+        const T* lr = a.saved_logits + n * a.ld_logits;
+        const T lse = a.saved_stats[2 * n], q = a.saved_stats[2 * n + 1];
+        const T c = a.scale[n * a.scale_stride] * a.scale_mult;
+        for (int64_t k = l; k < kt; k += kWarp) {
+          T v;
+          if (k == yl) {
+            v = coef_g_label(q, a.alpha, a.lambda, c);
+          } else {
+            const T l0 = a.c != nullptr
+                             ? free_logit(gemm_dist(a, n, k0 + k, lr[k], a.c[k]), a.hl != nullptr ? a.hl[k0 + k] : T(0))
+                             : lr[k];
+            v = coef_g_other(prob(l0, lse), c);
+          }
           if (glr != nullptr) v = coef_add_logit_grad(v, glr[k]);
           gr[k] = v;
         }
-        if (l == 0) a.r[n] = coef_r(p_y, a.alpha, c);
+        if (l == 0 && in_tile) a.r[n] = coef_r(q, a.alpha, c);
       } else {
-        for (int64_t k = l; k < K; k += kWarp) gr[k] = coef_g_logit(glr[k], k == yn, a.alpha);
-        if (l == 0) a.r[n] = yn >= 0 ? coef_r_logit(glr[yn], a.alpha) : T(0);
+        for (int64_t k = l; k < kt; k += kWarp) gr[k] = coef_g_logit(glr[k], k == yl, a.alpha);
+        if (l == 0 && in_tile) a.r[n] = coef_r_logit(glr[yl], a.alpha);
       }
     }
   });
@@ -152,11 +169,14 @@ template <typename T>
 void direct_grads_t(const Args<T>& a) {
   const int64_t N = a.N, K = a.K, D = a.D;
   // grad_x_kernel: warp per row, lanes over j.
-  for_each_warp_row(N, [&](int64_t n) {
-    for (int l = 0; l < kWarp; ++l)
-      for (int64_t j = l; j < D; j += kWarp)
-        a.gx[n * D + j] = grad_x_elem(a.g + n * K, a.x[n * D + j], a.mu + j, a.w != nullptr ? a.w + j : nullptr, K, D);
-  });
+  if (a.gx != nullptr)
+    for_each_warp_row(N, [&](int64_t n) {
+      for (int l = 0; l < kWarp; ++l)
+        for (int64_t j = l; j < D; j += kWarp)
+          a.gx[n * D + j] =
+              grad_x_elem(a.g + n * K, a.x[n * D + j], a.mu + j, a.w != nullptr ? a.w + j : nullptr, K, D);
+    });
+  if (a.gmu == nullptr && a.gs == nullptr) return;
   // class_partial_kernel: grid (K, ceil(D / kClassThreads), chunks).
   const int64_t chunks = ceil_div(N, kChunkRows);
   std::vector<T> p1(chunks * K * D), p2(chunks * K * D), ph(chunks * K);
@@ -190,7 +210,7 @@ void direct_grads_t(const Args<T>& a) {
       hs += ph[c * K + k];
     }
     const T wj = a.w != nullptr ? a.w[i] : T(1);
-    a.gmu[i] = grad_mu_final(A1, wj);
+    if (a.gmu != nullptr) a.gmu[i] = grad_mu_final(A1, wj);
     if (a.gs != nullptr) a.gs[i] = grad_log_var_final(A2, wj, hs);
   });
 }
@@ -203,7 +223,7 @@ void tables_t(const Args<T>& a) {
     for (int l = 0; l < kWarp; ++l)
       for (int64_t j = l; j < D; j += kWarp) {
         const T s = a.mu[k * D + j];
-        a.op_b[k * D + j] = inv_var(s);
+        if (a.op_b != nullptr) a.op_b[k * D + j] = inv_var(s);
         h[l] += half_logdet_term(s);
       }
     a.op_c[k] = warp_sum(h)[0];
@@ -213,17 +233,21 @@ void tables_t(const Args<T>& a) {
 template <typename T>
 void operands_t(const Args<T>& a) {
   const int64_t D = a.D;
-  for_each_grid_stride(a.N * D, [&](int64_t i) {
-    const int64_t n = i / D, j = i % D;
-    operand_a(a.x[i], a.op_a[n * 2 * D + j], a.op_a[n * 2 * D + D + j]);
-  });
-  for_each_warp_row(a.K, [&](int64_t k) {
-    Lanes<T> c{};
-    for (int l = 0; l < kWarp; ++l)
-      for (int64_t j = l; j < D; j += kWarp)
-        operand_b(a.mu[k * D + j], a.w[k * D + j], a.op_b[k * 2 * D + j], a.op_b[k * 2 * D + D + j], c[l]);
-    a.op_c[k] = warp_sum(c)[0];
-  });
+  if (a.op_a != nullptr)  // operands_a_kernel
+    for_each_grid_stride(a.N * D, [&](int64_t i) {
+      const int64_t n = i / D, j = i % D;
+      operand_a(a.x[i], a.op_a[n * 2 * D + j], a.op_a[n * 2 * D + D + j]);
+    });
+  if (a.op_b != nullptr)  // operands_b_kernel: warp per tile class
+    for_each_warp_row(a.kt, [&](int64_t k) {
+      const int64_t kk = a.k0 + k;
+      Lanes<T> c{};
+      for (int l = 0; l < kWarp; ++l)
+        for (int64_t j = l; j < D; j += kWarp)
+          operand_b(a.mu[kk * D + j], inv_var(a.s[kk * D + j]), a.op_b[k * 2 * D + j], a.op_b[k * 2 * D + D + j],
+                    c[l]);
+      a.op_c[k] = warp_sum(c)[0];
+    });
 }
 
 template <typename T>
@@ -237,84 +261,72 @@ void gemm_grad_x_t(const Args<T>& a) {
 
 template <typename T>
 void gemm_class_grads_t(Args<T> a) {
-  const int64_t K = a.K, D = a.D;
-  std::vector<T> gsum(K), hsum(K);
-  for_each_grid_stride(K, [&](int64_t k) {  // column_sums_kernel: thread per class
-    T gs = T(0), rs = T(0);
+  const int64_t kt = a.kt, k0 = a.k0, D = a.D;
+  std::vector<T> gsum(kt), hsum(kt);
+  for_each_grid_stride(kt, [&](int64_t k) {  // column_sums_kernel: thread per tile class
+    double gs = 0.0, rs = 0.0;
     for (int64_t n = 0; n < a.N; ++n) {
-      gs += a.g[n * K + k];
-      if (a.y != nullptr && a.y[n] == k) rs += a.r[n];
+      gs += static_cast<double>(a.g[n * kt + k]);
+      if (a.y != nullptr && a.y[n] == k0 + k) rs += static_cast<double>(a.r[n]);
     }
-    gsum[k] = gs;
-    hsum[k] = gs + rs;
+    gsum[k] = static_cast<T>(gs);
+    hsum[k] = static_cast<T>(gs + rs);
   });
-  for_each_grid_stride(K * D, [&](int64_t i) {  // gemm_class_kernel
-    const int64_t k = i / D, j = i % D;
+  for_each_grid_stride(kt * D, [&](int64_t i) {  // gemm_class_kernel
+    const int64_t k = i / D, j = i % D, o = k0 * D + i;
     T A1, A2;
-    class_sums_from_moments(a.moments[k * 2 * D + j], a.moments[k * 2 * D + D + j], gsum[k], a.mu[i], A1, A2);
-    a.gmu[i] = grad_mu_final(A1, a.w[i]);
-    a.gs[i] = grad_log_var_final(A2, a.w[i], hsum[k]);
+    class_sums_from_moments(a.moments[k * 2 * D + j], a.moments[k * 2 * D + D + j], gsum[k], a.mu[o], A1, A2);
+    const T wj = inv_var(a.s[o]);
+    if (a.gmu != nullptr) a.gmu[o] = grad_mu_final(A1, wj);
+    if (a.gs != nullptr) a.gs[o] = grad_log_var_final(A2, wj, hsum[k]);
   });
 }
 
 // ------------------------------------------------------------------ Backend adapters
-void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
+void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
                  Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_direct_rows", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, lse, row_loss);
-    direct_rows_t(a);
+    direct_rows_t(row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss));
   });
 }
 
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
-               Tensor& lse, Tensor& row_loss) {
+               Tensor& stats, Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_rows", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, lse, row_loss, c);
-    gemm_rows_t(a);
+    gemm_rows_t(row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c));
   });
 }
 
-void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, const Tensor& scale,
-                  int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha, double lambda,
-                  Tensor& g, Tensor& r) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_coefficients", [&] {
-    auto a = coefficient_args<scalar_t>(in, logits, lse, scale, scale_stride, scale_mult, grad_logits, alpha,
-                                        lambda, g, r);
-    coefficients_t(a);
-  });
+void coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_coefficients",
+                             [&] { coefficients_t(coefficient_args<scalar_t>(in, cf, g, r)); });
 }
 
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_direct_grads", [&] {
-    auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
-    direct_grads_t(a);
-  });
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_direct_grads",
+                             [&] { direct_grads_t(grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s)); });
 }
 
 void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "emu_class_tables", [&] { tables_t(make_table_args<scalar_t>(s, w, hl)); });
 }
 
-void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_operands", [&] {
-    auto a = operand_args<scalar_t>(in, op_a, op_b, c);
-    operands_t(a);
-  });
+void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& op_b, Tensor& c) {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_operands",
+                             [&] { operands_t(operand_args<scalar_t>(in, op_a, k0, kt, op_b, c)); });
 }
 
 void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_grad_x", [&] {
-    auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
-    gemm_grad_x_t(a);
+    gemm_grad_x_t(grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t));
   });
 }
 
-void gemm_class_grads(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
-                      Tensor& grad_s) {
+void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g, const Tensor& r,
+                      Tensor& grad_mu, Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_class_grads", [&] {
-    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s);
-    gemm_class_grads_t(a);
+    gemm_class_grads_t(grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt));
   });
 }
 

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "../args.h"
@@ -20,67 +21,122 @@ using namespace lgm_ext::math;
 using cpu::grain;
 
 // One row of logits from its distances; shared by the direct and GEMM paths.
-// dist(k) returns d[n,k].  The row is written first (free logits, or margin
-// logits when margin_out), then lse over the margin logits in two passes.
+// dist(k) returns d[n,k] (and may read the row before it is overwritten, so
+// d_y is taken first).  The row is written (free logits, or margin logits when
+// margin_out), then lse and 1 - P[n,y] over the margin logits in two passes.
 template <typename T, typename Dist>
 LGM_ALWAYS_INLINE void row_pass(const Args<T>& a, int64_t n, Dist dist) {
   const int64_t K = a.K;
   const int64_t y = a.y != nullptr ? a.y[n] : -1;
   T* out = a.logits + n * K;
-  for (int64_t k = 0; k < K; ++k) out[k] = free_logit(dist(k), a.hl != nullptr ? a.hl[k] : T(0));
+  const T d_y = y >= 0 ? dist(y) : T(0);
+  dist.fill(out);
   if (y < 0) return;
   const T hl_y = a.hl != nullptr ? a.hl[y] : T(0);
-  const T d_y = -out[y] - hl_y;
   const T l_y = margin_logit(d_y, hl_y, a.alpha);
   if (a.margin_out) out[y] = l_y;
-  if (a.lse == nullptr) return;
+  if (a.stats == nullptr) return;
   const T m = row_max_partial(out, K, y, l_y, 0, 1);
-  const T v = lse_from_parts(m, row_sumexp_partial(out, K, y, l_y, m, 0, 1));
-  a.lse[n] = v;
-  a.loss[n] = row_loss(v, l_y, d_y, hl_y, a.lambda);
+  T lse, q;
+  row_stats(m, row_sumexp_others_partial(out, K, y, m, 0, 1), l_y, lse, q);
+  a.stats[2 * n] = lse;
+  a.stats[2 * n + 1] = q;
+  a.loss[n] = row_loss(lse, l_y, d_y, hl_y, a.lambda);
+}
+
+// Direct distances of row n: dist(k) for one class, fill(out) the whole row of free logits.
+template <typename T>
+struct DirectRow {
+  const Args<T>& a;
+  const T* xr;
+  T operator()(int64_t k) const {
+    return dist_from_sqdist(sqdist_partial(xr, a.mu + k * a.D, a.w != nullptr ? a.w + k * a.D : nullptr, a.D, 0, 1));
+  }
+  void fill(T* out) const {
+    for (int64_t k = 0; k < a.K; ++k) out[k] = free_logit((*this)(k), a.hl != nullptr ? a.hl[k] : T(0));
+  }
+};
+
+// Free logits of columns [0, kt) of a tile from the expansion row m (may alias
+// out): a vectorised pass, then the rare non-finite entries again by the direct
+// formula (math::dist_gemm).  Classes are k0 + k.
+template <typename T>
+LGM_ALWAYS_INLINE void logits_from_expansion(const Args<T>& a, int64_t n, const T* m, const T* c, int64_t k0,
+                                             int64_t kt, T* out) {
+  const T* hl = a.hl != nullptr ? a.hl + k0 : nullptr;
+  const T* xr = a.x + n * a.D;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  int64_t bad = 0;
+  LGM_SIMD_SUM(bad)
+  for (int64_t k = 0; k < kt; ++k) {
+    const T mk = m[k];
+    const bool ok = is_finite(mk + c[k]);
+    bad += ok ? 0 : 1;
+    out[k] = ok ? free_logit(dist_from_expansion(mk, c[k]), hl != nullptr ? hl[k] : T(0)) : nan;  // NaN: redo below
+  }
+  if (bad == 0) return;
+  for (int64_t k = 0; k < kt; ++k) {
+    if (out[k] == out[k]) continue;
+    const int64_t kk = k0 + k;
+    const T d = dist_from_sqdist(sqdist_partial_logvar(xr, a.mu + kk * a.D, a.s != nullptr ? a.s + kk * a.D : nullptr,
+                                                       a.D, int64_t(0), int64_t(1)));
+    out[k] = free_logit(d, hl != nullptr ? hl[k] : T(0));
+  }
 }
 
 template <typename T>
-LGM_ALWAYS_INLINE void direct_rows_block_t(const Args<T>& a, int64_t b, int64_t e) {
-  const int64_t D = a.D;
-  for (int64_t n = b; n < e; ++n) {
-    const T* xr = a.x + n * D;
-    row_pass(a, n, [&](int64_t k) {
-      return dist_from_sqdist(sqdist_partial(xr, a.mu + k * D, a.w != nullptr ? a.w + k * D : nullptr, D, 0, 1));
-    });
+struct GemmRow {
+  const Args<T>& a;
+  int64_t n;
+  T* mr;
+  T operator()(int64_t k) const {
+    return dist_gemm(mr[k], a.c[k], a.x + n * a.D, a.mu + k * a.D, a.s != nullptr ? a.s + k * a.D : nullptr, a.D);
   }
+  void fill(T* out) const { logits_from_expansion(a, n, mr, a.c, 0, a.K, out); }
+};
+
+template <typename T>
+LGM_ALWAYS_INLINE void direct_rows_block_t(const Args<T>& a, int64_t b, int64_t e) {
+  for (int64_t n = b; n < e; ++n) row_pass(a, n, DirectRow<T>{a, a.x + n * a.D});
 }
 
 template <typename T>
 LGM_ALWAYS_INLINE void gemm_rows_block_t(const Args<T>& a, int64_t b, int64_t e) {
-  for (int64_t n = b; n < e; ++n) {
-    const T* mr = a.logits + n * a.K;  // entry k is read before row_pass overwrites it
-    row_pass(a, n, [&](int64_t k) { return dist_from_expansion(mr[k], a.c[k]); });
-  }
+  for (int64_t n = b; n < e; ++n) row_pass(a, n, GemmRow<T>{a, n, a.logits + n * a.K});
 }
 
+// Coefficients of the class tile [k0, k0 + kt): g (N, kt), r[n] where y_n is in the tile.
 template <typename T>
 LGM_ALWAYS_INLINE void coefficients_block_t(const Args<T>& a, int64_t b, int64_t e) {
-  const int64_t K = a.K;
+  const int64_t kt = a.kt, k0 = a.k0;
   for (int64_t n = b; n < e; ++n) {
-    T* gr = a.g + n * K;
-    const T* glr = a.grad_logits != nullptr ? a.grad_logits + n * K : nullptr;
-    const int64_t yn = a.y != nullptr ? a.y[n] : -1;
-    if (a.saved_lse != nullptr) {  // loss mode
-      const T* lr = a.saved_logits + n * K;
-      const T l = a.saved_lse[n], c = a.scale[n * a.scale_stride] * a.scale_mult;
-      const T p_y = prob(margin_from_free(lr[yn], a.hl != nullptr ? a.hl[yn] : T(0), a.alpha), l);
-      LGM_SIMD
-      for (int64_t k = 0; k < K; ++k) gr[k] = coef_g_other(prob(lr[k], l), c);
-      gr[yn] = coef_g_label(p_y, a.alpha, a.lambda, c);
+    T* gr = a.g + n * kt;
+    const T* glr = a.grad_logits != nullptr ? a.grad_logits + n * a.ld_grad : nullptr;
+    const int64_t yl = a.y != nullptr ? a.y[n] - k0 : -1;  // label's column in the tile
+    const bool in_tile = yl >= 0 && yl < kt;
+    if (a.saved_stats != nullptr) {  // loss mode
+      const T* lr = a.saved_logits + n * a.ld_logits;
+      const T lse = a.saved_stats[2 * n], q = a.saved_stats[2 * n + 1];
+      const T c = a.scale[n * a.scale_stride] * a.scale_mult;
+      if (a.c != nullptr) {  // recompute: lr holds the tile's expansion m
+        logits_from_expansion(a, n, lr, a.c, k0, kt, gr);
+        LGM_SIMD
+        for (int64_t k = 0; k < kt; ++k) gr[k] = coef_g_other(prob(gr[k], lse), c);
+      } else {
+        LGM_SIMD
+        for (int64_t k = 0; k < kt; ++k) gr[k] = coef_g_other(prob(lr[k], lse), c);
+      }
+      if (in_tile) {
+        gr[yl] = coef_g_label(q, a.alpha, a.lambda, c);
+        a.r[n] = coef_r(q, a.alpha, c);
+      }
       if (glr != nullptr) {
         LGM_SIMD
-        for (int64_t k = 0; k < K; ++k) gr[k] = coef_add_logit_grad(gr[k], glr[k]);
+        for (int64_t k = 0; k < kt; ++k) gr[k] = coef_add_logit_grad(gr[k], glr[k]);
       }
-      a.r[n] = coef_r(p_y, a.alpha, c);
     } else {  // logits mode
-      for (int64_t k = 0; k < K; ++k) gr[k] = coef_g_logit(glr[k], k == yn, a.alpha);
-      a.r[n] = yn >= 0 ? coef_r_logit(glr[yn], a.alpha) : T(0);
+      for (int64_t k = 0; k < kt; ++k) gr[k] = coef_g_logit(glr[k], k == yl, a.alpha);
+      if (in_tile) a.r[n] = coef_r_logit(glr[yl], a.alpha);
     }
   }
 }
@@ -98,28 +154,38 @@ LGM_ALWAYS_INLINE void grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
   }
 }
 
-// Per-class sums of the coefficients, one row-major pass over g (a column walk
-// would miss the cache on every element): gsum[k] = sum_n g[n,k] (when gsum is
-// given) and hsum[k] = sum_n g[n,k] + sum_{n: y_n = k} r[n], the log-det coefficient.
+// Per-class sums of the coefficients of a tile (kt columns, classes k0 + k),
+// one row-major pass over g (a column walk would miss the cache on every
+// element): gsum[k] = sum_n g[n,k] (when gsum is given) and
+// hsum[k] = sum_n g[n,k] + sum_{n: y_n = k0 + k} r[n], the log-det coefficient.
+// (The sums are accumulated in double: gsum is multiplied by mu and subtracted
+// from the GEMM's sum_n g x, so its rounding would not cancel.)
 template <typename T>
 void coefficient_column_sums(const Args<T>& a, T* gsum, T* hsum) {
-  std::fill(hsum, hsum + a.K, T(0));
+  const int64_t kt = a.kt;
+  std::vector<double> acc(kt, 0.0);
   for (int64_t n = 0; n < a.N; ++n) {
-    const T* gr = a.g + n * a.K;
+    const T* gr = a.g + n * kt;
     LGM_SIMD
-    for (int64_t k = 0; k < a.K; ++k) hsum[k] += gr[k];
+    for (int64_t k = 0; k < kt; ++k) acc[k] += static_cast<double>(gr[k]);
   }
-  if (gsum != nullptr) std::copy(hsum, hsum + a.K, gsum);
+  if (gsum != nullptr)
+    for (int64_t k = 0; k < kt; ++k) gsum[k] = static_cast<T>(acc[k]);
   if (a.y != nullptr)
-    for (int64_t n = 0; n < a.N; ++n) hsum[a.y[n]] += a.r[n];
+    for (int64_t n = 0; n < a.N; ++n) {
+      const int64_t yl = a.y[n] - a.k0;
+      if (yl >= 0 && yl < kt) acc[yl] += static_cast<double>(a.r[n]);
+    }
+  for (int64_t k = 0; k < kt; ++k) hsum[k] = static_cast<T>(acc[k]);
 }
 
-template <typename T>
-LGM_ALWAYS_INLINE void class_final(const Args<T>& a, int64_t k, const T* A1, const T* A2, T hsum) {
+// Class k's gradients from its sample sums A1, A2 (w[j] = w_of(j)).
+template <typename T, typename W>
+LGM_ALWAYS_INLINE void class_final(const Args<T>& a, int64_t k, const T* A1, const T* A2, T hsum, W w_of) {
   const int64_t D = a.D;
   for (int64_t j = 0; j < D; ++j) {
-    const T wj = a.w != nullptr ? a.w[k * D + j] : T(1);
-    a.gmu[k * D + j] = grad_mu_final(A1[j], wj);
+    const T wj = w_of(j);
+    if (a.gmu != nullptr) a.gmu[k * D + j] = grad_mu_final(A1[j], wj);
     if (a.gs != nullptr) a.gs[k * D + j] = grad_log_var_final(A2[j], wj, hsum);
   }
 }
@@ -141,7 +207,7 @@ LGM_ALWAYS_INLINE void class_block_t(const Args<T>& a, int64_t b, int64_t e) {
       LGM_SIMD
       for (int64_t j = 0; j < D; ++j) class_accum(A1[j], A2[j], gk, xr[j], muk[j]);
     }
-    class_final(a, k, A1, A2, a.hsum[k]);
+    class_final(a, k, A1, A2, a.hsum[k], [&](int64_t j) { return a.w != nullptr ? a.w[k * D + j] : T(1); });
   }
 }
 
@@ -151,13 +217,14 @@ LGM_ALWAYS_INLINE void tables_block_t(const Args<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
   for (int64_t k = b; k < e; ++k) {
     const T* sk = a.mu + k * D;
-    T* wk = a.op_b + k * D;
+    T* wk = a.op_b != nullptr ? a.op_b + k * D : nullptr;
     T h = T(0);
-    LGM_SIMD_SUM(h)
-    for (int64_t j = 0; j < D; ++j) {
-      wk[j] = inv_var(sk[j]);
-      h += half_logdet_term(sk[j]);
+    if (wk != nullptr) {
+      LGM_SIMD
+      for (int64_t j = 0; j < D; ++j) wk[j] = inv_var(sk[j]);
     }
+    LGM_SIMD_SUM(h)
+    for (int64_t j = 0; j < D; ++j) h += half_logdet_term(sk[j]);
     a.op_c[k] = h;
   }
 }
@@ -173,15 +240,16 @@ LGM_ALWAYS_INLINE void operands_a_block_t(const Args<T>& a, int64_t b, int64_t e
   }
 }
 
+// Operand b and c of the tile's classes k0 + k, k in [b, e); w = exp(-log_var) computed here.
 template <typename T>
 LGM_ALWAYS_INLINE void operands_b_block_t(const Args<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
   for (int64_t k = b; k < e; ++k) {
-    const T *muk = a.mu + k * D, *wk = a.w + k * D;
+    const T *muk = a.mu + (a.k0 + k) * D, *sk = a.s + (a.k0 + k) * D;
     T* br = a.op_b + k * 2 * D;
     T c = T(0);
     LGM_SIMD_SUM(c)
-    for (int64_t j = 0; j < D; ++j) operand_b(muk[j], wk[j], br[j], br[D + j], c);
+    for (int64_t j = 0; j < D; ++j) operand_b(muk[j], inv_var(sk[j]), br[j], br[D + j], c);
     a.op_c[k] = c;
   }
 }
@@ -197,6 +265,7 @@ LGM_ALWAYS_INLINE void gemm_grad_x_block_t(const Args<T>& a, int64_t b, int64_t 
   }
 }
 
+// Gradient rows of the tile's classes k0 + k, k in [b, e), from its moments (kt, 2D).
 template <typename T>
 LGM_ALWAYS_INLINE void gemm_class_block_t(const Args<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
@@ -204,11 +273,12 @@ LGM_ALWAYS_INLINE void gemm_class_block_t(const Args<T>& a, int64_t b, int64_t e
   T* A1 = a1v.data();
   T* A2 = a2v.data();
   for (int64_t k = b; k < e; ++k) {
-    const T *sr = a.moments + k * 2 * D, *muk = a.mu + k * D;
+    const int64_t kk = a.k0 + k;
+    const T *sr = a.moments + k * 2 * D, *muk = a.mu + kk * D, *sk = a.s + kk * D;
     const T gsum = a.gsum[k];
     LGM_SIMD
     for (int64_t j = 0; j < D; ++j) class_sums_from_moments(sr[j], sr[D + j], gsum, muk[j], A1[j], A2[j]);
-    class_final(a, k, A1, A2, a.hsum[k]);
+    class_final(a, kk, A1, A2, a.hsum[k], [&](int64_t j) { return inv_var(sk[j]); });
   }
 }
 
@@ -228,29 +298,26 @@ LGM_CPU_BLOCK(gemm_grad_x_block)
 LGM_CPU_BLOCK(gemm_class_block)
 #undef LGM_CPU_BLOCK
 
-void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
+void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
                  Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_rows", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, lse, row_loss);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss);
     at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { direct_rows_block(a, b, e); });
   });
 }
 
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
-               Tensor& lse, Tensor& row_loss) {
+               Tensor& stats, Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_rows", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, lse, row_loss, c);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c);
     at::parallel_for(0, in.N, grain(8 * in.K), [&](int64_t b, int64_t e) { gemm_rows_block(a, b, e); });
   });
 }
 
-void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, const Tensor& scale,
-                  int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha, double lambda,
-                  Tensor& g, Tensor& r) {
+void coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_coefficients", [&] {
-    auto a = coefficient_args<scalar_t>(in, logits, lse, scale, scale_stride, scale_mult, grad_logits, alpha,
-                                        lambda, g, r);
-    at::parallel_for(0, in.N, grain(8 * in.K), [&](int64_t b, int64_t e) { coefficients_block(a, b, e); });
+    auto a = coefficient_args<scalar_t>(in, cf, g, r);
+    at::parallel_for(0, in.N, grain(8 * cf.kt), [&](int64_t b, int64_t e) { coefficients_block(a, b, e); });
   });
 }
 
@@ -258,12 +325,15 @@ void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& gr
                   Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_grads", [&] {
     auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
-    std::vector<scalar_t> hsum(in.K);
-    coefficient_column_sums(a, static_cast<scalar_t*>(nullptr), hsum.data());
-    a.hsum = hsum.data();
     // dL/dx: rows in parallel.  dL/dmu, dL/dlog_var: classes in parallel.
-    at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { grad_x_block(a, b, e); });
-    at::parallel_for(0, in.K, grain(in.N * in.D), [&](int64_t b, int64_t e) { class_block(a, b, e); });
+    if (a.gx != nullptr)
+      at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { grad_x_block(a, b, e); });
+    if (a.gmu != nullptr || a.gs != nullptr) {
+      std::vector<scalar_t> hsum(in.K);
+      coefficient_column_sums(a, static_cast<scalar_t*>(nullptr), hsum.data());
+      a.hsum = hsum.data();
+      at::parallel_for(0, in.K, grain(in.N * in.D), [&](int64_t b, int64_t e) { class_block(a, b, e); });
+    }
   });
 }
 
@@ -274,11 +344,13 @@ void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
   });
 }
 
-void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
+void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& op_b, Tensor& c) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_operands", [&] {
-    auto a = operand_args<scalar_t>(in, op_a, op_b, c);
-    at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { operands_a_block(a, b, e); });
-    at::parallel_for(0, in.K, grain(4 * in.D), [&](int64_t b, int64_t e) { operands_b_block(a, b, e); });
+    auto a = operand_args<scalar_t>(in, op_a, k0, kt, op_b, c);
+    if (a.op_a != nullptr)
+      at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { operands_a_block(a, b, e); });
+    if (a.op_b != nullptr)
+      at::parallel_for(0, kt, grain(16 * in.D), [&](int64_t b, int64_t e) { operands_b_block(a, b, e); });
   });
 }
 
@@ -289,14 +361,14 @@ void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
   });
 }
 
-void gemm_class_grads(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
-                      Tensor& grad_s) {
+void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g, const Tensor& r,
+                      Tensor& grad_mu, Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_class_grads", [&] {
-    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s);
-    std::vector<scalar_t> gsum(in.K), hsum(in.K);
+    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt);
+    std::vector<scalar_t> gsum(kt), hsum(kt);
     coefficient_column_sums(a, gsum.data(), hsum.data());
     a.gsum = gsum.data(), a.hsum = hsum.data();
-    at::parallel_for(0, in.K, grain(8 * in.D), [&](int64_t b, int64_t e) { gemm_class_block(a, b, e); });
+    at::parallel_for(0, kt, grain(16 * in.D), [&](int64_t b, int64_t e) { gemm_class_block(a, b, e); });
   });
 }
 

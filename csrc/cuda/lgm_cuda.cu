@@ -45,7 +45,7 @@ __device__ __forceinline__ int64_t warp_row() {
 
 // ------------------------------------------------------------------ row kernels: one warp per row
 // The row's logits are written (free logits; lane k % 32 writes entry k), then
-// the labelled entry gets its margin and the warp computes lse and the loss.
+// the labelled entry gets its margin and the warp computes lse, 1 - P[n,y] and the loss.
 template <typename T>
 __device__ __forceinline__ void row_finish(const Args<T>& a, int64_t n, int lane, int64_t y, T d_y) {
   if (y < 0) return;
@@ -53,13 +53,16 @@ __device__ __forceinline__ void row_finish(const Args<T>& a, int64_t n, int lane
   const T hl_y = a.hl != nullptr ? a.hl[y] : T(0);
   const T l_y = margin_logit(d_y, hl_y, a.alpha);
   if (a.margin_out && lane == y % kWarp) out[y] = l_y;
-  if (a.lse == nullptr) return;
+  if (a.stats == nullptr) return;
+  __syncwarp();  // every lane's logits are written before the row is read
   const T m = warp_max(row_max_partial(out, a.K, y, l_y, lane, kWarp));
-  const T s = warp_sum(row_sumexp_partial(out, a.K, y, l_y, m, lane, kWarp));
+  const T others = warp_sum(row_sumexp_others_partial(out, a.K, y, m, lane, kWarp));
   if (lane == 0) {
-    const T v = lse_from_parts(m, s);
-    a.lse[n] = v;
-    a.loss[n] = row_loss(v, l_y, d_y, hl_y, a.lambda);
+    T lse, q;
+    row_stats(m, others, l_y, lse, q);
+    a.stats[2 * n] = lse;
+    a.stats[2 * n + 1] = q;
+    a.loss[n] = row_loss(lse, l_y, d_y, hl_y, a.lambda);
   }
 }
 
@@ -82,6 +85,13 @@ __global__ void direct_rows_kernel(Args<T> a) {
   row_finish(a, n, lane, y, d_y);
 }
 
+// d[n, kk] on the GEMM path from the expansion entry m (math::dist_gemm: the
+// rare non-finite entry is recomputed by this lane alone).
+template <typename T>
+__device__ __forceinline__ T gemm_dist(const Args<T>& a, int64_t n, int64_t kk, T m, T c) {
+  return dist_gemm(m, c, a.x + n * a.D, a.mu + kk * a.D, a.s != nullptr ? a.s + kk * a.D : nullptr, a.D);
+}
+
 template <typename T>
 __global__ void gemm_rows_kernel(Args<T> a) {
   const int lane = threadIdx.x;
@@ -90,34 +100,45 @@ __global__ void gemm_rows_kernel(Args<T> a) {
   const int64_t K = a.K;
   T* m = a.logits + n * K;
   const int64_t y = a.y != nullptr ? a.y[n] : -1;
-  const T d_y = y >= 0 ? dist_from_expansion(m[y], a.c[y]) : T(0);
+  const T d_y = y >= 0 ? gemm_dist(a, n, y, m[y], a.c[y]) : T(0);
   __syncwarp();  // every lane has read m[y] before it is overwritten
-  for (int64_t k = lane; k < K; k += kWarp) m[k] = free_logit(dist_from_expansion(m[k], a.c[k]), a.hl != nullptr ? a.hl[k] : T(0));
+  for (int64_t k = lane; k < K; k += kWarp)
+    m[k] = free_logit(gemm_dist(a, n, k, m[k], a.c[k]), a.hl != nullptr ? a.hl[k] : T(0));
   row_finish(a, n, lane, y, d_y);
 }
 
+// Coefficients of the class tile [k0, k0 + kt): one warp per row, lanes over the tile.
 template <typename T>
 __global__ void coefficients_kernel(Args<T> a) {
   const int lane = threadIdx.x;
   const int64_t n = warp_row();
   if (n >= a.N) return;
-  const int64_t K = a.K;
-  T* gr = a.g + n * K;
-  const T* glr = a.grad_logits != nullptr ? a.grad_logits + n * K : nullptr;
-  const int64_t yn = a.y != nullptr ? a.y[n] : -1;
-  if (a.saved_lse != nullptr) {
-    const T* lr = a.saved_logits + n * K;
-    const T l = a.saved_lse[n], c = a.scale[n * a.scale_stride] * a.scale_mult;
-    const T p_y = prob(margin_from_free(lr[yn], a.hl != nullptr ? a.hl[yn] : T(0), a.alpha), l);
-    for (int64_t k = lane; k < K; k += kWarp) {
-      T v = k == yn ? coef_g_label(p_y, a.alpha, a.lambda, c) : coef_g_other(prob(lr[k], l), c);
+  const int64_t kt = a.kt, k0 = a.k0;
+  T* gr = a.g + n * kt;
+  const T* glr = a.grad_logits != nullptr ? a.grad_logits + n * a.ld_grad : nullptr;
+  const int64_t yl = a.y != nullptr ? a.y[n] - k0 : -1;
+  const bool in_tile = yl >= 0 && yl < kt;
+  if (a.saved_stats != nullptr) {
+    const T* lr = a.saved_logits + n * a.ld_logits;
+    const T lse = a.saved_stats[2 * n], q = a.saved_stats[2 * n + 1];
+    const T c = a.scale[n * a.scale_stride] * a.scale_mult;
+    for (int64_t k = lane; k < kt; k += kWarp) {
+      T v;
+      if (k == yl) {
+        v = coef_g_label(q, a.alpha, a.lambda, c);
+      } else {
+        const T l0 = a.c != nullptr
+                         ? free_logit(gemm_dist(a, n, k0 + k, lr[k], a.c[k]), a.hl != nullptr ? a.hl[k0 + k] : T(0))
+                         : lr[k];
+        v = coef_g_other(prob(l0, lse), c);
+      }
       if (glr != nullptr) v = coef_add_logit_grad(v, glr[k]);
       gr[k] = v;
     }
-    if (lane == 0) a.r[n] = coef_r(p_y, a.alpha, c);
+    if (lane == 0 && in_tile) a.r[n] = coef_r(q, a.alpha, c);
   } else {
-    for (int64_t k = lane; k < K; k += kWarp) gr[k] = coef_g_logit(glr[k], k == yn, a.alpha);
-    if (lane == 0) a.r[n] = yn >= 0 ? coef_r_logit(glr[yn], a.alpha) : T(0);
+    for (int64_t k = lane; k < kt; k += kWarp) gr[k] = coef_g_logit(glr[k], k == yl, a.alpha);
+    if (lane == 0 && in_tile) a.r[n] = coef_r_logit(glr[yl], a.alpha);
   }
 }
 
@@ -131,7 +152,7 @@ __global__ void grad_x_kernel(Args<T> a) {
     a.gx[n * D + j] = grad_x_elem(a.g + n * K, a.x[n * D + j], a.mu + j, a.w != nullptr ? a.w + j : nullptr, K, D);
 }
 
-// Class tables: one warp per class, lanes over j.
+// Class tables: one warp per class, lanes over j (w skipped when op_b is null).
 template <typename T>
 __global__ void tables_kernel(Args<T> a) {
   const int lane = threadIdx.x;
@@ -141,7 +162,7 @@ __global__ void tables_kernel(Args<T> a) {
   T h = T(0);
   for (int64_t j = lane; j < D; j += kWarp) {
     const T s = a.mu[k * D + j];
-    a.op_b[k * D + j] = inv_var(s);
+    if (a.op_b != nullptr) a.op_b[k * D + j] = inv_var(s);
     h += half_logdet_term(s);
   }
   h = warp_sum(h);
@@ -188,7 +209,7 @@ __global__ void class_finalize_kernel(Args<T> a, const T* p1, const T* p2, const
       hs += ph[c * K + k];
     }
     const T wj = a.w != nullptr ? a.w[i] : T(1);
-    a.gmu[i] = grad_mu_final(A1, wj);
+    if (a.gmu != nullptr) a.gmu[i] = grad_mu_final(A1, wj);
     if (a.gs != nullptr) a.gs[i] = grad_log_var_final(A2, wj, hs);
   }
 }
@@ -204,15 +225,16 @@ __global__ void operands_a_kernel(Args<T> a) {
   }
 }
 
+// Operand b and c of the tile's classes: one warp per class k0 + k.
 template <typename T>
 __global__ void operands_b_kernel(Args<T> a) {
   const int lane = threadIdx.x;
   const int64_t k = warp_row();
-  if (k >= a.K) return;
-  const int64_t D = a.D;
+  if (k >= a.kt) return;
+  const int64_t D = a.D, kk = a.k0 + k;
   T c = T(0);
   for (int64_t j = lane; j < D; j += kWarp)
-    operand_b(a.mu[k * D + j], a.w[k * D + j], a.op_b[k * 2 * D + j], a.op_b[k * 2 * D + D + j], c);
+    operand_b(a.mu[kk * D + j], inv_var(a.s[kk * D + j]), a.op_b[k * 2 * D + j], a.op_b[k * 2 * D + D + j], c);
   c = warp_sum(c);
   if (lane == 0) a.op_c[k] = c;
 }
@@ -227,31 +249,33 @@ __global__ void gemm_grad_x_kernel(Args<T> a) {
   }
 }
 
-// Column sums of g (thread per class; consecutive threads read consecutive k).
+// Column sums of the tile's g (thread per tile class; consecutive threads read consecutive k).
 template <typename T>
 __global__ void column_sums_kernel(Args<T> a, T* gsum, T* hsum) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= a.K) return;
-  T gs = T(0), rs = T(0);
+  if (k >= a.kt) return;
+  // Accumulated in double: gsum is multiplied by mu and subtracted from the GEMM's sum_n g x.
+  double gs = 0.0, rs = 0.0;
   for (int64_t n = 0; n < a.N; ++n) {
-    gs += a.g[n * a.K + k];
-    if (a.y != nullptr && a.y[n] == k) rs += a.r[n];
+    gs += static_cast<double>(a.g[n * a.kt + k]);
+    if (a.y != nullptr && a.y[n] == a.k0 + k) rs += static_cast<double>(a.r[n]);
   }
-  gsum[k] = gs;
-  hsum[k] = gs + rs;
+  gsum[k] = static_cast<T>(gs);
+  hsum[k] = static_cast<T>(gs + rs);
 }
 
+// Gradient rows of the tile's classes from its moments (kt, 2D).
 template <typename T>
 __global__ void gemm_class_kernel(Args<T> a) {
-  const int64_t K = a.K, D = a.D;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < K * D;
+  const int64_t kt = a.kt, D = a.D;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < kt * D;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t k = i / D, j = i % D;
+    const int64_t k = i / D, j = i % D, o = a.k0 * D + i;
     T A1, A2;
-    class_sums_from_moments(a.moments[k * 2 * D + j], a.moments[k * 2 * D + D + j], a.gsum[k], a.mu[i], A1, A2);
-    const T wj = a.w[i];
-    a.gmu[i] = grad_mu_final(A1, wj);
-    a.gs[i] = grad_log_var_final(A2, wj, a.hsum[k]);
+    class_sums_from_moments(a.moments[k * 2 * D + j], a.moments[k * 2 * D + D + j], a.gsum[k], a.mu[o], A1, A2);
+    const T wj = inv_var(a.s[o]);
+    if (a.gmu != nullptr) a.gmu[o] = grad_mu_final(A1, wj);
+    if (a.gs != nullptr) a.gs[o] = grad_log_var_final(A2, wj, a.hsum[k]);
   }
 }
 
@@ -265,30 +289,27 @@ unsigned elem_grid(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>(kMaxBlocks, std::max<int64_t>(1, ceil_div(n, kThreads))));
 }
 
-void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& lse,
+void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
                  Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_rows_cuda", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, lse, row_loss);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss);
     direct_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
-               Tensor& lse, Tensor& row_loss) {
+               Tensor& stats, Tensor& row_loss) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_rows_cuda", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, lse, row_loss, c);
+    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c);
     gemm_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void coefficients(const Inputs& in, const Tensor& logits, const Tensor& lse, const Tensor& scale,
-                  int64_t scale_stride, double scale_mult, const Tensor& grad_logits, double alpha, double lambda,
-                  Tensor& g, Tensor& r) {
+void coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_coefficients_cuda", [&] {
-    auto a = coefficient_args<scalar_t>(in, logits, lse, scale, scale_stride, scale_mult, grad_logits, alpha,
-                                        lambda, g, r);
+    auto a = coefficient_args<scalar_t>(in, cf, g, r);
     coefficients_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -298,8 +319,11 @@ void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& gr
                   Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_grads_cuda", [&] {
     auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
-    grad_x_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (a.gx != nullptr) {
+      grad_x_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (a.gmu == nullptr && a.gs == nullptr) return;
     const int64_t chunks = ceil_div(in.N, kChunkRows);
     Tensor p = at::empty({2, chunks, in.K, in.D}, in.x.options());
     Tensor ph = at::empty({chunks, in.K}, in.x.options());
@@ -323,13 +347,17 @@ void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
   });
 }
 
-void gemm_operands(const Inputs& in, Tensor& op_a, Tensor& op_b, Tensor& c) {
+void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& op_b, Tensor& c) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_operands_cuda", [&] {
-    auto a = operand_args<scalar_t>(in, op_a, op_b, c);
-    operands_a_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    operands_b_kernel<scalar_t><<<row_grid(in.K), kRowBlock, 0, stream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto a = operand_args<scalar_t>(in, op_a, k0, kt, op_b, c);
+    if (a.op_a != nullptr) {
+      operands_a_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (a.op_b != nullptr) {
+      operands_b_kernel<scalar_t><<<row_grid(kt), kRowBlock, 0, stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 
@@ -341,16 +369,16 @@ void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
   });
 }
 
-void gemm_class_grads(const Inputs& in, const Tensor& s, const Tensor& g, const Tensor& r, Tensor& grad_mu,
-                      Tensor& grad_s) {
+void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g, const Tensor& r,
+                      Tensor& grad_mu, Tensor& grad_s) {
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_class_grads_cuda", [&] {
-    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s);
-    Tensor sums = at::empty({2, in.K}, in.x.options());
+    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt);
+    Tensor sums = at::empty({2, kt}, in.x.options());
     scalar_t* gsum = sums.data_ptr<scalar_t>();
-    column_sums_kernel<scalar_t><<<elem_grid(in.K), kThreads, 0, stream()>>>(a, gsum, gsum + in.K);
+    column_sums_kernel<scalar_t><<<elem_grid(kt), kThreads, 0, stream()>>>(a, gsum, gsum + kt);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    a.gsum = gsum, a.hsum = gsum + in.K;
-    gemm_class_kernel<scalar_t><<<elem_grid(in.K * in.D), kThreads, 0, stream()>>>(a);
+    a.gsum = gsum, a.hsum = gsum + kt;
+    gemm_class_kernel<scalar_t><<<elem_grid(kt * in.D), kThreads, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -34,15 +34,17 @@ namespace math {
 // Branch-free float exp for host loops, so `omp simd` loops that call it
 // vectorise (libm's expf is a scalar call).  Range reduction x = n ln2 + r,
 // |r| <= ln2/2, then a degree-6 minimax polynomial for e^r (Cephes
-// coefficients); max error ~2 ulp over the normal range.  Inputs below -87.3
-// are clamped (callers flush those to 0 anyway via safe_exp).
+// coefficients); max error ~2 ulp over the normal range.  Full range, never
+// clamped: 2^n is applied as 2^n1 * 2^n2 (each a normal float) so results
+// below FLT_MIN round once into denormals (or 0 below ~-103.9), results above
+// FLT_MAX overflow to +inf, and NaN stays NaN -- exactly like expf.
 inline float fast_expf(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);  // exp(-104) rounds to 0, exp(89) to inf
   // round(x log2 e) without std::floor (which blocks vectorisation): adding
   // and subtracting 1.5 * 2^23 rounds to the nearest integer (|x log2 e| < 2^22).
   const float shifter = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + shifter) - shifter;
-  float r = x - n * 0.693359375f;
+  const float n = (xc * 1.44269504088896341f + shifter) - shifter;
+  float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -51,8 +53,10 @@ inline float fast_expf(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);  // 2^n
+  const int32_t ni = static_cast<int32_t>(n);  // in [-150, 129]
+  const int32_t n1 = ni >> 1, n2 = ni - n1;     // each in [-75, 65]: 2^n1, 2^n2 are normal
+  const float v = p * __builtin_bit_cast(float, (n1 + 127) << 23) * __builtin_bit_cast(float, (n2 + 127) << 23);
+  return x != x ? x : v;
 }
 #endif
 
@@ -113,8 +117,20 @@ LGM_HD T flush_denormal(T v) {
   return (v < tiny && v > -tiny) ? T(0) : v;
 }
 
+// True for finite v (false for +-inf and NaN), without libm (vectorisable).
+template <typename T>
+LGM_HD bool is_finite(T v) {
+  const T z = v - v;  // 0 for finite v, NaN otherwise
+  return z == z;
+}
+
 // ---------------------------------------------------------------- class tables
 // w = exp(-log_var) (inverse variance); hl = sum_j half_logdet_term(log_var_j).
+// exp is full range (never clamped): for float32, |log_var| <= 87 keeps w a
+// normal number (full precision); beyond it w is a denormal / 0 (log_var >
+// 87.3) or +inf (log_var < -88.7), exactly as the SPEC formula evaluated in
+// plain float32 PyTorch -- distances then lose precision, or become inf (NaN
+// where x == mu exactly).  See README "Numerics".
 template <typename T>
 LGM_HD T inv_var(T s) {
   return exp_(-s);
@@ -190,11 +206,30 @@ LGM_HD T dist_from_sqdist(T sq) {
 }
 
 // d from the GEMM expansion: m = sum_j x^2 w - 2 x mu w (one GEMM), c = sum_j mu^2 w.
-// The expansion cancels when x ~ mu, so it is clamped at 0.
+// The expansion cancels when x ~ mu, so it is clamped at 0 (NaN stays NaN).
 template <typename T>
 LGM_HD T dist_from_expansion(T m, T c) {
   const T d = T(0.5) * (m + c);
-  return d > T(0) ? d : T(0);
+  return d < T(0) ? T(0) : d;
+}
+
+// Partial squared distance with w computed from log_var s on the fly (s ==
+// nullptr: identity), same terms as sqdist_partial over a class table.
+template <typename T>
+LGM_HD T sqdist_partial_logvar(const T* x, const T* mu, const T* s, int64_t D, int64_t start, int64_t stride) {
+  T acc = T(0);
+  for (int64_t j = start; j < D; j += stride) acc += sqdist_term(x[j], mu[j], s != nullptr ? inv_var(s[j]) : T(1));
+  return acc;
+}
+
+// d[n,k] on the GEMM path.  Where the expansion is not finite (an inf/NaN
+// operand, or overflow of x^2 w or mu^2 w) it says nothing about d -- inf - inf
+// is NaN even when the direct sum is +inf -- so that entry is recomputed by the
+// direct formula (serially over j; rare), which gives what plain PyTorch gives.
+template <typename T>
+LGM_HD T dist_gemm(T m, T c, const T* x, const T* mu, const T* s, int64_t D) {
+  if (is_finite(m + c)) return dist_from_expansion(m, c);
+  return dist_from_sqdist(sqdist_partial_logvar(x, mu, s, D, 0, 1));
 }
 
 // ---------------------------------------------------------------- logits
@@ -210,17 +245,14 @@ LGM_HD T margin_logit(T d, T hl, T alpha) {
   return -(T(1) + alpha) * d - hl;
 }
 
-// The margin logit recovered from the margin-free one (d = -l0 - hl).
-template <typename T>
-LGM_HD T margin_from_free(T l0, T hl, T alpha) {
-  return (T(1) + alpha) * l0 + alpha * hl;
-}
-
 // ---------------------------------------------------------------- logsumexp
 // Two passes over a row of logits l[0..K) whose labelled entry y is replaced
 // by l_y (the margin logit; y < 0: none).  Partial over k = start, start+stride,
 // ...: a CPU row runs (0, 1), a CUDA lane (lane, 32) followed by a warp max /
-// sum.  lse = m + log(sum_k exp(l_k - m)).
+// sum.  The sum leaves out the labelled entry: with e_y = exp(l_y - m),
+//   lse = m + log(others + e_y),   1 - P[n,y] = others / (others + e_y),
+// so 1 - P[n,y] is exact to rounding even when the labelled class dominates
+// (rebuilding it as 1 - exp(l_y - lse) would carry the rounding of lse).
 template <typename T>
 LGM_HD T row_max_partial(const T* l, int64_t K, int64_t y, T l_y, int64_t start, int64_t stride) {
   T m = neg_inf<T>();
@@ -231,56 +263,22 @@ LGM_HD T row_max_partial(const T* l, int64_t K, int64_t y, T l_y, int64_t start,
   return m;
 }
 
+// sum over k != y of exp(l_k - m).
 template <typename T>
-LGM_HD T row_sumexp_partial(const T* l, int64_t K, int64_t y, T l_y, T m, int64_t start, int64_t stride) {
+LGM_HD T row_sumexp_others_partial(const T* l, int64_t K, int64_t y, T m, int64_t start, int64_t stride) {
   T acc = T(0);
   LGM_SIMD_SUM(acc)
-  for (int64_t k = start; k < K; k += stride) acc += safe_exp((k == y ? l_y : l[k]) - m);
+  for (int64_t k = start; k < K; k += stride) acc += k == y ? T(0) : safe_exp(l[k] - m);
   return acc;
 }
 
+// Row statistics from the max m, the others' sum and the labelled logit:
+// lse and q = 1 - P[n,y] (what the backward needs per row).
 template <typename T>
-LGM_HD T lse_from_parts(T m, T sumexp) {
-  return m + log_(sumexp);
-}
-
-// Online logsumexp: a running maximum and the sum of exp(v - max).
-template <typename T>
-struct Lse {
-  T m;
-  T s;
-};
-
-template <typename T>
-LGM_HD Lse<T> lse_init() {
-  return Lse<T>{neg_inf<T>(), T(0)};
-}
-
-template <typename T>
-LGM_HD void lse_push(Lse<T>& a, T v) {
-  if (v > a.m) {
-    a.s = a.s * safe_exp(a.m - v) + T(1);
-    a.m = v;
-  } else if (v != neg_inf<T>()) {
-    a.s += safe_exp(v - a.m);
-  }
-}
-
-// Merge of two partial states (a warp butterfly step, or two CPU chunks).
-template <typename T>
-LGM_HD Lse<T> lse_combine(Lse<T> a, Lse<T> b) {
-  if (b.m > a.m) {
-    const Lse<T> t = a;
-    a = b;
-    b = t;
-  }
-  if (b.m == neg_inf<T>()) return a;
-  return Lse<T>{a.m, a.s + b.s * safe_exp(b.m - a.m)};
-}
-
-template <typename T>
-LGM_HD T lse_value(Lse<T> a) {
-  return a.m + log_(a.s);
+LGM_HD void row_stats(T m, T others, T l_y, T& lse, T& q) {
+  const T total = others + safe_exp(l_y - m);
+  lse = m + log_(total);
+  q = others / total;
 }
 
 // ---------------------------------------------------------------- loss
@@ -297,10 +295,11 @@ LGM_HD T prob(T logit, T lse) {
   return safe_exp(logit - lse);
 }
 
-// g[n,k] = dL[n]/dd[n,k], scaled by c (incoming gradient, 1/N for "mean").
+// g[n,k] = dL[n]/dd[n,k], scaled by c (incoming gradient, 1/N for "mean");
+// q = 1 - P[n,y] from the forward's row statistics.
 template <typename T>
-LGM_HD T coef_g_label(T p_y, T alpha, T lambda, T c) {
-  return c * ((T(1) + alpha) * (T(1) - p_y) + lambda);
+LGM_HD T coef_g_label(T q, T alpha, T lambda, T c) {
+  return c * ((T(1) + alpha) * q + lambda);
 }
 
 template <typename T>
@@ -311,8 +310,8 @@ LGM_HD T coef_g_other(T p_k, T c) {
 // The log-det coefficient h equals g except in the labelled column, where
 // h_y - g_y = -alpha (1 - p_y): r carries that difference, scaled by c.
 template <typename T>
-LGM_HD T coef_r(T p_y, T alpha, T c) {
-  return -c * alpha * (T(1) - p_y);
+LGM_HD T coef_r(T q, T alpha, T c) {
+  return -c * alpha * q;
 }
 
 // A gradient reaching the margin-free logits adds to both coefficients:
@@ -383,18 +382,29 @@ LGM_HD T grad_log_var_final(T a2, T w, T hsum) {
 }
 
 // ---------------------------------------------------------------- PGD step
+// sign with sign(0) = 0 (and sign(NaN) = 0, as torch.sign).
 template <typename T>
 LGM_HD T sign0(T g) {
   return T((g > T(0)) - (g < T(0)));
 }
 
-// clip_[lo,hi]( clip_[x0-eps, x0+eps]( x + alpha sign(g) ) )
+// max / min that return NaN when either operand is NaN (as torch.maximum / minimum).
+template <typename T>
+LGM_HD T max_nan(T v, T b) {
+  return (v < b || b != b) ? b : v;
+}
+
+template <typename T>
+LGM_HD T min_nan(T v, T b) {
+  return (v > b || b != b) ? b : v;
+}
+
+// clip_[lo,hi]( clip_[x0-eps, x0+eps]( x + alpha sign(g) ) ); a NaN in x or x0
+// gives NaN, as the formula in torch ops (lo, hi are validated numbers).
 template <typename T>
 LGM_HD T pgd_step_elem(T x, T g, T x0, T alpha, T eps, T lo, T hi) {
   T v = x + alpha * sign0(g);
-  const T a = x0 - eps;
-  const T b = x0 + eps;
-  v = v < a ? a : (v > b ? b : v);
+  v = min_nan(max_nan(v, x0 - eps), x0 + eps);
   v = v < lo ? lo : (v > hi ? hi : v);
   return v;
 }
