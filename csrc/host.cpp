@@ -91,7 +91,7 @@ bool use_gemm(int64_t impl, int64_t K, int64_t D) {
 
 int64_t gemm_tile(int64_t N, int64_t K, int64_t D) {
   int64_t kt = kTileElems / (4 * D + 2 * N);
-  kt = std::max<int64_t>(64, kt - kt % 32);
+  kt = std::max<int64_t>(256, kt - kt % 32);
   return std::min(kt, K);
 }
 

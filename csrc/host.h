@@ -25,8 +25,9 @@ constexpr int64_t kDirectMaxKD = 8192;
 
 // GEMM path: classes are processed in tiles so that no (K, 2D) operand or
 // moment matrix is ever materialised; a tile's temporaries (b (kt,2D), its
-// moments (kt,2D), g and m (N,kt)) hold about this many elements.
-constexpr int64_t kTileElems = int64_t(1) << 20;
+// moments (kt,2D), g and m (N,kt)) hold about this many elements (16 MiB in float32: few enough
+// tiles that the per-tile parallel regions and GEMM calls stay cheap on a busy 2-core CPU).
+constexpr int64_t kTileElems = int64_t(1) << 22;
 int64_t gemm_tile(int64_t N, int64_t K, int64_t D);
 
 // Inputs after validation: contiguous, labels as int64 (undefined if absent),
