@@ -204,7 +204,7 @@ def _no_double_backward(op):
         raise RuntimeError(
             f"lgm_ext.{op}: double backward is not supported -- the fused L-GM operators' gradients are not "
             "differentiable (torch.autograd.gradgradcheck, gradient penalties or Hessian products through them "
-            "need impl="reference", the pure-PyTorch oracle)"
+            "need impl='reference', the pure-PyTorch oracle)"
         )
 
     return backward
