@@ -107,9 +107,6 @@ def _(x, grad, x_orig, alpha, eps, lower, upper):
 
 
 # --------------------------------------------------------------------- autograd
-DIRECT_MAX_KD = 8192  # csrc/host.h kDirectMaxKD: auto picks the direct path at or below this K*D
-
-
 def keep_logits_for_backward(n: int, k: int, d: int, impl: int) -> bool:
     """Whether the L-GM loss saves its (N, K) logits for the backward (True) or
     the backward recomputes them one class tile at a time (False, memory-lean).
@@ -120,7 +117,7 @@ def keep_logits_for_backward(n: int, k: int, d: int, impl: int) -> bool:
     parameter tensor (N > D: N*K > K*D); otherwise it keeps them (the extra GEMM
     costs ~1/3 more arithmetic to save N*K elements).  See README "How it is built".
     """
-    direct = impl == IMPLS["direct"] or (impl == IMPLS["auto"] and k * d <= DIRECT_MAX_KD)
+    direct = impl == KERNEL_IMPLS["direct"] or (impl == KERNEL_IMPLS["auto"] and k * d <= DIRECT_MAX_KD)
     return direct or n <= d
 
 
