@@ -4,8 +4,15 @@
                     (same device functions, same grid/block/lane decomposition,
                     exact warp-shuffle emulation), since CI has no GPU;
   cuda           -- the real CUDA kernels, when a GPU is present."""
+import os
+import tempfile
+
 import pytest
 import torch
+
+# A fresh inductor cache per test session: a cache left on the machine by an older build of the operators
+# (another output shape, same op name) would otherwise be reused by the torch.compile tests.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lgm-ext-inductor-"))
 
 import lgm_ext  # noqa: F401  (loads the operators)
 from lgm_ext._testing import cuda_emulation
