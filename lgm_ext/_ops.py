@@ -120,7 +120,7 @@ def keep_logits_for_backward(n: int, k: int, d: int, impl: int) -> bool:
     parameter tensor (N > D: N*K > K*D); otherwise it keeps them (the extra GEMM
     costs ~1/3 more arithmetic to save N*K elements).  See README "How it is built".
     """
-    direct = impl == IMPLS["direct"] or (impl == IMPLS["auto"] and k * d <= DIRECT_MAX_KD)
+    direct = impl == KERNEL_IMPLS["direct"] or (impl == KERNEL_IMPLS["auto"] and k * d <= DIRECT_MAX_KD)
     return direct or n <= d
 
 
