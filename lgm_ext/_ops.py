@@ -107,9 +107,6 @@ def _(x, grad, x_orig, alpha, eps, lower, upper):
 
 
 # --------------------------------------------------------------------- autograd
-DIRECT_MAX_KD = 8192  # csrc/host.h kDirectMaxKD: auto picks the direct path at or below this K*D
-
-
 def keep_logits_for_backward(n: int, k: int, d: int, impl: int) -> bool:
     """Whether the L-GM loss saves its (N, K) logits for the backward (True) or
     the backward recomputes them one class tile at a time (False, memory-lean).

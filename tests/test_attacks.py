@@ -154,7 +154,9 @@ def test_lenet_plus_plus_shapes():
     assert m(torch.rand(3, 1, 28, 28)).shape == (3, 2)
     m = LeNetPlusPlus(feat_dim=100)
     f = m(torch.rand(2, 1, 28, 28))
-    assert f.shape == (2, 100) and (f >= 0).all()  # 100-D features pass through ReLU
+    assert f.shape == (2, 100) and (f < 0).any()  # linear feature layer by default (the authors' code)
+    f = LeNetPlusPlus(feat_dim=100, feature_relu=True)(torch.rand(2, 1, 28, 28))
+    assert (f >= 0).all()  # the paper's text: ReLU
     convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
     assert all(c.bias.abs().max() == 0 for c in convs)
