@@ -117,19 +117,32 @@ def _config_parameters() -> list[inspect.Parameter]:
 
 
 def train_cmd(**options) -> None:
-    """Train a feature model with a softmax, center-loss or L-GM head; checkpoint every epoch."""
-    from lgm_lab.data import DatasetUnavailable
-    from lgm_lab.train import CheckpointError, TrainingDiverged, train
+    """Train a feature model with a softmax, center-loss or L-GM head; checkpoint every epoch.
 
-    out, preset, resume, progress = (options.pop(k) for k in ("out", "preset", "resume", "progress"))
+    With --resume the run's saved configuration is used; only the options given explicitly are applied,
+    and only --epochs (constant schedule), --device and --progress may differ from it."""
+    from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.train import CheckpointError, TrainingDiverged, resume_config, train
+
+    out, preset, resume, overwrite, progress = (options.pop(k) for k in ("out", "preset", "resume", "overwrite",
+                                                                         "progress"))
     overrides = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in options.items()}
     if overrides.get("data_dir") is not None:
         overrides["data_dir"] = str(overrides["data_dir"])
     try:
-        cfg = C.config_from_preset(preset.value if preset else None, **overrides)
-        result = train(cfg, out, resume=resume, progress=progress)
-    except (ValueError, DatasetUnavailable, CheckpointError, TrainingDiverged) as err:
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        if resume and (out / "checkpoint.pt").exists() or resume and (out / "config.json").exists():
+            given = dict(C.PRESETS[preset.value]) if preset else {}
+            given.update({k: v for k, v in overrides.items() if v is not None})
+            cfg = resume_config(out, **given)
+        else:
+            cfg = C.config_from_preset(preset.value if preset else None, **overrides)
+        result = train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+    except (ValueError, TypeError, OSError, DatasetUnavailable, CheckpointError, TrainingDiverged) as err:
         _fail(err)
+    if not result.metrics:
+        _fail(ValueError(f"{out}: no completed epoch"))
     last = result.metrics[-1]
     console.print(f"{cfg.head} head, {result.epochs_done} epochs: test error {last['test_error_percent']:.2f}% "
                   f"({last['train_images_per_second']:.0f} training images/s); run in {result.out_dir}")
@@ -144,6 +157,8 @@ _TRAIN_PARAMS = [
     *_config_parameters(),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, help="continue the run in --out from its last completed epoch")),
+    inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, help="replace a run already in --out (without it, or --resume, such a folder is refused)")),
     inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         True, help="show progress bars")),
 ]
@@ -211,7 +226,13 @@ def _test_tensors(cfg, subset: Optional[int], data_dir: Optional[Path]):
 
 def _fail(err: Exception) -> None:
     """One line on stderr, exit status 2, no traceback."""
-    err_console.print(f"[red]error:[/red] {err}", soft_wrap=True, highlight=False)
+    if isinstance(err, OSError) and err.strerror:
+        msg = f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+    else:
+        msg = " ".join(str(err).split()) or type(err).__name__
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 

@@ -37,3 +37,153 @@ def test_attacks_restore_each_submodules_mode(name):
     model[3].train()
     atk(x, y)
     assert [m.training for m in model.modules()] == [False, False, False, False, True, False]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _write_idx(folder: Path, n_train=96, n_test=64, seed=0, labels_max=10):
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = torch.randint(0, labels_max, (n,), generator=g)
+        x = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        for c in range(10):
+            r, q = divmod(c, 5)
+            x[y == c, 4 + 10 * r: 12 + 10 * r, 2 + 5 * q: 6 + 5 * q] = 230
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.numpy().tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + y.to(torch.uint8).numpy().tobytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return _write_idx(tmp_path_factory.mktemp("idx"))
+
+
+def _tiny(src, **kw):
+    from lgm_lab.train import config_from_preset
+
+    base = dict(epochs=1, subset=64, test_subset=32, batch_size=32, feat_dim=2, head="lgm", data_dir=str(src))
+    base.update(kw)
+    return config_from_preset(None, **base)
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from lgm_cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _train_cli(src, out, *extra):
+    return _invoke("train", "--out", out, "--subset", 64, "--test-subset", 32, "--batch-size", 32,
+                   "--data-dir", src, "--no-progress", *extra)
+
+
+# ----------------------------------------------------------------------------- defects 1 and 2
+def test_resume_reads_the_saved_config(src, tmp_path):
+    out = tmp_path / "run"
+    r = _train_cli(src, out, "--epochs", 1, "--lr", 0.02, "--schedule", "constant")
+    assert r.exit_code == 0, r.output
+    r = _invoke("train", "--out", out, "--resume", "--no-progress")  # as the README shows it
+    assert r.exit_code == 0, r.output
+    r = _invoke("train", "--out", out, "--resume", "--epochs", 2, "--no-progress")  # extend a finished run
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["epochs"], cfg["lr"], cfg["subset"]) == (2, 0.02, 64)
+    r = _invoke("train", "--out", out, "--resume", "--lr", 0.5, "--no-progress")
+    assert r.exit_code == 2 and "lr" in r.output and "Traceback" not in r.output
+
+
+def test_extending_a_cyclic_run_is_refused_clearly(src, tmp_path):
+    from lgm_lab.train import CheckpointError, train
+
+    train(_tiny(src, schedule="cyclic"), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="cyclic learning-rate schedule depends on the total"):
+        train(_tiny(src, schedule="cyclic", epochs=2), tmp_path, progress=False, resume=True)
+
+
+def test_a_finished_run_is_not_overwritten_silently(src, tmp_path):
+    from lgm_lab.train import CheckpointError, train
+
+    train(_tiny(src), tmp_path, progress=False)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        train(_tiny(src, seed=1), tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    r = _train_cli(src, tmp_path, "--epochs", 1, "--seed", 1)
+    assert r.exit_code == 2 and "--resume" in r.output
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    r = _train_cli(src, tmp_path, "--epochs", 1, "--seed", 1, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+
+
+# ----------------------------------------------------------------------------- defect 4
+@pytest.mark.parametrize("opt", [("--lr", "nan"), ("--lr", "-0.1"), ("--warmup-epochs", "-1"), ("--momentum", "inf"),
+                                 ("--feat-dim", "1000000000"), ("--epochs", "0")])
+def test_bad_hyper_parameters_are_refused(src, tmp_path, opt):
+    r = _train_cli(src, tmp_path / "run", *opt)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_non_finite_weights_after_an_epoch_stop_training(src, tmp_path, monkeypatch):
+    from lgm_lab.train import TrainingDiverged, load_checkpoint, train
+
+    cfg = _tiny(src, epochs=2, subset=96)  # 3 steps per epoch
+    train(cfg, tmp_path, progress=False, stop_after=1)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real = torch.optim.SGD.step
+    calls = []
+
+    def poisoning_step(self, *a, **k):  # the epoch's last step leaves a NaN weight, with a finite loss
+        out = real(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoning_step)
+    with pytest.raises(TrainingDiverged, match="non-finite weights after epoch 2"):
+        train(cfg, tmp_path, progress=False, resume=True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- defect 5
+def test_flipped_weight_bytes_are_refused(src, tmp_path):
+    from lgm_lab.train import CheckpointError, load_checkpoint, load_trained, train
+
+    res = train(_tiny(src), tmp_path, progress=False)
+    ck = load_checkpoint(res.checkpoint)
+    w = max(ck["model"].values(), key=lambda t: t.numel())
+    raw = bytearray(Path(res.checkpoint).read_bytes())
+    at = raw.find(w.numpy().tobytes()[:256])
+    assert at > 0
+    n = min(4096, w.numel() * 4)
+    raw[at:at + n] = bytes(b ^ 0xFF for b in raw[at:at + n])
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_trained(bad)
+    r = _invoke("eval", bad)
+    assert r.exit_code == 2 and "SHA-256" in r.output
+
+
+# ----------------------------------------------------------------------------- defect 6
+def test_resume_rewrites_stale_metrics(src, tmp_path):
+    from lgm_lab.train import load_checkpoint, train
+
+    cfg = _tiny(src, epochs=2)
+    train(cfg, tmp_path, progress=False)
+    (tmp_path / "metrics.json").write_text(json.dumps([{"epoch": 1}]))  # killed before the metrics write
+    train(cfg, tmp_path, progress=False, resume=True)  # nothing left to train
+    assert json.loads((tmp_path / "metrics.json").read_text()) == load_checkpoint(tmp_path / "checkpoint.pt")["metrics"]
