@@ -187,3 +187,47 @@ def test_resume_rewrites_stale_metrics(src, tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps([{"epoch": 1}]))  # killed before the metrics write
     train(cfg, tmp_path, progress=False, resume=True)  # nothing left to train
     assert json.loads((tmp_path / "metrics.json").read_text()) == load_checkpoint(tmp_path / "checkpoint.pt")["metrics"]
+
+
+# ----------------------------------------------------------------------------- defect 3
+def test_a_named_data_dir_never_falls_back(tmp_path):
+    with pytest.raises(D.DatasetUnavailable, match="does not exist"):
+        D.load_dataset("fashion-mnist", True, data_dir=tmp_path / "nope", download=False)
+    partial = _write_idx(tmp_path / "partial", n_train=20, n_test=10)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(D.DatasetUnavailable, match="t10k-labels-idx1-ubyte"):
+        D.load_dataset("fashion-mnist", True, data_dir=partial, download=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(D.DatasetUnavailable):  # not the system copy
+        D.load_dataset("fashion-mnist", True, data_dir=empty, download=False)
+    r = _invoke("train", "--out", tmp_path / "run", "--data-dir", tmp_path / "nope", "--epochs", 1, "--no-progress")
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_a_changed_source_is_staged_again(tmp_path):
+    src = _write_idx(tmp_path / "src", n_train=20, n_test=10)
+    assert len(D.load_dataset("fashion-mnist", True, data_dir=src, download=False)) == 20
+    _write_idx(src, n_train=30, n_test=10, seed=1)  # repaired / replaced in place
+    assert len(D.load_dataset("fashion-mnist", True, data_dir=src, download=False)) == 30
+
+
+def test_damaged_files_give_one_clear_error(tmp_path):
+    cut = _write_idx(tmp_path / "cut", n_train=20, n_test=10)
+    blob = (cut / "train-images-idx3-ubyte.gz").read_bytes()
+    (cut / "train-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(D.DatasetUnavailable, match="truncated"):
+        D.load_dataset("fashion-mnist", True, data_dir=cut, download=False)
+    r = _invoke("train", "--out", tmp_path / "run", "--data-dir", cut, "--epochs", 1, "--no-progress")
+    assert r.exit_code == 2 and "truncated" in r.output and "Aborted" not in r.output
+
+    bad_labels = _write_idx(tmp_path / "labels", n_train=20, n_test=10, labels_max=40)
+    with pytest.raises(D.DatasetUnavailable, match="out of range"):
+        D.load_dataset("fashion-mnist", True, data_dir=bad_labels, download=False)
+
+    mismatch = _write_idx(tmp_path / "mismatch", n_train=20, n_test=10)
+    y = torch.zeros(15, dtype=torch.uint8)
+    with gzip.open(mismatch / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, 15) + y.numpy().tobytes())
+    with pytest.raises(D.DatasetUnavailable, match="20 images but 15 labels"):
+        D.load_dataset("fashion-mnist", True, data_dir=mismatch, download=False)
