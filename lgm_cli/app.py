@@ -83,7 +83,14 @@ def bench(
     """Time the fused L-GM loss (forward+backward) against plain-PyTorch versions."""
     from lgm_lab import bench as B
 
-    pairs = B.LGM_SIZES if not sizes else [tuple(int(v) for v in s.split(":")) for s in sizes.split(",")]
+    try:
+        _check_positive(n, "--n")
+        _check_positive(repeats, "--repeats")
+        _check_json_target(json_out)
+        _check_device_arg(device)
+        pairs = B.LGM_SIZES if not sizes else [_size_pair(s) for s in sizes.split(",")]
+    except ValueError as err:
+        _fail(err)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as prog:
         task = prog.add_task("benchmark", total=None)
         rows = B.bench_lgm(
@@ -93,7 +100,21 @@ def bench(
     console.print(f"Machine: {B.machine_description(device)}")
     console.print(B.lgm_markdown(rows, n), markup=False)
     if json_out:
-        json_out.write_text(B.to_json(rows))
+        try:
+            json_out.write_text(B.to_json(rows))
+        except OSError as err:
+            _fail(err)
+
+
+def _size_pair(text: str) -> tuple[int, int]:
+    parts = text.split(":")
+    try:
+        k, d = (int(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"--sizes takes K:D pairs of integers, e.g. 10:2,10:100; got {text!r}") from None
+    if not (1 <= k <= 1 << 20 and 1 <= d <= 1 << 16):
+        raise ValueError(f"--sizes {text!r}: K must be in [1, {1 << 20}] and D in [1, {1 << 16}]")
+    return k, d
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -180,10 +201,12 @@ def eval_cmd(
     from lgm_lab.train import CheckpointError, evaluate, load_trained
 
     try:
+        _check_positive(subset, "--subset")
+        _check_json_target(json_out)
         model, head, cfg, _ck = load_trained(checkpoint, device)
         ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir,
                           subset=subset if subset is not None else cfg.test_subset, seed=cfg.seed)
-    except (CheckpointError, DatasetUnavailable) as err:
+    except (CheckpointError, DatasetUnavailable, ValueError) as err:
         _fail(err)
     res = evaluate(model, head, ds, device=device)
     res.update(dataset=cfg.dataset, head=cfg.head, checkpoint=str(checkpoint))
@@ -201,8 +224,7 @@ def eval_cmd(
     for i, row in enumerate(res["confusion"]):
         cm.add_row(str(i), *map(str, row))
     console.print(cm)
-    if json_out:
-        json_out.write_text(json.dumps(res, indent=2))
+    _write_json(json_out, res)
 
 
 def _load_runs(checkpoints: list[Path]):
@@ -236,6 +258,52 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _check_eps(values: list[float], what: str = "--eps") -> list[float]:
+    import math
+
+    for e in values:
+        if not (math.isfinite(e) and 0.0 <= e <= 1.0):
+            raise ValueError(f"{what} must be finite and in [0, 1] (images are in [0, 1]), got {e}")
+    return values
+
+
+def _parse_eps(text: str) -> list[float]:
+    try:
+        values = [float(e) for e in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--eps must be comma-separated numbers, e.g. 0,0.1,0.3; got {text!r}") from None
+    return _check_eps(values)
+
+
+def _check_positive(value: Optional[int], name: str) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def _check_json_target(path: Optional[Path]) -> None:
+    """Refuse a --json target that cannot be written, before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"--json {path}: the folder {path.parent} does not exist")
+
+
+def _write_json(path: Optional[Path], obj) -> None:
+    if path is not None:
+        try:
+            path.write_text(json.dumps(obj, indent=2))
+        except OSError as err:
+            _fail(err)
+
+
+def _check_device_arg(device: str) -> None:
+    from lgm_lab.train import check_device
+
+    check_device(device)
+
+
 @app.command()
 def attack(
     checkpoints: list[Path] = typer.Argument(..., help="checkpoint.pt files of trained models"),
@@ -248,8 +316,10 @@ def attack(
     from lgm_lab.experiments import PAPER, fgsm_errors
     from lgm_lab.train import CheckpointError
 
-    eps_list = [float(e) for e in eps.split(",")]
     try:
+        eps_list = _parse_eps(eps)
+        _check_positive(subset, "--subset")
+        _check_json_target(json_out)
         runs = _load_runs(checkpoints)
         x, y = _test_tensors(next(iter(runs.values()))[2], subset, data_dir)
     except (CheckpointError, RuntimeError, ValueError) as err:
@@ -265,8 +335,7 @@ def attack(
         paper = dict(zip([0.0, 0.1, 0.2, 0.3], PAPER["table6"].get(name.split(" ")[0], [])))
         t.add_row(name, *[f"{errs[e]:.2f}" + (f" (paper {paper[e]})" if e in paper else "") for e in eps_list])
     console.print(t)
-    if json_out:
-        json_out.write_text(json.dumps(out, indent=2))
+    _write_json(json_out, out)
 
 
 @app.command()
@@ -283,11 +352,13 @@ def verify(
     from lgm_lab.train import CheckpointError
 
     try:
+        _check_eps([eps])
+        _check_positive(subset, "--subset")
         runs = _load_runs(checkpoints)
         x, y = _test_tensors(next(iter(runs.values()))[2], subset, data_dir)
-    except (CheckpointError, RuntimeError, ValueError) as err:
+        out.mkdir(parents=True, exist_ok=True)
+    except (CheckpointError, RuntimeError, ValueError, OSError) as err:
         _fail(err)
-    out.mkdir(parents=True, exist_ok=True)
     results = {name: verification(model, head, x, y, eps=eps, targeted=targeted)
                for name, (model, head, _c) in runs.items()}
     figs = verification_figures(results, out)
@@ -319,6 +390,8 @@ def centers(
     from lgm_lab.train import CheckpointError, load_trained
 
     try:
+        _check_positive(subset, "--subset")
+        _check_json_target(json_out)
         models = {"A": load_trained(model_a)[:2], "B": load_trained(model_b)[:2]}
         if lgm:
             models["L-GM"] = load_trained(lgm)[:2]
@@ -343,8 +416,7 @@ def centers(
     for c in rep["claims"]:
         t.add_row(c["claim"], c["measured"], "yes" if c["supported"] else "NO")
     console.print(t)
-    if json_out:
-        json_out.write_text(json.dumps(rep, indent=2))
+    _write_json(json_out, rep)
 
 
 @app.command()

@@ -163,11 +163,15 @@ def _set_rng_state(state: dict) -> None:
 
 def _atomic_write_bytes(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: the previous file stays, no partial .tmp is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _save_json(path: Path, obj) -> None:

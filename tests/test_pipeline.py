@@ -231,3 +231,90 @@ def test_damaged_files_give_one_clear_error(tmp_path):
         f.write(struct.pack(">II", 2049, 15) + y.numpy().tobytes())
     with pytest.raises(D.DatasetUnavailable, match="20 images but 15 labels"):
         D.load_dataset("fashion-mnist", True, data_dir=mismatch, download=False)
+
+
+# ----------------------------------------------------------------------------- defect 8
+@pytest.fixture(scope="module")
+def run_dir(src, tmp_path_factory):
+    from lgm_lab.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(_tiny(src, head="softmax"), out, progress=False)
+    return out
+
+
+def _absurd_checkpoint(run_dir, tmp_path, **config):
+    from lgm_lab.train import _digest, load_checkpoint
+
+    ck = load_checkpoint(run_dir / "checkpoint.pt")
+    ck["config"].update(config)
+    ck["sha256"] = _digest(ck)
+    path = tmp_path / f"{'-'.join(config)}.pt"
+    torch.save(ck, path)
+    return path
+
+
+def _bad_invocations(src, run_dir, tmp_path):
+    ck = run_dir / "checkpoint.pt"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    train = ["train", "--subset", 64, "--test-subset", 32, "--epochs", 1, "--data-dir", src, "--no-progress"]
+    return [
+        [*train, "--out", a_file],  # --out is a file
+        [*train, "--out", a_file / "sub"],  # invalid --out
+        [*train, "--out", tmp_path / "r1", "--device", "tpu"],
+        [*train, "--out", tmp_path / "r2", "--device", "cuda:99"],  # no such GPU (or none at all)
+        ["attack", ck, "--eps", "-0.1", "--subset", 8],
+        ["attack", ck, "--eps", "abc", "--subset", 8],
+        ["attack", ck, "--eps", "nan", "--subset", 8],
+        ["verify", ck, "--eps", "-0.3", "--subset", 8, "--out", tmp_path / "v"],
+        ["eval", ck, "--subset", 0],
+        ["eval", ck, "--json", tmp_path],
+        ["eval", ck, "--device", "tpu"],
+        ["bench", "--sizes", "10:x"],
+        ["bench", "--sizes", "0:2"],
+        ["bench", "--n", 0],
+        ["eval", _absurd_checkpoint(run_dir, tmp_path, feat_dim=10**9)],
+        ["eval", _absurd_checkpoint(run_dir, tmp_path, feat_dim=3)],  # config and weights disagree
+        ["eval", _absurd_checkpoint(run_dir, tmp_path, head="nonsense")],
+    ]
+
+
+def test_bad_cli_invocations_exit_2_with_one_line(src, run_dir, tmp_path):
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    for args in _bad_invocations(src, run_dir, tmp_path):
+        r = subprocess.run([sys.executable, "-m", "lgm_cli.app", *map(str, args)], capture_output=True, text=True,
+                           env=env, timeout=300)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr + r.stdout and 1 <= len(lines) <= 3, (args, r.stderr)
+
+
+def test_full_disk_is_one_line_and_leaves_no_tmp(src, tmp_path, monkeypatch):
+    import errno
+
+    from lgm_lab import train as T
+
+    real = T.torch.save
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T.torch, "save", full)
+    out = tmp_path / "run"
+    r = _train_cli(src, out, "--epochs", 1)
+    monkeypatch.setattr(T.torch, "save", real)
+    assert r.exit_code == 2 and "No space left on device" in r.output, r.output
+    assert not list(out.glob("*.tmp")) and not (out / "checkpoint.pt").exists()
+
+
+def test_stale_tmp_files_are_cleaned(src, tmp_path):
+    from lgm_lab.train import train
+
+    cfg = _tiny(src, epochs=2)
+    train(cfg, tmp_path, progress=False, stop_after=1)
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
+    train(cfg, tmp_path, progress=False, resume=True)
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
