@@ -209,7 +209,8 @@ def eval_cmd(
     except (CheckpointError, DatasetUnavailable, ValueError) as err:
         _fail(err)
     res = evaluate(model, head, ds, device=device)
-    res.update(dataset=cfg.dataset, head=cfg.head, checkpoint=str(checkpoint))
+    names = list(C.class_names(cfg.dataset))
+    res.update(dataset=cfg.dataset, head=cfg.head, checkpoint=str(checkpoint), classes=names)
     t = Table(title=f"{cfg.head} head on {cfg.dataset} ({res['samples']} test images)")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -217,12 +218,12 @@ def eval_cmd(
     for k, v in res.get("log_likelihood", {}).items():
         t.add_row(f"log-likelihood {k}", f"{v:.3f}")
     console.print(t)
-    cm = Table(title="confusion matrix (rows: true class, columns: predicted)")
-    cm.add_column("")
+    cm = Table(title="confusion matrix (rows: true class, columns: predicted class number)")
+    cm.add_column("", no_wrap=True)
     for j in range(len(res["confusion"])):
         cm.add_column(str(j), justify="right")
     for i, row in enumerate(res["confusion"]):
-        cm.add_row(str(i), *map(str, row))
+        cm.add_row(f"{i} {names[i]}" if i < len(names) else str(i), *map(str, row))
     console.print(cm)
     _write_json(json_out, res)
 

@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass, field, fields
 
 __all__ = ["TrainConfig", "PRESETS", "DATASETS", "MODEL_NAMES", "HEAD_NAMES", "COVARIANCES", "SCHEDULES",
-           "config_from_preset", "dataset_info", "config_fields", "REPRODUCE_PRESETS"]
+           "config_from_preset", "dataset_info", "config_fields", "REPRODUCE_PRESETS", "CLASS_NAMES",
+           "class_names"]
 
 # name: (torchvision class name, channels, image size, classes)
 DATASETS = {
@@ -27,6 +28,20 @@ SCHEDULES = ("cyclic", "step", "constant")
 MAX_FEAT_DIM = 65536
 MAX_BATCH_SIZE = 1 << 20
 MAX_EPOCHS = 100_000
+
+
+CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "mnist": tuple(str(d) for d in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    """The item names of the dataset's classes, in label order."""
+    dataset_info(name)
+    return CLASS_NAMES[name]
 
 
 def dataset_info(name: str) -> dict:

@@ -318,3 +318,12 @@ def test_stale_tmp_files_are_cleaned(src, tmp_path):
     (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
     train(cfg, tmp_path, progress=False, resume=True)
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- polish
+def test_eval_names_the_classes(run_dir, tmp_path):
+    out = tmp_path / "ev.json"
+    r = _invoke("eval", run_dir / "checkpoint.pt", "--json", out)
+    assert r.exit_code == 0, r.output
+    assert "Ankle boot" in r.output and "T-shirt/top" in r.output
+    assert json.loads(out.read_text())["classes"][9] == "Ankle boot"
