@@ -79,6 +79,7 @@ def bench(
     repeats: Optional[int] = typer.Option(None, help="timed repeats per case (default: chosen by size)"),
     memory: bool = typer.Option(True, help="measure peak memory (one subprocess per case on the CPU)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
+    progress: bool = typer.Option(True, help="show the progress line (--no-progress for logs)"),
 ) -> None:
     """Time the fused L-GM loss (forward+backward) against plain-PyTorch versions."""
     from lgm_lab import bench as B
@@ -91,7 +92,8 @@ def bench(
         pairs = B.LGM_SIZES if not sizes else [_size_pair(s) for s in sizes.split(",")]
     except ValueError as err:
         _fail(err)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as prog:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=not progress) as prog:
         task = prog.add_task("benchmark", total=None)
         rows = B.bench_lgm(
             pairs, n=n, device=device, repeats=repeats, memory=memory,
@@ -451,14 +453,17 @@ def reproduce(
                                                          "Fashion-MNIST)"),
     out: Path = typer.Option(Path("runs/reproduce"), help="output folder (finished checkpoints there are reused)"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
+    progress: bool = typer.Option(True, help="show the progress line (--no-progress for logs: one line per stage)"),
 ) -> None:
     """Train every head, then Table 1, Table 6, EERs, centers tables and figures, into OUT/report.md."""
     from lgm_lab.experiments import reproduce as run
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as prog:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=not progress) as prog:
         task = prog.add_task("reproduce", total=None)
+        report = (lambda m: prog.update(task, description=m)) if progress else (lambda m: console.print(m, markup=False))
         try:
-            res = run(out, preset=preset.value, data_dir=data_dir, progress=lambda m: prog.update(task, description=m))
+            res = run(out, preset=preset.value, data_dir=data_dir, progress=report)
         except (RuntimeError, ValueError) as err:
             _fail(err)
     console.print(f"done in {res['seconds'] / 60:.1f} min; report: {out / 'report.md'}")

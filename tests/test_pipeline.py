@@ -327,3 +327,11 @@ def test_eval_names_the_classes(run_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "Ankle boot" in r.output and "T-shirt/top" in r.output
     assert json.loads(out.read_text())["classes"][9] == "Ankle boot"
+
+
+def test_no_progress_for_logs():
+    r = _invoke("bench", "--sizes", "10:2", "--n", 8, "--repeats", 1, "--no-memory", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "10" in r.output
+    r = _invoke("reproduce", "--help")
+    assert r.exit_code == 0 and "--no-progress" in r.output
