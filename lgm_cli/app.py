@@ -79,12 +79,21 @@ def bench(
     repeats: Optional[int] = typer.Option(None, help="timed repeats per case (default: chosen by size)"),
     memory: bool = typer.Option(True, help="measure peak memory (one subprocess per case on the CPU)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
+    progress: bool = typer.Option(True, help="show the progress line (--no-progress for logs)"),
 ) -> None:
     """Time the fused L-GM loss (forward+backward) against plain-PyTorch versions."""
     from lgm_lab import bench as B
 
-    pairs = B.LGM_SIZES if not sizes else [tuple(int(v) for v in s.split(":")) for s in sizes.split(",")]
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as prog:
+    try:
+        _check_positive(n, "--n")
+        _check_positive(repeats, "--repeats")
+        _check_json_target(json_out)
+        _check_device_arg(device)
+        pairs = B.LGM_SIZES if not sizes else [_size_pair(s) for s in sizes.split(",")]
+    except ValueError as err:
+        _fail(err)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=not progress) as prog:
         task = prog.add_task("benchmark", total=None)
         rows = B.bench_lgm(
             pairs, n=n, device=device, repeats=repeats, memory=memory,
@@ -93,7 +102,21 @@ def bench(
     console.print(f"Machine: {B.machine_description(device)}")
     console.print(B.lgm_markdown(rows, n), markup=False)
     if json_out:
-        json_out.write_text(B.to_json(rows))
+        try:
+            json_out.write_text(B.to_json(rows))
+        except OSError as err:
+            _fail(err)
+
+
+def _size_pair(text: str) -> tuple[int, int]:
+    parts = text.split(":")
+    try:
+        k, d = (int(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"--sizes takes K:D pairs of integers, e.g. 10:2,10:100; got {text!r}") from None
+    if not (1 <= k <= 1 << 20 and 1 <= d <= 1 << 16):
+        raise ValueError(f"--sizes {text!r}: K must be in [1, {1 << 20}] and D in [1, {1 << 16}]")
+    return k, d
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -117,19 +140,32 @@ def _config_parameters() -> list[inspect.Parameter]:
 
 
 def train_cmd(**options) -> None:
-    """Train a feature model with a softmax, center-loss or L-GM head; checkpoint every epoch."""
-    from lgm_lab.data import DatasetUnavailable
-    from lgm_lab.train import CheckpointError, TrainingDiverged, train
+    """Train a feature model with a softmax, center-loss or L-GM head; checkpoint every epoch.
 
-    out, preset, resume, progress = (options.pop(k) for k in ("out", "preset", "resume", "progress"))
+    With --resume the run's saved configuration is used; only the options given explicitly are applied,
+    and only --epochs (constant schedule), --device and --progress may differ from it."""
+    from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.train import CheckpointError, TrainingDiverged, resume_config, train
+
+    out, preset, resume, overwrite, progress = (options.pop(k) for k in ("out", "preset", "resume", "overwrite",
+                                                                         "progress"))
     overrides = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in options.items()}
     if overrides.get("data_dir") is not None:
         overrides["data_dir"] = str(overrides["data_dir"])
     try:
-        cfg = C.config_from_preset(preset.value if preset else None, **overrides)
-        result = train(cfg, out, resume=resume, progress=progress)
-    except (ValueError, DatasetUnavailable, CheckpointError, TrainingDiverged) as err:
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        if resume and (out / "checkpoint.pt").exists() or resume and (out / "config.json").exists():
+            given = dict(C.PRESETS[preset.value]) if preset else {}
+            given.update({k: v for k, v in overrides.items() if v is not None})
+            cfg = resume_config(out, **given)
+        else:
+            cfg = C.config_from_preset(preset.value if preset else None, **overrides)
+        result = train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+    except (ValueError, TypeError, OSError, DatasetUnavailable, CheckpointError, TrainingDiverged) as err:
         _fail(err)
+    if not result.metrics:
+        _fail(ValueError(f"{out}: no completed epoch"))
     last = result.metrics[-1]
     console.print(f"{cfg.head} head, {result.epochs_done} epochs: test error {last['test_error_percent']:.2f}% "
                   f"({last['train_images_per_second']:.0f} training images/s); run in {result.out_dir}")
@@ -144,6 +180,8 @@ _TRAIN_PARAMS = [
     *_config_parameters(),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, help="continue the run in --out from its last completed epoch")),
+    inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, help="replace a run already in --out (without it, or --resume, such a folder is refused)")),
     inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         True, help="show progress bars")),
 ]
@@ -165,13 +203,16 @@ def eval_cmd(
     from lgm_lab.train import CheckpointError, evaluate, load_trained
 
     try:
+        _check_positive(subset, "--subset")
+        _check_json_target(json_out)
         model, head, cfg, _ck = load_trained(checkpoint, device)
         ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir,
                           subset=subset if subset is not None else cfg.test_subset, seed=cfg.seed)
-    except (CheckpointError, DatasetUnavailable) as err:
+    except (CheckpointError, DatasetUnavailable, ValueError) as err:
         _fail(err)
     res = evaluate(model, head, ds, device=device)
-    res.update(dataset=cfg.dataset, head=cfg.head, checkpoint=str(checkpoint))
+    names = list(C.class_names(cfg.dataset))
+    res.update(dataset=cfg.dataset, head=cfg.head, checkpoint=str(checkpoint), classes=names)
     t = Table(title=f"{cfg.head} head on {cfg.dataset} ({res['samples']} test images)")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -179,15 +220,14 @@ def eval_cmd(
     for k, v in res.get("log_likelihood", {}).items():
         t.add_row(f"log-likelihood {k}", f"{v:.3f}")
     console.print(t)
-    cm = Table(title="confusion matrix (rows: true class, columns: predicted)")
-    cm.add_column("")
+    cm = Table(title="confusion matrix (rows: true class, columns: predicted class number)")
+    cm.add_column("", no_wrap=True)
     for j in range(len(res["confusion"])):
         cm.add_column(str(j), justify="right")
     for i, row in enumerate(res["confusion"]):
-        cm.add_row(str(i), *map(str, row))
+        cm.add_row(f"{i} {names[i]}" if i < len(names) else str(i), *map(str, row))
     console.print(cm)
-    if json_out:
-        json_out.write_text(json.dumps(res, indent=2))
+    _write_json(json_out, res)
 
 
 def _load_runs(checkpoints: list[Path]):
@@ -211,8 +251,60 @@ def _test_tensors(cfg, subset: Optional[int], data_dir: Optional[Path]):
 
 def _fail(err: Exception) -> None:
     """One line on stderr, exit status 2, no traceback."""
-    err_console.print(f"[red]error:[/red] {err}", soft_wrap=True, highlight=False)
+    if isinstance(err, OSError) and err.strerror:
+        msg = f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+    else:
+        msg = " ".join(str(err).split()) or type(err).__name__
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
+
+
+def _check_eps(values: list[float], what: str = "--eps") -> list[float]:
+    import math
+
+    for e in values:
+        if not (math.isfinite(e) and 0.0 <= e <= 1.0):
+            raise ValueError(f"{what} must be finite and in [0, 1] (images are in [0, 1]), got {e}")
+    return values
+
+
+def _parse_eps(text: str) -> list[float]:
+    try:
+        values = [float(e) for e in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--eps must be comma-separated numbers, e.g. 0,0.1,0.3; got {text!r}") from None
+    return _check_eps(values)
+
+
+def _check_positive(value: Optional[int], name: str) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def _check_json_target(path: Optional[Path]) -> None:
+    """Refuse a --json target that cannot be written, before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"--json {path}: the folder {path.parent} does not exist")
+
+
+def _write_json(path: Optional[Path], obj) -> None:
+    if path is not None:
+        try:
+            path.write_text(json.dumps(obj, indent=2))
+        except OSError as err:
+            _fail(err)
+
+
+def _check_device_arg(device: str) -> None:
+    from lgm_lab.train import check_device
+
+    check_device(device)
 
 
 @app.command()
@@ -227,8 +319,10 @@ def attack(
     from lgm_lab.experiments import PAPER, fgsm_errors
     from lgm_lab.train import CheckpointError
 
-    eps_list = [float(e) for e in eps.split(",")]
     try:
+        eps_list = _parse_eps(eps)
+        _check_positive(subset, "--subset")
+        _check_json_target(json_out)
         runs = _load_runs(checkpoints)
         x, y = _test_tensors(next(iter(runs.values()))[2], subset, data_dir)
     except (CheckpointError, RuntimeError, ValueError) as err:
@@ -244,8 +338,7 @@ def attack(
         paper = dict(zip([0.0, 0.1, 0.2, 0.3], PAPER["table6"].get(name.split(" ")[0], [])))
         t.add_row(name, *[f"{errs[e]:.2f}" + (f" (paper {paper[e]})" if e in paper else "") for e in eps_list])
     console.print(t)
-    if json_out:
-        json_out.write_text(json.dumps(out, indent=2))
+    _write_json(json_out, out)
 
 
 @app.command()
@@ -262,11 +355,13 @@ def verify(
     from lgm_lab.train import CheckpointError
 
     try:
+        _check_eps([eps])
+        _check_positive(subset, "--subset")
         runs = _load_runs(checkpoints)
         x, y = _test_tensors(next(iter(runs.values()))[2], subset, data_dir)
-    except (CheckpointError, RuntimeError, ValueError) as err:
+        out.mkdir(parents=True, exist_ok=True)
+    except (CheckpointError, RuntimeError, ValueError, OSError) as err:
         _fail(err)
-    out.mkdir(parents=True, exist_ok=True)
     results = {name: verification(model, head, x, y, eps=eps, targeted=targeted)
                for name, (model, head, _c) in runs.items()}
     figs = verification_figures(results, out)
@@ -298,6 +393,8 @@ def centers(
     from lgm_lab.train import CheckpointError, load_trained
 
     try:
+        _check_positive(subset, "--subset")
+        _check_json_target(json_out)
         models = {"A": load_trained(model_a)[:2], "B": load_trained(model_b)[:2]}
         if lgm:
             models["L-GM"] = load_trained(lgm)[:2]
@@ -322,8 +419,7 @@ def centers(
     for c in rep["claims"]:
         t.add_row(c["claim"], c["measured"], "yes" if c["supported"] else "NO")
     console.print(t)
-    if json_out:
-        json_out.write_text(json.dumps(rep, indent=2))
+    _write_json(json_out, rep)
 
 
 @app.command()
@@ -357,14 +453,17 @@ def reproduce(
                                                          "Fashion-MNIST)"),
     out: Path = typer.Option(Path("runs/reproduce"), help="output folder (finished checkpoints there are reused)"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
+    progress: bool = typer.Option(True, help="show the progress line (--no-progress for logs: one line per stage)"),
 ) -> None:
     """Train every head, then Table 1, Table 6, EERs, centers tables and figures, into OUT/report.md."""
     from lgm_lab.experiments import reproduce as run
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as prog:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=not progress) as prog:
         task = prog.add_task("reproduce", total=None)
+        report = (lambda m: prog.update(task, description=m)) if progress else (lambda m: console.print(m, markup=False))
         try:
-            res = run(out, preset=preset.value, data_dir=data_dir, progress=lambda m: prog.update(task, description=m))
+            res = run(out, preset=preset.value, data_dir=data_dir, progress=report)
         except (RuntimeError, ValueError) as err:
             _fail(err)
     console.print(f"done in {res['seconds'] / 60:.1f} min; report: {out / 'report.md'}")

@@ -93,14 +93,20 @@ class Attack:
 
     def __call__(self, images: Tensor, labels: Tensor, *args, **kwargs) -> Tensor:
         self._check(images, labels)
-        training = getattr(self.model, "training", None)
-        if training is not None:
+        # each submodule's own mode, restored afterwards (a model in training mode may hold frozen
+        # eval-mode parts, e.g. a BatchNorm kept in eval for fine-tuning)
+        modes = [(m, m.training) for m in self.model.modules()] if isinstance(self.model, nn.Module) else []
+        if not modes and getattr(self.model, "training", None) is not None and hasattr(self.model, "train"):
+            modes = [(self.model, self.model.training)]
+        for m, _ in modes:
+            m.training = False
+        if modes and hasattr(self.model, "eval"):
             self.model.eval()
         try:
             return self.perturb(images.detach(), labels, *args, **kwargs).detach()
         finally:
-            if training is not None:
-                self.model.train(training)
+            for m, mode in modes:
+                m.training = mode
 
     def perturb(self, images: Tensor, labels: Tensor, *args, **kwargs) -> Tensor:
         raise NotImplementedError

@@ -6,10 +6,12 @@ datasets are keyed by the names defined here (a test checks they agree).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 
 __all__ = ["TrainConfig", "PRESETS", "DATASETS", "MODEL_NAMES", "HEAD_NAMES", "COVARIANCES", "SCHEDULES",
-           "config_from_preset", "dataset_info", "config_fields", "REPRODUCE_PRESETS"]
+           "config_from_preset", "dataset_info", "config_fields", "REPRODUCE_PRESETS", "CLASS_NAMES",
+           "class_names"]
 
 # name: (torchvision class name, channels, image size, classes)
 DATASETS = {
@@ -21,6 +23,25 @@ MODEL_NAMES = ("lenetpp", "resnet20", "resnet56", "resnet110")
 HEAD_NAMES = ("softmax", "center", "lgm", "lsoftmax")
 COVARIANCES = ("diag", "identity")
 SCHEDULES = ("cyclic", "step", "constant")
+# Upper bounds on the sizes a configuration (or a checkpoint's) may ask for: a feat_dim of 1e9 would try to
+# allocate terabytes before failing.
+MAX_FEAT_DIM = 65536
+MAX_BATCH_SIZE = 1 << 20
+MAX_EPOCHS = 100_000
+
+
+CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "mnist": tuple(str(d) for d in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    """The item names of the dataset's classes, in label order."""
+    dataset_info(name)
+    return CLASS_NAMES[name]
 
 
 def dataset_info(name: str) -> dict:
@@ -81,8 +102,16 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.feat_dim < 1:
-            raise ValueError("epochs, batch_size and feat_dim must be >= 1")
+        for name, top in (("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH_SIZE), ("feat_dim", MAX_FEAT_DIM)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+                raise ValueError(f"{name} must be an integer in [1, {top}], got {v!r}")
+        for name in ("subset", "test_subset"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("alpha", "lambda_", "lambda_c", "lr", "momentum", "weight_decay", "warmup_epochs",
                      "head_lr_mult", "head_weight_decay"):
             v = getattr(self, name)

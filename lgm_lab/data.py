@@ -8,6 +8,7 @@ CIFAR-10 keeps torchvision's transforms (pad-4 crop and flip when training).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import re
 import shutil
@@ -31,50 +32,79 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("LGM_DATA_DIR", Path.home() / ".cache" / "lgm-ext" / "data"))
 
 
+def _source_file(src: Path, f: str) -> Path | None:
+    for p in (src / f, src / f"{f}.gz"):
+        if p.is_file():
+            return p
+    return None
+
+
 def _stage_idx(src: Path, root: Path, folder: str) -> bool:
-    """Copy (and un-gzip) IDX files from ``src`` into torchvision's ``root/folder/raw`` layout."""
+    """Copy (and un-gzip) IDX files from ``src`` into torchvision's ``root/folder/raw`` layout.
+    A damaged source (a truncated or invalid .gz) raises :class:`DatasetUnavailable`."""
     raw = root / folder / "raw"
     if all((raw / f).exists() for f in IDX_FILES):
         return True
-    if not all((src / f).exists() or (src / f"{f}.gz").exists() for f in IDX_FILES):
+    if not all(_source_file(src, f) for f in IDX_FILES):
         return False
     raw.mkdir(parents=True, exist_ok=True)
     for f in IDX_FILES:
         tmp = raw / f"{f}.tmp"
-        if (src / f).exists():
-            shutil.copyfile(src / f, tmp)
-        else:
-            with gzip.open(src / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
+        path = _source_file(src, f)
+        try:
+            if path.suffix != ".gz":
+                shutil.copyfile(path, tmp)
+            else:
+                with gzip.open(path, "rb") as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+        except (EOFError, OSError, gzip.BadGzipFile) as err:
+            tmp.unlink(missing_ok=True)
+            raise DatasetUnavailable(f"cannot read {path}: {err} (a truncated or damaged file? fetch it again)") from err
         os.replace(tmp, raw / f)
     return True
 
 
 def _staging_root(src: Path) -> Path:
-    """Where IDX files found in ``src`` are unpacked: a cache folder per source, so
-    a read-only source (the Debian package) is never written to and different
-    sources never mix."""
+    """Where IDX files found in ``src`` are unpacked: a cache folder per source and per content (the
+    files' names, sizes and modification times), so a read-only source (the Debian package) is never
+    written to, different sources never mix, and a changed or repaired source is staged again."""
     key = re.sub(r"[^A-Za-z0-9]+", "_", str(src.resolve())).strip("_")
-    return default_data_dir() / "staged" / key
+    sig = hashlib.sha256()
+    for f in IDX_FILES:
+        p = _source_file(src, f)
+        st = p.stat()
+        sig.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return default_data_dir() / "staged" / key / sig.hexdigest()[:16]
 
 
 def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, download: bool) -> Dataset:
     import torchvision
 
     cls_name = DATASETS[name][0]
+    staged_from = None
     if not (data_dir is not None and (data_dir / cls_name / "raw").is_dir()):  # not already torchvision's layout
         sources = [p for p in (data_dir, data_dir / cls_name if data_dir else None) if p is not None]
-        if name == "fashion-mnist":
+        if name == "fashion-mnist" and data_dir is None:  # the system copy only when no folder was named
             sources.append(SYSTEM_FASHION_MNIST)
         for src in sources:
-            if src.is_dir() and all((src / f).exists() or (src / f"{f}.gz").exists() for f in IDX_FILES):
+            if src.is_dir() and all(_source_file(src, f) for f in IDX_FILES):
                 root = _staging_root(src)
                 _stage_idx(src, root, cls_name)
+                staged_from = src
                 break
+        else:
+            if data_dir is not None:
+                found = [f for f in IDX_FILES if _source_file(data_dir, f)]
+                if found:  # some files but not all: never mix with another copy
+                    missing = [f for f in IDX_FILES if f not in found]
+                    raise DatasetUnavailable(f"{data_dir} lacks {', '.join(missing)} (or .gz) of {name}")
     cls = getattr(torchvision.datasets, cls_name)
     try:
-        ds = cls(str(root), train=train, download=download)
+        ds = cls(str(root), train=train, download=download and staged_from is None)
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError when absent and offline
+        if staged_from is not None:
+            raise DatasetUnavailable(f"cannot read the {name} files in {staged_from}: "
+                                     f"{type(err).__name__}: {' '.join(str(err).split())}") from err
         hint = (
             "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist; `make install` does), "
             if name == "fashion-mnist"
@@ -87,6 +117,14 @@ def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, downl
             f"put the four IDX files ({', '.join(IDX_FILES)}, optionally .gz) in a folder and pass --data-dir, "
             "or run where the network is reachable."
         ) from err
+    where = staged_from or root
+    k = dataset_info(name)["num_classes"]
+    if len(ds.data) != len(ds.targets):
+        raise DatasetUnavailable(f"the {name} files in {where} disagree: {len(ds.data)} images but "
+                                 f"{len(ds.targets)} labels ({'train' if train else 'test'} set)")
+    if len(ds.targets) and not (0 <= int(ds.targets.min()) and int(ds.targets.max()) < k):
+        raise DatasetUnavailable(f"the {name} labels in {where} are out of range: {int(ds.targets.min())}.."
+                                 f"{int(ds.targets.max())}, expected 0..{k - 1}")
     images = ds.data.unsqueeze(1).to(torch.float32).div_(255.0)
     return TensorDataset(images, ds.targets.to(torch.long))
 
@@ -121,6 +159,8 @@ def load_dataset(
     (a seeded random choice, the same every time)."""
     dataset_info(name)
     data_dir = Path(data_dir) if data_dir is not None else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise DatasetUnavailable(f"--data-dir {data_dir} does not exist (or is not a folder)")
     root = data_dir if data_dir is not None else default_data_dir()
     if name == "cifar10":
         ds = _cifar10(train, root, download, augment)

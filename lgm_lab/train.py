@@ -11,6 +11,7 @@ checkpoint untouched.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,9 +33,15 @@ from .heads import build_head
 from .models import build_model
 
 __all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "load_checkpoint", "load_trained", "CheckpointError",
-           "TrainingDiverged", "config_from_preset"]
+           "TrainingDiverged", "config_from_preset", "resume_config", "check_device", "RESUMABLE_CHANGES"]
 
-CHECKPOINT_FORMAT = "lgm-ext-checkpoint-v2"
+# v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
+# verified on every load.
+CHECKPOINT_FORMAT = "lgm-ext-checkpoint-v3"
+
+# Options that `train(..., resume=True)` accepts with a value other than the checkpoint's: where the run
+# executes, and (for the constant schedule only, whose learning rate does not depend on the total) more epochs.
+RESUMABLE_CHANGES = ("device", "epochs")
 
 
 class CheckpointError(RuntimeError):
@@ -42,7 +49,53 @@ class CheckpointError(RuntimeError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became non-finite."""
+    """The loss or the weights became non-finite."""
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it, else a ``ValueError`` that says what is available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for but no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def _digest(obj, h=None) -> str:
+    """SHA-256 of a checkpoint's content: nested dicts (sorted keys), lists, tensors (dtype, shape, bytes)
+    and plain values."""
+    top = h is None
+    h = h or hashlib.sha256()
+    if isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode() + b":")
+            _digest(obj[k], h)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for v in obj:
+            _digest(v, h)
+        h.update(b"]")
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else ""
+
+
+def _finite_weights(*modules: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for m in modules
+               for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -110,11 +163,15 @@ def _set_rng_state(state: dict) -> None:
 
 def _atomic_write_bytes(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: the previous file stays, no partial .tmp is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _save_json(path: Path, obj) -> None:
@@ -123,8 +180,9 @@ def _save_json(path: Path, obj) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers
-    only.  Anything else (a pickled object or function, a truncated file) is
-    refused with :class:`CheckpointError`; nothing in the file is executed."""
+    only.  Anything else (a pickled object or function, a truncated file, content
+    that does not match its SHA-256) is refused with :class:`CheckpointError`;
+    nothing in the file is executed."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -134,19 +192,83 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"refusing to load {path}: not a plain lgm-ext checkpoint ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from err
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"refusing to load {path}: unknown checkpoint format")
+        old = isinstance(ck, dict) and str(ck.get("format", "")).startswith("lgm-ext-checkpoint-")
+        raise CheckpointError(f"refusing to load {path}: " + ("an older checkpoint format without a content hash; "
+                              "train it again" if old else "unknown checkpoint format"))
+    stored = ck.pop("sha256", None)
+    if stored != _digest(ck):
+        raise CheckpointError(f"refusing to load {path}: its content does not match its SHA-256 "
+                              "(the file is corrupted or was modified)")
+    if not isinstance(ck.get("config"), dict):
+        raise CheckpointError(f"refusing to load {path}: no configuration in it")
     return ck
+
+
+def _config_of(ck: dict, path) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    try:
+        return TrainConfig(**{k: v for k, v in ck["config"].items() if k in names})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"refusing to load {path}: invalid configuration in it ({err})") from err
+
+
+def resume_config(out_dir: str | os.PathLike, **changes) -> TrainConfig:
+    """The configuration of the run in ``out_dir`` (its checkpoint's, else its ``config.json``) with the
+    explicit (non-None) ``changes`` applied.  Changes other than :data:`RESUMABLE_CHANGES` that differ from
+    the saved values raise :class:`CheckpointError` naming the fields."""
+    out = Path(out_dir)
+    if (out / "checkpoint.pt").exists():
+        cfg = _config_of(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
+    elif (out / "config.json").is_file():
+        try:
+            saved = json.loads((out / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot resume {out}: unreadable config.json ({err})") from err
+        cfg = _config_of({"config": saved if isinstance(saved, dict) else {}}, out / "config.json")
+    else:
+        raise CheckpointError(f"nothing to resume in {out}: no checkpoint.pt or config.json; run without --resume")
+    saved = asdict(cfg)
+    unknown = sorted(set(changes) - set(saved))
+    if unknown:
+        raise TypeError(f"unknown configuration keys: {', '.join(unknown)}")
+    differ = sorted(k for k, v in changes.items() if v is not None and v != saved[k] and k not in RESUMABLE_CHANGES)
+    if differ:
+        raise CheckpointError(f"cannot resume {out} with other settings for {', '.join(differ)} (saved: "
+                              + ", ".join(f"{k}={saved[k]!r}" for k in differ)
+                              + "); only --epochs (constant schedule) and --device may change; use --overwrite "
+                                "to train anew")
+    saved.update({k: v for k, v in changes.items() if v is not None})
+    return TrainConfig(**saved)
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, done: int, path) -> None:
+    now = asdict(cfg)
+    differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if differ:
+        raise CheckpointError(f"cannot resume {path}: the configuration differs in {', '.join(differ)} ("
+                              + ", ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in differ) + ")")
+    if cfg.epochs != saved.get("epochs"):
+        if cfg.epochs < done:
+            raise CheckpointError(f"cannot resume {path} with --epochs {cfg.epochs}: it has already trained {done}")
+        if cfg.schedule != "constant":
+            raise CheckpointError(
+                f"cannot change the epochs of {path} from {saved.get('epochs')} to {cfg.epochs}: its {cfg.schedule} "
+                "learning-rate schedule depends on the total number of epochs, so the extended run would not be "
+                f"the run of {cfg.epochs} epochs; train anew with --overwrite (or use --schedule constant)")
 
 
 def load_trained(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, nn.Module, TrainConfig, dict]:
     """Model, head (eval mode), config and the checkpoint dict from a checkpoint file."""
     ck = load_checkpoint(path)
-    names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in ck["config"].items() if k in names})
-    cfg.device = device
-    model, head = _build(cfg)
-    model.load_state_dict(ck["model"])
-    head.load_state_dict(ck["head"])
+    cfg = _config_of(ck, path)
+    cfg.device = check_device(device)
+    try:
+        model, head = _build(cfg)
+        model.load_state_dict(ck["model"])
+        head.load_state_dict(ck["head"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"refusing to load {path}: its weights do not match its configuration "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
     return model.eval(), head.eval(), cfg, ck
 
 
@@ -192,13 +314,32 @@ class TrainResult:
     checkpoint: str = ""
 
 
-def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
-    """Train ``cfg`` into ``out_dir``.  ``stop_after=k`` returns after k epochs of
-    this call (as if killed there); ``datasets`` overrides (train, test)."""
+def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, stop_after: int | None = None,
+          datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
+    """Train ``cfg`` into ``out_dir``.  A folder that already holds a checkpoint is refused unless
+    ``resume`` (continue it; only :data:`RESUMABLE_CHANGES` may differ) or ``overwrite`` (replace it).
+    ``stop_after=k`` returns after k epochs of this call (as if killed there); ``datasets`` overrides
+    (train, test)."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    check_device(cfg.device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot create the run folder {out}: {err.strerror if isinstance(err, OSError) else err}") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"the run folder {out} is not writable")
     ck_path = out / "checkpoint.pt"
+    if ck_path.exists() and not resume:
+        if not overwrite:
+            raise CheckpointError(f"{out} already holds a run ({ck_path}); pass --resume to continue it or "
+                                  "--overwrite to replace it")
+        for name in ("checkpoint.pt", "metrics.json", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    for stale in out.glob("*.tmp"):  # left by a kill during an atomic write
+        stale.unlink(missing_ok=True)
     if datasets is None:
         train_ds = load_dataset(cfg.dataset, True, data_dir=cfg.data_dir, subset=cfg.subset, augment=cfg.augment,
                                 seed=cfg.seed)
@@ -216,17 +357,14 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     start_epoch = 0
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        saved = {k: v for k, v in ck["config"].items() if k != "device"}
-        now = {k: v for k, v in asdict(cfg).items() if k != "device"}
-        if saved != now:
-            diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
-            raise CheckpointError(f"cannot resume {ck_path}: the configuration differs {diff}")
+        _check_resumable(ck["config"], cfg, int(ck["epoch"]), ck_path)
         model.load_state_dict(ck["model"])
         head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
         history, start_epoch = list(ck["metrics"]), int(ck["epoch"])
+        _save_json(out / "metrics.json", history)  # a kill between the checkpoint and the metrics write
     _save_json(out / "config.json", asdict(cfg))
 
     bar = _progress(progress)
@@ -257,6 +395,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                 bar.update(task, advance=1, description=(
                     f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}%"))
             train_time = time.perf_counter() - t0
+            if not _finite_weights(model, head):
+                last = f"{ck_path} (epoch {start_epoch + done_here})" if ck_path.exists() else "none yet"
+                raise TrainingDiverged(
+                    f"non-finite weights after epoch {epoch + 1} (lr {opt.param_groups[0]['lr']:.3g}); training "
+                    f"stopped. Last good checkpoint: {last}. Try a lower --lr.")
             ev = evaluate(model, head, test_ds, device=cfg.device)
             history.append({
                 "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
@@ -269,6 +412,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                 "model": model.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": _rng_state(cfg.device), "metrics": history,
             }
+            ckpt["sha256"] = _digest(ckpt)
             _atomic_write_bytes(ck_path, lambda f: torch.save(ckpt, f))
             _save_json(out / "metrics.json", history)
             done_here += 1

@@ -1,0 +1,337 @@
+"""Issue 13: the pipeline a researcher trusts (resume, overwrite, data, hyper-parameters, checkpoint
+hashes, metrics, attack modes, one-line CLI errors)."""
+import gzip
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lgm_lab import data as D
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LGM_DATA_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+# ----------------------------------------------------------------------------- defect 7
+@pytest.mark.parametrize("name", ["FGSM", "TargetedFGSM", "PGD", "InversePGD"])
+def test_attacks_restore_each_submodules_mode(name):
+    from lgm_ext import attacks
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    model.train()
+    model[2].eval()
+    atk = getattr(attacks, name)(model, eps=0.1)
+    x, y = torch.rand(5, 1, 2, 2), torch.randint(0, 3, (5,))
+    if name == "PGD":
+        atk = attacks.PGD(model, eps=0.1, steps=2, seed=0)
+    atk(x, y)
+    assert [m.training for m in model.modules()] == [True, True, True, False, True, True]
+    model.eval()
+    model[3].train()
+    atk(x, y)
+    assert [m.training for m in model.modules()] == [False, False, False, False, True, False]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _write_idx(folder: Path, n_train=96, n_test=64, seed=0, labels_max=10):
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = torch.randint(0, labels_max, (n,), generator=g)
+        x = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        for c in range(10):
+            r, q = divmod(c, 5)
+            x[y == c, 4 + 10 * r: 12 + 10 * r, 2 + 5 * q: 6 + 5 * q] = 230
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.numpy().tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + y.to(torch.uint8).numpy().tobytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return _write_idx(tmp_path_factory.mktemp("idx"))
+
+
+def _tiny(src, **kw):
+    from lgm_lab.train import config_from_preset
+
+    base = dict(epochs=1, subset=64, test_subset=32, batch_size=32, feat_dim=2, head="lgm", data_dir=str(src))
+    base.update(kw)
+    return config_from_preset(None, **base)
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from lgm_cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _train_cli(src, out, *extra):
+    return _invoke("train", "--out", out, "--subset", 64, "--test-subset", 32, "--batch-size", 32,
+                   "--data-dir", src, "--no-progress", *extra)
+
+
+# ----------------------------------------------------------------------------- defects 1 and 2
+def test_resume_reads_the_saved_config(src, tmp_path):
+    out = tmp_path / "run"
+    r = _train_cli(src, out, "--epochs", 1, "--lr", 0.02, "--schedule", "constant")
+    assert r.exit_code == 0, r.output
+    r = _invoke("train", "--out", out, "--resume", "--no-progress")  # as the README shows it
+    assert r.exit_code == 0, r.output
+    r = _invoke("train", "--out", out, "--resume", "--epochs", 2, "--no-progress")  # extend a finished run
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["epochs"], cfg["lr"], cfg["subset"]) == (2, 0.02, 64)
+    r = _invoke("train", "--out", out, "--resume", "--lr", 0.5, "--no-progress")
+    assert r.exit_code == 2 and "lr" in r.output and "Traceback" not in r.output
+
+
+def test_extending_a_cyclic_run_is_refused_clearly(src, tmp_path):
+    from lgm_lab.train import CheckpointError, train
+
+    train(_tiny(src, schedule="cyclic"), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="cyclic learning-rate schedule depends on the total"):
+        train(_tiny(src, schedule="cyclic", epochs=2), tmp_path, progress=False, resume=True)
+
+
+def test_a_finished_run_is_not_overwritten_silently(src, tmp_path):
+    from lgm_lab.train import CheckpointError, train
+
+    train(_tiny(src), tmp_path, progress=False)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        train(_tiny(src, seed=1), tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    r = _train_cli(src, tmp_path, "--epochs", 1, "--seed", 1)
+    assert r.exit_code == 2 and "--resume" in r.output
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    r = _train_cli(src, tmp_path, "--epochs", 1, "--seed", 1, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+
+
+# ----------------------------------------------------------------------------- defect 4
+@pytest.mark.parametrize("opt", [("--lr", "nan"), ("--lr", "-0.1"), ("--warmup-epochs", "-1"), ("--momentum", "inf"),
+                                 ("--feat-dim", "1000000000"), ("--epochs", "0")])
+def test_bad_hyper_parameters_are_refused(src, tmp_path, opt):
+    r = _train_cli(src, tmp_path / "run", *opt)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_non_finite_weights_after_an_epoch_stop_training(src, tmp_path, monkeypatch):
+    from lgm_lab.train import TrainingDiverged, load_checkpoint, train
+
+    cfg = _tiny(src, epochs=2, subset=96)  # 3 steps per epoch
+    train(cfg, tmp_path, progress=False, stop_after=1)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real = torch.optim.SGD.step
+    calls = []
+
+    def poisoning_step(self, *a, **k):  # the epoch's last step leaves a NaN weight, with a finite loss
+        out = real(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoning_step)
+    with pytest.raises(TrainingDiverged, match="non-finite weights after epoch 2"):
+        train(cfg, tmp_path, progress=False, resume=True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- defect 5
+def test_flipped_weight_bytes_are_refused(src, tmp_path):
+    from lgm_lab.train import CheckpointError, load_checkpoint, load_trained, train
+
+    res = train(_tiny(src), tmp_path, progress=False)
+    ck = load_checkpoint(res.checkpoint)
+    w = max(ck["model"].values(), key=lambda t: t.numel())
+    raw = bytearray(Path(res.checkpoint).read_bytes())
+    at = raw.find(w.numpy().tobytes()[:256])
+    assert at > 0
+    n = min(4096, w.numel() * 4)
+    raw[at:at + n] = bytes(b ^ 0xFF for b in raw[at:at + n])
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_trained(bad)
+    r = _invoke("eval", bad)
+    assert r.exit_code == 2 and "SHA-256" in r.output
+
+
+# ----------------------------------------------------------------------------- defect 6
+def test_resume_rewrites_stale_metrics(src, tmp_path):
+    from lgm_lab.train import load_checkpoint, train
+
+    cfg = _tiny(src, epochs=2)
+    train(cfg, tmp_path, progress=False)
+    (tmp_path / "metrics.json").write_text(json.dumps([{"epoch": 1}]))  # killed before the metrics write
+    train(cfg, tmp_path, progress=False, resume=True)  # nothing left to train
+    assert json.loads((tmp_path / "metrics.json").read_text()) == load_checkpoint(tmp_path / "checkpoint.pt")["metrics"]
+
+
+# ----------------------------------------------------------------------------- defect 3
+def test_a_named_data_dir_never_falls_back(tmp_path):
+    with pytest.raises(D.DatasetUnavailable, match="does not exist"):
+        D.load_dataset("fashion-mnist", True, data_dir=tmp_path / "nope", download=False)
+    partial = _write_idx(tmp_path / "partial", n_train=20, n_test=10)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(D.DatasetUnavailable, match="t10k-labels-idx1-ubyte"):
+        D.load_dataset("fashion-mnist", True, data_dir=partial, download=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(D.DatasetUnavailable):  # not the system copy
+        D.load_dataset("fashion-mnist", True, data_dir=empty, download=False)
+    r = _invoke("train", "--out", tmp_path / "run", "--data-dir", tmp_path / "nope", "--epochs", 1, "--no-progress")
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_a_changed_source_is_staged_again(tmp_path):
+    src = _write_idx(tmp_path / "src", n_train=20, n_test=10)
+    assert len(D.load_dataset("fashion-mnist", True, data_dir=src, download=False)) == 20
+    _write_idx(src, n_train=30, n_test=10, seed=1)  # repaired / replaced in place
+    assert len(D.load_dataset("fashion-mnist", True, data_dir=src, download=False)) == 30
+
+
+def test_damaged_files_give_one_clear_error(tmp_path):
+    cut = _write_idx(tmp_path / "cut", n_train=20, n_test=10)
+    blob = (cut / "train-images-idx3-ubyte.gz").read_bytes()
+    (cut / "train-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(D.DatasetUnavailable, match="truncated"):
+        D.load_dataset("fashion-mnist", True, data_dir=cut, download=False)
+    r = _invoke("train", "--out", tmp_path / "run", "--data-dir", cut, "--epochs", 1, "--no-progress")
+    assert r.exit_code == 2 and "truncated" in r.output and "Aborted" not in r.output
+
+    bad_labels = _write_idx(tmp_path / "labels", n_train=20, n_test=10, labels_max=40)
+    with pytest.raises(D.DatasetUnavailable, match="out of range"):
+        D.load_dataset("fashion-mnist", True, data_dir=bad_labels, download=False)
+
+    mismatch = _write_idx(tmp_path / "mismatch", n_train=20, n_test=10)
+    y = torch.zeros(15, dtype=torch.uint8)
+    with gzip.open(mismatch / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, 15) + y.numpy().tobytes())
+    with pytest.raises(D.DatasetUnavailable, match="20 images but 15 labels"):
+        D.load_dataset("fashion-mnist", True, data_dir=mismatch, download=False)
+
+
+# ----------------------------------------------------------------------------- defect 8
+@pytest.fixture(scope="module")
+def run_dir(src, tmp_path_factory):
+    from lgm_lab.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(_tiny(src, head="softmax"), out, progress=False)
+    return out
+
+
+def _absurd_checkpoint(run_dir, tmp_path, **config):
+    from lgm_lab.train import _digest, load_checkpoint
+
+    ck = load_checkpoint(run_dir / "checkpoint.pt")
+    ck["config"].update(config)
+    ck["sha256"] = _digest(ck)
+    path = tmp_path / f"{'-'.join(config)}.pt"
+    torch.save(ck, path)
+    return path
+
+
+def _bad_invocations(src, run_dir, tmp_path):
+    ck = run_dir / "checkpoint.pt"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    train = ["train", "--subset", 64, "--test-subset", 32, "--epochs", 1, "--data-dir", src, "--no-progress"]
+    return [
+        [*train, "--out", a_file],  # --out is a file
+        [*train, "--out", a_file / "sub"],  # invalid --out
+        [*train, "--out", tmp_path / "r1", "--device", "tpu"],
+        [*train, "--out", tmp_path / "r2", "--device", "cuda:99"],  # no such GPU (or none at all)
+        ["attack", ck, "--eps", "-0.1", "--subset", 8],
+        ["attack", ck, "--eps", "abc", "--subset", 8],
+        ["attack", ck, "--eps", "nan", "--subset", 8],
+        ["verify", ck, "--eps", "-0.3", "--subset", 8, "--out", tmp_path / "v"],
+        ["eval", ck, "--subset", 0],
+        ["eval", ck, "--json", tmp_path],
+        ["eval", ck, "--device", "tpu"],
+        ["bench", "--sizes", "10:x"],
+        ["bench", "--sizes", "0:2"],
+        ["bench", "--n", 0],
+        ["eval", _absurd_checkpoint(run_dir, tmp_path, feat_dim=10**9)],
+        ["eval", _absurd_checkpoint(run_dir, tmp_path, feat_dim=3)],  # config and weights disagree
+        ["eval", _absurd_checkpoint(run_dir, tmp_path, head="nonsense")],
+    ]
+
+
+def test_bad_cli_invocations_exit_2_with_one_line(src, run_dir, tmp_path):
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    for args in _bad_invocations(src, run_dir, tmp_path):
+        r = subprocess.run([sys.executable, "-m", "lgm_cli.app", *map(str, args)], capture_output=True, text=True,
+                           env=env, timeout=300)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr + r.stdout and 1 <= len(lines) <= 3, (args, r.stderr)
+
+
+def test_full_disk_is_one_line_and_leaves_no_tmp(src, tmp_path, monkeypatch):
+    import errno
+
+    from lgm_lab import train as T
+
+    real = T.torch.save
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T.torch, "save", full)
+    out = tmp_path / "run"
+    r = _train_cli(src, out, "--epochs", 1)
+    monkeypatch.setattr(T.torch, "save", real)
+    assert r.exit_code == 2 and "No space left on device" in r.output, r.output
+    assert not list(out.glob("*.tmp")) and not (out / "checkpoint.pt").exists()
+
+
+def test_stale_tmp_files_are_cleaned(src, tmp_path):
+    from lgm_lab.train import train
+
+    cfg = _tiny(src, epochs=2)
+    train(cfg, tmp_path, progress=False, stop_after=1)
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
+    train(cfg, tmp_path, progress=False, resume=True)
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- polish
+def test_eval_names_the_classes(run_dir, tmp_path):
+    out = tmp_path / "ev.json"
+    r = _invoke("eval", run_dir / "checkpoint.pt", "--json", out)
+    assert r.exit_code == 0, r.output
+    assert "Ankle boot" in r.output and "T-shirt/top" in r.output
+    assert json.loads(out.read_text())["classes"][9] == "Ankle boot"
+
+
+def test_no_progress_for_logs():
+    r = _invoke("bench", "--sizes", "10:2", "--n", 8, "--repeats", 1, "--no-memory", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "10" in r.output
+    r = _invoke("reproduce", "--help")
+    assert r.exit_code == 0 and "--no-progress" in r.output
