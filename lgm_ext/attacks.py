@@ -44,7 +44,7 @@ class LGMClassificationLoss:
         self.head, self.alpha = head, float(alpha)
 
     def __call__(self, features: Tensor, labels: Tensor) -> Tensor:
-        return lgm_loss(features, self.head.means, self.head._log_var(), labels, alpha=self.alpha, lambda_=0.0,
+        return lgm_loss(features, self.head.means, self.head.clamped_log_var(), labels, alpha=self.alpha, lambda_=0.0,
                         reduction="sum")
 
     def logits(self, features: Tensor) -> Tensor:

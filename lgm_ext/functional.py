@@ -62,9 +62,11 @@ def _impl(impl: str) -> str:
     return impl
 
 
-def _check_reference_labels(labels: Tensor, n: int, k: int) -> None:
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+def check_labels(labels: Tensor, n: int, k: int) -> None:
+    """Python-side label validation (the fused operators validate in C++): integer, shape (n,), in [0, k)."""
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
@@ -99,7 +101,7 @@ def lgm_loss_and_logits(
             _tensor("labels", labels))
     a, lam, red, impl = _nonneg("alpha", alpha), _nonneg("lambda_", lambda_), _reduction(reduction), _impl(impl)
     if impl == "reference":
-        _check_reference_labels(labels, features.shape[0], means.shape[0])
+        check_labels(labels, features.shape[0], means.shape[0])
         loss = reference.lgm_loss(*args, alpha=a, lambda_=lam, reduction=reduction)
         return loss, reference.lgm_logits(*args[:3])
     out = ops.lgm_loss_forward(*args, a, lam, red, KERNEL_IMPLS[impl])
@@ -144,7 +146,7 @@ def lgm_logits(
     a, impl = _nonneg("alpha", alpha), _impl(impl)
     if impl == "reference":
         if labels is not None:
-            _check_reference_labels(labels, features.shape[0], means.shape[0])
+            check_labels(labels, features.shape[0], means.shape[0])
         return reference.lgm_logits(*args, alpha=a)
     return ops.lgm_logits(*args, a, KERNEL_IMPLS[impl])
 

@@ -1,24 +1,13 @@
 """Loss heads: :class:`LGMLoss` (learnable Gaussian mixture) and :class:`CenterLoss`."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from ._ops import IMPLS
-from .functional import lgm_log_likelihood, lgm_logits, lgm_loss_and_logits
+from .functional import _nonneg, check_labels, lgm_log_likelihood, lgm_logits, lgm_loss_and_logits
 
 __all__ = ["LGMLoss", "CenterLoss", "param_groups"]
-
-
-def _check_labels(labels: Tensor, n: int, k: int) -> None:
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise TypeError("labels must be an integer tensor")
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
-        raise ValueError(f"labels must lie in [0, {k})")
 
 
 class LGMLoss(nn.Module):
@@ -71,8 +60,7 @@ class LGMLoss(nn.Module):
             raise ValueError(f"covariance must be 'diag' or 'identity', got {covariance!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
-        if not alpha >= 0 or not lambda_ >= 0 or math.isinf(alpha) or math.isinf(lambda_):
-            raise ValueError(f"alpha and lambda_ must be finite and >= 0, got {alpha}, {lambda_}")
+        _nonneg("alpha", alpha), _nonneg("lambda_", lambda_)
         if not log_var_bound > 0:
             raise ValueError(f"log_var_bound must be > 0, got {log_var_bound}")
         if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
@@ -124,8 +112,6 @@ class LGMLoss(nn.Module):
             return None
         return self.log_var.clamp(-self.log_var_bound, self.log_var_bound)
 
-    _log_var = clamped_log_var  # short private alias
-
     def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         ramp = self._ramp()
         out = lgm_loss_and_logits(
@@ -172,7 +158,7 @@ class CenterLoss(nn.Module):
     def _check(self, features: Tensor, labels: Tensor) -> None:
         if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[1] != self.feat_dim:
             raise ValueError(f"features must be (N, {self.feat_dim})")
-        _check_labels(labels, features.shape[0], self.num_classes)
+        check_labels(labels, features.shape[0], self.num_classes)
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         self._check(features, labels)
@@ -217,14 +203,9 @@ def param_groups(backbone, head, *, lr: float, head_lr_mult: float = 10.0, weigh
     With a scheduler that sets absolute rates (``OneCycleLR``), pass one
     ``max_lr`` per group: ``[g["lr"] for g in optimizer.param_groups]``.
     """
-    for name, v in (("lr", lr), ("head_lr_mult", head_lr_mult), ("weight_decay", weight_decay)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if head_weight_decay is None:
-        head_weight_decay = weight_decay
-    elif not (isinstance(head_weight_decay, (int, float)) and math.isfinite(head_weight_decay)
-              and head_weight_decay >= 0):
-        raise ValueError(f"head_weight_decay must be a finite number >= 0, got {head_weight_decay!r}")
+    lr, head_lr_mult, weight_decay = _nonneg("lr", lr), _nonneg("head_lr_mult", head_lr_mult), \
+        _nonneg("weight_decay", weight_decay)
+    head_weight_decay = weight_decay if head_weight_decay is None else _nonneg("head_weight_decay", head_weight_decay)
     net, cls = _params(backbone), _params(head)
     shared = {id(p) for p in net} & {id(p) for p in cls}
     if shared:

@@ -369,6 +369,12 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
 
     bar = _progress(progress)
     done_here = 0
+
+    def diverged(what: str, hint: str) -> TrainingDiverged:
+        last = f"{ck_path} (epoch {start_epoch + done_here})" if ck_path.exists() else "none yet"
+        return TrainingDiverged(f"{what} (lr {opt.param_groups[0]['lr']:.3g}); training stopped. "
+                                f"Last good checkpoint: {last}. {hint}")
+
     with bar:
         task = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch)
         for epoch in range(start_epoch, cfg.epochs):
@@ -378,12 +384,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                 images, labels = images.to(cfg.device), labels.to(cfg.device)
                 loss, logits = head(model(images), labels)
                 if not torch.isfinite(loss):
-                    last = f"{ck_path} (epoch {start_epoch + done_here})" if ck_path.exists() else "none yet"
-                    raise TrainingDiverged(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1} "
-                        f"(lr {opt.param_groups[0]['lr']:.3g}); training stopped. Last good checkpoint: {last}. "
-                        "Try a lower --lr, a longer --warmup-epochs for L-GM, or a smaller --alpha."
-                    )
+                    raise diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1}",
+                                   "Try a lower --lr, a longer --warmup-epochs for L-GM, or a smaller --alpha.")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -396,10 +398,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                     f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}%"))
             train_time = time.perf_counter() - t0
             if not _finite_weights(model, head):
-                last = f"{ck_path} (epoch {start_epoch + done_here})" if ck_path.exists() else "none yet"
-                raise TrainingDiverged(
-                    f"non-finite weights after epoch {epoch + 1} (lr {opt.param_groups[0]['lr']:.3g}); training "
-                    f"stopped. Last good checkpoint: {last}. Try a lower --lr.")
+                raise diverged(f"non-finite weights after epoch {epoch + 1}", "Try a lower --lr.")
             ev = evaluate(model, head, test_ds, device=cfg.device)
             history.append({
                 "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,

@@ -1,3 +1,7 @@
+import gzip
+import struct
+from pathlib import Path
+
 import torch
 
 
@@ -24,3 +28,21 @@ def noncontiguous(t):
     v = wide[:, ::2]
     assert not v.is_contiguous()
     return v.requires_grad_(t.requires_grad)
+
+
+def write_idx(folder: Path, n_train=600, n_test=200, seed=0, labels_max=10):
+    """Small Fashion-MNIST-format files: 10 classes, each a distinct bright block.  ``labels_max`` > 10
+    writes labels out of range (for the data-validation tests)."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = torch.randint(0, labels_max, (n,), generator=g)
+        x = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        for c in range(10):
+            r, q = divmod(c, 5)
+            x[y == c, 4 + 10 * r : 12 + 10 * r, 2 + 5 * q : 6 + 5 * q] = 230
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.numpy().tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + y.to(torch.uint8).numpy().tobytes())
+    return folder

@@ -7,7 +7,7 @@ import torch
 from lgm_lab import experiments as E
 from lgm_lab.train import config_from_preset, train
 
-from test_train import _write_idx
+from helpers import write_idx as _write_idx
 
 
 def test_eer_perfect_and_identical():

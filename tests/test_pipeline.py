@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import write_idx
 from lgm_lab import data as D
 
 
@@ -40,25 +41,9 @@ def test_attacks_restore_each_submodules_mode(name):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _write_idx(folder: Path, n_train=96, n_test=64, seed=0, labels_max=10):
-    g = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        y = torch.randint(0, labels_max, (n,), generator=g)
-        x = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
-        for c in range(10):
-            r, q = divmod(c, 5)
-            x[y == c, 4 + 10 * r: 12 + 10 * r, 2 + 5 * q: 6 + 5 * q] = 230
-        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.numpy().tobytes())
-        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + y.to(torch.uint8).numpy().tobytes())
-    return folder
-
-
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    return _write_idx(tmp_path_factory.mktemp("idx"))
+    return write_idx(tmp_path_factory.mktemp("idx"), n_train=96, n_test=64)
 
 
 def _tiny(src, **kw):
@@ -193,7 +178,7 @@ def test_resume_rewrites_stale_metrics(src, tmp_path):
 def test_a_named_data_dir_never_falls_back(tmp_path):
     with pytest.raises(D.DatasetUnavailable, match="does not exist"):
         D.load_dataset("fashion-mnist", True, data_dir=tmp_path / "nope", download=False)
-    partial = _write_idx(tmp_path / "partial", n_train=20, n_test=10)
+    partial = write_idx(tmp_path / "partial", n_train=20, n_test=10)
     (partial / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(D.DatasetUnavailable, match="t10k-labels-idx1-ubyte"):
         D.load_dataset("fashion-mnist", True, data_dir=partial, download=False)
@@ -206,14 +191,14 @@ def test_a_named_data_dir_never_falls_back(tmp_path):
 
 
 def test_a_changed_source_is_staged_again(tmp_path):
-    src = _write_idx(tmp_path / "src", n_train=20, n_test=10)
+    src = write_idx(tmp_path / "src", n_train=20, n_test=10)
     assert len(D.load_dataset("fashion-mnist", True, data_dir=src, download=False)) == 20
-    _write_idx(src, n_train=30, n_test=10, seed=1)  # repaired / replaced in place
+    write_idx(src, n_train=30, n_test=10, seed=1)  # repaired / replaced in place
     assert len(D.load_dataset("fashion-mnist", True, data_dir=src, download=False)) == 30
 
 
 def test_damaged_files_give_one_clear_error(tmp_path):
-    cut = _write_idx(tmp_path / "cut", n_train=20, n_test=10)
+    cut = write_idx(tmp_path / "cut", n_train=20, n_test=10)
     blob = (cut / "train-images-idx3-ubyte.gz").read_bytes()
     (cut / "train-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(D.DatasetUnavailable, match="truncated"):
@@ -221,11 +206,11 @@ def test_damaged_files_give_one_clear_error(tmp_path):
     r = _invoke("train", "--out", tmp_path / "run", "--data-dir", cut, "--epochs", 1, "--no-progress")
     assert r.exit_code == 2 and "truncated" in r.output and "Aborted" not in r.output
 
-    bad_labels = _write_idx(tmp_path / "labels", n_train=20, n_test=10, labels_max=40)
+    bad_labels = write_idx(tmp_path / "labels", n_train=20, n_test=10, labels_max=40)
     with pytest.raises(D.DatasetUnavailable, match="out of range"):
         D.load_dataset("fashion-mnist", True, data_dir=bad_labels, download=False)
 
-    mismatch = _write_idx(tmp_path / "mismatch", n_train=20, n_test=10)
+    mismatch = write_idx(tmp_path / "mismatch", n_train=20, n_test=10)
     y = torch.zeros(15, dtype=torch.uint8)
     with gzip.open(mismatch / "train-labels-idx1-ubyte.gz", "wb") as f:
         f.write(struct.pack(">II", 2049, 15) + y.numpy().tobytes())

@@ -1,9 +1,7 @@
 """Data, models, heads, training, checkpoints and the train/eval CLI (issue: training pipeline)."""
-import gzip
 import json
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import pytest
@@ -11,28 +9,12 @@ import torch
 
 import lgm_ext
 
+from helpers import write_idx as _write_idx
 from lgm_lab import data as D
 from lgm_lab.heads import build_head
 from lgm_lab.models import build_model, resnet20
 from lgm_lab.train import (CheckpointError, TrainingDiverged, config_from_preset, evaluate, load_checkpoint,
                            load_trained, train)
-
-
-def _write_idx(folder: Path, n_train=600, n_test=200, seed=0):
-    """Small Fashion-MNIST-format files: 10 classes, each a distinct bright block."""
-    g = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        y = torch.randint(0, 10, (n,), generator=g)
-        x = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
-        for c in range(10):
-            r, q = divmod(c, 5)
-            x[y == c, 4 + 10 * r : 12 + 10 * r, 2 + 5 * q : 6 + 5 * q] = 230
-        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + x.numpy().tobytes())
-        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + y.to(torch.uint8).numpy().tobytes())
-    return folder
 
 
 @pytest.fixture(scope="session")
