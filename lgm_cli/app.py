@@ -147,8 +147,8 @@ def train_cmd(**options) -> None:
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.train import CheckpointError, TrainingDiverged, resume_config, train
 
-    out, preset, resume, overwrite, progress = (options.pop(k) for k in ("out", "preset", "resume", "overwrite",
-                                                                         "progress"))
+    out, preset, resume, overwrite, progress, tensorboard = (
+        options.pop(k) for k in ("out", "preset", "resume", "overwrite", "progress", "tensorboard"))
     overrides = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in options.items()}
     if overrides.get("data_dir") is not None:
         overrides["data_dir"] = str(overrides["data_dir"])
@@ -161,7 +161,7 @@ def train_cmd(**options) -> None:
             cfg = resume_config(out, **given)
         else:
             cfg = C.config_from_preset(preset.value if preset else None, **overrides)
-        result = train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+        result = train(cfg, out, resume=resume, overwrite=overwrite, progress=progress, tensorboard=tensorboard)
     except (ValueError, TypeError, OSError, DatasetUnavailable, CheckpointError, TrainingDiverged) as err:
         _fail(err)
     if not result.metrics:
@@ -173,7 +173,7 @@ def train_cmd(**options) -> None:
 
 _TRAIN_PARAMS = [
     inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Option(
-        Path("runs/train"), "--out", "-o", help="run folder: checkpoint.pt, metrics.json, config.json")),
+        Path("runs/train"), "--out", "-o", help="run folder: checkpoint.pt, metrics.json, metrics.csv, config.json")),
     inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Preset], default=typer.Option(
         None, help="quick (a few minutes on 2 cores) | report (the inverse-adversary report's recipe) | paper "
                    "(the L-GM paper's LeNet++ setting); explicit options win")),
@@ -184,35 +184,135 @@ _TRAIN_PARAMS = [
         False, help="replace a run already in --out (without it, or --resume, such a folder is refused)")),
     inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         True, help="show progress bars")),
+    inspect.Parameter("tensorboard", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, help="also log the per-epoch metrics to this TensorBoard folder (needs the tensorboard package; "
+                   "metrics.json and metrics.csv are always written)")),
 ]
 train_cmd.__signature__ = inspect.Signature(_TRAIN_PARAMS)
 train_cmd.__annotations__ = {p.name: p.annotation for p in _TRAIN_PARAMS}
 app.command("train")(train_cmd)
 
 
+# ----------------------------------------------------------------------------- options shared by the commands
+# Every command that runs a model takes the same --device, --batch-size, --subset, --data-dir, --progress;
+# every command that writes figures takes --out (a folder) and --format; every command with numbers a
+# script would want takes --json FILE.
+_DEVICE_HELP = "cpu | cuda | cuda:N (default: cuda when available, else cpu)"
+_SUBSET_HELP = ("use N test images: the seeded selection `lgm train --test-subset N` evaluates on "
+                "(default: the whole test set)")
+_BATCH_HELP = "images per forward/backward pass"
+_PROGRESS_HELP = "show progress bars (--no-progress for logs)"
+_FORMAT_HELP = "figure format: png | pdf | svg (vector, for papers)"
+_JSON_HELP = "also write the numbers as JSON to this file (with the dataset and checkpoints)"
+
+
+def _device_opt():
+    return typer.Option(None, "--device", help=_DEVICE_HELP)
+
+
+def _batch_opt():
+    return typer.Option(256, "--batch-size", help=_BATCH_HELP)
+
+
+def _subset_opt():
+    return typer.Option(None, "--subset", help=_SUBSET_HELP)
+
+
+def _format_opt():
+    return typer.Option("png", "--format", help=_FORMAT_HELP)
+
+
+def _progress_opt():
+    return typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP)
+
+
+def _json_opt():
+    return typer.Option(None, "--json", help=_JSON_HELP)
+
+
+def _bar(enabled: bool):
+    """A rich progress display (bar, count, elapsed, remaining) on stderr, off with --no-progress."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled)
+
+
+def _round(obj, digits: int = 4):
+    """Floats rounded to ``digits`` decimals (percentages and scores do not need 17 digits)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round(v, digits) for v in obj]
+    return obj
+
+
+def _common(device: Optional[str], batch_size: int, subset: Optional[int], json_out: Optional[Path] = None,
+            fmt: Optional[str] = None) -> str:
+    """Check the shared options before any work; returns the resolved device."""
+    from lgm_lab.train import resolve_device
+
+    _check_positive(batch_size, "--batch-size")
+    _check_positive(subset, "--subset")
+    _check_json_target(json_out)
+    if fmt is not None:
+        from lgm_lab.figures import FORMATS
+
+        if fmt not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return resolve_device(device)
+
+
+def _out_folder(out: Path) -> Path:
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; --out is always a folder")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {out}: {err.strerror or err}") from err
+    return out
+
+
+def _envelope(command: str, results, *, dataset: str, checkpoints, device: str, n: int, **extra) -> dict:
+    return _round({"command": command, "dataset": dataset, "checkpoints": [str(c) for c in checkpoints],
+                   "test_images": n, "device": device, **extra, "results": results})
+
+
 @app.command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="a checkpoint.pt written by `lgm train`"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the run's)"),
-    subset: Optional[int] = typer.Option(None, help="evaluate on N test images (default: the run's test subset)"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+    subset: Optional[int] = _subset_opt(),
+    device: Optional[str] = _device_opt(),
+    batch_size: int = _batch_opt(),
+    json_out: Optional[Path] = _json_opt(),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the confusion-matrix figure and the "
+                                                           "training curves (default: no figures)"),
+    fmt: str = _format_opt(),
+    progress: bool = _progress_opt(),
 ) -> None:
-    """Test error, confusion matrix and (L-GM / center heads) the log-likelihood summary of a trained model."""
+    """Test error, confusion matrix (with class names) and the log-likelihood summary of a trained model.
+
+    With --out, the confusion matrix and the run's training curves are also drawn as figures."""
     from lgm_lab.data import DatasetUnavailable, load_dataset
     from lgm_lab.train import CheckpointError, evaluate, load_trained
 
     try:
-        _check_positive(subset, "--subset")
-        _check_json_target(json_out)
-        model, head, cfg, _ck = load_trained(checkpoint, device)
-        ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir,
-                          subset=subset if subset is not None else cfg.test_subset, seed=cfg.seed)
+        dev = _common(device, batch_size, subset, json_out, fmt)
+        if out is not None:
+            _out_folder(out)
+        model, head, cfg, ck = load_trained(checkpoint, dev)
+        ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir, subset=subset, seed=cfg.seed)
     except (CheckpointError, DatasetUnavailable, ValueError) as err:
         _fail(err)
-    res = evaluate(model, head, ds, device=device)
+    with _bar(progress) as bar:
+        task = bar.add_task(f"evaluating {checkpoint.parent.name}", total=len(ds))
+        res = evaluate(model, head, ds, device=dev, batch_size=batch_size,
+                       tick=lambda k: bar.update(task, advance=k))
     names = list(C.class_names(cfg.dataset))
-    res.update(dataset=cfg.dataset, head=cfg.head, checkpoint=str(checkpoint), classes=names)
+    res.update(head=cfg.head, classes=names)
     t = Table(title=f"{cfg.head} head on {cfg.dataset} ({res['samples']} test images)")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -220,33 +320,46 @@ def eval_cmd(
     for k, v in res.get("log_likelihood", {}).items():
         t.add_row(f"log-likelihood {k}", f"{v:.3f}")
     console.print(t)
-    cm = Table(title="confusion matrix (rows: true class, columns: predicted class number)")
-    cm.add_column("", no_wrap=True)
+    cm = Table(title="confusion matrix (rows: true class, columns: predicted class)")
+    cm.add_column("true \\ predicted", no_wrap=True)
     for j in range(len(res["confusion"])):
-        cm.add_column(str(j), justify="right")
+        cm.add_column(f"{j} {names[j][:7]}" if j < len(names) else str(j), justify="right")
     for i, row in enumerate(res["confusion"]):
         cm.add_row(f"{i} {names[i]}" if i < len(names) else str(i), *map(str, row))
     console.print(cm)
-    _write_json(json_out, res)
+    if out is not None:
+        from lgm_lab.figures import confusion_figure, training_curves_figure
+
+        figs = [confusion_figure(res["confusion"], names, out / "confusion", fmt=fmt,
+                                 title=f"{cfg.head} head, {cfg.dataset}: error {res['error_percent']:.2f}%")]
+        if ck.get("metrics"):
+            figs.append(training_curves_figure({checkpoint.parent.name: ck["metrics"]}, out / "training_curves",
+                                               fmt=fmt))
+        console.print("figures: " + ", ".join(figs))
+    _write_json(json_out, _envelope("eval", res, dataset=cfg.dataset, checkpoints=[checkpoint], device=dev,
+                                    n=res["samples"]))
 
 
-def _load_runs(checkpoints: list[Path]):
+def _load_runs(checkpoints: list[Path], device: str = "cpu"):
     from lgm_lab.train import load_trained
 
     runs = {}
     for ck in checkpoints:
-        model, head, cfg, _ = load_trained(ck)
+        model, head, cfg, _ = load_trained(ck, device)
         name = cfg.head if cfg.head != "lgm" else f"lgm-a{cfg.alpha:g}"
         runs[f"{name} ({ck.parent.name})" if name in {n.split(" ")[0] for n in runs} else name] = (model, head, cfg)
     return runs
 
 
-def _test_tensors(cfg, subset: Optional[int], data_dir: Optional[Path]):
+def _test_tensors(cfg, subset: Optional[int], data_dir: Optional[Path], device: str = "cpu"):
+    """The test images every command evaluates on: ``--subset`` picks the same seeded selection as
+    ``lgm train --test-subset`` (the run's seed)."""
     from lgm_lab.data import load_dataset
     from lgm_lab.experiments import stack_dataset
 
     ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir, subset=subset, seed=cfg.seed)
-    return stack_dataset(ds)
+    x, y = stack_dataset(ds)
+    return x.to(device), y.to(device)
 
 
 def _fail(err: Exception) -> None:
@@ -311,9 +424,12 @@ def _check_device_arg(device: str) -> None:
 def attack(
     checkpoints: list[Path] = typer.Argument(..., help="checkpoint.pt files of trained models"),
     eps: str = typer.Option("0,0.1,0.2,0.3", help="FGSM magnitudes, comma-separated"),
-    subset: Optional[int] = typer.Option(None, help="attack N test images (default: the whole test set)"),
+    subset: Optional[int] = _subset_opt(),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the runs')"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+    device: Optional[str] = _device_opt(),
+    batch_size: int = _batch_opt(),
+    json_out: Optional[Path] = _json_opt(),
+    progress: bool = _progress_opt(),
 ) -> None:
     """The L-GM paper's Table 6: test error under FGSM for each eps, beside the paper's values."""
     from lgm_lab.experiments import PAPER, fgsm_errors
@@ -321,10 +437,10 @@ def attack(
 
     try:
         eps_list = _parse_eps(eps)
-        _check_positive(subset, "--subset")
-        _check_json_target(json_out)
-        runs = _load_runs(checkpoints)
-        x, y = _test_tensors(next(iter(runs.values()))[2], subset, data_dir)
+        dev = _common(device, batch_size, subset, json_out)
+        runs = _load_runs(checkpoints, dev)
+        cfg0 = next(iter(runs.values()))[2]
+        x, y = _test_tensors(cfg0, subset, data_dir, dev)
     except (CheckpointError, RuntimeError, ValueError) as err:
         _fail(err)
     t = Table(title=f"test error (%) under FGSM ({len(x)} test images; paper: MNIST)")
@@ -332,13 +448,18 @@ def attack(
     for e in eps_list:
         t.add_column(f"eps={e:g}", justify="right")
     out = {}
-    for name, (model, head, _cfg) in runs.items():
-        errs = fgsm_errors(model, head, x, y, eps_list)
-        out[name] = errs
-        paper = dict(zip([0.0, 0.1, 0.2, 0.3], PAPER["table6"].get(name.split(" ")[0], [])))
-        t.add_row(name, *[f"{errs[e]:.2f}" + (f" (paper {paper[e]})" if e in paper else "") for e in eps_list])
+    with _bar(progress) as bar:
+        task = bar.add_task("FGSM", total=len(runs) * len(eps_list) * len(x))
+        for name, (model, head, _cfg) in runs.items():
+            bar.update(task, description=f"FGSM on {name}")
+            errs = fgsm_errors(model, head, x, y, eps_list, batch=batch_size,
+                               tick=lambda k: bar.update(task, advance=k))
+            out[name] = {str(e): v for e, v in errs.items()}
+            paper = dict(zip([0.0, 0.1, 0.2, 0.3], PAPER["table6"].get(name.split(" ")[0], [])))
+            t.add_row(name, *[f"{errs[e]:.2f}" + (f" (paper {paper[e]})" if e in paper else "") for e in eps_list])
     console.print(t)
-    _write_json(json_out, out)
+    _write_json(json_out, _envelope("attack", out, dataset=cfg0.dataset, checkpoints=checkpoints, device=dev,
+                                    n=len(x), eps=eps_list, measure="test error % under FGSM"))
 
 
 @app.command()
@@ -346,25 +467,38 @@ def verify(
     checkpoints: list[Path] = typer.Argument(..., help="checkpoint.pt files (softmax, center, L-GM models)"),
     eps: float = typer.Option(0.3, help="FGSM magnitude"),
     targeted: bool = typer.Option(False, help="targeted FGSM towards the second most likely class"),
-    subset: Optional[int] = typer.Option(None, help="use N test images (default: all)"),
+    subset: Optional[int] = _subset_opt(),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the runs')"),
     out: Path = typer.Option(Path("runs/verify"), help="folder for the histograms, ROC plot and results.json"),
+    fmt: str = _format_opt(),
+    device: Optional[str] = _device_opt(),
+    batch_size: int = _batch_opt(),
+    json_out: Optional[Path] = _json_opt(),
+    progress: bool = _progress_opt(),
 ) -> None:
-    """Adversarial verification (paper section 4.3): likelihood histograms, ROC curves and EER per model."""
-    from lgm_lab.experiments import PAPER, verification, verification_figures
+    """Adversarial verification (paper section 4.3): likelihood histograms, ROC curves and EER per model.
+
+    Every score is measured: the head's default, identity covariance, distance, max posterior, mixture."""
+    from lgm_lab.experiments import PAPER, _slim, verification, verification_figures
     from lgm_lab.train import CheckpointError
 
     try:
         _check_eps([eps])
-        _check_positive(subset, "--subset")
-        runs = _load_runs(checkpoints)
-        x, y = _test_tensors(next(iter(runs.values()))[2], subset, data_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        dev = _common(device, batch_size, subset, json_out, fmt)
+        runs = _load_runs(checkpoints, dev)
+        cfg0 = next(iter(runs.values()))[2]
+        x, y = _test_tensors(cfg0, subset, data_dir, dev)
+        _out_folder(out)
     except (CheckpointError, RuntimeError, ValueError, OSError) as err:
         _fail(err)
-    results = {name: verification(model, head, x, y, eps=eps, targeted=targeted)
-               for name, (model, head, _c) in runs.items()}
-    figs = verification_figures(results, out)
+    results = {}
+    with _bar(progress) as bar:
+        task = bar.add_task("verification", total=len(runs) * len(x))
+        for name, (model, head, _c) in runs.items():
+            bar.update(task, description=f"{'targeted ' if targeted else ''}FGSM on {name}")
+            results[name] = verification(model, head, x, y, eps=eps, targeted=targeted, batch=batch_size,
+                                         tick=lambda k: bar.update(task, advance=k))
+    figs = verification_figures(results, out, fmt)
     t = Table(title=f"adversarial verification, {'targeted ' if targeted else ''}FGSM eps={eps:g}")
     for c in ("model", "EER %", "paper EER %", "AUC", "error on adversarial %"):
         t.add_column(c, justify="right" if c != "model" else "left")
@@ -372,10 +506,10 @@ def verify(
         paper = PAPER["targeted"]["eer"] if targeted and name.startswith("lgm") else PAPER["eer"].get(name.split(" ")[0], "-")
         t.add_row(name, f"{r['eer_percent']:.1f}", str(paper), f"{r['roc']['auc']:.3f}", f"{r['adversarial_error_percent']:.2f}")
     console.print(t)
-    from lgm_lab.experiments import _slim
-
-    slim = {n: _slim(r) for n, r in results.items()}
-    (out / "results.json").write_text(json.dumps(slim, indent=2))
+    payload = _envelope("verify", {n: _slim(r) for n, r in results.items()}, dataset=cfg0.dataset,
+                        checkpoints=checkpoints, device=dev, n=len(x), eps=eps, targeted=targeted)
+    _write_json(out / "results.json", payload)
+    _write_json(json_out, payload)
     console.print("figures: " + ", ".join(figs))
 
 
@@ -384,24 +518,30 @@ def centers(
     model_a: Path = typer.Option(..., help="Model A: checkpoint trained with softmax + center loss"),
     model_b: Path = typer.Option(..., help="Model B: checkpoint trained with softmax only"),
     lgm: Optional[Path] = typer.Option(None, help="optionally an L-GM checkpoint (its learned means)"),
-    subset: Optional[int] = typer.Option(None, help="use N test images (default: all)"),
+    subset: Optional[int] = _subset_opt(),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the runs')"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+    device: Optional[str] = _device_opt(),
+    batch_size: int = _batch_opt(),
+    json_out: Optional[Path] = _json_opt(),
+    progress: bool = _progress_opt(),
 ) -> None:
     """The inverse-adversary report: class centers compared by cosine similarity and MSE, and its claims checked."""
     from lgm_lab.experiments import centers_report
     from lgm_lab.train import CheckpointError, load_trained
 
     try:
-        _check_positive(subset, "--subset")
-        _check_json_target(json_out)
-        models = {"A": load_trained(model_a)[:2], "B": load_trained(model_b)[:2]}
-        if lgm:
-            models["L-GM"] = load_trained(lgm)[:2]
-        x, y = _test_tensors(load_trained(model_a)[2], subset, data_dir)
+        dev = _common(device, batch_size, subset, json_out)
+        paths = {"A": model_a, "B": model_b, **({"L-GM": lgm} if lgm else {})}
+        loaded = {k: load_trained(p, dev) for k, p in paths.items()}
+        models = {k: v[:2] for k, v in loaded.items()}
+        cfg0 = loaded["A"][2]
+        x, y = _test_tensors(cfg0, subset, data_dir, dev)
     except (CheckpointError, RuntimeError, ValueError) as err:
         _fail(err)
-    rep = centers_report(models, x, y)
+    with _bar(progress) as bar:
+        task = bar.add_task("inverse adversaries", total=len(models) * len(x))
+        rep = centers_report(models, x, y, batch=batch_size, num_classes=C.dataset_info(cfg0.dataset)["num_classes"],
+                             tick=lambda k: bar.update(task, advance=k))
     for name, comps in rep.items():
         if name == "claims":
             continue
@@ -419,53 +559,117 @@ def centers(
     for c in rep["claims"]:
         t.add_row(c["claim"], c["measured"], "yes" if c["supported"] else "NO")
     console.print(t)
-    _write_json(json_out, rep)
+    _write_json(json_out, _envelope("centers", rep, dataset=cfg0.dataset, checkpoints=list(paths.values()),
+                                    device=dev, n=len(x), models={k: str(p) for k, p in paths.items()}))
 
 
 @app.command()
 def embed(
     checkpoint: Path = typer.Argument(..., help="a checkpoint of a model with 2-D features"),
-    out: Path = typer.Option(Path("embedding.png"), help="PNG file to write"),
+    out: Path = typer.Option(Path("runs/embed"), help="folder for embedding.<format>"),
+    fmt: str = _format_opt(),
     points: int = typer.Option(5000, help="training images to plot"),
     fgsm: int = typer.Option(30, help="FGSM (eps 0.1) examples to mark on an L-GM likelihood map"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the run's)"),
+    device: Optional[str] = _device_opt(),
+    batch_size: int = _batch_opt(),
+    progress: bool = _progress_opt(),
 ) -> None:
-    """Paper Fig. 1: the 2-D feature embedding of the training set; for L-GM, the likelihood map."""
+    """Paper Fig. 1: the 2-D feature embedding of the training set (legend: class names).
+
+    For an L-GM head, also its likelihood map and FGSM examples."""
     from lgm_ext.attacks import FGSM
-    from lgm_lab.data import load_dataset
-    from lgm_lab.experiments import Classifier, embedding_figure, stack_dataset
+    from lgm_lab.data import DatasetUnavailable, load_dataset
+    from lgm_lab.experiments import Classifier, _attack, embedding_figure, stack_dataset
     from lgm_lab.train import CheckpointError, load_trained
 
     try:
-        model, head, cfg, _ = load_trained(checkpoint)
+        dev = _common(device, batch_size, None, None, fmt)
+        _check_positive(points, "--points")
+        if fgsm < 0:
+            raise ValueError(f"--fgsm must be >= 0, got {fgsm}")
+        _out_folder(out)
+        model, head, cfg, _ = load_trained(checkpoint, dev)
+        if cfg.feat_dim != 2:
+            raise ValueError(f"{checkpoint} has {cfg.feat_dim}-D features; embed needs a model with --feat-dim 2")
         x, y = stack_dataset(load_dataset(cfg.dataset, True, data_dir=data_dir or cfg.data_dir, subset=points))
-        adv = FGSM(Classifier(model, head).eval(), eps=0.1)(x[:fgsm], y[:fgsm]) if cfg.head == "lgm" and fgsm else None
-        path = embedding_figure(model, head, x, y, out, title=f"{cfg.head}, 2-D features", adv=adv)
-    except (CheckpointError, RuntimeError, ValueError) as err:
+        x, y = x.to(dev), y.to(dev)
+    except (CheckpointError, DatasetUnavailable, RuntimeError, ValueError) as err:
         _fail(err)
+    with _bar(progress) as bar:
+        n_adv = min(fgsm, len(x)) if cfg.head == "lgm" else 0
+        task = bar.add_task("FGSM examples", total=n_adv + 1)
+        adv = (_attack(FGSM(Classifier(model, head).eval(), eps=0.1), x[:n_adv], y[:n_adv], batch_size,
+                       lambda k: bar.update(task, advance=k)) if n_adv else None)
+        bar.update(task, description="features and figure")
+        path = embedding_figure(model, head, x, y, out / "embedding", title=f"{cfg.head}, 2-D features ({cfg.dataset})",
+                                adv=adv, max_points=points, class_names=C.class_names(cfg.dataset), fmt=fmt)
+        bar.update(task, advance=1)
     console.print(f"wrote {path}")
 
 
 @app.command()
+def curves(
+    runs: list[Path] = typer.Argument(..., help="run folders (or their checkpoint.pt / metrics.json)"),
+    out: Path = typer.Option(Path("runs/curves"), help="folder for training_curves.<format>"),
+    fmt: str = _format_opt(),
+) -> None:
+    """Training curves: the training loss and the test error per epoch of one or more runs (from metrics.json)."""
+    from lgm_lab.figures import training_curves_figure
+
+    try:
+        _common("cpu", 1, None, None, fmt)
+        data = {}
+        for r in runs:
+            folder = r if r.is_dir() else r.parent
+            path = folder / "metrics.json"
+            if not path.is_file():
+                raise ValueError(f"{r}: no metrics.json (is it a run folder written by `lgm train`?)")
+            try:
+                hist = json.loads(path.read_text())
+                if not isinstance(hist, list) or not hist or not all("epoch" in h for h in hist):
+                    raise ValueError("not a list of per-epoch records")
+            except ValueError as err:
+                raise ValueError(f"{path}: unreadable metrics ({err})") from None
+            data[folder.name if folder.name not in data else str(folder)] = hist
+        _out_folder(out)
+    except ValueError as err:
+        _fail(err)
+    console.print(f"wrote {training_curves_figure(data, out / 'training_curves', fmt=fmt)}")
+
+
+@app.command()
 def reproduce(
-    preset: ReproducePreset = typer.Option("quick", help="quick (Fashion-MNIST subsets, <= 10 min on 2 cores) | "
-                                                         "paper (the paper's settings; MNIST when available, else "
-                                                         "Fashion-MNIST)"),
+    preset: ReproducePreset = typer.Option("quick", help="quick (Fashion-MNIST subsets, about 10 min on 2 cores) | "
+                                                         "standard (3 seeds, both feature layers; the committed "
+                                                         "report) | paper (the paper's settings; MNIST when "
+                                                         "available, else Fashion-MNIST)"),
     out: Path = typer.Option(Path("runs/reproduce"), help="output folder (finished checkpoints there are reused)"),
+    fmt: str = _format_opt(),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
-    progress: bool = typer.Option(True, help="show the progress line (--no-progress for logs: one line per stage)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="show the progress bar (--no-progress for logs: one line per stage)"),
 ) -> None:
     """Train every head, then Table 1, Table 6, EERs, centers tables and figures, into OUT/report.md."""
     from lgm_lab.experiments import reproduce as run
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  disable=not progress) as prog:
-        task = prog.add_task("reproduce", total=None)
-        report = (lambda m: prog.update(task, description=m)) if progress else (lambda m: console.print(m, markup=False))
+    try:
+        _common("cpu", 1, None, None, fmt)
+        _out_folder(out)
+    except ValueError as err:
+        _fail(err)
+    with _bar(progress) as bar:
+        task = bar.add_task("reproduce", total=None)
+
+        def on_stage(done: int, total: int, description: str) -> None:
+            bar.update(task, completed=done, total=total, description=description)
+
+        report = (lambda m: None) if progress else (lambda m: console.print(m, markup=False))
         try:
-            res = run(out, preset=preset.value, data_dir=data_dir, progress=report)
+            res = run(out, preset=preset.value, data_dir=data_dir, progress=report, on_stage=on_stage, fmt=fmt)
         except (RuntimeError, ValueError) as err:
             _fail(err)
+        bar.update(task, completed=bar.tasks[0].total)
     console.print(f"done in {res['seconds'] / 60:.1f} min; report: {out / 'report.md'}")
 
 

@@ -58,19 +58,28 @@ class Classifier(nn.Module):
         return self.head.logits(self.model(x))
 
 
-def _attack(atk, x: Tensor, y: Tensor, batch: int, **kw) -> Tensor:
-    return torch.cat([atk(x[s], y[s], **kw) for s in _batches(len(x), batch)])
+def _attack(atk, x: Tensor, y: Tensor, batch: int, tick=None, **kw) -> Tensor:
+    """``atk`` over ``x`` in batches; ``tick(n)`` after each batch of n images (progress bars)."""
+    out = []
+    for s in _batches(len(x), batch):
+        out.append(atk(x[s], y[s], **kw))
+        if tick is not None:
+            tick(s.stop - s.start)
+    return torch.cat(out)
 
 
-def fgsm_errors(model, head, x: Tensor, y: Tensor, eps_list=EPS, batch: int = 256) -> dict:
-    """Test error % under FGSM for each eps (eps = 0: clean)."""
+def fgsm_errors(model, head, x: Tensor, y: Tensor, eps_list=EPS, batch: int = 256, tick=None) -> dict:
+    """Test error % under FGSM for each eps (eps = 0: clean).  ``x``, ``y`` on the model's device;
+    ``tick(n)`` is called as batches of n images are attacked (eps = 0 counts too)."""
     clf = Classifier(model, head).eval()
     out = {}
     for eps in eps_list:
         adv = x if eps == 0 else _attack(FGSM(clf, eps=eps), x, y, batch)
         with torch.no_grad():
-            pred = torch.cat([head.predict(model(adv[s])) for s in _batches(len(x), 512)])
+            pred = torch.cat([head.predict(model(adv[s])) for s in _batches(len(x), batch)])
         out[float(eps)] = 100.0 * (pred != y).float().mean().item()
+        if tick is not None:
+            tick(len(x))
     return out
 
 
@@ -89,18 +98,20 @@ def eer(normal: Tensor, adversarial: Tensor) -> tuple[float, dict]:
 
 
 def verification(model, head, x: Tensor, y: Tensor, *, eps: float = 0.3, targeted: bool = False,
-                 batch: int = 256, adversarial: Tensor | None = None) -> dict:
+                 batch: int = 256, adversarial: Tensor | None = None, tick=None) -> dict:
     """Adversarial verification (paper section 4.3): threshold a likelihood-style score of the
     predicted class to tell normal from FGSM inputs (targeted: towards the second most likely
     class).  Every score of ``head.scores`` is evaluated; ``"default"`` is the head's own
     (docs/SPEC.md section 5).  All scores are logs (no underflow ties).  ``adversarial``: reuse
-    already-computed FGSM inputs of ``x``."""
+    already-computed FGSM inputs of ``x``; ``tick(n)`` as batches of n images are attacked."""
     clf = Classifier(model, head).eval()
     if adversarial is None:
         atk = TargetedFGSM(clf, eps=eps) if targeted else FGSM(clf, eps=eps)
-        adversarial = _attack(atk, x, y, batch)
+        adversarial = _attack(atk, x, y, batch, tick)
+    elif tick is not None:
+        tick(len(x))
     with torch.no_grad():
-        f_clean, f_adv = _features(model, x), _features(model, adversarial)
+        f_clean, f_adv = _features(model, x, batch), _features(model, adversarial, batch)
         clean, adv = head.scores(f_clean), head.scores(f_adv)
         err = 100.0 * (head.predict(f_adv) != y).float().mean().item()
     per_score = {}
@@ -115,7 +126,8 @@ def verification(model, head, x: Tensor, y: Tensor, *, eps: float = 0.3, targete
 
 
 def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype).index_add_(0, labels, features)
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
+    sums.index_add_(0, labels, features)
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(features.dtype)
     return sums / counts[:, None]
 
@@ -128,22 +140,24 @@ def compare_centers(a: Tensor, b: Tensor) -> dict:
             "mean_mse": mse.mean().item()}
 
 
-def centers_report(models: dict, x: Tensor, y: Tensor, *, batch: int = 256, num_classes: int = 10) -> dict:
+def centers_report(models: dict, x: Tensor, y: Tensor, *, batch: int = 256, num_classes: int = 10,
+                   tick=None) -> dict:
     """The report's comparison.  ``models`` maps "A" (center loss), "B" (softmax)
     and optionally "L-GM" to (model, head).  Inverse adversaries: eps'=4/255,
-    5 steps of 2/255 on the cross-entropy of the true label."""
+    5 steps of 2/255 on the cross-entropy of the true label.  ``tick(n)`` as batches of n images
+    are attacked."""
     out = {}
     for name, (model, head) in models.items():
         clf = Classifier(model, head).eval()
-        inv = _attack(InversePGD(clf), x, y, batch)
-        clean_c = class_means(_features(model, x), y, num_classes)
-        inv_c = class_means(_features(model, inv), y, num_classes)
+        inv = _attack(InversePGD(clf), x, y, batch, tick)
+        clean_c = class_means(_features(model, x, batch), y, num_classes).cpu()
+        inv_c = class_means(_features(model, inv, batch), y, num_classes).cpu()
         res = {"inverse vs clean": compare_centers(inv_c, clean_c)}
         if head.class_weights() is not None:
-            res["inverse vs weights"] = compare_centers(inv_c, head.class_weights().detach())
+            res["inverse vs weights"] = compare_centers(inv_c, head.class_weights().detach().cpu())
         if head.centers() is not None:
             label = "inverse vs center-loss centers" if head.kind == "center" else "inverse vs L-GM means"
-            res[label] = compare_centers(inv_c, head.centers().detach())
+            res[label] = compare_centers(inv_c, head.centers().detach().cpu())
         out[name] = res
     out["claims"] = _claims(out)
     return out
@@ -289,17 +303,38 @@ def _train_or_reuse(cfg, run_dir: Path, progress) -> bool:
     return False
 
 
-def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print) -> dict:
+def reproduce_stages(preset: str) -> int:
+    """How many stages :func:`reproduce` reports for ``preset`` (for a progress bar)."""
+    P = REPRODUCE_PRESETS[preset]
+    return 2 * len(P["models100"]) * len(P["seeds"]) + 2 * len(P["models2"]) + 3
+
+
+def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, on_stage=None,
+              fmt: str = "png") -> dict:
     """Train every model of the preset (each seed), measure Table 1, Table 6, the verification EERs
-    (every score, and targeted FGSM), the centers analysis and the figures, into ``out_dir`` with
-    ``report.md`` and ``results.json``.  Finished checkpoints and evaluations are reused."""
+    (every score, and targeted FGSM), the centers analysis and the figures (in ``fmt``: png, pdf or
+    svg), into ``out_dir`` with ``report.md`` and ``results.json``.  Finished checkpoints and
+    evaluations are reused.  ``progress(message)`` gets one line per stage; ``on_stage(done, total,
+    description)`` is called as each of the :func:`reproduce_stages` stages starts."""
+    from .config import class_names
     from .data import load_dataset
+    from .figures import FORMATS
     from .train import load_trained
 
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(REPRODUCE_PRESETS)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     P = REPRODUCE_PRESETS[preset]
     out = Path(out_dir)
+    total, done = reproduce_stages(preset), [0]
+
+    def stage(description: str) -> None:
+        progress(description)
+        if on_stage is not None:
+            on_stage(done[0], total, description)
+        done[0] += 1
+
     (out / "figures").mkdir(parents=True, exist_ok=True)
     dataset = _pick_dataset(preset, data_dir)
     t_start = time.perf_counter()
@@ -309,16 +344,17 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print) 
     if P["attack_subset"]:
         x, y = x[: P["attack_subset"]], y[: P["attack_subset"]]
     settings = {"attack_subset": len(x), "test": len(test), "eps": EPS}
-    results = {"preset": preset, "dataset": dataset, "seeds": seeds, "train": P["train"], "runs": {}, "table1_2d": {},
+    results = {"preset": preset, "dataset": dataset, "format": fmt, "seeds": seeds, "train": P["train"], "runs": {}, "table1_2d": {},
                "figures": [], "models_reused": 0, "models": 0}
     keep = {}  # seed-0 models for the centers analysis and the figures
+    curves = {}  # per-epoch metrics of the 100-D runs
     for dim, names, run_seeds in ((100, P["models100"], seeds), (2, P["models2"], seeds[:1])):
         for name in names:
             for seed in run_seeds:
                 key = f"{name}-{dim}d-s{seed}"
                 cfg_kw = dict(P["train"], **MODEL_SPECS[name])
                 cfg = _config(dataset, data_dir, dim, seed, cfg_kw)
-                progress(f"training {key} ({cfg.epochs} epochs)")
+                stage(f"training {key} ({cfg.epochs} epochs)")
                 run_dir = out / "runs" / key
                 results["models_reused"] += _train_or_reuse(cfg, run_dir, progress)
                 results["models"] += 1
@@ -329,12 +365,14 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print) 
                     results["table1_2d"][name] = evaluate(model, head, test)["error_percent"]
                     keep[key] = (model, head)
                     continue
+                curves[key] = json.loads((run_dir / "metrics.json").read_text())
                 cache = run_dir / "eval.json"
                 cached = json.loads(cache.read_text()) if cache.exists() else {}
                 if cached.get("settings") == settings and seed != seeds[0]:
+                    stage(f"evaluating {key}: reused")
                     ev = cached["eval"]
                 else:
-                    progress(f"evaluating {key}: clean, FGSM, verification")
+                    stage(f"evaluating {key}: clean, FGSM, verification")
                     ev = evaluate_run(model, head, test, x, y, targeted=(name == "lgm-a1"))
                     full = ev
                     ev = dict(ev, verification=_slim(ev["verification"]))
@@ -347,28 +385,35 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print) 
     results["n_test"], results["n_attack"] = len(test), len(x)
     s0 = seeds[0]
     # figures: histograms and ROC of the seed-0 models (default score), p_max histograms (Fig. 3)
-    from .figures import pmax_figure
+    from .figures import pmax_figure, training_curves_figure
 
+    stage("figures: histograms, ROC, p_max, training curves")
     ver = {}
     for name in P["models100"]:
         model, head, full = keep[f"{name}-100d-s{s0}"]
         ver[name] = full["verification"]
         if "targeted" in full:
             ver[f"{name} targeted"] = full["targeted"]
-    results["figures"] += verification_figures(ver, out / "figures")
-    results["figures"].append(pmax_figure(ver, out / "figures" / "pmax_fgsm.png"))
-    progress("centers analysis (inverse adversaries)")
+    results["figures"] += verification_figures(ver, out / "figures", fmt)
+    results["figures"].append(pmax_figure(ver, out / "figures" / "pmax_fgsm", fmt))
+    results["figures"].append(training_curves_figure(
+        {k.replace("-100d", ""): v for k, v in curves.items() if k.endswith(f"-s{s0}")},
+        out / "figures" / "training_curves", fmt))
+    stage("centers analysis (inverse adversaries)")
     centers_models = {"A": "center", "B": "softmax", "L-GM": "lgm-a1"}
     results["centers"] = centers_report({k: keep[f"{v}-100d-s{s0}"][:2] for k, v in centers_models.items()
                                          if f"{v}-100d-s{s0}" in keep}, x, y)
-    progress("embeddings")
-    train_ds = load_dataset(dataset, True, data_dir=data_dir, subset=P["embed_points"])
-    xe, ye = stack_dataset(train_ds)
+    stage("embeddings" if P["models2"] else "report")
+    if P["models2"]:
+        train_ds = load_dataset(dataset, True, data_dir=data_dir, subset=P["embed_points"])
+        xe, ye = stack_dataset(train_ds)
     for name in P["models2"]:
+        stage(f"embedding of {name} (2-D)")
         model, head = keep[f"{name}-2d-s{s0}"]
         adv = FGSM(Classifier(model, head).eval(), eps=0.1)(x[:30], y[:30]) if name.startswith("lgm") else None
-        results["figures"].append(embedding_figure(model, head, xe, ye, out / "figures" / f"embed_{name}.png",
-                                                   title=f"{name}, 2-D features ({dataset} train)", adv=adv))
+        results["figures"].append(embedding_figure(model, head, xe, ye, out / "figures" / f"embed_{name}",
+                                                   title=f"{name}, 2-D features ({dataset} train)", adv=adv,
+                                                   class_names=class_names(dataset), fmt=fmt))
     results["claims"] = paper_claims(results)
     results["seconds"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
@@ -507,7 +552,7 @@ def report_markdown(r: dict) -> str:
           "| claim | compared with | ours | theirs | z | verdict |", "|---|---|---|---|---|---|"]
     for c in r["claims"]:
         L.append(f"| {c['claim']} | {c['versus']} | {c['a']:.2f} | {c['b']:.2f} | {c['z']:.1f} | **{c['verdict']}** |")
-    L += ["", "![ROC](figures/roc.png)", "", "## Centers (inverse adversaries, eps'=4/255, 5 steps of 2/255; 100-D, "
+    L += ["", f"![ROC](figures/roc.{r.get('format', 'png')})", "", "## Centers (inverse adversaries, eps'=4/255, 5 steps of 2/255; 100-D, "
           f"seed {seeds[0]})", ""]
     for model_name, comps in r["centers"].items():
         if model_name == "claims":

@@ -1,6 +1,9 @@
 """Figures of the reproduction (matplotlib, headless): verification histograms
-and ROC curves (paper Figs. 4-6) and 2-D embeddings with the L-GM likelihood
-map (paper Fig. 1)."""
+and ROC curves (paper Figs. 4-6), p_max histograms (Fig. 3), 2-D embeddings with
+the L-GM likelihood map (Fig. 1), training curves and confusion matrices.
+
+Every function takes the output format (``png``, ``pdf`` or ``svg``; vector
+formats for papers) and returns the paths it wrote."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +13,28 @@ from torch import Tensor
 
 from .tensors import features as _features
 
-__all__ = ["verification_figures", "embedding_figure", "pmax_figure"]
+__all__ = ["FORMATS", "verification_figures", "embedding_figure", "pmax_figure", "training_curves_figure",
+           "confusion_figure"]
+
+FORMATS = ("png", "pdf", "svg")
+
+
+def _path(path: Path, fmt: str | None) -> Path:
+    """``path`` with the suffix of ``fmt`` (None: keep the path's own suffix, else png)."""
+    path = Path(path)
+    if fmt is None:
+        fmt = path.suffix.lstrip(".") or "png"
+    if fmt not in FORMATS:
+        raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return path.with_suffix("." + fmt)
+
+
+def _save(fig, path: Path) -> str:
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150 if path.suffix == ".png" else None, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
 
 
 def _plt():
@@ -32,9 +56,10 @@ def _hist_range(*arrays, lo_q: float = 0.005):
     return (lo, hi) if hi > lo else None
 
 
-def verification_figures(results: dict, out_dir: Path) -> list[str]:
+def verification_figures(results: dict, out_dir: Path, fmt: str = "png") -> list[str]:
     """Histograms of the default log-score per model on normal and FGSM inputs (paper Figs. 4, 6; logs so
     the mass is not in one bin) and all ROC curves in one plot (Fig. 5)."""
+    _path(Path("x"), fmt)
     plt = _plt()
     files = []
     for name, r in results.items():
@@ -47,27 +72,21 @@ def verification_figures(results: dict, out_dir: Path) -> list[str]:
         ax.set_xlabel("log-score of the predicted class")
         ax.set_ylabel("images")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"hist_{name.replace(' ', '_')}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(str(path))
+        files.append(_save(fig, _path(Path(out_dir) / f"hist_{name.replace(' ', '_')}", fmt)))
     fig, ax = plt.subplots(figsize=(4.5, 4))
     for name, r in results.items():
         ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], label=f"{name} (EER {r['eer_percent']:.1f}%)")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("false positive rate (adversarial accepted)")
     ax.set_ylabel("true positive rate (normal accepted)")
+    ax.set_title("adversarial verification ROC")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "roc.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return files + [str(path)]
+    return files + [_save(fig, _path(Path(out_dir) / "roc", fmt))]
 
 
-def pmax_figure(results: dict, path: Path) -> str:
+def pmax_figure(results: dict, path: Path, fmt: str | None = None) -> str:
     """Paper Fig. 3: histograms of the maximum posterior p_max on FGSM inputs, one panel per model."""
+    path = _path(path, fmt)
     plt = _plt()
     names = [n for n, r in results.items() if "max_posterior" in r.get("scores", {}) and not r["targeted"]]
     fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 2.8), squeeze=False)
@@ -75,39 +94,90 @@ def pmax_figure(results: dict, path: Path) -> str:
         p = torch.tensor(results[name]["scores"]["max_posterior"]["adversarial"]).exp()
         ax.hist(p.numpy(), bins=20, range=(0, 1), color="tab:red", alpha=0.7)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("p_max on FGSM inputs")
+        ax.set_xlabel("max posterior p_max on FGSM inputs")
     axes[0][0].set_ylabel("images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def embedding_figure(model, head, x: Tensor, y: Tensor, path: Path, *, title: str = "", adv: Tensor | None = None,
-                     max_points: int = 5000) -> str:
-    """2-D features coloured by class (paper Fig. 1); for an L-GM head the learned
-    log-likelihood over the plane, with the features of ``adv`` (e.g. FGSM) marked."""
+                     max_points: int = 5000, class_names=None, fmt: str | None = None) -> str:
+    """2-D features coloured by class (paper Fig. 1) with a legend of ``class_names``; for an L-GM
+    head the learned log-likelihood over the plane, with the features of ``adv`` (e.g. FGSM) marked."""
     plt = _plt()
-    f = _features(model, x[:max_points])
+    path = _path(path, fmt)
+    f = _features(model, x[:max_points]).cpu()
+    y = y[: len(f)].cpu()
     if f.shape[1] != 2:
         raise ValueError(f"embedding figures need 2-D features, got {f.shape[1]}-D")
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
     if getattr(head, "kind", "") == "lgm":
         lo, hi = f.min(0).values, f.max(0).values
         pad = 0.1 * (hi - lo)
         gx, gy = torch.meshgrid(torch.linspace(lo[0] - pad[0], hi[0] + pad[0], 200),
                                 torch.linspace(lo[1] - pad[1], hi[1] + pad[1], 200), indexing="xy")
+        dev = next(head.parameters()).device
         with torch.no_grad():
-            ll = head.log_likelihood(torch.stack([gx.flatten(), gy.flatten()], 1)).reshape(gx.shape)
+            grid = torch.stack([gx.flatten(), gy.flatten()], 1).to(dev)
+            ll = head.log_likelihood(grid).reshape(gx.shape).cpu()
         im = ax.contourf(gx.numpy(), gy.numpy(), ll.clamp_min(ll.max() - 30).numpy(), levels=30, cmap="Greys")
-        fig.colorbar(im, ax=ax, label="log-likelihood")
-    ax.scatter(f[:, 0], f[:, 1], c=y[: len(f)], cmap="tab10", s=2, alpha=0.6)
+        fig.colorbar(im, ax=ax, label="log-likelihood (clipped 30 below the peak)")
+    cmap = plt.get_cmap("tab10")
+    k = int(y.max().item()) + 1 if len(y) else 0
+    names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
+    for c in range(k):
+        m = y == c
+        if m.any():
+            ax.scatter(f[m, 0], f[m, 1], color=cmap(c % 10), s=2, alpha=0.6,
+                       label=names[c] if c < len(names) else str(c))
     if adv is not None:
-        fa = _features(model, adv)
+        fa = _features(model, adv).cpu()
         ax.scatter(fa[:, 0], fa[:, 1], marker="x", c="red", s=25, label="FGSM examples")
-        ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, fontsize=7, markerscale=4, frameon=False)
+    ax.set_xlabel("feature 1")
+    ax.set_ylabel("feature 2")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
+
+
+def training_curves_figure(runs: dict, path: Path, fmt: str | None = None) -> str:
+    """Training loss and test error per epoch (from each run's ``metrics.json``), one line per run:
+    ``runs`` maps a label to the list of per-epoch records that ``lgm train`` writes."""
+    plt = _plt()
+    path = _path(path, fmt)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    for name, hist in runs.items():
+        ep = [h["epoch"] for h in hist]
+        a1.plot(ep, [h["train_loss"] for h in hist], marker="o", ms=3, label=name)
+        a2.plot(ep, [h["test_error_percent"] for h in hist], marker="o", ms=3, label=name)
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("training loss (the head's objective)")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("test error (%)")
+    a2.legend(fontsize=7)
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def confusion_figure(confusion, class_names, path: Path, *, title: str = "", fmt: str | None = None) -> str:
+    """The confusion matrix (rows: true class, columns: predicted) with the class names, as row-normalized
+    percentages with the counts written in each cell."""
+    plt = _plt()
+    path = _path(path, fmt)
+    cm = torch.as_tensor(confusion, dtype=torch.float64)
+    pct = 100.0 * cm / cm.sum(1, keepdim=True).clamp_min(1)
+    k = cm.shape[0]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
+    im = ax.imshow(pct.numpy(), cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(im, ax=ax, label="% of the true class")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=6,
+                    color="white" if pct[i, j] > 60 else "black")
+    names = list(class_names)
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    return _save(fig, path)

@@ -18,7 +18,7 @@ import os
 import pickle
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from .heads import build_head
 from .models import build_model
 
 __all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "load_checkpoint", "load_trained", "CheckpointError",
-           "TrainingDiverged", "config_from_preset", "resume_config", "check_device", "RESUMABLE_CHANGES"]
+           "TrainingDiverged", "config_from_preset", "resume_config", "check_device", "resolve_device", "RESUMABLE_CHANGES", "METRIC_FIELDS"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
 # verified on every load.
@@ -50,6 +50,14 @@ class CheckpointError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became non-finite."""
+
+
+def resolve_device(device: str | None) -> str:
+    """``"auto"`` (or None) becomes ``"cuda"`` when a GPU is available, else ``"cpu"``; any other
+    value is checked with :func:`check_device`."""
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device(device)
 
 
 def check_device(device: str) -> str:
@@ -178,6 +186,33 @@ def _save_json(path: Path, obj) -> None:
     _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
+# The columns of metrics.csv (and the scalars sent to TensorBoard), in order.
+METRIC_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_error_percent", "lr", "train_images_per_second",
+                 "test_log_likelihood_mean")
+
+
+def _save_csv(path: Path, history: list[dict]) -> None:
+    """metrics.json as a table (one row per epoch), for spreadsheets and plotting scripts."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(history)
+    _atomic_write_bytes(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def _tensorboard_writer(log_dir):
+    if log_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from err
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers
     only.  Anything else (a pickled object or function, a truncated file, content
@@ -261,7 +296,7 @@ def load_trained(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Modul
     """Model, head (eval mode), config and the checkpoint dict from a checkpoint file."""
     ck = load_checkpoint(path)
     cfg = _config_of(ck, path)
-    cfg.device = check_device(device)
+    cfg.device = resolve_device(device)
     try:
         model, head = _build(cfg)
         model.load_state_dict(ck["model"])
@@ -275,9 +310,10 @@ def load_trained(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Modul
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, head: nn.Module, dataset: Dataset, *, batch_size: int = 512,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", tick=None) -> dict:
     """Test error (%), confusion matrix (rows: true class), and for heads with a
-    likelihood (L-GM, center) a summary of the per-sample log-likelihood."""
+    likelihood (L-GM, center) a summary of the per-sample log-likelihood.  ``tick(n)`` after each
+    batch of n images (progress bars)."""
     was = model.training, head.training
     model.eval(), head.eval()
     num_classes = head.num_classes
@@ -289,6 +325,8 @@ def evaluate(model: nn.Module, head: nn.Module, dataset: Dataset, *, batch_size:
         pred = head.predict(feats).cpu()
         confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
         lls.append(head.log_likelihood(feats).cpu())
+        if tick is not None:
+            tick(len(labels))
     n = int(confusion.sum())
     out = {
         "samples": n,
@@ -316,14 +354,16 @@ class TrainResult:
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, stop_after: int | None = None,
-          datasets: tuple[Dataset, Dataset] | None = None) -> TrainResult:
+          datasets: tuple[Dataset, Dataset] | None = None, tensorboard: str | os.PathLike | None = None) -> TrainResult:
     """Train ``cfg`` into ``out_dir``.  A folder that already holds a checkpoint is refused unless
     ``resume`` (continue it; only :data:`RESUMABLE_CHANGES` may differ) or ``overwrite`` (replace it).
-    ``stop_after=k`` returns after k epochs of this call (as if killed there); ``datasets`` overrides
-    (train, test)."""
+    ``cfg.device == "auto"`` trains on the GPU when there is one (the config saved says which).
+    Every epoch appends to ``metrics.json`` and ``metrics.csv``; ``tensorboard=DIR`` also logs the
+    same scalars there (needs the tensorboard package).  ``stop_after=k`` returns after k epochs of
+    this call (as if killed there); ``datasets`` overrides (train, test)."""
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
-    check_device(cfg.device)
+    cfg = replace(cfg, device=resolve_device(cfg.device))
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -336,10 +376,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
         if not overwrite:
             raise CheckpointError(f"{out} already holds a run ({ck_path}); pass --resume to continue it or "
                                   "--overwrite to replace it")
-        for name in ("checkpoint.pt", "metrics.json", "config.json"):
+        for name in ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json"):
             (out / name).unlink(missing_ok=True)
     for stale in out.glob("*.tmp"):  # left by a kill during an atomic write
         stale.unlink(missing_ok=True)
+    writer = _tensorboard_writer(tensorboard)
     if datasets is None:
         train_ds = load_dataset(cfg.dataset, True, data_dir=cfg.data_dir, subset=cfg.subset, augment=cfg.augment,
                                 seed=cfg.seed)
@@ -365,6 +406,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
         _set_rng_state(ck["rng"])
         history, start_epoch = list(ck["metrics"]), int(ck["epoch"])
         _save_json(out / "metrics.json", history)  # a kill between the checkpoint and the metrics write
+        _save_csv(out / "metrics.csv", history)
     _save_json(out / "config.json", asdict(cfg))
 
     bar = _progress(progress)
@@ -414,9 +456,17 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
             ckpt["sha256"] = _digest(ckpt)
             _atomic_write_bytes(ck_path, lambda f: torch.save(ckpt, f))
             _save_json(out / "metrics.json", history)
+            _save_csv(out / "metrics.csv", history)
+            if writer is not None:
+                for k in METRIC_FIELDS[1:]:
+                    if k in history[-1]:
+                        writer.add_scalar(k, history[-1][k], epoch + 1)
+                writer.flush()
             done_here += 1
             if stop_after is not None and done_here >= stop_after:
                 break
+    if writer is not None:
+        writer.close()
     return TrainResult(str(out), start_epoch + done_here, history, str(ck_path))
 
 

@@ -61,7 +61,8 @@ def test_attack_command(tiny_runs, tmp_path):
     text = _cli("attack", runs["softmax"], runs["lgm"], "--subset", 32, "--json", out)
     assert "paper" in text
     res = json.loads(out.read_text())
-    for errs in res.values():
+    assert res["dataset"] == "fashion-mnist" and res["test_images"] == 32 and len(res["checkpoints"]) == 2
+    for errs in res["results"].values():
         assert set(errs) == {"0.0", "0.1", "0.2", "0.3"}
         assert all(0.0 <= v <= 100.0 for v in errs.values())
 
@@ -70,7 +71,7 @@ def test_verify_command(tiny_runs, tmp_path):
     _src, runs = tiny_runs
     _cli("verify", runs["softmax"], runs["center"], runs["lgm"], "--subset", 32, "--out", tmp_path)
     _cli("verify", runs["lgm"], "--targeted", "--subset", 32, "--out", tmp_path / "t")
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len(res) == 3 and all(0.0 <= r["eer_percent"] <= 100.0 for r in res.values())
     assert (tmp_path / "roc.png").stat().st_size > 1000
     assert len(list(tmp_path.glob("hist_*.png"))) == 3
@@ -82,7 +83,7 @@ def test_centers_command(tiny_runs, tmp_path):
     text = _cli("centers", "--model-a", runs["center"], "--model-b", runs["softmax"], "--lgm", runs["lgm"],
                 "--subset", 32, "--json", out)
     assert "claims" in text
-    rep = json.loads(out.read_text())
+    rep = json.loads(out.read_text())["results"]
     assert {"A", "B", "L-GM", "claims"} <= set(rep)
     assert "inverse vs center-loss centers" in rep["A"] and "inverse vs L-GM means" in rep["L-GM"]
     for comp in rep["A"].values():
@@ -93,8 +94,10 @@ def test_centers_command(tiny_runs, tmp_path):
 
 def test_embed_command(tiny_runs, tmp_path):
     _src, runs = tiny_runs
-    _cli("embed", runs["lgm"], "--out", tmp_path / "e.png", "--points", 100, "--fgsm", 5)
-    assert (tmp_path / "e.png").stat().st_size > 1000
+    _cli("embed", runs["lgm"], "--out", tmp_path / "e", "--points", 100, "--fgsm", 5)
+    assert (tmp_path / "e" / "embedding.png").stat().st_size > 1000
+    _cli("embed", runs["center"], "--out", tmp_path / "e", "--points", 100, "--format", "pdf", "--no-progress")
+    assert (tmp_path / "e" / "embedding.pdf").read_bytes().startswith(b"%PDF")
 
 
 def test_reproduce_tiny(tmp_path, monkeypatch):
@@ -103,7 +106,11 @@ def test_reproduce_tiny(tmp_path, monkeypatch):
         train=dict(subset=64, test_subset=48, epochs=1, batch_size=32), seeds=(0, 1),
         models100=("softmax", "softmax-relu", "center", "lsoftmax", "lgm-a1"), models2=("softmax", "lgm-a1"),
         attack_subset=24, embed_points=64))
-    res = E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
+    stages = []
+    res = E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None,
+                      on_stage=lambda done, total, what: stages.append((done, total)))
+    total = E.reproduce_stages("tiny")
+    assert stages == [(i, total) for i in range(total)]  # the progress bar ends full, never past it
     report = (tmp_path / "out" / "report.md").read_text()
     for heading in ("Table 1", "Table 6", "Adversarial verification", "claims, tested", "report's claims",
                     "Figures", "±"):
@@ -119,6 +126,7 @@ def test_reproduce_tiny(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["preset"] == "tiny"
     assert (tmp_path / "out" / "figures" / "embed_lgm-a1.png").exists()
     assert (tmp_path / "out" / "figures" / "pmax_fgsm.png").exists()
+    assert (tmp_path / "out" / "figures" / "training_curves.png").exists()
     # re-running reuses the finished checkpoints
     before = (tmp_path / "out" / "runs" / "softmax-2d-s0" / "checkpoint.pt").stat().st_mtime_ns
     res2 = E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)

@@ -262,6 +262,14 @@ def _bad_invocations(src, run_dir, tmp_path):
         ["eval", _absurd_checkpoint(run_dir, tmp_path, feat_dim=10**9)],
         ["eval", _absurd_checkpoint(run_dir, tmp_path, feat_dim=3)],  # config and weights disagree
         ["eval", _absurd_checkpoint(run_dir, tmp_path, head="nonsense")],
+        ["eval", ck, "--batch-size", 0],
+        ["eval", ck, "--out", a_file],  # --out is always a folder
+        ["eval", ck, "--out", tmp_path / "f", "--format", "jpg"],
+        ["embed", ck, "--out", a_file],
+        ["curves", tmp_path / "no-such-run"],
+        ["curves", run_dir, "--format", "gif"],
+        ["reproduce", "--format", "tiff", "--out", tmp_path / "rep"],
+        [*train, "--out", tmp_path / "r3", "--tensorboard", a_file / "tb"],
     ]
 
 
@@ -311,7 +319,7 @@ def test_eval_names_the_classes(run_dir, tmp_path):
     r = _invoke("eval", run_dir / "checkpoint.pt", "--json", out)
     assert r.exit_code == 0, r.output
     assert "Ankle boot" in r.output and "T-shirt/top" in r.output
-    assert json.loads(out.read_text())["classes"][9] == "Ankle boot"
+    assert json.loads(out.read_text())["results"]["classes"][9] == "Ankle boot"
 
 
 def test_no_progress_for_logs():
@@ -320,3 +328,120 @@ def test_no_progress_for_logs():
     assert "10" in r.output
     r = _invoke("reproduce", "--help")
     assert r.exit_code == 0 and "--no-progress" in r.output
+
+
+# ----------------------------------------------------------------------------- polish (shared options, logs)
+MODEL_COMMANDS = ("eval", "attack", "verify", "centers", "embed")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_every_model_command_has_the_shared_options(command):
+    import typer
+
+    from lgm_cli.app import app
+
+    cmd = typer.main.get_command(app).commands[command]
+    options = [p for p in cmd.params if p.param_type_name == "option"]
+    opts = {o for p in options for o in p.opts + p.secondary_opts}
+    assert {"--device", "--batch-size", "--progress", "--no-progress", "--data-dir"} <= opts, opts
+    if command != "embed":
+        assert "--subset" in opts and "--json" in opts
+    helps = {p.name: p.help for p in options}
+    assert "cuda when available" in helps["device"]
+    if "subset" in helps:  # one meaning everywhere
+        from lgm_cli.app import _SUBSET_HELP
+
+        assert helps["subset"] == _SUBSET_HELP
+
+
+def test_subset_means_the_test_images_training_evaluated(src, run_dir, tmp_path):
+    """`lgm eval --subset N` scores the same N images as `lgm train --test-subset N`."""
+    out = tmp_path / "ev.json"
+    r = _invoke("eval", run_dir / "checkpoint.pt", "--subset", 32, "--json", out, "--no-progress")
+    assert r.exit_code == 0, r.output
+    trained = json.loads((run_dir / "metrics.json").read_text())[-1]["test_error_percent"]
+    assert json.loads(out.read_text())["results"]["error_percent"] == pytest.approx(trained, abs=1e-3)
+
+
+def test_json_records_dataset_checkpoint_and_rounds(run_dir, tmp_path):
+    out = tmp_path / "ev.json"
+    assert _invoke("eval", run_dir / "checkpoint.pt", "--json", out, "--no-progress").exit_code == 0
+    res = json.loads(out.read_text())
+    assert res["dataset"] == "fashion-mnist" and res["checkpoints"] == [str(run_dir / "checkpoint.pt")]
+    assert res["device"] == "cpu" and res["test_images"] == res["results"]["samples"]
+
+    def floats(o):
+        if isinstance(o, float):
+            yield o
+        elif isinstance(o, dict):
+            for v in o.values():
+                yield from floats(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from floats(v)
+
+    assert all(round(v, 4) == v for v in floats(res))
+
+
+@pytest.mark.parametrize("fmt,magic", [("pdf", b"%PDF"), ("svg", b"<?xml"), ("png", b"\x89PNG")])
+def test_eval_figures_in_every_format(run_dir, tmp_path, fmt, magic):
+    r = _invoke("eval", run_dir / "checkpoint.pt", "--out", tmp_path, "--format", fmt, "--no-progress")
+    assert r.exit_code == 0, r.output
+    for name in ("confusion", "training_curves"):
+        assert (tmp_path / f"{name}.{fmt}").read_bytes().startswith(magic)
+
+
+def test_curves_command(run_dir, tmp_path):
+    r = _invoke("curves", run_dir, run_dir / "checkpoint.pt", "--out", tmp_path, "--format", "svg")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "training_curves.svg").stat().st_size > 1000
+
+
+def test_metrics_csv_matches_metrics_json(src, tmp_path):
+    import csv
+
+    from lgm_lab.train import METRIC_FIELDS, train
+
+    train(_tiny(src, epochs=2), tmp_path, progress=False)
+    hist = json.loads((tmp_path / "metrics.json").read_text())
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == METRIC_FIELDS and len(rows) == len(hist) == 2
+    for row, h in zip(rows, hist):
+        assert int(row["epoch"]) == h["epoch"]
+        assert float(row["test_error_percent"]) == pytest.approx(h["test_error_percent"])
+        assert float(row["train_loss"]) == pytest.approx(h["train_loss"])
+
+
+def test_tensorboard_logging(src, tmp_path):
+    import importlib.util
+
+    from lgm_lab.train import train
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match="tensorboard package"):
+            train(_tiny(src), tmp_path / "run", progress=False, tensorboard=tmp_path / "tb")
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    else:
+        train(_tiny(src), tmp_path / "run", progress=False, tensorboard=tmp_path / "tb")
+        assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_auto_device_is_resolved_and_saved(src, tmp_path):
+    from lgm_lab.config import TrainConfig
+    from lgm_lab.train import resolve_device, train
+
+    assert TrainConfig().device == "auto"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    train(_tiny(src), tmp_path, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["device"] == resolve_device("auto")
+
+
+def test_evaluate_ticks_every_image(src, run_dir):
+    from lgm_lab.train import evaluate, load_trained
+
+    model, head, cfg, _ = load_trained(run_dir / "checkpoint.pt")
+    ds = D.load_dataset(cfg.dataset, False, data_dir=cfg.data_dir, subset=20, seed=cfg.seed)
+    seen = []
+    evaluate(model, head, ds, batch_size=8, tick=seen.append)
+    assert seen == [8, 8, 4]

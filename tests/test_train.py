@@ -214,9 +214,10 @@ def test_cli_train_and_eval_end_to_end(tmp_path, fmnist_dir):
     assert r.exit_code == 0, r.output
     assert "test error" in r.output
     assert {"checkpoint.pt", "metrics.json", "config.json"} <= {p.name for p in out.iterdir()}
-    r = runner.invoke(app, ["eval", str(out / "checkpoint.pt"), "--json", str(tmp_path / "ev.json")])
+    assert {"metrics.csv"} <= {p.name for p in out.iterdir()}
+    r = runner.invoke(app, ["eval", str(out / "checkpoint.pt"), "--subset", "32", "--json", str(tmp_path / "ev.json")])
     assert r.exit_code == 0, r.output
-    ev = json.loads((tmp_path / "ev.json").read_text())
+    ev = json.loads((tmp_path / "ev.json").read_text())["results"]
     assert ev["samples"] == 32 and 0 <= ev["error_percent"] <= 100 and "log_likelihood" in ev
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
