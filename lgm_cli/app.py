@@ -647,6 +647,9 @@ def reproduce(
     out: Path = typer.Option(Path("runs/reproduce"), help="output folder (finished checkpoints there are reused)"),
     fmt: str = _format_opt(),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
+    inverse: bool = typer.Option(False, "--inverse/--no-inverse",
+                                 help="also train models A, B, C-class, C-instance (inverse-adversary centers, 3 "
+                                      "seeds) and add that experiment to the report (lgm inverse-centers)"),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="show the progress bar (--no-progress for logs: one line per stage)"),
 ) -> None:
@@ -666,11 +669,56 @@ def reproduce(
 
         report = (lambda m: None) if progress else (lambda m: console.print(m, markup=False))
         try:
-            res = run(out, preset=preset.value, data_dir=data_dir, progress=report, on_stage=on_stage, fmt=fmt)
+            res = run(out, preset=preset.value, data_dir=data_dir, progress=report, on_stage=on_stage, fmt=fmt,
+                      inverse=inverse)
         except (RuntimeError, ValueError) as err:
             _fail(err)
         bar.update(task, completed=bar.tasks[0].total)
     console.print(f"done in {res['seconds'] / 60:.1f} min; report: {out / 'report.md'}")
+
+
+@app.command("inverse-centers")
+def inverse_centers(
+    preset: ReproducePreset = typer.Option("quick", help="quick (2,000 images, 3 epochs, 3 seeds: ~45 min on 2 "
+                                                         "cores) | standard | paper"),
+    out: Path = typer.Option(Path("runs/inverse"), help="output folder (finished checkpoints there are reused)"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
+    json_out: Optional[Path] = _json_opt(),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="show the progress bar (--no-progress for logs: one line per stage)"),
+) -> None:
+    """Can inverse adversaries replace center-loss centers? Train A (center), B (softmax), C-class and C-instance
+    (inverse-adversary centers) for 3 seeds; error, FGSM, EER, compactness, centers, cost; OUT/inverse.md."""
+    from lgm_lab.inverse_experiment import inverse_experiment
+
+    try:
+        _common("cpu", 1, None, json_out)
+        _out_folder(out)
+    except ValueError as err:
+        _fail(err)
+    with _bar(progress) as bar:
+        task = bar.add_task("inverse-adversary centers", total=None)
+        report = (lambda m: None) if progress else (lambda m: console.print(m, markup=False))
+        try:
+            res = inverse_experiment(out, preset=preset.value, data_dir=data_dir, progress=report,
+                                     on_stage=lambda d, t, what: bar.update(task, completed=d, total=t, description=what))
+        except (RuntimeError, ValueError) as err:
+            _fail(err)
+        bar.update(task, completed=bar.tasks[0].total)
+    t = Table(title=f"inverse-adversary centers ({preset.value}, {len(res['seeds'])} seeds; mean ± std)")
+    for c in ("model", "clean error %", "EER %", "compactness", "s/epoch"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for m, sm in res["summary"].items():
+        t.add_row(m, *(f"{sm[k][0]:.{d}f} ± {sm[k][1]:.{d}f}" for k, d in
+                       (("error", 2), ("eer", 1), ("compactness", 3), ("seconds_per_epoch", 0))))
+    console.print(t)
+    for v in res["verdict"]:
+        console.print(f"{v['model']}: accuracy {v['accuracy']}, compactness {v['compactness']}, EER {v['eer']}, "
+                      f"cost {v['cost_ratio']:.1f}x A -> substitutes: {'yes' if v['substitutes'] else 'no'}",
+                      markup=False)
+    console.print(f"report: {out / 'inverse.md'}")
+    _write_json(json_out, _round({"command": "inverse-centers", "dataset": res["dataset"], "preset": preset.value,
+                                  "results": {k: res[k] for k in ("summary", "verdict", "runs")}}))
 
 
 def main() -> None:

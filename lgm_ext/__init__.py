@@ -11,6 +11,7 @@ experiments, benchmarks) is the separate package ``lgm_lab``::
 from ._ops import DIRECT_MAX_KD, IMPLS, has_cuda_kernels
 from ._version import __version__
 from .functional import lgm_log_likelihood, lgm_logits, lgm_loss, lgm_loss_and_logits, pgd_step, pgd_step_
+from .inverse import InverseAdversaryCenterLoss, inverse_adversary_features
 from .modules import CenterLoss, LGMLoss, param_groups
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "pgd_step_",
     "LGMLoss",
     "CenterLoss",
+    "InverseAdversaryCenterLoss",
+    "inverse_adversary_features",
     "param_groups",
     "has_cuda_kernels",
     "IMPLS",

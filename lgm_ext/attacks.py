@@ -17,6 +17,7 @@ sample's perturbation does not depend on the batch it is in.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -25,7 +26,8 @@ from torch import Tensor, nn
 
 from .functional import lgm_loss, pgd_step, pgd_step_
 
-__all__ = ["Attack", "FGSM", "TargetedFGSM", "PGD", "InversePGD", "LGMClassificationLoss", "second_most_likely"]
+__all__ = ["Attack", "FGSM", "TargetedFGSM", "PGD", "InversePGD", "LGMClassificationLoss", "second_most_likely",
+           "eval_mode"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -56,6 +58,26 @@ def second_most_likely(scores: Tensor) -> Tensor:
     if scores.shape[1] < 2:
         raise ValueError("a targeted attack needs at least two classes")
     return scores.topk(2, dim=1).indices[:, 1]
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put ``model`` (an ``nn.Module``, or anything with ``training``/``eval``) in eval mode for the
+    block, then restore each submodule's *own* mode: a model in training mode may hold frozen
+    eval-mode parts (e.g. a BatchNorm kept in eval for fine-tuning), and BatchNorm running
+    statistics are not updated in between."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    if not modes and getattr(model, "training", None) is not None and hasattr(model, "train"):
+        modes = [(model, model.training)]
+    for m, _ in modes:
+        m.training = False
+    if modes and hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class Attack:
@@ -93,20 +115,8 @@ class Attack:
 
     def __call__(self, images: Tensor, labels: Tensor, *args, **kwargs) -> Tensor:
         self._check(images, labels)
-        # each submodule's own mode, restored afterwards (a model in training mode may hold frozen
-        # eval-mode parts, e.g. a BatchNorm kept in eval for fine-tuning)
-        modes = [(m, m.training) for m in self.model.modules()] if isinstance(self.model, nn.Module) else []
-        if not modes and getattr(self.model, "training", None) is not None and hasattr(self.model, "train"):
-            modes = [(self.model, self.model.training)]
-        for m, _ in modes:
-            m.training = False
-        if modes and hasattr(self.model, "eval"):
-            self.model.eval()
-        try:
+        with eval_mode(self.model):
             return self.perturb(images.detach(), labels, *args, **kwargs).detach()
-        finally:
-            for m, mode in modes:
-                m.training = mode
 
     def perturb(self, images: Tensor, labels: Tensor, *args, **kwargs) -> Tensor:
         raise NotImplementedError

@@ -20,7 +20,7 @@ DATASETS = {
     "cifar10": ("CIFAR10", 3, 32, 10),
 }
 MODEL_NAMES = ("lenetpp", "resnet20", "resnet56", "resnet110")
-HEAD_NAMES = ("softmax", "center", "lgm", "lsoftmax")
+HEAD_NAMES = ("softmax", "center", "lgm", "lsoftmax", "inverse-class", "inverse-instance")
 COVARIANCES = ("diag", "identity")
 SCHEDULES = ("cyclic", "step", "constant")
 # Upper bounds on the sizes a configuration (or a checkpoint's) may ask for: a feat_dim of 1e9 would try to
@@ -81,6 +81,10 @@ class TrainConfig:
     lambda_c: float = _opt(0.01, "center-loss weight")
     center_alpha: float = _opt(0.5, "center update rate (Wen et al. Eq. 4)")
     lsoftmax_m: int = _opt(2, "L-Softmax multiplicative angular margin m (Liu et al. 2016)")
+    inverse_eps: float = _opt(4 / 255, "inverse-class/-instance heads: the inverse adversary's L-inf radius eps'")
+    inverse_step: float = _opt(2 / 255, "inverse-class/-instance heads: the inverse adversary's step size")
+    inverse_steps: int = _opt(5, "inverse-class/-instance heads: the inverse adversary's PGD steps (each step "
+                                 "costs one more forward+backward pass per training step)")
     warmup_epochs: float = _opt(1.0, "L-GM: ramp alpha and lambda from 0 over this many epochs")
     epochs: int = _opt(25, "epochs")
     batch_size: int = _opt(128, "batch size")
@@ -119,6 +123,13 @@ class TrainConfig:
                 continue
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        for name in ("inverse_eps", "inverse_step"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1):
+                raise ValueError(f"{name} must be a finite number in [0, 1] (images are in [0, 1]), got {v!r}")
+        if isinstance(self.inverse_steps, bool) or not isinstance(self.inverse_steps, int) \
+                or not 0 <= self.inverse_steps <= 1000:
+            raise ValueError(f"inverse_steps must be an integer in [0, 1000], got {self.inverse_steps!r}")
         if self.lsoftmax_m < 1:
             raise ValueError(f"lsoftmax_m must be >= 1, got {self.lsoftmax_m}")
         if not 0.0 <= self.center_alpha <= 1.0:

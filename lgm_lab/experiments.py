@@ -156,7 +156,8 @@ def centers_report(models: dict, x: Tensor, y: Tensor, *, batch: int = 256, num_
         if head.class_weights() is not None:
             res["inverse vs weights"] = compare_centers(inv_c, head.class_weights().detach().cpu())
         if head.centers() is not None:
-            label = "inverse vs center-loss centers" if head.kind == "center" else "inverse vs L-GM means"
+            label = {"center": "inverse vs center-loss centers", "lgm": "inverse vs L-GM means"}.get(
+                head.kind, "inverse vs learned inverse-adversary centers")
             res[label] = compare_centers(inv_c, head.centers().detach().cpu())
         out[name] = res
     out["claims"] = _claims(out)
@@ -303,19 +304,26 @@ def _train_or_reuse(cfg, run_dir: Path, progress) -> bool:
     return False
 
 
-def reproduce_stages(preset: str) -> int:
+def reproduce_stages(preset: str, inverse: bool = False) -> int:
     """How many stages :func:`reproduce` reports for ``preset`` (for a progress bar)."""
     P = REPRODUCE_PRESETS[preset]
-    return 2 * len(P["models100"]) * len(P["seeds"]) + 2 * len(P["models2"]) + 3
+    n = 2 * len(P["models100"]) * len(P["seeds"]) + 2 * len(P["models2"]) + 3
+    if inverse:
+        from .inverse_experiment import INVERSE_MODELS, INVERSE_PRESETS
+
+        n += 2 * len(INVERSE_MODELS) * len(INVERSE_PRESETS[preset]["seeds"]) + 1
+    return n
 
 
 def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, on_stage=None,
-              fmt: str = "png") -> dict:
+              fmt: str = "png", inverse: bool = False) -> dict:
     """Train every model of the preset (each seed), measure Table 1, Table 6, the verification EERs
     (every score, and targeted FGSM), the centers analysis and the figures (in ``fmt``: png, pdf or
     svg), into ``out_dir`` with ``report.md`` and ``results.json``.  Finished checkpoints and
     evaluations are reused.  ``progress(message)`` gets one line per stage; ``on_stage(done, total,
-    description)`` is called as each of the :func:`reproduce_stages` stages starts."""
+    description)`` is called as each of the :func:`reproduce_stages` stages starts.  ``inverse=True``
+    also runs the inverse-adversary centers experiment (:mod:`lgm_lab.inverse_experiment`, same
+    preset name) into ``out_dir/inverse`` and adds its section to the report."""
     from .config import class_names
     from .data import load_dataset
     from .figures import FORMATS
@@ -327,7 +335,7 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     P = REPRODUCE_PRESETS[preset]
     out = Path(out_dir)
-    total, done = reproduce_stages(preset), [0]
+    total, done = reproduce_stages(preset, inverse), [0]
 
     def stage(description: str) -> None:
         progress(description)
@@ -415,9 +423,20 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
                                                    title=f"{name}, 2-D features ({dataset} train)", adv=adv,
                                                    class_names=class_names(dataset), fmt=fmt))
     results["claims"] = paper_claims(results)
+    if inverse:
+        from .inverse_experiment import inverse_experiment
+
+        offset = done[0]
+        inv = inverse_experiment(out / "inverse", preset=preset, data_dir=data_dir, progress=progress,
+                                 on_stage=(lambda d, t, what: on_stage(offset + d, total, what)) if on_stage else None)
+        results["inverse"] = {k: inv[k] for k in ("summary", "verdict", "seeds", "train")}
     results["seconds"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    (out / "report.md").write_text(report_markdown(results))
+    text = report_markdown(results)
+    if inverse:
+        section = (out / "inverse" / "inverse.md").read_text().replace("# Inverse-adversary", "## Inverse-adversary", 1)
+        text += "\n" + section.replace("\n## ", "\n### ")
+    (out / "report.md").write_text(text)
     return results
 
 

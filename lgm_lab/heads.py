@@ -18,6 +18,10 @@ verification, paper section 4.3; logs because exp(-d) underflows),
   identity-covariance score, the maximum posterior and the mixture likelihood.
 - ``lsoftmax``: L-Softmax (Liu et al., ICML 2016), a multiplicative angular
   margin m on the labelled class; score as softmax.
+- ``inverse-class`` / ``inverse-instance``: softmax + lambda_c * a center loss
+  whose targets are inverse-adversary features (:mod:`lgm_ext.inverse`: class
+  centers as running means of them, or each input's own); score as center loss
+  against the running means.  A training step costs ~(1 + inverse_steps) plain ones.
 
 Learning rates: :meth:`Head.class_parameters` are the parameters that get the
 head learning-rate multiplier (``TrainConfig.head_lr_mult``): the L-GM means
@@ -40,11 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lgm_ext import CenterLoss, LGMLoss
+from lgm_ext import CenterLoss, InverseAdversaryCenterLoss, LGMLoss
 
 from .config import HEAD_NAMES
 
-__all__ = ["Head", "SoftmaxHead", "CenterHead", "LGMHead", "build_head", "register_head", "HEADS"]
+__all__ = ["Head", "SoftmaxHead", "CenterHead", "LGMHead", "InverseClassCenterHead", "InverseInstanceCenterHead",
+           "build_head", "register_head", "HEADS"]
 
 HEADS: dict[str, type["Head"]] = {}
 
@@ -116,6 +121,11 @@ class Head(nn.Module, abc.ABC):
     def class_weights(self) -> Tensor | None:
         """Rows of the final linear layer (K, D) when the head has one, else None."""
         return None
+
+    def prepare(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict:
+        """Extra keyword arguments for :meth:`forward` that need the network and the images (called by
+        the training loop before each step's forward; e.g. inverse-adversary features).  Default: none."""
+        return {}
 
 
 @register_head("softmax")
@@ -296,6 +306,69 @@ class LSoftmaxHead(Head):
 
     def class_weights(self) -> Tensor:
         return self.weight
+
+
+class _LogitsOf(nn.Module):
+    """features -> a head's logits, as a module (what an attack on backbone + head differentiates)."""
+
+    def __init__(self, head: Head) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.head.logits(features)
+
+
+class _InverseCenterHead(SoftmaxHead):
+    """softmax + lambda_c * a center loss towards inverse-adversary features
+    (:class:`lgm_ext.InverseAdversaryCenterLoss`); :meth:`prepare` generates the inverse adversaries
+    of each training batch on the current network (eval mode, modes restored).  Scores as center loss,
+    against the running means of the inverse-adversary features."""
+
+    variant = ""
+    config_keys = ("lambda_c", "center_alpha", "inverse_eps", "inverse_step", "inverse_steps")
+
+    def __init__(self, feat_dim: int, num_classes: int, *, lambda_c: float = 0.01, center_alpha: float = 0.5,
+                 inverse_eps: float = 4 / 255, inverse_step: float = 2 / 255, inverse_steps: int = 5) -> None:
+        super().__init__(feat_dim, num_classes)
+        self.lambda_c = float(lambda_c)
+        self.inverse = InverseAdversaryCenterLoss(num_classes, feat_dim, variant=self.variant, alpha=center_alpha,
+                                                  eps=inverse_eps, step_size=inverse_step, steps=inverse_steps)
+
+    def prepare(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict:
+        return {"inverse_features": self.inverse.inverse_features(model, _LogitsOf(self), images, labels)}
+
+    def forward(self, features: Tensor, labels: Tensor, inverse_features: Tensor | None = None):
+        if inverse_features is None:
+            raise ValueError(f"the {self.kind} head needs inverse_features: call head.prepare(model, images, labels) "
+                             "first and pass its result (the training loop does)")
+        logits = self.logits(features)
+        return F.cross_entropy(logits, labels) + self.lambda_c * self.inverse(features, labels, inverse_features), logits
+
+    def log_score(self, features: Tensor) -> Tensor:
+        c = self.inverse.centers.index_select(0, self.predict(features))
+        return -0.5 * (features - c).pow(2).sum(1)
+
+    def log_likelihood(self, features: Tensor) -> Tensor:
+        """log N(x; c_ŷ, I) with c the running mean of the inverse-adversary features (as center loss)."""
+        return self.log_score(features) - 0.5 * features.shape[1] * math.log(2 * math.pi)
+
+    def centers(self) -> Tensor:
+        return self.inverse.centers
+
+
+@register_head("inverse-class")
+class InverseClassCenterHead(_InverseCenterHead):
+    """Model C-class: class centers = running means (Wen et al.'s rule) of inverse-adversary features."""
+
+    variant = "class"
+
+
+@register_head("inverse-instance")
+class InverseInstanceCenterHead(_InverseCenterHead):
+    """Model C-instance: each feature pulled towards its own inverse adversary's feature."""
+
+    variant = "instance"
 
 
 def build_head(kind: str, feat_dim: int, num_classes: int, **kwargs) -> Head:

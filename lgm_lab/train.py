@@ -278,6 +278,8 @@ def resume_config(out_dir: str | os.PathLike, **changes) -> TrainConfig:
 
 def _check_resumable(saved: dict, cfg: TrainConfig, done: int, path) -> None:
     now = asdict(cfg)
+    # a field added after the checkpoint was written counts as its default (older runs stay resumable)
+    saved = {**{f.name: f.default for f in fields(TrainConfig)}, **saved}
     differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if differ:
         raise CheckpointError(f"cannot resume {path}: the configuration differs in {', '.join(differ)} ("
@@ -424,7 +426,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
             seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
             for i, (images, labels) in enumerate(_loader(train_ds, cfg, epoch)):
                 images, labels = images.to(cfg.device), labels.to(cfg.device)
-                loss, logits = head(model(images), labels)
+                extra = head.prepare(model, images, labels)  # e.g. inverse adversaries (eval mode, no grad)
+                loss, logits = head(model(images), labels, **extra)
                 if not torch.isfinite(loss):
                     raise diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1}",
                                    "Try a lower --lr, a longer --warmup-epochs for L-GM, or a smaller --alpha.")

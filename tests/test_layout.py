@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lgm_lab.config import HEAD_NAMES
+
 import lgm_ext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,14 +108,18 @@ def test_registries_are_keyed_by_the_config_names():
     assert tuple(models.MODELS) == config.MODEL_NAMES
 
 
-@pytest.mark.parametrize("kind", ["softmax", "center", "lgm"])
+@pytest.mark.parametrize("kind", HEAD_NAMES)
 def test_every_head_implements_the_interface(kind):
     from lgm_lab.heads import HEADS, Head, build_head
 
     head = build_head(kind, 4, 3)
     assert isinstance(head, Head) and isinstance(head, HEADS[kind]) and head.num_classes == 3
-    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    loss, logits = head(x, y)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4))
+    images, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    extra = head.prepare(model, images, y)  # what the training loop passes (inverse adversaries, ...)
+    x = model(images)
+    loss, logits = head(x, y, **extra)
     assert loss.dim() == 0 and logits.shape == (5, 3)
     assert head.predict(x).shape == (5,) and head.log_score(x).shape == (5,)
     assert head.log_likelihood(x).shape == (5,)
