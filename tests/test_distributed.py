@@ -1,0 +1,137 @@
+"""Issue 14: the class-sharded L-GM head and the synced center loss, in real gloo processes
+(torch.multiprocessing spawn), against the single-process operators."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lgm_ext
+from lgm_ext.distributed import shard_range
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _problem(n, k, d, dtype, labels_below=None):
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    mu = torch.randn(k, d, generator=g, dtype=torch.float64).to(dtype)
+    lv = (0.3 * torch.randn(k, d, generator=g, dtype=torch.float64)).to(dtype)
+    top = labels_below if labels_below is not None else k
+    y = torch.randint(0, top, (n,), generator=g)
+    return x, mu, lv, y
+
+
+def _rows(n, world, rank):
+    # unequal row counts per rank: rank r gets n_r rows (the first ranks one more)
+    return shard_range(n, world, rank)
+
+
+def _worker(rank, world, port, out_dir, cases):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from lgm_ext.distributed import ShardedLGMLoss, SyncCenterLoss
+
+    results = {}
+    try:
+        for name, (n, k, d, dtype, cov, labels_below) in cases.items():
+            x, mu, lv, y = _problem(n, k, d, dtype, labels_below)
+            lo, hi = _rows(n, world, rank)
+            head = ShardedLGMLoss(k, d, alpha=0.7, lambda_=0.2, covariance=cov).to(dtype)
+            head.load_full(mu, lv if cov == "diag" else None)
+            xl = x[lo:hi].clone().requires_grad_(True)
+            loss = head(xl, y[lo:hi])
+            loss.backward()
+            results[name] = {
+                "loss": loss.detach(), "feat_grad": xl.grad, "rows": (lo, hi), "classes": head.class_range,
+                "means_grad": head.means.grad,
+                "log_var_grad": None if head.log_var is None else head.log_var.grad,
+                "logits": head.logits(x[lo:hi]).detach(), "predict": head.predict(x[lo:hi]),
+                "log_likelihood": head.log_likelihood(x[lo:hi]),
+            }
+        # synced center loss: every rank updates from its own rows, the centers stay equal
+        x, _, _, y = _problem(12, 5, 3, torch.float64)
+        lo, hi = _rows(12, world, rank)
+        c = SyncCenterLoss(5, 3, alpha=0.5).double()
+        c.inner.centers.copy_(torch.arange(15, dtype=torch.float64).reshape(5, 3))
+        for _ in range(2):
+            c(x[lo:hi], y[lo:hi])
+        results["centers"] = c.centers.clone()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+CASES = {
+    "f64_diag": (10, 7, 5, torch.float64, "diag", None),  # K = 7 not divisible by 2 or 3
+    "f64_identity": (9, 7, 4, torch.float64, "identity", None),
+    "f64_untouched_shard": (8, 9, 3, torch.float64, "diag", 3),  # labels only in the first classes
+    "f32_diag": (16, 11, 8, torch.float32, "diag", None),
+    "f64_more_ranks_than_classes": (6, 2, 3, torch.float64, "diag", None),
+}
+
+
+def _run(world, tmp_path):
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), CASES), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_head_equals_the_single_process_op(world, tmp_path):
+    res = _run(world, tmp_path)
+    for name, (n, k, d, dtype, cov, labels_below) in CASES.items():
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        x, mu, lv, y = _problem(n, k, d, dtype, labels_below)
+        x, mu = x.clone().requires_grad_(True), mu.clone().requires_grad_(True)
+        lv = lv.clone().requires_grad_(True) if cov == "diag" else None
+        ref = lgm_ext.lgm_loss(x, mu, lv, y, alpha=0.7, lambda_=0.2)
+        ref.backward()
+        feat_grad = torch.cat([r[name]["feat_grad"] for r in res])
+        means_grad = torch.cat([r[name]["means_grad"] for r in res])
+        for r in res:
+            torch.testing.assert_close(r[name]["loss"], ref.detach(), **tol)  # the same loss on every rank
+        torch.testing.assert_close(feat_grad, x.grad, **tol)
+        torch.testing.assert_close(means_grad, mu.grad, **tol)
+        if cov == "diag":
+            torch.testing.assert_close(torch.cat([r[name]["log_var_grad"] for r in res]), lv.grad, **tol)
+        # logits: each rank's columns of the global batch; predict / log-likelihood of its own rows
+        full_logits = lgm_ext.lgm_logits(x.detach(), mu.detach(), None if lv is None else lv.detach())
+        torch.testing.assert_close(torch.cat([r[name]["logits"] for r in res], 1), full_logits, **tol)
+        torch.testing.assert_close(torch.cat([r[name]["predict"] for r in res]), full_logits.argmax(1))
+        ll = lgm_ext.lgm_log_likelihood(x.detach(), mu.detach(), None if lv is None else lv.detach())
+        torch.testing.assert_close(torch.cat([r[name]["log_likelihood"] for r in res]), ll, **tol)
+        assert [r[name]["classes"] for r in res] == [shard_range(k, world, q) for q in range(world)]
+    # centers: identical on every rank and equal to the single-process update on the global batch
+    x, _, _, y = _problem(12, 5, 3, torch.float64)
+    single = lgm_ext.CenterLoss(5, 3, alpha=0.5).double()
+    single.centers.copy_(torch.arange(15, dtype=torch.float64).reshape(5, 3))
+    for _ in range(2):
+        single(x, y)
+    for r in res:
+        torch.testing.assert_close(r["centers"], single.centers, rtol=1e-12, atol=1e-12)
+
+
+def test_shard_ranges_cover_the_classes():
+    for k in (1, 2, 7, 10, 10575):
+        for w in (1, 2, 3, 4, 8):
+            ranges = [shard_range(k, w, r) for r in range(w)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == k
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [hi - lo for lo, hi in ranges]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_sharded_head_needs_an_initialized_group():
+    from lgm_ext.distributed import ShardedLGMLoss
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedLGMLoss(10, 4)
