@@ -145,10 +145,10 @@ def train_cmd(**options) -> None:
     With --resume the run's saved configuration is used; only the options given explicitly are applied,
     and only --epochs (constant schedule), --device and --progress may differ from it."""
     from lgm_lab.data import DatasetUnavailable
-    from lgm_lab.train import CheckpointError, TrainingDiverged, resume_config, train
+    from lgm_lab.train import CheckpointError, TrainingDiverged, resume_config, train_data_parallel
 
-    out, preset, resume, overwrite, progress, tensorboard = (
-        options.pop(k) for k in ("out", "preset", "resume", "overwrite", "progress", "tensorboard"))
+    out, preset, resume, overwrite, progress, tensorboard, nproc = (
+        options.pop(k) for k in ("out", "preset", "resume", "overwrite", "progress", "tensorboard", "nproc"))
     overrides = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in options.items()}
     if overrides.get("data_dir") is not None:
         overrides["data_dir"] = str(overrides["data_dir"])
@@ -161,7 +161,9 @@ def train_cmd(**options) -> None:
             cfg = resume_config(out, **given)
         else:
             cfg = C.config_from_preset(preset.value if preset else None, **overrides)
-        result = train(cfg, out, resume=resume, overwrite=overwrite, progress=progress, tensorboard=tensorboard)
+        _check_positive(nproc, "--nproc")
+        result = train_data_parallel(cfg, out, nproc, resume=resume, overwrite=overwrite, progress=progress,
+                                     tensorboard=tensorboard)
     except (ValueError, TypeError, OSError, DatasetUnavailable, CheckpointError, TrainingDiverged) as err:
         _fail(err)
     if not result.metrics:
@@ -184,6 +186,9 @@ _TRAIN_PARAMS = [
         False, help="replace a run already in --out (without it, or --resume, such a folder is refused)")),
     inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         True, help="show progress bars")),
+    inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
+        1, help="data-parallel processes (DistributedDataParallel; gloo on CPU, one GPU each with NCCL); "
+                "--batch-size is the global batch")),
     inspect.Parameter("tensorboard", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
         None, help="also log the per-epoch metrics to this TensorBoard folder (needs the tensorboard package; "
                    "metrics.json and metrics.csv are always written)")),

@@ -1,5 +1,5 @@
-"""L-GM past one device: a class-sharded head over ``torch.distributed`` (gloo on CPU, NCCL on GPU),
-and a center loss whose centers stay identical on every rank.
+"""L-GM past one device: a class-sharded head over ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+(Center losses stay identical across data-parallel ranks with ``CenterLoss(..., sync=True)``.)
 
 **Class sharding** (the pattern of Megatron's vocab-parallel cross-entropy and Partial-FC): rank r
 holds the means and log-variances of its contiguous class range ``[lo_r, hi_r)`` (:func:`shard_range`;
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .functional import _nonneg, lgm_logits
 
-__all__ = ["shard_range", "ShardedLGMLoss", "SyncCenterLoss", "gather_rows"]
+__all__ = ["shard_range", "ShardedLGMLoss", "gather_rows"]
 
 
 def _world(group) -> tuple[int, int]:
@@ -262,41 +262,3 @@ class ShardedLGMLoss(nn.Module):
         the largest margin-free logit over all ranks minus 0.5 D log(2 pi)."""
         self._check(local_features, None)
         return self._global_max(local_features)[0] - 0.5 * self.feat_dim * math.log(2 * math.pi)
-
-
-class SyncCenterLoss(nn.Module):
-    """:class:`lgm_ext.CenterLoss` for data-parallel training: the center update (Wen et al. Eq. 4)
-    sums the per-class deltas and counts over all ranks before applying them, so every rank applies
-    the same update and the centers stay identical (a plain CenterLoss under DDP lets them drift
-    apart: each rank would update from its own batch only).  The update equals the single-process
-    update on the global batch."""
-
-    def __init__(self, num_classes: int, feat_dim: int, *, alpha: float = 0.5, group=None) -> None:
-        super().__init__()
-        from .modules import CenterLoss
-
-        self.inner = CenterLoss(num_classes, feat_dim, alpha=alpha, auto_update=False)
-        self.group = group
-
-    @property
-    def centers(self) -> Tensor:
-        return self.inner.centers
-
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        loss = self.inner(features, labels)
-        if self.training:
-            self.update(features, labels)
-        return loss
-
-    @torch.no_grad()
-    def update(self, features: Tensor, labels: Tensor) -> None:
-        inner = self.inner
-        inner._check(features, labels)
-        f = features.detach().to(inner.centers.dtype)
-        delta = torch.zeros_like(inner.centers).index_add_(0, labels, inner.centers.index_select(0, labels) - f)
-        counts = torch.bincount(labels, minlength=inner.num_classes).to(delta.dtype)
-        if dist.is_available() and dist.is_initialized():
-            packed = torch.cat([delta, counts[:, None]], 1)
-            dist.all_reduce(packed, group=self.group)
-            delta, counts = packed[:, :-1], packed[:, -1]
-        inner.centers.sub_(inner.alpha * delta / (1.0 + counts).unsqueeze(1))

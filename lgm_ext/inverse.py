@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .attacks import InversePGD, eval_mode
 from .functional import check_labels
+from .modules import wen_update
 
 __all__ = ["InverseAdversaryCenterLoss", "inverse_adversary_features", "VARIANTS"]
 
@@ -66,11 +67,12 @@ class InverseAdversaryCenterLoss(nn.Module):
     """Center loss towards inverse-adversary features (module docstring): ``variant="class"`` keeps a
     ``centers`` buffer updated from the inverse features by Wen et al.'s rule in training mode
     (``alpha`` is its rate); ``variant="instance"`` pulls each feature towards its own inverse
-    adversary's.  ``forward(features, labels, inverse_features)`` returns the (unweighted) loss."""
+    adversary's.  ``forward(features, labels, inverse_features)`` returns the (unweighted) loss.
+    ``sync=True`` sums the center update over ``torch.distributed`` ranks (as :class:`CenterLoss`)."""
 
     def __init__(self, num_classes: int, feat_dim: int, *, variant: str = "class", alpha: float = 0.5,
                  eps: float = 4 / 255, step_size: float = 2 / 255, steps: int = 5, lower: float = 0.0,
-                 upper: float = 1.0) -> None:
+                 upper: float = 1.0, sync: bool = False, group=None) -> None:
         super().__init__()
         if num_classes < 1 or feat_dim < 1:
             raise ValueError(f"num_classes and feat_dim must be >= 1, got {num_classes}, {feat_dim}")
@@ -86,6 +88,7 @@ class InverseAdversaryCenterLoss(nn.Module):
         self.num_classes, self.feat_dim, self.variant, self.alpha = num_classes, feat_dim, variant, float(alpha)
         self.eps, self.step_size, self.steps = float(eps), float(step_size), steps
         self.lower, self.upper = float(lower), float(upper)
+        self.sync, self.group = bool(sync), group
         self.register_buffer("centers", torch.zeros(num_classes, feat_dim))
 
     def extra_repr(self) -> str:
@@ -123,7 +126,4 @@ class InverseAdversaryCenterLoss(nn.Module):
         ``c_j <- c_j - alpha * sum_{n: y_n = j}(c_j - f(x~_n)) / (1 + n_j)``."""
         self._check("inverse_features", inverse_features)
         check_labels(labels, inverse_features.shape[0], self.num_classes)
-        f = inverse_features.detach().to(self.centers.dtype)
-        delta = torch.zeros_like(self.centers).index_add_(0, labels, self.centers.index_select(0, labels) - f)
-        counts = torch.bincount(labels, minlength=self.num_classes).to(delta.dtype)
-        self.centers.sub_(self.alpha * delta / (1.0 + counts).unsqueeze(1))
+        wen_update(self.centers, inverse_features, labels, self.alpha, sync=self.sync, group=self.group)

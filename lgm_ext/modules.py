@@ -140,16 +140,19 @@ class CenterLoss(nn.Module):
     ``c_j <- c_j - alpha * delta_j``.  In training mode ``forward`` applies the
     update after computing the loss (with ``auto_update=True``); call
     :meth:`update` yourself otherwise.  Train with ``CE + lambda_c * loss``.
+    ``sync=True``: under ``torch.distributed`` the update uses the whole global batch (sums over
+    ranks), so the centers stay identical on every rank (a plain update lets them drift apart).
     """
 
-    def __init__(self, num_classes: int, feat_dim: int, *, alpha: float = 0.5, auto_update: bool = True) -> None:
+    def __init__(self, num_classes: int, feat_dim: int, *, alpha: float = 0.5, auto_update: bool = True,
+                 sync: bool = False, group=None) -> None:
         super().__init__()
         if num_classes < 1 or feat_dim < 1:
             raise ValueError(f"num_classes and feat_dim must be >= 1, got {num_classes}, {feat_dim}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha (the center learning rate) must be in [0, 1], got {alpha}")
         self.num_classes, self.feat_dim, self.alpha = num_classes, feat_dim, float(alpha)
-        self.auto_update = auto_update
+        self.auto_update, self.sync, self.group = auto_update, bool(sync), group
         self.register_buffer("centers", torch.zeros(num_classes, feat_dim))
 
     def extra_repr(self) -> str:
@@ -170,13 +173,29 @@ class CenterLoss(nn.Module):
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor) -> None:
-        """One application of the center update rule (Wen et al. Eq. 4)."""
+        """One application of the center update rule (Wen et al. Eq. 4); synced over ranks (``sync``)."""
         self._check(features, labels)
-        f = features.detach().to(self.centers.dtype)
-        diff = self.centers.index_select(0, labels) - f
-        delta = torch.zeros_like(self.centers).index_add_(0, labels, diff)
-        counts = torch.bincount(labels, minlength=self.num_classes).to(delta.dtype)
-        self.centers.sub_(self.alpha * delta / (1.0 + counts).unsqueeze(1))
+        wen_update(self.centers, features, labels, self.alpha, sync=self.sync, group=self.group)
+
+
+@torch.no_grad()
+def wen_update(centers: Tensor, features: Tensor, labels: Tensor, alpha: float, *, sync: bool = False,
+               group=None) -> None:
+    """Wen et al.'s center update (Eq. 4) in place:
+    ``c_j <- c_j - alpha * sum_{n: y_n = j}(c_j - x_n) / (1 + n_j)``.  With ``sync`` and an initialized
+    ``torch.distributed`` group, the per-class sums and counts are summed over the ranks first, so every
+    rank applies the update of the global batch and the centers stay identical (data-parallel training)."""
+    f = features.detach().to(centers.dtype)
+    delta = torch.zeros_like(centers).index_add_(0, labels, centers.index_select(0, labels) - f)
+    counts = torch.bincount(labels, minlength=centers.shape[0]).to(delta.dtype)
+    if sync:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            packed = torch.cat([delta, counts[:, None]], 1)
+            dist.all_reduce(packed, group=group)
+            delta, counts = packed[:, :-1], packed[:, -1]
+    centers.sub_(alpha * delta / (1.0 + counts).unsqueeze(1))
 
 
 def _params(obj) -> list:

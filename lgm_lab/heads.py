@@ -161,7 +161,8 @@ class CenterHead(SoftmaxHead):
     def __init__(self, feat_dim: int, num_classes: int, *, lambda_c: float = 0.01, center_alpha: float = 0.5) -> None:
         super().__init__(feat_dim, num_classes)
         self.lambda_c = float(lambda_c)
-        self.center = CenterLoss(num_classes, feat_dim, alpha=center_alpha)
+        # sync: under data-parallel training the update sums over ranks (a no-op on one process)
+        self.center = CenterLoss(num_classes, feat_dim, alpha=center_alpha, sync=True)
 
     def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.logits(features)
@@ -333,7 +334,8 @@ class _InverseCenterHead(SoftmaxHead):
         super().__init__(feat_dim, num_classes)
         self.lambda_c = float(lambda_c)
         self.inverse = InverseAdversaryCenterLoss(num_classes, feat_dim, variant=self.variant, alpha=center_alpha,
-                                                  eps=inverse_eps, step_size=inverse_step, steps=inverse_steps)
+                                                  eps=inverse_eps, step_size=inverse_step, steps=inverse_steps,
+                                                  sync=True)
 
     def prepare(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict:
         return {"inverse_features": self.inverse.inverse_features(model, _LogitsOf(self), images, labels)}

@@ -33,7 +33,8 @@ from .heads import build_head
 from .models import build_model
 
 __all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "load_checkpoint", "load_trained", "CheckpointError",
-           "TrainingDiverged", "config_from_preset", "resume_config", "check_device", "resolve_device", "RESUMABLE_CHANGES", "METRIC_FIELDS"]
+           "TrainingDiverged", "config_from_preset", "resume_config", "check_device", "resolve_device", "RESUMABLE_CHANGES", "METRIC_FIELDS",
+           "train_data_parallel"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
 # verified on every load.
@@ -149,10 +150,56 @@ def _scheduler(cfg, opt, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-def _loader(ds: Dataset, cfg: TrainConfig, epoch: int) -> DataLoader:
-    """Epoch ``epoch``'s shuffled batches; the order depends only on (seed, epoch)."""
+def _loader(ds: Dataset, cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1):
+    """Epoch ``epoch``'s shuffled batches as (images, labels, global batch size); the order depends only
+    on (seed, epoch).  With ``world`` ranks, step i's global batch is the single-process batch i and this
+    rank takes every ``world``-th image of it, so the ranks together see exactly what one process sees.
+    A final global batch with fewer images than ranks is dropped (data-parallel only)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=False)
+    perm = torch.randperm(len(ds), generator=g).tolist()
+    steps = [perm[i:i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+    if world > 1:
+        steps = [b for b in steps if len(b) >= world]
+    loader = DataLoader(ds, batch_sampler=[b[rank::world] for b in steps])
+    for (images, labels), b in zip(loader, steps):
+        yield images, labels, len(b)
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the initialized torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _all_sum(values: list[float], world: int, device: str) -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class _Step(nn.Module):
+    """network + head as one module (what DistributedDataParallel wraps): images -> (loss, logits)."""
+
+    def __init__(self, model: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, images, labels, extra):
+        return self.head(self.model(images), labels, **extra)
 
 
 def _rng_state(device: str) -> dict:
@@ -360,12 +407,20 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     """Train ``cfg`` into ``out_dir``.  A folder that already holds a checkpoint is refused unless
     ``resume`` (continue it; only :data:`RESUMABLE_CHANGES` may differ) or ``overwrite`` (replace it).
     ``cfg.device == "auto"`` trains on the GPU when there is one (the config saved says which).
+    Called in every process of an initialized ``torch.distributed`` group (``lgm train --nproc N`` or
+    torchrun), it trains data-parallel: ``cfg.batch_size`` is the global batch, split over the ranks
+    (DistributedDataParallel; gradients equal the single-process ones), rank 0 alone writes the
+    checkpoint, the metrics and the logs and evaluates.
     Every epoch appends to ``metrics.json`` and ``metrics.csv``; ``tensorboard=DIR`` also logs the
     same scalars there (needs the tensorboard package).  ``stop_after=k`` returns after k epochs of
     this call (as if killed there); ``datasets`` overrides (train, test)."""
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
     cfg = replace(cfg, device=resolve_device(cfg.device))
+    rank, world = _dist()
+    main = rank == 0
+    if world > 1 and cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({world})")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -374,19 +429,25 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"the run folder {out} is not writable")
     ck_path = out / "checkpoint.pt"
-    if ck_path.exists() and not resume:
-        if not overwrite:
-            raise CheckpointError(f"{out} already holds a run ({ck_path}); pass --resume to continue it or "
-                                  "--overwrite to replace it")
-        for name in ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json"):
-            (out / name).unlink(missing_ok=True)
-    for stale in out.glob("*.tmp"):  # left by a kill during an atomic write
-        stale.unlink(missing_ok=True)
-    writer = _tensorboard_writer(tensorboard)
+    if ck_path.exists() and not resume and not overwrite:
+        raise CheckpointError(f"{out} already holds a run ({ck_path}); pass --resume to continue it or "
+                              "--overwrite to replace it")
+    _barrier(world)  # every rank has checked before rank 0 removes anything
+    if main:
+        if ck_path.exists() and not resume:
+            for name in ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json"):
+                (out / name).unlink(missing_ok=True)
+        for stale in out.glob("*.tmp"):  # left by a kill during an atomic write
+            stale.unlink(missing_ok=True)
+    writer = _tensorboard_writer(tensorboard) if main else None
     if datasets is None:
-        train_ds = load_dataset(cfg.dataset, True, data_dir=cfg.data_dir, subset=cfg.subset, augment=cfg.augment,
-                                seed=cfg.seed)
-        test_ds = load_dataset(cfg.dataset, False, data_dir=cfg.data_dir, subset=cfg.test_subset, seed=cfg.seed)
+        for turn in ((0,) if world == 1 else (0, 1)):  # rank 0 stages the files first, then the others read
+            if (turn == 0) == main:
+                train_ds = load_dataset(cfg.dataset, True, data_dir=cfg.data_dir, subset=cfg.subset,
+                                        augment=cfg.augment, seed=cfg.seed)
+                test_ds = load_dataset(cfg.dataset, False, data_dir=cfg.data_dir, subset=cfg.test_subset,
+                                       seed=cfg.seed)
+            _barrier(world)
     else:
         train_ds, test_ds = datasets
 
@@ -407,11 +468,23 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
         history, start_epoch = list(ck["metrics"]), int(ck["epoch"])
-        _save_json(out / "metrics.json", history)  # a kill between the checkpoint and the metrics write
-        _save_csv(out / "metrics.csv", history)
-    _save_json(out / "config.json", asdict(cfg))
+        if main:
+            _save_json(out / "metrics.json", history)  # a kill between the checkpoint and the metrics write
+            _save_csv(out / "metrics.csv", history)
+    if main:
+        _save_json(out / "config.json", asdict(cfg))
+    net = _Step(model, head)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    bar = _progress(progress)
+        # buffers (center-loss centers, the L-GM step counter) are kept equal by their own synced updates
+        import warnings
+
+        with warnings.catch_warnings():  # torch suggests keeping broadcast_buffers=False for rank-local syncs
+            warnings.simplefilter("ignore", FutureWarning)
+            net = DistributedDataParallel(net, broadcast_buffers=False)
+
+    bar = _progress(progress and main)
     done_here = 0
 
     def diverged(what: str, hint: str) -> TrainingDiverged:
@@ -424,15 +497,20 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
         for epoch in range(start_epoch, cfg.epochs):
             model.train(), head.train()
             seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
-            for i, (images, labels) in enumerate(_loader(train_ds, cfg, epoch)):
+            for i, (images, labels, n_step) in enumerate(_loader(train_ds, cfg, epoch, rank, world)):
                 images, labels = images.to(cfg.device), labels.to(cfg.device)
                 extra = head.prepare(model, images, labels)  # e.g. inverse adversaries (eval mode, no grad)
-                loss, logits = head(model(images), labels, **extra)
-                if not torch.isfinite(loss):
+                loss, logits = net(images, labels, extra)
+                finite = bool(torch.isfinite(loss))
+                if world > 1:  # every rank stops together
+                    finite = _all_sum([float(not finite)], world, cfg.device)[0] == 0
+                if not finite:
                     raise diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1}",
                                    "Try a lower --lr, a longer --warmup-epochs for L-GM, or a smaller --alpha.")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages gradients over ranks: weight this rank's mean by its share of the global
+                # batch so that the average is the gradient of the global batch's mean loss
+                (loss * (labels.shape[0] * world / n_step) if world > 1 else loss).backward()
                 opt.step()
                 sched.step()
                 n = labels.shape[0]
@@ -442,8 +520,15 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                 bar.update(task, advance=1, description=(
                     f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}%"))
             train_time = time.perf_counter() - t0
+            seen, correct, loss_sum = _all_sum([seen, correct, loss_sum], world, cfg.device)
             if not _finite_weights(model, head):
                 raise diverged(f"non-finite weights after epoch {epoch + 1}", "Try a lower --lr.")
+            if not main:  # rank 0 evaluates and writes; the others wait for it
+                _barrier(world)
+                done_here += 1
+                if stop_after is not None and done_here >= stop_after:
+                    break
+                continue
             ev = evaluate(model, head, test_ds, device=cfg.device)
             history.append({
                 "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
@@ -465,6 +550,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                     if k in history[-1]:
                         writer.add_scalar(k, history[-1][k], epoch + 1)
                 writer.flush()
+            _barrier(world)
             done_here += 1
             if stop_after is not None and done_here >= stop_after:
                 break
@@ -478,3 +564,66 @@ def _progress(enabled: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled)
+
+
+# ----------------------------------------------------------------------------- data-parallel launcher
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str, kwargs: dict, err_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if cfg.device.startswith("cuda"):
+        cfg = replace(cfg, device=f"cuda:{rank}")
+        torch.cuda.set_device(rank)
+    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        train(cfg, out_dir, **kwargs)
+    except Exception as err:  # one line for the parent, which raises it again in its own process
+        Path(err_dir, f"rank{rank}.err").write_text(json.dumps([type(err).__name__, str(err)]))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def train_data_parallel(cfg: TrainConfig, out_dir: str | os.PathLike, nproc: int, **kwargs) -> TrainResult:
+    """:func:`train` in ``nproc`` local processes (torch.multiprocessing spawn; gloo on CPU, NCCL with one
+    GPU per process): ``cfg.batch_size`` is the global batch.  Returns rank 0's result; an error in any
+    rank is raised again here with its own type and message."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
+    cfg = replace(cfg, device=resolve_device(cfg.device))
+    if cfg.device.startswith("cuda") and nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {nproc} needs {nproc} GPUs; this machine has {torch.cuda.device_count()}")
+    if cfg.batch_size % nproc:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of --nproc {nproc}")
+    if nproc == 1:
+        return train(cfg, out_dir, **kwargs)
+    with tempfile.TemporaryDirectory() as err_dir:
+        try:
+            mp.spawn(_ddp_worker, args=(nproc, _free_port(), cfg, str(out_dir), kwargs, err_dir), nprocs=nproc,
+                     join=True)
+        except Exception:
+            errors = sorted(Path(err_dir).glob("rank*.err"))
+            if not errors:
+                raise
+            name, msg = json.loads(errors[0].read_text())
+            from .data import DatasetUnavailable
+
+            kinds = {c.__name__: c for c in (ValueError, TypeError, OSError, CheckpointError, TrainingDiverged,
+                                             DatasetUnavailable)}
+            raise kinds.get(name, RuntimeError)(msg) from None
+    ck = load_checkpoint(Path(out_dir) / "checkpoint.pt")
+    return TrainResult(str(out_dir), int(ck["epoch"]), list(ck["metrics"]), str(Path(out_dir) / "checkpoint.pt"))

@@ -37,7 +37,8 @@ def _worker(rank, world, port, out_dir, cases):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from lgm_ext.distributed import ShardedLGMLoss, SyncCenterLoss
+    from lgm_ext import CenterLoss
+    from lgm_ext.distributed import ShardedLGMLoss
 
     results = {}
     try:
@@ -59,8 +60,8 @@ def _worker(rank, world, port, out_dir, cases):
         # synced center loss: every rank updates from its own rows, the centers stay equal
         x, _, _, y = _problem(12, 5, 3, torch.float64)
         lo, hi = _rows(12, world, rank)
-        c = SyncCenterLoss(5, 3, alpha=0.5).double()
-        c.inner.centers.copy_(torch.arange(15, dtype=torch.float64).reshape(5, 3))
+        c = CenterLoss(5, 3, alpha=0.5, sync=True).double()
+        c.centers.copy_(torch.arange(15, dtype=torch.float64).reshape(5, 3))
         for _ in range(2):
             c(x[lo:hi], y[lo:hi])
         results["centers"] = c.centers.clone()
@@ -135,3 +136,45 @@ def test_sharded_head_needs_an_initialized_group():
         pytest.skip("a process group is already initialized in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         ShardedLGMLoss(10, 4)
+
+
+# ----------------------------------------------------------------------------- data-parallel training
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    from helpers import write_idx
+
+    return write_idx(tmp_path_factory.mktemp("idx"), n_train=64, n_test=16)
+
+
+@pytest.mark.parametrize("head", ["center", "lgm"])
+def test_two_rank_ddp_equals_one_process(src, tmp_path, head):
+    """`lgm train --nproc 2` with the same global batch reaches the weights of the 1-process run; the
+    center-loss centers (synced updates) and the L-GM step counter agree too."""
+    from lgm_lab.config import config_from_preset
+    from lgm_lab.train import load_checkpoint, train, train_data_parallel
+
+    cfg = config_from_preset(None, head=head, epochs=2, subset=64, test_subset=16, batch_size=32, feat_dim=2,
+                             data_dir=str(src), device="cpu", warmup_epochs=0.5)
+    train(cfg, tmp_path / "one", progress=False)
+    res = train_data_parallel(cfg, tmp_path / "two", 2, progress=False)
+    assert res.epochs_done == 2
+    a, b = load_checkpoint(tmp_path / "one" / "checkpoint.pt"), load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    for part in ("model", "head"):
+        for k, v in a[part].items():
+            torch.testing.assert_close(b[part][k], v, rtol=2e-4, atol=2e-5, msg=lambda m: f"{part}.{k}: {m}")
+    for x, y in zip(a["metrics"], b["metrics"]):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+        assert x["train_accuracy"] == pytest.approx(y["train_accuracy"])
+
+
+def test_ddp_errors_come_back_as_one_line(src, tmp_path):
+    from typer.testing import CliRunner
+
+    from lgm_cli.app import app
+
+    r = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--nproc", "2", "--batch-size", "33",
+                                 "--subset", "64", "--data-dir", str(src), "--no-progress", "--epochs", "1"])
+    assert r.exit_code == 2 and "multiple" in r.output
+    r = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--nproc", "2", "--subset", "64",
+                                 "--data-dir", str(tmp_path / "missing"), "--no-progress", "--epochs", "1"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
