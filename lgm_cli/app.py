@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -166,6 +167,8 @@ def train_cmd(**options) -> None:
                                      tensorboard=tensorboard)
     except (ValueError, TypeError, OSError, DatasetUnavailable, CheckpointError, TrainingDiverged) as err:
         _fail(err)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     if not result.metrics:
         _fail(ValueError(f"{out}: no completed epoch"))
     last = result.metrics[-1]

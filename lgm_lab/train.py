@@ -34,7 +34,7 @@ from .models import build_model
 
 __all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "load_checkpoint", "load_trained", "CheckpointError",
            "TrainingDiverged", "config_from_preset", "resume_config", "check_device", "resolve_device", "RESUMABLE_CHANGES", "METRIC_FIELDS",
-           "train_data_parallel"]
+           "train_data_parallel", "init_from_torchrun"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
 # verified on every load.
@@ -594,6 +594,21 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str
         dist.destroy_process_group()
 
 
+def init_from_torchrun(device: str) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT; gloo on CPU, NCCL on GPU).  Returns False outside torchrun."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return False
+    if not dist.is_initialized():
+        cuda = resolve_device(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
 def train_data_parallel(cfg: TrainConfig, out_dir: str | os.PathLike, nproc: int, **kwargs) -> TrainResult:
     """:func:`train` in ``nproc`` local processes (torch.multiprocessing spawn; gloo on CPU, NCCL with one
     GPU per process): ``cfg.batch_size`` is the global batch.  Returns rank 0's result; an error in any
@@ -610,6 +625,8 @@ def train_data_parallel(cfg: TrainConfig, out_dir: str | os.PathLike, nproc: int
     if cfg.batch_size % nproc:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of --nproc {nproc}")
     if nproc == 1:
+        if init_from_torchrun(cfg.device) and cfg.device.startswith("cuda"):
+            cfg = replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         return train(cfg, out_dir, **kwargs)
     with tempfile.TemporaryDirectory() as err_dir:
         try:

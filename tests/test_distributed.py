@@ -178,3 +178,19 @@ def test_ddp_errors_come_back_as_one_line(src, tmp_path):
     r = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--nproc", "2", "--subset", "64",
                                  "--data-dir", str(tmp_path / "missing"), "--no-progress", "--epochs", "1"])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+
+
+def test_the_documented_torchrun_line_trains(src, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lgm_cli.app", "train",
+           "--out", str(tmp_path / "run"), "--data-dir", str(src), "--subset", "64", "--test-subset", "16",
+           "--batch-size", "32", "--epochs", "1", "--feat-dim", "2", "--head", "center", "--no-progress",
+           "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("test error") == 1  # rank 0 alone reports
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
