@@ -112,11 +112,11 @@ class InverseAdversaryCenterLoss(nn.Module):
         self._check("features", features)
         self._check("inverse_features", inverse_features, features.shape[0])
         check_labels(labels, features.shape[0], self.num_classes)
-        target = inverse_features.detach().to(features.dtype)
         if self.variant == "instance":
-            return 0.5 * (features - target).pow(2).sum(1).mean()
-        loss = 0.5 * (features - self.centers.to(features.dtype).index_select(0, labels)).pow(2).sum(1).mean()
-        if self.training:
+            loss = 0.5 * (features - inverse_features.detach().to(features.dtype)).pow(2).sum(1).mean()
+        else:
+            loss = 0.5 * (features - self.centers.to(features.dtype).index_select(0, labels)).pow(2).sum(1).mean()
+        if self.training:  # both variants track the running means (the instance loss does not use them)
             self.update(inverse_features, labels)
         return loss
 

@@ -151,8 +151,17 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
             hist = ck["metrics"]
             n_train = cfg.subset or 60000
             per_epoch = [n_train / h["train_images_per_second"] for h in hist]
-            stage(f"evaluating {_short(model_name)} seed {seed}")
-            ev = _evaluate(model, head, test, x, y, xm, ym)
+            cache = run_dir / "inverse_eval.json"
+            settings = {"n_test": len(test), "n_attack": len(x), "mean_points": len(xm), "epoch": int(ck["epoch"]),
+                        "sha256": ck.get("sha256")}
+            cached = json.loads(cache.read_text()) if cache.exists() else {}
+            if cached.get("settings") == settings:  # the same checkpoint measured the same way
+                stage(f"evaluating {_short(model_name)} seed {seed}: reused")
+                ev = cached["eval"]
+            else:
+                stage(f"evaluating {_short(model_name)} seed {seed}")
+                ev = _evaluate(model, head, test, x, y, xm, ym)
+                cache.write_text(json.dumps({"settings": settings, "eval": ev}, indent=1))
             ev["seconds_per_epoch"] = sum(per_epoch) / len(per_epoch)
             res["runs"].setdefault(model_name, {})[seed] = ev
             if seed == seeds[0]:

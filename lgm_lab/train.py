@@ -156,11 +156,15 @@ def _loader(ds: Dataset, cfg: TrainConfig, epoch: int, rank: int = 0, world: int
     rank takes every ``world``-th image of it, so the ranks together see exactly what one process sees.
     A final global batch with fewer images than ranks is dropped (data-parallel only)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    # one draw discarded first, as torch's DataLoader(shuffle=True, generator=g) does for its worker seed:
+    # the order is the one lgm-ext 0.2 trained with (runs trained before stay reproducible)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
     perm = torch.randperm(len(ds), generator=g).tolist()
     steps = [perm[i:i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
     if world > 1:
         steps = [b for b in steps if len(b) >= world]
-    loader = DataLoader(ds, batch_sampler=[b[rank::world] for b in steps])
+    # its own generator: DataLoader draws a worker seed from it, never from the global RNG (augmentations use that)
+    loader = DataLoader(ds, batch_sampler=[b[rank::world] for b in steps], generator=torch.Generator().manual_seed(0))
     for (images, labels), b in zip(loader, steps):
         yield images, labels, len(b)
 

@@ -66,12 +66,21 @@ def test_center_update_by_hand():
     torch.testing.assert_close(loss.centers, before)
 
 
-def test_instance_variant_ignores_the_centers_and_pulls_to_its_own_inverse():
-    loss = InverseAdversaryCenterLoss(2, 2, variant="instance")
+def test_instance_variant_pulls_to_its_own_inverse_and_tracks_the_centers():
+    loss = InverseAdversaryCenterLoss(2, 2, variant="instance", alpha=0.5)
     f = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
     inv = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
-    assert loss(f, torch.tensor([0, 1]), inv).item() == pytest.approx(0.5 * (1 + 4) / 2)
-    assert torch.count_nonzero(loss.centers) == 0
+    y = torch.tensor([0, 1])
+    assert loss(f, y, inv).item() == pytest.approx(0.5 * (1 + 4) / 2)
+    # the running means move towards the inverse features (SPEC 6) ...
+    torch.testing.assert_close(loss.centers, torch.tensor([[0.0, 0.0], [0.0, 0.25]]))
+    # ... but the loss and its gradient do not depend on them
+    loss.centers.fill_(7.0)
+    g = f.clone().requires_grad_(True)
+    value = loss.eval()(g, y, inv)
+    value.backward()
+    assert value.item() == pytest.approx(0.5 * (1 + 4) / 2)
+    torch.testing.assert_close(g.grad, (f - inv) / 2)
 
 
 def test_inner_attack_leaves_modes_batchnorm_and_grads_alone():
@@ -175,8 +184,7 @@ def test_training_with_an_inverse_head_is_deterministic(src, tmp_path, head):
         assert torch.equal(v, w), k
     assert a.metrics == b.metrics or all(
         x["train_loss"] == y["train_loss"] for x, y in zip(a.metrics, b.metrics))
-    if head == "inverse-class":
-        assert torch.count_nonzero(ha.centers()) > 0  # the centers moved towards the inverse features
+    assert torch.count_nonzero(ha.centers()) > 0  # both variants track the running means of inverse features
 
 
 def test_inverse_head_needs_its_inputs(src):
