@@ -146,7 +146,8 @@ def train_cmd(**options) -> None:
     With --resume the run's saved configuration is used; only the options given explicitly are applied,
     and only --epochs (constant schedule), --device and --progress may differ from it."""
     from lgm_lab.data import DatasetUnavailable
-    from lgm_lab.train import CheckpointError, TrainingDiverged, resume_config, train_data_parallel
+    from lgm_lab.train import (CheckpointError, DistributedTrainingError, TrainingDiverged, resume_config,
+                               train_data_parallel)
 
     out, preset, resume, overwrite, progress, tensorboard, nproc = (
         options.pop(k) for k in ("out", "preset", "resume", "overwrite", "progress", "tensorboard", "nproc"))
@@ -165,7 +166,8 @@ def train_cmd(**options) -> None:
         _check_positive(nproc, "--nproc")
         result = train_data_parallel(cfg, out, nproc, resume=resume, overwrite=overwrite, progress=progress,
                                      tensorboard=tensorboard)
-    except (ValueError, TypeError, OSError, DatasetUnavailable, CheckpointError, TrainingDiverged) as err:
+    except (ValueError, TypeError, OSError, DatasetUnavailable, CheckpointError, TrainingDiverged,
+            DistributedTrainingError) as err:
         _fail(err)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
@@ -205,7 +207,7 @@ app.command("train")(train_cmd)
 # Every command that runs a model takes the same --device, --batch-size, --subset, --data-dir, --progress;
 # every command that writes figures takes --out (a folder) and --format; every command with numbers a
 # script would want takes --json FILE.
-_DEVICE_HELP = "cpu | cuda | cuda:N (default: cuda when available, else cpu)"
+_DEVICE_HELP = "auto | cpu | cuda | cuda:N (default auto: cuda when available, else cpu)"
 _SUBSET_HELP = ("use N test images: the seeded selection `lgm train --test-subset N` evaluates on "
                 "(default: the whole test set)")
 _BATCH_HELP = "images per forward/backward pass"
@@ -449,7 +451,7 @@ def attack(
         runs = _load_runs(checkpoints, dev)
         cfg0 = next(iter(runs.values()))[2]
         x, y = _test_tensors(cfg0, subset, data_dir, dev)
-    except (CheckpointError, RuntimeError, ValueError) as err:
+    except (CheckpointError, RuntimeError, ValueError, OSError) as err:
         _fail(err)
     t = Table(title=f"test error (%) under FGSM ({len(x)} test images; paper: MNIST)")
     t.add_column("model")
@@ -544,7 +546,7 @@ def centers(
         models = {k: v[:2] for k, v in loaded.items()}
         cfg0 = loaded["A"][2]
         x, y = _test_tensors(cfg0, subset, data_dir, dev)
-    except (CheckpointError, RuntimeError, ValueError) as err:
+    except (CheckpointError, RuntimeError, ValueError, OSError) as err:
         _fail(err)
     with _bar(progress) as bar:
         task = bar.add_task("inverse adversaries", total=len(models) * len(x))
@@ -594,6 +596,9 @@ def embed(
     try:
         dev = _common(device, batch_size, None, None, fmt)
         _check_positive(points, "--points")
+        if out.suffix.lstrip(".").lower() in ("png", "pdf", "svg", "jpg", "jpeg"):
+            raise ValueError(f"--out {out} looks like a file name; --out is a folder (the figure is "
+                             f"embedding.<format> in it; --format picks the format)")
         if fgsm < 0:
             raise ValueError(f"--fgsm must be >= 0, got {fgsm}")
         _out_folder(out)
@@ -635,9 +640,11 @@ def curves(
                 raise ValueError(f"{r}: no metrics.json (is it a run folder written by `lgm train`?)")
             try:
                 hist = json.loads(path.read_text())
-                if not isinstance(hist, list) or not hist or not all("epoch" in h for h in hist):
-                    raise ValueError("not a list of per-epoch records")
-            except ValueError as err:
+                need = ("epoch", "train_loss", "test_error_percent")
+                if not isinstance(hist, list) or not hist or not all(
+                        isinstance(h, dict) and all(k in h for k in need) for h in hist):
+                    raise ValueError(f"not a list of per-epoch records with {', '.join(need)}")
+            except (ValueError, OSError) as err:
                 raise ValueError(f"{path}: unreadable metrics ({err})") from None
             data[folder.name if folder.name not in data else str(folder)] = hist
         _out_folder(out)

@@ -133,14 +133,32 @@ class _DistLogSumExp(torch.autograd.Function):
         return grad[:, None] * (local - lse[:, None]).exp(), None
 
 
+_INIT_BLOCK = 4096
+
+
+def _init_rows(lo: int, hi: int, d: int, seed: int) -> Tensor:
+    """Rows [lo, hi) of a (K, D) standard-normal matrix drawn block by block (block b of _INIT_BLOCK rows from
+    a generator seeded with seed * 1_000_003 + b): no rank materializes the full matrix."""
+    out = torch.empty(hi - lo, d)
+    b = lo // _INIT_BLOCK
+    while b * _INIT_BLOCK < hi:
+        start = b * _INIT_BLOCK
+        block = torch.randn(_INIT_BLOCK, d, generator=torch.Generator().manual_seed(seed * 1_000_003 + b))
+        a0, a1 = max(lo, start), min(hi, start + _INIT_BLOCK)
+        out[a0 - lo:a1 - lo] = block[a0 - start:a1 - start]
+        b += 1
+    return out
+
+
 class ShardedLGMLoss(nn.Module):
     """The L-GM loss with the classes sharded over the ranks of ``group`` (module docstring).
 
     ``forward(local_features, local_labels)`` returns the loss of the global batch (reduction
     "mean" or "sum", the same on every rank).  Each rank holds ``means`` and ``log_var`` of
-    ``class_range``; ``covariance="identity"`` keeps no log-variances.  The means are this rank's
-    rows of one (K, D) standard-normal draw from a generator seeded with ``seed`` (the same on every
-    rank, so the shards form one initialisation); :meth:`load_full` copies given full parameters."""
+    ``class_range``; ``covariance="identity"`` keeps no log-variances.  The means are standard-normal,
+    drawn in blocks of rows each with its own generator seeded from (``seed``, block), so a rank draws
+    only its own rows and the shards form one initialisation whatever the world size;
+    :meth:`load_full` copies given full parameters."""
 
     def __init__(self, num_classes: int, feat_dim: int, *, alpha: float = 1.0, lambda_: float = 0.1,
                  covariance: str = "diag", group=None, ddp: bool = False, reduction: str = "mean",
@@ -158,8 +176,7 @@ class ShardedLGMLoss(nn.Module):
         self.alpha, self.lambda_ = _nonneg("alpha", alpha), _nonneg("lambda_", lambda_)
         self.class_range = shard_range(num_classes, self.world_size, self.rank)
         lo, hi = self.class_range
-        full = torch.randn(num_classes, feat_dim, generator=torch.Generator().manual_seed(seed))
-        self.means = nn.Parameter(full[lo:hi].clone())
+        self.means = nn.Parameter(_init_rows(lo, hi, feat_dim, seed))
         self.log_var = nn.Parameter(torch.zeros(hi - lo, feat_dim)) if covariance == "diag" else None
 
     def extra_repr(self) -> str:

@@ -22,11 +22,13 @@ FORMATS = ("png", "pdf", "svg")
 def _path(path: Path, fmt: str | None) -> Path:
     """``path`` with the suffix of ``fmt`` (None: keep the path's own suffix, else png)."""
     path = Path(path)
+    own = path.suffix.lstrip(".")
     if fmt is None:
-        fmt = path.suffix.lstrip(".") or "png"
+        fmt = own if own in FORMATS else "png"
     if fmt not in FORMATS:
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    return path.with_suffix("." + fmt)
+    # a dot inside a name (hist_lgm-a0.3) is part of the name, not a suffix to replace
+    return path.with_suffix("." + fmt) if own in FORMATS else path.with_name(path.name + "." + fmt)
 
 
 def _save(fig, path: Path) -> str:

@@ -34,7 +34,7 @@ from .models import build_model
 
 __all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "load_checkpoint", "load_trained", "CheckpointError",
            "TrainingDiverged", "config_from_preset", "resume_config", "check_device", "resolve_device", "RESUMABLE_CHANGES", "METRIC_FIELDS",
-           "train_data_parallel", "init_from_torchrun"]
+           "train_data_parallel", "init_from_torchrun", "DistributedTrainingError"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
 # verified on every load.
@@ -51,6 +51,10 @@ class CheckpointError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became non-finite."""
+
+
+class DistributedTrainingError(RuntimeError):
+    """A process of a data-parallel run failed with an error of another kind (e.g. out of memory, a lost peer)."""
 
 
 def resolve_device(device: str | None) -> str:
@@ -413,8 +417,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     ``cfg.device == "auto"`` trains on the GPU when there is one (the config saved says which).
     Called in every process of an initialized ``torch.distributed`` group (``lgm train --nproc N`` or
     torchrun), it trains data-parallel: ``cfg.batch_size`` is the global batch, split over the ranks
-    (DistributedDataParallel; gradients equal the single-process ones), rank 0 alone writes the
-    checkpoint, the metrics and the logs and evaluates.
+    (DistributedDataParallel; gradients equal the single-process ones up to float rounding; BatchNorm
+    models need GPUs, for SyncBatchNorm), rank 0 alone writes the checkpoint, the metrics and the logs
+    and evaluates.  Launch it with spawn or torchrun, which stop every rank when one fails.
     Every epoch appends to ``metrics.json`` and ``metrics.csv``; ``tensorboard=DIR`` also logs the
     same scalars there (needs the tensorboard package).  ``stop_after=k`` returns after k epochs of
     this call (as if killed there); ``datasets`` overrides (train, test)."""
@@ -436,6 +441,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     if ck_path.exists() and not resume and not overwrite:
         raise CheckpointError(f"{out} already holds a run ({ck_path}); pass --resume to continue it or "
                               "--overwrite to replace it")
+    writer = _tensorboard_writer(tensorboard) if main else None  # fails before anything is removed
     _barrier(world)  # every rank has checked before rank 0 removes anything
     if main:
         if ck_path.exists() and not resume:
@@ -443,7 +449,6 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                 (out / name).unlink(missing_ok=True)
         for stale in out.glob("*.tmp"):  # left by a kill during an atomic write
             stale.unlink(missing_ok=True)
-    writer = _tensorboard_writer(tensorboard) if main else None
     if datasets is None:
         for turn in ((0,) if world == 1 else (0, 1)):  # rank 0 stages the files first, then the others read
             if (turn == 0) == main:
@@ -458,7 +463,14 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    if world > 1 and 0 < len(train_ds) % cfg.batch_size < world:
+        steps_per_epoch -= 1  # the final batch, smaller than the number of ranks, is dropped (_loader)
     model, head = _build(cfg, steps_per_epoch)
+    if world > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if not cfg.device.startswith("cuda"):
+            raise ValueError(f"data-parallel training of {cfg.model} (BatchNorm) needs GPUs: SyncBatchNorm, which "
+                             "keeps the statistics of the global batch, runs on CUDA only; use one process on CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = _optimizer(cfg, model, head)
     sched = _scheduler(cfg, opt, steps_per_epoch)
     history: list[dict] = []
@@ -481,7 +493,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        # buffers (center-loss centers, the L-GM step counter) are kept equal by their own synced updates
+        # the head's buffers (center-loss centers, the L-GM step counter) stay equal by their own synced or
+        # identical updates; BatchNorm statistics by SyncBatchNorm (above); nothing needs a broadcast
         import warnings
 
         with warnings.catch_warnings():  # torch suggests keeping broadcast_buffers=False for rank-local syncs
@@ -632,19 +645,24 @@ def train_data_parallel(cfg: TrainConfig, out_dir: str | os.PathLike, nproc: int
         if init_from_torchrun(cfg.device) and cfg.device.startswith("cuda"):
             cfg = replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         return train(cfg, out_dir, **kwargs)
+    if kwargs.get("tensorboard") is not None:
+        _tensorboard_writer(kwargs["tensorboard"]).close()  # fail here, not in a worker
     with tempfile.TemporaryDirectory() as err_dir:
         try:
             mp.spawn(_ddp_worker, args=(nproc, _free_port(), cfg, str(out_dir), kwargs, err_dir), nprocs=nproc,
                      join=True)
-        except Exception:
-            errors = sorted(Path(err_dir).glob("rank*.err"))
+        except Exception as err:
+            # the rank that failed first (the others then fail on the broken process group)
+            errors = sorted(Path(err_dir).glob("rank*.err"), key=lambda f: f.stat().st_mtime_ns)
             if not errors:
-                raise
+                raise DistributedTrainingError(f"a training process failed: {err}".splitlines()[0]) from None
             name, msg = json.loads(errors[0].read_text())
             from .data import DatasetUnavailable
 
             kinds = {c.__name__: c for c in (ValueError, TypeError, OSError, CheckpointError, TrainingDiverged,
                                              DatasetUnavailable)}
-            raise kinds.get(name, RuntimeError)(msg) from None
+            if name in kinds:
+                raise kinds[name](msg) from None
+            raise DistributedTrainingError(f"{errors[0].stem}: {name}: {msg}") from None
     ck = load_checkpoint(Path(out_dir) / "checkpoint.pt")
     return TrainResult(str(out_dir), int(ck["epoch"]), list(ck["metrics"]), str(Path(out_dir) / "checkpoint.pt"))

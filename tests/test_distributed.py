@@ -215,3 +215,15 @@ def test_the_epoch_order_is_the_one_earlier_runs_trained_with(src):
         assert [y.tolist() for _, y, _n in _loader(ds, cfg, epoch)] == old
         two = [[y.tolist() for _, y, _n in _loader(ds, cfg, epoch, r, 2)] for r in range(2)]
         assert [sorted(a + b) for a, b in zip(*two)] == [sorted(b) for b in old]
+
+
+def test_batchnorm_models_need_gpus_for_data_parallel(src, tmp_path):
+    """resnet20 has BatchNorm: per-rank statistics would not be the global batch's; on CPU (no
+    SyncBatchNorm) data-parallel training is refused with a clear message."""
+    from lgm_lab.config import config_from_preset
+    from lgm_lab.train import train_data_parallel
+
+    cfg = config_from_preset(None, model="resnet20", dataset="fashion-mnist", epochs=1, subset=64, batch_size=32,
+                             feat_dim=2, data_dir=str(src), device="cpu")
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        train_data_parallel(cfg, tmp_path / "bn", 2, progress=False)

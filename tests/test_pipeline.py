@@ -267,6 +267,7 @@ def _bad_invocations(src, run_dir, tmp_path):
         ["eval", ck, "--out", tmp_path / "f", "--format", "jpg"],
         ["embed", ck, "--out", a_file],
         ["curves", tmp_path / "no-such-run"],
+        ["embed", ck, "--out", tmp_path / "fig.png"],  # a file name where a folder is expected
         ["curves", run_dir, "--format", "gif"],
         ["reproduce", "--format", "tiff", "--out", tmp_path / "rep"],
         [*train, "--out", tmp_path / "r3", "--tensorboard", a_file / "tb"],
@@ -445,3 +446,21 @@ def test_evaluate_ticks_every_image(src, run_dir):
     seen = []
     evaluate(model, head, ds, batch_size=8, tick=seen.append)
     assert seen == [8, 8, 4]
+
+
+def test_figure_names_keep_their_dots(tmp_path):
+    """hist_lgm-a0.3 must not become hist_lgm-a0.png (it would overwrite alpha=0's histogram)."""
+    from lgm_lab.figures import verification_figures
+
+    r = {"log_scores_normal": [0.0, -1.0, -2.0], "log_scores_adversarial": [-3.0, -4.0, -1.5], "targeted": False,
+         "eer_percent": 10.0, "roc": {"fpr": [0, 1], "tpr": [0, 1], "auc": 0.5}}
+    files = verification_figures({"lgm-a0": r, "lgm-a0.3": r}, tmp_path, "svg")
+    assert sorted(p.rsplit("/", 1)[1] for p in files) == ["hist_lgm-a0.3.svg", "hist_lgm-a0.svg", "roc.svg"]
+
+
+def test_curves_refuses_records_without_the_columns(run_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_text(json.dumps([{"epoch": 1}]))
+    r = _invoke("curves", bad, "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "train_loss" in r.output
