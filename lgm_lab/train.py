@@ -126,7 +126,8 @@ def _build(cfg: TrainConfig, steps_per_epoch: int = 0) -> tuple[nn.Module, nn.Mo
     derived = {"warmup_steps": warmup_steps(cfg, steps_per_epoch)}
     kwargs = {k: derived[k] if k in derived else getattr(cfg, k) for k in HEADS[cfg.head].config_keys}
     head = build_head(cfg.head, cfg.feat_dim, info["num_classes"], **kwargs)
-    return model.to(cfg.device), head.to(cfg.device)
+    device = resolve_device(cfg.device)
+    return model.to(device), head.to(device)
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
