@@ -175,6 +175,7 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
                           ("error", "eer", "compactness", "seconds_per_epoch")}
                       for m, r in res["runs"].items()}
     res["verdict"] = verdict(res)
+    res["context"] = context(res)
     res["seconds"] = time.perf_counter() - t0
     (out / "inverse.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "inverse.md").write_text(inverse_markdown(res))
@@ -216,6 +217,33 @@ def verdict(r: dict) -> list[dict]:
     return out
 
 
+def context(r: dict) -> dict:
+    """What the verdict can mean: does center loss itself (A) beat softmax (B) here, and does each C model
+    behave like A or like B?  (Same rules as :func:`verdict`.)"""
+    from .experiments import compare
+
+    a, b = "A (center loss)", "B (softmax)"
+    if a not in r["runs"] or b not in r["runs"]:
+        return {}
+    get = lambda m, k: [ev[k] for ev in r["runs"][m].values()]  # noqa: E731
+    word = {"holds": "better", "fails": "worse", "within noise": "same within noise"}
+    zc = _z(get(a, "compactness"), get(b, "compactness"))
+    out = {"A_vs_B": {"compactness": "better" if zc >= 2 else ("worse" if zc <= -2 else "same within noise"),
+                      "compactness_z": zc,
+                      "accuracy": word[compare(get(a, "error"), get(b, "error"), r["n_test"])["verdict"]],
+                      "eer": word[compare(get(a, "eer"), get(b, "eer"), 2 * r["n_attack"])["verdict"]]}}
+    for m in r["runs"]:
+        if m.startswith("C"):
+            out[m] = {"fgsm_0.3_vs_A": word[compare([ev["fgsm"]["0.3"] for ev in r["runs"][m].values()],
+                                                     [ev["fgsm"]["0.3"] for ev in r["runs"][a].values()],
+                                                     r["n_attack"])["verdict"]],
+                      "eer_vs_B": word[compare(get(m, "eer"), get(b, "eer"), 2 * r["n_attack"])["verdict"]]}
+            cos = r.get("centers", {}).get(m, {}).get("inverse vs clean", {}).get("mean_cosine")
+            if cos is not None:
+                out[m]["inverse_vs_clean_cosine"] = cos
+    return out
+
+
 def inverse_markdown(r: dict) -> str:
     from .experiments import _ms
 
@@ -254,4 +282,21 @@ def inverse_markdown(r: dict) -> str:
     L += ["", "Rule: 'better'/'worse' when the difference is at least 2 standard errors (binomial on n images "
               "combined with the seed spread for rates; the seed spread for compactness), else 'same within "
               "noise'. 'Substitutes' = accuracy and compactness not worse than A's.", ""]
+    c = r.get("context", {})
+    if c:
+        ab = c["A_vs_B"]
+        L += ["What the verdict can mean here. Center loss itself against softmax (A vs B): compactness "
+              f"{ab['compactness']} (z = {ab['compactness_z']:.1f}), accuracy {ab['accuracy']}, FGSM detection "
+              f"{ab['eer']}."
+              + (" Since center loss does not make the classes measurably tighter than softmax at this budget, "
+                 "'substitutes' above only means 'no worse than A'; it cannot show that inverse-adversary "
+                 "centers deliver what center-loss centers deliver." if ab["compactness"] != "better" else "")]
+        for m, v in c.items():
+            if m == "A_vs_B":
+                continue
+            cos = v.get("inverse_vs_clean_cosine")
+            L.append(f"{m}: FGSM eps=0.3 error vs A {v['fgsm_0.3_vs_A']}, FGSM detection vs B {v['eer_vs_B']}"
+                     + (f"; its inverse-adversary class means have cosine {cos:.4f} with its clean class means"
+                        if cos is not None else "") + ".")
+        L.append("")
     return "\n".join(L)
