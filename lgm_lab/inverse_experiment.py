@@ -138,7 +138,7 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
         done[0] += 1
 
     res = {"preset": preset, "dataset": dataset, "seeds": seeds, "train": P["train"], "n_test": len(test),
-           "n_attack": len(x), "runs": {}, "seconds_per_epoch": {}}
+           "n_attack": len(x), "runs": {}, "seconds_per_epoch": {}, "models_reused": 0, "models": 0}
     keep = {}
     for model_name, spec in INVERSE_MODELS.items():
         for seed in seeds:
@@ -146,7 +146,8 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
             cfg = _config(dataset, data_dir, 100, seed, dict(P["train"], **spec))
             stage(f"training {_short(model_name)} seed {seed} ({cfg.epochs} epochs)")
             run_dir = out / "runs" / key
-            _train_or_reuse(cfg, run_dir, progress)
+            res["models_reused"] += _train_or_reuse(cfg, run_dir, progress)
+            res["models"] += 1
             model, head, cfg, ck = load_trained(run_dir / "checkpoint.pt")
             hist = ck["metrics"]
             n_train = cfg.subset or 60000
@@ -253,7 +254,8 @@ def inverse_markdown(r: dict) -> str:
          f"epochs, one budget for every model; seeds {', '.join(map(str, r['seeds']))} (mean ± std). Clean error on "
          f"{r['n_test']} test images, attacks and verification on {r['n_attack']}. Inverse adversaries: eps'=4/255, "
          "5 steps of 2/255 (lgm_ext.InversePGD), generated on the current network every training step. "
-         f"This invocation took {r['seconds'] / 60:.1f} min.", "",
+         f"This invocation took {r['seconds'] / 60:.1f} min ({r.get('models_reused', 0)} of {r.get('models', 0)} "
+         "models reused from an earlier invocation; the s / epoch column is each model's own training).", "",
          "| model | clean error % | FGSM 0.1 error % | FGSM 0.3 error % | EER % (class means) | "
          "EER % (own centers) | compactness (lower = tighter) | s / epoch |", "|---|---|---|---|---|---|---|---|"]
     for m, runs in r["runs"].items():
