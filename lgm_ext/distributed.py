@@ -232,9 +232,8 @@ class ShardedLGMLoss(nn.Module):
         zero = torch.zeros_like(t_all)
         t = torch.where(own, t_all, zero)
         mt = torch.where(own, (1.0 + self.alpha) * t_all + self.alpha * half_logdet, zero)
-        if hi > lo:
-            onehot = torch.zeros_like(logits).scatter_(1, col[:, None], own[:, None].to(logits.dtype))
-            logits = logits + onehot * (mt - t)[:, None]
+        if hi > lo:  # the labelled column gets its margin logit (rows this rank does not own: unchanged)
+            logits = logits.scatter(1, col[:, None], torch.where(own, mt, t_all)[:, None])
         lse = _DistLogSumExp.apply(logits, self.group)
         t, mt = _AllReduceSum.apply(t, self.group), _AllReduceSum.apply(mt, self.group)
         per_row = lse - mt - self.lambda_ * t

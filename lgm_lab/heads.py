@@ -154,8 +154,25 @@ class SoftmaxHead(Head):
         return self.fc.weight
 
 
+def center_log_score(features: Tensor, centers: Tensor, predicted: Tensor) -> Tensor:
+    """The center-style log-score -|x - c_ŷ|² / 2 of each feature against the center of its predicted class."""
+    return -0.5 * (features - centers.index_select(0, predicted)).pow(2).sum(1)
+
+
+class _CenterScored(SoftmaxHead):
+    """Softmax classification scored against class centers (:meth:`centers`): log-score -|x - c_ŷ|²/2 and
+    the log-likelihood of a unit-variance Gaussian per class."""
+
+    def log_score(self, features: Tensor) -> Tensor:
+        return center_log_score(features, self.centers(), self.predict(features))
+
+    def log_likelihood(self, features: Tensor) -> Tensor:
+        """log N(x; c_ŷ, I): the centers read as unit-variance Gaussians per class."""
+        return self.log_score(features) - 0.5 * features.shape[1] * math.log(2 * math.pi)
+
+
 @register_head("center")
-class CenterHead(SoftmaxHead):
+class CenterHead(_CenterScored):
     config_keys = ("lambda_c", "center_alpha")
 
     def __init__(self, feat_dim: int, num_classes: int, *, lambda_c: float = 0.01, center_alpha: float = 0.5) -> None:
@@ -167,14 +184,6 @@ class CenterHead(SoftmaxHead):
     def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.logits(features)
         return F.cross_entropy(logits, labels) + self.lambda_c * self.center(features, labels), logits
-
-    def log_score(self, features: Tensor) -> Tensor:
-        c = self.center.centers.index_select(0, self.predict(features))
-        return -0.5 * (features - c).pow(2).sum(1)
-
-    def log_likelihood(self, features: Tensor) -> Tensor:
-        """log N(x; c_ŷ, I): the center-loss model read as a unit-variance Gaussian per class."""
-        return self.log_score(features) - 0.5 * features.shape[1] * math.log(2 * math.pi)
 
     def centers(self) -> Tensor:
         return self.center.centers
@@ -320,7 +329,7 @@ class _LogitsOf(nn.Module):
         return self.head.logits(features)
 
 
-class _InverseCenterHead(SoftmaxHead):
+class _InverseCenterHead(_CenterScored):
     """softmax + lambda_c * a center loss towards inverse-adversary features
     (:class:`lgm_ext.InverseAdversaryCenterLoss`); :meth:`prepare` generates the inverse adversaries
     of each training batch on the current network (eval mode, modes restored).  Scores as center loss,
@@ -346,14 +355,6 @@ class _InverseCenterHead(SoftmaxHead):
                              "first and pass its result (the training loop does)")
         logits = self.logits(features)
         return F.cross_entropy(logits, labels) + self.lambda_c * self.inverse(features, labels, inverse_features), logits
-
-    def log_score(self, features: Tensor) -> Tensor:
-        c = self.inverse.centers.index_select(0, self.predict(features))
-        return -0.5 * (features - c).pow(2).sum(1)
-
-    def log_likelihood(self, features: Tensor) -> Tensor:
-        """log N(x; c_ŷ, I) with c the running mean of the inverse-adversary features (as center loss)."""
-        return self.log_score(features) - 0.5 * features.shape[1] * math.log(2 * math.pi)
 
     def centers(self) -> Tensor:
         return self.inverse.centers

@@ -76,7 +76,9 @@ def compactness(features: Tensor, labels: Tensor, num_classes: int) -> float:
 
 def center_scores(features: Tensor, means: Tensor, head) -> Tensor:
     """The center-style log-score -|f - m_ŷ|^2 / 2 of the predicted class ŷ against class means ``means``."""
-    return -0.5 * (features - means.index_select(0, head.predict(features))).pow(2).sum(1)
+    from .heads import center_log_score
+
+    return center_log_score(features, means, head.predict(features))
 
 
 def _evaluate(model, head, test, x, y, xm, ym, batch: int = 256) -> dict:
