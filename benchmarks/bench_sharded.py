@@ -100,12 +100,12 @@ def projection(k=1_000_000, d=512, n_per_gpu=256, worlds=(8, 16, 32, 64)) -> str
     buffer per rank, all-gather (W-1)/W), and the class parameters' memory per rank (means, log_var,
     their gradients and SGD momentum: 6 K D / W floats)."""
     rows = ["| GPUs W | global N | class params + grads + momentum per rank | all-gather features+labels | "
-            "4 all-reduces of N | backward all-reduce N x D | total moved per rank |", "|---|---|---|---|---|---|---|"]
+            "forward all-reduces (N max, 3N sum) | backward all-reduce N x D | total moved per rank |", "|---|---|---|---|---|---|---|"]
     for w in worlds:
         n = n_per_gpu * w
         params = 6 * k * d / w * 4
         gather = (w - 1) / w * n * (d * 4 + 8)
-        small = 4 * 2 * (w - 1) / w * n * 4
+        small = 2 * (w - 1) / w * (n + 3 * n) * 4
         back = 2 * (w - 1) / w * n * d * 4
         total = gather + small + back
         rows.append(f"| {w} | {n} | {params / 2**30:.2f} GiB | {gather / 2**20:.1f} MiB | {small / 2**20:.2f} MiB | "
@@ -122,13 +122,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
-    rows = ["| K | ranks | per-rank peak memory growth (MiB) | step time (s, slowest rank, median) |",
-            "|---|---|---|---|"]
+    rows = ["| K | ranks | classes per rank | class params + grads per rank (MiB) | per-rank peak memory growth (MiB) "
+            "| step time (s, slowest rank, median) |", "|---|---|---|---|---|---|"]
     for k in (int(v) for v in a.sizes.split(",")):
         for w in (int(v) for v in a.worlds.split(",")):
             mem, t = run(k, a.d, a.n, w, a.repeats)
             label = "1 (unsharded fused op)" if w == 1 else str(w)
-            rows.append(f"| {k:,} | {label} | {mem:.0f} | {t:.3f} |")
+            kr = -(-k // w)  # the largest shard
+            params = 4 * kr * a.d * 4 / 2**20  # means, log_var and their gradients, float32
+            rows.append(f"| {k:,} | {label} | {kr:,} | {params:.0f} | {mem:.0f} | {t:.3f} |")
             print(rows[-1], flush=True)
     table = "\n".join(rows)
     proj = projection()

@@ -1,8 +1,10 @@
 // lgm-ext: validation and operator bodies shared by the CPU and CUDA backends.
 #include "host.h"
 
+#include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace lgm_ext {
@@ -13,12 +15,26 @@ const char* dtype_name(const Tensor& t) { return c10::toString(t.scalar_type());
 
 void check_same(const Tensor& a, const char* an, const Tensor& b, const char* bn, const char* op) {
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", bn, " has dtype ", dtype_name(b), " but ", an,
-                   " has dtype ", dtype_name(a), "; mixed dtypes are not supported");
+                   " has dtype ", dtype_name(a),
+                   "; mixed dtypes are not supported (under torch.autocast the operators cast to float32; "
+                   "otherwise convert, e.g. the module with .to(dtype))");
   TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", bn, " is on ", b.device(), " but ", an, " is on ",
                     a.device(), "; all inputs must be on one device");
 }
 
 }  // namespace
+
+bool is_storage_type(at::ScalarType t) {
+  return std::find(kStorageTypes.begin(), kStorageTypes.end(), t) != kStorageTypes.end();
+}
+
+at::ScalarType acc_type(at::ScalarType storage) {
+  return is_storage_type(storage) ? at::toOpMathType(storage) : storage;  // others are rejected by prepare
+}
+
+namespace {
+const char* kStorageNames = "float32, float64, bfloat16 or float16";
+}
 
 void check_label_range(int64_t lo, int64_t hi, int64_t K) {
   TORCH_CHECK_VALUE(lo >= 0 && hi < K, "labels must lie in [0, K) = [0, ", K, "), got values in [", lo, ", ", hi,
@@ -33,8 +49,8 @@ void check_labels_aminmax(const Inputs& in) {
 Inputs prepare(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
                const std::optional<Tensor>& labels, bool labels_required, bool check_range, int64_t impl,
                const char* op) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                   ": features must be float32 or float64, got ", dtype_name(x));
+  TORCH_CHECK_TYPE(is_storage_type(x.scalar_type()), op, ": features must be ", kStorageNames, ", got ",
+                   dtype_name(x));
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": features must be 2-D (N, D), got shape ", x.sizes());
   TORCH_CHECK_VALUE(mu.dim() == 2, op, ": means must be 2-D (K, D), got shape ", mu.sizes());
   check_same(x, "features", mu, "means", op);
@@ -46,14 +62,16 @@ Inputs prepare(const Backend& be, const Tensor& x, const Tensor& mu, const std::
   TORCH_CHECK_VALUE(in.K > 0, op, ": means must have at least one class, got shape ", mu.sizes());
   TORCH_CHECK_VALUE(mu.size(1) == in.D, op, ": means has feature dimension D=", mu.size(1),
                     " but features has D=", in.D);
-  in.x = x.contiguous();
-  in.mu = mu.contiguous();
+  in.storage = x.scalar_type();
+  const at::ScalarType acc = acc_type(in.storage);  // the dtype seam: kernels see only this type
+  in.x = x.to(acc).contiguous();
+  in.mu = mu.to(acc).contiguous();
   if (log_var.has_value() && log_var->defined()) {
     const Tensor& s = *log_var;
     check_same(x, "features", s, "log_var", op);
     TORCH_CHECK_VALUE(s.sizes() == mu.sizes(), op, ": log_var must have the shape of means ", mu.sizes(), ", got ",
                       s.sizes());
-    in.s = s.contiguous();
+    in.s = s.to(acc).contiguous();
     if (!use_gemm(impl, in.K, in.D)) in.w = at::empty_like(in.s);
     in.hl = at::empty({in.K}, in.s.options());
     be.class_tables(in.s, in.w, in.hl);
@@ -240,15 +258,37 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
   return {gx, gmu, gs};
 }
 
+// Gradients back in the callers' storage dtype (no-op for float32 / float64).
+std::tuple<Tensor, Tensor, Tensor> to_storage(const Inputs& in, std::tuple<Tensor, Tensor, Tensor> g) {
+  if (in.storage == in.x.scalar_type()) return g;
+  return {std::get<0>(g).to(in.storage), std::get<1>(g).to(in.storage), std::get<2>(g).to(in.storage)};
+}
+
+// Class-sharded loss (class_offset given): per-row outputs only, and a non-negative offset.
+void check_shard(const std::optional<int64_t>& class_offset, int64_t reduction, const char* op) {
+  if (!class_offset.has_value()) return;
+  TORCH_CHECK_VALUE(*class_offset >= 0, op, ": class_offset must be >= 0, got ", *class_offset);
+  TORCH_CHECK_VALUE(reduction == kNone, op, ": with class_offset (a class shard) reduction must be 0 (none), got ",
+                    reduction);
+}
+
+// Global labels -> this shard's columns (rows outside [0, K) belong to other shards: math::label_column).
+void shift_labels(Inputs& in, const std::optional<int64_t>& class_offset) {
+  if (class_offset.has_value() && *class_offset != 0) in.labels = in.labels - *class_offset;
+}
+
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor& x, const Tensor& mu,
+std::tuple<Tensor, Tensor, Tensor> loss_forward(BackendFor backend, const Tensor& x, const Tensor& mu,
                                                 const std::optional<Tensor>& log_var, const Tensor& labels,
-                                                double alpha, double lambda, int64_t reduction, int64_t impl) {
+                                                double alpha, double lambda, int64_t reduction, int64_t impl,
+                                                std::optional<int64_t> class_offset) {
+  const Backend& be = backend(acc_type(x.scalar_type()));
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, lambda, reduction, impl);
-  const Inputs in = prepare(be, x, mu, log_var, labels, true, true, impl,
-                            "lgm_loss");
+  check_shard(class_offset, reduction, "lgm_loss");
+  Inputs in = prepare(be, x, mu, log_var, labels, true, !class_offset.has_value(), impl, "lgm_loss");
+  shift_labels(in, class_offset);
   Tensor stats = at::empty({in.N, 2}, in.x.options());
   Tensor row = at::empty({in.N}, in.x.options());
   Tensor logits = compute_logits(be, in, alpha, lambda, /*margin_out=*/false, impl, stats, row);
@@ -256,16 +296,19 @@ std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor&
   return {loss, logits, stats};
 }
 
-std::tuple<Tensor, Tensor, Tensor> loss_backward(const Backend& be, const Tensor& grad_loss,
+std::tuple<Tensor, Tensor, Tensor> loss_backward(BackendFor backend, const Tensor& grad_loss,
                                                  const std::optional<Tensor>& grad_logits, const Tensor& x,
                                                  const Tensor& mu, const std::optional<Tensor>& log_var,
                                                  const Tensor& labels, const std::optional<Tensor>& logits,
                                                  const Tensor& stats, double alpha, double lambda, int64_t reduction,
-                                                 int64_t impl, Mask mask) {
+                                                 int64_t impl, Mask mask, std::optional<int64_t> class_offset) {
+  const Backend& be = backend(acc_type(x.scalar_type()));
   const char* op = "lgm_loss_backward";
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, lambda, reduction, impl);
-  const Inputs in = prepare(be, x, mu, log_var, labels, true, true, impl, op);
+  check_shard(class_offset, reduction, op);
+  Inputs in = prepare(be, x, mu, log_var, labels, true, !class_offset.has_value(), impl, op);
+  shift_labels(in, class_offset);
   check_same(in.x, "features", grad_loss, "grad_loss", op);
   TORCH_CHECK_VALUE(grad_loss.numel() == (reduction == kNone ? in.N : 1), op, ": grad_loss must have ",
                     reduction == kNone ? in.N : 1, " element(s), got ", grad_loss.numel());
@@ -285,11 +328,12 @@ std::tuple<Tensor, Tensor, Tensor> loss_backward(const Backend& be, const Tensor
     check_aux(in, *grad_logits, "grad_logits", {in.N, in.K}, op);
     cf.grad_logits = grad_logits->contiguous();
   }
-  return grads_tiled(be, in, cf, saved, impl, mask);
+  return to_storage(in, grads_tiled(be, in, cf, saved, impl, mask));
 }
 
-Tensor logits_forward(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
+Tensor logits_forward(BackendFor backend, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
                       const std::optional<Tensor>& labels, double alpha, int64_t impl) {
+  const Backend& be = backend(acc_type(x.scalar_type()));
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, 0.0, kMean, impl);
   const Inputs in = prepare(be, x, mu, log_var, labels, false, true, impl,
@@ -298,10 +342,11 @@ Tensor logits_forward(const Backend& be, const Tensor& x, const Tensor& mu, cons
   return compute_logits(be, in, alpha, 0.0, /*margin_out=*/in.labels.defined(), impl, none_stats, none_row);
 }
 
-std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tensor& grad, const Tensor& x,
+std::tuple<Tensor, Tensor, Tensor> logits_backward(BackendFor backend, const Tensor& grad, const Tensor& x,
                                                    const Tensor& mu, const std::optional<Tensor>& log_var,
                                                    const std::optional<Tensor>& labels, double alpha, int64_t impl,
                                                    Mask mask) {
+  const Backend& be = backend(acc_type(x.scalar_type()));
   const char* op = "lgm_logits_backward";
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, 0.0, kMean, impl);
@@ -310,11 +355,12 @@ std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tens
   Coef cf;
   cf.grad_logits = grad.contiguous();
   cf.alpha = alpha;
-  return grads_tiled(be, in, cf, false, impl, mask);
+  return to_storage(in, grads_tiled(be, in, cf, false, impl, mask));
 }
 
-std::tuple<Tensor, Tensor> log_likelihood(const Backend& be, const Tensor& x, const Tensor& mu,
+std::tuple<Tensor, Tensor> log_likelihood(BackendFor backend, const Tensor& x, const Tensor& mu,
                                           const std::optional<Tensor>& log_var, int64_t impl) {
+  const Backend& be = backend(acc_type(x.scalar_type()));
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(0.0, 0.0, kMean, impl);
   const Inputs in = prepare(be, x, mu, log_var, std::nullopt, false, false, impl,
@@ -329,8 +375,7 @@ std::tuple<Tensor, Tensor> log_likelihood(const Backend& be, const Tensor& x, co
 void check_pgd(const Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps, double lower,
                double upper) {
   const char* op = "pgd_step";
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                   ": x must be float32 or float64, got ", dtype_name(x));
+  TORCH_CHECK_TYPE(is_storage_type(x.scalar_type()), op, ": x must be ", kStorageNames, ", got ", dtype_name(x));
   check_same(x, "x", grad, "grad", op);
   check_same(x, "x", x_orig, "x_orig", op);
   TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), op, ": grad has shape ", grad.sizes(), " but x has shape ", x.sizes());

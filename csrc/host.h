@@ -30,12 +30,23 @@ constexpr int64_t kDirectMaxKD = 8192;
 constexpr int64_t kTileElems = int64_t(1) << 22;
 int64_t gemm_tile(int64_t N, int64_t K, int64_t D);
 
-// Inputs after validation: contiguous, labels as int64 (undefined if absent),
+// The dtype seam.  Features, means and log_var share one storage dtype (float32,
+// float64, bfloat16 or float16: kStorageTypes); the kernels read and write only
+// its accumulation type (at::opmath_type: float32 for the 16-bit types), so a
+// 16-bit call is widened once on entry (prepare) and its gradients narrowed once
+// on exit (to_storage).  Loss, logits, row statistics and log-likelihoods come back
+// in the accumulation type.  Adding a storage dtype is one entry in kStorageTypes.
+constexpr std::array<at::ScalarType, 4> kStorageTypes = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
+bool is_storage_type(at::ScalarType t);
+at::ScalarType acc_type(at::ScalarType storage);
+
+// Inputs after validation: contiguous, in the accumulation type, labels as int64 (undefined if absent),
 // w = exp(-log_var) (direct path only) and hl = 0.5 * sum(log_var) (undefined for identity).
 // (Backend is declared below; prepare() takes it for its label and table passes.)
 struct Inputs {
   Tensor x, mu, s, w, hl, labels;
   int64_t N = 0, K = 0, D = 0;
+  at::ScalarType storage = at::kFloat;  // the callers' dtype (gradients are returned in it)
   bool identity() const { return !s.defined(); }
 };
 
@@ -98,6 +109,10 @@ struct Backend {
                            const Tensor& r, Tensor& grad_mu, Tensor& grad_s);
 };
 
+// A backend's kernels for one accumulation type (float or double): each backend's one dtype
+// dispatch point; the operator bodies pick the table once per call (host.cpp, backend_of).
+using BackendFor = const Backend& (*)(at::ScalarType acc);
+
 void check_label_range(int64_t lo, int64_t hi, int64_t K);
 // check_labels for device backends: one aminmax and a host sync (the price of a clear
 // error instead of a device-side assert).
@@ -106,45 +121,49 @@ void check_labels_aminmax(const Inputs& in);
 using Mask = std::array<bool, 3>;  // which of (features, means, log_var) need a gradient
 
 // Operator bodies, shared by all backends.
-std::tuple<Tensor, Tensor, Tensor> loss_forward(const Backend& be, const Tensor& x, const Tensor& mu,
+std::tuple<Tensor, Tensor, Tensor> loss_forward(BackendFor be, const Tensor& x, const Tensor& mu,
                                                 const std::optional<Tensor>& log_var, const Tensor& labels,
-                                                double alpha, double lambda, int64_t reduction, int64_t impl);
-std::tuple<Tensor, Tensor, Tensor> loss_backward(const Backend& be, const Tensor& grad_loss,
+                                                double alpha, double lambda, int64_t reduction, int64_t impl,
+                                                std::optional<int64_t> class_offset = std::nullopt);
+std::tuple<Tensor, Tensor, Tensor> loss_backward(BackendFor be, const Tensor& grad_loss,
                                                  const std::optional<Tensor>& grad_logits, const Tensor& x,
                                                  const Tensor& mu, const std::optional<Tensor>& log_var,
                                                  const Tensor& labels, const std::optional<Tensor>& logits,
                                                  const Tensor& stats, double alpha, double lambda, int64_t reduction,
-                                                 int64_t impl, Mask mask);
-Tensor logits_forward(const Backend& be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
+                                                 int64_t impl, Mask mask,
+                                                 std::optional<int64_t> class_offset = std::nullopt);
+Tensor logits_forward(BackendFor be, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
                       const std::optional<Tensor>& labels, double alpha, int64_t impl);
-std::tuple<Tensor, Tensor, Tensor> logits_backward(const Backend& be, const Tensor& grad, const Tensor& x,
+std::tuple<Tensor, Tensor, Tensor> logits_backward(BackendFor be, const Tensor& grad, const Tensor& x,
                                                    const Tensor& mu, const std::optional<Tensor>& log_var,
                                                    const std::optional<Tensor>& labels, double alpha, int64_t impl,
                                                    Mask mask);
-std::tuple<Tensor, Tensor> log_likelihood(const Backend& be, const Tensor& x, const Tensor& mu,
+std::tuple<Tensor, Tensor> log_likelihood(BackendFor be, const Tensor& x, const Tensor& mu,
                                           const std::optional<Tensor>& log_var, int64_t impl);
 
 // Registers the five L-GM operators of one backend (inside TORCH_LIBRARY_IMPL).
-template <const Backend& (*B)()>
+template <BackendFor B>
 void register_lgm_ops(torch::Library& m) {
   using OptT = std::optional<Tensor>;
   m.impl("lgm_loss_forward", [](const Tensor& x, const Tensor& mu, const OptT& s, const Tensor& y, double alpha,
-                                double lambda, int64_t reduction, int64_t impl) {
-    return loss_forward(B(), x, mu, s, y, alpha, lambda, reduction, impl);
+                                double lambda, int64_t reduction, int64_t impl, std::optional<int64_t> offset) {
+    return loss_forward(B, x, mu, s, y, alpha, lambda, reduction, impl, offset);
   });
   m.impl("lgm_loss_backward", [](const Tensor& gloss, const OptT& glogits, const Tensor& x, const Tensor& mu,
                                  const OptT& s, const Tensor& y, const OptT& logits, const Tensor& stats, double alpha,
-                                 double lambda, int64_t reduction, int64_t impl, Mask mask) {
-    return loss_backward(B(), gloss, glogits, x, mu, s, y, logits, stats, alpha, lambda, reduction, impl, mask);
+                                 double lambda, int64_t reduction, int64_t impl, Mask mask,
+                                 std::optional<int64_t> offset) {
+    return loss_backward(B, gloss, glogits, x, mu, s, y, logits, stats, alpha, lambda, reduction, impl, mask,
+                         offset);
   });
   m.impl("lgm_logits", [](const Tensor& x, const Tensor& mu, const OptT& s, const OptT& y, double alpha,
-                          int64_t impl) { return logits_forward(B(), x, mu, s, y, alpha, impl); });
+                          int64_t impl) { return logits_forward(B, x, mu, s, y, alpha, impl); });
   m.impl("lgm_logits_backward", [](const Tensor& grad, const Tensor& x, const Tensor& mu, const OptT& s,
                                    const OptT& y, double alpha, int64_t impl, Mask mask) {
-    return logits_backward(B(), grad, x, mu, s, y, alpha, impl, mask);
+    return logits_backward(B, grad, x, mu, s, y, alpha, impl, mask);
   });
   m.impl("lgm_log_likelihood", [](const Tensor& x, const Tensor& mu, const OptT& s, int64_t impl) {
-    return log_likelihood(B(), x, mu, s, impl);
+    return log_likelihood(B, x, mu, s, impl);
   });
 }
 
@@ -164,18 +183,20 @@ void register_pgd_ops(torch::Library& m) {
                         double lower, double upper) {
     check_pgd(x, grad, x_orig, alpha, eps, lower, upper);
     const c10::OptionalDeviceGuard guard(x.device());
-    const Tensor xc = x.contiguous();
+    const at::ScalarType acc = acc_type(x.scalar_type());  // 16-bit storage steps in float32, rounds once
+    const Tensor xc = x.to(acc).contiguous();
     Tensor out = at::empty_like(xc);
-    Step(out, xc, grad.contiguous(), x_orig.contiguous(), alpha, eps, lower, upper);
-    return out;
+    Step(out, xc, grad.to(acc).contiguous(), x_orig.to(acc).contiguous(), alpha, eps, lower, upper);
+    return out.to(x.scalar_type());
   });
   m.impl("pgd_step_", [](Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps, double lower,
                          double upper) {
     check_pgd(x, grad, x_orig, alpha, eps, lower, upper);
     const c10::OptionalDeviceGuard guard(x.device());
-    Tensor xc = x.is_contiguous() ? x : x.contiguous();
-    Step(xc, xc, grad.contiguous(), x_orig.contiguous(), alpha, eps, lower, upper);
-    if (!x.is_contiguous()) x.copy_(xc);
+    const at::ScalarType acc = acc_type(x.scalar_type());
+    Tensor xc = x.is_contiguous() && acc == x.scalar_type() ? x : x.to(acc).contiguous();
+    Step(xc, xc, grad.to(acc).contiguous(), x_orig.to(acc).contiguous(), alpha, eps, lower, upper);
+    if (!xc.is_same(x)) x.copy_(xc);
   });
 }
 

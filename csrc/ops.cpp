@@ -37,9 +37,19 @@ TORCH_LIBRARY(lgm_ext, m) {
   // L-GM loss.  reduction: 0 none, 1 mean, 2 sum.  impl: 0 auto, 1 direct, 2 gemm.
   // Returns (loss, margin-free logits (N,K), row statistics (N,2): the logsumexp
   // of the margin logits and 1 - P[n, y], what the backward needs per row).
+  //
+  // class_offset (class-sharded loss, docs/SPEC.md section 8): means/log_var hold the classes
+  // [class_offset, class_offset + K) of a larger model and labels are global class ids; a row whose
+  // label lies outside that range has no labelled column here.  Then reduction must be 0 and the
+  // outputs are this shard's partials: row statistics (lse_r over the shard's logits, with the margin
+  // logit where the shard owns the label; q_r = 1 - P_r[n, y], 1 for rows it does not own) and loss
+  // lse_r - margin logit + lambda_ (d_y + hl_y) on owned rows, 0 elsewhere.  The global statistics
+  // are lse = log sum_r exp(lse_r) and 1 - P[n, y] = sum_r q_r exp(lse_r - lse) (no cancellation), and
+  // lgm_loss_backward with the same class_offset and those global statistics returns the shard's
+  // exact means/log_var gradients and its addend of the features' gradient.
   m.def(
       "lgm_loss_forward(Tensor features, Tensor means, Tensor? log_var, Tensor labels, float alpha, "
-      "float lambda_, int reduction, int impl) -> (Tensor, Tensor, Tensor)");
+      "float lambda_, int reduction, int impl, int? class_offset=None) -> (Tensor, Tensor, Tensor)");
   // Analytic backward (docs/SPEC.md section 1).  logits: the forward's logits, or None to
   // recompute them in class tiles (memory-lean); output_mask: which of
   // (features, means, log_var) need a gradient -- the others come back empty,
@@ -47,7 +57,7 @@ TORCH_LIBRARY(lgm_ext, m) {
   m.def(
       "lgm_loss_backward(Tensor grad_loss, Tensor? grad_logits, Tensor features, Tensor means, Tensor? log_var, "
       "Tensor labels, Tensor? logits, Tensor row_stats, float alpha, float lambda_, int reduction, int impl, "
-      "bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
+      "bool[3] output_mask=[True, True, True], int? class_offset=None) -> (Tensor, Tensor, Tensor)");
   // Logits; with labels the labelled column carries the margin alpha.
   m.def("lgm_logits(Tensor features, Tensor means, Tensor? log_var, Tensor? labels, float alpha, int impl) -> Tensor");
   m.def(

@@ -36,6 +36,17 @@ def _check_devices(op, anchor_name, anchor, **named):
             )
 
 
+# The dtype seam (csrc/host.h): features, means and log_var share one storage dtype; the kernels compute
+# in its accumulation type, in which loss, logits, row statistics and log-likelihoods are returned;
+# gradients come back in the storage dtype.
+STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation (and output) dtype of the operators for inputs of ``dtype``."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _fake_lgm_shapes(op, features, means, log_var, labels, **others):
     _check_devices(op, "features", features, means=means, log_var=log_var, labels=labels, **others)
     torch._check(features.dim() == 2, lambda: "features must be 2-D (N, D)")
@@ -49,10 +60,11 @@ def _fake_lgm_shapes(op, features, means, log_var, labels, **others):
 
 
 @torch.library.register_fake("lgm_ext::lgm_loss_forward")
-def _(features, means, log_var, labels, alpha, lambda_, reduction, impl):
+def _(features, means, log_var, labels, alpha, lambda_, reduction, impl, class_offset=None):
     n, k = _fake_lgm_shapes("lgm_loss", features, means, log_var, labels)
-    loss = features.new_empty(()) if reduction != 0 else features.new_empty((n,))
-    return loss, features.new_empty((n, k)), features.new_empty((n, 2))
+    acc = acc_dtype(features.dtype)
+    loss = features.new_empty((), dtype=acc) if reduction != 0 else features.new_empty((n,), dtype=acc)
+    return loss, features.new_empty((n, k), dtype=acc), features.new_empty((n, 2), dtype=acc)
 
 
 def _fake_grads(features, means, log_var, output_mask):
@@ -68,7 +80,7 @@ def _fake_grads(features, means, log_var, output_mask):
 
 @torch.library.register_fake("lgm_ext::lgm_loss_backward")
 def _(grad_loss, grad_logits, features, means, log_var, labels, logits, row_stats, alpha, lambda_, reduction, impl,
-      output_mask=(True, True, True)):
+      output_mask=(True, True, True), class_offset=None):
     _fake_lgm_shapes("lgm_loss_backward", features, means, log_var, labels, grad_loss=grad_loss,
                      grad_logits=grad_logits, logits=logits, row_stats=row_stats)
     return _fake_grads(features, means, log_var, output_mask)
@@ -77,7 +89,7 @@ def _(grad_loss, grad_logits, features, means, log_var, labels, logits, row_stat
 @torch.library.register_fake("lgm_ext::lgm_logits")
 def _(features, means, log_var, labels, alpha, impl):
     n, k = _fake_lgm_shapes("lgm_logits", features, means, log_var, labels)
-    return features.new_empty((n, k))
+    return features.new_empty((n, k), dtype=acc_dtype(features.dtype))
 
 
 @torch.library.register_fake("lgm_ext::lgm_logits_backward")
@@ -89,7 +101,7 @@ def _(grad, features, means, log_var, labels, alpha, impl, output_mask=(True, Tr
 @torch.library.register_fake("lgm_ext::lgm_log_likelihood")
 def _(features, means, log_var, impl):
     n, _k = _fake_lgm_shapes("lgm_log_likelihood", features, means, log_var, None)
-    return features.new_empty((n,)), features.new_empty((n,), dtype=torch.long)
+    return features.new_empty((n,), dtype=acc_dtype(features.dtype)), features.new_empty((n,), dtype=torch.long)
 
 
 @torch.library.register_fake("lgm_ext::pgd_step")
@@ -126,7 +138,8 @@ def _needs(ctx, has_log_var):
 
 
 def _loss_setup(ctx, inputs, output):
-    features, means, log_var, labels, alpha, lambda_, reduction, impl = inputs
+    features, means, log_var, labels, alpha, lambda_, reduction, impl = inputs[:8]
+    ctx.class_offset = inputs[8] if len(inputs) > 8 else None
     _loss, logits, row_stats = output
     keep = keep_logits_for_backward(features.shape[0], means.shape[0], features.shape[1], impl)
     ctx.save_for_backward(features, means, log_var, labels, logits if keep else None, row_stats)
@@ -137,16 +150,22 @@ def _loss_setup(ctx, inputs, output):
 
 
 def _loss_backward(ctx, grad_loss, grad_logits, _grad_stats):
+    if ctx.class_offset is not None:
+        raise RuntimeError(
+            "lgm_loss_forward with class_offset returns one class shard's partials, whose gradient depends on "
+            "the statistics of every shard; differentiate the combined loss instead "
+            "(lgm_ext.distributed.ShardedLGMLoss)")
     features, means, log_var, labels, logits, row_stats = ctx.saved_tensors
     alpha, lambda_, reduction, impl = ctx.hyper
     if grad_loss is None:
-        grad_loss = features.new_zeros(() if reduction != 0 else (features.shape[0],))
+        grad_loss = row_stats.new_zeros(() if reduction != 0 else (features.shape[0],))
     mask = _needs(ctx, ctx.has_log_var)
     gx, gmu, gs = ops.lgm_loss_backward(
         grad_loss, grad_logits, features, means, log_var, labels, logits, row_stats, alpha, lambda_, reduction, impl,
         mask,
     )
-    return (gx if mask[0] else None), (gmu if mask[1] else None), (gs if mask[2] else None), None, None, None, None, None
+    return ((gx if mask[0] else None), (gmu if mask[1] else None), (gs if mask[2] else None), None, None, None, None,
+            None, None)
 
 
 torch.library.register_autograd("lgm_ext::lgm_loss_forward", _loss_backward, setup_context=_loss_setup)
@@ -181,7 +200,7 @@ def _ll_setup(ctx, inputs, output):
 def _ll_backward(ctx, grad_ll, _grad_pred):
     features, means, log_var, pred = ctx.saved_tensors
     # d log_lik[n] / d logits[n, k] is one-hot at the predicted class.
-    grad_logits = features.new_zeros((features.shape[0], means.shape[0]))
+    grad_logits = grad_ll.new_zeros((features.shape[0], means.shape[0]))
     grad_logits.scatter_(1, pred.unsqueeze(1), grad_ll.unsqueeze(1))
     mask = _needs(ctx, ctx.has_log_var)
     gx, gmu, gs = ops.lgm_logits_backward(grad_logits, features, means, log_var, None, 0.0, ctx.impl, mask)
@@ -209,3 +228,15 @@ def _no_double_backward(op):
 
 for _op in ("lgm_loss_backward", "lgm_logits_backward"):
     torch.library.register_autograd(f"lgm_ext::{_op}", _no_double_backward(_op), setup_context=lambda ctx, inputs, output: None)
+
+
+# Autocast policy (AutocastCPU, AutocastCUDA): the forward operators run in float32, as torch's own
+# losses (cross_entropy, log_softmax, ...): inside torch.autocast, bfloat16/float16 features and
+# float32 parameters are cast to float32 (float64 stays float64), the loss and logits come back in
+# float32, and the backward returns each input's gradient in its own dtype.  (The kernels accumulate in
+# float32 whatever the storage dtype, so running them "in bf16" would only round the inputs.)
+AUTOCAST_OPS = ("lgm_loss_forward", "lgm_logits", "lgm_log_likelihood")
+for _op in AUTOCAST_OPS:
+    for _device in ("cpu", "cuda"):
+        if torch._C._is_autocast_available(_device):
+            torch.library.register_autocast(f"lgm_ext::{_op}", _device, torch.float32)

@@ -6,25 +6,27 @@ holds the means and log-variances of its contiguous class range ``[lo_r, hi_r)``
 K need not divide by the world size).  One step:
 
 1. the features and labels of every rank are gathered (the global batch, N rows);
-2. each rank computes its shard's margin-free logits ``(N, K_r)`` with the fused operator
-   :func:`lgm_ext.lgm_logits` -- the same kernels as the single-device loss;
-3. the labelled-class terms come from the owning rank: with ``t = logit[n, y_n]`` (no margin),
-   the margin logit is ``(1 + alpha) t + alpha * 0.5 * sum_j s[y_n, j]`` and the likelihood term
-   ``L_lkd = -t`` (docs/SPEC.md section 1); they are summed across ranks (the other ranks add 0);
-4. the log-sum-exp over all K classes is combined from per-rank (max, sum-exp) pairs by two
-   all-reduces;
-5. ``L = mean_n [lse_n - margin_logit_n + lambda_ * L_lkd_n]``, the same value on every rank.
+2. each rank runs the fused loss operator on its shard, ``lgm_loss_forward(..., class_offset=lo_r)``
+   -- the same kernels as the single-device loss: its margin-free logits ``(N, K_r)``, and per row
+   ``lse_r`` (log-sum-exp over the shard, the margin logit in the labelled column where the rank owns
+   the label), ``q_r = 1 - P_r[n, y]`` (1 where it does not) and, on the owner, the labelled terms
+   ``-margin_logit + lambda_ (d_y + hl_y)``;
+3. two all-reduces (the max of ``lse_r``, then one packed sum of N x 3) give ``lse = log sum_r
+   exp(lse_r)``, ``1 - P[n, y] = sum_r q_r exp(lse_r - lse)`` and the loss of every row -- the
+   same value on every rank.
 
-Backward: each rank's means/log_var get their exact shard gradient; the gathered features' gradient
-is summed over ranks (all-reduce) and each rank keeps its own rows, so ``local_features.grad`` is
-the exact gradient of the global loss.  Under ``DistributedDataParallel`` (which averages gradients
+Backward: ``lgm_loss_backward(..., class_offset=lo_r)`` with the global statistics gives each rank
+the exact gradient of its means/log_var and its addend of the gathered features' gradient; that is
+summed over ranks (all-reduce) and each rank keeps its own rows, so ``local_features.grad`` is the
+exact gradient of the global loss.  Under ``DistributedDataParallel`` (which averages gradients
 over ranks) build the module with ``ddp=True``: the feature gradient is then scaled by the world
 size, so the averaged backbone gradient is again the exact one.  Do not wrap the sharded
 parameters in DDP: they differ per rank by design.
 
-Memory per rank: ``2 K D / W`` parameter floats and ``N K / W`` logits, instead of ``2 K D`` and
-``N K``.  Communication per step: all-gather of N x D features and N labels, four all-reduces of
-N floats (max, sum-exp, two labelled terms), and in the backward one all-reduce of N x D.
+Memory per rank: ``2 K D / W`` parameter floats and what the fused loss holds for ``K / W`` classes
+(the ``N x K_r`` logits when it keeps them, else one class tile), instead of ``2 K D`` and ``N x K``.
+Communication per step: all-gather of N x D features and N labels, all-reduces of N and 3 N floats,
+and in the backward one all-reduce of N x D.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._ops import KERNEL_IMPLS, REDUCTIONS, keep_logits_for_backward, ops
 from .functional import _nonneg, lgm_logits
 
 __all__ = ["shard_range", "ShardedLGMLoss", "gather_rows"]
@@ -94,43 +97,63 @@ def gather_rows(x: Tensor, group=None, *, grad_scale: float = 1.0) -> Tensor:
         return _GatherRows.apply(x, group, 1.0)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks in the forward; identity backward (every rank computes the same loss from the sum,
-    so the gradient of that loss with respect to this rank's addend is the incoming gradient)."""
+def _combine_shard_stats(lse_r: Tensor, q_r: Tensor, a_r: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
+    """Global row statistics and loss from one shard's partials (the forward of
+    ``lgm_loss_forward(..., class_offset=lo)``): ``lse = log sum_r exp(lse_r)``, ``1 - P[n, y] =
+    sum_r q_r exp(lse_r - lse)`` (a sum of non-negative terms: as exact as the single-device value)
+    and ``L[n] = lse + sum_r a_r`` with ``a_r = L_r - lse_r`` on the owner, 0 elsewhere.  Two
+    all-reduces: the max (N) and one packed sum (N x 3)."""
+    m = lse_r.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = (lse_r - m_safe).exp()
+    packed = torch.stack([e, q_r * e, a_r], 1)
+    dist.all_reduce(packed, group=group)
+    total = packed[:, 0]
+    lse = m_safe + total.log()
+    q = packed[:, 1] / total
+    return lse, q, lse + packed[:, 2]
+
+
+class _ShardedLoss(torch.autograd.Function):
+    """Per-row L-GM loss of the gathered batch over all shards.  Forward and backward are the fused
+    operators with ``class_offset`` (one shard's logits, partial statistics and gradients; no N x K_r
+    temporaries beyond what the single-device loss holds) plus :func:`_combine_shard_stats`."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-class _DistLogSumExp(torch.autograd.Function):
-    """Row-wise log-sum-exp over the classes of every rank from local (max, sum-exp) pairs; the
-    backward is the local slice of the global softmax (no communication)."""
-
-    @staticmethod
-    def forward(ctx, local: Tensor, group) -> Tensor:
-        if local.shape[1] > 0:
-            m = local.max(1).values
+    def forward(ctx, feats: Tensor, means: Tensor, log_var: Tensor | None, labels: Tensor, lo: int, alpha: float,
+                lambda_: float, impl: int, group) -> Tensor:
+        n = feats.shape[0]
+        if means.shape[0] == 0:  # a rank without classes (K < W) contributes nothing to any sum
+            lse_r, q_r, a_r = feats.new_full((n,), -math.inf), feats.new_ones(n), feats.new_zeros(n)
+            logits = None
         else:
-            m = local.new_full((local.shape[0],), -math.inf)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        s = (local - m_safe[:, None]).exp().sum(1)
-        dist.all_reduce(s, group=group)
-        lse = m_safe + s.log()
-        ctx.save_for_backward(local, lse)
-        return lse
+            loss_r, logits, stats = ops.lgm_loss_forward(feats, means, log_var, labels, alpha, lambda_,
+                                                         REDUCTIONS["none"], impl, lo)
+            lse_r, q_r = stats[:, 0], stats[:, 1]
+            own = (labels >= lo) & (labels < lo + means.shape[0])
+            a_r = torch.where(own, loss_r - lse_r, torch.zeros_like(loss_r))
+            if not keep_logits_for_backward(n, means.shape[0], feats.shape[1], impl):
+                logits = None  # the backward recomputes them one class tile at a time
+        lse, q, rows = _combine_shard_stats(lse_r, q_r, a_r, group)
+        ctx.save_for_backward(feats, means, log_var, labels, logits, torch.stack([lse, q], 1))
+        ctx.hyper = (lo, alpha, lambda_, impl)
+        return rows
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        local, lse = ctx.saved_tensors
-        return grad[:, None] * (local - lse[:, None]).exp(), None
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows: Tensor):
+        feats, means, log_var, labels, logits, stats = ctx.saved_tensors
+        lo, alpha, lambda_, impl = ctx.hyper
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], log_var is not None and ctx.needs_input_grad[2]]
+        if means.shape[0] == 0:
+            gx = torch.zeros_like(feats) if need[0] else None
+            return (gx, torch.zeros_like(means) if need[1] else None,
+                    torch.zeros_like(log_var) if need[2] else None, None, None, None, None, None, None)
+        gx, gmu, gs = ops.lgm_loss_backward(grad_rows.contiguous(), None, feats, means, log_var, labels, logits, stats,
+                                            alpha, lambda_, REDUCTIONS["none"], impl, need, lo)
+        return ((gx if need[0] else None), (gmu if need[1] else None), (gs if need[2] else None),
+                None, None, None, None, None, None)
 
 
 _INIT_BLOCK = 4096
@@ -168,6 +191,8 @@ class ShardedLGMLoss(nn.Module):
             raise ValueError(f"num_classes and feat_dim must be >= 1, got {num_classes}, {feat_dim}")
         if covariance not in ("diag", "identity"):
             raise ValueError(f"covariance must be 'diag' or 'identity', got {covariance!r}")
+        if impl not in KERNEL_IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(map(repr, KERNEL_IMPLS))}, got {impl!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.rank, self.world_size = _world(group)
@@ -219,24 +244,9 @@ class ShardedLGMLoss(nn.Module):
     def forward(self, local_features: Tensor, local_labels: Tensor) -> Tensor:
         self._check(local_features, local_labels)
         feats, labels = self._gather(local_features, local_labels)
-        logits = self._local_logits(feats)
-        lo, hi = self.class_range
-        own = (labels >= lo) & (labels < hi)
-        col = (labels - lo).clamp(0, max(hi - lo - 1, 0))
-        if hi > lo:
-            t_all = logits.gather(1, col[:, None]).squeeze(1)
-            half_logdet = (0.5 * self.log_var.to(feats.dtype).sum(1)).index_select(0, col) \
-                if self.log_var is not None else torch.zeros_like(t_all)
-        else:
-            t_all = half_logdet = logits.new_zeros(logits.shape[0])
-        zero = torch.zeros_like(t_all)
-        t = torch.where(own, t_all, zero)
-        mt = torch.where(own, (1.0 + self.alpha) * t_all + self.alpha * half_logdet, zero)
-        if hi > lo:  # the labelled column gets its margin logit (rows this rank does not own: unchanged)
-            logits = logits.scatter(1, col[:, None], torch.where(own, mt, t_all)[:, None])
-        lse = _DistLogSumExp.apply(logits, self.group)
-        t, mt = _AllReduceSum.apply(t, self.group), _AllReduceSum.apply(mt, self.group)
-        per_row = lse - mt - self.lambda_ * t
+        log_var = None if self.log_var is None else self.log_var.to(feats.dtype)
+        per_row = _ShardedLoss.apply(feats, self.means.to(feats.dtype), log_var, labels.long(), self.class_range[0],
+                                     self.alpha, self.lambda_, KERNEL_IMPLS[self.impl], self.group)
         return per_row.mean() if self.reduction == "mean" else per_row.sum()
 
     def logits(self, local_features: Tensor) -> Tensor:
@@ -246,17 +256,19 @@ class ShardedLGMLoss(nn.Module):
 
     @torch.no_grad()
     def _global_max(self, local_features: Tensor) -> tuple[Tensor, Tensor]:
-        """(max logit, argmax class) over all K for each row of *this rank's* features (computed on the
-        gathered batch, so that every rank reduces the same rows)."""
+        """(log-likelihood, argmax class) over all K for each row of *this rank's* features: the fused
+        ``lgm_log_likelihood`` on this shard, then a max and a min (ties: the lowest class) all-reduce
+        (computed on the gathered batch, so that every rank reduces the same rows)."""
         n = torch.tensor([local_features.shape[0]], device=local_features.device)
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
         dist.all_gather(sizes, n, group=self.group)
         start = int(sum(int(v) for v in sizes[: self.rank]))
         feats = gather_rows(local_features.detach(), self.group)
-        logits = self._local_logits(feats)
-        lo, _hi = self.class_range
-        if logits.shape[1] > 0:
-            m, idx = logits.max(1)
+        lo, hi = self.class_range
+        if hi > lo:
+            m, idx = ops.lgm_log_likelihood(feats, self.means.detach().to(feats.dtype),
+                                            None if self.log_var is None else self.log_var.detach().to(feats.dtype),
+                                            KERNEL_IMPLS[self.impl])
             idx = idx + lo
         else:
             m = feats.new_full((feats.shape[0],), -math.inf)
@@ -275,6 +287,6 @@ class ShardedLGMLoss(nn.Module):
 
     def log_likelihood(self, local_features: Tensor) -> Tensor:
         """Log-likelihood of this rank's rows under the predicted class's Gaussian (SPEC section 1):
-        the largest margin-free logit over all ranks minus 0.5 D log(2 pi)."""
+        the largest margin-free logit over all ranks minus 0.5 D log(2 pi).  Not differentiable."""
         self._check(local_features, None)
-        return self._global_max(local_features)[0] - 0.5 * self.feat_dim * math.log(2 * math.pi)
+        return self._global_max(local_features)[0]

@@ -76,6 +76,7 @@ CASES = {
     "f64_untouched_shard": (8, 9, 3, torch.float64, "diag", 3),  # labels only in the first classes
     "f32_diag": (16, 11, 8, torch.float32, "diag", None),
     "f64_more_ranks_than_classes": (6, 2, 3, torch.float64, "diag", None),
+    "f64_gemm_recompute": (20, 601, 16, torch.float64, "diag", None),  # GEMM path, N > D: logits recomputed
 }
 
 
@@ -227,3 +228,78 @@ def test_batchnorm_models_need_gpus_for_data_parallel(src, tmp_path):
                              feat_dim=2, data_dir=str(src), device="cpu")
     with pytest.raises(ValueError, match="SyncBatchNorm"):
         train_data_parallel(cfg, tmp_path / "bn", 2, progress=False)
+
+
+# ---- the operator contract behind the sharded head, in one process (no gloo): the class_offset partials
+def _combine(parts):
+    """Global (lse, q, per-row loss) from per-shard (loss_r, stats_r, owned) -- the formula of
+    lgm_ext.distributed._combine_shard_stats without communication."""
+    lse = torch.logsumexp(torch.stack([st[:, 0] for _, st, _ in parts]), 0)
+    q = sum(st[:, 1] * (st[:, 0] - lse).exp() for _, st, _ in parts)
+    a = sum(torch.where(own, loss - st[:, 0], torch.zeros_like(loss)) for loss, st, own in parts)
+    return lse, q, lse + a
+
+
+@pytest.mark.parametrize("impl", [1, 2])  # direct, GEMM
+@pytest.mark.parametrize("n,k,d,shards", [(9, 7, 5, 3), (12, 40, 6, 4), (20, 601, 16, 2)])
+@pytest.mark.parametrize("identity", [False, True])
+def test_class_offset_partials_combine_to_the_full_loss(device, impl, n, k, d, shards, identity):
+    from helpers import lgm_inputs
+
+    ops = torch.ops.lgm_ext
+    x, mu, s, y = lgm_inputs(n, k, d, device=device, identity=identity, requires_grad=False)
+    y[: n // 2] = 0  # some shards own no label of the batch
+    loss, logits, stats = ops.lgm_loss_forward(x, mu, s, y, 0.7, 0.2, 0, impl)
+    g = torch.linspace(0.5, 1.5, n, dtype=x.dtype, device=x.device)
+    gx, gmu, gs = ops.lgm_loss_backward(g, None, x, mu, s, y, logits, stats, 0.7, 0.2, 0, impl)
+    parts, shard_logits = [], []
+    for r in range(shards):
+        lo, hi = shard_range(k, shards, r)
+        sv = None if s is None else s[lo:hi]
+        lr, lg, st = ops.lgm_loss_forward(x, mu[lo:hi], sv, y, 0.7, 0.2, 0, impl, lo)
+        parts.append((lr, st, (y >= lo) & (y < hi)))
+        shard_logits.append(lg)
+    lse, q, rows = _combine(parts)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows, loss, **tol)
+    torch.testing.assert_close(torch.stack([lse, q], 1), stats, **tol)
+    torch.testing.assert_close(torch.cat(shard_logits, 1), logits, **tol)
+    # backward with the global statistics: exact shard gradients, feature gradient = sum over shards
+    gstats = torch.stack([lse, q], 1)
+    gx_sum = torch.zeros_like(x)
+    for r in range(shards):
+        lo, hi = shard_range(k, shards, r)
+        sv = None if s is None else s[lo:hi]
+        for saved in (shard_logits[r], None):  # saved logits, or recomputed per class tile
+            bx, bmu, bs = ops.lgm_loss_backward(g, None, x, mu[lo:hi], sv, y, saved, gstats, 0.7, 0.2, 0, impl,
+                                                [True, True, True], lo)
+            torch.testing.assert_close(bmu, gmu[lo:hi], **tol)
+            if s is not None:
+                torch.testing.assert_close(bs, gs[lo:hi], **tol)
+        gx_sum += bx
+    torch.testing.assert_close(gx_sum, gx, **tol)
+
+
+def test_class_offset_is_validated_and_not_differentiable_alone():
+    from helpers import lgm_inputs
+
+    ops = torch.ops.lgm_ext
+    x, mu, s, y = lgm_inputs(6, 4, 3)
+    with pytest.raises(ValueError, match="class_offset must be >= 0"):
+        ops.lgm_loss_forward(x, mu, s, y, 1.0, 0.1, 0, 0, -1)
+    with pytest.raises(ValueError, match="reduction must be 0"):
+        ops.lgm_loss_forward(x, mu, s, y, 1.0, 0.1, 1, 0, 2)
+    loss, _, _ = ops.lgm_loss_forward(x, mu, s, y + 10, 1.0, 0.1, 0, 0, 10)  # global labels 10..13
+    with pytest.raises(RuntimeError, match="ShardedLGMLoss"):
+        loss.sum().backward()
+    # without class_offset the labels are still range-checked
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, K\)"):
+        ops.lgm_loss_forward(x, mu, s, y + 10, 1.0, 0.1, 0, 0)
+
+
+def test_class_offset_opcheck():
+    from helpers import lgm_inputs
+
+    x, mu, s, y = lgm_inputs(6, 5, 3, requires_grad=False)
+    torch.library.opcheck(torch.ops.lgm_ext.lgm_loss_forward.default, (x, mu, s, y + 3, 1.0, 0.1, 0, 0, 3),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -68,12 +68,12 @@ void for_each_grid_stride(int64_t count, F body) {
 
 template <typename T>
 void row_finish(const Args<T>& a, int64_t n, int64_t y, const Lanes<T>& d_y) {
-  if (y < 0) return;
+  if (a.stats == nullptr && (y < 0 || !a.margin_out)) return;
   T* out = a.logits + n * a.K;
-  const T hl_y = a.hl != nullptr ? a.hl[y] : T(0);
+  const T hl_y = y >= 0 && a.hl != nullptr ? a.hl[y] : T(0);
   Lanes<T> l_y;
-  for (int l = 0; l < kWarp; ++l) l_y[l] = margin_logit(d_y[l], hl_y, a.alpha);
-  if (a.margin_out) out[y] = l_y[y % kWarp];
+  for (int l = 0; l < kWarp; ++l) l_y[l] = labelled_logit(y, d_y[l], hl_y, a.alpha);
+  if (a.margin_out && y >= 0) out[y] = l_y[y % kWarp];
   if (a.stats == nullptr) return;
   Lanes<T> m, s;
   for (int l = 0; l < kWarp; ++l) m[l] = row_max_partial(out, a.K, y, l_y[l], l, kWarp);
@@ -84,7 +84,7 @@ void row_finish(const Args<T>& a, int64_t n, int64_t y, const Lanes<T>& d_y) {
   row_stats(m[0], s[0], l_y[0], lse, q);  // lane 0 writes
   a.stats[2 * n] = lse;
   a.stats[2 * n + 1] = q;
-  a.loss[n] = row_loss(lse, l_y[0], d_y[0], hl_y, a.lambda);
+  a.loss[n] = row_loss(y, lse, l_y[0], d_y[0], hl_y, a.lambda);
 }
 
 template <typename T>
@@ -92,7 +92,7 @@ void direct_rows_t(const Args<T>& a) {
   const int64_t K = a.K, D = a.D;
   for_each_warp_row(a.N, [&](int64_t n) {
     const T* xr = a.x + n * D;
-    const int64_t y = a.y != nullptr ? a.y[n] : -1;
+    const int64_t y = label_column(a.y, n, a.K);
     T* out = a.logits + n * K;
     Lanes<T> d_y{};
     for (int64_t k = 0; k < K; ++k) {
@@ -120,7 +120,7 @@ void gemm_rows_t(const Args<T>& a) {
   const int64_t K = a.K;
   for_each_warp_row(a.N, [&](int64_t n) {
     T* m = a.logits + n * K;
-    const int64_t y = a.y != nullptr ? a.y[n] : -1;
+    const int64_t y = label_column(a.y, n, a.K);
     Lanes<T> d_y;
     d_y.fill(y >= 0 ? gemm_dist(a, n, y, m[y], a.c[y]) : T(0));
     for (int l = 0; l < kWarp; ++l)
@@ -283,51 +283,48 @@ void gemm_class_grads_t(Args<T> a) {
 }
 
 // ------------------------------------------------------------------ Backend adapters
+template <typename scalar_t>
 void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
                  Tensor& row_loss) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_direct_rows", [&] {
-    direct_rows_t(row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss));
-  });
+  direct_rows_t(row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss));
 }
 
+template <typename scalar_t>
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
                Tensor& stats, Tensor& row_loss) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_rows", [&] {
-    gemm_rows_t(row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c));
-  });
+  gemm_rows_t(row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c));
 }
 
+template <typename scalar_t>
 void coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_coefficients",
-                             [&] { coefficients_t(coefficient_args<scalar_t>(in, cf, g, r)); });
+  coefficients_t(coefficient_args<scalar_t>(in, cf, g, r));
 }
 
+template <typename scalar_t>
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_direct_grads",
-                             [&] { direct_grads_t(grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s)); });
+  direct_grads_t(grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s));
 }
 
+template <typename scalar_t>
 void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "emu_class_tables", [&] { tables_t(make_table_args<scalar_t>(s, w, hl)); });
+  tables_t(make_table_args<scalar_t>(s, w, hl));
 }
 
+template <typename scalar_t>
 void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& op_b, Tensor& c) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_operands",
-                             [&] { operands_t(operand_args<scalar_t>(in, op_a, k0, kt, op_b, c)); });
+  operands_t(operand_args<scalar_t>(in, op_a, k0, kt, op_b, c));
 }
 
+template <typename scalar_t>
 void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_grad_x", [&] {
-    gemm_grad_x_t(grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t));
-  });
+  gemm_grad_x_t(grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t));
 }
 
+template <typename scalar_t>
 void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g, const Tensor& r,
                       Tensor& grad_mu, Tensor& grad_s) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "emu_gemm_class_grads", [&] {
-    gemm_class_grads_t(grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt));
-  });
+  gemm_class_grads_t(grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt));
 }
 
 bool set_cuda_emulation(bool on) { return g_emulate.exchange(on); }
@@ -336,10 +333,17 @@ bool set_cuda_emulation(bool on) { return g_emulate.exchange(on); }
 
 bool cuda_emulation_enabled() { return g_emulate.load(std::memory_order_relaxed); }
 
-const Backend& emulated_cuda_backend() {
-  static const Backend be{&direct_rows,  &gemm_rows,    &coefficients,  &direct_grads,    &check_labels_aminmax,
-                          &class_tables, &gemm_operands, &gemm_grad_x,  &gemm_class_grads};
+namespace {
+template <typename T>
+const Backend& emulated_for() {
+  static const Backend be{&direct_rows<T>, &gemm_rows<T>, &coefficients<T>, &direct_grads<T>, &check_labels_aminmax,
+                          &class_tables<T>, &gemm_operands<T>, &gemm_grad_x<T>, &gemm_class_grads<T>};
   return be;
+}
+}  // namespace
+
+const Backend& emulated_cuda_backend(at::ScalarType acc) {
+  return acc == at::kDouble ? emulated_for<double>() : emulated_for<float>();
 }
 
 void emulated_pgd_step(Tensor& out, const Tensor& x, const Tensor& g, const Tensor& x0, double alpha, double eps,

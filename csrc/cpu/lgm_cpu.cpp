@@ -27,21 +27,21 @@ using cpu::grain;
 template <typename T, typename Dist>
 LGM_ALWAYS_INLINE void row_pass(const Args<T>& a, int64_t n, Dist dist) {
   const int64_t K = a.K;
-  const int64_t y = a.y != nullptr ? a.y[n] : -1;
+  const int64_t y = label_column(a.y, n, K);
   T* out = a.logits + n * K;
   const T d_y = y >= 0 ? dist(y) : T(0);
   dist.fill(out);
-  if (y < 0) return;
-  const T hl_y = a.hl != nullptr ? a.hl[y] : T(0);
-  const T l_y = margin_logit(d_y, hl_y, a.alpha);
-  if (a.margin_out) out[y] = l_y;
+  if (a.stats == nullptr && (y < 0 || !a.margin_out)) return;
+  const T hl_y = y >= 0 && a.hl != nullptr ? a.hl[y] : T(0);
+  const T l_y = labelled_logit(y, d_y, hl_y, a.alpha);
+  if (a.margin_out && y >= 0) out[y] = l_y;
   if (a.stats == nullptr) return;
   const T m = row_max_partial(out, K, y, l_y, 0, 1);
   T lse, q;
   row_stats(m, row_sumexp_others_partial(out, K, y, m, 0, 1), l_y, lse, q);
   a.stats[2 * n] = lse;
   a.stats[2 * n + 1] = q;
-  a.loss[n] = row_loss(lse, l_y, d_y, hl_y, a.lambda);
+  a.loss[n] = row_loss(y, lse, l_y, d_y, hl_y, a.lambda);
 }
 
 // Direct distances of row n: dist(k) for one class, fill(out) the whole row of free logits.
@@ -298,78 +298,70 @@ LGM_CPU_BLOCK(gemm_grad_x_block)
 LGM_CPU_BLOCK(gemm_class_block)
 #undef LGM_CPU_BLOCK
 
+template <typename scalar_t>
 void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
                  Tensor& row_loss) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_rows", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss);
-    at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { direct_rows_block(a, b, e); });
-  });
+  auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss);
+  at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { direct_rows_block(a, b, e); });
 }
 
+template <typename scalar_t>
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
                Tensor& stats, Tensor& row_loss) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_rows", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c);
-    at::parallel_for(0, in.N, grain(8 * in.K), [&](int64_t b, int64_t e) { gemm_rows_block(a, b, e); });
-  });
+  auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c);
+  at::parallel_for(0, in.N, grain(8 * in.K), [&](int64_t b, int64_t e) { gemm_rows_block(a, b, e); });
 }
 
+template <typename scalar_t>
 void coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_coefficients", [&] {
-    auto a = coefficient_args<scalar_t>(in, cf, g, r);
-    at::parallel_for(0, in.N, grain(8 * cf.kt), [&](int64_t b, int64_t e) { coefficients_block(a, b, e); });
-  });
+  auto a = coefficient_args<scalar_t>(in, cf, g, r);
+  at::parallel_for(0, in.N, grain(8 * cf.kt), [&](int64_t b, int64_t e) { coefficients_block(a, b, e); });
 }
 
+template <typename scalar_t>
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_grads", [&] {
-    auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
-    // dL/dx: rows in parallel.  dL/dmu, dL/dlog_var: classes in parallel.
-    if (a.gx != nullptr)
-      at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { grad_x_block(a, b, e); });
-    if (a.gmu != nullptr || a.gs != nullptr) {
-      std::vector<scalar_t> hsum(in.K);
-      coefficient_column_sums(a, static_cast<scalar_t*>(nullptr), hsum.data());
-      a.hsum = hsum.data();
-      at::parallel_for(0, in.K, grain(in.N * in.D), [&](int64_t b, int64_t e) { class_block(a, b, e); });
-    }
-  });
+  auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
+  // dL/dx: rows in parallel.  dL/dmu, dL/dlog_var: classes in parallel.
+  if (a.gx != nullptr)
+    at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { grad_x_block(a, b, e); });
+  if (a.gmu != nullptr || a.gs != nullptr) {
+    std::vector<scalar_t> hsum(in.K);
+    coefficient_column_sums(a, static_cast<scalar_t*>(nullptr), hsum.data());
+    a.hsum = hsum.data();
+    at::parallel_for(0, in.K, grain(in.N * in.D), [&](int64_t b, int64_t e) { class_block(a, b, e); });
+  }
 }
 
+template <typename scalar_t>
 void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lgm_class_tables", [&] {
-    auto a = make_table_args<scalar_t>(s, w, hl);
-    at::parallel_for(0, a.K, grain(8 * a.D), [&](int64_t b, int64_t e) { tables_block(a, b, e); });
-  });
+  auto a = make_table_args<scalar_t>(s, w, hl);
+  at::parallel_for(0, a.K, grain(8 * a.D), [&](int64_t b, int64_t e) { tables_block(a, b, e); });
 }
 
+template <typename scalar_t>
 void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& op_b, Tensor& c) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_operands", [&] {
-    auto a = operand_args<scalar_t>(in, op_a, k0, kt, op_b, c);
-    if (a.op_a != nullptr)
-      at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { operands_a_block(a, b, e); });
-    if (a.op_b != nullptr)
-      at::parallel_for(0, kt, grain(16 * in.D), [&](int64_t b, int64_t e) { operands_b_block(a, b, e); });
-  });
+  auto a = operand_args<scalar_t>(in, op_a, k0, kt, op_b, c);
+  if (a.op_a != nullptr)
+    at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { operands_a_block(a, b, e); });
+  if (a.op_b != nullptr)
+    at::parallel_for(0, kt, grain(16 * in.D), [&](int64_t b, int64_t e) { operands_b_block(a, b, e); });
 }
 
+template <typename scalar_t>
 void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_grad_x", [&] {
-    auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
-    at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { gemm_grad_x_block(a, b, e); });
-  });
+  auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
+  at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { gemm_grad_x_block(a, b, e); });
 }
 
+template <typename scalar_t>
 void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g, const Tensor& r,
                       Tensor& grad_mu, Tensor& grad_s) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_class_grads", [&] {
-    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt);
-    std::vector<scalar_t> gsum(kt), hsum(kt);
-    coefficient_column_sums(a, gsum.data(), hsum.data());
-    a.gsum = gsum.data(), a.hsum = hsum.data();
-    at::parallel_for(0, kt, grain(16 * in.D), [&](int64_t b, int64_t e) { gemm_class_block(a, b, e); });
-  });
+  auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt);
+  std::vector<scalar_t> gsum(kt), hsum(kt);
+  coefficient_column_sums(a, gsum.data(), hsum.data());
+  a.gsum = gsum.data(), a.hsum = hsum.data();
+  at::parallel_for(0, kt, grain(16 * in.D), [&](int64_t b, int64_t e) { gemm_class_block(a, b, e); });
 }
 
 void check_labels_cpu(const Inputs& in) {
@@ -382,15 +374,19 @@ void check_labels_cpu(const Inputs& in) {
   check_label_range(lo, hi, in.K);
 }
 
-const Backend& cpu_loops() {
-  static const Backend be{&direct_rows,      &gemm_rows,     &coefficients, &direct_grads,
-                          &check_labels_cpu, &class_tables, &gemm_operands, &gemm_grad_x,
-                          &gemm_class_grads};
+template <typename T>
+const Backend& cpu_loops_for() {
+  static const Backend be{&direct_rows<T>, &gemm_rows<T>, &coefficients<T>, &direct_grads<T>, &check_labels_cpu,
+                          &class_tables<T>, &gemm_operands<T>, &gemm_grad_x<T>, &gemm_class_grads<T>};
   return be;
 }
 
-// The CPU loops, or (tests) the CPU emulation of the CUDA kernels.
-const Backend& cpu_backend() { return cuda_emulation_enabled() ? emulated_cuda_backend() : cpu_loops(); }
+// The CPU backend's one dtype dispatch: the loops of the accumulation type, or (tests) the CPU
+// emulation of the CUDA kernels.
+const Backend& cpu_backend(at::ScalarType acc) {
+  if (cuda_emulation_enabled()) return emulated_cuda_backend(acc);
+  return acc == at::kDouble ? cpu_loops_for<double>() : cpu_loops_for<float>();
+}
 
 }  // namespace
 

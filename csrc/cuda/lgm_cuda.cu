@@ -48,11 +48,11 @@ __device__ __forceinline__ int64_t warp_row() {
 // the labelled entry gets its margin and the warp computes lse, 1 - P[n,y] and the loss.
 template <typename T>
 __device__ __forceinline__ void row_finish(const Args<T>& a, int64_t n, int lane, int64_t y, T d_y) {
-  if (y < 0) return;
+  if (a.stats == nullptr && (y < 0 || !a.margin_out)) return;
   T* out = a.logits + n * a.K;
-  const T hl_y = a.hl != nullptr ? a.hl[y] : T(0);
-  const T l_y = margin_logit(d_y, hl_y, a.alpha);
-  if (a.margin_out && lane == y % kWarp) out[y] = l_y;
+  const T hl_y = y >= 0 && a.hl != nullptr ? a.hl[y] : T(0);
+  const T l_y = labelled_logit(y, d_y, hl_y, a.alpha);
+  if (a.margin_out && y >= 0 && lane == y % kWarp) out[y] = l_y;
   if (a.stats == nullptr) return;
   __syncwarp();  // every lane's logits are written before the row is read
   const T m = warp_max(row_max_partial(out, a.K, y, l_y, lane, kWarp));
@@ -62,7 +62,7 @@ __device__ __forceinline__ void row_finish(const Args<T>& a, int64_t n, int lane
     row_stats(m, others, l_y, lse, q);
     a.stats[2 * n] = lse;
     a.stats[2 * n + 1] = q;
-    a.loss[n] = row_loss(lse, l_y, d_y, hl_y, a.lambda);
+    a.loss[n] = row_loss(y, lse, l_y, d_y, hl_y, a.lambda);
   }
 }
 
@@ -73,7 +73,7 @@ __global__ void direct_rows_kernel(Args<T> a) {
   if (n >= a.N) return;  // whole warp
   const int64_t K = a.K, D = a.D;
   const T* xr = a.x + n * D;
-  const int64_t y = a.y != nullptr ? a.y[n] : -1;
+  const int64_t y = label_column(a.y, n, a.K);
   T* out = a.logits + n * K;
   T d_y = T(0);
   for (int64_t k = 0; k < K; ++k) {
@@ -99,7 +99,7 @@ __global__ void gemm_rows_kernel(Args<T> a) {
   if (n >= a.N) return;
   const int64_t K = a.K;
   T* m = a.logits + n * K;
-  const int64_t y = a.y != nullptr ? a.y[n] : -1;
+  const int64_t y = label_column(a.y, n, a.K);
   const T d_y = y >= 0 ? gemm_dist(a, n, y, m[y], a.c[y]) : T(0);
   __syncwarp();  // every lane has read m[y] before it is overwritten
   for (int64_t k = lane; k < K; k += kWarp)
@@ -289,104 +289,102 @@ unsigned elem_grid(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>(kMaxBlocks, std::max<int64_t>(1, ceil_div(n, kThreads))));
 }
 
+template <typename scalar_t>
 void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
                  Tensor& row_loss) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_rows_cuda", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss);
-    direct_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss);
+  direct_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
                Tensor& stats, Tensor& row_loss) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_rows_cuda", [&] {
-    auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c);
-    gemm_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c);
+  gemm_rows_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
 void coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_coefficients_cuda", [&] {
-    auto a = coefficient_args<scalar_t>(in, cf, g, r);
-    coefficients_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  auto a = coefficient_args<scalar_t>(in, cf, g, r);
+  coefficients_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_direct_grads_cuda", [&] {
-    auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
-    if (a.gx != nullptr) {
-      grad_x_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (a.gmu == nullptr && a.gs == nullptr) return;
-    const int64_t chunks = ceil_div(in.N, kChunkRows);
-    Tensor p = at::empty({2, chunks, in.K, in.D}, in.x.options());
-    Tensor ph = at::empty({chunks, in.K}, in.x.options());
-    scalar_t* p1 = p.data_ptr<scalar_t>();
-    scalar_t* p2 = p1 + chunks * in.K * in.D;
-    const dim3 grid(static_cast<unsigned>(in.K), static_cast<unsigned>(ceil_div(in.D, kClassThreads)),
-                    static_cast<unsigned>(chunks));
-    class_partial_kernel<scalar_t><<<grid, kClassThreads, 0, stream()>>>(a, p1, p2, ph.data_ptr<scalar_t>());
+  auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
+  if (a.gx != nullptr) {
+    grad_x_kernel<scalar_t><<<row_grid(in.N), kRowBlock, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    class_finalize_kernel<scalar_t><<<elem_grid(in.K * in.D), kThreads, 0, stream()>>>(a, p1, p2,
-                                                                                         ph.data_ptr<scalar_t>(), chunks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  }
+  if (a.gmu == nullptr && a.gs == nullptr) return;
+  const int64_t chunks = ceil_div(in.N, kChunkRows);
+  Tensor p = at::empty({2, chunks, in.K, in.D}, in.x.options());
+  Tensor ph = at::empty({chunks, in.K}, in.x.options());
+  scalar_t* p1 = p.data_ptr<scalar_t>();
+  scalar_t* p2 = p1 + chunks * in.K * in.D;
+  const dim3 grid(static_cast<unsigned>(in.K), static_cast<unsigned>(ceil_div(in.D, kClassThreads)),
+                  static_cast<unsigned>(chunks));
+  class_partial_kernel<scalar_t><<<grid, kClassThreads, 0, stream()>>>(a, p1, p2, ph.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  class_finalize_kernel<scalar_t><<<elem_grid(in.K * in.D), kThreads, 0, stream()>>>(a, p1, p2,
+                                                                                       ph.data_ptr<scalar_t>(), chunks);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
 void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lgm_class_tables_cuda", [&] {
-    auto a = make_table_args<scalar_t>(s, w, hl);
-    tables_kernel<scalar_t><<<row_grid(a.K), kRowBlock, 0, stream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  auto a = make_table_args<scalar_t>(s, w, hl);
+  tables_kernel<scalar_t><<<row_grid(a.K), kRowBlock, 0, stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
 void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& op_b, Tensor& c) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_operands_cuda", [&] {
-    auto a = operand_args<scalar_t>(in, op_a, k0, kt, op_b, c);
-    if (a.op_a != nullptr) {
-      operands_a_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (a.op_b != nullptr) {
-      operands_b_kernel<scalar_t><<<row_grid(kt), kRowBlock, 0, stream()>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-}
-
-void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_grad_x_cuda", [&] {
-    auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
-    gemm_grad_x_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
+  auto a = operand_args<scalar_t>(in, op_a, k0, kt, op_b, c);
+  if (a.op_a != nullptr) {
+    operands_a_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  }
+  if (a.op_b != nullptr) {
+    operands_b_kernel<scalar_t><<<row_grid(kt), kRowBlock, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
+template <typename scalar_t>
+void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
+  auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
+  gemm_grad_x_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
 void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g, const Tensor& r,
                       Tensor& grad_mu, Tensor& grad_s) {
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lgm_gemm_class_grads_cuda", [&] {
-    auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt);
-    Tensor sums = at::empty({2, kt}, in.x.options());
-    scalar_t* gsum = sums.data_ptr<scalar_t>();
-    column_sums_kernel<scalar_t><<<elem_grid(kt), kThreads, 0, stream()>>>(a, gsum, gsum + kt);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    a.gsum = gsum, a.hsum = gsum + kt;
-    gemm_class_kernel<scalar_t><<<elem_grid(kt * in.D), kThreads, 0, stream()>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt);
+  Tensor sums = at::empty({2, kt}, in.x.options());
+  scalar_t* gsum = sums.data_ptr<scalar_t>();
+  column_sums_kernel<scalar_t><<<elem_grid(kt), kThreads, 0, stream()>>>(a, gsum, gsum + kt);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  a.gsum = gsum, a.hsum = gsum + kt;
+  gemm_class_kernel<scalar_t><<<elem_grid(kt * in.D), kThreads, 0, stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-const Backend& cuda_backend() {
-  static const Backend be{&direct_rows,  &gemm_rows,    &coefficients,  &direct_grads,    &check_labels_aminmax,
-                          &class_tables, &gemm_operands, &gemm_grad_x,  &gemm_class_grads};
+template <typename T>
+const Backend& cuda_backend_for() {
+  static const Backend be{&direct_rows<T>, &gemm_rows<T>, &coefficients<T>, &direct_grads<T>, &check_labels_aminmax,
+                          &class_tables<T>, &gemm_operands<T>, &gemm_grad_x<T>, &gemm_class_grads<T>};
   return be;
+}
+
+// The CUDA backend's one dtype dispatch: the kernels of the accumulation type.
+const Backend& cuda_backend(at::ScalarType acc) {
+  return acc == at::kDouble ? cuda_backend_for<double>() : cuda_backend_for<float>();
 }
 
 }  // namespace

@@ -232,6 +232,17 @@ LGM_HD T dist_gemm(T m, T c, const T* x, const T* mu, const T* s, int64_t D) {
   return dist_from_sqdist(sqdist_partial_logvar(x, mu, s, D, 0, 1));
 }
 
+// ---------------------------------------------------------------- labels
+// Row n's labelled column among this call's K classes, or -1 when it has none:
+// no labels at all, or -- the class-sharded loss (class_offset, docs/SPEC.md
+// section 8) -- a shifted label outside [0, K), i.e. a class another shard owns.
+// Such a row still gets lse over this shard's free logits and 1 - P = 1.
+LGM_HD int64_t label_column(const int64_t* y, int64_t n, int64_t K) {
+  if (y == nullptr) return -1;
+  const int64_t v = y[n];
+  return (v >= 0 && v < K) ? v : -1;
+}
+
 // ---------------------------------------------------------------- logits
 // Margin-free logit: the log-likelihood up to the constant -0.5 D log(2 pi).
 template <typename T>
@@ -281,11 +292,18 @@ LGM_HD void row_stats(T m, T others, T l_y, T& lse, T& q) {
   q = others / total;
 }
 
-// ---------------------------------------------------------------- loss
-// L[n] = lse - logit_y + lambda * (d_y + hl_y)
+// The labelled logit entering the row statistics: the margin logit, or -inf
+// for a row without a labelled column here (its e_y term is then 0).
 template <typename T>
-LGM_HD T row_loss(T lse, T logit_y, T d_y, T hl_y, T lambda) {
-  return lse - logit_y + lambda * (d_y + hl_y);
+LGM_HD T labelled_logit(int64_t y, T d_y, T hl_y, T alpha) {
+  return y >= 0 ? margin_logit(d_y, hl_y, alpha) : neg_inf<T>();
+}
+
+// ---------------------------------------------------------------- loss
+// L[n] = lse - logit_y + lambda * (d_y + hl_y); 0 for a row whose label is on another shard (y < 0).
+template <typename T>
+LGM_HD T row_loss(int64_t y, T lse, T logit_y, T d_y, T hl_y, T lambda) {
+  return y >= 0 ? lse - logit_y + lambda * (d_y + hl_y) : T(0);
 }
 
 // ---------------------------------------------------------------- backward
