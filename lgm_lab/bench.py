@@ -28,7 +28,35 @@ LGM_IMPLS = {
     "reference": reference.lgm_loss,
     "plain_gemm": reference.lgm_loss_gemm,
     "naive_nkd": reference.lgm_loss_naive,
+    # the peer a modern user picks: the same eight lines under torch.compile (inductor)
+    "compiled_gemm": reference.lgm_loss_gemm,
+    "compiled_naive": reference.lgm_loss_naive,
 }
+COMPILED = {"compiled_gemm", "compiled_naive"}
+# Sides that are not a loss implementation: the three GEMMs of N x K x 2D alone (the arithmetic every exact
+# float32 method of this expansion does: forward, d/dx, d/dclass); not a candidate for "best plain".
+FLOOR = "gemm_floor"
+
+
+def lgm_impl(name: str):
+    """The loss function of side ``name``; a compiled side gets a fresh torch.compile (static shapes), so
+    each size is compiled for its own shapes (the compile runs in the first, untimed, warm-up call)."""
+    fn = LGM_IMPLS[name]
+    return torch.compile(fn, dynamic=False) if name in COMPILED else fn
+
+
+def gemm_floor_step(n: int, k: int, d: int, device: str, dtype=torch.float32):
+    """One call of the three GEMMs of the fused GEMM path on preallocated operands."""
+    a = torch.randn(n, 2 * d, device=device, dtype=dtype)
+    b = torch.randn(k, 2 * d, device=device, dtype=dtype)
+    g = torch.randn(n, k, device=device, dtype=dtype)
+
+    def step():
+        torch.mm(a, b.t())
+        torch.mm(g, b)
+        torch.mm(g.t(), a)
+
+    return step
 
 
 def machine_description(device: str = "cpu") -> str:
@@ -113,27 +141,35 @@ def naive_fits(n, k, d, itemsize=4, device="cpu") -> bool:
     return need < 0.5 * total
 
 
-def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu") -> float:
-    """Extra peak memory of one forward+backward, in MiB."""
+def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu", dtype=torch.float32) -> float:
+    """Extra peak memory of one forward+backward after a warm-up step, in MiB."""
     if device.startswith("cuda"):
-        x, mu, s, y = _inputs(n, k, d, device, torch.float32)
+        x, mu, s, y = _inputs(n, k, d, device, dtype)
+        fn = lgm_impl(impl)
+        _step(fn, x, mu, s, y)  # warm-up (a compile, lazy initialisation)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        _step(LGM_IMPLS[impl], x, mu, s, y)
+        _step(fn, x, mu, s, y)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     # A fresh process; the kernel's peak-RSS counter is reset (clear_refs 5) just
-    # before the step, so the import's own peak does not hide the step's.
+    # before the step, so the import's own peak (and a compile) does not hide the step's;
+    # malloc's mmap threshold is set to 0 (M_MMAP_THRESHOLD) so no freed heap hides it either.
     code = (
         "import torch, lgm_lab.bench as b\n"
-        f"x, mu, s, y = b._inputs({n}, {k}, {d}, 'cpu', torch.float32)\n"
+        f"x, mu, s, y = b._inputs({n}, {k}, {d}, 'cpu', {dtype})\n"
         "b.flush_denormals()\n"
-        "def kib(f):\n"
+        f"fn = b.lgm_impl({impl!r})\n"
+        + "b._step(fn, x, mu, s, y)\n"  # a warm-up step: one-time costs (thread pools, a compile) are not the step's
+        # every allocation from here on is its own mapping, returned to the system when freed: the
+        # high-water mark then counts the step's own peak even where a warm-up left freed heap behind
+        + "import ctypes\nlibc = ctypes.CDLL('libc.so.6')\nlibc.mallopt(-3, 0)\nlibc.malloc_trim(0)\n"
+        + "def kib(f):\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(f))\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "r0 = kib('VmRSS:')\n"
-        f"b._step(b.LGM_IMPLS[{impl!r}], x, mu, s, y)\n"
+        "b._step(fn, x, mu, s, y)\n"
         "print(kib('VmHWM:') - r0)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -156,6 +192,7 @@ class LGMRow:
     peak_mib: dict = field(default_factory=dict)
     speedup_vs_best_plain: float = 0.0
     best_plain: str = ""
+    speedup_vs_compiled: float = 0.0
     fused_gflops: float = 0.0
     sgemm_gflops: float = 0.0
 
@@ -167,25 +204,32 @@ def bench_lgm(
     repeats: int | None = None,
     memory: bool = True,
     progress=None,
+    dtype=torch.float32,
+    impls=None,
 ) -> list[LGMRow]:
-    """Forward+backward of the L-GM loss (alpha=1, lambda_=0.1, diagonal covariance), float32."""
+    """Forward+backward of the L-GM loss (alpha=1, lambda_=0.1, diagonal covariance) in ``dtype``.
+    ``impls``: the sides to run (default: all of LGM_IMPLS, plus the GEMM floor on the GEMM path)."""
     if device == "cpu":
         flush_denormals(True)
+    names = list(impls or LGM_IMPLS)
     rows = []
     for k, d in sizes:
         work = n * k * d
         reps = repeats or max(3, min(200, int(2e8 / max(work, 1))))
-        x, mu, s, y = _inputs(n, k, d, device, torch.float32)
+        x, mu, s, y = _inputs(n, k, d, device, dtype)
         row = LGMRow(k=k, d=d, path="direct" if k * d <= DIRECT_MAX_KD else "gemm")
         cases = {}
-        for name, fn in LGM_IMPLS.items():
-            if name == "naive_nkd" and not naive_fits(n, k, d, device=device):
+        for name in names:
+            if name in ("naive_nkd", "compiled_naive") and not naive_fits(n, k, d, device=device):
                 continue
-            r = reps if name in ("fused", "plain_gemm") else max(3, min(reps, int(5e7 / max(work, 1))))
+            fn = lgm_impl(name)
+            r = reps if name in ("fused", "plain_gemm", "compiled_gemm") else max(3, min(reps, int(5e7 / max(work, 1))))
             cases[name] = ((lambda fn=fn: _step(fn, x, mu, s, y)), r)
+        if row.path == "gemm" and dtype == torch.float32:
+            cases[FLOOR] = (gemm_floor_step(n, k, d, device), reps)
         # Sides that build N x K x D temporaries over 64 MiB are timed in a second phase: freeing
         # gigabytes leaves the allocator/page state that slows whatever runs next on this VM.
-        heavy = {m for m in ("reference", "naive_nkd") if m in cases and 4 * work > 64 * 2**20}
+        heavy = {m for m in ("reference", "naive_nkd", "compiled_naive") if m in cases and 4 * work > 64 * 2**20}
         if row.path == "gemm":  # the machine's sgemm rate on this GEMM's shape, before any heavy side runs
             row.sgemm_gflops = sgemm_gflops(n, k, 2 * d, device, repeats=max(5, reps))
         for phase in ({m: c for m, c in cases.items() if m not in heavy}, {m: cases[m] for m in heavy}):
@@ -196,12 +240,16 @@ def bench_lgm(
             row.times_ms.update(interleaved_medians(phase, 3, device, rounds=min(5, min(r for _, r in phase.values()))))
         if memory:
             for name in cases:
+                if name == FLOOR:
+                    continue
                 if progress:
                     progress(f"K={k} D={d}: peak memory of {name}")
-                row.peak_mib[name] = peak_memory_mib(name, n, k, d, device)
-        plain = {kk: v for kk, v in row.times_ms.items() if kk != "fused"}
+                row.peak_mib[name] = peak_memory_mib(name, n, k, d, device, dtype)
+        plain = {kk: v for kk, v in row.times_ms.items() if kk not in ("fused", FLOOR)}
         row.best_plain = min(plain, key=plain.get)
         row.speedup_vs_best_plain = plain[row.best_plain] / row.times_ms["fused"]
+        if "compiled_gemm" in row.times_ms:
+            row.speedup_vs_compiled = row.times_ms["compiled_gemm"] / row.times_ms["fused"]
         if row.path == "gemm":
             # Diagonal covariance: 3 GEMMs of N x K x 2D (forward, dx, dmu/dlog_var).
             flops = 3 * 2.0 * n * k * 2 * d
@@ -211,17 +259,27 @@ def bench_lgm(
 
 
 def lgm_markdown(rows: list[LGMRow], n: int = 256) -> str:
-    names = list(LGM_IMPLS)
-    head = "| K | D | path | " + " | ".join(f"{m} ms" for m in names) + " | speed-up vs best plain | "
-    head += " | ".join(f"{m} MiB" for m in names) + " | fused GFLOP/s (% of sgemm) |"
-    lines = [head, "|" + "---|" * (3 + 2 * len(names) + 2)]
+    """Two tables: times (ms, medians) with the speed-ups, and peak memory (MiB)."""
+    names = [m for m in LGM_IMPLS if any(m in r.times_ms for r in rows)]
+    floor = any(FLOOR in r.times_ms for r in rows)
+    head = "| K | D | path | " + " | ".join(f"{m} ms" for m in names) + (" | 3 GEMMs alone ms" if floor else "")
+    head += " | fused vs compiled_gemm | fused vs best plain | fused GFLOP/s (% of sgemm) |"
+    lines = [head, "|" + "---|" * (3 + len(names) + (1 if floor else 0) + 3)]
     for r in rows:
         t = " | ".join(f"{r.times_ms[m]:.3f}" if m in r.times_ms else "skipped" for m in names)
-        mem = " | ".join(f"{r.peak_mib[m]:.1f}" if m in r.peak_mib else "-" for m in names)
+        if floor:
+            t += " | " + (f"{r.times_ms[FLOOR]:.3f}" if FLOOR in r.times_ms else "-")
         rate = f"{r.fused_gflops:.0f} ({100 * r.fused_gflops / r.sgemm_gflops:.0f}% of {r.sgemm_gflops:.0f})" if r.sgemm_gflops else "-"
-        lines.append(
-            f"| {r.k} | {r.d} | {r.path} | {t} | **{r.speedup_vs_best_plain:.2f}x** ({r.best_plain}) | {mem} | {rate} |"
-        )
+        comp = f"**{r.speedup_vs_compiled:.2f}x**" if r.speedup_vs_compiled else "-"
+        lines.append(f"| {r.k} | {r.d} | {r.path} | {t} | {comp} | {r.speedup_vs_best_plain:.2f}x ({r.best_plain}) | {rate} |")
+    if any(r.peak_mib for r in rows):
+        lines += ["", "| K | D | " + " | ".join(f"{m} MiB" for m in names) + " | fused / compiled_gemm memory |",
+                  "|" + "---|" * (3 + len(names))]
+        for r in rows:
+            mem = " | ".join(f"{r.peak_mib[m]:.1f}" if m in r.peak_mib else "-" for m in names)
+            ratio = (f"{r.peak_mib['fused'] / r.peak_mib['compiled_gemm']:.2f}"
+                     if r.peak_mib.get("compiled_gemm") and "fused" in r.peak_mib else "-")
+            lines.append(f"| {r.k} | {r.d} | {mem} | {ratio} |")
     return "\n".join(lines)
 
 
