@@ -30,6 +30,11 @@ constexpr int64_t kDirectMaxKD = 8192;
 constexpr int64_t kTileElems = int64_t(1) << 22;
 int64_t gemm_tile(int64_t N, int64_t K, int64_t D);
 
+// Whether the loss saves its (N, K) logits for the backward (true) or the backward recomputes them one
+// class tile at a time (false, memory-lean): the direct path always saves them; the GEMM path when N <= D
+// (then N*K <= K*D, a class-parameter tensor).  Exported to Python as lgm_ext._C.keep_logits_for_backward.
+bool keep_logits_for_backward(int64_t N, int64_t K, int64_t D, int64_t impl);
+
 // The dtype seam.  Features, means and log_var share one storage dtype (float32,
 // float64, bfloat16 or float16: kStorageTypes); the kernels read and write only
 // its accumulation type (at::opmath_type: float32 for the 16-bit types), so a

@@ -6,12 +6,27 @@
 
 #include "host.h"
 
+namespace {
+PyObject* py_keep_logits(PyObject*, PyObject* args) {
+  long long n = 0, k = 0, d = 0, impl = 0;
+  if (!PyArg_ParseTuple(args, "LLLL", &n, &k, &d, &impl)) return nullptr;
+  return PyBool_FromLong(lgm_ext::keep_logits_for_backward(n, k, d, impl));
+}
+
+PyMethodDef kMethods[] = {
+    {"keep_logits_for_backward", py_keep_logits, METH_VARARGS,
+     "keep_logits_for_backward(n, k, d, impl) -> bool: whether the L-GM loss saves its (N, K) logits for the "
+     "backward (csrc/host.h)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+}  // namespace
+
 extern "C" {
 // `import lgm_ext._C` loads this library, which runs the registrations below.
 // The module exports the codes and the path threshold of host.h, so Python
 // reads them from here instead of repeating them.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
   const struct {
