@@ -81,11 +81,24 @@ def bench(
     memory: bool = typer.Option(True, help="measure peak memory (one subprocess per case on the CPU)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
     progress: bool = typer.Option(True, help="show the progress line (--no-progress for logs)"),
+    sides: Optional[str] = typer.Option(None, help="comma-separated sides, e.g. fused,plain_gemm,compiled_gemm "
+                                                   "(default: all; the compiled ones compile first)"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
 ) -> None:
-    """Time the fused L-GM loss (forward+backward) against plain-PyTorch versions."""
+    """Time the fused L-GM loss (forward+backward) against plain-PyTorch versions, eager and torch.compile'd."""
+    import torch
+
     from lgm_lab import bench as B
 
     try:
+        impls = None
+        if sides is not None:
+            impls = [v.strip() for v in sides.split(",") if v.strip()]
+            bad = [v for v in impls if v not in B.LGM_IMPLS]
+            if bad or "fused" not in impls:
+                raise ValueError(f"--sides must list fused and any of {', '.join(B.LGM_IMPLS)}; got {sides!r}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
         _check_positive(n, "--n")
         _check_positive(repeats, "--repeats")
         _check_json_target(json_out)
@@ -98,7 +111,7 @@ def bench(
         task = prog.add_task("benchmark", total=None)
         rows = B.bench_lgm(
             pairs, n=n, device=device, repeats=repeats, memory=memory,
-            progress=lambda m: prog.update(task, description=m),
+            progress=lambda m: prog.update(task, description=m), dtype=getattr(torch, dtype), impls=impls,
         )
     console.print(f"Machine: {B.machine_description(device)}")
     console.print(B.lgm_markdown(rows, n), markup=False)

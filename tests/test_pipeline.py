@@ -259,6 +259,9 @@ def _bad_invocations(src, run_dir, tmp_path):
         ["bench", "--sizes", "10:x"],
         ["bench", "--sizes", "0:2"],
         ["bench", "--n", 0],
+        ["bench", "--sides", "fused,nope"],
+        ["bench", "--sides", "plain_gemm"],
+        ["bench", "--dtype", "int8"],
         ["eval", _absurd_checkpoint(run_dir, tmp_path, feat_dim=10**9)],
         ["eval", _absurd_checkpoint(run_dir, tmp_path, feat_dim=3)],  # config and weights disagree
         ["eval", _absurd_checkpoint(run_dir, tmp_path, head="nonsense")],
@@ -324,8 +327,10 @@ def test_eval_names_the_classes(run_dir, tmp_path):
 
 
 def test_no_progress_for_logs():
-    r = _invoke("bench", "--sizes", "10:2", "--n", 8, "--repeats", 1, "--no-memory", "--no-progress")
+    r = _invoke("bench", "--sizes", "10:2", "--n", 8, "--repeats", 1, "--no-memory", "--no-progress",
+                "--sides", "fused,plain_gemm")
     assert r.exit_code == 0, r.output
+    assert "compiled" not in r.output
     assert "10" in r.output
     r = _invoke("reproduce", "--help")
     assert r.exit_code == 0 and "--no-progress" in r.output
