@@ -57,6 +57,10 @@ struct DirectRow {
   }
 };
 
+// Feature columns per register block of the direct backward loops: the running sums of a block stay
+// in registers while the loop walks the classes (or the rows), instead of a load and a store per term.
+constexpr int64_t kColBlock = 32;
+
 // Free logits of columns [0, kt) of a tile from the expansion row m (may alias
 // out): a vectorised pass, then the rare non-finite entries again by the direct
 // formula (math::dist_gemm).  Classes are k0 + k.
@@ -146,10 +150,28 @@ LGM_ALWAYS_INLINE void grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
   const int64_t K = a.K, D = a.D;
   for (int64_t n = b; n < e; ++n) {
     T* out = a.gx + n * D;
-    std::fill(out, out + D, T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const T gk = a.g[n * K + k];
-      if (gk != T(0)) grad_x_axpy(out, gk, a.x + n * D, a.mu + k * D, a.w != nullptr ? a.w + k * D : nullptr, D);
+    const T* xr = a.x + n * D;
+    const T* gr = a.g + n * K;
+    int64_t j0 = 0;
+    for (; j0 + kColBlock <= D; j0 += kColBlock) {  // sum over k of g w (x - mu), k in order per column
+      T acc[kColBlock] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const T gk = gr[k];
+        if (gk == T(0)) continue;
+        const T* mk = a.mu + k * D + j0;
+        const T* wk = a.w != nullptr ? a.w + k * D + j0 : nullptr;
+        LGM_SIMD
+        for (int64_t j = 0; j < kColBlock; ++j) acc[j] += grad_x_term(gk, wk != nullptr ? wk[j] : T(1), xr[j0 + j], mk[j]);
+      }
+      for (int64_t j = 0; j < kColBlock; ++j) out[j0 + j] = acc[j];
+    }
+    if (j0 < D) {
+      std::fill(out + j0, out + D, T(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const T gk = gr[k];
+        if (gk != T(0))
+          grad_x_axpy(out + j0, gk, xr + j0, a.mu + k * D + j0, a.w != nullptr ? a.w + k * D + j0 : nullptr, D - j0);
+      }
     }
   }
 }
@@ -197,15 +219,30 @@ LGM_ALWAYS_INLINE void class_block_t(const Args<T>& a, int64_t b, int64_t e) {
   T* A1 = a1v.data();
   T* A2 = a2v.data();
   for (int64_t k = b; k < e; ++k) {
-    std::fill(A1, A1 + D, T(0));
-    std::fill(A2, A2 + D, T(0));
     const T* muk = a.mu + k * D;
-    for (int64_t n = 0; n < N; ++n) {
-      const T gk = a.g[n * K + k];
-      if (gk == T(0)) continue;
-      const T* xr = a.x + n * D;
-      LGM_SIMD
-      for (int64_t j = 0; j < D; ++j) class_accum(A1[j], A2[j], gk, xr[j], muk[j]);
+    int64_t j0 = 0;
+    for (; j0 + kColBlock <= D; j0 += kColBlock) {  // sums over n in order per column, in registers
+      T s1[kColBlock] = {}, s2[kColBlock] = {};
+      for (int64_t n = 0; n < N; ++n) {
+        const T gk = a.g[n * K + k];
+        if (gk == T(0)) continue;
+        const T* xr = a.x + n * D + j0;
+        LGM_SIMD
+        for (int64_t j = 0; j < kColBlock; ++j) class_accum(s1[j], s2[j], gk, xr[j], muk[j0 + j]);
+      }
+      std::copy(s1, s1 + kColBlock, A1 + j0);
+      std::copy(s2, s2 + kColBlock, A2 + j0);
+    }
+    if (j0 < D) {
+      std::fill(A1 + j0, A1 + D, T(0));
+      std::fill(A2 + j0, A2 + D, T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const T gk = a.g[n * K + k];
+        if (gk == T(0)) continue;
+        const T* xr = a.x + n * D;
+        LGM_SIMD
+        for (int64_t j = j0; j < D; ++j) class_accum(A1[j], A2[j], gk, xr[j], muk[j]);
+      }
     }
     class_final(a, k, A1, A2, a.hsum[k], [&](int64_t j) { return a.w != nullptr ? a.w[k * D + j] : T(1); });
   }
