@@ -262,16 +262,18 @@ def lgm_markdown(rows: list[LGMRow], n: int = 256) -> str:
     """Two tables: times (ms, medians) with the speed-ups, and peak memory (MiB)."""
     names = [m for m in LGM_IMPLS if any(m in r.times_ms for r in rows)]
     floor = any(FLOOR in r.times_ms for r in rows)
+    compiled = "compiled_gemm" in names
     head = "| K | D | path | " + " | ".join(f"{m} ms" for m in names) + (" | 3 GEMMs alone ms" if floor else "")
-    head += " | fused vs compiled_gemm | fused vs best plain | fused GFLOP/s (% of sgemm) |"
-    lines = [head, "|" + "---|" * (3 + len(names) + (1 if floor else 0) + 3)]
+    head += (" | fused vs compiled_gemm" if compiled else "") + " | fused vs best plain | fused GFLOP/s (% of sgemm) |"
+    lines = [head, "|" + "---|" * (3 + len(names) + (1 if floor else 0) + (1 if compiled else 0) + 2)]
     for r in rows:
         t = " | ".join(f"{r.times_ms[m]:.3f}" if m in r.times_ms else "skipped" for m in names)
         if floor:
             t += " | " + (f"{r.times_ms[FLOOR]:.3f}" if FLOOR in r.times_ms else "-")
         rate = f"{r.fused_gflops:.0f} ({100 * r.fused_gflops / r.sgemm_gflops:.0f}% of {r.sgemm_gflops:.0f})" if r.sgemm_gflops else "-"
-        comp = f"**{r.speedup_vs_compiled:.2f}x**" if r.speedup_vs_compiled else "-"
-        lines.append(f"| {r.k} | {r.d} | {r.path} | {t} | {comp} | {r.speedup_vs_best_plain:.2f}x ({r.best_plain}) | {rate} |")
+        if compiled:
+            t += " | " + (f"**{r.speedup_vs_compiled:.2f}x**" if r.speedup_vs_compiled else "-")
+        lines.append(f"| {r.k} | {r.d} | {r.path} | {t} | {r.speedup_vs_best_plain:.2f}x ({r.best_plain}) | {rate} |")
     if any(r.peak_mib for r in rows):
         lines += ["", "| K | D | " + " | ".join(f"{m} MiB" for m in names) + " | fused / compiled_gemm memory |",
                   "|" + "---|" * (3 + len(names))]
