@@ -21,6 +21,17 @@ bool keep_logits_for_backward(int64_t N, int64_t K, int64_t D, int64_t impl) {
 }
 
 namespace {
+// The same rule on symbolic sizes (torch.compile with dynamic shapes traces this formula with fake
+// tensors): the batch size N is only compared with D, on the GEMM path, so a compiled graph guards on
+// "N <= D" instead of specialising to one batch size.
+bool keep_logits_sym(const c10::SymInt& N, const c10::SymInt& K, const c10::SymInt& D, int64_t impl) {
+  if (impl == kDirect) return true;
+  if (impl == kAuto && K * D <= kDirectMaxKD) return true;  // SymInt comparisons guard on the relation
+  return N <= D;
+}
+}  // namespace
+
+namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -60,7 +71,7 @@ class LossFunction : public torch::autograd::Function<LossFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, logits, stats] = call_forward(x, mu, s, y, alpha, lambda, reduction, impl, offset);
     const bool has_s = s.has_value() && s->defined();
-    const bool keep = keep_logits_for_backward(x.size(0), mu.size(0), x.size(1), impl);
+    const bool keep = keep_logits_sym(x.sym_size(0), mu.sym_size(0), x.sym_size(1), impl);
     ctx->save_for_backward({x, mu, has_s ? *s : Tensor(), y, keep ? logits : Tensor(), stats});
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["lambda"] = lambda;
@@ -84,7 +95,7 @@ class LossFunction : public torch::autograd::Function<LossFunction> {
     const bool has_s = ctx->saved_data["has_s"].toBool();
     Tensor gloss = grads[0];
     if (!gloss.defined())  // only the logits were used
-      gloss = reduction == kNone ? at::zeros({x.size(0)}, stats.options()) : at::zeros({}, stats.options());
+      gloss = reduction == kNone ? at::zeros_symint({x.sym_size(0)}, stats.options()) : at::zeros({}, stats.options());
     // Gradient edges are the defined tensor inputs in order: x, mu, [log_var], labels.
     const Mask mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_s && ctx->needs_input_grad(2)};
     auto [gx, gmu, gs] = call_backward(gloss, opt(grads[1]), x, mu, opt(s), y, opt(logits), stats,

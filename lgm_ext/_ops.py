@@ -59,8 +59,15 @@ def _fake_lgm_shapes(op, features, means, log_var, labels, **others):
     return features.shape[0], means.shape[0]
 
 
+def _check_shard(class_offset, reduction):  # as csrc/host.cpp check_shard
+    if class_offset is not None:
+        torch._check(class_offset >= 0, lambda: f"class_offset must be >= 0, got {class_offset}")
+        torch._check(reduction == 0, lambda: "with class_offset (a class shard) reduction must be 0 (none)")
+
+
 @torch.library.register_fake("lgm_ext::lgm_loss_forward")
 def _(features, means, log_var, labels, alpha, lambda_, reduction, impl, class_offset=None):
+    _check_shard(class_offset, reduction)
     n, k = _fake_lgm_shapes("lgm_loss", features, means, log_var, labels)
     acc = acc_dtype(features.dtype)
     loss = features.new_empty((), dtype=acc) if reduction != 0 else features.new_empty((n,), dtype=acc)
@@ -81,6 +88,7 @@ def _fake_grads(features, means, log_var, output_mask):
 @torch.library.register_fake("lgm_ext::lgm_loss_backward")
 def _(grad_loss, grad_logits, features, means, log_var, labels, logits, row_stats, alpha, lambda_, reduction, impl,
       output_mask=(True, True, True), class_offset=None):
+    _check_shard(class_offset, reduction)
     _fake_lgm_shapes("lgm_loss_backward", features, means, log_var, labels, grad_loss=grad_loss,
                      grad_logits=grad_logits, logits=logits, row_stats=row_stats)
     return _fake_grads(features, means, log_var, output_mask)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._ops import KERNEL_IMPLS, REDUCTIONS, keep_logits_for_backward, ops
+from ._ops import KERNEL_IMPLS, REDUCTIONS, acc_dtype, keep_logits_for_backward, ops
 from .functional import _nonneg, lgm_logits
 
 __all__ = ["shard_range", "ShardedLGMLoss", "gather_rows"]
@@ -125,7 +125,9 @@ class _ShardedLoss(torch.autograd.Function):
                 lambda_: float, impl: int, group) -> Tensor:
         n = feats.shape[0]
         if means.shape[0] == 0:  # a rank without classes (K < W) contributes nothing to any sum
-            lse_r, q_r, a_r = feats.new_full((n,), -math.inf), feats.new_ones(n), feats.new_zeros(n)
+            acc = acc_dtype(feats.dtype)  # what the other ranks' operator returns: the all-reduces need one dtype
+            lse_r = feats.new_full((n,), -math.inf, dtype=acc)
+            q_r, a_r = feats.new_ones(n, dtype=acc), feats.new_zeros(n, dtype=acc)
             logits = None
         else:
             loss_r, logits, stats = ops.lgm_loss_forward(feats, means, log_var, labels, alpha, lambda_,
@@ -271,7 +273,7 @@ class ShardedLGMLoss(nn.Module):
                                             KERNEL_IMPLS[self.impl])
             idx = idx + lo
         else:
-            m = feats.new_full((feats.shape[0],), -math.inf)
+            m = feats.new_full((feats.shape[0],), -math.inf, dtype=acc_dtype(feats.dtype))  # as the op's output
             idx = torch.full(m.shape, self.num_classes, dtype=torch.long, device=m.device)
         best = m.clone()
         dist.all_reduce(best, op=dist.ReduceOp.MAX, group=self.group)

@@ -180,6 +180,9 @@ def pgd_step(
 
     ``alpha < 0`` descends (inverse adversary); ``sign(0) = 0``.  The step carries
     no gradient: the result never requires grad (attack loops detach anyway).
+    bfloat16/float16 ``x`` steps and projects in float32 and rounds once to its dtype, so the result can
+    lie up to half a unit in the last place outside the eps-ball or [lower, upper] -- as the same formula
+    in bf16 torch ops, whose bounds ``x_orig +- eps`` are rounded too.
     """
     a, e, lo, hi = _pgd_args(x, grad, x_orig, alpha, eps, lower, upper)
     with torch.no_grad():

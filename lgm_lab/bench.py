@@ -246,8 +246,9 @@ def bench_lgm(
                     progress(f"K={k} D={d}: peak memory of {name}")
                 row.peak_mib[name] = peak_memory_mib(name, n, k, d, device, dtype)
         plain = {kk: v for kk, v in row.times_ms.items() if kk not in ("fused", FLOOR)}
-        row.best_plain = min(plain, key=plain.get)
-        row.speedup_vs_best_plain = plain[row.best_plain] / row.times_ms["fused"]
+        if plain:  # (--sides fused alone, or its only peer skipped as too large: no comparison)
+            row.best_plain = min(plain, key=plain.get)
+            row.speedup_vs_best_plain = plain[row.best_plain] / row.times_ms["fused"]
         if "compiled_gemm" in row.times_ms:
             row.speedup_vs_compiled = row.times_ms["compiled_gemm"] / row.times_ms["fused"]
         if row.path == "gemm":
@@ -273,7 +274,8 @@ def lgm_markdown(rows: list[LGMRow], n: int = 256) -> str:
         rate = f"{r.fused_gflops:.0f} ({100 * r.fused_gflops / r.sgemm_gflops:.0f}% of {r.sgemm_gflops:.0f})" if r.sgemm_gflops else "-"
         if compiled:
             t += " | " + (f"**{r.speedup_vs_compiled:.2f}x**" if r.speedup_vs_compiled else "-")
-        lines.append(f"| {r.k} | {r.d} | {r.path} | {t} | {r.speedup_vs_best_plain:.2f}x ({r.best_plain}) | {rate} |")
+        best = f"{r.speedup_vs_best_plain:.2f}x ({r.best_plain})" if r.best_plain else "-"
+        lines.append(f"| {r.k} | {r.d} | {r.path} | {t} | {best} | {rate} |")
     if any(r.peak_mib for r in rows):
         lines += ["", "| K | D | " + " | ".join(f"{m} MiB" for m in names) + " | fused / compiled_gemm memory |",
                   "|" + "---|" * (3 + len(names))]

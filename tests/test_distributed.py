@@ -77,6 +77,7 @@ CASES = {
     "f32_diag": (16, 11, 8, torch.float32, "diag", None),
     "f64_more_ranks_than_classes": (6, 2, 3, torch.float64, "diag", None),
     "f64_gemm_recompute": (20, 601, 16, torch.float64, "diag", None),  # GEMM path, N > D: logits recomputed
+    "bf16_more_ranks_than_classes": (6, 2, 4, torch.bfloat16, "diag", None),  # a classless rank in float32 too
 }
 
 
@@ -89,7 +90,8 @@ def _run(world, tmp_path):
 def test_sharded_head_equals_the_single_process_op(world, tmp_path):
     res = _run(world, tmp_path)
     for name, (n, k, d, dtype, cov, labels_below) in CASES.items():
-        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        tol = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
+               torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -7)}[dtype]
         x, mu, lv, y = _problem(n, k, d, dtype, labels_below)
         x, mu = x.clone().requires_grad_(True), mu.clone().requires_grad_(True)
         lv = lv.clone().requires_grad_(True) if cov == "diag" else None
@@ -295,6 +297,20 @@ def test_class_offset_is_validated_and_not_differentiable_alone():
     # without class_offset the labels are still range-checked
     with pytest.raises(ValueError, match=r"labels must lie in \[0, K\)"):
         ops.lgm_loss_forward(x, mu, s, y + 10, 1.0, 0.1, 0, 0)
+
+
+def test_class_offset_fake_kernel_validates_like_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from helpers import lgm_inputs
+
+    x, mu, s, y = lgm_inputs(6, 5, 3, requires_grad=False)
+    with FakeTensorMode() as mode:
+        fx, fmu, fs, fy = (mode.from_tensor(t) for t in (x, mu, s, y))
+        with pytest.raises(RuntimeError, match="class_offset must be >= 0"):
+            torch.ops.lgm_ext.lgm_loss_forward(fx, fmu, fs, fy, 1.0, 0.1, 0, 0, -1)
+        with pytest.raises(RuntimeError, match="reduction must be 0"):
+            torch.ops.lgm_ext.lgm_loss_forward(fx, fmu, fs, fy, 1.0, 0.1, 1, 0, 2)
 
 
 def test_class_offset_opcheck():

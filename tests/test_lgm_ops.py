@@ -313,3 +313,21 @@ def test_reference_blocked_and_checkpointed_matches_single_block(monkeypatch):
     got = torch.autograd.grad(R.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1), (x, mu, s))
     for p, q in zip(got, want):
         torch.testing.assert_close(p, q)
+
+
+def test_torch_compile_dynamic_batch_does_not_recompile(device):
+    """The loss's C++ autograd formula reads sizes symbolically: a new batch size reuses the compiled graph
+    (it used to specialise N, so every batch size compiled again)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda a, b, c, d: lgm_ext.lgm_loss(a, b, c, d, alpha=1.0, lambda_=0.1),
+                             backend=counter, dynamic=True)
+    for n in (8, 12, 20):
+        x, mu, s, y = lgm_inputs(n, 5, 4, device=device, dtype=torch.float32, seed=n)
+        got = _grads(lambda a, b, c, d, **_: compiled(a, b, c, d), x, mu, s, y)
+        want = _grads(lgm_ext.lgm_loss, x, mu, s, y)
+        for p, q in zip(got, want):
+            torch.testing.assert_close(p, q)
+    assert counter.frame_count == 1
