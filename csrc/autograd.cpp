@@ -15,13 +15,8 @@
 
 namespace lgm_ext {
 
-bool keep_logits_for_backward(int64_t N, int64_t K, int64_t D, int64_t impl) {
-  const bool direct = impl == kDirect || (impl == kAuto && K * D <= kDirectMaxKD);
-  return direct || N <= D;
-}
-
 namespace {
-// The same rule on symbolic sizes (torch.compile with dynamic shapes traces this formula with fake
+// The rule of host.h on symbolic sizes (torch.compile with dynamic shapes traces this formula with fake
 // tensors): the batch size N is only compared with D, on the GEMM path, so a compiled graph guards on
 // "N <= D" instead of specialising to one batch size.
 bool keep_logits_sym(const c10::SymInt& N, const c10::SymInt& K, const c10::SymInt& D, int64_t impl) {
@@ -30,6 +25,10 @@ bool keep_logits_sym(const c10::SymInt& N, const c10::SymInt& K, const c10::SymI
   return N <= D;
 }
 }  // namespace
+
+bool keep_logits_for_backward(int64_t N, int64_t K, int64_t D, int64_t impl) {
+  return keep_logits_sym(c10::SymInt(N), c10::SymInt(K), c10::SymInt(D), impl);
+}
 
 namespace {
 

@@ -283,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor> loss_forward(BackendFor backend, const Tensor
                                                 const std::optional<Tensor>& log_var, const Tensor& labels,
                                                 double alpha, double lambda, int64_t reduction, int64_t impl,
                                                 std::optional<int64_t> class_offset) {
-  const Backend& be = backend(acc_type(x.scalar_type()));
+  const Backend& be = backend_of(backend, x);
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, lambda, reduction, impl);
   check_shard(class_offset, reduction, "lgm_loss");
@@ -302,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor> loss_backward(BackendFor backend, const Tenso
                                                  const Tensor& labels, const std::optional<Tensor>& logits,
                                                  const Tensor& stats, double alpha, double lambda, int64_t reduction,
                                                  int64_t impl, Mask mask, std::optional<int64_t> class_offset) {
-  const Backend& be = backend(acc_type(x.scalar_type()));
+  const Backend& be = backend_of(backend, x);
   const char* op = "lgm_loss_backward";
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, lambda, reduction, impl);
@@ -333,7 +333,7 @@ std::tuple<Tensor, Tensor, Tensor> loss_backward(BackendFor backend, const Tenso
 
 Tensor logits_forward(BackendFor backend, const Tensor& x, const Tensor& mu, const std::optional<Tensor>& log_var,
                       const std::optional<Tensor>& labels, double alpha, int64_t impl) {
-  const Backend& be = backend(acc_type(x.scalar_type()));
+  const Backend& be = backend_of(backend, x);
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, 0.0, kMean, impl);
   const Inputs in = prepare(be, x, mu, log_var, labels, false, true, impl,
@@ -346,7 +346,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_backward(BackendFor backend, const Ten
                                                    const Tensor& mu, const std::optional<Tensor>& log_var,
                                                    const std::optional<Tensor>& labels, double alpha, int64_t impl,
                                                    Mask mask) {
-  const Backend& be = backend(acc_type(x.scalar_type()));
+  const Backend& be = backend_of(backend, x);
   const char* op = "lgm_logits_backward";
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(alpha, 0.0, kMean, impl);
@@ -360,7 +360,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_backward(BackendFor backend, const Ten
 
 std::tuple<Tensor, Tensor> log_likelihood(BackendFor backend, const Tensor& x, const Tensor& mu,
                                           const std::optional<Tensor>& log_var, int64_t impl) {
-  const Backend& be = backend(acc_type(x.scalar_type()));
+  const Backend& be = backend_of(backend, x);
   const c10::OptionalDeviceGuard guard(x.device());
   check_scalars(0.0, 0.0, kMean, impl);
   const Inputs in = prepare(be, x, mu, log_var, std::nullopt, false, false, impl,

@@ -115,8 +115,11 @@ struct Backend {
 };
 
 // A backend's kernels for one accumulation type (float or double): each backend's one dtype
-// dispatch point; the operator bodies pick the table once per call (host.cpp, backend_of).
+// dispatch point; the operator bodies pick the table once per call (backend_of).
 using BackendFor = const Backend& (*)(at::ScalarType acc);
+inline const Backend& backend_of(BackendFor backend, const Tensor& features) {
+  return backend(acc_type(features.scalar_type()));
+}
 
 void check_label_range(int64_t lo, int64_t hi, int64_t K);
 // check_labels for device backends: one aminmax and a host sync (the price of a clear

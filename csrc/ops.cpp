@@ -53,7 +53,7 @@ TORCH_LIBRARY(lgm_ext, m) {
   // Returns (loss, margin-free logits (N,K), row statistics (N,2): the logsumexp
   // of the margin logits and 1 - P[n, y], what the backward needs per row).
   //
-  // class_offset (class-sharded loss, docs/SPEC.md section 8): means/log_var hold the classes
+  // class_offset (class-sharded loss, docs/SPEC.md section 7): means/log_var hold the classes
   // [class_offset, class_offset + K) of a larger model and labels are global class ids; a row whose
   // label lies outside that range has no labelled column here.  Then reduction must be 0 and the
   // outputs are this shard's partials: row statistics (lse_r over the shard's logits, with the margin

@@ -38,8 +38,7 @@ def _check_devices(op, anchor_name, anchor, **named):
 
 # The dtype seam (csrc/host.h): features, means and log_var share one storage dtype; the kernels compute
 # in its accumulation type, in which loss, logits, row statistics and log-likelihoods are returned;
-# gradients come back in the storage dtype.
-STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# gradients come back in the storage dtype (the dtypes: kStorageTypes in csrc/host.h).
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

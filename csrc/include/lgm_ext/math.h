@@ -235,7 +235,7 @@ LGM_HD T dist_gemm(T m, T c, const T* x, const T* mu, const T* s, int64_t D) {
 // ---------------------------------------------------------------- labels
 // Row n's labelled column among this call's K classes, or -1 when it has none:
 // no labels at all, or -- the class-sharded loss (class_offset, docs/SPEC.md
-// section 8) -- a shifted label outside [0, K), i.e. a class another shard owns.
+// section 7) -- a shifted label outside [0, K), i.e. a class another shard owns.
 // Such a row still gets lse over this shard's free logits and 1 - P = 1.
 LGM_HD int64_t label_column(const int64_t* y, int64_t n, int64_t K) {
   if (y == nullptr) return -1;
