@@ -44,22 +44,113 @@ LGM_ALWAYS_INLINE void row_pass(const Args<T>& a, int64_t n, Dist dist) {
   a.loss[n] = row_loss(y, lse, l_y, d_y, hl_y, a.lambda);
 }
 
-// Direct distances of row n: dist(k) for one class, fill(out) the whole row of free logits.
-template <typename T>
-struct DirectRow {
-  const Args<T>& a;
-  const T* xr;
-  T operator()(int64_t k) const {
-    return dist_from_sqdist(sqdist_partial(xr, a.mu + k * a.D, a.w != nullptr ? a.w + k * a.D : nullptr, a.D, 0, 1));
-  }
-  void fill(T* out) const {
-    for (int64_t k = 0; k < a.K; ++k) out[k] = free_logit((*this)(k), a.hl != nullptr ? a.hl[k] : T(0));
-  }
-};
+// The direct loops vectorise over kRows rows at a time: the block's features are
+// transposed into a small buffer (xt[j * kRows + r] = x[n0 + r, j]), so one
+// vector lane carries one row through the sum over j -- no horizontal sum per
+// distance, no tail in D -- while the class tables are read once per block.
+constexpr int kRows = 8;
 
-// Feature columns per register block of the direct backward loops: the running sums of a block stay
-// in registers while the loop walks the classes (or the rows), instead of a load and a store per term.
-constexpr int64_t kColBlock = 32;
+// Rows [n0, n0 + rows) of x (D columns) transposed into xt (D x kRows); lanes
+// past `rows` repeat the last row (finite values, never stored).
+template <typename T>
+LGM_ALWAYS_INLINE void transpose_rows(const T* x, int64_t D, int64_t n0, int64_t rows, T* xt) {
+  for (int r = 0; r < kRows; ++r) {
+    const T* xr = x + (n0 + std::min<int64_t>(r, rows - 1)) * D;
+    for (int64_t j = 0; j < D; ++j) xt[j * kRows + r] = xr[j];
+  }
+}
+
+// Features summed per partial of a distance: the sum over j runs in order per
+// lane, in chunks whose partials are then added (the rounding of a long row stays
+// that of a short one).
+constexpr int64_t kSumChunk = 64;
+
+// sq[c][r] = sum_j (x[n0 + r, j] - mu[k + c, j])^2 w[k + c, j] for C classes
+// (W false: identity covariance).  Plain arrays with an `omp simd` lane loop: the
+// compiler keeps them in registers and broadcasts the table entries from memory.
+template <typename T, int C, bool W>
+LGM_ALWAYS_INLINE void block_sqdist(const Args<T>& a, const T* xt, int64_t k, T (&sq)[C][kRows]) {
+  const int64_t D = a.D;
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < kRows; ++r) sq[c][r] = T(0);
+  for (int64_t j0 = 0; j0 < D; j0 += kSumChunk) {
+    const int64_t j1 = std::min(D, j0 + kSumChunk);
+    T acc[C][kRows] = {};
+    for (int64_t j = j0; j < j1; ++j) {
+      const T* xj = xt + j * kRows;
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) {
+        const int64_t o = (k + c) * D + j;
+        const T m = a.mu[o], w = W ? a.w[o] : T(1);
+        LGM_SIMD
+        for (int r = 0; r < kRows; ++r) acc[c][r] += sqdist_term(xj[r], m, w);
+      }
+    }
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < kRows; ++r) sq[c][r] += acc[c][r];
+  }
+}
+
+// Distances d[n0 + r, k .. k + C) of a row block into dt[k][r] (dt: K x kRows).
+template <typename T, int C>
+LGM_ALWAYS_INLINE void block_dists(const Args<T>& a, const T* xt, int64_t k, T* dt) {
+  T sq[C][kRows];
+  if (a.w != nullptr)
+    block_sqdist<T, C, true>(a, xt, k, sq);
+  else
+    block_sqdist<T, C, false>(a, xt, k, sq);
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < kRows; ++r) dt[(k + c) * kRows + r] = dist_from_sqdist(sq[c][r]);
+}
+
+// What row_pass does for one row, for the kRows rows of a block at once (one
+// lane per row) from their distances dt (K x kRows), which become the free logits:
+// the logits rows (margin in the labelled column when margin_out), and when stats
+// are wanted lse, 1 - P[n,y] and the row loss.
+template <typename T>
+LGM_ALWAYS_INLINE void block_rows(const Args<T>& a, int64_t n0, int64_t rows, T* dt) {
+  const int64_t K = a.K;
+  int64_t y[kRows];
+  T d_y[kRows], hl_y[kRows], l_y[kRows], m[kRows], others[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    y[r] = r < rows ? label_column(a.y, n0 + r, K) : -1;
+    d_y[r] = y[r] >= 0 ? dt[y[r] * kRows + r] : T(0);
+    hl_y[r] = y[r] >= 0 && a.hl != nullptr ? a.hl[y[r]] : T(0);
+    l_y[r] = labelled_logit(y[r], d_y[r], hl_y[r], a.alpha);
+    m[r] = neg_inf<T>();
+    others[r] = T(0);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    T* lk = dt + k * kRows;
+    const T hl = a.hl != nullptr ? a.hl[k] : T(0);
+    LGM_SIMD
+    for (int r = 0; r < kRows; ++r) {
+      lk[r] = free_logit(lk[r], hl);
+      const T v = k == y[r] ? l_y[r] : lk[r];  // row_max_partial's terms
+      m[r] = v > m[r] ? v : m[r];
+    }
+  }
+  if (a.stats != nullptr) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* lk = dt + k * kRows;
+      LGM_SIMD
+      for (int r = 0; r < kRows; ++r) others[r] += k == y[r] ? T(0) : safe_exp(lk[r] - m[r]);  // row_sumexp_others
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = n0 + r;
+      T lse, q;
+      row_stats(m[r], others[r], l_y[r], lse, q);
+      a.stats[2 * n] = lse;
+      a.stats[2 * n + 1] = q;
+      a.loss[n] = row_loss(y[r], lse, l_y[r], d_y[r], hl_y[r], a.lambda);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* out = a.logits + (n0 + r) * K;
+    for (int64_t k = 0; k < K; ++k) out[k] = dt[k * kRows + r];
+    if (a.margin_out && y[r] >= 0) out[y[r]] = l_y[r];
+  }
+}
 
 // Free logits of columns [0, kt) of a tile from the expansion row m (may alias
 // out): a vectorised pass, then the rare non-finite entries again by the direct
@@ -99,9 +190,19 @@ struct GemmRow {
   void fill(T* out) const { logits_from_expansion(a, n, mr, a.c, 0, a.K, out); }
 };
 
+// Rows [b, e) (b a multiple of kRows): distances by row blocks, then the blocks' logits and statistics.
 template <typename T>
 LGM_ALWAYS_INLINE void direct_rows_block_t(const Args<T>& a, int64_t b, int64_t e) {
-  for (int64_t n = b; n < e; ++n) row_pass(a, n, DirectRow<T>{a, a.x + n * a.D});
+  std::vector<T> xt(a.D * kRows), dt(a.K * kRows);
+  for (int64_t n0 = b; n0 < e; n0 += kRows) {
+    const int64_t rows = std::min<int64_t>(kRows, e - n0);
+    transpose_rows(a.x, a.D, n0, rows, xt.data());
+    int64_t k = 0;
+    for (; k + 4 <= a.K; k += 4) block_dists<T, 4>(a, xt.data(), k, dt.data());
+    for (; k + 2 <= a.K; k += 2) block_dists<T, 2>(a, xt.data(), k, dt.data());
+    for (; k < a.K; ++k) block_dists<T, 1>(a, xt.data(), k, dt.data());
+    block_rows(a, n0, rows, dt.data());
+  }
 }
 
 template <typename T>
@@ -145,35 +246,51 @@ LGM_ALWAYS_INLINE void coefficients_block_t(const Args<T>& a, int64_t b, int64_t
   }
 }
 
+// Column blocks of the backward loops: CB columns of running sums in registers
+// (plain arrays with an `omp simd` loop over them) while the loop walks the
+// classes (dL/dx) or the rows (class sums).  Blocks of 4 vectors, then 1, then a
+// half vector, then single columns.
+template <typename T>
+constexpr int kVecLanes = 32 / int(sizeof(T));
+
+// dL/dx[n, j0 .. j0 + CB): sum over classes k, in order per column, of g w (x - mu).
+template <typename T, int CB, bool W>
+LGM_ALWAYS_INLINE void grad_x_columns(const Args<T>& a, int64_t n, int64_t j0) {
+  const int64_t K = a.K, D = a.D;
+  const T* xr = a.x + n * D + j0;
+  const T* gr = a.g + n * K;
+  T acc[CB] = {}, xv[CB];
+  for (int j = 0; j < CB; ++j) xv[j] = xr[j];
+  for (int64_t k = 0; k < K; ++k) {
+    const T g = gr[k];
+    const T* mk = a.mu + k * D + j0;
+    const T* wk = W ? a.w + k * D + j0 : nullptr;
+    LGM_SIMD
+    for (int j = 0; j < CB; ++j) acc[j] += grad_x_term(g, W ? wk[j] : T(1), xv[j], mk[j]);
+  }
+  T* out = a.gx + n * D + j0;
+  for (int j = 0; j < CB; ++j) out[j] = acc[j];
+}
+
+template <typename T, bool W>
+LGM_ALWAYS_INLINE void grad_x_rows(const Args<T>& a, int64_t b, int64_t e) {
+  constexpr int L = kVecLanes<T>;
+  const int64_t D = a.D;
+  for (int64_t n = b; n < e; ++n) {
+    int64_t j0 = 0;
+    for (; j0 + 4 * L <= D; j0 += 4 * L) grad_x_columns<T, 4 * L, W>(a, n, j0);
+    for (; j0 + L <= D; j0 += L) grad_x_columns<T, L, W>(a, n, j0);
+    for (; j0 + L / 2 <= D; j0 += L / 2) grad_x_columns<T, L / 2, W>(a, n, j0);
+    for (; j0 < D; ++j0) grad_x_columns<T, 1, W>(a, n, j0);
+  }
+}
+
 template <typename T>
 LGM_ALWAYS_INLINE void grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
-  const int64_t K = a.K, D = a.D;
-  for (int64_t n = b; n < e; ++n) {
-    T* out = a.gx + n * D;
-    const T* xr = a.x + n * D;
-    const T* gr = a.g + n * K;
-    int64_t j0 = 0;
-    for (; j0 + kColBlock <= D; j0 += kColBlock) {  // sum over k of g w (x - mu), k in order per column
-      T acc[kColBlock] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const T gk = gr[k];
-        if (gk == T(0)) continue;
-        const T* mk = a.mu + k * D + j0;
-        const T* wk = a.w != nullptr ? a.w + k * D + j0 : nullptr;
-        LGM_SIMD
-        for (int64_t j = 0; j < kColBlock; ++j) acc[j] += grad_x_term(gk, wk != nullptr ? wk[j] : T(1), xr[j0 + j], mk[j]);
-      }
-      for (int64_t j = 0; j < kColBlock; ++j) out[j0 + j] = acc[j];
-    }
-    if (j0 < D) {
-      std::fill(out + j0, out + D, T(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const T gk = gr[k];
-        if (gk != T(0))
-          grad_x_axpy(out + j0, gk, xr + j0, a.mu + k * D + j0, a.w != nullptr ? a.w + k * D + j0 : nullptr, D - j0);
-      }
-    }
-  }
+  if (a.w != nullptr)
+    grad_x_rows<T, true>(a, b, e);
+  else
+    grad_x_rows<T, false>(a, b, e);
 }
 
 // Per-class sums of the coefficients of a tile (kt columns, classes k0 + k),
@@ -212,38 +329,34 @@ LGM_ALWAYS_INLINE void class_final(const Args<T>& a, int64_t k, const T* A1, con
   }
 }
 
+// Class k's sample sums A1, A2 over columns [j0, j0 + CB): sums over n in order per column.
+template <typename T, int CB>
+LGM_ALWAYS_INLINE void class_columns(const Args<T>& a, int64_t k, int64_t j0, T* A1, T* A2) {
+  const int64_t K = a.K, D = a.D;
+  T s1[CB] = {}, s2[CB] = {}, m[CB];
+  for (int j = 0; j < CB; ++j) m[j] = a.mu[k * D + j0 + j];
+  for (int64_t n = 0; n < a.N; ++n) {
+    const T g = a.g[n * K + k];
+    const T* xr = a.x + n * D + j0;
+    LGM_SIMD
+    for (int j = 0; j < CB; ++j) class_accum(s1[j], s2[j], g, xr[j], m[j]);
+  }
+  for (int j = 0; j < CB; ++j) A1[j0 + j] = s1[j], A2[j0 + j] = s2[j];
+}
+
 template <typename T>
 LGM_ALWAYS_INLINE void class_block_t(const Args<T>& a, int64_t b, int64_t e) {
-  const int64_t N = a.N, K = a.K, D = a.D;
+  constexpr int L = kVecLanes<T>;
+  const int64_t D = a.D;
   std::vector<T> a1v(D), a2v(D);
   T* A1 = a1v.data();
   T* A2 = a2v.data();
   for (int64_t k = b; k < e; ++k) {
-    const T* muk = a.mu + k * D;
     int64_t j0 = 0;
-    for (; j0 + kColBlock <= D; j0 += kColBlock) {  // sums over n in order per column, in registers
-      T s1[kColBlock] = {}, s2[kColBlock] = {};
-      for (int64_t n = 0; n < N; ++n) {
-        const T gk = a.g[n * K + k];
-        if (gk == T(0)) continue;
-        const T* xr = a.x + n * D + j0;
-        LGM_SIMD
-        for (int64_t j = 0; j < kColBlock; ++j) class_accum(s1[j], s2[j], gk, xr[j], muk[j0 + j]);
-      }
-      std::copy(s1, s1 + kColBlock, A1 + j0);
-      std::copy(s2, s2 + kColBlock, A2 + j0);
-    }
-    if (j0 < D) {
-      std::fill(A1 + j0, A1 + D, T(0));
-      std::fill(A2 + j0, A2 + D, T(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const T gk = a.g[n * K + k];
-        if (gk == T(0)) continue;
-        const T* xr = a.x + n * D;
-        LGM_SIMD
-        for (int64_t j = j0; j < D; ++j) class_accum(A1[j], A2[j], gk, xr[j], muk[j]);
-      }
-    }
+    for (; j0 + 4 * L <= D; j0 += 4 * L) class_columns<T, 4 * L>(a, k, j0, A1, A2);
+    for (; j0 + L <= D; j0 += L) class_columns<T, L>(a, k, j0, A1, A2);
+    for (; j0 + L / 2 <= D; j0 += L / 2) class_columns<T, L / 2>(a, k, j0, A1, A2);
+    for (; j0 < D; ++j0) class_columns<T, 1>(a, k, j0, A1, A2);
     class_final(a, k, A1, A2, a.hsum[k], [&](int64_t j) { return a.w != nullptr ? a.w[k * D + j] : T(1); });
   }
 }
@@ -339,7 +452,9 @@ template <typename scalar_t>
 void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
                  Tensor& row_loss) {
   auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss);
-  at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { direct_rows_block(a, b, e); });
+  const int64_t blocks = (in.N + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, grain(kRows * in.K * in.D),
+                   [&](int64_t b, int64_t e) { direct_rows_block(a, b * kRows, std::min(e * kRows, in.N)); });
 }
 
 template <typename scalar_t>
