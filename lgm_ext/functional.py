@@ -33,6 +33,8 @@ __all__ = [
 
 
 def _scalar(name: str, value) -> float:
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check below
+        return float(value)
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
@@ -74,6 +76,8 @@ def check_labels(labels: Tensor, n: int, k: int) -> None:
 
 
 def _tensor(name: str, t, optional: bool = False):
+    if type(t) is Tensor or isinstance(t, Tensor):
+        return t
     if t is None and optional:
         return None
     if not isinstance(t, Tensor):
@@ -104,7 +108,7 @@ def lgm_loss_and_logits(
         check_labels(labels, features.shape[0], means.shape[0])
         loss = reference.lgm_loss(*args, alpha=a, lambda_=lam, reduction=reduction)
         return loss, reference.lgm_logits(*args[:3])
-    out = ops.lgm_loss_forward(*args, a, lam, red, KERNEL_IMPLS[impl])
+    out = ops.lgm_loss_forward.default(*args, a, lam, red, KERNEL_IMPLS[impl])
     return out[0], out[1]
 
 

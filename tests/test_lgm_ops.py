@@ -115,6 +115,25 @@ def test_paths_agree(device):
             torch.testing.assert_close(p, q)
 
 
+@pytest.mark.parametrize("identity", [False, True])
+def test_direct_row_and_class_blocks(device, identity):
+    """The CPU direct loops work on blocks of 8 rows, 4/2/1 classes, 64-feature partial sums and 32/8/4/1-column
+    register blocks: every remainder of N, K and D against the float64 reference, values and gradients."""
+    for n, k, d in [(n, k, d) for n in (1, 7, 8, 9, 17) for k in (1, 2, 3, 5, 7) for d in (1, 5, 64, 65, 130)]:
+        x, mu, s, y = lgm_inputs(n, k, d, device=device, identity=identity, seed=n + 10 * k + 100 * d)
+        loss, logits = loss_and_logits(x, mu, s, y, 1.0, 0.1, "none", impl="direct")
+        torch.testing.assert_close(loss, R.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, reduction="none"),
+                                   rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(logits, R.lgm_logits(x, mu, s), rtol=1e-10, atol=1e-10)
+        ours = _grads(partial(lgm_ext.lgm_loss, impl="direct"), x, mu, s, y)
+        torch.testing.assert_close(ours, _grads(R.lgm_loss, x, mu, s, y), rtol=1e-9, atol=1e-10)
+    x, mu, s, y = lgm_inputs(11, 6, 130, device=device, identity=identity, seed=7)
+    inputs = (x, mu) if identity else (x, mu, s)
+    assert torch.autograd.gradcheck(
+        lambda *t: loss_and_logits(t[0], t[1], None if identity else t[2], y, 1.0, 0.1, impl="direct"), inputs,
+        eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
 def test_auto_path_switches_at_threshold(device):
     # Both sides of the K*D threshold give the reference answer.
     for k, d in [(8, 1024), (9, 1024)]:
