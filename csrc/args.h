@@ -24,8 +24,15 @@ struct Args {
   int64_t ld_logits, ld_grad;                                  // row strides of saved_logits, grad_logits
   int64_t scale_stride;
   T scale_mult;
-  const T* moments;       // GEMM path backward: t = g b (N,2D) or s = g^T a (kt,2D)
-  T *op_a, *op_b, *op_c;  // GEMM operands; class tables (w -> op_b, hl -> op_c)
+  // GEMM path backward: the two halves of t = g b (N rows) or s = g^T a (kt rows), row i of the first
+  // at moments + i * ld_moments, of the second at moments2 + i * ld_moments (one (rows, 2D) matrix, or
+  // two (rows, D) blocks, e.g. the tile's rows of the gradients themselves).
+  const T *moments, *moments2;
+  int64_t ld_moments;
+  // GEMM operands: a (N,2D); b's halves of class k at op_b + k * ld_b and op_b2 + k * ld_b (as the
+  // moments); c.  Class tables: w -> op_b (K,D), hl -> op_c.
+  T *op_a, *op_b, *op_b2, *op_c;
+  int64_t ld_b;
   const T *gsum, *hsum;   // per-class sums of g, and of the log-det coefficient
   T *g, *r, *gx, *gmu, *gs;
 };
@@ -81,25 +88,40 @@ Args<T> coefficient_args(const Inputs& in, const Coef& cf, at::Tensor& g, at::Te
 
 // direct_grads, gemm_grad_x, gemm_class_grads (classes [k0, k0 + kt)): any tensor may be undefined
 // (not used by that hook, or not wanted).
+// A (rows, D) half of a GEMM-path matrix: unit column stride, and the row stride its partner shares.
+inline int64_t half_stride(const at::Tensor& h1, const at::Tensor& h2) {
+  TORCH_INTERNAL_ASSERT(h1.stride(1) == 1 && h2.stride(1) == 1 && h1.stride(0) == h2.stride(0) &&
+                        h1.sizes() == h2.sizes());
+  return h1.stride(0);
+}
+
 template <typename T>
 Args<T> grad_args(const Inputs& in, const at::Tensor& g, const at::Tensor& r, const at::Tensor& grad_x,
-                  const at::Tensor& grad_mu, const at::Tensor& grad_s, const at::Tensor& moments = at::Tensor(),
-                  int64_t k0 = 0, int64_t kt = -1) {
+                  const at::Tensor& grad_mu, const at::Tensor& grad_s, const at::Tensor& moments1 = at::Tensor(),
+                  const at::Tensor& moments2 = at::Tensor(), int64_t k0 = 0, int64_t kt = -1) {
   Args<T> a = make_args<T>(in, 0.0, 0.0);
   a.k0 = k0, a.kt = kt < 0 ? in.K : kt;
   a.g = mut_or_null<T>(g), a.r = mut_or_null<T>(r);
   a.gx = mut_or_null<T>(grad_x), a.gmu = mut_or_null<T>(grad_mu), a.gs = mut_or_null<T>(grad_s);
-  a.moments = ptr_or_null<T>(moments);
+  if (moments1.defined()) {
+    a.moments = moments1.data_ptr<T>(), a.moments2 = moments2.data_ptr<T>();
+    a.ld_moments = half_stride(moments1, moments2);
+  }
   return a;
 }
 
-// GEMM operands: a (N,2D) when op_a is defined; b and c of classes [k0, k0 + kt) when op_b is defined.
+// GEMM operands: a (N,2D) when op_a is defined; b's halves b1, b2 (kt, D) and c of classes [k0, k0 + kt)
+// when b1 is defined.
 template <typename T>
-Args<T> operand_args(const Inputs& in, const at::Tensor& op_a, int64_t k0, int64_t kt, const at::Tensor& op_b,
-                     const at::Tensor& c) {
+Args<T> operand_args(const Inputs& in, const at::Tensor& op_a, int64_t k0, int64_t kt, const at::Tensor& b1,
+                     const at::Tensor& b2, const at::Tensor& c) {
   Args<T> a = make_args<T>(in, 0.0, 0.0);
   a.k0 = k0, a.kt = kt;
-  a.op_a = mut_or_null<T>(op_a), a.op_b = mut_or_null<T>(op_b), a.op_c = mut_or_null<T>(c);
+  a.op_a = mut_or_null<T>(op_a), a.op_c = mut_or_null<T>(c);
+  if (b1.defined()) {
+    a.op_b = b1.data_ptr<T>(), a.op_b2 = b2.data_ptr<T>();
+    a.ld_b = half_stride(b1, b2);
+  }
   return a;
 }
 

@@ -132,7 +132,7 @@ Tensor expansion(const Backend& be, const Inputs& in, Tensor& c) {
   }
   Tensor a = at::empty({in.N, 2 * in.D}, in.x.options());
   Tensor none;
-  be.gemm_operands(in, a, 0, 0, none, none);
+  be.gemm_operands(in, a, 0, 0, none, none, none);
   Tensor m = at::empty({in.N, in.K}, in.x.options());
   c = at::empty({in.K}, in.x.options());
   const int64_t tile = gemm_tile(in.N, in.K, in.D);
@@ -140,7 +140,8 @@ Tensor expansion(const Backend& be, const Inputs& in, Tensor& c) {
   for (int64_t k0 = 0; k0 < in.K; k0 += tile) {
     const int64_t kt = std::min(tile, in.K - k0);
     Tensor bt = b.narrow(0, 0, kt), ct = c.narrow(0, k0, kt), mt = m.narrow(1, k0, kt);
-    be.gemm_operands(in, none, k0, kt, bt, ct);
+    Tensor b1 = bt.narrow(1, 0, in.D), b2 = bt.narrow(1, in.D, in.D);
+    be.gemm_operands(in, none, k0, kt, b1, b2, ct);
     at::mm_out(mt, a, bt.t());
   }
   return m;
@@ -169,10 +170,12 @@ Tensor compute_logits(const Backend& be, const Inputs& in, double alpha, double 
 // GEMM path: one class tile at a time (gemm_tile classes): the tile's
 // coefficients g (N,kt) come from the saved logits' columns, or -- when the
 // forward saved none (`saved` false, the memory-lean path) -- from the tile's
-// expansion m = a b^T recomputed by one GEMM; then t += g b (N,2D) for dL/dx
-// and s = g^T a (kt,2D) for the tile's rows of dL/dmu, dL/dlog_var.  Live
-// memory: the outputs plus one tile, never (K,2D) and, without saved logits,
-// never (N,K).
+// expansion m = a b^T recomputed by GEMM; then t += g b (N,2D) for dL/dx
+// and s = g^T a (kt,2D) for the tile's rows of dL/dmu, dL/dlog_var.  When both
+// class gradients are wanted, b and s live in those rows of the gradients
+// themselves.  Live memory: the outputs, a and t (N,2D) and the tile's g (N,kt)
+// (plus b and s of a tile when only one class gradient is wanted); never (K,2D)
+// and, without saved logits, never (N,K).
 std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& in, Coef cf, bool saved,
                                                int64_t impl, Mask mask) {
   const bool need_x = mask[0], need_mu = mask[1], need_s = mask[2] && !in.identity();
@@ -230,32 +233,63 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
     if (need_x) at::sub_out(gx, in.x * rowsum, gmu_acc);
     return {gx, gmu, gs};
   }
-  Tensor a = at::empty({in.N, 2 * in.D}, in.x.options());
-  be.gemm_operands(in, a, 0, 0, none, none);
-  Tensor t = need_x ? at::zeros({in.N, 2 * in.D}, in.x.options()) : Tensor();
-  Tensor b = (need_x || recompute) ? at::empty({tile, 2 * in.D}, in.x.options()) : Tensor();
-  Tensor c = b.defined() ? at::empty({tile}, in.x.options()) : Tensor();
+  const int64_t D = in.D;
+  Tensor a = at::empty({in.N, 2 * D}, in.x.options());
+  be.gemm_operands(in, a, 0, 0, none, none, none);
+  const Tensor a1 = a.narrow(1, 0, D), a2 = a.narrow(1, D, D);
+  // With both class gradients wanted, a tile's rows of grad_mu and grad_s are free until its class
+  // gradients are written, so they hold the tile's b (b1 = mu w, b2 = w) and then its moments s = g^T a:
+  // no (tile, 2D) temporaries, and the live memory is the outputs, a, t and the tile's g.
+  const bool in_grads = need_mu && need_s;
+  const bool need_b = need_x || recompute;
+  Tensor t = need_x ? at::zeros({in.N, 2 * D}, in.x.options()) : Tensor();
+  Tensor t1 = need_x ? t.narrow(1, 0, D) : Tensor(), t2 = need_x ? t.narrow(1, D, D) : Tensor();
+  Tensor b = need_b && !in_grads ? at::empty({tile, 2 * D}, in.x.options()) : Tensor();
+  Tensor c = need_b ? at::empty({tile}, in.x.options()) : Tensor();
   for (int64_t k0 = 0; k0 < in.K; k0 += tile) {
     const int64_t kt = std::min(tile, in.K - k0);
     cf.k0 = k0, cf.kt = kt;
-    Tensor bt = b.defined() ? b.narrow(0, 0, kt) : Tensor();
-    if (bt.defined()) {
+    Tensor b1, b2;
+    if (need_b) {
+      if (in_grads) {
+        b1 = gmu.narrow(0, k0, kt), b2 = gs.narrow(0, k0, kt);
+      } else {
+        b1 = b.narrow(0, 0, kt).narrow(1, 0, D), b2 = b.narrow(0, 0, kt).narrow(1, D, D);
+      }
       Tensor ct = c.narrow(0, 0, kt);
-      be.gemm_operands(in, none, k0, kt, bt, ct);
+      be.gemm_operands(in, none, k0, kt, b1, b2, ct);
       if (recompute) cf.c = ct;
     }
     if (recompute) {
-      cf.logits = at::mm(a, bt.t());
+      cf.logits = in_grads ? at::addmm(at::mm(a1, b1.t()), a2, b2.t()) : at::mm(a, b.narrow(0, 0, kt).t());
     } else if (loss_mode) {
       cf.logits = full_logits.narrow(1, k0, kt);
     }
     if (full_grad_logits.defined()) cf.grad_logits = full_grad_logits.narrow(1, k0, kt);
     Tensor g = at::empty({in.N, kt}, in.x.options());
     be.coefficients(in, cf, g, r);
-    if (need_x) t.addmm_(g, bt);
-    if (need_class) be.gemm_class_grads(in, k0, kt, at::mm(g.t(), a), g, r, gmu_out, gs_out);
+    if (need_x) {
+      if (in_grads) {
+        t1.addmm_(g, b1);
+        t2.addmm_(g, b2);
+      } else {
+        t.addmm_(g, b.narrow(0, 0, kt));
+      }
+    }
+    if (need_class) {
+      Tensor s1, s2;
+      if (in_grads) {  // b is spent: the moments overwrite it
+        s1 = gmu.narrow(0, k0, kt), s2 = gs.narrow(0, k0, kt);
+        at::mm_out(s1, g.t(), a1);
+        at::mm_out(s2, g.t(), a2);
+      } else {
+        Tensor s = at::mm(g.t(), a);
+        s1 = s.narrow(1, 0, D), s2 = s.narrow(1, D, D);
+      }
+      be.gemm_class_grads(in, k0, kt, s1, s2, g, r, gmu_out, gs_out);
+    }
   }
-  if (need_x) be.gemm_grad_x(in, t, gx);
+  if (need_x) be.gemm_grad_x(in, t1, t2, gx);
   return {gx, gmu, gs};
 }
 

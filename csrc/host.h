@@ -25,7 +25,8 @@ constexpr int64_t kDirectMaxKD = 8192;
 
 // GEMM path: classes are processed in tiles so that no (K, 2D) operand or
 // moment matrix is ever materialised; a tile's temporaries (b (kt,2D), its
-// moments (kt,2D), g and m (N,kt)) hold about this many elements (16 MiB in float32: few enough
+// moments (kt,2D) -- in the backward usually held in the gradients' rows -- g and m (N,kt)) hold about
+// this many elements (16 MiB in float32: few enough
 // tiles that the per-tile parallel regions and GEMM calls stay cheap on a busy 2-core CPU).
 constexpr int64_t kTileElems = int64_t(1) << 22;
 int64_t gemm_tile(int64_t N, int64_t K, int64_t D);
@@ -103,15 +104,20 @@ struct Backend {
   void (*check_labels)(const Inputs& in);
   // w = exp(-s) (K,D; skipped when w is undefined) and hl = 0.5 sum_j s (K), one pass.
   void (*class_tables)(const Tensor& s, Tensor& w, Tensor& hl);
-  // GEMM path (diagonal covariance), see math.h: operand a (N,2D) when defined,
-  // operand b (kt,2D) and c (kt) of classes [k0, k0 + kt) when b is defined.
-  void (*gemm_operands)(const Inputs& in, Tensor& a, int64_t k0, int64_t kt, Tensor& b, Tensor& c);
-  // grad_x from t = g b (N,2D).
-  void (*gemm_grad_x)(const Inputs& in, const Tensor& t, Tensor& grad_x);
-  // Rows [k0, k0 + kt) of grad_mu, grad_s (either may be undefined) from the
-  // tile's moments s = g^T a (kt,2D), its coefficients g (N,kt) and r.
-  void (*gemm_class_grads)(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g,
-                           const Tensor& r, Tensor& grad_mu, Tensor& grad_s);
+  // GEMM path (diagonal covariance), see math.h.  Its (rows, 2D) matrices are passed as their two
+  // (rows, D) halves: views with unit column stride and one common row stride -- the halves of one
+  // matrix, or two separate blocks (the tile's rows of grad_mu and grad_s, which serve as b's and s's
+  // storage until the class gradients are written; host.cpp grads_tiled).
+  // Operand a (N,2D) when defined; operand b's halves b1, b2 (kt,D) and c (kt) of classes
+  // [k0, k0 + kt) when b1 is defined.
+  void (*gemm_operands)(const Inputs& in, Tensor& a, int64_t k0, int64_t kt, Tensor& b1, Tensor& b2, Tensor& c);
+  // grad_x from the halves of t = g b (N rows).
+  void (*gemm_grad_x)(const Inputs& in, const Tensor& t1, const Tensor& t2, Tensor& grad_x);
+  // Rows [k0, k0 + kt) of grad_mu, grad_s (either may be undefined) from the halves of the tile's
+  // moments s = g^T a (kt rows), its coefficients g (N,kt) and r.  s may be those very rows of
+  // grad_mu / grad_s: every element of s is read before the same element of the output is written.
+  void (*gemm_class_grads)(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1, const Tensor& s2,
+                           const Tensor& g, const Tensor& r, Tensor& grad_mu, Tensor& grad_s);
 };
 
 // A backend's kernels for one accumulation type (float or double): each backend's one dtype

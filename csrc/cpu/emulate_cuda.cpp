@@ -244,7 +244,7 @@ void operands_t(const Args<T>& a) {
       Lanes<T> c{};
       for (int l = 0; l < kWarp; ++l)
         for (int64_t j = l; j < D; j += kWarp)
-          operand_b(a.mu[kk * D + j], inv_var(a.s[kk * D + j]), a.op_b[k * 2 * D + j], a.op_b[k * 2 * D + D + j],
+          operand_b(a.mu[kk * D + j], inv_var(a.s[kk * D + j]), a.op_b[k * a.ld_b + j], a.op_b2[k * a.ld_b + j],
                     c[l]);
       a.op_c[k] = warp_sum(c)[0];
     });
@@ -255,7 +255,7 @@ void gemm_grad_x_t(const Args<T>& a) {
   const int64_t D = a.D;
   for_each_grid_stride(a.N * D, [&](int64_t i) {
     const int64_t n = i / D, j = i % D;
-    a.gx[i] = grad_x_from_moments(a.x[i], a.moments[n * 2 * D + j], a.moments[n * 2 * D + D + j]);
+    a.gx[i] = grad_x_from_moments(a.x[i], a.moments[n * a.ld_moments + j], a.moments2[n * a.ld_moments + j]);
   });
 }
 
@@ -275,7 +275,7 @@ void gemm_class_grads_t(Args<T> a) {
   for_each_grid_stride(kt * D, [&](int64_t i) {  // gemm_class_kernel
     const int64_t k = i / D, j = i % D, o = k0 * D + i;
     T A1, A2;
-    class_sums_from_moments(a.moments[k * 2 * D + j], a.moments[k * 2 * D + D + j], gsum[k], a.mu[o], A1, A2);
+    class_sums_from_moments(a.moments[k * a.ld_moments + j], a.moments2[k * a.ld_moments + j], gsum[k], a.mu[o], A1, A2);
     const T wj = inv_var(a.s[o]);
     if (a.gmu != nullptr) a.gmu[o] = grad_mu_final(A1, wj);
     if (a.gs != nullptr) a.gs[o] = grad_log_var_final(A2, wj, hsum[k]);
@@ -312,19 +312,19 @@ void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
 }
 
 template <typename scalar_t>
-void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& op_b, Tensor& c) {
-  operands_t(operand_args<scalar_t>(in, op_a, k0, kt, op_b, c));
+void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& b1, Tensor& b2, Tensor& c) {
+  operands_t(operand_args<scalar_t>(in, op_a, k0, kt, b1, b2, c));
 }
 
 template <typename scalar_t>
-void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
-  gemm_grad_x_t(grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t));
+void gemm_grad_x(const Inputs& in, const Tensor& t1, const Tensor& t2, Tensor& grad_x) {
+  gemm_grad_x_t(grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t1, t2));
 }
 
 template <typename scalar_t>
-void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g, const Tensor& r,
-                      Tensor& grad_mu, Tensor& grad_s) {
-  gemm_class_grads_t(grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt));
+void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1, const Tensor& s2,
+                      const Tensor& g, const Tensor& r, Tensor& grad_mu, Tensor& grad_s) {
+  gemm_class_grads_t(grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s1, s2, k0, kt));
 }
 
 bool set_cuda_emulation(bool on) { return g_emulate.exchange(on); }

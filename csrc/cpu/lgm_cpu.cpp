@@ -396,10 +396,10 @@ LGM_ALWAYS_INLINE void operands_b_block_t(const Args<T>& a, int64_t b, int64_t e
   const int64_t D = a.D;
   for (int64_t k = b; k < e; ++k) {
     const T *muk = a.mu + (a.k0 + k) * D, *sk = a.s + (a.k0 + k) * D;
-    T* br = a.op_b + k * 2 * D;
+    T *b1 = a.op_b + k * a.ld_b, *b2 = a.op_b2 + k * a.ld_b;
     T c = T(0);
     LGM_SIMD_SUM(c)
-    for (int64_t j = 0; j < D; ++j) operand_b(muk[j], inv_var(sk[j]), br[j], br[D + j], c);
+    for (int64_t j = 0; j < D; ++j) operand_b(muk[j], inv_var(sk[j]), b1[j], b2[j], c);
     a.op_c[k] = c;
   }
 }
@@ -408,14 +408,15 @@ template <typename T>
 LGM_ALWAYS_INLINE void gemm_grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
   for (int64_t n = b; n < e; ++n) {
-    const T *xr = a.x + n * D, *tr = a.moments + n * 2 * D;
+    const T *xr = a.x + n * D, *t1 = a.moments + n * a.ld_moments, *t2 = a.moments2 + n * a.ld_moments;
     T* out = a.gx + n * D;
     LGM_SIMD
-    for (int64_t j = 0; j < D; ++j) out[j] = grad_x_from_moments(xr[j], tr[j], tr[D + j]);
+    for (int64_t j = 0; j < D; ++j) out[j] = grad_x_from_moments(xr[j], t1[j], t2[j]);
   }
 }
 
-// Gradient rows of the tile's classes k0 + k, k in [b, e), from its moments (kt, 2D).
+// Gradient rows of the tile's classes k0 + k, k in [b, e), from its moments' halves (a row is read whole
+// before the same row of the gradients is written: the moments may live there).
 template <typename T>
 LGM_ALWAYS_INLINE void gemm_class_block_t(const Args<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
@@ -424,10 +425,11 @@ LGM_ALWAYS_INLINE void gemm_class_block_t(const Args<T>& a, int64_t b, int64_t e
   T* A2 = a2v.data();
   for (int64_t k = b; k < e; ++k) {
     const int64_t kk = a.k0 + k;
-    const T *sr = a.moments + k * 2 * D, *muk = a.mu + kk * D, *sk = a.s + kk * D;
+    const T *s1 = a.moments + k * a.ld_moments, *s2 = a.moments2 + k * a.ld_moments;
+    const T *muk = a.mu + kk * D, *sk = a.s + kk * D;
     const T gsum = a.gsum[k];
     LGM_SIMD
-    for (int64_t j = 0; j < D; ++j) class_sums_from_moments(sr[j], sr[D + j], gsum, muk[j], A1[j], A2[j]);
+    for (int64_t j = 0; j < D; ++j) class_sums_from_moments(s1[j], s2[j], gsum, muk[j], A1[j], A2[j]);
     class_final(a, kk, A1, A2, a.hsum[k], [&](int64_t j) { return inv_var(sk[j]); });
   }
 }
@@ -492,8 +494,8 @@ void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
 }
 
 template <typename scalar_t>
-void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& op_b, Tensor& c) {
-  auto a = operand_args<scalar_t>(in, op_a, k0, kt, op_b, c);
+void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& b1, Tensor& b2, Tensor& c) {
+  auto a = operand_args<scalar_t>(in, op_a, k0, kt, b1, b2, c);
   if (a.op_a != nullptr)
     at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { operands_a_block(a, b, e); });
   if (a.op_b != nullptr)
@@ -501,15 +503,15 @@ void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tenso
 }
 
 template <typename scalar_t>
-void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
-  auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
+void gemm_grad_x(const Inputs& in, const Tensor& t1, const Tensor& t2, Tensor& grad_x) {
+  auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t1, t2);
   at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { gemm_grad_x_block(a, b, e); });
 }
 
 template <typename scalar_t>
-void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g, const Tensor& r,
-                      Tensor& grad_mu, Tensor& grad_s) {
-  auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt);
+void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1, const Tensor& s2,
+                      const Tensor& g, const Tensor& r, Tensor& grad_mu, Tensor& grad_s) {
+  auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s1, s2, k0, kt);
   std::vector<scalar_t> gsum(kt), hsum(kt);
   coefficient_column_sums(a, gsum.data(), hsum.data());
   a.gsum = gsum.data(), a.hsum = hsum.data();

@@ -234,7 +234,7 @@ __global__ void operands_b_kernel(Args<T> a) {
   const int64_t D = a.D, kk = a.k0 + k;
   T c = T(0);
   for (int64_t j = lane; j < D; j += kWarp)
-    operand_b(a.mu[kk * D + j], inv_var(a.s[kk * D + j]), a.op_b[k * 2 * D + j], a.op_b[k * 2 * D + D + j], c);
+    operand_b(a.mu[kk * D + j], inv_var(a.s[kk * D + j]), a.op_b[k * a.ld_b + j], a.op_b2[k * a.ld_b + j], c);
   c = warp_sum(c);
   if (lane == 0) a.op_c[k] = c;
 }
@@ -245,7 +245,7 @@ __global__ void gemm_grad_x_kernel(Args<T> a) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.N * D;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / D, j = i % D;
-    a.gx[i] = grad_x_from_moments(a.x[i], a.moments[n * 2 * D + j], a.moments[n * 2 * D + D + j]);
+    a.gx[i] = grad_x_from_moments(a.x[i], a.moments[n * a.ld_moments + j], a.moments2[n * a.ld_moments + j]);
   }
 }
 
@@ -272,7 +272,7 @@ __global__ void gemm_class_kernel(Args<T> a) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = i / D, j = i % D, o = a.k0 * D + i;
     T A1, A2;
-    class_sums_from_moments(a.moments[k * 2 * D + j], a.moments[k * 2 * D + D + j], a.gsum[k], a.mu[o], A1, A2);
+    class_sums_from_moments(a.moments[k * a.ld_moments + j], a.moments2[k * a.ld_moments + j], a.gsum[k], a.mu[o], A1, A2);
     const T wj = inv_var(a.s[o]);
     if (a.gmu != nullptr) a.gmu[o] = grad_mu_final(A1, wj);
     if (a.gs != nullptr) a.gs[o] = grad_log_var_final(A2, wj, a.hsum[k]);
@@ -343,8 +343,8 @@ void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
 }
 
 template <typename scalar_t>
-void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& op_b, Tensor& c) {
-  auto a = operand_args<scalar_t>(in, op_a, k0, kt, op_b, c);
+void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& b1, Tensor& b2, Tensor& c) {
+  auto a = operand_args<scalar_t>(in, op_a, k0, kt, b1, b2, c);
   if (a.op_a != nullptr) {
     operands_a_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -356,16 +356,16 @@ void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tenso
 }
 
 template <typename scalar_t>
-void gemm_grad_x(const Inputs& in, const Tensor& t, Tensor& grad_x) {
-  auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t);
+void gemm_grad_x(const Inputs& in, const Tensor& t1, const Tensor& t2, Tensor& grad_x) {
+  auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t1, t2);
   gemm_grad_x_kernel<scalar_t><<<elem_grid(in.N * in.D), kThreads, 0, stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s, const Tensor& g, const Tensor& r,
-                      Tensor& grad_mu, Tensor& grad_s) {
-  auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s, k0, kt);
+void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1, const Tensor& s2,
+                      const Tensor& g, const Tensor& r, Tensor& grad_mu, Tensor& grad_s) {
+  auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s1, s2, k0, kt);
   Tensor sums = at::empty({2, kt}, in.x.options());
   scalar_t* gsum = sums.data_ptr<scalar_t>();
   column_sums_kernel<scalar_t><<<elem_grid(kt), kThreads, 0, stream()>>>(a, gsum, gsum + kt);
