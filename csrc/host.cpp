@@ -173,9 +173,9 @@ Tensor compute_logits(const Backend& be, const Inputs& in, double alpha, double 
 // expansion m = a b^T recomputed by GEMM; then t += g b (N,2D) for dL/dx
 // and s = g^T a (kt,2D) for the tile's rows of dL/dmu, dL/dlog_var.  When both
 // class gradients are wanted, b and s live in those rows of the gradients
-// themselves.  Live memory: the outputs, a and t (N,2D) and the tile's g (N,kt)
-// (plus b and s of a tile when only one class gradient is wanted); never (K,2D)
-// and, without saved logits, never (N,K).
+// themselves (below).  Live memory: the outputs, x^2 and half of t (N,D) and the
+// tile's g (N,kt) -- with only one class gradient wanted, a and t (N,2D) and a
+// tile's b and s; never (K,2D) and, without saved logits, never (N,K).
 std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& in, Coef cf, bool saved,
                                                int64_t impl, Mask mask) {
   const bool need_x = mask[0], need_mu = mask[1], need_s = mask[2] && !in.identity();
@@ -234,16 +234,28 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
     return {gx, gmu, gs};
   }
   const int64_t D = in.D;
-  Tensor a = at::empty({in.N, 2 * D}, in.x.options());
-  be.gemm_operands(in, a, 0, 0, none, none, none);
-  const Tensor a1 = a.narrow(1, 0, D), a2 = a.narrow(1, D, D);
-  // With both class gradients wanted, a tile's rows of grad_mu and grad_s are free until its class
-  // gradients are written, so they hold the tile's b (b1 = mu w, b2 = w) and then its moments s = g^T a:
-  // no (tile, 2D) temporaries, and the live memory is the outputs, a, t and the tile's g.
+  // With both class gradients wanted (the usual case), a tile's rows of grad_mu and grad_s are free until
+  // its class gradients are written, so they hold the tile's b (b1 = mu w, b2 = w) and then its moments
+  // s = g^T a; a = [-2x | x^2] is replaced by x (the -2 goes into the GEMMs' alpha: exact) and x^2; t's
+  // first half accumulates in grad_x.  Live memory: the outputs, x^2 and t2 (N,D), the tile's g (N,kt).
   const bool in_grads = need_mu && need_s;
   const bool need_b = need_x || recompute;
-  Tensor t = need_x ? at::zeros({in.N, 2 * D}, in.x.options()) : Tensor();
-  Tensor t1 = need_x ? t.narrow(1, 0, D) : Tensor(), t2 = need_x ? t.narrow(1, D, D) : Tensor();
+  Tensor a, a1, a2;  // a's halves (a1 = -2x only when a is built)
+  if (in_grads) {
+    a2 = in.x.square();
+  } else {
+    a = at::empty({in.N, 2 * D}, in.x.options());
+    be.gemm_operands(in, a, 0, 0, none, none, none);
+    a1 = a.narrow(1, 0, D), a2 = a.narrow(1, D, D);
+  }
+  Tensor t, t1, t2;  // the halves of t = g b
+  if (need_x && in_grads) {
+    gx.zero_();
+    t1 = gx, t2 = at::zeros({in.N, D}, in.x.options());
+  } else if (need_x) {
+    t = at::zeros({in.N, 2 * D}, in.x.options());
+    t1 = t.narrow(1, 0, D), t2 = t.narrow(1, D, D);
+  }
   Tensor b = need_b && !in_grads ? at::empty({tile, 2 * D}, in.x.options()) : Tensor();
   Tensor c = need_b ? at::empty({tile}, in.x.options()) : Tensor();
   for (int64_t k0 = 0; k0 < in.K; k0 += tile) {
@@ -260,15 +272,15 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
       be.gemm_operands(in, none, k0, kt, b1, b2, ct);
       if (recompute) cf.c = ct;
     }
-    if (recompute) {
-      cf.logits = in_grads ? at::addmm(at::mm(a1, b1.t()), a2, b2.t()) : at::mm(a, b.narrow(0, 0, kt).t());
+    if (recompute) {  // m = a b^T
+      cf.logits = in_grads ? at::addmm(at::mm(a2, b2.t()), in.x, b1.t(), 1, -2) : at::mm(a, b.narrow(0, 0, kt).t());
     } else if (loss_mode) {
       cf.logits = full_logits.narrow(1, k0, kt);
     }
     if (full_grad_logits.defined()) cf.grad_logits = full_grad_logits.narrow(1, k0, kt);
     Tensor g = at::empty({in.N, kt}, in.x.options());
     be.coefficients(in, cf, g, r);
-    if (need_x) {
+    if (need_x) {  // t += g b
       if (in_grads) {
         t1.addmm_(g, b1);
         t2.addmm_(g, b2);
@@ -276,20 +288,20 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
         t.addmm_(g, b.narrow(0, 0, kt));
       }
     }
-    if (need_class) {
+    if (need_class) {  // s = g^T a
       Tensor s1, s2;
       if (in_grads) {  // b is spent: the moments overwrite it
         s1 = gmu.narrow(0, k0, kt), s2 = gs.narrow(0, k0, kt);
-        at::mm_out(s1, g.t(), a1);
+        s1.addmm_(g.t(), in.x, /*beta=*/0, /*alpha=*/-2);
         at::mm_out(s2, g.t(), a2);
       } else {
-        Tensor s = at::mm(g.t(), a);
-        s1 = s.narrow(1, 0, D), s2 = s.narrow(1, D, D);
+        Tensor st = at::mm(g.t(), a);
+        s1 = st.narrow(1, 0, D), s2 = st.narrow(1, D, D);
       }
       be.gemm_class_grads(in, k0, kt, s1, s2, g, r, gmu_out, gs_out);
     }
   }
-  if (need_x) be.gemm_grad_x(in, t1, t2, gx);
+  if (need_x) be.gemm_grad_x(in, t1, t2, gx);  // t1 may be gx itself: read before written, per element
   return {gx, gmu, gs};
 }
 

@@ -111,7 +111,8 @@ struct Backend {
   // Operand a (N,2D) when defined; operand b's halves b1, b2 (kt,D) and c (kt) of classes
   // [k0, k0 + kt) when b1 is defined.
   void (*gemm_operands)(const Inputs& in, Tensor& a, int64_t k0, int64_t kt, Tensor& b1, Tensor& b2, Tensor& c);
-  // grad_x from the halves of t = g b (N rows).
+  // grad_x from the halves of t = g b (N rows); t1 may be grad_x itself (each element is read before it
+  // is written).
   void (*gemm_grad_x)(const Inputs& in, const Tensor& t1, const Tensor& t2, Tensor& grad_x);
   // Rows [k0, k0 + kt) of grad_mu, grad_s (either may be undefined) from the halves of the tile's
   // moments s = g^T a (kt rows), its coefficients g (N,kt) and r.  s may be those very rows of

@@ -141,12 +141,20 @@ def naive_fits(n, k, d, itemsize=4, device="cpu") -> bool:
     return need < 0.5 * total
 
 
-def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu", dtype=torch.float32) -> float:
-    """Extra peak memory of one forward+backward after a warm-up step, in MiB."""
+def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu", dtype=torch.float32,
+                    runs: int = 2) -> float:
+    """Peak memory of one forward+backward after a warm-up step, in MiB: everything the step allocates,
+    the gradients it returns included.  The warm-up's gradients are dropped before the baseline: held in
+    it and freed inside the step, they would be subtracted from the step's peak (on the CPU: or not, as
+    malloc happened to place them, which made the number swing by their size).  On the CPU the smallest
+    of ``runs`` fresh processes (the rest varies by 1-2 MiB between processes: BLAS and thread-pool
+    buffers)."""
     if device.startswith("cuda"):
         x, mu, s, y = _inputs(n, k, d, device, dtype)
         fn = lgm_impl(impl)
         _step(fn, x, mu, s, y)  # warm-up (a compile, lazy initialisation)
+        for t in (x, mu, s):
+            t.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -155,25 +163,28 @@ def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu", dtyp
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     # A fresh process; the kernel's peak-RSS counter is reset (clear_refs 5) just
     # before the step, so the import's own peak (and a compile) does not hide the step's;
-    # malloc's mmap threshold is set to 0 (M_MMAP_THRESHOLD) so no freed heap hides it either.
+    # malloc's mmap threshold is set to 0 (M_MMAP_THRESHOLD) so no freed heap hides it either:
+    # every allocation from then on is its own mapping, returned to the system when freed.
     code = (
         "import torch, lgm_lab.bench as b\n"
         f"x, mu, s, y = b._inputs({n}, {k}, {d}, 'cpu', {dtype})\n"
         "b.flush_denormals()\n"
         f"fn = b.lgm_impl({impl!r})\n"
-        + "b._step(fn, x, mu, s, y)\n"  # a warm-up step: one-time costs (thread pools, a compile) are not the step's
-        # every allocation from here on is its own mapping, returned to the system when freed: the
-        # high-water mark then counts the step's own peak even where a warm-up left freed heap behind
-        + "import ctypes\nlibc = ctypes.CDLL('libc.so.6')\nlibc.mallopt(-3, 0)\nlibc.malloc_trim(0)\n"
-        + "def kib(f):\n"
+        "b._step(fn, x, mu, s, y)\n"  # a warm-up step: one-time costs (thread pools, a compile) are not the step's
+        "for t in (x, mu, s):\n    t.grad = None\n"
+        "import ctypes\nlibc = ctypes.CDLL('libc.so.6')\nlibc.mallopt(-3, 0)\nlibc.malloc_trim(0)\n"
+        "def kib(f):\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(f))\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "r0 = kib('VmRSS:')\n"
         "b._step(fn, x, mu, s, y)\n"
         "print(kib('VmHWM:') - r0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
+    peaks = []
+    for _ in range(max(1, runs)):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        peaks.append(int(out.stdout.strip().splitlines()[-1]) / 1024.0)
+    return min(peaks)
 
 
 def sgemm_gflops(m: int, n: int, kk: int, device: str = "cpu", repeats: int = 5) -> float:
