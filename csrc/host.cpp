@@ -201,7 +201,11 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
   const bool loss_mode = cf.stats.defined();
   const bool recompute = loss_mode && !saved;
   const Tensor full_logits = cf.logits, full_grad_logits = cf.grad_logits;
-  const int64_t tile = gemm_tile(in.N, in.K, in.D);
+  // With saved logits and both class gradients wanted, a tile's only temporary is its g (N, kt): tiles of
+  // at most max(256, D) classes keep it no larger than the (N, D) buffers.
+  const int64_t tile = saved && mask[1] && mask[2] && !in.identity()
+                           ? std::min(gemm_tile(in.N, in.K, in.D), std::max<int64_t>(256, in.D))
+                           : gemm_tile(in.N, in.K, in.D);
   Tensor none;
   if (in.identity()) {
     // dx = x * rowsum(g) - g mu ;  dmu = mu * colsum(g) - g^T x ;  m = sum x^2 - 2 x mu^T
