@@ -20,8 +20,8 @@ namespace {
 using namespace lgm_ext::math;
 using cpu::grain;
 
-// One row of logits from its distances; shared by the direct and GEMM paths.
-// dist(k) returns d[n,k] (and may read the row before it is overwritten, so
+// One row of logits from its distances (the GEMM path; block_rows below does the
+// same for the direct path, kRows rows at a time).  dist(k) returns d[n,k] (and may read the row before it is overwritten, so
 // d_y is taken first).  The row is written (free logits, or margin logits when
 // margin_out), then lse and 1 - P[n,y] over the margin logits in two passes.
 template <typename T, typename Dist>
