@@ -203,9 +203,10 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
   const Tensor full_logits = cf.logits, full_grad_logits = cf.grad_logits;
   // With saved logits and both class gradients wanted, a tile's only temporary is its g (N, kt): tiles of
   // at most max(256, D) classes keep it no larger than the (N, D) buffers.
-  const int64_t tile = saved && mask[1] && mask[2] && !in.identity()
-                           ? std::min(gemm_tile(in.N, in.K, in.D), std::max<int64_t>(256, in.D))
-                           : gemm_tile(in.N, in.K, in.D);
+  // (in_grads: see below.)
+  const bool in_grads = need_mu && need_s;
+  const int64_t tile = saved && in_grads ? std::min(gemm_tile(in.N, in.K, in.D), std::max<int64_t>(256, in.D))
+                                         : gemm_tile(in.N, in.K, in.D);
   Tensor none;
   if (in.identity()) {
     // dx = x * rowsum(g) - g mu ;  dmu = mu * colsum(g) - g^T x ;  m = sum x^2 - 2 x mu^T
@@ -242,15 +243,13 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
   // its class gradients are written, so they hold the tile's b (b1 = mu w, b2 = w) and then its moments
   // s = g^T a; a = [-2x | x^2] is replaced by x (the -2 goes into the GEMMs' alpha: exact) and x^2; t's
   // first half accumulates in grad_x.  Live memory: the outputs, x^2 and t2 (N,D), the tile's g (N,kt).
-  const bool in_grads = need_mu && need_s;
   const bool need_b = need_x || recompute;
-  Tensor a, a1, a2;  // a's halves (a1 = -2x only when a is built)
+  Tensor a, xsq;  // a = [-2x | x^2] without in_grads; with it, x and x^2
   if (in_grads) {
-    a2 = in.x.square();
+    xsq = in.x.square();
   } else {
     a = at::empty({in.N, 2 * D}, in.x.options());
     be.gemm_operands(in, a, 0, 0, none, none, none);
-    a1 = a.narrow(1, 0, D), a2 = a.narrow(1, D, D);
   }
   Tensor t, t1, t2;  // the halves of t = g b
   if (need_x && in_grads) {
@@ -277,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
       if (recompute) cf.c = ct;
     }
     if (recompute) {  // m = a b^T
-      cf.logits = in_grads ? at::addmm(at::mm(a2, b2.t()), in.x, b1.t(), 1, -2) : at::mm(a, b.narrow(0, 0, kt).t());
+      cf.logits = in_grads ? at::addmm(at::mm(xsq, b2.t()), in.x, b1.t(), 1, -2) : at::mm(a, b.narrow(0, 0, kt).t());
     } else if (loss_mode) {
       cf.logits = full_logits.narrow(1, k0, kt);
     }
@@ -297,7 +296,7 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
       if (in_grads) {  // b is spent: the moments overwrite it
         s1 = gmu.narrow(0, k0, kt), s2 = gs.narrow(0, k0, kt);
         s1.addmm_(g.t(), in.x, /*beta=*/0, /*alpha=*/-2);
-        at::mm_out(s2, g.t(), a2);
+        at::mm_out(s2, g.t(), xsq);
       } else {
         Tensor st = at::mm(g.t(), a);
         s1 = st.narrow(1, 0, D), s2 = st.narrow(1, D, D);
