@@ -8,7 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 JOBS   ?= 2
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test bench build-cpu clean
+.PHONY: install demo test lint bench build-cpu clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# ruff (configured in pyproject.toml); the test suite runs it too (tests/test_layout.py).
+lint: install
+	$(VENV)/bin/ruff check .
 
 bench: install
 	$(PY) benchmarks/bench_lgm.py --write

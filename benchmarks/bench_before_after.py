@@ -6,8 +6,8 @@
 Each side runs in its own subprocess (two builds of one extension cannot share a process), and
 the sides alternate round by round (before, after, before, after, ...), so both see the same
 machine conditions; times are the median over all rounds and the ratio is after/before.  Peak
-memory is lgm_lab.bench.peak_memory_mib (lgm_ext.bench before issue 9) (growth of the resident-set high-water mark over one
-forward+backward in a fresh process).  Denormals are flushed on every thread.  N=256, float32,
+memory is lgm_lab.bench.peak_memory_mib (growth of the resident-set high-water mark over one forward+backward
+in a fresh process); both checkouts must have it (lgm-ext 0.2 and later).  Denormals are flushed on every thread.  N=256, float32,
 alpha=1, lambda_=0.1, diagonal covariance, inputs from the same bench module's _inputs.
 """
 import argparse
@@ -23,10 +23,7 @@ SIZES = [(10, 100), (1000, 512), (10575, 512), (100000, 128)]
 CHILD = r"""
 import json, sys, time, torch
 import lgm_ext
-try:  # the benchmark module moved to the lab (issue 9)
-    import lgm_lab.bench as b
-except ImportError:
-    import lgm_ext.bench as b
+import lgm_lab.bench as b
 n, k, d, reps, mem = (int(v) for v in sys.argv[1:6])
 b.flush_denormals(True)
 x, mu, s, y = b._inputs(n, k, d, 'cpu', torch.float32)

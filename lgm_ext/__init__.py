@@ -12,7 +12,7 @@ from ._ops import DIRECT_MAX_KD, IMPLS, has_cuda_kernels
 from ._version import __version__
 from .functional import lgm_log_likelihood, lgm_logits, lgm_loss, lgm_loss_and_logits, pgd_step, pgd_step_
 from .inverse import InverseAdversaryCenterLoss, inverse_adversary_features
-from .modules import CenterLoss, LGMLoss, param_groups
+from .modules import CenterLoss, Classifier, LGMLoss, param_groups
 
 __all__ = [
     "lgm_loss",
@@ -23,6 +23,7 @@ __all__ = [
     "pgd_step_",
     "LGMLoss",
     "CenterLoss",
+    "Classifier",
     "InverseAdversaryCenterLoss",
     "inverse_adversary_features",
     "param_groups",

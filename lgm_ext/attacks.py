@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .defaults import INVERSE_EPS, INVERSE_STEP, INVERSE_STEPS
 from .functional import lgm_loss, pgd_step, pgd_step_
 
 __all__ = ["Attack", "FGSM", "TargetedFGSM", "PGD", "InversePGD", "LGMClassificationLoss", "second_most_likely",
@@ -181,10 +182,10 @@ class PGD(Attack):
 
 class InversePGD(PGD):
     """Inverse adversary (report Eq. 3): PGD that *descends* the loss of the true
-    label inside a small ball -- defaults eps'=4/255, 5 steps of alpha'=2/255,
-    starting at x (no random start unless asked)."""
+    label inside a small ball -- defaults (:mod:`lgm_ext.defaults`) eps'=4/255, 5 steps of
+    alpha'=2/255, starting at x (no random start unless asked)."""
 
-    def __init__(self, model, eps: float = 4 / 255, alpha: float = 2 / 255, steps: int = 5, *,
+    def __init__(self, model, eps: float = INVERSE_EPS, alpha: float = INVERSE_STEP, steps: int = INVERSE_STEPS, *,
                  random_start: bool = False, **kw) -> None:
         super().__init__(model, eps, alpha, steps, random_start=random_start, **kw)
 

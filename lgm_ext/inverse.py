@@ -32,32 +32,24 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import InversePGD, eval_mode
+from .defaults import INVERSE_EPS, INVERSE_STEP, INVERSE_STEPS
 from .functional import check_labels
-from .modules import wen_update
+from .modules import Classifier, wen_update
 
 __all__ = ["InverseAdversaryCenterLoss", "inverse_adversary_features", "VARIANTS"]
 
 VARIANTS = ("class", "instance")
 
 
-class _Network(nn.Module):
-    """backbone then classifier: images -> logits (what the inverse attack descends)."""
-
-    def __init__(self, backbone: nn.Module, classifier: nn.Module) -> None:
-        super().__init__()
-        self.backbone, self.classifier = backbone, classifier
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.backbone(x))
-
-
 def inverse_adversary_features(backbone: nn.Module, classifier: nn.Module, images: Tensor, labels: Tensor, *,
-                               eps: float = 4 / 255, step_size: float = 2 / 255, steps: int = 5,
+                               eps: float = INVERSE_EPS, step_size: float = INVERSE_STEP,
+                               steps: int = INVERSE_STEPS,
                                lower: float = 0.0, upper: float = 1.0) -> Tensor:
     """Features ``backbone(x~)`` of the inverse adversaries ``x~`` of ``images`` (InversePGD on
-    ``classifier(backbone(.))`` with the true ``labels``), detached.  Both the attack and the feature
-    pass run in eval mode; every submodule's mode is restored afterwards."""
-    net = _Network(backbone, classifier)
+    :class:`lgm_ext.Classifier` ``(backbone, classifier)`` with the true ``labels``; ``classifier`` maps
+    features to logits, or is a head with a ``logits`` method), detached.  Both the attack and the
+    feature pass run in eval mode; every submodule's mode is restored afterwards."""
+    net = Classifier(backbone, classifier)
     inv = InversePGD(net, eps=eps, alpha=step_size, steps=steps, lower=lower, upper=upper)(images, labels)
     with eval_mode(net), torch.no_grad():
         return backbone(inv).detach()
@@ -71,7 +63,8 @@ class InverseAdversaryCenterLoss(nn.Module):
     ``sync=True`` sums the center update over ``torch.distributed`` ranks (as :class:`CenterLoss`)."""
 
     def __init__(self, num_classes: int, feat_dim: int, *, variant: str = "class", alpha: float = 0.5,
-                 eps: float = 4 / 255, step_size: float = 2 / 255, steps: int = 5, lower: float = 0.0,
+                 eps: float = INVERSE_EPS, step_size: float = INVERSE_STEP, steps: int = INVERSE_STEPS,
+                 lower: float = 0.0,
                  upper: float = 1.0, sync: bool = False, group=None) -> None:
         super().__init__()
         if num_classes < 1 or feat_dim < 1:

@@ -5,9 +5,10 @@ import torch
 from torch import Tensor, nn
 
 from ._ops import IMPLS
+from .defaults import CENTER_RATE, HEAD_LR_MULT, LGM_ALPHA, LGM_LAMBDA, LOG_VAR_BOUND
 from .functional import _nonneg, check_labels, lgm_log_likelihood, lgm_logits, lgm_loss_and_logits
 
-__all__ = ["LGMLoss", "CenterLoss", "param_groups"]
+__all__ = ["LGMLoss", "CenterLoss", "Classifier", "param_groups"]
 
 
 class LGMLoss(nn.Module):
@@ -45,10 +46,10 @@ class LGMLoss(nn.Module):
         num_classes: int,
         feat_dim: int,
         *,
-        alpha: float = 1.0,
-        lambda_: float = 0.1,
+        alpha: float = LGM_ALPHA,
+        lambda_: float = LGM_LAMBDA,
         covariance: str = "diag",
-        log_var_bound: float = 6.0,
+        log_var_bound: float = LOG_VAR_BOUND,
         reduction: str = "mean",
         warmup_steps: int = 0,
         impl: str = "auto",
@@ -144,7 +145,7 @@ class CenterLoss(nn.Module):
     ranks), so the centers stay identical on every rank (a plain update lets them drift apart).
     """
 
-    def __init__(self, num_classes: int, feat_dim: int, *, alpha: float = 0.5, auto_update: bool = True,
+    def __init__(self, num_classes: int, feat_dim: int, *, alpha: float = CENTER_RATE, auto_update: bool = True,
                  sync: bool = False, group=None) -> None:
         super().__init__()
         if num_classes < 1 or feat_dim < 1:
@@ -204,7 +205,7 @@ def _params(obj) -> list:
     return [p for p in obj if p.requires_grad]
 
 
-def param_groups(backbone, head, *, lr: float, head_lr_mult: float = 10.0, weight_decay: float = 0.0,
+def param_groups(backbone, head, *, lr: float, head_lr_mult: float = HEAD_LR_MULT, weight_decay: float = 0.0,
                  head_weight_decay: float | None = None) -> list[dict]:
     """Optimizer parameter groups that train a head's class parameters faster than the network.
 
@@ -233,3 +234,34 @@ def param_groups(backbone, head, *, lr: float, head_lr_mult: float = 10.0, weigh
     if cls:
         groups.append({"params": cls, "lr": float(lr) * float(head_lr_mult), "weight_decay": float(head_weight_decay)})
     return groups
+
+
+class Classifier(nn.Module):
+    """A feature network followed by a head, as one model.
+
+    ``Classifier(backbone, head)(images)`` returns the logits: ``head.logits(backbone(images))`` when the
+    head has a ``logits`` method (:class:`LGMLoss`, the lab's heads), else ``head(backbone(images))`` (a
+    plain classifier layer such as ``nn.Linear``).  This is the "images -> logits" model that attacks
+    differentiate (:mod:`lgm_ext.attacks`, torchattacks): an L-GM backbone alone outputs features, and an
+    attack on features silently measures the wrong thing.
+
+    ``Classifier(backbone, head)(images, labels, **kwargs)`` returns the head's training output
+    ``head(backbone(images), labels, **kwargs)`` (for :class:`LGMLoss`: ``(loss, logits)``), so one module
+    holds both for ``DistributedDataParallel``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        if not callable(backbone) or not callable(head):
+            raise TypeError("backbone and head must be callables (modules) mapping images to features and "
+                            "features to logits")
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: Tensor, labels: Tensor | None = None, **kwargs):
+        features = self.backbone(images)
+        if labels is not None:
+            return self.head(features, labels, **kwargs)
+        if kwargs:
+            raise TypeError(f"keyword arguments ({', '.join(kwargs)}) are for the training form: pass labels too")
+        to_logits = getattr(self.head, "logits", None)
+        return to_logits(features) if callable(to_logits) else self.head(features)

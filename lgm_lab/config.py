@@ -5,19 +5,39 @@ datasets are keyed by the names defined here (a test checks they agree).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
+import runpy
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 __all__ = ["TrainConfig", "PRESETS", "DATASETS", "MODEL_NAMES", "HEAD_NAMES", "COVARIANCES", "SCHEDULES",
            "config_from_preset", "dataset_info", "config_fields", "REPRODUCE_PRESETS", "CLASS_NAMES",
-           "class_names"]
+           "class_names", "LIBRARY_DEFAULTS"]
 
-# name: (torchvision class name, channels, image size, classes)
+
+def _library_defaults() -> dict:
+    """The constants of ``lgm_ext/defaults.py``, read without importing ``lgm_ext`` (which loads torch):
+    the library and this configuration share one source for every default they both use."""
+    spec = importlib.util.find_spec("lgm_ext")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("lgm_ext is not installed (pip install lgm-ext)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "defaults.py"
+    return {k: v for k, v in runpy.run_path(str(path)).items() if k.isupper()}
+
+
+LIBRARY_DEFAULTS = _library_defaults()
+_D = LIBRARY_DEFAULTS
+# The lab's own defaults that the heads share with TrainConfig.
+CENTER_WEIGHT = 0.01  # lambda_c: softmax + lambda_c * center loss
+LSOFTMAX_M = 2
+
+# name: (torchvision class name, channels, image size, classes, training images, test images)
 DATASETS = {
-    "fashion-mnist": ("FashionMNIST", 1, 28, 10),
-    "mnist": ("MNIST", 1, 28, 10),
-    "cifar10": ("CIFAR10", 3, 32, 10),
+    "fashion-mnist": ("FashionMNIST", 1, 28, 10, 60000, 10000),
+    "mnist": ("MNIST", 1, 28, 10, 60000, 10000),
+    "cifar10": ("CIFAR10", 3, 32, 10, 50000, 10000),
 }
 MODEL_NAMES = ("lenetpp", "resnet20", "resnet56", "resnet110")
 HEAD_NAMES = ("softmax", "center", "lgm", "lsoftmax", "inverse-class", "inverse-instance")
@@ -47,8 +67,8 @@ def class_names(name: str) -> tuple[str, ...]:
 def dataset_info(name: str) -> dict:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    _cls, c, size, k = DATASETS[name]
-    return {"channels": c, "image_size": size, "num_classes": k}
+    _cls, c, size, k, n_train, n_test = DATASETS[name]
+    return {"channels": c, "image_size": size, "num_classes": k, "train_size": n_train, "test_size": n_test}
 
 
 def _opt(default, help: str, *, choices=None, flag: str | None = None):
@@ -75,15 +95,17 @@ class TrainConfig:
     feature_relu: bool = _opt(False, "ReLU after the feature layer (the L-GM paper's text; its authors' code has "
                                      "none, and it hurts L-GM: docs/SPEC.md section 5)")
     head: str = _opt("lgm", "classification head", choices=HEAD_NAMES)
-    alpha: float = _opt(1.0, "L-GM margin")
-    lambda_: float = _opt(0.1, "L-GM likelihood weight", flag="lambda")
+    alpha: float = _opt(_D["LGM_ALPHA"], "L-GM margin")
+    lambda_: float = _opt(_D["LGM_LAMBDA"], "L-GM likelihood weight", flag="lambda")
     covariance: str = _opt("diag", "L-GM covariance", choices=COVARIANCES)
-    lambda_c: float = _opt(0.01, "center-loss weight")
-    center_alpha: float = _opt(0.5, "center update rate (Wen et al. Eq. 4)")
-    lsoftmax_m: int = _opt(2, "L-Softmax multiplicative angular margin m (Liu et al. 2016)")
-    inverse_eps: float = _opt(4 / 255, "inverse-class/-instance heads: the inverse adversary's L-inf radius eps'")
-    inverse_step: float = _opt(2 / 255, "inverse-class/-instance heads: the inverse adversary's step size")
-    inverse_steps: int = _opt(5, "inverse-class/-instance heads: the inverse adversary's PGD steps (each step "
+    lambda_c: float = _opt(CENTER_WEIGHT, "center-loss weight")
+    center_alpha: float = _opt(_D["CENTER_RATE"], "center update rate (Wen et al. Eq. 4)")
+    lsoftmax_m: int = _opt(LSOFTMAX_M, "L-Softmax multiplicative angular margin m (Liu et al. 2016)")
+    inverse_eps: float = _opt(_D["INVERSE_EPS"], "inverse-class/-instance heads: the inverse adversary's L-inf "
+                                                 "radius eps'")
+    inverse_step: float = _opt(_D["INVERSE_STEP"], "inverse-class/-instance heads: the inverse adversary's step size")
+    inverse_steps: int = _opt(_D["INVERSE_STEPS"], "inverse-class/-instance heads: the inverse adversary's PGD steps "
+                                                   "(each step "
                                  "costs one more forward+backward pass per training step)")
     warmup_epochs: float = _opt(1.0, "L-GM: ramp alpha and lambda from 0 over this many epochs")
     epochs: int = _opt(25, "epochs")
@@ -92,7 +114,7 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(True, "Nesterov momentum")
     weight_decay: float = _opt(5e-4, "weight decay")
-    head_lr_mult: float = _opt(10.0, "learning-rate multiplier of the L-GM means and log-variances")
+    head_lr_mult: float = _opt(_D["HEAD_LR_MULT"], "learning-rate multiplier of the L-GM means and log-variances")
     head_weight_decay: float | None = _opt(None, "weight decay of the L-GM means and log-variances (default: "
                                                  "--weight-decay)")
     schedule: str = _opt("cyclic", "learning-rate schedule: cyclic (one cycle to the peak lr), step (x0.1 at 50% "

@@ -59,7 +59,8 @@ def _stage_idx(src: Path, root: Path, folder: str) -> bool:
                     shutil.copyfileobj(fin, fout)
         except (EOFError, OSError, gzip.BadGzipFile) as err:
             tmp.unlink(missing_ok=True)
-            raise DatasetUnavailable(f"cannot read {path}: {err} (a truncated or damaged file? fetch it again)") from err
+            raise DatasetUnavailable(f"cannot read {path}: {err} (a truncated or damaged file? fetch it "
+                                     "again)") from err
         os.replace(tmp, raw / f)
     return True
 

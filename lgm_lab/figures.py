@@ -112,7 +112,7 @@ def embedding_figure(model, head, x: Tensor, y: Tensor, path: Path, *, title: st
     if f.shape[1] != 2:
         raise ValueError(f"embedding figures need 2-D features, got {f.shape[1]}-D")
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    if getattr(head, "kind", "") == "lgm":
+    if getattr(head, "density_map", False):
         lo, hi = f.min(0).values, f.max(0).values
         pad = 0.1 * (hi - lo)
         gx, gy = torch.meshgrid(torch.linspace(lo[0] - pad[0], hi[0] + pad[0], 200),

@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgm_ext import CenterLoss, InverseAdversaryCenterLoss, LGMLoss
+from lgm_ext.defaults import CENTER_RATE, INVERSE_EPS, INVERSE_STEP, INVERSE_STEPS, LGM_ALPHA, LGM_LAMBDA
 
-from .config import HEAD_NAMES
+from .config import CENTER_WEIGHT, HEAD_NAMES, LSOFTMAX_M
 
 __all__ = ["Head", "SoftmaxHead", "CenterHead", "LGMHead", "InverseClassCenterHead", "InverseInstanceCenterHead",
            "build_head", "register_head", "HEADS"]
@@ -75,6 +76,11 @@ class Head(nn.Module, abc.ABC):
     kind: str = ""
     #: TrainConfig fields this head takes as keyword arguments.
     config_keys: tuple[str, ...] = ()
+    #: What :meth:`centers` holds, as the centers comparisons name it (None: the head has no centers).
+    centers_name: str | None = None
+    #: The head models the feature density: its log-likelihood map over a 2-D feature plane is worth
+    #: drawing, with adversarial examples on it (paper Fig. 1).
+    density_map: bool = False
 
     def __init__(self, feat_dim: int, num_classes: int) -> None:
         super().__init__()
@@ -92,6 +98,11 @@ class Head(nn.Module, abc.ABC):
 
     def predict(self, features: Tensor) -> Tensor:
         return self.logits(features).argmax(1)
+
+    @property
+    def label(self) -> str:
+        """A short name of this head and its defining setting (``lgm-a1`` for L-GM with alpha = 1)."""
+        return self.kind
 
     @abc.abstractmethod
     def log_score(self, features: Tensor) -> Tensor:
@@ -174,8 +185,10 @@ class _CenterScored(SoftmaxHead):
 @register_head("center")
 class CenterHead(_CenterScored):
     config_keys = ("lambda_c", "center_alpha")
+    centers_name = "center-loss centers"
 
-    def __init__(self, feat_dim: int, num_classes: int, *, lambda_c: float = 0.01, center_alpha: float = 0.5) -> None:
+    def __init__(self, feat_dim: int, num_classes: int, *, lambda_c: float = CENTER_WEIGHT,
+                 center_alpha: float = CENTER_RATE) -> None:
         super().__init__(feat_dim, num_classes)
         self.lambda_c = float(lambda_c)
         # sync: under data-parallel training the update sums over ranks (a no-op on one process)
@@ -192,12 +205,18 @@ class CenterHead(_CenterScored):
 @register_head("lgm")
 class LGMHead(Head):
     config_keys = ("alpha", "lambda_", "covariance", "warmup_steps")
+    centers_name = "L-GM means"
+    density_map = True
 
-    def __init__(self, feat_dim: int, num_classes: int, *, alpha: float = 1.0, lambda_: float = 0.1,
+    def __init__(self, feat_dim: int, num_classes: int, *, alpha: float = LGM_ALPHA, lambda_: float = LGM_LAMBDA,
                  covariance: str = "diag", warmup_steps: int = 0) -> None:
         super().__init__(feat_dim, num_classes)
         self.lgm = LGMLoss(num_classes, feat_dim, alpha=alpha, lambda_=lambda_, covariance=covariance,
                            warmup_steps=warmup_steps)
+
+    @property
+    def label(self) -> str:
+        return f"lgm-a{self.lgm.alpha:g}"
 
     def logits(self, features: Tensor) -> Tensor:
         return self.lgm.logits(features)
@@ -261,7 +280,7 @@ class LSoftmaxHead(Head):
     config_keys = ("lsoftmax_m", "warmup_steps")
     beta_base = 1000.0
 
-    def __init__(self, feat_dim: int, num_classes: int, *, lsoftmax_m: int = 2, warmup_steps: int = 0) -> None:
+    def __init__(self, feat_dim: int, num_classes: int, *, lsoftmax_m: int = LSOFTMAX_M, warmup_steps: int = 0) -> None:
         super().__init__(feat_dim, num_classes)
         if int(lsoftmax_m) != lsoftmax_m or lsoftmax_m < 1:
             raise ValueError(f"lsoftmax_m must be an integer >= 1, got {lsoftmax_m}")
@@ -318,17 +337,6 @@ class LSoftmaxHead(Head):
         return self.weight
 
 
-class _LogitsOf(nn.Module):
-    """features -> a head's logits, as a module (what an attack on backbone + head differentiates)."""
-
-    def __init__(self, head: Head) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.head.logits(features)
-
-
 class _InverseCenterHead(_CenterScored):
     """softmax + lambda_c * a center loss towards inverse-adversary features
     (:class:`lgm_ext.InverseAdversaryCenterLoss`); :meth:`prepare` generates the inverse adversaries
@@ -337,9 +345,12 @@ class _InverseCenterHead(_CenterScored):
 
     variant = ""
     config_keys = ("lambda_c", "center_alpha", "inverse_eps", "inverse_step", "inverse_steps")
+    centers_name = "learned inverse-adversary centers"
 
-    def __init__(self, feat_dim: int, num_classes: int, *, lambda_c: float = 0.01, center_alpha: float = 0.5,
-                 inverse_eps: float = 4 / 255, inverse_step: float = 2 / 255, inverse_steps: int = 5) -> None:
+    def __init__(self, feat_dim: int, num_classes: int, *, lambda_c: float = CENTER_WEIGHT,
+                 center_alpha: float = CENTER_RATE,
+                 inverse_eps: float = INVERSE_EPS, inverse_step: float = INVERSE_STEP,
+                 inverse_steps: int = INVERSE_STEPS) -> None:
         super().__init__(feat_dim, num_classes)
         self.lambda_c = float(lambda_c)
         self.inverse = InverseAdversaryCenterLoss(num_classes, feat_dim, variant=self.variant, alpha=center_alpha,
@@ -347,14 +358,15 @@ class _InverseCenterHead(_CenterScored):
                                                   sync=True)
 
     def prepare(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict:
-        return {"inverse_features": self.inverse.inverse_features(model, _LogitsOf(self), images, labels)}
+        return {"inverse_features": self.inverse.inverse_features(model, self, images, labels)}
 
     def forward(self, features: Tensor, labels: Tensor, inverse_features: Tensor | None = None):
         if inverse_features is None:
             raise ValueError(f"the {self.kind} head needs inverse_features: call head.prepare(model, images, labels) "
                              "first and pass its result (the training loop does)")
         logits = self.logits(features)
-        return F.cross_entropy(logits, labels) + self.lambda_c * self.inverse(features, labels, inverse_features), logits
+        pull = self.inverse(features, labels, inverse_features)
+        return F.cross_entropy(logits, labels) + self.lambda_c * pull, logits
 
     def centers(self) -> Tensor:
         return self.inverse.centers

@@ -160,3 +160,22 @@ def test_lenet_plus_plus_shapes():
     convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
     assert all(c.bias.abs().max() == 0 for c in convs)
+
+
+@pytest.mark.parametrize("name", ["FGSM", "TargetedFGSM", "PGD", "InversePGD"])
+def test_attacks_restore_each_submodules_mode(name):
+    from lgm_ext import attacks
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    model.train()
+    model[2].eval()
+    atk = getattr(attacks, name)(model, eps=0.1)
+    x, y = torch.rand(5, 1, 2, 2), torch.randint(0, 3, (5,))
+    if name == "PGD":
+        atk = attacks.PGD(model, eps=0.1, steps=2, seed=0)
+    atk(x, y)
+    assert [m.training for m in model.modules()] == [True, True, True, False, True, True]
+    model.eval()
+    model[3].train()
+    atk(x, y)
+    assert [m.training for m in model.modules()] == [False, False, False, False, True, False]

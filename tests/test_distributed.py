@@ -154,7 +154,9 @@ def test_two_rank_ddp_equals_one_process(src, tmp_path, head):
     """`lgm train --nproc 2` with the same global batch reaches the weights of the 1-process run; the
     center-loss centers (synced updates) and the L-GM step counter agree too."""
     from lgm_lab.config import config_from_preset
-    from lgm_lab.train import load_checkpoint, train, train_data_parallel
+    from lgm_lab.checkpoints import load_checkpoint
+    from lgm_lab.launch import train_data_parallel
+    from lgm_lab.train import train
 
     # two steps (float32 rounding differs between a batch of 32 and two of 16, and training amplifies it:
     # after 4 steps the centers agree only to ~1e-4)
@@ -208,7 +210,7 @@ def test_the_epoch_order_is_the_one_earlier_runs_trained_with(src):
 
     from lgm_lab.config import config_from_preset
     from lgm_lab.data import load_dataset
-    from lgm_lab.train import _loader
+    from lgm_lab.train import epoch_batches as _loader
 
     cfg = config_from_preset(None, subset=64, batch_size=24, data_dir=str(src), seed=3)
     ds = load_dataset(cfg.dataset, True, data_dir=cfg.data_dir, subset=64, seed=3)
@@ -224,7 +226,7 @@ def test_batchnorm_models_need_gpus_for_data_parallel(src, tmp_path):
     """resnet20 has BatchNorm: per-rank statistics would not be the global batch's; on CPU (no
     SyncBatchNorm) data-parallel training is refused with a clear message."""
     from lgm_lab.config import config_from_preset
-    from lgm_lab.train import train_data_parallel
+    from lgm_lab.launch import train_data_parallel
 
     cfg = config_from_preset(None, model="resnet20", dataset="fashion-mnist", epochs=1, subset=64, batch_size=32,
                              feat_dim=2, data_dir=str(src), device="cpu")

@@ -78,3 +78,24 @@ def test_example_ddp_runs_with_two_processes():
                         "--port", "29531"], capture_output=True, text=True, timeout=300, cwd=ROOT / "examples")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(2 processes)" in r.stdout and "test error" in r.stdout
+
+
+def _layout_block() -> str:
+    section = README.split("## Layout", 1)[1]
+    return re.search(r"```\n(.*?)```", section, flags=re.S).group(1)
+
+
+def test_readme_layout_matches_the_tree():
+    """The README's layout section names every Python file of the library, lab, CLI, benchmarks and examples,
+    and every file or folder it names exists (so it cannot drift from the tree)."""
+    block = _layout_block()
+    listed = set(re.findall(r"[\w./-]+", block))
+    files = [p for top in ("lgm_ext", "lgm_lab", "lgm_cli", "benchmarks", "examples")
+             for p in sorted((ROOT / top).rglob("*.py"))]
+    missing = [str(p.relative_to(ROOT)) for p in files if p.name not in listed]
+    assert not missing, f"README layout does not list {missing}"
+    names = {p.name for p in files} | {p.name for p in ROOT.rglob("*") if ".git" not in p.parts}
+    stale = sorted(n for n in listed if n.endswith(".py") and n not in names)
+    assert not stale, f"README layout lists files that do not exist: {stale}"
+    for folder in re.findall(r"^\s*([\w-]+)/", block, flags=re.M):
+        assert any(p.is_dir() and p.name == folder for p in [ROOT / folder, *ROOT.rglob(folder)]), folder

@@ -3,34 +3,36 @@ import json
 
 import pytest
 import torch
-
-from lgm_lab import experiments as E
-from lgm_lab.train import config_from_preset, train
-
 from helpers import write_idx as _write_idx
+
+from lgm_lab.config import config_from_preset
+from lgm_lab.experiments import measure as M
+from lgm_lab.experiments import reproduce as R
+from lgm_lab.experiments import stats as S
+from lgm_lab.train import train
 
 
 def test_eer_perfect_and_identical():
-    assert E.eer(torch.tensor([0.9, 0.8, 0.95]), torch.tensor([0.1, 0.2, 0.05]))[0] == 0.0
+    assert M.eer(torch.tensor([0.9, 0.8, 0.95]), torch.tensor([0.1, 0.2, 0.05]))[0] == 0.0
     g = torch.Generator().manual_seed(0)
     same = torch.rand(4000, generator=g)
-    rate, roc = E.eer(same[:2000], same[2000:])
+    rate, roc = M.eer(same[:2000], same[2000:])
     assert abs(rate - 0.5) < 0.05 and abs(roc["auc"] - 0.5) < 0.05
-    rate, _ = E.eer(torch.tensor([0.4, 0.6, 0.9]), torch.tensor([0.1, 0.5, 0.7]))
+    rate, _ = M.eer(torch.tensor([0.4, 0.6, 0.9]), torch.tensor([0.1, 0.5, 0.7]))
     assert 0 < rate < 0.5
 
 
 def test_compare_centers_identity_and_known_values():
     a = torch.randn(10, 5)
-    r = E.compare_centers(a, a)
+    r = M.compare_centers(a, a)
     assert r["mean_cosine"] == pytest.approx(1.0) and r["mean_mse"] == pytest.approx(0.0)
-    r = E.compare_centers(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]))
+    r = M.compare_centers(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]))
     assert r["cosine"] == [pytest.approx(0.0)] and r["mse"] == [pytest.approx((1 + 4) / 2)]
 
 
 def test_class_means():
     f = torch.tensor([[1.0, 1.0], [3.0, 3.0], [5.0, 0.0]])
-    torch.testing.assert_close(E.class_means(f, torch.tensor([0, 0, 2]), 3),
+    torch.testing.assert_close(M.class_means(f, torch.tensor([0, 0, 2]), 3),
                                torch.tensor([[2.0, 2.0], [0.0, 0.0], [5.0, 0.0]]))
 
 
@@ -102,14 +104,14 @@ def test_embed_command(tiny_runs, tmp_path):
 
 def test_reproduce_tiny(tmp_path, monkeypatch):
     src = _write_idx(tmp_path / "idx", n_train=96, n_test=48)
-    monkeypatch.setitem(E.REPRODUCE_PRESETS, "tiny", dict(
+    monkeypatch.setitem(R.REPRODUCE_PRESETS, "tiny", dict(
         train=dict(subset=64, test_subset=48, epochs=1, batch_size=32), seeds=(0, 1),
         models100=("softmax", "softmax-relu", "center", "lsoftmax", "lgm-a1"), models2=("softmax", "lgm-a1"),
         attack_subset=24, embed_points=64))
     stages = []
-    res = E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None,
+    res = R.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None,
                       on_stage=lambda done, total, what: stages.append((done, total)))
-    total = E.reproduce_stages("tiny")
+    total = R.reproduce_stages("tiny")
     assert stages == [(i, total) for i in range(total)]  # the progress bar ends full, never past it
     report = (tmp_path / "out" / "report.md").read_text()
     for heading in ("Table 1", "Table 6", "Adversarial verification", "claims, tested", "report's claims",
@@ -129,19 +131,19 @@ def test_reproduce_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "figures" / "training_curves.png").exists()
     # re-running reuses the finished checkpoints
     before = (tmp_path / "out" / "runs" / "softmax-2d-s0" / "checkpoint.pt").stat().st_mtime_ns
-    res2 = E.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
+    res2 = R.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
     assert (tmp_path / "out" / "runs" / "softmax-2d-s0" / "checkpoint.pt").stat().st_mtime_ns == before
     assert res2["models_reused"] == res2["models"] == 12
 
 
 def test_compare_verdicts_use_the_binomial_error():
     # 5% vs 10% on 2000 images: se ~ 0.8 points, z ~ 6 -> holds; reversed -> fails; 9.8 vs 10 -> noise
-    assert E.compare([5.0], [10.0], 2000)["verdict"] == "holds"
-    assert E.compare([10.0], [5.0], 2000)["verdict"] == "fails"
-    assert E.compare([9.8], [10.0], 2000)["verdict"] == "within noise"
-    assert E.binomial_se(50.0, 100) == pytest.approx(5.0)
+    assert S.compare([5.0], [10.0], 2000)["verdict"] == "holds"
+    assert S.compare([10.0], [5.0], 2000)["verdict"] == "fails"
+    assert S.compare([9.8], [10.0], 2000)["verdict"] == "within noise"
+    assert S.binomial_se(50.0, 100) == pytest.approx(5.0)
     # seed spread widens the error: the same means with large std across seeds are within noise
-    assert E.compare([1.0, 9.0], [8.0, 12.0], 100000)["verdict"] == "within noise"
+    assert S.compare([1.0, 9.0], [8.0, 12.0], 100000)["verdict"] == "within noise"
 
 
 def test_verification_scores_do_not_tie_when_likelihood_underflows():
@@ -153,7 +155,7 @@ def test_verification_scores_do_not_tie_when_likelihood_underflows():
         head.lgm.means.zero_()
     near, far = torch.full((5, 100), 20.0), torch.full((5, 100), 30.0)  # d = 20000 and 45000
     assert (head.score(near) == 0).all() and (head.score(far) == 0).all()
-    assert E.eer(head.log_score(near), head.log_score(far))[0] == 0.0
+    assert M.eer(head.log_score(near), head.log_score(far))[0] == 0.0
     for kind in ("softmax", "center"):
         h = build_head(kind, 4, 3).eval()
         f = torch.randn(6, 4)

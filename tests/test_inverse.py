@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_idx
 from torch import nn
 
-from helpers import write_idx
 from lgm_ext import InverseAdversaryCenterLoss, inverse_adversary_features
 from lgm_ext.inverse import VARIANTS
 
@@ -104,10 +104,10 @@ def test_inner_attack_leaves_modes_batchnorm_and_grads_alone():
 def test_inverse_adversaries_lower_the_loss_within_the_ball():
     backbone, classifier = _tiny_net(bn=False)
     x, y = torch.rand(16, 1, 4, 4), torch.randint(0, 4, (16,))
+    from lgm_ext import Classifier
     from lgm_ext.attacks import InversePGD
-    from lgm_ext.inverse import _Network
 
-    net = _Network(backbone, classifier)
+    net = Classifier(backbone, classifier)
     inv = InversePGD(net)(x, y)
     assert (inv - x).abs().max() <= 4 / 255 + 1e-6
     ce = nn.functional.cross_entropy
@@ -173,7 +173,8 @@ def _cfg(src, head, **kw):
 
 @pytest.mark.parametrize("head", ["inverse-class", "inverse-instance"])
 def test_training_with_an_inverse_head_is_deterministic(src, tmp_path, head):
-    from lgm_lab.train import load_trained, train
+    from lgm_lab.checkpoints import load_trained
+    from lgm_lab.train import train
 
     a = train(_cfg(src, head), tmp_path / "a", progress=False)
     b = train(_cfg(src, head), tmp_path / "b", progress=False)
@@ -197,7 +198,9 @@ def test_inverse_head_needs_its_inputs(src):
 
 def test_old_checkpoints_without_the_new_fields_resume(src, tmp_path):
     """Runs written before the inverse_* fields existed still resume (missing fields = defaults)."""
-    from lgm_lab.train import _digest, load_checkpoint, train
+    from lgm_lab.checkpoints import content_digest as _digest
+    from lgm_lab.checkpoints import load_checkpoint
+    from lgm_lab.train import train
 
     cfg = _cfg(src, "softmax", epochs=2, inverse_steps=5)  # the defaults, as an older run had
     train(cfg, tmp_path, progress=False, stop_after=1)
@@ -212,7 +215,7 @@ def test_old_checkpoints_without_the_new_fields_resume(src, tmp_path):
 
 
 def test_compactness_by_hand():
-    from lgm_lab.inverse_experiment import compactness
+    from lgm_lab.experiments.measure import compactness
 
     f = torch.tensor([[0.0, 1.0], [0.0, -1.0], [10.0, 1.0], [10.0, -1.0]])
     y = torch.tensor([0, 0, 1, 1])
@@ -222,10 +225,10 @@ def test_compactness_by_hand():
 
 
 def test_inverse_experiment_tiny(tmp_path, monkeypatch):
-    from lgm_lab import inverse_experiment as IE
     from typer.testing import CliRunner
 
     from lgm_cli.app import app
+    from lgm_lab.experiments import inverse as IE
 
     src = write_idx(tmp_path / "idx", n_train=96, n_test=48)
     monkeypatch.setitem(IE.INVERSE_PRESETS, "quick", dict(
@@ -259,8 +262,8 @@ def test_inverse_experiment_tiny(tmp_path, monkeypatch):
 def test_reproduce_with_inverse_adds_the_section(tmp_path, monkeypatch):
     """`lgm reproduce --inverse`: the experiment's stages extend the progress bar and its section
     lands in report.md (the experiment itself replaced by a stub that writes its files)."""
-    from lgm_lab import experiments as E
-    from lgm_lab import inverse_experiment as IE
+    from lgm_lab.experiments import inverse as IE
+    from lgm_lab.experiments import reproduce as E
 
     src = write_idx(tmp_path / "idx", n_train=64, n_test=32)
     monkeypatch.setitem(E.REPRODUCE_PRESETS, "quick", dict(

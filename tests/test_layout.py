@@ -224,3 +224,110 @@ def test_param_groups_put_the_head_at_its_own_rate():
         lgm_ext.param_groups(net, head, lr=0.01, head_lr_mult=-1)
     with pytest.raises(ValueError, match="share"):
         lgm_ext.param_groups(net, net, lr=0.01)
+
+
+def _project_python_files(*tops: str):
+    for top in tops:
+        yield from sorted((ROOT / top).rglob("*.py"))
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _absolute(module: str | None, level: int, path: Path) -> str:
+    if level == 0:
+        return module or ""
+    pkg = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        pkg = pkg[:-1]
+    base = pkg[: len(pkg) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def test_no_import_cycle_in_the_lab():
+    """Module-level and function-level imports between lgm_lab modules form no cycle (experiments are
+    siblings: only reproduce knows them all)."""
+    graph = {}
+    for path in _project_python_files("lgm_lab"):
+        name = _module_name(path)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = _absolute(node.module, node.level, path)
+                for a in node.names:
+                    full = f"{mod}.{a.name}"
+                    deps.add(full if (ROOT / Path(*full.split("."))).with_suffix(".py").exists() else mod)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = {d for d in deps if d.startswith("lgm_lab") and d != name and d != "lgm_lab"}
+    state = {}
+
+    def visit(n, stack):
+        state[n] = "open"
+        for d in graph.get(n, ()):
+            if state.get(d) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack + [n, d]))
+            if d not in state:
+                visit(d, stack + [n])
+        state[n] = "done"
+
+    for n in graph:
+        if n not in state:
+            visit(n, [])
+    experiments = {n for n in graph if n.startswith("lgm_lab.experiments.")}
+    shared = {"lgm_lab.experiments.stats", "lgm_lab.experiments.measure", "lgm_lab.experiments.runs"}
+    for n in experiments - shared - {"lgm_lab.experiments.reproduce"}:
+        others = graph[n] & (experiments - shared)
+        assert not others, f"{n} imports the experiments {sorted(others)}: experiments never import each other"
+    for n in shared:
+        assert not graph.get(n, set()) & (experiments - shared), f"{n} (shared) imports an experiment"
+
+
+def test_no_private_name_crosses_a_module():
+    """The lab, the CLI, the benchmarks and the examples use each other's (and the library's) public names
+    only: no `from m import _x` of a name defined in another project module, no `m._x` on an imported module."""
+    project = ("lgm_ext", "lgm_lab", "lgm_cli")
+    bad = []
+    for path in _project_python_files("lgm_lab", "lgm_cli", "benchmarks", "examples"):
+        tree = ast.parse(path.read_text())
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mod = _absolute(node.module, node.level, path)
+                if mod.split(".")[0] not in project:
+                    continue
+                for a in node.names:
+                    full = f"{mod}.{a.name}"
+                    is_module = (ROOT / Path(*full.split("."))).with_suffix(".py").exists() or \
+                        (ROOT / Path(*full.split("."))).is_dir()
+                    if is_module:
+                        aliases.add(a.asname or a.name)
+                    elif a.name.startswith("_") and not a.name.startswith("__"):
+                        bad.append(f"{path.relative_to(ROOT)}: from {mod} import {a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] in project:
+                        aliases.add(a.asname or a.name.split(".")[0])
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def test_python_files_stay_under_500_lines():
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in _project_python_files("lgm_ext", "lgm_lab", "lgm_cli")
+            if (n := len(p.read_text().splitlines())) > 500]
+    assert not long, f"files over 500 lines: {long}"
+
+
+def test_ruff_is_clean():
+    ruff = Path(sys.executable).with_name("ruff")
+    assert ruff.exists(), "ruff is not installed next to this Python: pip install 'lgm-ext[test]' (make install does)"
+    r = subprocess.run([str(ruff), "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

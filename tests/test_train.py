@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_idx as _write_idx
 
 import lgm_ext
-
-from helpers import write_idx as _write_idx
 from lgm_lab import data as D
+from lgm_lab.checkpoints import CheckpointError, load_checkpoint, load_trained
+from lgm_lab.config import config_from_preset
+from lgm_lab.evaluation import evaluate
 from lgm_lab.heads import build_head
 from lgm_lab.models import build_model, resnet20
-from lgm_lab.train import (CheckpointError, TrainingDiverged, config_from_preset, evaluate, load_checkpoint,
-                           load_trained, train)
+from lgm_lab.train import TrainingDiverged, train
 
 
 @pytest.fixture(scope="session")

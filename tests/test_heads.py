@@ -9,7 +9,9 @@ import lgm_ext
 from lgm_lab.config import config_from_preset
 from lgm_lab.heads import LSoftmaxHead, build_head
 from lgm_lab.models import build_model
-from lgm_lab.train import _build, _optimizer, _scheduler
+from lgm_lab.recipe import build_model_and_head as _build
+from lgm_lab.recipe import make_optimizer as _optimizer
+from lgm_lab.recipe import make_scheduler as _scheduler
 
 
 def test_feature_layer_is_linear_by_default_and_relu_on_request():

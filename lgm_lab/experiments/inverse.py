@@ -13,9 +13,8 @@ Measured per model and seed: clean test error, FGSM error at eps 0.1 and 0.3, ad
 verification EER (FGSM eps 0.3) with the center-style score -|f - m_ŷ|^2/2 against the class means
 m of the training features (one score for every model, so B is scored too), intra-class compactness
 (mean distance of a test feature to its class mean over the mean distance between class means), and
-training time per epoch; for seed 0, the report's cosine/MSE center comparisons
-(:func:`lgm_lab.experiments.centers_report`).  A pipeline over library functions: training is
-:func:`lgm_lab.train.train`, the attacks and losses are :mod:`lgm_ext`'s.
+training time per epoch; for seed 0, the report's cosine/MSE center comparisons.  A pipeline over
+shared measurements (:mod:`~lgm_lab.experiments.measure`) and runs (:mod:`~lgm_lab.experiments.runs`).
 """
 from __future__ import annotations
 
@@ -24,15 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from lgm_ext.attacks import FGSM
+from ..checkpoints import load_trained
+from ..config import dataset_info
+from ..data import load_dataset
+from ..evaluation import evaluate
+from ..tensors import features, stack_dataset
+from .measure import INVERSE_ADVERSARY, center_comparisons, center_scores, class_means, compactness, eer, fgsm_sweep
+from .runs import load_cached, run_config, save_cached, train_or_reuse
+from .stats import compare, mean_std, mean_std_text, relative
 
-from .tensors import batches as _batches
-from .tensors import features as _features
-from .tensors import stack_dataset
-
-__all__ = ["INVERSE_PRESETS", "INVERSE_MODELS", "compactness", "center_scores", "inverse_experiment",
+__all__ = ["INVERSE_PRESETS", "INVERSE_MODELS", "inverse_experiment", "inverse_stages", "verdict", "context",
            "inverse_markdown"]
 
 # model -> TrainConfig overrides (every model: linear 100-D feature layer, as the rest of the toolkit)
@@ -56,67 +57,34 @@ def _short(model: str) -> str:
     return model.split(" ")[0]
 
 
-def compactness(features: Tensor, labels: Tensor, num_classes: int) -> float:
-    """Mean distance of each feature to its class mean over the mean distance between class means
-    (lower: tighter classes relative to their separation).  Classes absent from ``labels`` are skipped."""
-    from .experiments import class_means
-
-    f = features.double()
-    present = torch.bincount(labels, minlength=num_classes) > 0
-    m = class_means(f, labels, num_classes)
-    intra = (f - m.index_select(0, labels)).norm(dim=1).mean()
-    mp = m[present]
-    k = mp.shape[0]
-    if k < 2:
-        return float("nan")
-    d = torch.cdist(mp, mp)
-    inter = d.sum() / (k * (k - 1))
-    return (intra / inter).item()
-
-
-def center_scores(features: Tensor, means: Tensor, head) -> Tensor:
-    """The center-style log-score -|f - m_ŷ|^2 / 2 of the predicted class ŷ against class means ``means``."""
-    from .heads import center_log_score
-
-    return center_log_score(features, means, head.predict(features))
-
-
 def _evaluate(model, head, test, x, y, xm, ym, batch: int = 256) -> dict:
-    from .experiments import Classifier, _attack, class_means, eer
-    from .train import evaluate
-
-    clf = Classifier(model, head).eval()
-    out = {"error": evaluate(model, head, test)["error_percent"], "fgsm": {}}
+    out = {"error": evaluate(model, head, test)["error_percent"]}
     k = head.num_classes
-    means = class_means(_features(model, xm), ym, k)
-    adv03 = None
-    for e in (0.1, 0.3):
-        adv = _attack(FGSM(clf, eps=e), x, y, batch)
-        if e == 0.3:
-            adv03 = adv
-        with torch.no_grad():
-            pred = torch.cat([head.predict(model(adv[s])) for s in _batches(len(x), 512)])
-        out["fgsm"][str(e)] = 100.0 * (pred != y).float().mean().item()
+    means = class_means(features(model, xm), ym, k)
+    errors, adversarial = fgsm_sweep(model, head, x, y, (0.1, 0.3), batch=batch, predict_batch=512)
+    out["fgsm"] = {str(e): errors[e] for e in (0.1, 0.3)}
     with torch.no_grad():
-        fc, fa = _features(model, x), _features(model, adv03)
+        fc, fa = features(model, x), features(model, adversarial[0.3])
         rate, _ = eer(center_scores(fc, means, head), center_scores(fa, means, head))
         out["eer"] = 100.0 * rate
         if head.centers() is not None:
             c = head.centers().detach()
             own, _ = eer(center_scores(fc, c, head), center_scores(fa, c, head))
             out["eer_own_centers"] = 100.0 * own
-        ft = _features(model, stack_dataset(test)[0])
-    out["compactness"] = compactness(ft, stack_dataset(test)[1], k)
+        xt, yt = stack_dataset(test)
+        ft = features(model, xt)
+    out["compactness"] = compactness(ft, yt, k)
     return out
+
+
+def inverse_stages(preset: str) -> int:
+    """How many stages :func:`inverse_experiment` reports for ``preset`` (for a progress bar)."""
+    return 2 * len(INVERSE_MODELS) * len(INVERSE_PRESETS[preset]["seeds"]) + 1
 
 
 def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progress=print, on_stage=None) -> dict:
     """Train A, B, C-class and C-instance for each seed of ``preset`` into ``out_dir/runs`` (finished
     runs are reused), measure them, and write ``inverse.json`` and ``inverse.md``."""
-    from .data import load_dataset
-    from .experiments import _config, _mean_std, _train_or_reuse, centers_report
-    from .train import load_trained
-
     if preset not in INVERSE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(INVERSE_PRESETS)}")
     P = INVERSE_PRESETS[preset]
@@ -130,7 +98,7 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
     if P["attack_subset"]:
         x, y = x[: P["attack_subset"]], y[: P["attack_subset"]]
     xm, ym = stack_dataset(load_dataset(dataset, True, data_dir=data_dir, subset=P["mean_points"]))
-    total = 2 * len(INVERSE_MODELS) * len(seeds) + 1
+    total = inverse_stages(preset)
     done = [0]
 
     def stage(what: str) -> None:
@@ -145,36 +113,31 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
     for model_name, spec in INVERSE_MODELS.items():
         for seed in seeds:
             key = f"{spec['head']}-s{seed}"
-            cfg = _config(dataset, data_dir, 100, seed, dict(P["train"], **spec))
+            cfg = run_config(dataset, data_dir, 100, seed, dict(P["train"], **spec))
             stage(f"training {_short(model_name)} seed {seed} ({cfg.epochs} epochs)")
             run_dir = out / "runs" / key
-            res["models_reused"] += _train_or_reuse(cfg, run_dir, progress)
+            res["models_reused"] += train_or_reuse(cfg, run_dir, progress)
             res["models"] += 1
             model, head, cfg, ck = load_trained(run_dir / "checkpoint.pt")
-            hist = ck["metrics"]
-            n_train = cfg.subset or 60000
-            per_epoch = [n_train / h["train_images_per_second"] for h in hist]
+            n_train = cfg.subset or dataset_info(cfg.dataset)["train_size"]
+            per_epoch = [n_train / h["train_images_per_second"] for h in ck["metrics"]]
             cache = run_dir / "inverse_eval.json"
             settings = {"n_test": len(test), "n_attack": len(x), "mean_points": len(xm), "epoch": int(ck["epoch"]),
                         "sha256": ck.get("sha256")}
-            cached = json.loads(cache.read_text()) if cache.exists() else {}
-            if cached.get("settings") == settings:  # the same checkpoint measured the same way
+            ev = load_cached(cache, settings)  # the same checkpoint measured the same way
+            if ev is not None:
                 stage(f"evaluating {_short(model_name)} seed {seed}: reused")
-                ev = cached["eval"]
             else:
                 stage(f"evaluating {_short(model_name)} seed {seed}")
                 ev = _evaluate(model, head, test, x, y, xm, ym)
-                cache.write_text(json.dumps({"settings": settings, "eval": ev}, indent=1))
+                save_cached(cache, settings, ev)
             ev["seconds_per_epoch"] = sum(per_epoch) / len(per_epoch)
             res["runs"].setdefault(model_name, {})[seed] = ev
             if seed == seeds[0]:
                 keep[model_name] = (model, head)
     stage("centers comparisons (seed 0)")
-    res["centers"] = {}
-    for model_name, mh in keep.items():
-        rep = centers_report({_short(model_name): mh}, x, y)
-        res["centers"][model_name] = rep[_short(model_name)]
-    res["summary"] = {m: {k: _mean_std([ev[k] for ev in r.values()]) for k in
+    res["centers"] = {m: center_comparisons(model, head, x, y) for m, (model, head) in keep.items()}
+    res["summary"] = {m: {k: mean_std([ev[k] for ev in r.values()]) for k in
                           ("error", "eer", "compactness", "seconds_per_epoch")}
                       for m, r in res["runs"].items()}
     res["verdict"] = verdict(res)
@@ -185,62 +148,43 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
     return res
 
 
-def _z(a: list[float], b: list[float]) -> float:
-    """(mean b - mean a) over the standard error of the difference from the seed spreads."""
-    from .experiments import _mean_std
-
-    ma, sa = _mean_std(a)
-    mb, sb = _mean_std(b)
-    se = (sa ** 2 / len(a) + sb ** 2 / len(b)) ** 0.5
-    return (mb - ma) / se if se > 0 else (0.0 if ma == mb else float("inf") * (1 if mb > ma else -1))
-
-
 def verdict(r: dict) -> list[dict]:
-    """Per C variant against Model A: accuracy (binomial + seed error, :func:`compare`), compactness
-    (seed error), detection EER and cost; each "better" / "worse" / "same within noise"."""
-    from .experiments import compare
-
+    """Per C variant against Model A: accuracy (binomial + seed error), compactness (seed error),
+    detection EER and cost; each "better" / "worse" / "same within noise"."""
     a = "A (center loss)"
     out = []
     if a not in r["runs"]:
         return out
     get = lambda m, k: [ev[k] for ev in r["runs"][m].values()]  # noqa: E731
-    word = {"holds": "better", "fails": "worse", "within noise": "same within noise"}
     for m in r["runs"]:
         if not m.startswith("C"):
             continue
-        acc = compare(get(m, "error"), get(a, "error"), r["n_test"])["verdict"]
-        eer_v = compare(get(m, "eer"), get(a, "eer"), 2 * r["n_attack"])["verdict"]
-        zc = _z(get(m, "compactness"), get(a, "compactness"))  # > 0: C tighter (lower ratio)
-        comp = "better" if zc >= 2 else ("worse" if zc <= -2 else "same within noise")
+        acc = relative(get(m, "error"), get(a, "error"), r["n_test"])
+        eer_v = relative(get(m, "eer"), get(a, "eer"), 2 * r["n_attack"])
+        comp = relative(get(m, "compactness"), get(a, "compactness"))  # lower ratio: C tighter
         cost = r["summary"][m]["seconds_per_epoch"][0] / max(r["summary"][a]["seconds_per_epoch"][0], 1e-9)
-        out.append({"model": m, "accuracy": word[acc], "compactness": comp, "eer": word[eer_v],
-                    "cost_ratio": cost,
-                    "substitutes": word[acc] != "worse" and comp != "worse"})
+        out.append({"model": m, "accuracy": acc, "compactness": comp, "eer": eer_v, "cost_ratio": cost,
+                    "substitutes": acc != "worse" and comp != "worse"})
     return out
 
 
 def context(r: dict) -> dict:
     """What the verdict can mean: does center loss itself (A) beat softmax (B) here, and does each C model
     behave like A or like B?  (Same rules as :func:`verdict`.)"""
-    from .experiments import compare
-
     a, b = "A (center loss)", "B (softmax)"
     if a not in r["runs"] or b not in r["runs"]:
         return {}
     get = lambda m, k: [ev[k] for ev in r["runs"][m].values()]  # noqa: E731
-    word = {"holds": "better", "fails": "worse", "within noise": "same within noise"}
-    zc = _z(get(a, "compactness"), get(b, "compactness"))
-    out = {"A_vs_B": {"compactness": "better" if zc >= 2 else ("worse" if zc <= -2 else "same within noise"),
+    zc = compare(get(a, "compactness"), get(b, "compactness"))["z"]
+    out = {"A_vs_B": {"compactness": relative(get(a, "compactness"), get(b, "compactness")),
                       "compactness_z": zc,
-                      "accuracy": word[compare(get(a, "error"), get(b, "error"), r["n_test"])["verdict"]],
-                      "eer": word[compare(get(a, "eer"), get(b, "eer"), 2 * r["n_attack"])["verdict"]]}}
+                      "accuracy": relative(get(a, "error"), get(b, "error"), r["n_test"]),
+                      "eer": relative(get(a, "eer"), get(b, "eer"), 2 * r["n_attack"])}}
     for m in r["runs"]:
         if m.startswith("C"):
-            out[m] = {"fgsm_0.3_vs_A": word[compare([ev["fgsm"]["0.3"] for ev in r["runs"][m].values()],
-                                                     [ev["fgsm"]["0.3"] for ev in r["runs"][a].values()],
-                                                     r["n_attack"])["verdict"]],
-                      "eer_vs_B": word[compare(get(m, "eer"), get(b, "eer"), 2 * r["n_attack"])["verdict"]]}
+            out[m] = {"fgsm_0.3_vs_A": relative([ev["fgsm"]["0.3"] for ev in r["runs"][m].values()],
+                                                [ev["fgsm"]["0.3"] for ev in r["runs"][a].values()], r["n_attack"]),
+                      "eer_vs_B": relative(get(m, "eer"), get(b, "eer"), 2 * r["n_attack"])}
             cos = r.get("centers", {}).get(m, {}).get("inverse vs clean", {}).get("mean_cosine")
             if cos is not None:
                 out[m]["inverse_vs_clean_cosine"] = cos
@@ -248,14 +192,13 @@ def context(r: dict) -> dict:
 
 
 def inverse_markdown(r: dict) -> str:
-    from .experiments import _ms
-
     t = r["train"]
+    ms = mean_std_text
     L = ["# Inverse-adversary centers, trained (" + r["preset"] + " budget, " + r["dataset"] + ")", "",
          f"LeNet++ with a linear 100-D feature layer, {t.get('subset') or 'all'} training images, {t.get('epochs')} "
          f"epochs, one budget for every model; seeds {', '.join(map(str, r['seeds']))} (mean ± std). Clean error on "
-         f"{r['n_test']} test images, attacks and verification on {r['n_attack']}. Inverse adversaries: eps'=4/255, "
-         "5 steps of 2/255 (lgm_ext.InversePGD), generated on the current network every training step. "
+         f"{r['n_test']} test images, attacks and verification on {r['n_attack']}. Inverse adversaries: "
+         f"{INVERSE_ADVERSARY} (lgm_ext.InversePGD), generated on the current network every training step. "
          f"This invocation took {r['seconds'] / 60:.1f} min ({r.get('models_reused', 0)} of {r.get('models', 0)} "
          "models reused from an earlier invocation; the s / epoch column is each model's own training).", "",
          "| model | clean error % | FGSM 0.1 error % | FGSM 0.3 error % | EER % (class means) | "
@@ -263,10 +206,10 @@ def inverse_markdown(r: dict) -> str:
     for m, runs in r["runs"].items():
         evs = list(runs.values())
         own = [ev["eer_own_centers"] for ev in evs if "eer_own_centers" in ev]
-        L.append(f"| {m} | {_ms([e['error'] for e in evs])} | {_ms([e['fgsm']['0.1'] for e in evs])} | "
-                 f"{_ms([e['fgsm']['0.3'] for e in evs])} | {_ms([e['eer'] for e in evs], '{:.1f}')} | "
-                 f"{_ms(own, '{:.1f}') if own else '-'} | {_ms([e['compactness'] for e in evs], '{:.3f}')} | "
-                 f"{_ms([e['seconds_per_epoch'] for e in evs], '{:.0f}')} |")
+        L.append(f"| {m} | {ms([e['error'] for e in evs])} | {ms([e['fgsm']['0.1'] for e in evs])} | "
+                 f"{ms([e['fgsm']['0.3'] for e in evs])} | {ms([e['eer'] for e in evs], '{:.1f}')} | "
+                 f"{ms(own, '{:.1f}') if own else '-'} | {ms([e['compactness'] for e in evs], '{:.3f}')} | "
+                 f"{ms([e['seconds_per_epoch'] for e in evs], '{:.0f}')} |")
     L += ["", "EER: adversarial verification of FGSM eps=0.3 inputs with the center-style score -|f - m_ŷ|²/2; "
               "'class means' uses the class means of training features for every model (B has no centers), "
               "'own centers' the model's learned centers (A: center-loss centers; C: running means of "
@@ -278,7 +221,8 @@ def inverse_markdown(r: dict) -> str:
         for comp, v in comps.items():
             L.append(f"| {m} | {comp} | {v['mean_cosine']:.4f} | {v['mean_mse']:.4g} |")
     L += ["", "## Verdict (against Model A)", "",
-          "| model | accuracy | compactness | FGSM detection (EER) | cost per epoch vs A | substitutes for A's centers? |",
+          "| model | accuracy | compactness | FGSM detection (EER) | cost per epoch vs A "
+          "| substitutes for A's centers? |",
           "|---|---|---|---|---|---|"]
     for v in r["verdict"]:
         L.append(f"| {v['model']} | {v['accuracy']} | {v['compactness']} | {v['eer']} | {v['cost_ratio']:.1f}x | "
@@ -304,3 +248,4 @@ def inverse_markdown(r: dict) -> str:
                         if cos is not None else "") + ".")
         L.append("")
     return "\n".join(L)
+

@@ -1,5 +1,5 @@
-"""Issue 13: the pipeline a researcher trusts (resume, overwrite, data, hyper-parameters, checkpoint
-hashes, metrics, attack modes, one-line CLI errors)."""
+"""Runs a researcher can trust: resume, overwrite, data folders, hyper-parameters, checkpoint hashes,
+metrics files, the shared CLI options and one-line CLI errors (issue 13)."""
 import gzip
 import json
 import struct
@@ -9,35 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import write_idx
+
 from lgm_lab import data as D
 
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LGM_DATA_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-# ----------------------------------------------------------------------------- defect 7
-@pytest.mark.parametrize("name", ["FGSM", "TargetedFGSM", "PGD", "InversePGD"])
-def test_attacks_restore_each_submodules_mode(name):
-    from lgm_ext import attacks
-
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
-    model.train()
-    model[2].eval()
-    atk = getattr(attacks, name)(model, eps=0.1)
-    x, y = torch.rand(5, 1, 2, 2), torch.randint(0, 3, (5,))
-    if name == "PGD":
-        atk = attacks.PGD(model, eps=0.1, steps=2, seed=0)
-    atk(x, y)
-    assert [m.training for m in model.modules()] == [True, True, True, False, True, True]
-    model.eval()
-    model[3].train()
-    atk(x, y)
-    assert [m.training for m in model.modules()] == [False, False, False, False, True, False]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -47,7 +26,7 @@ def src(tmp_path_factory):
 
 
 def _tiny(src, **kw):
-    from lgm_lab.train import config_from_preset
+    from lgm_lab.config import config_from_preset
 
     base = dict(epochs=1, subset=64, test_subset=32, batch_size=32, feat_dim=2, head="lgm", data_dir=str(src))
     base.update(kw)
@@ -85,7 +64,8 @@ def test_resume_reads_the_saved_config(src, tmp_path):
 
 
 def test_extending_a_cyclic_run_is_refused_clearly(src, tmp_path):
-    from lgm_lab.train import CheckpointError, train
+    from lgm_lab.checkpoints import CheckpointError
+    from lgm_lab.train import train
 
     train(_tiny(src, schedule="cyclic"), tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="cyclic learning-rate schedule depends on the total"):
@@ -93,7 +73,8 @@ def test_extending_a_cyclic_run_is_refused_clearly(src, tmp_path):
 
 
 def test_a_finished_run_is_not_overwritten_silently(src, tmp_path):
-    from lgm_lab.train import CheckpointError, train
+    from lgm_lab.checkpoints import CheckpointError
+    from lgm_lab.train import train
 
     train(_tiny(src), tmp_path, progress=False)
     before = (tmp_path / "checkpoint.pt").read_bytes()
@@ -118,7 +99,8 @@ def test_bad_hyper_parameters_are_refused(src, tmp_path, opt):
 
 
 def test_non_finite_weights_after_an_epoch_stop_training(src, tmp_path, monkeypatch):
-    from lgm_lab.train import TrainingDiverged, load_checkpoint, train
+    from lgm_lab.checkpoints import load_checkpoint
+    from lgm_lab.train import TrainingDiverged, train
 
     cfg = _tiny(src, epochs=2, subset=96)  # 3 steps per epoch
     train(cfg, tmp_path, progress=False, stop_after=1)
@@ -143,7 +125,8 @@ def test_non_finite_weights_after_an_epoch_stop_training(src, tmp_path, monkeypa
 
 # ----------------------------------------------------------------------------- defect 5
 def test_flipped_weight_bytes_are_refused(src, tmp_path):
-    from lgm_lab.train import CheckpointError, load_checkpoint, load_trained, train
+    from lgm_lab.checkpoints import CheckpointError, load_checkpoint, load_trained
+    from lgm_lab.train import train
 
     res = train(_tiny(src), tmp_path, progress=False)
     ck = load_checkpoint(res.checkpoint)
@@ -165,7 +148,8 @@ def test_flipped_weight_bytes_are_refused(src, tmp_path):
 
 # ----------------------------------------------------------------------------- defect 6
 def test_resume_rewrites_stale_metrics(src, tmp_path):
-    from lgm_lab.train import load_checkpoint, train
+    from lgm_lab.checkpoints import load_checkpoint
+    from lgm_lab.train import train
 
     cfg = _tiny(src, epochs=2)
     train(cfg, tmp_path, progress=False)
@@ -229,7 +213,8 @@ def run_dir(src, tmp_path_factory):
 
 
 def _absurd_checkpoint(run_dir, tmp_path, **config):
-    from lgm_lab.train import _digest, load_checkpoint
+    from lgm_lab.checkpoints import content_digest as _digest
+    from lgm_lab.checkpoints import load_checkpoint
 
     ck = load_checkpoint(run_dir / "checkpoint.pt")
     ck["config"].update(config)
@@ -355,7 +340,7 @@ def test_every_model_command_has_the_shared_options(command):
     helps = {p.name: p.help for p in options}
     assert "cuda when available" in helps["device"]
     if "subset" in helps:  # one meaning everywhere
-        from lgm_cli.app import _SUBSET_HELP
+        from lgm_cli.options import SUBSET_HELP as _SUBSET_HELP
 
         assert helps["subset"] == _SUBSET_HELP
 
@@ -435,7 +420,8 @@ def test_tensorboard_logging(src, tmp_path):
 
 def test_auto_device_is_resolved_and_saved(src, tmp_path):
     from lgm_lab.config import TrainConfig
-    from lgm_lab.train import resolve_device, train
+    from lgm_lab.devices import resolve_device
+    from lgm_lab.train import train
 
     assert TrainConfig().device == "auto"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -444,7 +430,8 @@ def test_auto_device_is_resolved_and_saved(src, tmp_path):
 
 
 def test_evaluate_ticks_every_image(src, run_dir):
-    from lgm_lab.train import evaluate, load_trained
+    from lgm_lab.checkpoints import load_trained
+    from lgm_lab.evaluation import evaluate
 
     model, head, cfg, _ = load_trained(run_dir / "checkpoint.pt")
     ds = D.load_dataset(cfg.dataset, False, data_dir=cfg.data_dir, subset=20, seed=cfg.seed)

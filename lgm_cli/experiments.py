@@ -1,0 +1,143 @@
+"""The experiment commands: `lgm reproduce` (every claim into a report) and `lgm inverse-centers`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from lgm_lab import config
+
+from .options import (
+    check_common,
+    choices,
+    console,
+    fail,
+    format_opt,
+    json_opt,
+    out_folder,
+    progress_bar,
+    round_floats,
+    write_json,
+)
+
+ReproducePreset = choices("ReproducePreset", config.REPRODUCE_PRESETS)
+
+
+def _stage_reporter(progress: bool):
+    """Stage lines for logs (--no-progress); nothing when the bar shows them."""
+    return (lambda m: None) if progress else (lambda m: console.print(m, markup=False))
+
+
+def reproduce(
+    preset: ReproducePreset = typer.Option("quick", help="quick (Fashion-MNIST subsets, about 10 min on 2 cores) | "
+                                                         "standard (3 seeds, both feature layers; the committed "
+                                                         "report) | paper (the paper's settings; MNIST when "
+                                                         "available, else Fashion-MNIST)"),
+    out: Path = typer.Option(Path("runs/reproduce"), help="output folder (finished checkpoints there are reused)"),
+    fmt: str = format_opt(),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
+    inverse: bool = typer.Option(False, "--inverse/--no-inverse",
+                                 help="also train models A, B, C-class, C-instance (inverse-adversary centers, 3 "
+                                      "seeds) and add that experiment to the report (lgm inverse-centers)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="show the progress bar (--no-progress for logs: one line per stage)"),
+) -> None:
+    """Train every head, then Table 1, Table 6, EERs, centers tables and figures, into OUT/report.md."""
+    from lgm_lab.experiments.reproduce import reproduce as run
+
+    try:
+        check_common("cpu", 1, None, None, fmt)
+        out_folder(out)
+    except ValueError as err:
+        fail(err)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("reproduce", total=None)
+
+        def on_stage(done: int, total: int, description: str) -> None:
+            bar.update(task, completed=done, total=total, description=description)
+
+        try:
+            res = run(out, preset=preset.value, data_dir=data_dir, progress=_stage_reporter(progress),
+                      on_stage=on_stage, fmt=fmt, inverse=inverse)
+        except (RuntimeError, ValueError) as err:
+            fail(err)
+        bar.update(task, completed=bar.tasks[0].total)
+    console.print(f"done in {res['seconds'] / 60:.1f} min; report: {out / 'report.md'}")
+
+
+def inverse_centers(
+    preset: ReproducePreset = typer.Option("quick", help="quick (2,000 images, 3 epochs, 3 seeds: ~45 min on 2 "
+                                                         "cores) | standard | paper"),
+    out: Path = typer.Option(Path("runs/inverse"), help="output folder (finished checkpoints there are reused)"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
+    json_out: Optional[Path] = json_opt(),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="show the progress bar (--no-progress for logs: one line per stage)"),
+) -> None:
+    """Can inverse adversaries replace center-loss centers? Train A (center), B (softmax), C-class and C-instance
+    (inverse-adversary centers) for 3 seeds; error, FGSM, EER, compactness, centers, cost; OUT/inverse.md."""
+    from lgm_lab.experiments.inverse import inverse_experiment
+
+    try:
+        check_common("cpu", 1, None, json_out)
+        out_folder(out)
+    except ValueError as err:
+        fail(err)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("inverse-adversary centers", total=None)
+        try:
+            res = inverse_experiment(out, preset=preset.value, data_dir=data_dir, progress=_stage_reporter(progress),
+                                     on_stage=lambda d, t, what: bar.update(task, completed=d, total=t,
+                                                                            description=what))
+        except (RuntimeError, ValueError) as err:
+            fail(err)
+        bar.update(task, completed=bar.tasks[0].total)
+    t = Table(title=f"inverse-adversary centers ({preset.value}, {len(res['seeds'])} seeds; mean ± std)")
+    for c in ("model", "clean error %", "EER %", "compactness", "s/epoch"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for m, sm in res["summary"].items():
+        t.add_row(m, *(f"{sm[k][0]:.{d}f} ± {sm[k][1]:.{d}f}" for k, d in
+                       (("error", 2), ("eer", 1), ("compactness", 3), ("seconds_per_epoch", 0))))
+    console.print(t)
+    for v in res["verdict"]:
+        console.print(f"{v['model']}: accuracy {v['accuracy']}, compactness {v['compactness']}, EER {v['eer']}, "
+                      f"cost {v['cost_ratio']:.1f}x A -> substitutes: {'yes' if v['substitutes'] else 'no'}",
+                      markup=False)
+    console.print(f"report: {out / 'inverse.md'}")
+    write_json(json_out, round_floats({"command": "inverse-centers", "dataset": res["dataset"], "preset": preset.value,
+                                       "results": {k: res[k] for k in ("summary", "verdict", "runs")}}))
+
+
+def ablation(
+    grid: str = typer.Option("warmup", help="which grid of L-GM settings (lgm_lab.experiments.ablation.GRIDS): "
+                                            "warmup (warm-up length and lambda)"),
+    preset: ReproducePreset = typer.Option("quick", help="the training budget: a `lgm reproduce` preset's"),
+    seeds: str = typer.Option("0", help="comma-separated seeds"),
+    out: Path = typer.Option(Path("runs/ablation"), help="output folder (finished checkpoints there are reused)"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
+    json_out: Optional[Path] = json_opt(),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="one line per training (--no-progress: "
+                                                                         "quiet)"),
+) -> None:
+    """Train an L-GM head at every point of a grid of settings (diverged points recorded), one budget; error,
+    FGSM error, verification EER, mean log-variance; OUT/ablation-GRID.md."""
+    from lgm_lab.experiments.ablation import GRIDS
+    from lgm_lab.experiments.ablation import ablation as run
+
+    try:
+        if grid not in GRIDS:
+            raise ValueError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+        try:
+            seed_list = tuple(int(s) for s in seeds.split(","))
+        except ValueError:
+            raise ValueError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+        check_common("cpu", 1, None, json_out)
+        out_folder(out)
+        res = run(out, grid=grid, preset=preset.value, seeds=seed_list, data_dir=data_dir,
+                  progress=(lambda m: console.print(m, markup=False)) if progress else (lambda m: None))
+    except (RuntimeError, ValueError) as err:
+        fail(err)
+    console.print((out / f"ablation-{grid}.md").read_text(), markup=False)
+    write_json(json_out, round_floats(res))

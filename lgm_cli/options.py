@@ -1,0 +1,185 @@
+"""What every command shares: the consoles, the common options (--device, --batch-size, --subset,
+--format, --progress, --json), their checks, the progress bar, one-line errors, JSON output, and
+loading checkpoints and test images.
+
+Every command that runs a model takes the same --device, --batch-size, --subset, --data-dir, --progress;
+every command that writes figures takes --out (a folder) and --format; every command with numbers a
+script would want takes --json FILE.  Nothing here imports torch at module level.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEVICE_HELP = "auto | cpu | cuda | cuda:N (default auto: cuda when available, else cpu)"
+SUBSET_HELP = ("use N test images: the seeded selection `lgm train --test-subset N` evaluates on "
+               "(default: the whole test set)")
+BATCH_HELP = "images per forward/backward pass"
+PROGRESS_HELP = "show progress bars (--no-progress for logs)"
+FORMAT_HELP = "figure format: png | pdf | svg (vector, for papers)"
+JSON_HELP = "also write the numbers as JSON to this file (with the dataset and checkpoints)"
+
+
+def choices(name: str, values) -> type[enum.Enum]:
+    """A str Enum of ``values``, so --help and shell completion list the choices."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+def device_opt():
+    return typer.Option(None, "--device", help=DEVICE_HELP)
+
+
+def batch_opt():
+    return typer.Option(256, "--batch-size", help=BATCH_HELP)
+
+
+def subset_opt():
+    return typer.Option(None, "--subset", help=SUBSET_HELP)
+
+
+def format_opt():
+    return typer.Option("png", "--format", help=FORMAT_HELP)
+
+
+def progress_opt():
+    return typer.Option(True, "--progress/--no-progress", help=PROGRESS_HELP)
+
+
+def json_opt():
+    return typer.Option(None, "--json", help=JSON_HELP)
+
+
+def progress_bar(enabled: bool):
+    """A rich progress display (bar, count, elapsed, remaining) on stderr, off with --no-progress."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled)
+
+
+def fail(err: Exception) -> None:
+    """One line on stderr, exit status 2, no traceback."""
+    if isinstance(err, OSError) and err.strerror:
+        msg = f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+    else:
+        msg = " ".join(str(err).split()) or type(err).__name__
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def round_floats(obj, digits: int = 4):
+    """Floats rounded to ``digits`` decimals (percentages and scores do not need 17 digits)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+def check_positive(value: Optional[int], name: str) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def check_eps(values: list[float], what: str = "--eps") -> list[float]:
+    for e in values:
+        if not (math.isfinite(e) and 0.0 <= e <= 1.0):
+            raise ValueError(f"{what} must be finite and in [0, 1] (images are in [0, 1]), got {e}")
+    return values
+
+
+def parse_eps(text: str) -> list[float]:
+    try:
+        values = [float(e) for e in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--eps must be comma-separated numbers, e.g. 0,0.1,0.3; got {text!r}") from None
+    return check_eps(values)
+
+
+def check_json_target(path: Optional[Path]) -> None:
+    """Refuse a --json target that cannot be written, before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"--json {path}: the folder {path.parent} does not exist")
+
+
+def write_json(path: Optional[Path], obj) -> None:
+    if path is not None:
+        try:
+            path.write_text(json.dumps(obj, indent=2))
+        except OSError as err:
+            fail(err)
+
+
+def check_common(device: Optional[str], batch_size: int, subset: Optional[int], json_out: Optional[Path] = None,
+                 fmt: Optional[str] = None) -> str:
+    """Check the shared options before any work; returns the resolved device."""
+    from lgm_lab.devices import resolve_device
+
+    check_positive(batch_size, "--batch-size")
+    check_positive(subset, "--subset")
+    check_json_target(json_out)
+    if fmt is not None:
+        from lgm_lab.figures import FORMATS
+
+        if fmt not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return resolve_device(device)
+
+
+def out_folder(out: Path) -> Path:
+    """Create the --out folder (refusing a file there)."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; --out is always a folder")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {out}: {err.strerror or err}") from err
+    return out
+
+
+def envelope(command: str, results, *, dataset: str, checkpoints, device: str, n: int, **extra) -> dict:
+    """The JSON every command writes: what ran on what, then the results."""
+    return round_floats({"command": command, "dataset": dataset, "checkpoints": [str(c) for c in checkpoints],
+                         "test_images": n, "device": device, **extra, "results": results})
+
+
+def load_runs(checkpoints: list[Path], device: str = "cpu") -> dict:
+    """Trained models by name (the head's label; the run folder's name added when two share one):
+    name -> (model, head, config)."""
+    from lgm_lab.checkpoints import load_trained
+
+    runs = {}
+    for ck in checkpoints:
+        model, head, cfg, _ = load_trained(ck, device)
+        name = head.label
+        runs[f"{name} ({ck.parent.name})" if name in {n.split(" ")[0] for n in runs} else name] = (model, head, cfg)
+    return runs
+
+
+def eval_tensors(cfg, subset: Optional[int], data_dir: Optional[Path], device: str = "cpu"):
+    """The test images every command evaluates on: ``--subset`` picks the same seeded selection as
+    ``lgm train --test-subset`` (the run's seed)."""
+    from lgm_lab.data import load_dataset
+    from lgm_lab.tensors import stack_dataset
+
+    ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir, subset=subset, seed=cfg.seed)
+    x, y = stack_dataset(ds)
+    return x.to(device), y.to(device)

@@ -1,0 +1,87 @@
+"""`lgm info` (the installed build) and `lgm bench` (the fused operator against plain PyTorch)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .options import check_json_target, check_positive, console, fail
+
+
+def info() -> None:
+    """Show the installed build: version, torch, and which backends have kernels."""
+    import torch
+
+    import lgm_ext
+
+    t = Table(show_header=False)
+    t.add_row("lgm_ext", lgm_ext.__version__)
+    t.add_row("torch", torch.__version__)
+    t.add_row("CPU kernels", "yes")
+    t.add_row("CUDA kernels compiled", "yes" if lgm_ext.has_cuda_kernels() else "no")
+    t.add_row("GPU available", torch.cuda.get_device_name() if torch.cuda.is_available() else "no")
+    console.print(t)
+
+
+def _size_pair(text: str) -> tuple[int, int]:
+    parts = text.split(":")
+    try:
+        k, d = (int(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"--sizes takes K:D pairs of integers, e.g. 10:2,10:100; got {text!r}") from None
+    if not (1 <= k <= 1 << 20 and 1 <= d <= 1 << 16):
+        raise ValueError(f"--sizes {text!r}: K must be in [1, {1 << 20}] and D in [1, {1 << 16}]")
+    return k, d
+
+
+def bench(
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    n: int = typer.Option(256, help="batch size N"),
+    sizes: Optional[str] = typer.Option(None, help="K:D pairs, e.g. 10:2,10:100 (default: the four standard sizes)"),
+    repeats: Optional[int] = typer.Option(None, help="timed repeats per case (default: chosen by size)"),
+    memory: bool = typer.Option(True, help="measure peak memory (one subprocess per case on the CPU)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON here"),
+    progress: bool = typer.Option(True, help="show the progress line (--no-progress for logs)"),
+    sides: Optional[str] = typer.Option(None, help="comma-separated sides, e.g. fused,plain_gemm,compiled_gemm "
+                                                   "(default: all; the compiled ones compile first)"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+) -> None:
+    """Time the fused L-GM loss (forward+backward) against plain-PyTorch versions, eager and torch.compile'd."""
+    import torch
+
+    from lgm_lab import bench as benchmarks
+    from lgm_lab.devices import check_device
+
+    try:
+        impls = None
+        if sides is not None:
+            impls = [v.strip() for v in sides.split(",") if v.strip()]
+            bad = [v for v in impls if v not in benchmarks.LGM_IMPLS]
+            if bad or "fused" not in impls:
+                raise ValueError(f"--sides must list fused and any of {', '.join(benchmarks.LGM_IMPLS)}; got {sides!r}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        check_positive(n, "--n")
+        check_positive(repeats, "--repeats")
+        check_json_target(json_out)
+        check_device(device)
+        pairs = benchmarks.LGM_SIZES if not sizes else [_size_pair(s) for s in sizes.split(",")]
+    except ValueError as err:
+        fail(err)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=not progress) as prog:
+        task = prog.add_task("benchmark", total=None)
+        rows = benchmarks.bench_lgm(
+            pairs, n=n, device=device, repeats=repeats, memory=memory,
+            progress=lambda m: prog.update(task, description=m), dtype=getattr(torch, dtype), impls=impls,
+        )
+    console.print(f"Machine: {benchmarks.machine_description(device)}")
+    console.print(benchmarks.lgm_markdown(rows, n), markup=False)
+    if json_out:
+        try:
+            json_out.write_text(benchmarks.to_json(rows))
+        except OSError as err:
+            fail(err)

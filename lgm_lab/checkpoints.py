@@ -1,0 +1,183 @@
+"""Checkpoints: the file format and its content hash, atomic writes, loading (refusing anything that is
+not a plain lgm-ext checkpoint), and the resume policy (which settings may change on ``--resume``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .devices import resolve_device
+from .recipe import build_model_and_head
+
+__all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "content_digest", "write_atomically",
+           "save_json", "save_checkpoint", "load_checkpoint", "config_of", "resume_config", "check_resumable",
+           "load_trained"]
+
+# v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
+# verified on every load.
+CHECKPOINT_FORMAT = "lgm-ext-checkpoint-v3"
+
+# Options that `train(..., resume=True)` accepts with a value other than the checkpoint's: where the run
+# executes, and (for the constant schedule only, whose learning rate does not depend on the total) more epochs.
+RESUMABLE_CHANGES = ("device", "epochs")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or not a plain lgm-ext checkpoint (refused, never executed)."""
+
+
+def content_digest(obj, h=None) -> str:
+    """SHA-256 of a checkpoint's content: nested dicts (sorted keys), lists, tensors (dtype, shape, bytes)
+    and plain values."""
+    top = h is None
+    h = h or hashlib.sha256()
+    if isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode() + b":")
+            content_digest(obj[k], h)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for v in obj:
+            content_digest(v, h)
+        h.update(b"]")
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else ""
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over ``path``: a reader
+    sees the old file or the new one, never a partial one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: the previous file stays, no partial .tmp is left
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_json(path: Path, obj) -> None:
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """Write ``ckpt`` (with ``"format"`` and everything but the hash) atomically, its SHA-256 added."""
+    ckpt = dict(ckpt, format=CHECKPOINT_FORMAT)
+    ckpt["sha256"] = content_digest(ckpt)
+    write_atomically(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers
+    only.  Anything else (a pickled object or function, a truncated file, content
+    that does not match its SHA-256) is refused with :class:`CheckpointError`;
+    nothing in the file is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
+        raise CheckpointError(f"refusing to load {path}: not a plain lgm-ext checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        old = isinstance(ck, dict) and str(ck.get("format", "")).startswith("lgm-ext-checkpoint-")
+        raise CheckpointError(f"refusing to load {path}: " + ("an older checkpoint format without a content hash; "
+                              "train it again" if old else "unknown checkpoint format"))
+    stored = ck.pop("sha256", None)
+    if stored != content_digest(ck):
+        raise CheckpointError(f"refusing to load {path}: its content does not match its SHA-256 "
+                              "(the file is corrupted or was modified)")
+    if not isinstance(ck.get("config"), dict):
+        raise CheckpointError(f"refusing to load {path}: no configuration in it")
+    return ck
+
+
+def config_of(ck: dict, path) -> TrainConfig:
+    """The :class:`TrainConfig` saved in a checkpoint (fields unknown to this version are ignored)."""
+    names = {f.name for f in fields(TrainConfig)}
+    try:
+        return TrainConfig(**{k: v for k, v in ck["config"].items() if k in names})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"refusing to load {path}: invalid configuration in it ({err})") from err
+
+
+def resume_config(out_dir: str | os.PathLike, **changes) -> TrainConfig:
+    """The configuration of the run in ``out_dir`` (its checkpoint's, else its ``config.json``) with the
+    explicit (non-None) ``changes`` applied.  Changes other than :data:`RESUMABLE_CHANGES` that differ from
+    the saved values raise :class:`CheckpointError` naming the fields."""
+    out = Path(out_dir)
+    if (out / "checkpoint.pt").exists():
+        cfg = config_of(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
+    elif (out / "config.json").is_file():
+        try:
+            saved = json.loads((out / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot resume {out}: unreadable config.json ({err})") from err
+        cfg = config_of({"config": saved if isinstance(saved, dict) else {}}, out / "config.json")
+    else:
+        raise CheckpointError(f"nothing to resume in {out}: no checkpoint.pt or config.json; run without --resume")
+    saved = asdict(cfg)
+    unknown = sorted(set(changes) - set(saved))
+    if unknown:
+        raise TypeError(f"unknown configuration keys: {', '.join(unknown)}")
+    differ = sorted(k for k, v in changes.items() if v is not None and v != saved[k] and k not in RESUMABLE_CHANGES)
+    if differ:
+        raise CheckpointError(f"cannot resume {out} with other settings for {', '.join(differ)} (saved: "
+                              + ", ".join(f"{k}={saved[k]!r}" for k in differ)
+                              + "); only --epochs (constant schedule) and --device may change; use --overwrite "
+                                "to train anew")
+    saved.update({k: v for k, v in changes.items() if v is not None})
+    return TrainConfig(**saved)
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, done: int, path) -> None:
+    """Refuse to resume a checkpoint (saved config ``saved``, ``done`` epochs) with ``cfg`` unless they
+    differ only in :data:`RESUMABLE_CHANGES`, and more epochs only on the constant schedule."""
+    now = asdict(cfg)
+    # a field added after the checkpoint was written counts as its default (older runs stay resumable)
+    saved = {**{f.name: f.default for f in fields(TrainConfig)}, **saved}
+    differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if differ:
+        raise CheckpointError(f"cannot resume {path}: the configuration differs in {', '.join(differ)} ("
+                              + ", ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in differ) + ")")
+    if cfg.epochs != saved.get("epochs"):
+        if cfg.epochs < done:
+            raise CheckpointError(f"cannot resume {path} with --epochs {cfg.epochs}: it has already trained {done}")
+        if cfg.schedule != "constant":
+            raise CheckpointError(
+                f"cannot change the epochs of {path} from {saved.get('epochs')} to {cfg.epochs}: its {cfg.schedule} "
+                "learning-rate schedule depends on the total number of epochs, so the extended run would not be "
+                f"the run of {cfg.epochs} epochs; train anew with --overwrite (or use --schedule constant)")
+
+
+def load_trained(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, nn.Module, TrainConfig, dict]:
+    """Model, head (eval mode), config and the checkpoint dict from a checkpoint file."""
+    ck = load_checkpoint(path)
+    cfg = config_of(ck, path)
+    cfg.device = resolve_device(device)
+    try:
+        model, head = build_model_and_head(cfg)
+        model.load_state_dict(ck["model"])
+        head.load_state_dict(ck["head"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"refusing to load {path}: its weights do not match its configuration "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    return model.eval(), head.eval(), cfg, ck

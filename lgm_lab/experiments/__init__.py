@@ -1,0 +1,18 @@
+"""The source documents' experiments (docs/SPEC.md section 5), one module each, over shared code.
+
+Shared (import no experiment):
+
+- :mod:`~lgm_lab.experiments.stats`: means over seeds, binomial errors, the z-test and its verdict words;
+- :mod:`~lgm_lab.experiments.measure`: attacks over batches, FGSM errors, verification (ROC, EER),
+  class means, center comparisons, compactness;
+- :mod:`~lgm_lab.experiments.runs`: run configurations, train-or-reuse, cached measurements.
+
+Experiments (siblings; they never import each other):
+
+- :mod:`~lgm_lab.experiments.paper`: the L-GM paper's Tables 1 and 6, adversarial verification, claims;
+- :mod:`~lgm_lab.experiments.centers`: the inverse-adversary report's centers comparison and claims;
+- :mod:`~lgm_lab.experiments.inverse`: inverse-adversary centers trained into the loss (models A, B, C).
+
+On top: :mod:`~lgm_lab.experiments.reproduce`, the only module that knows every experiment
+(``lgm reproduce``).  Importing this package imports none of them.
+"""

@@ -1,0 +1,202 @@
+"""``lgm reproduce``: every experiment of a preset, from training to ``report.md``.
+
+The only module that knows every experiment: it trains the paper's models
+(:mod:`~lgm_lab.experiments.paper`), measures them, draws the figures, runs the
+centers comparison (:mod:`~lgm_lab.experiments.centers`) and, on request, the
+inverse-adversary experiment (:mod:`~lgm_lab.experiments.inverse`), then writes
+``results.json`` and ``report.md``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lgm_ext import Classifier
+from lgm_ext.attacks import FGSM
+
+from ..checkpoints import load_trained
+from ..config import REPRODUCE_PRESETS, class_names
+from ..data import load_dataset
+from ..evaluation import evaluate
+from ..figures import FORMATS, embedding_figure, pmax_figure, training_curves_figure, verification_figures
+from ..tensors import stack_dataset
+from . import inverse as inverse_adversary
+from .centers import centers_markdown, centers_report
+from .measure import summarize_verification
+from .paper import EPS, MODEL_SPECS, TARGETED, evaluate_run, paper_claims, paper_markdown
+from .runs import load_cached, pick_dataset, run_config, save_cached, train_or_reuse
+
+__all__ = ["reproduce", "reproduce_stages", "report_markdown", "REPRODUCE_PRESETS"]
+
+# The centers comparison's models: report role -> model name of MODEL_SPECS.
+CENTERS_MODELS = {"A": "center", "B": "softmax", "L-GM": "lgm-a1"}
+
+
+def reproduce_stages(preset: str, inverse: bool = False) -> int:
+    """How many stages :func:`reproduce` reports for ``preset`` (for a progress bar)."""
+    P = REPRODUCE_PRESETS[preset]
+    n = 2 * len(P["models100"]) * len(P["seeds"]) + 2 * len(P["models2"]) + 3
+    if inverse:
+        n += inverse_adversary.inverse_stages(preset)
+    return n
+
+
+class _Stages:
+    """One line per stage to ``progress``; ``on_stage(done, total, description)`` as each starts."""
+
+    def __init__(self, total: int, progress, on_stage) -> None:
+        self.total, self.progress, self.on_stage, self.done = total, progress, on_stage, 0
+
+    def __call__(self, description: str) -> None:
+        self.progress(description)
+        if self.on_stage is not None:
+            self.on_stage(self.done, self.total, description)
+        self.done += 1
+
+
+def _train(name: str, dim: int, seed: int, P: dict, dataset: str, data_dir, out: Path, stage, progress,
+           results: dict):
+    """Train (or reuse) one model of the preset; returns (model, head, run folder)."""
+    key = f"{name}-{dim}d-s{seed}"
+    cfg = run_config(dataset, data_dir, dim, seed, dict(P["train"], **MODEL_SPECS[name]))
+    stage(f"training {key} ({cfg.epochs} epochs)")
+    run_dir = out / "runs" / key
+    results["models_reused"] += train_or_reuse(cfg, run_dir, progress)
+    results["models"] += 1
+    model, head, _cfg, _ck = load_trained(run_dir / "checkpoint.pt")
+    return model, head, run_dir
+
+
+def _measure(name: str, seed: int, model, head, run_dir: Path, test, x, y, settings: dict, first_seed: bool, stage):
+    """The report's measurements of one 100-D model, cached in its run folder.  Returns (the JSON-sized
+    result, the full result with per-image scores or None when reused); the first seed's models are always
+    measured, since the figures need their per-image scores."""
+    key = run_dir.name
+    cache = run_dir / "eval.json"
+    cached = load_cached(cache, settings)
+    if cached is not None and not first_seed:
+        stage(f"evaluating {key}: reused")
+        return cached, None
+    stage(f"evaluating {key}: clean, FGSM, verification")
+    full = evaluate_run(model, head, test, x, y, targeted=name in TARGETED)
+    ev = dict(full, verification=summarize_verification(full["verification"]))
+    if "targeted" in ev:
+        ev["targeted"] = summarize_verification(ev["targeted"])
+    save_cached(cache, settings, ev)
+    return ev, full
+
+
+def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, on_stage=None,
+              fmt: str = "png", inverse: bool = False) -> dict:
+    """Train every model of the preset (each seed), measure Table 1, Table 6, the verification EERs
+    (every score, and targeted FGSM), the centers analysis and the figures (in ``fmt``: png, pdf or
+    svg), into ``out_dir`` with ``report.md`` and ``results.json``.  Finished checkpoints and
+    evaluations are reused.  ``progress(message)`` gets one line per stage; ``on_stage(done, total,
+    description)`` is called as each of the :func:`reproduce_stages` stages starts.  ``inverse=True``
+    also runs the inverse-adversary centers experiment (:mod:`lgm_lab.experiments.inverse`, same
+    preset name) into ``out_dir/inverse`` and adds its section to the report."""
+    if preset not in REPRODUCE_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(REPRODUCE_PRESETS)}")
+    if inverse and preset not in inverse_adversary.INVERSE_PRESETS:
+        raise ValueError(f"the inverse-adversary experiment has no preset {preset!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    P = REPRODUCE_PRESETS[preset]
+    out = Path(out_dir)
+    stage = _Stages(reproduce_stages(preset, inverse), progress, on_stage)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    dataset = pick_dataset(preset, data_dir)
+    t_start = time.perf_counter()
+    seeds = list(P["seeds"])
+    s0 = seeds[0]
+    test = load_dataset(dataset, False, data_dir=data_dir, subset=P["train"].get("test_subset"))
+    x, y = stack_dataset(test)
+    if P["attack_subset"]:
+        x, y = x[: P["attack_subset"]], y[: P["attack_subset"]]
+    settings = {"attack_subset": len(x), "test": len(test), "eps": EPS}
+    results = {"preset": preset, "dataset": dataset, "format": fmt, "seeds": seeds, "train": P["train"], "runs": {},
+               "table1_2d": {}, "figures": [], "models_reused": 0, "models": 0}
+    first = {}  # the first seed's models (and their full measurements) for the figures and the centers
+    curves = {}  # per-epoch metrics of the first seed's 100-D runs
+
+    # 1. the 100-D models of every seed: train, measure
+    for name in P["models100"]:
+        for seed in seeds:
+            model, head, run_dir = _train(name, 100, seed, P, dataset, data_dir, out, stage, progress, results)
+            ev, full = _measure(name, seed, model, head, run_dir, test, x, y, settings, seed == s0, stage)
+            results["runs"].setdefault(name, {})[seed] = ev
+            if seed == s0:
+                first[name] = (model, head, full)
+                curves[name + f"-s{s0}"] = json.loads((run_dir / "metrics.json").read_text())
+    # 2. the 2-D models (first seed): train, clean error
+    embedded = {}
+    for name in P["models2"]:
+        model, head, _ = _train(name, 2, s0, P, dataset, data_dir, out, stage, progress, results)
+        results["table1_2d"][name] = evaluate(model, head, test)["error_percent"]
+        embedded[name] = (model, head)
+    results["n_test"], results["n_attack"] = len(test), len(x)
+
+    # 3. figures: histograms and ROC (default score), p_max histograms (Fig. 3), training curves
+    stage("figures: histograms, ROC, p_max, training curves")
+    ver = {}
+    for name, (_m, _h, full) in first.items():
+        ver[name] = full["verification"]
+        if "targeted" in full:
+            ver[f"{name} targeted"] = full["targeted"]
+    results["figures"] += verification_figures(ver, out / "figures", fmt)
+    results["figures"].append(pmax_figure(ver, out / "figures" / "pmax_fgsm", fmt))
+    results["figures"].append(training_curves_figure(curves, out / "figures" / "training_curves", fmt))
+
+    # 4. the inverse-adversary report's centers comparison (first seed)
+    stage("centers analysis (inverse adversaries)")
+    results["centers"] = centers_report({role: first[name][:2] for role, name in CENTERS_MODELS.items()
+                                         if name in first}, x, y)
+
+    # 5. 2-D embeddings (paper Fig. 1), with FGSM examples on the likelihood map of density heads
+    stage("embeddings" if P["models2"] else "report")
+    if P["models2"]:
+        xe, ye = stack_dataset(load_dataset(dataset, True, data_dir=data_dir, subset=P["embed_points"]))
+    for name, (model, head) in embedded.items():
+        stage(f"embedding of {name} (2-D)")
+        adv = FGSM(Classifier(model, head).eval(), eps=0.1)(x[:30], y[:30]) if head.density_map else None
+        results["figures"].append(embedding_figure(model, head, xe, ye, out / "figures" / f"embed_{name}",
+                                                   title=f"{name}, 2-D features ({dataset} train)", adv=adv,
+                                                   class_names=class_names(dataset), fmt=fmt))
+    results["claims"] = paper_claims(results)
+
+    # 6. the inverse-adversary experiment (trains its own models)
+    if inverse:
+        offset = stage.done
+        inv = inverse_adversary.inverse_experiment(out / "inverse", preset=preset, data_dir=data_dir, progress=progress,
+                                 on_stage=(lambda d, t, what: on_stage(offset + d, stage.total, what))
+                                 if on_stage else None)
+        results["inverse"] = {k: inv[k] for k in ("summary", "verdict", "seeds", "train")}
+    results["seconds"] = time.perf_counter() - t_start
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    text = report_markdown(results)
+    if inverse:
+        section = (out / "inverse" / "inverse.md").read_text().replace("# Inverse-adversary", "## Inverse-adversary", 1)
+        text += "\n" + section.replace("\n## ", "\n### ")
+    (out / "report.md").write_text(text)
+    return results
+
+
+def report_markdown(r: dict) -> str:
+    seeds = r["seeds"]
+    t = r["train"]
+    L = [f"# Reproduction report ({r['preset']} preset, {r['dataset']})", "",
+         "Published numbers: the L-GM paper's (MNIST) and the inverse-adversary report's qualitative claims. "
+         f"Ours: {r['dataset']}, LeNet++, {t.get('subset') or 'all'} training images, {t.get('epochs')} epochs "
+         f"(SGD + Nesterov, one-cycle lr peaking at 0.01, L-GM means/log-variances at 10x the lr, alpha/lambda "
+         f"warm-up over the first epoch); test error on {r['n_test']} test images, attacks on {r['n_attack']}. "
+         f"Seeds: {', '.join(map(str, seeds))}; a ± b is the mean and standard deviation over seeds. "
+         f"This invocation took {r['seconds'] / 60:.1f} min ({r['models_reused']} of {r['models']} models reused).",
+         "", "Networks: `-relu` variants have a ReLU after the feature layer (the paper's text); the others are "
+         "linear (the authors' code and our default). L-GM is compared with each baseline's better variant.", ""]
+    L += paper_markdown(r)
+    L += ["", f"![ROC](figures/roc.{r.get('format', 'png')})", ""]
+    L += centers_markdown(r["centers"], seeds[0])
+    L += ["", "## Figures", ""] + [f"![{Path(f).stem}](figures/{Path(f).name.replace(' ', '%20')})"
+                                    for f in r["figures"]] + [""]
+    return "\n".join(L)

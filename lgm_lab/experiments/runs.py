@@ -1,0 +1,63 @@
+"""Runs the experiments share: the configuration of one trained model, training it or reusing a
+finished run, the dataset a preset uses, and caching a measurement beside its checkpoint."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..checkpoints import CheckpointError, load_checkpoint
+from ..config import TrainConfig, config_from_preset
+from ..data import DatasetUnavailable, load_dataset
+from ..train import train
+
+__all__ = ["run_config", "train_or_reuse", "pick_dataset", "load_cached", "save_cached"]
+
+
+def run_config(dataset: str, data_dir, feat_dim: int, seed: int, overrides: dict) -> TrainConfig:
+    """The "report" recipe (docs/SPEC.md section 5) with ``overrides`` for one model of an experiment."""
+    return config_from_preset("report", dataset=dataset, data_dir=str(data_dir) if data_dir else None,
+                              feat_dim=feat_dim, seed=seed, **overrides)
+
+
+def train_or_reuse(cfg: TrainConfig, run_dir: Path, progress) -> bool:
+    """Train ``cfg`` into ``run_dir``; a finished run with the same config is reused (returns True), an
+    unfinished one is resumed, and a run with another config (an older recipe) is replaced."""
+    ck = run_dir / "checkpoint.pt"
+    reused = False
+    if ck.exists():
+        try:
+            reused = load_checkpoint(ck)["epoch"] >= cfg.epochs
+            train(cfg, run_dir, resume=True, progress=False)
+            return reused
+        except CheckpointError as err:
+            progress(f"{run_dir.name}: {err}; training it anew")
+            shutil.rmtree(run_dir)
+    train(cfg, run_dir, progress=False)
+    return False
+
+
+def pick_dataset(preset: str, data_dir) -> str:
+    """Fashion-MNIST, except for the "paper" preset: MNIST when it is available here."""
+    if preset != "paper":
+        return "fashion-mnist"
+    try:
+        load_dataset("mnist", False, data_dir=data_dir)
+        return "mnist"
+    except DatasetUnavailable:
+        return "fashion-mnist"
+
+
+def load_cached(path: Path, settings: dict) -> dict | None:
+    """The measurement cached in ``path`` if it was made with exactly ``settings``, else None."""
+    if not path.exists():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return cached.get("eval") if isinstance(cached, dict) and cached.get("settings") == settings else None
+
+
+def save_cached(path: Path, settings: dict, value: dict) -> None:
+    path.write_text(json.dumps({"settings": settings, "eval": value}, indent=1))
