@@ -18,6 +18,7 @@ sample's perturbation does not depend on the batch it is in.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -256,7 +257,8 @@ class AdaptivePGD(Attack):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, self.MODES))}, got {mode!r}")
         if not callable(getattr(detector, "score", None)) or not hasattr(detector, "threshold"):
-            raise TypeError(f"detector must have a score(outputs) method and a threshold, got {type(detector).__name__}")
+            raise TypeError(f"detector must have a score(outputs) method and a threshold, "
+                            f"got {type(detector).__name__}")
         self.detector, self.classifier = detector, classifier
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
         self.penalty, self.margin, self.mode = float(penalty), float(margin), mode
@@ -267,7 +269,7 @@ class AdaptivePGD(Attack):
         if t is None:
             raise ValueError("detector.threshold is None: calibrate the detector first")
         t = float(t)
-        if t != t:
+        if math.isnan(t):
             raise ValueError("detector.threshold is NaN")
         return t
 

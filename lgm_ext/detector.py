@@ -25,7 +25,7 @@ from torch import Tensor
 from ._ops import IMPLS
 from .functional import _scalar, check_labels, lgm_log_likelihood, lgm_logits
 
-__all__ = ["LikelihoodDetector", "COVARIANCES", "SCORES"]
+__all__ = ["COVARIANCES", "SCORES", "LikelihoodDetector"]
 
 COVARIANCES = ("tied", "diag", "identity")
 SCORES = ("likelihood", "mixture", "max_posterior")
@@ -101,14 +101,15 @@ class LikelihoodDetector:
         if log_var is not None and covariance_matrix is not None:
             raise ValueError("give log_var (diagonal covariances) or covariance_matrix (tied), not both")
         self.num_classes, self.feat_dim = int(means.shape[0]), int(means.shape[1])
-        f64 = dict(dtype=torch.float64, device=means.device)
+        f64 = {"dtype": torch.float64, "device": means.device}
         self.means = means.detach().to(**f64).clone()
         self.log_var = self.covariance_matrix = None
         if log_var is not None:
             if not isinstance(log_var, Tensor) or not log_var.is_floating_point():
                 raise TypeError("log_var must be a floating-point tensor")
             if log_var.shape != means.shape:
-                raise ValueError(f"log_var must have the shape of means {tuple(means.shape)}, got {tuple(log_var.shape)}")
+                raise ValueError(f"log_var must have the shape of means {tuple(means.shape)}, "
+                                 f"got {tuple(log_var.shape)}")
             _finite("log_var", log_var)
             self.log_var = log_var.detach().to(**f64).clone()
         if covariance_matrix is not None:
@@ -153,7 +154,7 @@ class LikelihoodDetector:
         self._half_logdet = float(torch.log(torch.diagonal(chol)).sum())
 
     @classmethod
-    def from_head(cls, head, *, score: str = "likelihood", impl: str | None = None) -> "LikelihoodDetector":
+    def from_head(cls, head, *, score: str = "likelihood", impl: str | None = None) -> LikelihoodDetector:
         """The Gaussians of an L-GM head: its ``means`` and clamped log-variances (``clamped_log_var()``
         when the head has it, else ``log_var`` clamped to +-``log_var_bound`` (default 6), as every
         forward of :class:`lgm_ext.LGMLoss` uses them); identity covariance when the head has none.
@@ -193,7 +194,7 @@ class LikelihoodDetector:
 
     @classmethod
     def fit(cls, features: Tensor, labels: Tensor, covariance: str = "tied", *, ridge: float = 1e-6,
-            num_classes: int | None = None, score: str = "likelihood", impl: str = "auto") -> "LikelihoodDetector":
+            num_classes: int | None = None, score: str = "likelihood", impl: str = "auto") -> LikelihoodDetector:
         """Fit class Gaussians to labelled features (maximum likelihood, float64 accumulation, in chunks
         of rows on the features' device).
 
@@ -211,7 +212,7 @@ class LikelihoodDetector:
         every class must have a sample.
         """
         covariance = _choice("covariance", covariance, COVARIANCES)
-        x = _matrix("features", features, None)
+        x = _matrix("features", features, None).detach()
         n, d = x.shape
         if n == 0:
             raise ValueError("features must have at least one row")
@@ -233,7 +234,7 @@ class LikelihoodDetector:
         if bool((counts == 0).any()):
             empty = torch.nonzero(counts == 0).flatten().tolist()
             raise ValueError(f"labels: class(es) {empty[:10]} of {k} have no sample")
-        f64 = dict(dtype=torch.float64, device=x.device)
+        f64 = {"dtype": torch.float64, "device": x.device}
         rows = max(1, _CHUNK_ELEMS // max(d, 1))
         sums = torch.zeros(k, d, **f64)
         for i in range(0, n, rows):
@@ -265,7 +266,7 @@ class LikelihoodDetector:
             raise ValueError("a class has a feature without variance and ridge = 0: fit with ridge > 0")
         return cls(means, log_var=var.log(), score=score, impl=impl)
 
-    def with_score(self, score: str) -> "LikelihoodDetector":
+    def with_score(self, score: str) -> LikelihoodDetector:
         """The same Gaussians with another score kind (uncalibrated: its threshold is unset)."""
         return LikelihoodDetector(self.means, log_var=self.log_var, covariance_matrix=self.covariance_matrix,
                                   score=score, impl=self.impl)
@@ -286,7 +287,7 @@ class LikelihoodDetector:
             raise ValueError("threshold must not be NaN")
         self._threshold = t
 
-    def calibrate(self, clean_features: Tensor, fpr: float = 0.05) -> "LikelihoodDetector":
+    def calibrate(self, clean_features: Tensor, fpr: float = 0.05) -> LikelihoodDetector:
         """Set the threshold so that a fraction ``fpr`` of ``clean_features`` is rejected; returns self.
 
         Convention: with the N clean scores sorted ascending, ``s_(1) <= ... <= s_(N)``, and
@@ -306,7 +307,7 @@ class LikelihoodDetector:
         _finite("clean_features", x)
         with torch.no_grad():
             s = self.score(x)
-        m = min(n - 1, int(math.floor(p * n * (1.0 + 1e-12))))
+        m = min(n - 1, math.floor(p * n * (1.0 + 1e-12)))
         self.threshold = float(torch.sort(s).values[m])
         self.fpr, self.calibration_size = p, n
         return self
@@ -315,7 +316,7 @@ class LikelihoodDetector:
     def _params(self, device: torch.device, dtype: torch.dtype):
         key = (device, dtype)
         if key not in self._cache:
-            cast = dict(device=device, dtype=dtype)
+            cast = {"device": device, "dtype": dtype}
             if self.covariance == "tied":
                 self._cache[key] = (self._white_means.to(**cast), None, self._whiten.T.to(**cast).contiguous(),
                                     self._center.to(**cast))
@@ -373,7 +374,7 @@ class LikelihoodDetector:
     def device(self) -> torch.device:
         return self.means.device
 
-    def to(self, device) -> "LikelihoodDetector":
+    def to(self, device) -> LikelihoodDetector:
         """Move the stored parameters to ``device`` (in place; returns self).  Scoring works on any
         device without it (the parameters are copied to the features' device and cached)."""
         self.means = self.means.to(device)
@@ -401,7 +402,7 @@ class LikelihoodDetector:
         return sd
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict) -> "LikelihoodDetector":
+    def from_state_dict(cls, state_dict: dict) -> LikelihoodDetector:
         """The detector :meth:`state_dict` describes (an exact round trip: the same tensors, threshold
         and scores)."""
         if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:

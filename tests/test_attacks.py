@@ -240,7 +240,8 @@ def test_adaptive_pgd_takes_any_detector_with_score_and_threshold(trained):
     plain = PGD(model, 0.3, 0.075, steps=10, seed=0)(x, y)
     model.train()
     for det in (soft, maha):
-        adv, ok = AdaptivePGD(backbone, det, 0.3, 0.075, steps=10, classifier=classifier, seed=0)(x, y, return_success=True)
+        atk = AdaptivePGD(backbone, det, 0.3, 0.075, steps=10, classifier=classifier, seed=0)
+        adv, ok = atk(x, y, return_success=True)
         _invariants(model, x, adv, 0.3)
         with torch.no_grad():
             f, fp = backbone(adv), backbone(plain)

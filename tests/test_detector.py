@@ -255,7 +255,7 @@ def test_dtypes(device, kind, dtype):
     s = det.score(test)
     assert s.dtype == (F64 if dtype == F64 else torch.float32) and s.device == test.device
     ref = det.score(test.detach().to(F64).cpu())
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=2e-6, atol=2e-5)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 2e-6, "atol": 2e-5}
     torch.testing.assert_close(s.detach().cpu().to(F64), ref, **tol)
     (g,) = torch.autograd.grad(s.sum(), test)
     assert g.dtype == dtype and torch.isfinite(g.float()).all()
@@ -366,7 +366,8 @@ def _bad_cases():
         ("threshold", ValueError, lambda: setattr(det, "threshold", float("nan"))),
         ("head", TypeError, lambda: LikelihoodDetector.from_head(torch.nn.Linear(3, 3))),
         ("covariance_matrix", ValueError, lambda: LikelihoodDetector(means, covariance_matrix=-cov)),
-        ("covariance_matrix", ValueError, lambda: LikelihoodDetector(means, covariance_matrix=cov + torch.triu(cov, 1))),
+        ("covariance_matrix", ValueError,
+         lambda: LikelihoodDetector(means, covariance_matrix=cov + torch.triu(cov, 1))),  # not symmetric
         ("covariance_matrix", ValueError, lambda: LikelihoodDetector(means, covariance_matrix=cov[:3, :3])),
         ("log_var", ValueError, lambda: LikelihoodDetector(means, log_var=means[:, :2])),
         ("means", ValueError, lambda: LikelihoodDetector(means[:0])),
@@ -389,7 +390,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-SHARD_CASES = {"diag_k7": (7, "diag"), "identity_k7": (7, "identity"), "diag_k1": (1, "diag")}  # k1: a rank without classes
+# diag_k1: rank 1 holds no class
+SHARD_CASES = {"diag_k7": (7, "diag"), "identity_k7": (7, "identity"), "diag_k1": (1, "diag")}
 
 
 def _shard_params(k, d=5):
