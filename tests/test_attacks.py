@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lgm_ext
-from lgm_ext.attacks import FGSM, PGD, InversePGD, LGMClassificationLoss, TargetedFGSM
+from lgm_ext import LikelihoodDetector
+from lgm_ext.attacks import FGSM, PGD, AdaptivePGD, InversePGD, LGMClassificationLoss, TargetedFGSM
 
 CLASSES = 4
 
@@ -179,3 +180,115 @@ def test_attacks_restore_each_submodules_mode(name):
     model[3].train()
     atk(x, y)
     assert [m.training for m in model.modules()] == [False, False, False, False, True, False]
+
+
+# ----------------------------------------------------------------------------- adaptive attack (issue 25)
+@pytest.fixture(scope="module")
+def lgm_detected():
+    """A linear backbone with an L-GM head (features in R^8) and its likelihood detector, calibrated to reject 5%
+    of the training images (the toy problem AdaptivePGD's docstring quotes)."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 8))
+    head = lgm_ext.LGMLoss(CLASSES, 8, alpha=0.3, lambda_=0.1)
+    x, y = _data(512, 0)
+    opt = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        head(backbone(x), y)[0].backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        det = LikelihoodDetector.from_head(head).calibrate(backbone(x), fpr=0.05)
+    xt, yt = _data(200, 1)
+    return backbone, head, det, xt, yt
+
+
+def _rejected_and_fooled(backbone, head, det, adv, y):
+    with torch.no_grad():
+        f = backbone(adv)
+        return det.reject(f), head.predict(f) != y
+
+
+@pytest.mark.parametrize("eps", [0.2, 0.3])
+def test_adaptive_pgd_passes_the_detector_more_often_than_pgd(lgm_detected, eps):
+    backbone, head, det, x, y = lgm_detected
+    loss_fn = LGMClassificationLoss(head)
+    plain = PGD(backbone, eps, eps / 4, steps=10, loss_fn=loss_fn, seed=0)(x, y)
+    rej_plain, fooled_plain = _rejected_and_fooled(backbone, head, det, plain, y)
+    win_plain = (fooled_plain & ~rej_plain).float().mean().item()
+    assert rej_plain.float().mean() > 0.6  # the likelihood rejects most plain PGD examples
+    for mode in ("penalty", "selective"):
+        atk = AdaptivePGD(backbone, det, eps, eps / 4, steps=10, loss_fn=loss_fn, mode=mode, penalty=1.0, seed=0)
+        adv, ok = atk(x, y, return_success=True)
+        _invariants(backbone, x, adv, eps)
+        assert all(p.grad is None for p in head.parameters())
+        rej, fooled = _rejected_and_fooled(backbone, head, det, adv, y)
+        assert torch.equal(ok, fooled & ~rej)  # the reported success is what the detector and the head say
+        assert rej.float().mean() < rej_plain.float().mean() - 0.1, (mode, rej.float().mean(), rej_plain.float().mean())
+        assert torch.equal(adv, atk(x, y))  # seeded: deterministic
+        if mode == "selective":
+            assert ok.float().mean().item() > win_plain + 0.3
+
+
+def test_adaptive_pgd_without_penalty_is_pgd(lgm_detected):
+    backbone, head, det, x, y = lgm_detected
+    loss_fn = LGMClassificationLoss(head)
+    plain = PGD(backbone, 0.2, 0.05, steps=5, loss_fn=loss_fn, seed=1)(x, y)
+    same = AdaptivePGD(backbone, det, 0.2, 0.05, steps=5, loss_fn=loss_fn, mode="penalty", penalty=0.0,
+                       keep_successful=False, seed=1)(x, y)
+    assert torch.equal(plain, same)
+
+
+def test_adaptive_pgd_takes_any_detector_with_score_and_threshold(trained):
+    """A softmax network split into backbone and classifier, with a max-softmax detector written here (the
+    protocol: score(outputs), threshold) and a post-hoc Mahalanobis detector on its features."""
+    model, x, y = trained
+    backbone, classifier = model[:3], model[3]
+
+    class MaxSoftmax:
+        threshold = None
+
+        def score(self, feats):
+            return torch.softmax(classifier(feats), 1).max(1).values
+
+    with torch.no_grad():
+        feats = backbone(x)
+    soft = MaxSoftmax()
+    soft.threshold = soft.score(feats).quantile(0.05).item()
+    maha = LikelihoodDetector.fit(feats, y, "tied").calibrate(feats, fpr=0.05)
+    plain = PGD(model, 0.3, 0.075, steps=10, seed=0)(x, y)
+    model.train()
+    for det in (soft, maha):
+        atk = AdaptivePGD(backbone, det, 0.3, 0.075, steps=10, classifier=classifier, seed=0)
+        adv, ok = atk(x, y, return_success=True)
+        _invariants(model, x, adv, 0.3)
+        with torch.no_grad():
+            f, fp = backbone(adv), backbone(plain)
+            assert torch.equal(ok, (classifier(f).argmax(1) != y) & (det.score(f) >= det.threshold))
+            win_plain = ((classifier(fp).argmax(1) != y) & (det.score(fp) >= det.threshold)).float().mean()
+        assert ok.float().mean() > win_plain + 0.3  # measured: max-softmax 100% vs 40%, Mahalanobis 89% vs 11%
+    assert model.training  # every submodule's mode restored
+    model.eval()
+
+
+def test_adaptive_pgd_bad_arguments(lgm_detected):
+    backbone, head, det, x, y = lgm_detected
+    with pytest.raises(ValueError, match="threshold"):
+        AdaptivePGD(backbone, det.with_score("likelihood"), loss_fn=LGMClassificationLoss(head))(x, y)
+    with pytest.raises(TypeError, match="detector"):
+        AdaptivePGD(backbone, object())
+    with pytest.raises(ValueError, match="mode"):
+        AdaptivePGD(backbone, det, mode="orthogonal")
+    with pytest.raises(ValueError, match="penalty"):
+        AdaptivePGD(backbone, det, penalty=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        AdaptivePGD(backbone, det, eps=-0.1)
+
+    class Frozen:
+        threshold = 0.0
+
+        def score(self, feats):
+            return feats.detach().sum(1)
+
+    with pytest.raises(TypeError, match="differentiable"):
+        AdaptivePGD(backbone, Frozen(), loss_fn=LGMClassificationLoss(head))(x, y)
