@@ -14,6 +14,7 @@ from .options import (
     batch_opt,
     check_common,
     check_eps,
+    check_same_data,
     console,
     device_opt,
     envelope,
@@ -140,12 +141,21 @@ def centers(
 ) -> None:
     """The inverse-adversary report: class centers compared by cosine similarity and MSE, and its claims checked."""
     from lgm_lab.checkpoints import CheckpointError, load_trained
-    from lgm_lab.experiments.centers import centers_report
+    from lgm_lab.experiments.centers import CENTERS_ROLES, centers_report
 
     try:
         dev = check_common(device, batch_size, subset, json_out)
         paths = {"A": model_a, "B": model_b, **({"L-GM": lgm} if lgm else {})}
+        resolved = [p.resolve() for p in paths.values()]
+        if len(set(resolved)) < len(resolved):
+            raise ValueError("--model-a, --model-b and --lgm must be three different checkpoints")
         loaded = {k: load_trained(p, dev) for k, p in paths.items()}
+        options = {"A": "--model-a", "B": "--model-b", "L-GM": "--lgm"}
+        for role, t in loaded.items():
+            if t.head.kind != CENTERS_ROLES[role]:
+                raise ValueError(f"{options[role]} {paths[role]} has a {t.head.kind} head; the report's model "
+                                 f"{role} is a {CENTERS_ROLES[role]} model")
+        check_same_data({paths[k]: t.config for k, t in loaded.items()})
         models = {k: v[:2] for k, v in loaded.items()}
         cfg0 = loaded["A"][2]
         x, y = eval_tensors(cfg0, subset, data_dir, dev)

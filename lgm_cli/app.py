@@ -5,7 +5,7 @@
 - :mod:`lgm_cli.adversarial`: ``lgm attack``, ``lgm verify``, ``lgm centers``;
 - :mod:`lgm_cli.figures`: ``lgm embed``, ``lgm curves``;
 - :mod:`lgm_cli.experiments`: ``lgm reproduce``, ``lgm inverse-centers``, ``lgm ablation``;
-- :mod:`lgm_cli.system`: ``lgm info``, ``lgm bench``;
+- :mod:`lgm_cli.system`: ``lgm info``, ``lgm bench``, ``lgm cache``;
 - :mod:`lgm_cli.options`: what they share (options, checks, one-line errors, JSON).
 
 Each command is a thin layer over a library function.  Nothing here imports torch at module level:
@@ -44,6 +44,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
 
 app.command("info")(system.info)
 app.command("bench")(system.bench)
+app.command("cache")(system.cache)
 app.command("train")(train.train_command)
 app.command("eval")(evaluate.eval_command)
 app.command("attack")(adversarial.attack)

@@ -121,9 +121,13 @@ def check_json_target(path: Optional[Path]) -> None:
 
 
 def write_json(path: Optional[Path], obj) -> None:
+    """Write ``obj`` as JSON to ``path`` (None: nothing), atomically: a symbolic link there is replaced,
+    never followed out of its folder."""
     if path is not None:
+        from lgm_lab.run_folder import write_atomically
+
         try:
-            path.write_text(json.dumps(obj, indent=2))
+            write_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
         except OSError as err:
             fail(err)
 
@@ -161,14 +165,25 @@ def envelope(command: str, results, *, dataset: str, checkpoints, device: str, n
                          "test_images": n, "device": device, **extra, "results": results})
 
 
+def check_same_data(configs: dict) -> None:
+    """Checkpoints measured together must have been trained on one dataset (they are evaluated on the
+    first one's test images): ``configs`` maps a checkpoint path to its TrainConfig."""
+    first_path, first = next(iter(configs.items()))
+    for path, cfg in configs.items():
+        if cfg.dataset != first.dataset:
+            raise ValueError(f"the checkpoints were trained on different datasets: {first_path} on {first.dataset}, "
+                             f"{path} on {cfg.dataset}; measure them separately")
+
+
 def load_runs(checkpoints: list[Path], device: str = "cpu") -> dict:
     """Trained models by name (the head's label; the run folder's name added when two share one):
-    name -> (model, head, config)."""
+    name -> (model, head, config).  Checkpoints of different datasets are refused (:func:`check_same_data`)."""
     from lgm_lab.checkpoints import load_trained
 
+    loaded = {ck: load_trained(ck, device) for ck in checkpoints}
+    check_same_data({ck: t.config for ck, t in loaded.items()})
     runs = {}
-    for ck in checkpoints:
-        model, head, cfg, _ = load_trained(ck, device)
+    for ck, (model, head, cfg, _) in loaded.items():
         name = head.label
         runs[f"{name} ({ck.parent.name})" if name in {n.split(" ")[0] for n in runs} else name] = (model, head, cfg)
     return runs

@@ -85,3 +85,23 @@ def bench(
             json_out.write_text(benchmarks.to_json(rows))
         except OSError as err:
             fail(err)
+
+
+def cache(
+    clear: bool = typer.Option(False, "--clear", help="remove the cache (downloads and staged copies; your own "
+                                                      "dataset folders are never touched)"),
+) -> None:
+    """The data cache (LGM_DATA_DIR, default ~/.cache/lgm-ext/data): where it is and its size; --clear empties it.
+
+    Datasets found in a folder (--data-dir, Debian's Fashion-MNIST) are staged there, at most the three most
+    recently used sources; downloads (MNIST, CIFAR-10 where the network allows) land there too."""
+    from lgm_lab.data import cache_size, clear_cache, default_data_dir
+
+    try:
+        if clear:
+            freed = clear_cache()
+            console.print(f"removed {default_data_dir()} ({freed / 2**20:.1f} MiB)", markup=False)
+        else:
+            console.print(f"{default_data_dir()}: {cache_size() / 2**20:.1f} MiB", markup=False)
+    except OSError as err:
+        fail(err)

@@ -43,10 +43,12 @@ def train_command(**options) -> None:
     from lgm_lab.checkpoints import CheckpointError, resume_config
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.launch import DistributedTrainingError, train_data_parallel
+    from lgm_lab.run_folder import RunFolderBusy
     from lgm_lab.train import TrainingDiverged
 
-    out, preset, resume, overwrite, progress, tensorboard, nproc = (
-        options.pop(k) for k in ("out", "preset", "resume", "overwrite", "progress", "tensorboard", "nproc"))
+    out, preset, resume, overwrite, progress, tensorboard, nproc, timeout = (
+        options.pop(k) for k in ("out", "preset", "resume", "overwrite", "progress", "tensorboard", "nproc",
+                                 "timeout"))
     overrides = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in options.items()}
     if overrides.get("data_dir") is not None:
         overrides["data_dir"] = str(overrides["data_dir"])
@@ -60,10 +62,10 @@ def train_command(**options) -> None:
         else:
             cfg = config.config_from_preset(preset.value if preset else None, **overrides)
         check_positive(nproc, "--nproc")
-        result = train_data_parallel(cfg, out, nproc, resume=resume, overwrite=overwrite, progress=progress,
-                                     tensorboard=tensorboard)
+        result = train_data_parallel(cfg, out, nproc, timeout=timeout, resume=resume, overwrite=overwrite,
+                                     progress=progress, tensorboard=tensorboard)
     except (ValueError, TypeError, OSError, DatasetUnavailable, CheckpointError, TrainingDiverged,
-            DistributedTrainingError) as err:
+            DistributedTrainingError, RunFolderBusy) as err:
         fail(err)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
@@ -90,6 +92,10 @@ _PARAMS = [
     inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
         1, help="data-parallel processes (DistributedDataParallel; gloo on CPU, one GPU each with NCCL); "
                 "--batch-size is the global batch")),
+    inspect.Parameter("timeout", inspect.Parameter.KEYWORD_ONLY, annotation=float, default=typer.Option(
+        config.PROCESS_GROUP_TIMEOUT,
+        help="data-parallel runs: seconds a process waits for its peers in a collective before the run stops "
+             "(torch's own default is 30 min)")),
     inspect.Parameter("tensorboard", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
         None, help="also log the per-epoch metrics to this TensorBoard folder (needs the tensorboard package; "
                    "metrics.json and metrics.csv are always written)")),

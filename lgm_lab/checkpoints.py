@@ -3,11 +3,13 @@ not a plain lgm-ext checkpoint), and the resume policy (which settings may chang
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -15,10 +17,10 @@ from torch import nn
 from .config import TrainConfig
 from .devices import resolve_device
 from .recipe import build_model_and_head
+from .run_folder import write_atomically
 
-__all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "content_digest", "write_atomically",
-           "save_json", "save_checkpoint", "load_checkpoint", "config_of", "resume_config", "check_resumable",
-           "load_trained"]
+__all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "Trained", "content_digest",
+           "save_checkpoint", "load_checkpoint", "config_of", "resume_config", "check_resumable", "load_trained"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
 # verified on every load.
@@ -58,30 +60,15 @@ def content_digest(obj, h=None) -> str:
     return h.hexdigest() if top else ""
 
 
-def write_atomically(path: Path, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over ``path``: a reader
-    sees the old file or the new one, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: the previous file stays, no partial .tmp is left
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def save_json(path: Path, obj) -> None:
-    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write ``ckpt`` (with ``"format"`` and everything but the hash) atomically, its SHA-256 added."""
+    """Write ``ckpt`` (with ``"format"`` and everything but the hash) atomically, its SHA-256 added.
+    Serialized in memory first, so a failing write (a full disk) is the OSError of the file write, and the
+    previous checkpoint stays."""
     ckpt = dict(ckpt, format=CHECKPOINT_FORMAT)
     ckpt["sha256"] = content_digest(ckpt)
-    write_atomically(path, lambda f: torch.save(ckpt, f))
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    write_atomically(path, lambda f: f.write(buf.getbuffer()))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -168,8 +155,28 @@ def check_resumable(saved: dict, cfg: TrainConfig, done: int, path) -> None:
                 f"the run of {cfg.epochs} epochs; train anew with --overwrite (or use --schedule constant)")
 
 
-def load_trained(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, nn.Module, TrainConfig, dict]:
-    """Model, head (eval mode), config and the checkpoint dict from a checkpoint file."""
+class Trained(NamedTuple):
+    """A trained run: ``model`` (images -> features), ``head``, its ``config`` and the ``checkpoint`` dict;
+    ``classifier`` maps images to logits (what attacks take)."""
+
+    model: nn.Module
+    head: nn.Module
+    config: TrainConfig
+    checkpoint: dict
+
+    @property
+    def classifier(self) -> nn.Module:
+        """:class:`lgm_ext.Classifier` ``(model, head)``, in eval mode: images -> the head's logits.  Attack
+        this, not ``model``, which outputs features (``FGSM(model, ...)`` on features runs, and is wrong)."""
+        from lgm_ext import Classifier
+
+        return Classifier(self.model, self.head).eval()
+
+
+def load_trained(path: str | os.PathLike, device: str = "cpu") -> Trained:
+    """Model, head (eval mode), config and the checkpoint dict from a checkpoint file, as a :class:`Trained`
+    (a tuple: ``model, head, cfg, ck = load_trained(path)``; ``load_trained(path).classifier`` is the
+    images -> logits model)."""
     ck = load_checkpoint(path)
     cfg = config_of(ck, path)
     cfg.device = resolve_device(device)
@@ -180,4 +187,4 @@ def load_trained(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Modul
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"refusing to load {path}: its weights do not match its configuration "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
-    return model.eval(), head.eval(), cfg, ck
+    return Trained(model.eval(), head.eval(), cfg, ck)

@@ -29,6 +29,16 @@ def _library_defaults() -> dict:
 
 LIBRARY_DEFAULTS = _library_defaults()
 _D = LIBRARY_DEFAULTS
+# Seconds a data-parallel rank waits for its peers in a collective before the run stops (lgm_lab.launch;
+# torch's own default is 30 minutes).  The longest legitimate wait: the other ranks waiting while rank 0
+# evaluates and checkpoints an epoch, or stages the data.
+PROCESS_GROUP_TIMEOUT = 600.0
+
+# The global gradient-norm clip of every training step (docs/SPEC.md section 5: without it, the README's
+# quick L-GM run and small-subset runs diverged to NaN within a few steps after the warm-up; healthy steps
+# have norms of 1-6, so the clip bites only on the spikes that would blow up).
+GRAD_CLIP = 10.0
+
 # The lab's own defaults that the heads share with TrainConfig.
 CENTER_WEIGHT = 0.01  # lambda_c: softmax + lambda_c * center loss
 LSOFTMAX_M = 2
@@ -115,6 +125,9 @@ class TrainConfig:
     nesterov: bool = _opt(True, "Nesterov momentum")
     weight_decay: float = _opt(5e-4, "weight decay")
     head_lr_mult: float = _opt(_D["HEAD_LR_MULT"], "learning-rate multiplier of the L-GM means and log-variances")
+    grad_clip: float = _opt(GRAD_CLIP, "clip the gradient norm of the network and head together to this (0: off); "
+                                       "L-GM's gradient grows with the distance to the means, and without a clip "
+                                       "one large step can blow it up (docs/SPEC.md section 5)")
     head_weight_decay: float | None = _opt(None, "weight decay of the L-GM means and log-variances (default: "
                                                  "--weight-decay)")
     schedule: str = _opt("cyclic", "learning-rate schedule: cyclic (one cycle to the peak lr), step (x0.1 at 50% "
@@ -136,9 +149,11 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.data_dir is not None:  # saved resolved: a resume from another working directory finds it
+            self.data_dir = str(Path(self.data_dir).expanduser().resolve())
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        for name in ("alpha", "lambda_", "lambda_c", "lr", "momentum", "weight_decay", "warmup_epochs",
+        for name in ("alpha", "lambda_", "lambda_c", "lr", "momentum", "weight_decay", "warmup_epochs", "grad_clip",
                      "head_lr_mult", "head_weight_decay"):
             v = getattr(self, name)
             if v is None and name == "head_weight_decay":

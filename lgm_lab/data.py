@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import DATASETS, dataset_info
 
-__all__ = ["DATASETS", "DatasetUnavailable", "load_dataset", "dataset_info", "default_data_dir"]
+__all__ = ["DATASETS", "DatasetUnavailable", "load_dataset", "dataset_info", "default_data_dir", "fingerprint",
+           "cache_size", "clear_cache"]
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -49,19 +51,24 @@ def _stage_idx(src: Path, root: Path, folder: str) -> bool:
         return False
     raw.mkdir(parents=True, exist_ok=True)
     for f in IDX_FILES:
-        tmp = raw / f"{f}.tmp"
         path = _source_file(src, f)
+        # a temporary of its own: two runs staging the same source at once each write theirs and rename
+        # it into place (the same bytes; a rename is atomic), neither sees a half-written file
+        fd, tmp_name = tempfile.mkstemp(dir=raw, prefix=f".{f}.", suffix=".lgm-tmp")
+        tmp = Path(tmp_name)
         try:
-            if path.suffix != ".gz":
-                shutil.copyfile(path, tmp)
-            else:
-                with gzip.open(path, "rb") as fin, open(tmp, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
+            with os.fdopen(fd, "wb") as fout:
+                if path.suffix != ".gz":
+                    with open(path, "rb") as fin:
+                        shutil.copyfileobj(fin, fout)
+                else:
+                    with gzip.open(path, "rb") as fin:
+                        shutil.copyfileobj(fin, fout)
+            os.replace(tmp, raw / f)
         except (EOFError, OSError, gzip.BadGzipFile) as err:
             tmp.unlink(missing_ok=True)
             raise DatasetUnavailable(f"cannot read {path}: {err} (a truncated or damaged file? fetch it "
                                      "again)") from err
-        os.replace(tmp, raw / f)
     return True
 
 
@@ -78,6 +85,23 @@ def _staging_root(src: Path) -> Path:
     return default_data_dir() / "staged" / key / sig.hexdigest()[:16]
 
 
+# The staging cache keeps the copies of this many sources (the most recently used); `lgm cache --clear`
+# empties the whole cache.
+STAGED_KEEP = 3
+
+
+def _prune_staged(current: Path, keep: int = STAGED_KEEP) -> None:
+    """Drop staged copies beyond the ``keep`` most recently used (``current`` always stays)."""
+    staged = default_data_dir() / "staged"
+    copies = [c for c in staged.glob("*/*") if c.is_dir()]
+    copies.sort(key=lambda c: c.stat().st_mtime_ns, reverse=True)
+    for old in [c for c in copies if c != current][max(0, keep - 1):]:
+        shutil.rmtree(old, ignore_errors=True)
+    for folder in staged.glob("*"):  # a source folder whose copies are all gone
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, download: bool) -> Dataset:
     import torchvision
 
@@ -90,7 +114,13 @@ def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, downl
         for src in sources:
             if src.is_dir() and all(_source_file(src, f) for f in IDX_FILES):
                 root = _staging_root(src)
-                _stage_idx(src, root, cls_name)
+                try:
+                    _stage_idx(src, root, cls_name)
+                except DatasetUnavailable:
+                    shutil.rmtree(root, ignore_errors=True)  # a damaged source leaves no copy behind
+                    raise
+                os.utime(root)  # most recently used
+                _prune_staged(root)
                 staged_from = src
                 break
         else:
@@ -101,11 +131,17 @@ def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, downl
                     raise DatasetUnavailable(f"{data_dir} lacks {', '.join(missing)} (or .gz) of {name}")
     cls = getattr(torchvision.datasets, cls_name)
     try:
-        ds = cls(str(root), train=train, download=download and staged_from is None)
+        # a named data_dir is only read: never created into, never downloaded into (downloads go to the cache)
+        ds = cls(str(root), train=train, download=download and staged_from is None and data_dir is None)
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError when absent and offline
         if staged_from is not None:
+            shutil.rmtree(root, ignore_errors=True)  # an unreadable copy is not kept in the cache
             raise DatasetUnavailable(f"cannot read the {name} files in {staged_from}: "
                                      f"{type(err).__name__}: {' '.join(str(err).split())}") from err
+        if data_dir is not None:
+            raise DatasetUnavailable(f"{name} is not in {data_dir}: put the four IDX files ({', '.join(IDX_FILES)}, "
+                                     f"optionally .gz) there, or torchvision's {cls_name}/raw folder; a --data-dir "
+                                     "is only read (without one, lgm downloads to its cache)") from err
         hint = (
             "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist; `make install` does), "
             if name == "fashion-mnist"
@@ -126,6 +162,10 @@ def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, downl
     if len(ds.targets) and not (0 <= int(ds.targets.min()) and int(ds.targets.max()) < k):
         raise DatasetUnavailable(f"the {name} labels in {where} are out of range: {int(ds.targets.min())}.."
                                  f"{int(ds.targets.max())}, expected 0..{k - 1}")
+    size = dataset_info(name)["image_size"]
+    if ds.data.dim() != 3 or tuple(ds.data.shape[1:]) != (size, size):
+        raise DatasetUnavailable(f"the {name} images in {where} are {'x'.join(map(str, ds.data.shape[1:]))}, "
+                                 f"expected {size}x{size} ({'train' if train else 'test'} set)")
     images = ds.data.unsqueeze(1).to(torch.float32).div_(255.0)
     return TensorDataset(images, ds.targets.to(torch.long))
 
@@ -164,7 +204,7 @@ def load_dataset(
         raise DatasetUnavailable(f"--data-dir {data_dir} does not exist (or is not a folder)")
     root = data_dir if data_dir is not None else default_data_dir()
     if name == "cifar10":
-        ds = _cifar10(train, root, download, augment)
+        ds = _cifar10(train, root, download and data_dir is None, augment)  # a named data_dir is only read
     else:
         ds = _mnist_like(name, train, root, data_dir, download)
     if subset is not None:
@@ -174,3 +214,44 @@ def load_dataset(
             g = torch.Generator().manual_seed(seed + (0 if train else 1))
             ds = Subset(ds, torch.randperm(len(ds), generator=g)[:subset].tolist())
     return ds
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def fingerprint(ds: Dataset) -> str:
+    """SHA-256 of the samples of ``ds`` in order (images and labels): what a run trained on, so a resume
+    on other data is refused.  In-memory datasets (and subsets of them) are hashed as tensors; any other
+    dataset item by item (its items must be tensors or numbers)."""
+    h = hashlib.sha256()
+    indices = None
+    base = ds
+    if isinstance(ds, Subset):
+        indices, base = torch.as_tensor(ds.indices, dtype=torch.long), ds.dataset
+    if isinstance(base, TensorDataset):
+        for t in base.tensors:
+            _hash_tensor(h, t if indices is None else t.index_select(0, indices))
+        return h.hexdigest()
+    for i in range(len(ds)):
+        for v in ds[i]:
+            _hash_tensor(h, torch.as_tensor(v))
+    return h.hexdigest()
+
+
+def cache_size() -> int:
+    """Bytes under the data cache (:func:`default_data_dir`): downloads and staged copies."""
+    root = default_data_dir()
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+
+
+def clear_cache() -> int:
+    """Remove the data cache (downloads and staged copies; the sources are never touched); returns the bytes
+    freed."""
+    freed = cache_size()
+    root = default_data_dir()
+    if root.is_dir():
+        shutil.rmtree(root)
+    return freed

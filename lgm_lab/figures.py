@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .run_folder import write_atomically
 from .tensors import features as _features
 
 __all__ = ["FORMATS", "verification_figures", "embedding_figure", "pmax_figure", "training_curves_figure",
@@ -32,9 +33,13 @@ def _path(path: Path, fmt: str | None) -> Path:
 
 
 def _save(fig, path: Path) -> str:
+    """Save atomically (a temporary in the folder, then a rename): a symbolic link at ``path`` is replaced,
+    never followed out of the folder."""
     plt = _plt()
     fig.tight_layout()
-    fig.savefig(path, dpi=150 if path.suffix == ".png" else None, bbox_inches="tight")
+    fmt = path.suffix.lstrip(".")
+    write_atomically(path, lambda f: fig.savefig(f, format=fmt, dpi=150 if fmt == "png" else None,
+                                                 bbox_inches="tight"))
     plt.close(fig)
     return str(path)
 

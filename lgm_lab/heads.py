@@ -82,8 +82,12 @@ class Head(nn.Module, abc.ABC):
     #: drawing, with adversarial examples on it (paper Fig. 1).
     density_map: bool = False
 
-    def __init__(self, feat_dim: int, num_classes: int) -> None:
+    def __init__(self, feat_dim: int | None = None, num_classes: int | None = None) -> None:
+        # Cooperative: a head that is also a library module (LGMHead is an lgm_ext.LGMLoss) lets that
+        # module's __init__ set the sizes and reaches this with none.
         super().__init__()
+        if feat_dim is None and num_classes is None:
+            return
         if feat_dim < 1 or num_classes < 1:
             raise ValueError(f"feat_dim and num_classes must be >= 1, got {feat_dim}, {num_classes}")
         self.feat_dim, self.num_classes = int(feat_dim), int(num_classes)
@@ -203,39 +207,34 @@ class CenterHead(_CenterScored):
 
 
 @register_head("lgm")
-class LGMHead(Head):
+class LGMHead(LGMLoss, Head):
+    """The L-GM head: an :class:`lgm_ext.LGMLoss` (warm-up ramp included) with the lab's :class:`Head`
+    interface, so it goes wherever an ``LGMLoss`` goes (``LGMClassificationLoss(head)``,
+    ``LikelihoodDetector.from_head(head)``, ``ShardedLGMLoss.load_full(head.means, head.log_var)``).
+    Checkpoints written when the head held its ``LGMLoss`` as ``head.lgm`` load unchanged."""
+
     config_keys = ("alpha", "lambda_", "covariance", "warmup_steps")
     centers_name = "L-GM means"
     density_map = True
 
     def __init__(self, feat_dim: int, num_classes: int, *, alpha: float = LGM_ALPHA, lambda_: float = LGM_LAMBDA,
                  covariance: str = "diag", warmup_steps: int = 0) -> None:
-        super().__init__(feat_dim, num_classes)
-        self.lgm = LGMLoss(num_classes, feat_dim, alpha=alpha, lambda_=lambda_, covariance=covariance,
-                           warmup_steps=warmup_steps)
+        if feat_dim < 1 or num_classes < 1:
+            raise ValueError(f"feat_dim and num_classes must be >= 1, got {feat_dim}, {num_classes}")
+        super().__init__(num_classes, feat_dim, alpha=alpha, lambda_=lambda_, covariance=covariance,
+                         warmup_steps=warmup_steps)
+        self._register_load_state_dict_pre_hook(_unwrap_old_lgm_keys)
 
     @property
     def label(self) -> str:
-        return f"lgm-a{self.lgm.alpha:g}"
-
-    def logits(self, features: Tensor) -> Tensor:
-        return self.lgm.logits(features)
-
-    def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        return self.lgm(features, labels)
-
-    def predict(self, features: Tensor) -> Tensor:
-        return self.lgm.predict(features)
-
-    def log_likelihood(self, features: Tensor) -> Tensor:
-        return self.lgm.log_likelihood(features)
+        return f"lgm-a{self.alpha:g}"
 
     def log_score(self, features: Tensor) -> Tensor:
         """The log-likelihood of the predicted class's Gaussian, log-det included (docs/SPEC.md section 1).
 
         Not -d alone: on Fashion-MNIST the log-det term separated FGSM inputs far
         better (EER 9.8% with it, 23.5% without; docs/SPEC.md section 5)."""
-        return self.lgm.log_likelihood(features)
+        return self.log_likelihood(features)
 
     def scores(self, features: Tensor) -> dict[str, Tensor]:
         """The default log-likelihood and, beside it: ``"identity"``, the paper's identity-covariance
@@ -244,10 +243,10 @@ class LGMHead(Head):
         mixture with equal priors, log (1/K) sum_k N(x; mu_k, Sigma_k)."""
         logits = self.logits(features)  # -d - hl
         best = logits.argmax(1)
-        s = self.lgm.clamped_log_var()
+        s = self.clamped_log_var()
         top = logits.gather(1, best[:, None]).squeeze(1)
         const = 0.5 * features.shape[1] * math.log(2 * math.pi)
-        mu = self.lgm.means.index_select(0, best)
+        mu = self.means.index_select(0, best)
         return {
             "default": top - const,
             "identity": -0.5 * (features - mu).pow(2).sum(1),
@@ -257,10 +256,16 @@ class LGMHead(Head):
         }
 
     def centers(self) -> Tensor:
-        return self.lgm.means
+        return self.means
 
     def class_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.lgm.means, self.lgm.log_var) if p is not None]
+        return [p for p in (self.means, self.log_var) if p is not None]
+
+
+def _unwrap_old_lgm_keys(state_dict, prefix, *_args) -> None:
+    """State dicts of the lab before LGMHead became an LGMLoss held ``<prefix>lgm.means`` etc."""
+    for key in [k for k in state_dict if k.startswith(prefix + "lgm.")]:
+        state_dict[prefix + key[len(prefix) + 4:]] = state_dict.pop(key)
 
 
 @register_head("lsoftmax")

@@ -12,6 +12,7 @@ processes: :mod:`lgm_lab.launch`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -25,12 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from lgm_ext import Classifier
 
-from .checkpoints import CheckpointError, check_resumable, load_checkpoint, save_checkpoint, save_json, write_atomically
+from .checkpoints import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import load_dataset
+from .data import fingerprint, load_dataset
 from .devices import resolve_device
 from .evaluation import evaluate
 from .recipe import build_model_and_head, make_optimizer, make_scheduler
+from .run_folder import locked, remove_stale_temporaries, save_json, write_atomically
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "METRIC_FIELDS", "epoch_batches", "tensorboard_writer"]
 
@@ -47,9 +49,12 @@ class TrainResult:
     checkpoint: str = ""
 
 
+# The files a run writes into its folder (an overwrite removes them; a kill may leave their temporaries).
+RUN_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json")
+
 # The columns of metrics.csv (and the scalars sent to TensorBoard), in order.
 METRIC_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_error_percent", "lr", "train_images_per_second",
-                 "test_log_likelihood_mean")
+                 "test_log_likelihood_mean", "clipped_steps", "grad_norm_max")
 
 
 def _finite_weights(*modules: nn.Module) -> bool:
@@ -153,8 +158,7 @@ def _progress(enabled: bool):
                     disable=not enabled)
 
 
-def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> Path:
-    """Create and check the run folder; refuse one that holds a run unless resuming or overwriting."""
+def _make_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as err:
@@ -162,6 +166,10 @@ def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> Path:
         raise ValueError(f"cannot create the run folder {out}: {why}") from err
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"the run folder {out} is not writable")
+
+
+def _check_folder(out: Path, resume: bool, overwrite: bool) -> Path:
+    """Refuse a folder that holds a run unless resuming or overwriting."""
     ck_path = out / "checkpoint.pt"
     if ck_path.exists() and not resume and not overwrite:
         raise CheckpointError(f"{out} already holds a run ({ck_path}); pass --resume to continue it or "
@@ -170,12 +178,12 @@ def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> Path:
 
 
 def _clear_folder(out: Path, ck_path: Path, resume: bool) -> None:
-    """Rank 0, before training: drop the replaced run's files (overwrite) and temporary files a kill left."""
+    """Rank 0, holding the folder's lock, before training: drop the replaced run's files (overwrite) and the
+    temporaries a killed run left; nothing else in the folder is touched."""
     if ck_path.exists() and not resume:
-        for name in ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json"):
+        for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    for stale in out.glob("*.tmp"):  # left by a kill during an atomic write
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(out, RUN_FILES)
 
 
 def _load_datasets(cfg: TrainConfig, main: bool, world: int) -> tuple[Dataset, Dataset]:
@@ -233,12 +241,24 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     if world > 1 and cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({world})")
     out = Path(out_dir)
-    ck_path = _prepare_folder(out, resume, overwrite)
+    _make_folder(out)
+    # one writer per run folder: rank 0 holds the lock for the whole run (a second `lgm train` on the
+    # same --out is refused at once, naming this one)
+    with locked(out) if main else contextlib.nullcontext():
+        return _train(cfg, out, rank, world, resume=resume, overwrite=overwrite, progress=progress,
+                      stop_after=stop_after, datasets=datasets, tensorboard=tensorboard)
+
+
+def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, overwrite: bool, progress: bool,
+           stop_after: int | None, datasets, tensorboard) -> TrainResult:
+    main = rank == 0
+    ck_path = _check_folder(out, resume, overwrite)
     writer = tensorboard_writer(tensorboard) if main else None  # fails before anything is removed
     _barrier(world)  # every rank has checked before rank 0 removes anything
     if main:
         _clear_folder(out, ck_path, resume)
     train_ds, test_ds = datasets if datasets is not None else _load_datasets(cfg, main, world)
+    data_sig = {"train": fingerprint(train_ds), "test": fingerprint(test_ds)}
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -256,6 +276,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         check_resumable(ck["config"], cfg, int(ck["epoch"]), ck_path)
+        if "data" in ck and ck["data"] != data_sig:  # runs from before lgm-ext 0.3 carry no fingerprint
+            which = " and ".join(k for k in ("train", "test") if ck["data"].get(k) != data_sig[k])
+            raise CheckpointError(f"cannot resume {ck_path}: its {which} data differ from the data it was trained "
+                                  f"on (the files under {cfg.data_dir or 'the dataset folder'} changed?); train "
+                                  "anew with --overwrite")
         model.load_state_dict(ck["model"])
         head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])
@@ -266,6 +291,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
             _save_metrics(out, history)  # a kill between the checkpoint and the metrics write
     if main:
         save_json(out / "config.json", asdict(cfg))
+    params = [p for p in (*model.parameters(), *head.parameters()) if p.requires_grad]
     net = Classifier(model, head)  # images, labels -> (loss, logits): what DDP wraps
     if world > 1:
         net = _data_parallel(net)
@@ -283,6 +309,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
         for epoch in range(start_epoch, cfg.epochs):
             model.train(), head.train()
             seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
+            clipped, norm_max = 0, 0.0
             for i, (images, labels, n_step) in enumerate(epoch_batches(train_ds, cfg, epoch, rank, world)):
                 images, labels = images.to(cfg.device), labels.to(cfg.device)
                 extra = head.prepare(model, images, labels)  # e.g. inverse adversaries (eval mode, no grad)
@@ -297,6 +324,13 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                 # DDP averages gradients over ranks: weight this rank's mean by its share of the global
                 # batch so that the average is the gradient of the global batch's mean loss
                 (loss * (labels.shape[0] * world / n_step) if world > 1 else loss).backward()
+                if cfg.grad_clip > 0:  # after DDP's averaging: every rank clips the same gradient
+                    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                    if not math.isfinite(norm):
+                        raise diverged(f"non-finite gradient at epoch {epoch + 1}, step {i + 1}",
+                                       "Try a lower --lr or a longer --warmup-epochs for L-GM.")
+                    clipped += norm > cfg.grad_clip
+                    norm_max = max(norm_max, norm)
                 opt.step()
                 sched.step()
                 n = labels.shape[0]
@@ -315,12 +349,13 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                     "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
                     "test_error_percent": ev["error_percent"], "lr": opt.param_groups[0]["lr"],
                     "train_images_per_second": seen / train_time,
+                    **({"clipped_steps": clipped, "grad_norm_max": norm_max} if cfg.grad_clip > 0 else {}),
                     **({"test_log_likelihood_mean": ev["log_likelihood"]["mean"]} if "log_likelihood" in ev else {}),
                 })
                 save_checkpoint(ck_path, {
                     "config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
                     "head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": _rng_state(cfg.device), "metrics": history,
+                    "rng": _rng_state(cfg.device), "metrics": history, "data": data_sig,
                 })
                 _save_metrics(out, history)
                 if writer is not None:

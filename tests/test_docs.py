@@ -99,3 +99,51 @@ def test_readme_layout_matches_the_tree():
     assert not stale, f"README layout lists files that do not exist: {stale}"
     for folder in re.findall(r"^\s*([\w-]+)/", block, flags=re.M):
         assert any(p.is_dir() and p.name == folder for p in [ROOT / folder, *ROOT.rglob(folder)]), folder
+
+
+def _walkthrough() -> list[str]:
+    section = README.split("## CLI\n", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+# Options that make each command of the walk-through run in seconds on tiny data (appended to the line).
+_TINY = {
+    "train": ["--subset", "64", "--test-subset", "32", "--epochs", "1", "--batch-size", "32", "--no-progress"],
+    "eval": ["--subset", "16", "--no-progress"], "attack": ["--subset", "16", "--no-progress"],
+    "verify": ["--subset", "16", "--no-progress"], "centers": ["--subset", "16", "--no-progress"],
+    "embed": ["--points", "64", "--fgsm", "4", "--no-progress"], "reproduce": ["--no-progress"],
+}
+
+
+def test_readme_cli_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
+    """The README's CLI section runs in order: every run a line needs was made by a line above it, and no two
+    lines collide (before, it named runs/softmax, runs/a, runs/b, runs/lgm2d, runs/center that nothing made)."""
+    import shlex
+
+    from helpers import write_idx
+    from typer.testing import CliRunner
+
+    from lgm_cli.app import app
+    from lgm_lab.config import REPRODUCE_PRESETS
+
+    src = write_idx(tmp_path / "idx", n_train=96, n_test=64)
+    monkeypatch.setenv("LGM_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(REPRODUCE_PRESETS, "quick", dict(
+        train=dict(subset=64, test_subset=32, epochs=1, batch_size=32), seeds=(0,),
+        models100=("softmax", "center", "lgm-a1"), models2=(), attack_subset=16, embed_points=32))
+    lines = _walkthrough()
+    assert lines[0] == "lgm --version" and any(ln.startswith("lgm reproduce") for ln in lines)
+    for line in lines:
+        args = shlex.split(line)[1:]
+        name = args[0] if not args[0].startswith("-") else None
+        extra = list(_TINY.get(name, []))
+        if name == "train" and "--resume" not in args or name == "reproduce":
+            extra += ["--data-dir", str(src)]
+        if name == "train" and "--resume" in args:
+            extra = ["--no-progress"]
+        r = CliRunner().invoke(app, args + extra)
+        assert r.exit_code == 0, f"README line failed: {line}\n{r.output[-3000:]}"
+    assert (tmp_path / "runs" / "reproduce" / "report.md").exists()
+    assert (tmp_path / "runs" / "embed" / "embedding.png").exists()

@@ -152,7 +152,7 @@ def test_verification_scores_do_not_tie_when_likelihood_underflows():
 
     head = build_head("lgm", 100, 3).eval()
     with torch.no_grad():
-        head.lgm.means.zero_()
+        head.means.zero_()
     near, far = torch.full((5, 100), 20.0), torch.full((5, 100), 30.0)  # d = 20000 and 45000
     assert (head.score(near) == 0).all() and (head.score(far) == 0).all()
     assert M.eer(head.log_score(near), head.log_score(far))[0] == 0.0
@@ -160,3 +160,50 @@ def test_verification_scores_do_not_tie_when_likelihood_underflows():
         h = build_head(kind, 4, 3).eval()
         f = torch.randn(6, 4)
         torch.testing.assert_close(h.score(f), h.log_score(f).exp())
+
+
+def _cli_error(*args):
+    from typer.testing import CliRunner
+
+    from lgm_cli.app import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    return r.output
+
+
+def test_checkpoints_of_different_datasets_are_refused_together(tiny_runs, tmp_path):
+    """`lgm attack fm/checkpoint.pt mnist/checkpoint.pt` evaluated the MNIST model on Fashion-MNIST without a
+    word (and a CIFAR model ended in a 163-line traceback): checkpoints given together must share a dataset."""
+    src, runs = tiny_runs
+    cfg = config_from_preset(None, dataset="mnist", data_dir=str(src), epochs=1, batch_size=32, feat_dim=2,
+                             head="softmax", subset=64, test_subset=32)
+    mnist = train(cfg, tmp_path / "mnist", progress=False).checkpoint
+    for command in (("attack",), ("verify", "--out", tmp_path / "v")):
+        out = _cli_error(*command, runs["softmax"], mnist, "--subset", 16)
+        assert "different datasets" in out and "mnist" in out
+
+
+def test_centers_checks_the_roles(tiny_runs):
+    """`lgm centers` accepted the same L-GM checkpoint as model A and model B and reported claims about it."""
+    _src, runs = tiny_runs
+    assert "three different checkpoints" in _cli_error("centers", "--model-a", runs["center"], "--model-b",
+                                                       runs["center"], "--subset", 16)
+    out = _cli_error("centers", "--model-a", runs["lgm"], "--model-b", runs["softmax"], "--subset", 16)
+    assert "--model-a" in out and "lgm head" in out and "center model" in out
+    assert "--lgm" in _cli_error("centers", "--model-a", runs["center"], "--model-b", runs["softmax"], "--lgm",
+                                 runs["softmax"], "--subset", 16)
+
+
+def test_the_report_states_the_binomial_error_of_its_own_numbers():
+    from lgm_lab.experiments.paper import paper_markdown
+
+    def run(error):
+        return {0: {"error": error, "fgsm": {str(e): 0.0 for e in (0.0, 0.1, 0.2, 0.3)},
+                    "verification": {"scores": {}, "adversarial_error_percent": 0.0}}}
+
+    r = {"seeds": [0], "runs": {"softmax": run(26.5), "lgm-a1": run(37.7)}, "table1_2d": {}, "n_test": 1000,
+         "n_attack": 500, "claims": []}
+    text = "\n".join(paper_markdown(r))
+    assert "near 10%" not in text
+    assert "(26.5-37.7%) on 1000 test images: 1.40-1.53 points" in text

@@ -1,5 +1,5 @@
-"""The L-GM recipe (issue 10): linear feature layer by default, the head's own learning rate,
-verification scores, L-Softmax."""
+"""The heads and the recipe around them (issue 10): linear feature layer by default, the head's own learning
+rate, verification scores, L-Softmax; the L-GM head as a library module (issue 22)."""
 import math
 
 import pytest
@@ -35,7 +35,7 @@ def test_head_class_parameters_get_the_multiplier(kind):
         assert len(opt.param_groups) == 2
         assert opt.param_groups[1]["lr"] == pytest.approx(0.2)
         assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[0]["weight_decay"] == 5e-4
-        assert {id(p) for p in opt.param_groups[1]["params"]} == {id(head.lgm.means), id(head.lgm.log_var)}
+        assert {id(p) for p in opt.param_groups[1]["params"]} == {id(head.means), id(head.log_var)}
         sched = _scheduler(cfg, opt, 10)
         peaks = []
         for _ in range(cfg.epochs * 10 - 1):
@@ -52,10 +52,10 @@ def test_lgm_scores_match_their_formulas():
     torch.manual_seed(0)
     head = build_head("lgm", 5, 4).double().eval()
     with torch.no_grad():
-        head.lgm.log_var.copy_(0.3 * torch.randn(4, 5, dtype=torch.float64))
+        head.log_var.copy_(0.3 * torch.randn(4, 5, dtype=torch.float64))
     x = torch.randn(7, 5, dtype=torch.float64)
     s = head.scores(x)
-    mu, lv = head.lgm.means, head.lgm.log_var
+    mu, lv = head.means, head.log_var
     d = 0.5 * ((x[:, None] - mu[None]) ** 2 * torch.exp(-lv)[None]).sum(-1)
     log_n = -d - 0.5 * lv.sum(1) - 2.5 * math.log(2 * math.pi)  # log N(x; mu_k, Sigma_k)
     best = log_n.argmax(1)
@@ -122,3 +122,44 @@ def test_param_groups_helper_used_by_a_plain_loop():
     g = head.means.grad.clone()
     opt.step()
     torch.testing.assert_close(head.means.detach(), before - 1.0 * g)  # lr 0.1 x 10
+
+
+def test_the_lab_lgm_head_is_an_lgm_loss_and_trained_runs_give_a_classifier(tmp_path, monkeypatch):
+    """`FGSM(model, eps=0.3)(x, y)` on the model `load_trained` returned (100-D features, not logits) ran and
+    reported 41% adversarial error instead of 96.5%; `LGMClassificationLoss(head)` with the lab's L-GM head
+    raised `AttributeError: 'LGMHead' object has no attribute 'means'`."""
+    from helpers import write_idx
+
+    from lgm_ext.attacks import FGSM, LGMClassificationLoss
+    from lgm_lab.checkpoints import load_trained
+    from lgm_lab.experiments.measure import fgsm_errors
+    from lgm_lab.tensors import stack_dataset
+    from lgm_lab.train import train
+
+    monkeypatch.setenv("LGM_DATA_DIR", str(tmp_path / "cache"))
+    src = write_idx(tmp_path / "idx", n_train=96, n_test=48)
+    cfg = config_from_preset(None, head="lgm", feat_dim=100, subset=64, test_subset=48, epochs=1, batch_size=32,
+                             data_dir=str(src))
+    train(cfg, tmp_path / "run", progress=False)
+    trained = load_trained(tmp_path / "run" / "checkpoint.pt")
+    model, head, _cfg, _ck = trained  # still a 4-tuple
+    assert isinstance(head, lgm_ext.LGMLoss)
+    x, y = stack_dataset(load_dataset_for(cfg))
+    clf = trained.classifier
+    assert isinstance(clf, lgm_ext.Classifier) and not clf.training
+    with torch.no_grad():
+        assert clf(x).shape == (len(x), 10)
+        torch.testing.assert_close(clf(x), head.logits(model(x)))
+    adv = FGSM(clf, eps=0.3)(x, y)
+    with torch.no_grad():
+        err = 100.0 * (clf(adv).argmax(1) != y).float().mean().item()
+    assert err == fgsm_errors(model, head, x, y, (0.3,))[0.3]
+    # the same attack through the library's L-GM loss on features, with the lab's head
+    adv2 = FGSM(model, eps=0.3, loss_fn=LGMClassificationLoss(head))(x, y)
+    assert (adv2 == adv).float().mean() > 0.999  # the same L_cls: signs differ only where the gradient is ~0
+
+
+def load_dataset_for(cfg):
+    from lgm_lab.data import load_dataset
+
+    return load_dataset(cfg.dataset, False, data_dir=cfg.data_dir, subset=cfg.test_subset, seed=cfg.seed)

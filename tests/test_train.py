@@ -82,7 +82,7 @@ def test_few_steps_lower_the_loss(kind, fmnist_dir):
         with torch.no_grad():
             f = model(x)
             if kind == "lgm":  # the ramp's end point, whatever the head's step counter says
-                value = lgm_ext.lgm_loss(f, head.lgm.means, head.lgm.clamped_log_var(), y, alpha=1.0,
+                value = lgm_ext.lgm_loss(f, head.means, head.clamped_log_var(), y, alpha=1.0,
                                          lambda_=0.1).item()
             else:
                 value = head(f, y)[0].item()

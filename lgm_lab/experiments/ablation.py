@@ -7,13 +7,13 @@ linear feature layer) at the budget of a ``lgm reproduce`` preset.  ``lgm ablati
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from ..checkpoints import load_trained
 from ..config import REPRODUCE_PRESETS
 from ..data import load_dataset
+from ..run_folder import save_json, save_text
 from ..tensors import stack_dataset
 from ..train import TrainingDiverged
 from .measure import measure_model
@@ -79,15 +79,15 @@ def ablation(out_dir, *, grid: str = "warmup", preset: str = "quick", seeds=(0,)
                 full = measure_model(model, head, test, x, y, eps_list=(0.0, 0.3))
                 ev = {"error": full["error"], "fgsm_0.3": full["fgsm"]["0.3"],
                       "eer": full["verification"]["eer_percent"],
-                      "log_var_mean": float(head.lgm.clamped_log_var().mean()) if head.lgm.log_var is not None
+                      "log_var_mean": float(head.clamped_log_var().mean()) if head.log_var is not None
                       else 0.0}
                 save_cached(run_dir / "ablation_eval.json", key, ev)
             point["runs"][seed] = ev
         points.append(point)
     res = {"grid": grid, "preset": preset, "train": P["train"], "seeds": list(seeds), "dataset": dataset,
            "n_test": len(test), "n_attack": len(x), "points": points, "seconds": time.perf_counter() - t0}
-    (out / f"ablation-{grid}.json").write_text(json.dumps(res, indent=1, default=float))
-    (out / f"ablation-{grid}.md").write_text(ablation_markdown(res))
+    save_json(out / f"ablation-{grid}.json", res, indent=1, default=float)
+    save_text(out / f"ablation-{grid}.md", ablation_markdown(res))
     return res
 
 

@@ -7,7 +7,11 @@ from torch import Tensor
 
 from .measure import INVERSE_ADVERSARY, center_comparisons
 
-__all__ = ["centers_report", "centers_claims", "centers_markdown"]
+__all__ = ["CENTERS_ROLES", "centers_report", "centers_claims", "centers_markdown"]
+
+# The report's models: role -> the head kind it names (A: softmax + center loss; B: softmax alone; the L-GM
+# model is ours, for its learned means).
+CENTERS_ROLES = {"A": "center", "B": "softmax", "L-GM": "lgm"}
 
 
 def centers_report(models: dict, x: Tensor, y: Tensor, *, batch: int = 256, num_classes: int = 10,

@@ -18,7 +18,6 @@ shared measurements (:mod:`~lgm_lab.experiments.measure`) and runs (:mod:`~lgm_l
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ..checkpoints import load_trained
 from ..config import dataset_info
 from ..data import load_dataset
 from ..evaluation import evaluate
+from ..run_folder import save_json, save_text
 from ..tensors import features, stack_dataset
 from .measure import INVERSE_ADVERSARY, center_comparisons, center_scores, class_means, compactness, eer, fgsm_sweep
 from .runs import load_cached, run_config, save_cached, train_or_reuse
@@ -143,8 +143,8 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
     res["verdict"] = verdict(res)
     res["context"] = context(res)
     res["seconds"] = time.perf_counter() - t0
-    (out / "inverse.json").write_text(json.dumps(res, indent=1, default=float))
-    (out / "inverse.md").write_text(inverse_markdown(res))
+    save_json(out / "inverse.json", res, indent=1, default=float)
+    save_text(out / "inverse.md", inverse_markdown(res))
     return res
 
 

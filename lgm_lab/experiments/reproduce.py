@@ -20,6 +20,7 @@ from ..config import REPRODUCE_PRESETS, class_names
 from ..data import load_dataset
 from ..evaluation import evaluate
 from ..figures import FORMATS, embedding_figure, pmax_figure, training_curves_figure, verification_figures
+from ..run_folder import save_json, save_text
 from ..tensors import stack_dataset
 from . import inverse as inverse_adversary
 from .centers import centers_markdown, centers_report
@@ -43,16 +44,26 @@ def reproduce_stages(preset: str, inverse: bool = False) -> int:
 
 
 class _Stages:
-    """One line per stage to ``progress``; ``on_stage(done, total, description)`` as each starts."""
+    """One line per stage to ``progress``; ``on_stage(done, total, description)`` as each starts; the wall
+    time of each stage (until the next starts, or :meth:`finish`) in :attr:`seconds`."""
 
     def __init__(self, total: int, progress, on_stage) -> None:
         self.total, self.progress, self.on_stage, self.done = total, progress, on_stage, 0
+        self.seconds: list[tuple[str, float]] = []
+        self._current: tuple[str, float] | None = None
 
     def __call__(self, description: str) -> None:
+        self.finish()
+        self._current = (description, time.perf_counter())
         self.progress(description)
         if self.on_stage is not None:
             self.on_stage(self.done, self.total, description)
         self.done += 1
+
+    def finish(self) -> None:
+        if self._current is not None:
+            self.seconds.append((self._current[0], time.perf_counter() - self._current[1]))
+            self._current = None
 
 
 def _train(name: str, dim: int, seed: int, P: dict, dataset: str, data_dir, out: Path, stage, progress,
@@ -172,13 +183,15 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
                                  on_stage=(lambda d, t, what: on_stage(offset + d, stage.total, what))
                                  if on_stage else None)
         results["inverse"] = {k: inv[k] for k in ("summary", "verdict", "seeds", "train")}
+    stage.finish()
     results["seconds"] = time.perf_counter() - t_start
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    results["stage_seconds"] = stage.seconds
+    save_json(out / "results.json", results, indent=1, default=float)
     text = report_markdown(results)
     if inverse:
         section = (out / "inverse" / "inverse.md").read_text().replace("# Inverse-adversary", "## Inverse-adversary", 1)
         text += "\n" + section.replace("\n## ", "\n### ")
-    (out / "report.md").write_text(text)
+    save_text(out / "report.md", text)
     return results
 
 

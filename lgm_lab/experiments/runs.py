@@ -9,6 +9,7 @@ from pathlib import Path
 from ..checkpoints import CheckpointError, load_checkpoint
 from ..config import TrainConfig, config_from_preset
 from ..data import DatasetUnavailable, load_dataset
+from ..run_folder import save_json
 from ..train import train
 
 __all__ = ["run_config", "train_or_reuse", "pick_dataset", "load_cached", "save_cached"]
@@ -60,4 +61,4 @@ def load_cached(path: Path, settings: dict) -> dict | None:
 
 
 def save_cached(path: Path, settings: dict, value: dict) -> None:
-    path.write_text(json.dumps({"settings": settings, "eval": value}, indent=1))
+    save_json(path, {"settings": settings, "eval": value}, indent=1)
