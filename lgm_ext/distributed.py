@@ -23,21 +23,56 @@ over ranks) build the module with ``ddp=True``: the feature gradient is then sca
 size, so the averaged backbone gradient is again the exact one.  Do not wrap the sharded
 parameters in DDP: they differ per rank by design.
 
-Memory per rank: ``2 K D / W`` parameter floats and what the fused loss holds for ``K / W`` classes
-(the ``N x K_r`` logits when it keeps them, else one class tile), instead of ``2 K D`` and ``N x K``.
-Communication per step: all-gather of N x D features and N labels, all-reduces of N and 3 N floats,
-and in the backward one all-reduce of N x D.
+Memory per rank: ``2 K D / W`` parameter floats (and as many for their gradients) and what the fused loss
+holds for ``K_r = K / W`` classes: the forward's ``N x K_r`` logits (kept for the backward only when the
+operator's rule says so, else recomputed one class tile at a time), instead of ``2 K D`` and ``N x K``.
+Communication per step: an all-gather of a few integers per rank (row counts and the agreement check
+below), all-gathers of N x D features and N labels, all-reduces of N and 3 N floats, and in the backward
+one all-reduce of N x D.
+
+**Class sampling** (Partial FC, ``sample_rate=r < 1``, training mode only): each step, each rank keeps
+every class of its range that labels the global batch (the positives) plus a uniform sample of its other
+classes, ``max(ceil(r K_r), positives)`` rows in all, drawn from a generator seeded per rank from
+(``seed``, rank, step counter ``sample_step``; saved in the state dict, so a resumed run draws the same
+samples).  The loss is the L-GM loss over the union of the sampled classes of all ranks (margin and
+likelihood of the labelled class, which is always in): the same fused operator on the gathered rows
+``means[idx]``, ``log_var[idx]`` with the labels remapped into the sampled rows.  The head's FLOPs and its
+logits (``N x K_s``, ``K_s ~ r K_r``) fall as r; the sampled rows are copied (``2 K_s D`` floats, and as many
+for their gradients), and the sampling itself makes no temporary of the shard's size (it works on the
+drawn indices: ``lgm_ext._sampling``).  Gradients
+reach the sampled rows only: ``means.grad`` and ``log_var.grad`` are dense and zero elsewhere (as
+insightface's ``PartialFC_V2``), so a ``torch.optim`` optimizer keeps stepping every row -- with momentum
+an unsampled row keeps moving along its momentum buffer (which decays by the momentum factor per step),
+and weight decay shrinks every row each step.  Use ``weight_decay=0`` for the head (``param_groups(...,
+head_weight_decay=0)``) to keep unsampled means and log-variances from drifting towards 0; ``sampled_rows``
+(the local rows of the last training forward) lets a custom optimizer update only them.  In eval mode,
+and for :meth:`ShardedLGMLoss.predict`, :meth:`~ShardedLGMLoss.log_likelihood` and
+:meth:`~ShardedLGMLoss.logits`, every class counts.
+
+**Agreement**: the first collective of every call exchanges, besides the row counts, each rank's
+``num_classes``, ``feat_dim``, covariance, reduction, alpha, lambda_, ``log_var_bound``, ``sample_rate``,
+``ddp``, the method called and the dtypes of features and labels, and whether its input passed the local
+checks; on any difference every rank raises the same clear error (instead of a wrong loss, or an abort
+inside the backend).
+
+**Timeouts**: a rank that stalls (or dies) blocks its peers inside a collective until the process group's
+timeout -- torch's default is 30 minutes (10 for NCCL in recent versions).  The head cannot change the
+timeout of a group it did not create: pass ``timeout=datetime.timedelta(...)`` to
+``torch.distributed.init_process_group`` (``examples/train_face_scale.py --timeout``).
 """
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._ops import KERNEL_IMPLS, REDUCTIONS, acc_dtype, keep_logits_for_backward, ops
-from .functional import _nonneg, lgm_logits
+from ._sampling import remap_labels, sample_classes, sample_size
+from .functional import _nonneg, check_labels, lgm_logits
+from .modules import _log_var_bound, clamp_log_var
 
 __all__ = ["shard_range", "ShardedLGMLoss", "gather_rows"]
 
@@ -65,12 +100,10 @@ class _GatherRows(torch.autograd.Function):
     gradient and keep this rank's rows, times ``scale``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group, scale: float) -> Tensor:
+    def forward(ctx, x: Tensor, group, scale: float, sizes: list[int] | None) -> Tensor:
         rank, world = _world(group)
-        n = torch.tensor([x.shape[0]], device=x.device)
-        sizes = [torch.zeros_like(n) for _ in range(world)]
-        dist.all_gather(sizes, n, group=group)
-        sizes = [int(s) for s in sizes]
+        if sizes is None:
+            sizes = _row_counts(x.shape[0], x.device, group, world)
         top = max(sizes)
         pad = x.new_zeros((top,) + tuple(x.shape[1:]))
         pad[: x.shape[0]] = x
@@ -84,17 +117,54 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]] * ctx.scale, None, None
+        return grad[start:start + ctx.sizes[ctx.rank]] * ctx.scale, None, None, None
 
 
-def gather_rows(x: Tensor, group=None, *, grad_scale: float = 1.0) -> Tensor:
+def _row_counts(n: int, device, group, world: int) -> list[int]:
+    t = torch.tensor([n], device=device)
+    parts = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(parts, t, group=group)
+    return [int(p) for p in parts]
+
+
+def gather_rows(x: Tensor, group=None, *, grad_scale: float = 1.0, sizes: list[int] | None = None) -> Tensor:
     """Rows of ``x`` from every rank, concatenated in rank order (differentiable for floating-point
     ``x``: the gradient flowing back to each rank is the sum over ranks of the gradient of its rows,
-    times ``grad_scale``)."""
+    times ``grad_scale``).  ``sizes``: every rank's row count, when already known (else one all-gather)."""
     if x.is_floating_point():
-        return _GatherRows.apply(x, group, float(grad_scale))
+        return _GatherRows.apply(x, group, float(grad_scale), sizes)
     with torch.no_grad():
-        return _GatherRows.apply(x, group, 1.0)
+        return _GatherRows.apply(x, group, 1.0, sizes)
+
+
+# ------------------------------------------------------------------ the ranks' agreement (issue 22, item 10)
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8)
+_CALLS = ("forward", "logits", "predict", "log_likelihood")
+# the fields every rank must agree on, in the order of the exchanged vector (then: input rejected, row count)
+_FIELDS = ("method called", "num_classes", "feat_dim", "covariance", "reduction", "alpha", "lambda_",
+           "log_var_bound", "sample_rate", "sampling (training mode with sample_rate < 1)", "ddp",
+           "features dtype", "labels dtype")
+_FLOAT_FIELDS = {"alpha", "lambda_", "log_var_bound", "sample_rate"}
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _show(name: str, v: int):
+    if name in _FLOAT_FIELDS:
+        return struct.unpack("<d", struct.pack("<q", v))[0]
+    if name.endswith("dtype"):
+        return "none" if v < 0 else str(_DTYPES[v]) if v < len(_DTYPES) else "another dtype"
+    return {"method called": lambda: _CALLS[v], "covariance": lambda: ("diag", "identity")[v],
+            "reduction": lambda: ("mean", "sum")[v]}.get(name, lambda: v)()
+
+
+def _dtype_code(t) -> int:
+    if not isinstance(t, Tensor):
+        return -1
+    return _DTYPES.index(t.dtype) if t.dtype in _DTYPES else len(_DTYPES)
 
 
 def _combine_shard_stats(lse_r: Tensor, q_r: Tensor, a_r: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
@@ -180,14 +250,16 @@ class ShardedLGMLoss(nn.Module):
 
     ``forward(local_features, local_labels)`` returns the loss of the global batch (reduction
     "mean" or "sum", the same on every rank).  Each rank holds ``means`` and ``log_var`` of
-    ``class_range``; ``covariance="identity"`` keeps no log-variances.  The means are standard-normal,
-    drawn in blocks of rows each with its own generator seeded from (``seed``, block), so a rank draws
-    only its own rows and the shards form one initialisation whatever the world size;
-    :meth:`load_full` copies given full parameters."""
+    ``class_range``; ``covariance="identity"`` keeps no log-variances.  ``log_var`` is clamped to
+    ``[-log_var_bound, log_var_bound]`` wherever it is used, exactly as :class:`lgm_ext.LGMLoss` does
+    (:meth:`clamped_log_var`).  The means are standard-normal, drawn in blocks of rows each with its own
+    generator seeded from (``seed``, block), so a rank draws only its own rows and the shards form one
+    initialisation whatever the world size; :meth:`load_full` copies given full parameters.
+    ``sample_rate=r < 1``: class sampling in training mode (module docstring); ``r = 1`` is the exact loss."""
 
     def __init__(self, num_classes: int, feat_dim: int, *, alpha: float = 1.0, lambda_: float = 0.1,
                  covariance: str = "diag", group=None, ddp: bool = False, reduction: str = "mean",
-                 impl: str = "auto", seed: int = 0) -> None:
+                 impl: str = "auto", seed: int = 0, log_var_bound: float = 6.0, sample_rate: float = 1.0) -> None:
         super().__init__()
         if num_classes < 1 or feat_dim < 1:
             raise ValueError(f"num_classes and feat_dim must be >= 1, got {num_classes}, {feat_dim}")
@@ -197,80 +269,160 @@ class ShardedLGMLoss(nn.Module):
             raise ValueError(f"impl must be one of {', '.join(map(repr, KERNEL_IMPLS))}, got {impl!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
         self.rank, self.world_size = _world(group)
         self.group, self.ddp, self.reduction, self.impl = group, bool(ddp), reduction, impl
         self.num_classes, self.feat_dim, self.covariance = num_classes, feat_dim, covariance
         self.alpha, self.lambda_ = _nonneg("alpha", alpha), _nonneg("lambda_", lambda_)
+        self.log_var_bound, self.sample_rate, self.seed = _log_var_bound(log_var_bound), float(sample_rate), int(seed)
         self.class_range = shard_range(num_classes, self.world_size, self.rank)
         lo, hi = self.class_range
         self.means = nn.Parameter(_init_rows(lo, hi, feat_dim, seed))
         self.log_var = nn.Parameter(torch.zeros(hi - lo, feat_dim)) if covariance == "diag" else None
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.long))  # sampled training steps so far
+        self.sampled_rows: Tensor | None = None  # local rows of the last sampled forward (None: all rows)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, class_range={self.class_range}, "
                 f"world_size={self.world_size}, alpha={self.alpha}, lambda_={self.lambda_}, "
-                f"covariance={self.covariance!r}")
+                f"covariance={self.covariance!r}, sample_rate={self.sample_rate}")
 
     @torch.no_grad()
-    def load_full(self, means: Tensor, log_var: Tensor | None = None) -> "ShardedLGMLoss":
-        """Copy this rank's rows of full (K, D) parameters (e.g. from a single-device LGMLoss)."""
+    def load_full(self, means, log_var: Tensor | None = None) -> "ShardedLGMLoss":
+        """Copy this rank's rows of full (K, D) parameters, given as tensors or as a single-device
+        :class:`lgm_ext.LGMLoss` (whose ``log_var_bound`` must equal this head's: one rule for both)."""
+        if isinstance(means, nn.Module):
+            src = means
+            bound = getattr(src, "log_var_bound", self.log_var_bound)
+            if bound != self.log_var_bound:
+                raise ValueError(f"the source head clamps log_var to +-{bound}, this one to +-{self.log_var_bound}: "
+                                 "build the sharded head with the same log_var_bound")
+            means, log_var = src.means, getattr(src, "log_var", None)
+        if tuple(means.shape) != (self.num_classes, self.feat_dim):
+            raise ValueError(f"means must be ({self.num_classes}, {self.feat_dim}), got {tuple(means.shape)}")
         lo, hi = self.class_range
         self.means.copy_(means[lo:hi])
         if self.log_var is not None and log_var is not None:
             self.log_var.copy_(log_var[lo:hi])
         return self
 
+    def clamped_log_var(self) -> Tensor | None:
+        """This shard's ``log_var`` clamped to ``[-log_var_bound, log_var_bound]`` (what every use of it sees;
+        the rule of :meth:`lgm_ext.LGMLoss.clamped_log_var`)."""
+        return clamp_log_var(self.log_var, self.log_var_bound)
+
+    def _bounded_log_var(self, dtype) -> Tensor | None:
+        """:meth:`clamped_log_var` in ``dtype``, without a (K_r, D) copy when no entry lies beyond the bound
+        (then the clamp is the identity, in value and gradient)."""
+        lv = self.log_var
+        if lv is None:
+            return None
+        if lv.numel():
+            with torch.no_grad():
+                low, high = torch.aminmax(lv)
+            if bool(low < -self.log_var_bound) or bool(high > self.log_var_bound):
+                lv = self.clamped_log_var()
+        return lv.to(dtype)
+
     def _check(self, features: Tensor, labels: Tensor | None) -> None:
         if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[1] != self.feat_dim:
             raise ValueError(f"features must be (N, {self.feat_dim}), got "
                              f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
         if labels is not None:
-            from .functional import check_labels
-
             check_labels(labels, features.shape[0], self.num_classes)
 
-    def _local_logits(self, feats: Tensor) -> Tensor:
+    def _agree(self, call: str, features, labels) -> list[int]:
+        """One all-gather of a few integers per rank: the fields of ``_FIELDS``, whether this rank's input
+        passed :meth:`_check`, and its row count (returned for every rank).  Raises on every rank when the
+        ranks disagree or any rank's input was rejected (that rank raises its own error)."""
+        err = None
+        try:
+            self._check(features, labels)
+        except (TypeError, ValueError) as e:
+            err = e
+        sampling = self.training and self.sample_rate < 1.0 and call == "forward"
+        mine = [_CALLS.index(call), self.num_classes, self.feat_dim, ("diag", "identity").index(self.covariance),
+                ("mean", "sum").index(self.reduction), _bits(self.alpha), _bits(self.lambda_),
+                _bits(self.log_var_bound), _bits(self.sample_rate), int(sampling), int(self.ddp),
+                _dtype_code(features), _dtype_code(labels) if call == "forward" else -1,
+                int(err is not None), features.shape[0] if err is None else -1]
+        t = torch.tensor(mine, dtype=torch.long, device=self.means.device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t, group=self.group)
+        table = torch.stack(parts).tolist()
+        for j, name in enumerate(_FIELDS):
+            column = [row[j] for row in table]
+            if len(set(column)) > 1:
+                values = ", ".join(f"rank {r}: {_show(name, v)}" for r, v in enumerate(column))
+                kind = TypeError if name.endswith("dtype") else ValueError
+                raise kind(f"ShardedLGMLoss.{call}: the ranks disagree on {name} ({values}); build the head with "
+                           "the same arguments on every rank and call it on every rank with the same dtypes")
+        rejected = [r for r, row in enumerate(table) if row[-2]]
+        if err is not None:
+            raise err
+        if rejected:
+            raise ValueError(f"ShardedLGMLoss.{call}: the input of rank(s) {rejected} was rejected (see the error "
+                             "on that rank); every rank stops here")
+        return [row[-1] for row in table]
+
+    def _gather(self, features: Tensor, labels: Tensor | None, sizes: list[int]):
+        feats = gather_rows(features, self.group, grad_scale=self.world_size if self.ddp else 1.0, sizes=sizes)
+        labs = gather_rows(labels, self.group, sizes=sizes) if labels is not None else None
+        return feats, labs
+
+    def _sampled_shard(self, labels: Tensor, dtype):
+        """(means, log_var, labels, class_offset) of this step's sampled rows (module docstring)."""
+        lo, hi = self.class_range
+        own = labels[(labels >= lo) & (labels < hi)]
+        positives = torch.unique(own - lo)  # sorted
+        gen = torch.Generator(device=labels.device)
+        gen.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_033 + int(self.sample_step)) % (2 ** 63))
+        idx = sample_classes(positives, hi - lo, sample_size(self.sample_rate, hi - lo, positives.numel()), gen)
+        self.sample_step.add_(1)
+        self.sampled_rows = idx
+        lv = None if self.log_var is None else clamp_log_var(self.log_var.index_select(0, idx), self.log_var_bound)
+        return (self.means.index_select(0, idx).to(dtype), None if lv is None else lv.to(dtype),
+                remap_labels(labels, lo, hi, idx), 0)
+
+    def forward(self, local_features: Tensor, local_labels: Tensor) -> Tensor:
+        sizes = self._agree("forward", local_features, local_labels)
+        feats, labels = self._gather(local_features, local_labels, sizes)
+        labels = labels.long()
+        lo, hi = self.class_range
+        if self.training and self.sample_rate < 1.0 and hi > lo:
+            means, log_var, labels, offset = self._sampled_shard(labels, feats.dtype)
+        else:
+            self.sampled_rows = None
+            means, log_var, offset = self.means.to(feats.dtype), self._bounded_log_var(feats.dtype), lo
+        per_row = _ShardedLoss.apply(feats, means, log_var, labels, offset, self.alpha, self.lambda_,
+                                     KERNEL_IMPLS[self.impl], self.group)
+        return per_row.mean() if self.reduction == "mean" else per_row.sum()
+
+    def logits(self, local_features: Tensor) -> Tensor:
+        """This rank's margin-free logits of the *global* batch, (N, K_r) (columns ``class_range``; all of
+        them, also with sampling)."""
+        sizes = self._agree("logits", local_features, None)
+        feats = self._gather(local_features, None, sizes)[0]
         if self.means.shape[0] == 0:  # a rank without classes (K < W): empty logits, still in the graph
             touch = 0.0 * feats[:, :1] + 0.0 * self.means.sum()
             if self.log_var is not None:
                 touch = touch + 0.0 * self.log_var.sum()
             return feats.new_zeros(feats.shape[0], 0) + touch
-        return lgm_logits(feats, self.means.to(feats.dtype),
-                          None if self.log_var is None else self.log_var.to(feats.dtype), impl=self.impl)
-
-    def _gather(self, features: Tensor, labels: Tensor | None):
-        feats = gather_rows(features, self.group, grad_scale=self.world_size if self.ddp else 1.0)
-        labs = gather_rows(labels, self.group) if labels is not None else None
-        return feats, labs
-
-    def forward(self, local_features: Tensor, local_labels: Tensor) -> Tensor:
-        self._check(local_features, local_labels)
-        feats, labels = self._gather(local_features, local_labels)
-        log_var = None if self.log_var is None else self.log_var.to(feats.dtype)
-        per_row = _ShardedLoss.apply(feats, self.means.to(feats.dtype), log_var, labels.long(), self.class_range[0],
-                                     self.alpha, self.lambda_, KERNEL_IMPLS[self.impl], self.group)
-        return per_row.mean() if self.reduction == "mean" else per_row.sum()
-
-    def logits(self, local_features: Tensor) -> Tensor:
-        """This rank's margin-free logits of the *global* batch, (N, K_r) (columns ``class_range``)."""
-        self._check(local_features, None)
-        return self._local_logits(self._gather(local_features, None)[0])
+        return lgm_logits(feats, self.means.to(feats.dtype), self._bounded_log_var(feats.dtype), impl=self.impl)
 
     @torch.no_grad()
-    def _global_max(self, local_features: Tensor) -> tuple[Tensor, Tensor]:
+    def _global_max(self, call: str, local_features: Tensor) -> tuple[Tensor, Tensor]:
         """(log-likelihood, argmax class) over all K for each row of *this rank's* features: the fused
         ``lgm_log_likelihood`` on this shard, then a max and a min (ties: the lowest class) all-reduce
         (computed on the gathered batch, so that every rank reduces the same rows)."""
-        n = torch.tensor([local_features.shape[0]], device=local_features.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
-        dist.all_gather(sizes, n, group=self.group)
-        start = int(sum(int(v) for v in sizes[: self.rank]))
-        feats = gather_rows(local_features.detach(), self.group)
+        sizes = self._agree(call, local_features, None)
+        start = sum(sizes[: self.rank])
+        feats = gather_rows(local_features.detach(), self.group, sizes=sizes)
         lo, hi = self.class_range
         if hi > lo:
             m, idx = ops.lgm_log_likelihood(feats, self.means.detach().to(feats.dtype),
-                                            None if self.log_var is None else self.log_var.detach().to(feats.dtype),
-                                            KERNEL_IMPLS[self.impl])
+                                            self._bounded_log_var(feats.dtype), KERNEL_IMPLS[self.impl])
             idx = idx + lo
         else:
             m = feats.new_full((feats.shape[0],), -math.inf, dtype=acc_dtype(feats.dtype))  # as the op's output
@@ -284,11 +436,9 @@ class ShardedLGMLoss(nn.Module):
 
     def predict(self, local_features: Tensor) -> Tensor:
         """argmax over all K classes of this rank's rows (every rank must call it: it communicates)."""
-        self._check(local_features, None)
-        return self._global_max(local_features)[1]
+        return self._global_max("predict", local_features)[1]
 
     def log_likelihood(self, local_features: Tensor) -> Tensor:
         """Log-likelihood of this rank's rows under the predicted class's Gaussian (SPEC section 1):
         the largest margin-free logit over all ranks minus 0.5 D log(2 pi).  Not differentiable."""
-        self._check(local_features, None)
-        return self._global_max(local_features)[0]
+        return self._global_max("log_likelihood", local_features)[0]

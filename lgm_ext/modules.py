@@ -11,6 +11,19 @@ from .functional import _nonneg, check_labels, lgm_log_likelihood, lgm_logits, l
 __all__ = ["LGMLoss", "CenterLoss", "Classifier", "param_groups"]
 
 
+def _log_var_bound(value) -> float:
+    """The validated log-variance bound of a head (``LGMLoss`` and ``ShardedLGMLoss`` share the rule)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:  # inf: no bound
+        raise ValueError(f"log_var_bound must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def clamp_log_var(log_var: Tensor | None, bound: float) -> Tensor | None:
+    """The one log-variance rule of every L-GM head: ``log_var`` clamped to ``[-bound, bound]`` (beyond the
+    bound the gradient is 0; NaN stays NaN)."""
+    return None if log_var is None else log_var.clamp(-bound, bound)
+
+
 class LGMLoss(nn.Module):
     """Large-Margin Gaussian Mixture head (Wan et al., CVPR 2018).
 
@@ -62,14 +75,12 @@ class LGMLoss(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
         _nonneg("alpha", alpha), _nonneg("lambda_", lambda_)
-        if not log_var_bound > 0:
-            raise ValueError(f"log_var_bound must be > 0, got {log_var_bound}")
         if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps}")
         self.num_classes, self.feat_dim = num_classes, feat_dim
         self.alpha, self.lambda_ = float(alpha), float(lambda_)
         self.covariance, self.impl, self.reduction = covariance, impl, reduction
-        self.log_var_bound = float(log_var_bound)
+        self.log_var_bound = _log_var_bound(log_var_bound)
         self.warmup_steps = int(warmup_steps)
         self.means = nn.Parameter(torch.empty(num_classes, feat_dim))
         if covariance == "diag":
@@ -109,9 +120,7 @@ class LGMLoss(nn.Module):
 
     def clamped_log_var(self) -> Tensor | None:
         """``log_var`` clamped to ``[-log_var_bound, log_var_bound]`` (what every forward uses)."""
-        if self.log_var is None:
-            return None
-        return self.log_var.clamp(-self.log_var_bound, self.log_var_bound)
+        return clamp_log_var(self.log_var, self.log_var_bound)
 
     def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         ramp = self._ramp()
