@@ -7,7 +7,11 @@ Tolerances, from the dtype's machine epsilon eps (bf16: 2^-7, fp16: 2^-10):
     to the row's magnitude;
   gradients (storage dtype): |err| <= eps * |ref| + eps * 1e-3 * max|ref|  (one rounding is eps / 2 relative;
     the second term covers float32 cancellation in entries far below the largest, and fp16 subnormals).
+On CUDA (and in its emulation, `cuda-emulated`) the GEMM path's GEMMs run on the tensor cores, their float32
+operands split into bfloat16 parts (csrc/gemm.h); the same tolerances apply, and the tests at the end check that
+the split runs where it should and stays accurate where a plain 16-bit rounding of the operands would not.
 """
+import contextlib
 from functools import partial
 
 import pytest
@@ -16,6 +20,7 @@ import torch
 import lgm_ext
 from lgm_ext import reference as R
 from lgm_ext._ops import acc_dtype
+from lgm_ext._testing import cuda_emulation, mm16_calls
 from helpers import lgm_inputs
 
 ops = torch.ops.lgm_ext
@@ -176,3 +181,119 @@ def test_pgd_step_low_precision(device, dtype):
     buf = x.clone()
     lgm_ext.pgd_step_(buf, grad, x0, alpha=2 / 255, eps=8 / 255)
     assert torch.equal(buf, got)
+
+
+# ----------------------------------------------------------------------------- tensor cores (issue 23)
+GPU_BACKENDS = ["cuda-emulated"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@contextlib.contextmanager
+def _on(backend):
+    """The device to put tensors on for ``backend``; the CUDA emulation is on within the block."""
+    if backend == "cuda-emulated":
+        with cuda_emulation():
+            yield "cpu"
+    else:
+        yield backend
+
+
+@contextlib.contextmanager
+def _tf32(on):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _mm16_used(fn):
+    before = mm16_calls()
+    fn()
+    return mm16_calls() - before
+
+
+def _step(dtype, device, impl="gemm", shape=(20, 300, 32)):
+    x, mu, s, y = lgm_inputs(*shape, device=device, seed=3, spread=0.5, requires_grad=False)
+    x, mu, s = (t.to(dtype).requires_grad_() for t in (x, mu, s))
+    return lambda: lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl=impl).backward()
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + GPU_BACKENDS)
+def test_tensor_core_gemms_run_where_they_should(backend):
+    """The GEMM path of a CUDA call runs its GEMMs as 16-bit tensor-core GEMMs for bfloat16/float16 storage,
+    and for float32 storage only with allow_tf32; float64 and the direct path never; the CPU keeps its float32
+    GEMMs (its loops widen 16-bit storage)."""
+    if backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA"):
+        pytest.skip("this torch has no mm.dtype (torch < 2.8): the GEMMs stay float32")
+    gpu = backend != "cpu"
+    with _on(backend) as device:
+        for dtype in LOW:
+            assert (_mm16_used(_step(dtype, device)) > 0) == gpu, dtype
+            assert _mm16_used(_step(dtype, device, impl="direct")) == 0
+        with _tf32(False):
+            assert _mm16_used(_step(torch.float32, device)) == 0
+        with _tf32(True):
+            assert (_mm16_used(_step(torch.float32, device)) > 0) == gpu
+            assert _mm16_used(_step(torch.float64, device)) == 0
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("identity", [False, True])
+def test_tensor_core_gemms_stay_accurate_near_the_means(backend, dtype, identity):
+    """Features 0.01 from their class mean, means of norm ~8: the expansion sum_j x^2 w - 2 x mu w + mu^2 w cancels
+    ~10^5-fold in the labelled distance and ~100-fold in the gradients.  Rounding the float32 GEMM operands to
+    16 bits would leave errors of 2^-8 |x|^2 w there, orders of magnitude beyond float32's; the bf16 parts of the
+    split keep float32 accuracy: the loss and logits within the float32 bound, each gradient within twice the
+    error of the CPU's float32 GEMMs on the same inputs (both against the float64 reference)."""
+    g = torch.Generator().manual_seed(11)
+    n, k, d = 24, 200, 64  # K * D > 8192: the GEMM path
+    mu = torch.randn(k, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = mu[y] + 0.01 * torch.randn(n, d, generator=g)
+    s = None if identity else 0.1 * torch.randn(k, d, generator=g)
+    low_cpu = [t.to(dtype) if t is not None else None for t in (x, mu, s)]
+    wide = [t.double().requires_grad_() if t is not None else None for t in low_cpu]
+    ref_loss, ref_grads = _grads(partial(R.lgm_loss, reduction="sum"), wide, y)
+    ref_logits = R.lgm_logits(*wide).detach()
+    native = [t.clone().requires_grad_() if t is not None else None for t in low_cpu]
+    _, native_grads = _grads(partial(lgm_ext.lgm_loss, reduction="sum"), native, y)  # CPU: float32 GEMMs
+    with _on(backend) as device:
+        low = [t.to(device).requires_grad_() if t is not None else None for t in low_cpu]
+        before = mm16_calls()
+        loss, grads = _grads(partial(lgm_ext.lgm_loss, reduction="sum"), low, y.to(device))
+        logits = lgm_ext.lgm_logits(*low).detach().cpu()
+        assert mm16_calls() > before
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.detach(), rtol=1e-5, atol=1e-5)
+    scale = ref_logits.abs().amax(1, keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close(logits.double() / scale, ref_logits / scale, rtol=0, atol=1e-5)
+    for got, ours_native, want in zip(grads, native_grads, ref_grads):
+        err = (got.double().cpu() - want).abs().max().item()
+        native_err = (ours_native.double() - want).abs().max().item()
+        assert err <= 2 * native_err + 2.0 ** -20 * want.abs().max().item(), (err, native_err)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(32, 300, 64), (8, 1000, 16), (64, 40, 256)])
+def test_tf32_float32_keeps_float32_accuracy(backend, shape):
+    """float32 storage with allow_tf32 takes the tensor cores through the same split, not TF32 operands (10-bit
+    mantissas would cancel as 16-bit ones do): the error stays within the float32 test's bound of
+    tests/test_lgm_ops.py (a small factor of the same formula in plain float32 PyTorch)."""
+    with _on(backend) as device:
+        x64, mu64, s64, y = lgm_inputs(*shape, device=device, seed=2, spread=0.5)
+        truth_loss = R.lgm_loss(x64, mu64, s64, y, alpha=1.0, lambda_=0.1).item()
+        truth = _grads(R.lgm_loss, [x64, mu64, s64], y)[1]
+        f32 = [t.detach().float().requires_grad_() for t in (x64, mu64, s64)]
+        with _tf32(False):  # the plain formula in IEEE float32
+            plain_loss, plain = _grads(R.lgm_loss_gemm, f32, y)
+        with _tf32(True):
+            before = mm16_calls()
+            ours_loss, ours = _grads(partial(lgm_ext.lgm_loss, impl="gemm"), f32, y)
+            assert mm16_calls() > before
+    scale = max(1.0, abs(truth_loss))
+    assert abs(ours_loss.item() - truth_loss) <= 4 * abs(plain_loss.item() - truth_loss) + 1e-6 * scale
+    gscale = max(t.abs().max().item() for t in truth)
+    err = max((a.double() - b).abs().max().item() for a, b in zip(ours, truth))
+    plain_err = max((a.double() - b).abs().max().item() for a, b in zip(plain, truth))
+    assert err <= 4 * plain_err + 1e-6 * gscale
