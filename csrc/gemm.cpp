@@ -3,7 +3,6 @@
 
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/version.h>
 
 #include <atomic>
 
@@ -16,34 +15,23 @@ std::atomic<int64_t> g_mm16_calls{0};  // test hook: how many 16-bit GEMMs ran (
 int64_t mm16_calls() { return g_mm16_calls.load(std::memory_order_relaxed); }
 
 namespace {
-// torch.backends.cuda.matmul.allow_tf32 (or fp32_precision = "tf32", or torch.set_float32_matmul_precision
-// below "highest"), read as ATen's cuBLAS reads it.  torch >= 2.9 keeps the setting per backend and op, and its
-// legacy allowTF32CuBLAS() raises when the two APIs were mixed, so the new getter is read where it exists.
-bool tf32_allowed() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
-         at::Float32Precision::TF32;
-#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
-  return at::globalContext().float32Precision("cuda", "matmul") == "tf32";
-#else
-  return at::globalContext().allowTF32CuBLAS();
-#endif
-}
+// Off by default: benchmarks/cuda_floors.py shows the split's extra passes (the bf16 parts written by ATen
+// ops, the concatenated operands) outweigh the tensor cores at the sizes of docs/CUDA.md (N = 256, D = 512);
+// `make gpu-check` times the fused loss both ways so the default can follow measurements.
+std::atomic<bool> g_tensor_cores{false};
 }  // namespace
+
+bool set_tensor_core_gemms(bool on) { return g_tensor_cores.exchange(on); }
 
 GemmMode gemm_mode(const Backend& be, const Inputs& in) {
   GemmMode mode;
-  if (be.mm16 == nullptr || in.x.scalar_type() != at::kFloat) return mode;
-  switch (in.storage) {
-    case at::kBFloat16:
-      mode.parts_x = 1, mode.parts_x2 = 2;
-      break;
-    case at::kHalf:
-      mode.parts_x = 2, mode.parts_x2 = 3;
-      break;
-    default:  // float32 storage: only where the user allowed TF32-class matmuls (allow_tf32)
-      if (!tf32_allowed()) return mode;
-  }
+  if (be.mm16 == nullptr || in.x.scalar_type() != at::kFloat || !g_tensor_cores.load(std::memory_order_relaxed))
+    return mode;
+  if (in.storage == at::kBFloat16) {
+    mode.parts_x = 1, mode.parts_x2 = 2;
+  } else if (in.storage == at::kHalf) {
+    mode.parts_x = 2, mode.parts_x2 = 3;
+  }  // float32 storage: 3 and 3
   mode.mm16 = be.mm16;
   return mode;
 }
@@ -93,6 +81,7 @@ void gemm_out(const GemmMode& mode, Tensor& out, const Tensor& self, const Opera
               double beta, double alpha) {
   check_beta(beta);
   if (!mode.split()) {
+    const at::NoTF32Guard ieee;  // (gemm.h: no TF32 operands)
     if (beta == 0.0 && alpha == 1.0) {
       at::mm_out(out, a.v, b.v);
     } else {
@@ -112,7 +101,10 @@ void gemm_out(const GemmMode& mode, Tensor& out, const Tensor& self, const Opera
 
 Tensor gemm(const GemmMode& mode, const Tensor& self, const Operand& a, const Operand& b, double beta, double alpha) {
   check_beta(beta);
-  if (!mode.split()) return beta == 0.0 && alpha == 1.0 ? at::mm(a.v, b.v) : at::addmm(self, a.v, b.v, beta, alpha);
+  if (!mode.split()) {
+    const at::NoTF32Guard ieee;  // (gemm.h: no TF32 operands)
+    return beta == 0.0 && alpha == 1.0 ? at::mm(a.v, b.v) : at::addmm(self, a.v, b.v, beta, alpha);
+  }
   Tensor r = product(mode, a, b);
   if (alpha != 1.0) r.mul_(alpha);
   if (beta != 0.0) r.add_(self);

@@ -1,23 +1,30 @@
-// lgm-ext: the GEMM path's GEMMs in the precision of the backend and the call (host.cpp calls only these).
+// lgm-ext: the GEMM path's GEMMs (host.cpp calls only these), in one of two modes.
 //
-// native  ATen's GEMM in the accumulation type: the CPU's BLAS, cuBLAS SGEMM/DGEMM on a GPU.
-// split   tensor cores at float32 accuracy, on CUDA for bfloat16/float16 storage (and float32 storage where
-//         torch.backends.cuda.matmul.allow_tf32 is set).  Rounding the float32 operands to 16 bits would
-//         not do: the expansion sum_j x^2 w - 2 x mu w + mu^2 w cancels when x ~ mu, and its 16-bit rounding
-//         error (2^-8 of |x|^2 w for bf16) would swamp the labelled distance and the log_var gradient
-//         (benchmarks/cuda_floors.py prints what the split costs).  Instead each float32 operand v is
-//         written as bf16 parts v = v0 + v1 + v2 (v0 = bf16(v), v1 = bf16(v - v0), ...: each part holds the
-//         next 8 bits, exactly), and one bf16 GEMM with float32 accumulation over the operands' parts
-//         concatenated along the inner dimension sums every product v_i w_j with i + j <= 2; the products
-//         left out are below 2^-24 of |v| |w|, float32's own rounding.  A matrix of bf16 numbers (x and mu
-//         of bf16 storage) is one part; x^2 of bf16 storage two; float16 values two, their squares three.
-//         The epilogues (logits, log-sum-exp, coefficients, class gradients) stay float32.
+// native        ATen's GEMM in the accumulation type: the CPU's BLAS; cuBLAS SGEMM/DGEMM on a GPU -- always
+//               IEEE, under at::NoTF32Guard: with torch.backends.cuda.matmul.allow_tf32 set, cuBLAS would
+//               round the float32 operands to TF32's 10-bit mantissa, and the expansion
+//               sum_j x^2 w - 2 x mu w + mu^2 w cancels (when x ~ mu) exactly where that rounding hurts
+//               (float16-sized errors: ~3e-4 of the logits, 30x the float32 bound of the tests).
+// tensor cores  ("split") bf16 tensor-core GEMMs at float32 accuracy, for every storage dtype whose
+//               accumulation type is float32.  Rounding the float32 operands to 16 bits would cancel as TF32
+//               does (bf16: ~2e-3 of the logits); instead each float32 operand v is written as bf16 parts
+//               v = v0 + v1 + v2 (v0 = bf16(v), v1 = bf16(v - v0), ...: each part holds the next 8 bits,
+//               exactly), and one bf16 GEMM with float32 accumulation over the operands' parts concatenated
+//               along the inner dimension sums every product v_i w_j with i + j <= 2; the products left out
+//               are below 2^-24 of |v| |w|, float32's own rounding.  A matrix of bf16 numbers (x and mu of
+//               bf16 storage) is one part, x^2 of bf16 storage two; float16 values two, their squares three;
+//               other float32 values three.  The epilogues (logits, log-sum-exp, coefficients, class
+//               gradients) stay float32.  Off by default (lgm_ext._testing.tensor_core_gemms switches it):
+//               with the parts made by separate ATen passes, benchmarks/cuda_floors.py puts this mode at
+//               ~2x the float32 mode's floor for N = 256, D = 512; writing the parts from the kernels that
+//               make the operands (operands_b, coefficients) is what would make it pay.  `make gpu-check`
+//               times both modes.
 //
-// The split mode runs wherever the backend has a 16-bit GEMM (Backend::mm16): on CUDA, ATen's mm.dtype
-// (cuBLAS, bf16 in, float32 out; torch >= 2.8 -- older torch keeps the native GEMMs); in the CPU emulation
-// of the CUDA backend, the bf16 parts widened exactly to float32 and a float32 GEMM (the products of two
-// bf16 numbers are exact in float32, so only the order of the float32 sums differs from the tensor cores).
-// The CPU backend keeps the native GEMMs.
+// The tensor-core mode needs a 16-bit GEMM with float32 output (Backend::mm16): on CUDA ATen's mm.dtype
+// (cuBLAS; torch >= 2.8 -- with an older torch the CUDA backend has none and the mode stays native); in the
+// CPU emulation of the CUDA backend the bf16 parts widened exactly to float32 and a float32 GEMM (a product of
+// two bf16 numbers is exact in float32, so only the order of the float32 sums differs from the tensor cores).
+// The CPU backend has none.
 #pragma once
 
 #include <vector>
@@ -32,9 +39,10 @@ struct GemmMode {
   bool split() const { return mm16 != nullptr; }
 };
 
-// The mode of one call: split where the backend has mm16 and the inputs are 16-bit (or float32 with
-// allow_tf32 read from ATen's context); native otherwise (and always for float64).
+// The mode of one call: tensor cores where they are switched on, the backend has mm16 and the accumulation
+// type is float32; native otherwise.
 GemmMode gemm_mode(const Backend& be, const Inputs& in);
+bool set_tensor_core_gemms(bool on);  // test/benchmark hook (torch.ops.lgm_ext._set_tensor_core_gemms)
 
 // A GEMM operand: the matrix (accumulation type) and, in split mode, its bf16 parts.
 struct Operand {

@@ -14,8 +14,11 @@ registered with a leading underscore in ``torch.ops.lgm_ext`` and wrapped here:
   (CUDA's limit, 65,535, by default); lowered, the launches that split a
   larger z extent (csrc/include/lgm_ext/launch.h) split on small inputs, and
   the emulation refuses a launch beyond it as CUDA would.
+- ``_set_tensor_core_gemms(on) -> previous``: run the GEMM path's GEMMs on the
+  tensor cores, split into bfloat16 parts at float32 accuracy (csrc/gemm.h; CUDA
+  and its emulation; off by default).
 - ``_mm16_calls() -> count``: how many 16-bit tensor-core GEMMs the GEMM path
-  has run (csrc/gemm.h), so a test can tell which GEMMs a call used.
+  has run, so a test can tell which GEMMs a call used.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 
 from ._ops import ops
 
-__all__ = ["cuda_emulation", "flush_denormals", "max_grid_z", "mm16_calls"]
+__all__ = ["cuda_emulation", "flush_denormals", "max_grid_z", "mm16_calls", "tensor_core_gemms"]
 
 
 @contextlib.contextmanager
@@ -57,3 +60,14 @@ def max_grid_z(z: int):
 def mm16_calls() -> int:
     """The number of 16-bit (tensor-core) GEMMs the GEMM path has run in this process."""
     return int(ops._mm16_calls())
+
+
+@contextlib.contextmanager
+def tensor_core_gemms(on: bool = True):
+    """Within the block, the GEMM path's GEMMs run on the tensor cores (split into bf16 parts) where the
+    backend has them (CUDA, and its emulation)."""
+    old = ops._set_tensor_core_gemms(bool(on))
+    try:
+        yield
+    finally:
+        ops._set_tensor_core_gemms(old)

@@ -20,7 +20,7 @@ import torch
 import lgm_ext
 from lgm_ext import reference as R
 from lgm_ext._ops import acc_dtype
-from lgm_ext._testing import cuda_emulation, mm16_calls
+from lgm_ext._testing import cuda_emulation, mm16_calls, tensor_core_gemms
 from helpers import lgm_inputs
 
 ops = torch.ops.lgm_ext
@@ -56,6 +56,10 @@ def _assert_grad_close(got, want, dtype):
 @pytest.mark.parametrize("shape", [(16, 10, 2), (33, 12, 40), (20, 300, 32)])
 @pytest.mark.parametrize("identity", [False, True])
 def test_low_precision_matches_float64_reference(device, dtype, impl, shape, identity):
+    _check_low_precision(device, dtype, impl, shape, identity)
+
+
+def _check_low_precision(device, dtype, impl, shape, identity):
     low, wide, y = _low_inputs(shape, dtype, device, identity=identity)
     loss, grads = _grads(partial(lgm_ext.lgm_loss, impl=impl), low, y)
     ref_loss, ref_grads = _grads(R.lgm_loss, wide, y)
@@ -188,13 +192,13 @@ GPU_BACKENDS = ["cuda-emulated"] + (["cuda"] if torch.cuda.is_available() else [
 
 
 @contextlib.contextmanager
-def _on(backend):
-    """The device to put tensors on for ``backend``; the CUDA emulation is on within the block."""
-    if backend == "cuda-emulated":
-        with cuda_emulation():
-            yield "cpu"
-    else:
-        yield backend
+def _on(backend, tensor_cores=True):
+    """The device to put tensors on for ``backend``; within the block the CUDA emulation (for
+    "cuda-emulated") and the tensor-core GEMMs (csrc/gemm.h) are on."""
+    if backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA"):
+        pytest.skip("this torch has no mm.dtype (torch < 2.8): the CUDA GEMMs stay float32")
+    with tensor_core_gemms(tensor_cores), (cuda_emulation() if backend == "cuda-emulated" else contextlib.nullcontext()):
+        yield "cpu" if backend == "cuda-emulated" else backend
 
 
 @contextlib.contextmanager
@@ -221,21 +225,30 @@ def _step(dtype, device, impl="gemm", shape=(20, 300, 32)):
 
 @pytest.mark.parametrize("backend", ["cpu"] + GPU_BACKENDS)
 def test_tensor_core_gemms_run_where_they_should(backend):
-    """The GEMM path of a CUDA call runs its GEMMs as 16-bit tensor-core GEMMs for bfloat16/float16 storage,
-    and for float32 storage only with allow_tf32; float64 and the direct path never; the CPU keeps its float32
-    GEMMs (its loops widen 16-bit storage)."""
-    if backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA"):
-        pytest.skip("this torch has no mm.dtype (torch < 2.8): the GEMMs stay float32")
+    """Switched on, the GEMM path's GEMMs run as 16-bit tensor-core GEMMs on CUDA (and in its emulation) for
+    every storage dtype computed in float32 -- never for float64, never on the direct path, never on the CPU
+    backend; off (the default), never."""
     gpu = backend != "cpu"
+    with _on(backend, tensor_cores=False) as device:
+        for dtype in (*LOW, torch.float32):
+            assert _mm16_used(_step(dtype, device)) == 0
     with _on(backend) as device:
-        for dtype in LOW:
+        for dtype in (*LOW, torch.float32):
             assert (_mm16_used(_step(dtype, device)) > 0) == gpu, dtype
             assert _mm16_used(_step(dtype, device, impl="direct")) == 0
-        with _tf32(False):
-            assert _mm16_used(_step(torch.float32, device)) == 0
-        with _tf32(True):
-            assert (_mm16_used(_step(torch.float32, device)) > 0) == gpu
-            assert _mm16_used(_step(torch.float64, device)) == 0
+        assert _mm16_used(_step(torch.float64, device)) == 0
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(33, 12, 40), (20, 300, 32)])
+@pytest.mark.parametrize("identity", [False, True])
+def test_tensor_core_low_precision_matches_float64_reference(backend, dtype, shape, identity):
+    """The tensor-core GEMMs meet the tolerances of the widened float32 GEMMs (module docstring)."""
+    with _on(backend) as device:
+        before = mm16_calls()
+        _check_low_precision(device, dtype, "gemm", shape, identity)
+        assert mm16_calls() > before
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -276,24 +289,39 @@ def test_tensor_core_gemms_stay_accurate_near_the_means(backend, dtype, identity
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(32, 300, 64), (8, 1000, 16), (64, 40, 256)])
-def test_tf32_float32_keeps_float32_accuracy(backend, shape):
-    """float32 storage with allow_tf32 takes the tensor cores through the same split, not TF32 operands (10-bit
-    mantissas would cancel as 16-bit ones do): the error stays within the float32 test's bound of
-    tests/test_lgm_ops.py (a small factor of the same formula in plain float32 PyTorch)."""
+def test_tensor_core_float32_keeps_float32_accuracy(backend, shape):
+    """float32 storage through the tensor cores (three bf16 parts per operand) stays within the float32 test's
+    bound of tests/test_lgm_ops.py: a small factor of the same formula in plain float32 PyTorch."""
     with _on(backend) as device:
         x64, mu64, s64, y = lgm_inputs(*shape, device=device, seed=2, spread=0.5)
         truth_loss = R.lgm_loss(x64, mu64, s64, y, alpha=1.0, lambda_=0.1).item()
         truth = _grads(R.lgm_loss, [x64, mu64, s64], y)[1]
         f32 = [t.detach().float().requires_grad_() for t in (x64, mu64, s64)]
-        with _tf32(False):  # the plain formula in IEEE float32
-            plain_loss, plain = _grads(R.lgm_loss_gemm, f32, y)
-        with _tf32(True):
-            before = mm16_calls()
-            ours_loss, ours = _grads(partial(lgm_ext.lgm_loss, impl="gemm"), f32, y)
-            assert mm16_calls() > before
+        plain_loss, plain = _grads(R.lgm_loss_gemm, f32, y)
+        before = mm16_calls()
+        ours_loss, ours = _grads(partial(lgm_ext.lgm_loss, impl="gemm"), f32, y)
+        assert mm16_calls() > before
     scale = max(1.0, abs(truth_loss))
     assert abs(ours_loss.item() - truth_loss) <= 4 * abs(plain_loss.item() - truth_loss) + 1e-6 * scale
     gscale = max(t.abs().max().item() for t in truth)
     err = max((a.double() - b).abs().max().item() for a, b in zip(ours, truth))
     plain_err = max((a.double() - b).abs().max().item() for a, b in zip(plain, truth))
     assert err <= 4 * plain_err + 1e-6 * gscale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_allow_tf32_does_not_round_the_float32_gemms():
+    """With torch.backends.cuda.matmul.allow_tf32 set, cuBLAS would round float32 GEMM operands to TF32 (10-bit
+    mantissas), where the expansion cancels (csrc/gemm.h); the GEMM path's GEMMs run under at::NoTF32Guard, so
+    the flag changes nothing (bitwise)."""
+    x, mu, s, y = lgm_inputs(64, 300, 128, device="cuda", seed=4, requires_grad=False)
+
+    def step():
+        ts = [t.float().requires_grad_() for t in (x, mu, s)]
+        return _grads(partial(lgm_ext.lgm_loss, impl="gemm"), ts, y)
+
+    with _tf32(False):
+        want_loss, want = step()
+    with _tf32(True):
+        got_loss, got = step()
+    assert torch.equal(got_loss, want_loss) and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -390,6 +390,9 @@ TORCH_LIBRARY_FRAGMENT(lgm_ext, m) {
   m.def("_set_max_grid_z(int z) -> int", [](int64_t z) { return set_max_grid_z(z); });
   // Test-only: how many 16-bit (tensor-core) GEMMs the GEMM path has run (gemm.h), on any backend.
   m.def("_mm16_calls() -> int", []() { return mm16_calls(); });
+  // Test/benchmark hook: the GEMM path's tensor-core mode on or off (gemm.h; off by default); returns the
+  // previous setting.
+  m.def("_set_tensor_core_gemms(bool on) -> bool", [](bool on) { return set_tensor_core_gemms(on); });
 }
 
 }  // namespace lgm_ext
