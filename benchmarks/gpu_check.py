@@ -223,10 +223,15 @@ def run_bench(deadline: float, out: Path, python: str) -> dict:
 
 # ----------------------------------------------------------------------------- summary
 def _fmt_ms(t: dict | None, name: str) -> str:
-    if not t or name not in t.get("times_ms", {}):
+    if not t or t.get("times_ms", {}).get(name) is None:
         return "-"
     mark = " (!)" if name in t.get("untrusted", []) else ""
     return f"{t['times_ms'][name]:.3f} ±{100 * t['spread'].get(name, 0):.0f}%{mark}"
+
+
+def compiled(row: dict) -> str:
+    """fused vs torch.compile from the run that interleaved those two sides, when there was one."""
+    return f"{row['compiled_vs_fused']:.2f}x" if row.get("compiled_vs_fused") else ""
 
 
 def summary_markdown(res: dict) -> str:
@@ -272,17 +277,19 @@ def bench_markdown(bench: dict) -> list:
     lines = ["## Benchmarks", "", f"{bench.get('status', '?')} ({bench.get('seconds', 0):.0f} s).", ""]
     rows = bench.get("lgm", [])
     if rows:
-        lines += ["### L-GM loss, forward+backward, N = 256 (ms: median ± spread of the timed calls, CUDA events; "
+        lines += [f"### L-GM loss, forward+backward, N = {bench.get('n', 256)} (ms: median ± spread of the timed calls, "
+                  "CUDA events; "
                   "MiB: max_memory_allocated growth)", "",
                   "| K | D | dtype | path | fused | plain eager | torch.compile | vs eager | vs compile | "
                   "fused MiB | eager MiB | compiled MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             t, mem = r["times_ms"], r.get("peak_mib", {})
-            vs = lambda o: f"{t[o] / t['fused']:.2f}x" if o in t and "fused" in t else "-"  # noqa: E731
-            mib = lambda o: f"{mem[o]:.1f}" if o in mem else "-"  # noqa: E731
+            vs = lambda o: f"{t[o] / t['fused']:.2f}x" if t.get(o) and t.get("fused") else "-"  # noqa: E731
+            mib = lambda o: f"{mem[o]:.1f}" if mem.get(o) is not None else "-"  # noqa: E731
             lines.append(f"| {r['k']} | {r['d']} | {r['dtype']} | {r['path']} | {_fmt_ms(r, 'fused')} | "
                          f"{_fmt_ms(r, 'plain_gemm')} | {_fmt_ms(r, 'compiled_gemm')} | {vs('plain_gemm')} | "
-                         f"{vs('compiled_gemm')} | {mib('fused')} | {mib('plain_gemm')} | {mib('compiled_gemm')} |")
+                         f"{compiled(r) or vs('compiled_gemm')} | {mib('fused')} | {mib('plain_gemm')} | "
+                         f"{mib('compiled_gemm')} |")
         lines.append("")
     tc = bench.get("tensor_cores", [])
     if tc:
@@ -299,7 +306,7 @@ def bench_markdown(bench: dict) -> list:
                   "steps) beside their floors (benchmarks/cuda_floors.py)", "",
                   "| kernels | measured µs | floor µs | measured / floor |", "|---|---|---|---|"]
         for r in case["rows"]:
-            floor = f"{r['floor_us']:.1f} ({r['bound']})" if r.get("floor_us") is not None else "-"
+            floor = "-" if r.get("floor_us") is None else f"{r['floor_us']:.1f}" + (f" ({r['bound']})" if r["bound"] else "")
             ratio = f"{r['measured_us'] / r['floor_us']:.1f}x" if r.get("floor_us") else "-"
             lines.append(f"| {r['name']} | {r['measured_us']:.1f} | {floor} | {ratio} |")
         if case.get("unmatched"):

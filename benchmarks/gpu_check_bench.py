@@ -67,44 +67,45 @@ def group_kernels(measured: dict, steps: int, floor_rows: list) -> tuple:
     return rows, sorted(left)
 
 
-def kernel_profile(k: int, d: int, dtype_name: str, steps: int = 3) -> dict:
+def kernel_profile(k: int, d: int, dtype_name: str, device: str = "cuda", n: int = N, steps: int = 3) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from lgm_ext import lgm_loss
     from lgm_lab import bench
 
-    dtype = getattr(torch, dtype_name)
-    x, mu, s, y = bench._inputs(N, k, d, "cuda", dtype)
+    gpu = device.startswith("cuda")
+    kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
+    x, mu, s, y = bench._inputs(n, k, d, device, getattr(torch, dtype_name))
     bench._step(lgm_loss, x, mu, s, y)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    bench._sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             bench._step(lgm_loss, x, mu, s, y)
-        torch.cuda.synchronize()
+        bench._sync(device)
     measured = {}
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
+    for evt in prof.events():  # on a GPU: the kernels (on the CPU, for a dry run: the ops)
+        if evt.device_type == kind:
             measured[evt.name] = measured.get(evt.name, 0.0) + evt.time_range.elapsed_us()
-    rows, unmatched = group_kernels(measured, steps, cuda_floors.kernels(N, k, d, STORAGE[dtype_name]))
-    return {"case": f"N={N} K={k} D={d} {dtype_name}", "steps": steps, "rows": rows, "unmatched": unmatched}
+    rows, unmatched = group_kernels(measured, steps, cuda_floors.kernels(n, k, d, STORAGE[dtype_name]))
+    return {"case": f"N={n} K={k} D={d} {dtype_name}", "steps": steps, "rows": rows, "unmatched": unmatched}
 
 
-def tensor_core_case(k: int, d: int, dtype_name: str, budget_s: float) -> dict:
+def tensor_core_case(k: int, d: int, dtype_name: str, budget_s: float, device: str = "cuda", n: int = N) -> dict:
     import torch
 
     from lgm_ext import lgm_loss
     from lgm_ext._testing import tensor_core_gemms
     from lgm_lab import bench
 
-    x, mu, s, y = bench._inputs(N, k, d, "cuda", getattr(torch, dtype_name))
+    x, mu, s, y = bench._inputs(n, k, d, device, getattr(torch, dtype_name))
 
     def tc():
         with tensor_core_gemms(True):
             bench._step(lgm_loss, x, mu, s, y)
 
     t = bench.measure({"float32_gemms": lambda: bench._step(lgm_loss, x, mu, s, y), "tensor_cores": tc},
-                      device="cuda", budget_s=budget_s)
+                      device=device, budget_s=budget_s)
     return {"k": k, "d": d, "dtype": dtype_name, "times_ms": {n: v.median for n, v in t.items()},
             "spread": {n: v.spread for n, v in t.items()}, "untrusted": [n for n, v in t.items() if not v.trusted()]}
 
@@ -113,19 +114,29 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deadline", type=float, required=True, help="epoch seconds")
     p.add_argument("--json", required=True)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only for a dry run of this script (tests)")
+    p.add_argument("--cases", default=None, help="K:D:dtype,... (default: the six cases above)")
+    p.add_argument("--n", type=int, default=N)
+    p.add_argument("--quick", action="store_true", help="a dry run: every measurement within a fraction of a second")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
     a = p.parse_args(argv)
     import torch
 
     from lgm_lab import bench
 
     out = Path(a.json)
-    res = {"lgm": [], "tensor_cores": [], "kernels": [], "pgd_markdown": "", "skipped": [], "errors": []}
+    dev, n = a.device, a.n
+    cases = CASES if not a.cases else [(int(k), int(d), dt) for k, d, dt in (c.split(":") for c in a.cases.split(","))]
+    res = {"n": n, "lgm": [], "tensor_cores": [], "kernels": [], "pgd_markdown": "", "skipped": [], "errors": []}
 
     def save():
         out.write_text(json.dumps(res, indent=2))
 
     def left():
         return a.deadline - time.time()
+
+    def budget(cap, share):
+        return 0.2 if a.quick else max(3.0, min(cap, left() / share))
 
     def attempt(label, fn):
         try:
@@ -135,29 +146,49 @@ def main(argv=None) -> int:
             traceback.print_exc()
         save()
 
-    # (what, cost estimate in s, action): the L-GM table first, then kernels, tensor cores, PGD
-    plan = []
-    for i, (k, d, dt) in enumerate(CASES):
-        def lgm_case(k=k, d=d, dt=dt, i=i):
-            sides = ["fused", "plain_gemm"] + (["compiled_gemm"] if left() > 60 else [])
-            if "compiled_gemm" not in sides:
-                res["skipped"].append(f"torch.compile side at K={k} D={d} {dt} (time)")
-            rows = bench.bench_lgm([(k, d)], n=N, device="cuda", dtype=getattr(torch, dt), impls=sides,
-                                   budget_s=max(5.0, min(40.0, left() / (len(CASES) - i + 4))))
-            for r in rows:
-                res["lgm"].append({"dtype": dt, **asdict(r)})
+    def empty_cache():
+        if dev.startswith("cuda"):
             torch.cuda.empty_cache()
-        plan.append((f"L-GM K={k} D={d} {dt}", 10, lgm_case))
-    for k, d, dt in CASES:
+
+    # (what, the seconds it needs at least, action), cheapest first: the fused loss against eager PyTorch at
+    # every size, the kernels beside their floors, the tensor-core mode, the PGD step; then torch.compile's side
+    # (its compiles take tens of seconds each).
+    plan = []
+    rows = {}
+    for k, d, dt in cases:
+        def eager_case(k=k, d=d, dt=dt):
+            (r,) = bench.bench_lgm([(k, d)], n=n, device=dev, dtype=getattr(torch, dt), impls=["fused", "plain_gemm"],
+                                   memory=dev.startswith("cuda"), budget_s=budget(15.0, 12))
+            rows[(k, d, dt)] = {"dtype": dt, **asdict(r)}
+            res["lgm"] = list(rows.values())
+            empty_cache()
+        plan.append((f"L-GM K={k} D={d} {dt}: fused and eager", 8, eager_case))
+    for k, d, dt in cases:
         plan.append((f"kernels K={k} D={d} {dt}", 5, lambda k=k, d=d, dt=dt: res["kernels"].append(
-            kernel_profile(k, d, dt))))
-    for k, d, dt in CASES[:4]:
-        plan.append((f"tensor cores K={k} D={d} {dt}", 10, lambda k=k, d=d, dt=dt: res["tensor_cores"].append(
-            tensor_core_case(k, d, dt, budget_s=max(3.0, min(15.0, left() / 6))))))
+            kernel_profile(k, d, dt, dev, n))))
+    for k, d, dt in [c for c in cases if c[0] * c[1] > cuda_floors.DIRECT_MAX_KD][:4]:
+        plan.append((f"tensor cores K={k} D={d} {dt}", 8, lambda k=k, d=d, dt=dt: res["tensor_cores"].append(
+            tensor_core_case(k, d, dt, budget(10.0, 8), dev, n))))
+    shapes = {"MNIST batch 16x1x28x28": (16, 1, 28, 28)} if a.quick else bench.PGD_SHAPES
     plan.append(("PGD step", 5, lambda: res.update(pgd_markdown=bench.pgd_markdown(
-        bench.bench_pgd_step(device="cuda", budget_s=max(2.0, min(10.0, left() / 3))), None))))
+        bench.bench_pgd_step(shapes, device=dev, budget_s=budget(8.0, 6)), None))))
+    for k, d, dt in ([] if a.no_compile else cases):
+        def compiled_case(k=k, d=d, dt=dt):
+            (r,) = bench.bench_lgm([(k, d)], n=n, device=dev, dtype=getattr(torch, dt),
+                                   impls=["fused", "compiled_gemm"], memory=dev.startswith("cuda"),
+                                   budget_s=budget(15.0, 4))
+            row = rows.setdefault((k, d, dt), {"dtype": dt, **asdict(r)})
+            for field in ("times_ms", "spread", "peak_mib"):
+                row[field]["compiled_gemm"] = getattr(r, field).get("compiled_gemm")
+            row["untrusted"] = sorted(set(row["untrusted"]) | ({"compiled_gemm"} & set(r.untrusted)))
+            row["compiled_vs_fused"] = r.speedup_vs_compiled  # from this run's interleaved fused calls
+            res["lgm"] = list(rows.values())
+            empty_cache()
+        plan.append((f"L-GM K={k} D={d} {dt}: torch.compile", 45, compiled_case))
+    if a.no_compile:
+        res["skipped"].append("the torch.compile side (--no-compile)")
     for label, cost, fn in plan:
-        if left() < cost:
+        if left() < (0 if a.quick else cost):
             res["skipped"].append(f"{label} (time)")
             save()
             continue

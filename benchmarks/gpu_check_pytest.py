@@ -17,9 +17,11 @@ import time
 
 import pytest
 
-# The rest of the suite runs in this order (what the kernels touch first), then every other file.
+# The rest of the suite runs in this order (what the kernels touch first), then every other file, and last the
+# files that rebuild the package from scratch (minutes; CI runs them).
 FIRST = ("test_lgm_ops.py", "test_dtypes.py", "test_pgd_step.py", "test_gpu_check.py", "test_modules.py",
          "test_hardening.py", "test_inverse.py", "test_attacks.py", "test_distributed.py")
+LAST = ("test_packaging.py",)
 
 
 def pytest_addoption(parser):
@@ -37,6 +39,8 @@ def is_cuda_item(item) -> bool:
 
 def _rank(item) -> int:
     name = item.path.name if hasattr(item, "path") else str(item.fspath).rsplit("/", 1)[-1]
+    if name in LAST:
+        return len(FIRST) + 1
     return FIRST.index(name) if name in FIRST else len(FIRST)
 
 

@@ -4,10 +4,10 @@
 //               IEEE, under at::NoTF32Guard: with torch.backends.cuda.matmul.allow_tf32 set, cuBLAS would
 //               round the float32 operands to TF32's 10-bit mantissa, and the expansion
 //               sum_j x^2 w - 2 x mu w + mu^2 w cancels (when x ~ mu) exactly where that rounding hurts
-//               (float16-sized errors: ~3e-4 of the logits, 30x the float32 bound of the tests).
+//               (on the tests' data, emulated: 2e-4 to 5e-4 of the logits' scale, 20-50x the float32 bound).
 // tensor cores  ("split") bf16 tensor-core GEMMs at float32 accuracy, for every storage dtype whose
 //               accumulation type is float32.  Rounding the float32 operands to 16 bits would cancel as TF32
-//               does (bf16: ~2e-3 of the logits); instead each float32 operand v is written as bf16 parts
+//               does (bf16: 1e-3 to 1e-2 of the logits' scale); instead each float32 operand v is written as bf16 parts
 //               v = v0 + v1 + v2 (v0 = bf16(v), v1 = bf16(v - v0), ...: each part holds the next 8 bits,
 //               exactly), and one bf16 GEMM with float32 accumulation over the operands' parts concatenated
 //               along the inner dimension sums every product v_i w_j with i + j <= 2; the products left out
@@ -16,7 +16,7 @@
 //               other float32 values three.  The epilogues (logits, log-sum-exp, coefficients, class
 //               gradients) stay float32.  Off by default (lgm_ext._testing.tensor_core_gemms switches it):
 //               with the parts made by separate ATen passes, benchmarks/cuda_floors.py puts this mode at
-//               ~2x the float32 mode's floor for N = 256, D = 512; writing the parts from the kernels that
+//               ~2.7x the float32 mode's floor for N = 256, D = 512; writing the parts from the kernels that
 //               make the operands (operands_b, coefficients) is what would make it pay.  `make gpu-check`
 //               times both modes.
 //

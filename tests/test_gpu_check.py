@@ -227,3 +227,22 @@ def test_measure_respects_its_budget_and_fixed_counts():
     assert t["drift"].rounds == 1 and not t["drift"].settled and not t["drift"].trusted()
     t = measure(_fns("x"), time_call=_clock({"x": [1.0]}), calls=7, warmup=1)
     assert t["x"].calls == 7 and t["x"].rounds == 5
+
+
+def test_bench_worker_dry_run_on_the_cpu(tmp_path):
+    """The GPU benchmark script, run on the CPU at toy sizes (--quick), writes every section the summary reads
+    (the torch.compile side is left out: its compile alone takes a minute here)."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCH)]))
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_check_bench.py"), "--deadline", str(time.time() + 600),
+                        "--json", str(out), "--device", "cpu", "--cases", "40:300:float32,10:8:bfloat16", "--n", "16",
+                        "--quick", "--no-compile"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["skipped"] == ["the torch.compile side (--no-compile)"]
+    assert [(row["k"], row["dtype"], row["path"]) for row in res["lgm"]] == [(40, "float32", "gemm"), (10, "bfloat16", "direct")]
+    assert set(res["lgm"][0]["times_ms"]) >= {"fused", "plain_gemm"} and len(res["kernels"]) == 2
+    assert [row["k"] for row in res["tensor_cores"]] == [40] and "MNIST" in res["pgd_markdown"]
+    md = "\n".join(gpu_check.bench_markdown({**res, "status": "ran", "seconds": 1.0}))
+    assert "N = 16" in md and "| 40 | 300 | float32 | gemm |" in md and "| 10 | 8 | bfloat16 | direct |" in md
+    assert "### Kernels of one forward+backward, N=16 K=40 D=300 float32" in md
