@@ -19,7 +19,8 @@ numbers in one command, within a time budget (issue 23).
 5. The rest of the suite, as time allows.
 Each step gets a share of what is left of ``--seconds``; whatever did not run is listed.  summary.md and
 results.json in ``--out`` are rewritten after every step, so a run cut short keeps what it measured.
-Exit status: 0 when everything that ran passed, 1 when the build, a test or a benchmark failed.
+Exit status: 0 when everything that ran passed; 1 when the build, a test or a benchmark failed, or pytest is
+missing (the benchmarks still run).
 """
 from __future__ import annotations
 
