@@ -8,7 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 JOBS   ?= 2
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test lint bench build-cpu clean
+.PHONY: install demo test lint bench build-cpu clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,16 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_lgm.py --write
 	$(PY) benchmarks/bench_pgd.py --write
+
+# A GPU machine in one command (docs/CUDA.md): with the machine's own Python and torch (no venv, no network),
+# build in place for its GPU, run the `cuda` tests, the GPU benchmarks and the rest of the suite within
+# GPU_CHECK_SECONDS; summary.md and results.json in GPU_CHECK_OUT.  Without a GPU it checks the build, says
+# "no GPU: CUDA tests and benchmarks skipped" and exits 0 (CI runs it so).  COMMIT= names the commit where
+# the copy has no .git.
+GPU_CHECK_SECONDS ?= 450
+GPU_CHECK_OUT     ?= build/gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --seconds $(GPU_CHECK_SECONDS) $(if $(COMMIT),--commit $(COMMIT))
 
 clean:
 	rm -rf build lgm_ext/_C*.so *.egg-info

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "host.h"
+#include "lgm_ext/launch.h"
 
 namespace lgm_ext {
 
@@ -132,6 +133,16 @@ Args<T> make_table_args(const at::Tensor& s, at::Tensor& w, at::Tensor& hl) {
   a.K = s.size(0), a.D = s.size(1);
   a.mu = s.data_ptr<T>(), a.op_b = mut_or_null<T>(w), a.op_c = hl.data_ptr<T>();
   return a;
+}
+
+// The direct backward's class kernel (class_partial_kernel) spans D with grid.y = ceil(D / kClassThreads)
+// blocks, at most 65,535: D up to 8,388,480.  Larger D only reaches the direct path through impl=direct
+// (auto takes it for K * D <= kDirectMaxKD), so it is refused with a pointer to the GEMM path.
+inline int64_t class_blocks_y(const Inputs& in) {
+  const int64_t by = launch::ceil_div(in.D, launch::kClassThreads);
+  TORCH_CHECK_VALUE(by <= launch::kMaxGridYZ, "lgm_ext: D = ", in.D, " is too large for the direct path's gradient "
+                    "kernel (at most ", launch::kMaxGridYZ * launch::kClassThreads, "); use impl='gemm'");
+  return by;
 }
 
 }  // namespace lgm_ext

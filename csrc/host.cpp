@@ -2,11 +2,15 @@
 #include "host.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
+
+#include "gemm.h"
 
 namespace lgm_ext {
 
@@ -125,14 +129,19 @@ void check_aux(const Inputs& in, const Tensor& t, const char* name, at::IntArray
 // m = sum_j x^2 w - 2 x mu w (N,K) and c = sum_j mu^2 w (K) (math.h, GEMM operands).
 // Diagonal covariance: the class operand b is built and multiplied one class
 // tile at a time into m's columns, so no (K, 2D) matrix is ever held.
+// The GEMMs run in the backend's precision for this call (gemm.h: native, or split into bf16 parts for the
+// tensor cores); a, x and x^2 are split once per call, each tile's b once per tile.
 Tensor expansion(const Backend& be, const Inputs& in, Tensor& c) {
+  const GemmMode mode = gemm_mode(be, in);
   if (in.identity()) {
     c = in.mu.square().sum(1);
-    return at::addmm(in.x.square().sum(1, /*keepdim=*/true), in.x, in.mu.t(), /*beta=*/1, /*alpha=*/-2);
+    return gemm(mode, in.x.square().sum(1, /*keepdim=*/true), operand(mode, in.x, mode.parts_x),
+                operand(mode, in.mu, mode.parts_x).t(), /*beta=*/1, /*alpha=*/-2);
   }
   Tensor a = at::empty({in.N, 2 * in.D}, in.x.options());
   Tensor none;
   be.gemm_operands(in, a, 0, 0, none, none, none);
+  const Operand oa = operand(mode, a, mode.parts_x2);  // [-2x | x^2]: x^2 needs the more parts
   Tensor m = at::empty({in.N, in.K}, in.x.options());
   c = at::empty({in.K}, in.x.options());
   const int64_t tile = gemm_tile(in.N, in.K, in.D);
@@ -142,7 +151,7 @@ Tensor expansion(const Backend& be, const Inputs& in, Tensor& c) {
     Tensor bt = b.narrow(0, 0, kt), ct = c.narrow(0, k0, kt), mt = m.narrow(1, k0, kt);
     Tensor b1 = bt.narrow(1, 0, in.D), b2 = bt.narrow(1, in.D, in.D);
     be.gemm_operands(in, none, k0, kt, b1, b2, ct);
-    at::mm_out(mt, a, bt.t());
+    gemm_out(mode, mt, none, oa, operand(mode, bt, 3).t(), 0, 1);
   }
   return m;
 }
@@ -208,17 +217,21 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
   const int64_t tile = saved && in_grads ? std::min(gemm_tile(in.N, in.K, in.D), std::max<int64_t>(256, in.D))
                                          : gemm_tile(in.N, in.K, in.D);
   Tensor none;
+  const GemmMode mode = gemm_mode(be, in);  // (gemm.h)
+  const int px = mode.parts_x, px2 = mode.parts_x2;
   if (in.identity()) {
     // dx = x * rowsum(g) - g mu ;  dmu = mu * colsum(g) - g^T x ;  m = sum x^2 - 2 x mu^T
     Tensor xsq = recompute ? in.x.square().sum(1, true) : Tensor();
     Tensor rowsum = need_x ? at::zeros({in.N, 1}, in.x.options()) : Tensor();
     Tensor gmu_acc = need_x ? at::zeros_like(in.x) : Tensor();  // sum_k g mu
+    const Operand ox = operand(mode, in.x, px);
     for (int64_t k0 = 0; k0 < in.K; k0 += tile) {
       const int64_t kt = std::min(tile, in.K - k0);
       const Tensor mut = in.mu.narrow(0, k0, kt);
+      const Operand omu = operand(mode, mut, px);
       cf.k0 = k0, cf.kt = kt;
       if (recompute) {
-        cf.logits = at::addmm(xsq, in.x, mut.t(), 1, -2);
+        cf.logits = gemm(mode, xsq, ox, omu.t(), 1, -2);
         cf.c = mut.square().sum(1);
       } else if (loss_mode) {
         cf.logits = full_logits.narrow(1, k0, kt);
@@ -226,13 +239,14 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
       if (full_grad_logits.defined()) cf.grad_logits = full_grad_logits.narrow(1, k0, kt);
       Tensor g = at::empty({in.N, kt}, in.x.options());
       be.coefficients(in, cf, g, r);
+      const Operand og = operand(mode, g, 3);
       if (need_x) {
         rowsum.add_(g.sum(1, true));
-        gmu_acc.addmm_(g, mut);
+        gemm_out(mode, gmu_acc, gmu_acc, og, omu, 1, 1);
       }
       if (need_mu) {
         Tensor out = gmu.narrow(0, k0, kt);
-        at::addmm_out(out, mut * g.sum(0).unsqueeze(1), g.t(), in.x, 1, -1);
+        gemm_out(mode, out, mut * g.sum(0).unsqueeze(1), og.t(), ox, 1, -1);
       }
     }
     if (need_x) at::sub_out(gx, in.x * rowsum, gmu_acc);
@@ -245,11 +259,14 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
   // first half accumulates in grad_x.  Live memory: the outputs, x^2 and t2 (N,D), the tile's g (N,kt).
   const bool need_b = need_x || recompute;
   Tensor a, xsq;  // a = [-2x | x^2] without in_grads; with it, x and x^2
+  Operand oa, ox, oxsq;
   if (in_grads) {
     xsq = in.x.square();
+    ox = operand(mode, in.x, px), oxsq = operand(mode, xsq, px2);
   } else {
     a = at::empty({in.N, 2 * D}, in.x.options());
     be.gemm_operands(in, a, 0, 0, none, none, none);
+    oa = operand(mode, a, px2);
   }
   Tensor t, t1, t2;  // the halves of t = g b
   if (need_x && in_grads) {
@@ -275,30 +292,39 @@ std::tuple<Tensor, Tensor, Tensor> grads_tiled(const Backend& be, const Inputs& 
       be.gemm_operands(in, none, k0, kt, b1, b2, ct);
       if (recompute) cf.c = ct;
     }
+    // The tile's b as GEMM operands: its halves (in_grads) or the whole (kt, 2D) block.
+    Operand ob1, ob2, ob;
+    if (need_b && in_grads) {
+      ob1 = operand(mode, b1, 3), ob2 = operand(mode, b2, 3);
+    } else if (need_b) {
+      ob = operand(mode, b.narrow(0, 0, kt), 3);
+    }
     if (recompute) {  // m = a b^T
-      cf.logits = in_grads ? at::addmm(at::mm(xsq, b2.t()), in.x, b1.t(), 1, -2) : at::mm(a, b.narrow(0, 0, kt).t());
+      cf.logits = in_grads ? gemm(mode, gemm(mode, none, oxsq, ob2.t(), 0, 1), ox, ob1.t(), 1, -2)
+                           : gemm(mode, none, oa, ob.t(), 0, 1);
     } else if (loss_mode) {
       cf.logits = full_logits.narrow(1, k0, kt);
     }
     if (full_grad_logits.defined()) cf.grad_logits = full_grad_logits.narrow(1, k0, kt);
     Tensor g = at::empty({in.N, kt}, in.x.options());
     be.coefficients(in, cf, g, r);
+    const Operand og = operand(mode, g, 3);
     if (need_x) {  // t += g b
       if (in_grads) {
-        t1.addmm_(g, b1);
-        t2.addmm_(g, b2);
+        gemm_out(mode, t1, t1, og, ob1, 1, 1);
+        gemm_out(mode, t2, t2, og, ob2, 1, 1);
       } else {
-        t.addmm_(g, b.narrow(0, 0, kt));
+        gemm_out(mode, t, t, og, ob, 1, 1);
       }
     }
     if (need_class) {  // s = g^T a
       Tensor s1, s2;
       if (in_grads) {  // b is spent: the moments overwrite it
         s1 = gmu.narrow(0, k0, kt), s2 = gs.narrow(0, k0, kt);
-        s1.addmm_(g.t(), in.x, /*beta=*/0, /*alpha=*/-2);
-        at::mm_out(s2, g.t(), xsq);
+        gemm_out(mode, s1, s1, og.t(), ox, /*beta=*/0, /*alpha=*/-2);
+        gemm_out(mode, s2, none, og.t(), oxsq, 0, 1);
       } else {
-        Tensor st = at::mm(g.t(), a);
+        Tensor st = gemm(mode, none, og.t(), oa, 0, 1);
         s1 = st.narrow(1, 0, D), s2 = st.narrow(1, D, D);
       }
       be.gemm_class_grads(in, k0, kt, s1, s2, g, r, gmu_out, gs_out);
@@ -450,6 +476,18 @@ void check_pgd(const Tensor& x, const Tensor& grad, const Tensor& x_orig, double
   TORCH_CHECK_VALUE(eps >= 0.0 && !std::isnan(eps), op, ": eps must be >= 0, got ", eps);
   TORCH_CHECK_VALUE(!std::isnan(lower) && !std::isnan(upper) && lower <= upper, op,
                     ": lower must be <= upper, got lower=", lower, ", upper=", upper);
+}
+
+void check_pgd_inplace(const Tensor& x, const Tensor& grad, const Tensor& x_orig) {
+  const char* op = "pgd_step_";
+  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
+                    ": x has elements that share memory (an expanded or stride-0 tensor) and cannot be written in "
+                    "place; pass x.clone()");
+  const std::pair<const Tensor*, const char*> inputs[] = {{&grad, "grad"}, {&x_orig, "x_orig"}};
+  for (const auto& [t, name] : inputs)
+    TORCH_CHECK_VALUE(at::get_overlap_status(x, *t) != at::MemOverlapStatus::Partial, op, ": ", name,
+                      " partly overlaps x (some of their elements share memory), so writing x would change ", name,
+                      " while it is read; torch's in-place ops refuse this too -- pass ", name, ".clone()");
 }
 
 }  // namespace lgm_ext

@@ -80,6 +80,9 @@ struct Coef {
   double scale_mult = 1.0, alpha = 0.0, lambda = 0.0;
 };
 
+// A 16-bit GEMM: a (m,k) b (k,n), bfloat16 operands, float32 accumulation and output (gemm.h).
+using Mm16Fn = Tensor (*)(const Tensor& a, const Tensor& b);
+
 // What a backend implements.  All tensors are on the backend's device; inputs contiguous.
 struct Backend {
   // Direct path, one fused pass per row: logits (N,K) always -- margin-free,
@@ -119,6 +122,9 @@ struct Backend {
   // grad_mu / grad_s: every element of s is read before the same element of the output is written.
   void (*gemm_class_grads)(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1, const Tensor& s2,
                            const Tensor& g, const Tensor& r, Tensor& grad_mu, Tensor& grad_s);
+  // The GEMM path's tensor-core GEMM (gemm.h: the split mode), or null: the GEMMs stay in the accumulation
+  // type (the CPU loops).  Not a kernel of ours: ATen's, or the emulation's.
+  Mm16Fn mm16;
 };
 
 // A backend's kernels for one accumulation type (float or double): each backend's one dtype
@@ -185,6 +191,9 @@ void register_lgm_ops(torch::Library& m) {
 // PGD step validation (shared by the CPU and CUDA step kernels).
 void check_pgd(const Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps, double lower,
                double upper);
+// pgd_step_ writes x: like torch's in-place ops it refuses an x whose elements share memory, and a grad or
+// x_orig that partly overlaps x (the same tensor is fine: each element is read before it is written).
+void check_pgd_inplace(const Tensor& x, const Tensor& grad, const Tensor& x_orig);
 
 // A backend's step: out[i] = pgd_step_elem(x[i], g[i], x0[i]) over contiguous tensors (out may be x).
 using PgdStepFn = void (*)(Tensor& out, const Tensor& x, const Tensor& g, const Tensor& x0, double alpha, double eps,
@@ -207,6 +216,7 @@ void register_pgd_ops(torch::Library& m) {
   m.impl("pgd_step_", [](Tensor& x, const Tensor& grad, const Tensor& x_orig, double alpha, double eps, double lower,
                          double upper) {
     check_pgd(x, grad, x_orig, alpha, eps, lower, upper);
+    check_pgd_inplace(x, grad, x_orig);
     const c10::OptionalDeviceGuard guard(x.device());
     const at::ScalarType acc = acc_type(x.scalar_type());
     Tensor xc = x.is_contiguous() && acc == x.scalar_type() ? x : x.to(acc).contiguous();

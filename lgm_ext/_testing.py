@@ -10,6 +10,15 @@ registered with a leading underscore in ``torch.ops.lgm_ext`` and wrapped here:
 - ``_flush_denormal_all_threads(on) -> ok``: set flush-to-zero on the calling
   thread *and* on every ATen worker thread (``torch.set_flush_denormal`` sets
   only the calling thread); benchmarks call it for every side.
+- ``_set_max_grid_z(z) -> previous``: the z extent one CUDA launch may use
+  (CUDA's limit, 65,535, by default); lowered, the launches that split a
+  larger z extent (csrc/include/lgm_ext/launch.h) split on small inputs, and
+  the emulation refuses a launch beyond it as CUDA would.
+- ``_set_tensor_core_gemms(on) -> previous``: run the GEMM path's GEMMs on the
+  tensor cores, split into bfloat16 parts at float32 accuracy (csrc/gemm.h; CUDA
+  and its emulation; off by default).
+- ``_mm16_calls() -> count``: how many 16-bit tensor-core GEMMs the GEMM path
+  has run, so a test can tell which GEMMs a call used.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ import torch
 
 from ._ops import ops
 
-__all__ = ["cuda_emulation", "flush_denormals"]
+__all__ = ["cuda_emulation", "flush_denormals", "max_grid_z", "mm16_calls", "tensor_core_gemms"]
 
 
 @contextlib.contextmanager
@@ -36,3 +45,29 @@ def flush_denormals(on: bool = True) -> bool:
     """Flush denormals to zero on the calling thread and on every ATen worker thread."""
     torch.set_flush_denormal(on)
     return bool(ops._flush_denormal_all_threads(on))
+
+
+@contextlib.contextmanager
+def max_grid_z(z: int):
+    """Within the block, a CUDA launch (real or emulated) uses at most ``z`` blocks in grid.z."""
+    old = ops._set_max_grid_z(int(z))
+    try:
+        yield
+    finally:
+        ops._set_max_grid_z(old)
+
+
+def mm16_calls() -> int:
+    """The number of 16-bit (tensor-core) GEMMs the GEMM path has run in this process."""
+    return int(ops._mm16_calls())
+
+
+@contextlib.contextmanager
+def tensor_core_gemms(on: bool = True):
+    """Within the block, the GEMM path's GEMMs run on the tensor cores (split into bf16 parts) where the
+    backend has them (CUDA, and its emulation)."""
+    old = ops._set_tensor_core_gemms(bool(on))
+    try:
+        yield
+    finally:
+        ops._set_tensor_core_gemms(old)

@@ -196,7 +196,10 @@ def pgd_step(
 def pgd_step_(
     x: Tensor, grad: Tensor, x_orig: Tensor, *, alpha: float, eps: float, lower: float = 0.0, upper: float = 1.0
 ) -> Tensor:
-    """In-place :func:`pgd_step`: overwrites and returns ``x``."""
+    """In-place :func:`pgd_step`: overwrites and returns ``x``.
+
+    As torch's in-place ops, it refuses (``ValueError``) a ``grad`` or ``x_orig`` that partly shares memory with
+    ``x`` (``x_orig`` may be ``x`` itself) and an ``x`` whose elements share memory (an expanded tensor)."""
     a, e, lo, hi = _pgd_args(x, grad, x_orig, alpha, eps, lower, upper)
     with torch.no_grad():
         ops.pgd_step_(x, grad, x_orig, a, e, lo, hi)

@@ -1,7 +1,8 @@
 """Benchmarks of the fused operators against plain-PyTorch versions.
 
-Used by ``benchmarks/bench_lgm.py`` and ``lgm bench``.  Times are medians of
-forward+backward wall time (CUDA events on a GPU); peak memory is measured per
+Used by ``benchmarks/bench_lgm.py``, ``benchmarks/gpu_check.py`` and ``lgm bench``.  Times are medians of
+forward+backward wall time (CUDA events on a GPU), the sides interleaved and repeated until the medians
+settle or the time budget ends, each with its spread (``measure``); peak memory is measured per
 case in a fresh subprocess on the CPU (growth of the resident-set high-water
 mark over one forward+backward) and with ``torch.cuda.max_memory_allocated``
 on a GPU.  On the CPU, denormals are flushed on every thread for every side.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +21,8 @@ import torch
 
 from lgm_ext import DIRECT_MAX_KD, lgm_loss, reference
 from lgm_ext._testing import flush_denormals
+
+from .timing import MAX_SPREAD, Timing, _sync, interleaved_medians, machine_load, measure, median_ms  # noqa: F401
 
 LGM_SIZES = [(10, 2), (10, 100), (1000, 512), (10575, 512)]
 LGM_IMPLS = {
@@ -91,47 +93,6 @@ def _step(fn, x, mu, s, y):
     fn(x, mu, s, y, alpha=1.0, lambda_=0.1).backward()
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _time_once(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def median_ms(fn, repeats: int, warmup: int, device: str = "cpu") -> float:
-    return interleaved_medians({"f": (fn, repeats)}, warmup, device, rounds=1)["f"]
-
-
-def interleaved_medians(fns: dict, warmup: int, device: str = "cpu", rounds: int = 5) -> dict:
-    """Median ms of each ``name: (fn, repeats)``.  The sides alternate in blocks
-    over several rounds, so the ratios come from one run under the same
-    conditions (clock, other load); each block starts with ``warmup`` untimed
-    calls, so a side is not charged for the allocator and cache state another
-    side left behind (after a large plain-PyTorch step the next few calls of any
-    op pay page faults here)."""
-    times = {name: [] for name in fns}
-    for rnd in range(rounds):
-        for name, (fn, reps) in fns.items():
-            block = -(-reps // rounds)
-            for _ in range(max(1, warmup)):
-                fn()
-            _sync(device)
-            for _ in range(min(block, reps - rnd * block)):
-                times[name].append(_time_once(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def naive_fits(n, k, d, itemsize=4, device="cpu") -> bool:
     """The N x K x D broadcast keeps ~4 such tensors alive through backward."""
     need = 4 * n * k * d * itemsize
@@ -199,13 +160,18 @@ class LGMRow:
     k: int
     d: int
     path: str
-    times_ms: dict = field(default_factory=dict)
+    times_ms: dict = field(default_factory=dict)  # median per side
     peak_mib: dict = field(default_factory=dict)
     speedup_vs_best_plain: float = 0.0
     best_plain: str = ""
     speedup_vs_compiled: float = 0.0
     fused_gflops: float = 0.0
     sgemm_gflops: float = 0.0
+    spread: dict = field(default_factory=dict)  # interquartile range / median per side
+    calls: dict = field(default_factory=dict)  # timed calls per side
+    untrusted: list = field(default_factory=list)  # sides too noisy (spread) or not settled when time ran out
+    load: float = -1.0  # machine_load() when the size's timing started
+    notes: list = field(default_factory=list)
 
 
 def bench_lgm(
@@ -217,52 +183,74 @@ def bench_lgm(
     progress=None,
     dtype=torch.float32,
     impls=None,
+    *,
+    budget_s: float | None = None,
+    tol: float = 0.02,
+    max_spread: float = MAX_SPREAD,
 ) -> list[LGMRow]:
     """Forward+backward of the L-GM loss (alpha=1, lambda_=0.1, diagonal covariance) in ``dtype``.
-    ``impls``: the sides to run (default: all of LGM_IMPLS, plus the GEMM floor on the GEMM path)."""
+    ``impls``: the sides to run (default: all of LGM_IMPLS, plus the GEMM floor on the GEMM path).
+
+    Timing (:func:`measure`): the sides are interleaved and repeated until their medians settle (within
+    ``tol``) or the size's share of ``budget_s`` is spent; ``repeats`` fixes the timed calls per side instead.
+    ``budget_s``: seconds for the whole call (timing and peak memory; default 60 per size), shared equally by
+    the sizes still to run; peak-memory measurement of a size is skipped, with a note, when its share is spent.
+    Each row reports the spread of every side and lists as ``untrusted`` the sides whose spread exceeds
+    ``max_spread`` or whose median had not settled."""
     if device == "cpu":
         flush_denormals(True)
     names = list(impls or LGM_IMPLS)
+    total = 60.0 * len(sizes) if budget_s is None else float(budget_s)
+    t_start = time.perf_counter()
     rows = []
-    for k, d in sizes:
+    for i, (k, d) in enumerate(sizes):
+        share = max(0.0, total - (time.perf_counter() - t_start)) / (len(sizes) - i)
+        t_size = time.perf_counter()
         work = n * k * d
-        reps = repeats or max(3, min(200, int(2e8 / max(work, 1))))
         x, mu, s, y = _inputs(n, k, d, device, dtype)
-        row = LGMRow(k=k, d=d, path="direct" if k * d <= DIRECT_MAX_KD else "gemm")
+        row = LGMRow(k=k, d=d, path="direct" if k * d <= DIRECT_MAX_KD else "gemm", load=machine_load())
         cases = {}
         for name in names:
             if name in ("naive_nkd", "compiled_naive") and not naive_fits(n, k, d, device=device):
+                row.notes.append(f"{name} skipped: its N x K x D tensors do not fit")
                 continue
             fn = lgm_impl(name)
-            r = reps if name in ("fused", "plain_gemm", "compiled_gemm") else max(3, min(reps, int(5e7 / max(work, 1))))
-            cases[name] = ((lambda fn=fn: _step(fn, x, mu, s, y)), r)
+            cases[name] = (lambda fn=fn: _step(fn, x, mu, s, y))
         if row.path == "gemm" and dtype == torch.float32:
-            cases[FLOOR] = (gemm_floor_step(n, k, d, device), reps)
+            cases[FLOOR] = gemm_floor_step(n, k, d, device)
         # Sides that build N x K x D temporaries over 64 MiB are timed in a second phase: freeing
         # gigabytes leaves the allocator/page state that slows whatever runs next on this VM.
         heavy = {m for m in ("reference", "naive_nkd", "compiled_naive") if m in cases and 4 * work > 64 * 2**20}
         if row.path == "gemm":  # the machine's sgemm rate on this GEMM's shape, before any heavy side runs
-            row.sgemm_gflops = sgemm_gflops(n, k, 2 * d, device, repeats=max(5, reps))
-        for phase in ({m: c for m, c in cases.items() if m not in heavy}, {m: cases[m] for m in heavy}):
-            if not phase:
-                continue
+            row.sgemm_gflops = sgemm_gflops(n, k, 2 * d, device)
+        phases = [p for p in ({m: c for m, c in cases.items() if m not in heavy}, {m: cases[m] for m in heavy}) if p]
+        timing_share = share * (0.6 if memory else 0.95)
+        for j, phase in enumerate(phases):
             if progress:
                 progress(f"K={k} D={d}: timing {', '.join(phase)}")
-            row.times_ms.update(interleaved_medians(phase, 3, device, rounds=min(5, min(r for _, r in phase.values()))))
+            left = timing_share - (time.perf_counter() - t_size)
+            t = measure(phase, device=device, calls=repeats, budget_s=max(0.0, left) / (len(phases) - j), tol=tol)
+            for name, tm in t.items():
+                row.times_ms[name], row.spread[name], row.calls[name] = tm.median, tm.spread, tm.calls
+                if not tm.trusted(max_spread):
+                    row.untrusted.append(name)
         if memory:
             for name in cases:
                 if name == FLOOR:
+                    continue
+                if time.perf_counter() - t_size > share and budget_s is not None:
+                    row.notes.append(f"peak memory of {name} not measured: the time budget was spent")
                     continue
                 if progress:
                     progress(f"K={k} D={d}: peak memory of {name}")
                 row.peak_mib[name] = peak_memory_mib(name, n, k, d, device, dtype)
         plain = {kk: v for kk, v in row.times_ms.items() if kk not in ("fused", FLOOR)}
-        if plain:  # (--sides fused alone, or its only peer skipped as too large: no comparison)
+        if plain and "fused" in row.times_ms:  # (--sides fused alone, or its peers skipped: no comparison)
             row.best_plain = min(plain, key=plain.get)
             row.speedup_vs_best_plain = plain[row.best_plain] / row.times_ms["fused"]
-        if "compiled_gemm" in row.times_ms:
+        if "compiled_gemm" in row.times_ms and "fused" in row.times_ms:
             row.speedup_vs_compiled = row.times_ms["compiled_gemm"] / row.times_ms["fused"]
-        if row.path == "gemm":
+        if row.path == "gemm" and "fused" in row.times_ms:
             # Diagonal covariance: 3 GEMMs of N x K x 2D (forward, dx, dmu/dlog_var).
             flops = 3 * 2.0 * n * k * 2 * d
             row.fused_gflops = flops / (row.times_ms["fused"] * 1e6)
@@ -270,32 +258,65 @@ def bench_lgm(
     return rows
 
 
+UNTRUSTED_MARK = " (!)"
+
+
 def lgm_markdown(rows: list[LGMRow], n: int = 256) -> str:
-    """Two tables: times (ms, medians) with the speed-ups, and peak memory (MiB)."""
+    """Plain markdown: times (ms, medians, with the spread of the timed calls) and the speed-ups; peak memory
+    (MiB); then a line on every time not to be trusted and on a busy machine."""
     names = [m for m in LGM_IMPLS if any(m in r.times_ms for r in rows)]
     floor = any(FLOOR in r.times_ms for r in rows)
     compiled = "compiled_gemm" in names
+
+    def cell(r, m):
+        if m not in r.times_ms:
+            return "skipped"
+        spread = f" ±{100 * r.spread[m]:.0f}%" if m in r.spread else ""
+        return f"{r.times_ms[m]:.3f}{spread}" + (UNTRUSTED_MARK if m in r.untrusted else "")
+
+    def ratio(r, value, other):
+        mark = UNTRUSTED_MARK if {"fused", other} & set(r.untrusted) else ""
+        return f"{value:.2f}x{mark}"
+
     head = "| K | D | path | " + " | ".join(f"{m} ms" for m in names) + (" | 3 GEMMs alone ms" if floor else "")
     head += (" | fused vs compiled_gemm" if compiled else "") + " | fused vs best plain | fused GFLOP/s (% of sgemm) |"
     lines = [head, "|" + "---|" * (3 + len(names) + (1 if floor else 0) + (1 if compiled else 0) + 2)]
     for r in rows:
-        t = " | ".join(f"{r.times_ms[m]:.3f}" if m in r.times_ms else "skipped" for m in names)
+        t = " | ".join(cell(r, m) for m in names)
         if floor:
-            t += " | " + (f"{r.times_ms[FLOOR]:.3f}" if FLOOR in r.times_ms else "-")
+            t += " | " + (cell(r, FLOOR) if FLOOR in r.times_ms else "-")
         rate = f"{r.fused_gflops:.0f} ({100 * r.fused_gflops / r.sgemm_gflops:.0f}% of {r.sgemm_gflops:.0f})" if r.sgemm_gflops else "-"
         if compiled:
-            t += " | " + (f"**{r.speedup_vs_compiled:.2f}x**" if r.speedup_vs_compiled else "-")
-        best = f"{r.speedup_vs_best_plain:.2f}x ({r.best_plain})" if r.best_plain else "-"
+            t += " | " + (f"**{ratio(r, r.speedup_vs_compiled, 'compiled_gemm')}**" if r.speedup_vs_compiled else "-")
+        best = f"{ratio(r, r.speedup_vs_best_plain, r.best_plain)} ({r.best_plain})" if r.best_plain else "-"
         lines.append(f"| {r.k} | {r.d} | {r.path} | {t} | {best} | {rate} |")
     if any(r.peak_mib for r in rows):
         lines += ["", "| K | D | " + " | ".join(f"{m} MiB" for m in names) + " | fused / compiled_gemm memory |",
                   "|" + "---|" * (3 + len(names))]
         for r in rows:
             mem = " | ".join(f"{r.peak_mib[m]:.1f}" if m in r.peak_mib else "-" for m in names)
-            ratio = (f"{r.peak_mib['fused'] / r.peak_mib['compiled_gemm']:.2f}"
-                     if r.peak_mib.get("compiled_gemm") and "fused" in r.peak_mib else "-")
-            lines.append(f"| {r.k} | {r.d} | {mem} | {ratio} |")
+            ratio_mem = (f"{r.peak_mib['fused'] / r.peak_mib['compiled_gemm']:.2f}"
+                         if r.peak_mib.get("compiled_gemm") and "fused" in r.peak_mib else "-")
+            lines.append(f"| {r.k} | {r.d} | {mem} | {ratio_mem} |")
+    lines += notes_markdown(rows)
     return "\n".join(lines)
+
+
+def notes_markdown(rows) -> list:
+    """The lines under a table: untrusted times, a busy machine, skipped measurements."""
+    out = []
+    bad = [f"{', '.join(r.untrusted)} at K={r.k} D={r.d}" for r in rows if r.untrusted]
+    if bad:
+        out.append(f"\n{UNTRUSTED_MARK.strip()} Not to be trusted: the timed calls spread by more than "
+                   f"{100 * MAX_SPREAD:.0f}% (interquartile range / median), or the median was still moving when the "
+                   f"time budget ended -- {'; '.join(bad)}.  Rerun on an idle machine or with a larger budget.")
+    busy = [r.load for r in rows if r.load > 1.0]
+    if busy:
+        out.append(f"\nThe machine was busy (load average up to {max(busy):.1f}x its core count): absolute times "
+                   "are not comparable with another run's; the ratios come from interleaved rounds.")
+    for r in rows:
+        out += [f"\nK={r.k} D={r.d}: {note}." for note in r.notes]
+    return out
 
 
 def to_json(rows) -> str:
@@ -305,8 +326,11 @@ def to_json(rows) -> str:
 PGD_SHAPES = {"CIFAR batch 128x3x32x32": (128, 3, 32, 32), "MNIST batch 128x1x28x28": (128, 1, 28, 28)}
 
 
-def bench_pgd_step(shapes=PGD_SHAPES, device: str = "cpu", repeats: int = 300) -> list[dict]:
-    """The fused projected sign step (out-of-place and in-place) against the same step in plain torch ops."""
+def bench_pgd_step(shapes=PGD_SHAPES, device: str = "cpu", repeats: int | None = None,
+                   budget_s: float = 20.0) -> list[dict]:
+    """The fused projected sign step (out-of-place and in-place) against the same step in plain torch ops,
+    interleaved until the medians settle (:func:`measure`; ``repeats`` fixes the calls instead) within
+    ``budget_s`` seconds per shape.  Each row has the medians, their spreads and the untrusted sides."""
     from lgm_ext import pgd_step, pgd_step_
 
     if device == "cpu":
@@ -319,14 +343,16 @@ def bench_pgd_step(shapes=PGD_SHAPES, device: str = "cpu", repeats: int = 300) -
         grad = torch.randn(shape, generator=g).to(device)
         kw = dict(alpha=2 / 255, eps=8 / 255)
         buf = x.clone()
-        t = interleaved_medians({
-            "plain": (lambda: reference.pgd_step(x, grad, x0, **kw), repeats),
-            "fused": (lambda: pgd_step(x, grad, x0, **kw), repeats),
-            "inplace": (lambda: pgd_step_(buf, grad, x0, **kw), repeats),
-        }, 20, device)
-        t_plain, t_fused, t_inplace = t["plain"], t["fused"], t["inplace"]
+        t = measure({
+            "plain": lambda: reference.pgd_step(x, grad, x0, **kw),
+            "fused": lambda: pgd_step(x, grad, x0, **kw),
+            "inplace": lambda: pgd_step_(buf, grad, x0, **kw),
+        }, device=device, warmup=20, calls=repeats, budget_s=budget_s)
+        t_plain, t_fused, t_inplace = t["plain"].median, t["fused"].median, t["inplace"].median
         rows.append(dict(case=name, plain_ms=t_plain, fused_ms=t_fused, fused_inplace_ms=t_inplace,
-                         speedup=t_plain / t_fused, speedup_inplace=t_plain / t_inplace))
+                         speedup=t_plain / t_fused, speedup_inplace=t_plain / t_inplace,
+                         spread={k: v.spread for k, v in t.items()},
+                         untrusted=[k for k, v in t.items() if not v.trusted()]))
     return rows
 
 
@@ -360,9 +386,19 @@ def bench_pgd_attack(batch: int = 32, steps: int = 10, device: str = "cpu", repe
 
 def pgd_markdown(rows: list[dict], attack: dict | None) -> str:
     lines = ["| case | plain torch ms | fused ms | fused in-place ms | speed-up (in-place) |", "|---|---|---|---|---|"]
+
+    def cell(r, key, side):
+        spread = r.get("spread", {}).get(side)
+        text = f"{r[key]:.4f}" + (f" ±{100 * spread:.0f}%" if spread is not None else "")
+        return text + (UNTRUSTED_MARK if side in r.get("untrusted", ()) else "")
+
     for r in rows:
-        lines.append(f"| {r['case']} | {r['plain_ms']:.4f} | {r['fused_ms']:.4f} | {r['fused_inplace_ms']:.4f} | "
-                     f"**{r['speedup']:.2f}x** ({r['speedup_inplace']:.2f}x) |")
+        lines.append(f"| {r['case']} | {cell(r, 'plain_ms', 'plain')} | {cell(r, 'fused_ms', 'fused')} | "
+                     f"{cell(r, 'fused_inplace_ms', 'inplace')} | **{r['speedup']:.2f}x** ({r['speedup_inplace']:.2f}x) |")
+    bad = [f"{', '.join(r['untrusted'])} ({r['case']})" for r in rows if r.get("untrusted")]
+    if bad:
+        lines.append(f"\n{UNTRUSTED_MARK.strip()} Not to be trusted (spread above {100 * MAX_SPREAD:.0f}% or not settled): "
+                     + "; ".join(bad) + ".")
     if attack:
         lines += ["", f"PGD-{attack['steps']} on LeNet++ (batch {attack['batch']}, 1x28x28): whole attack "
                   f"{attack['attack_ms']:.1f} ms; the fused step is {attack['step_ms']:.4f} ms per step = "
@@ -371,5 +407,6 @@ def pgd_markdown(rows: list[dict], attack: dict | None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bench_pgd_step", "bench_pgd_attack", "pgd_markdown", "bench_lgm", "lgm_markdown", "flush_denormals", "machine_description", "median_ms", "to_json"]
+__all__ = ["bench_pgd_step", "bench_pgd_attack", "pgd_markdown", "bench_lgm", "lgm_markdown", "flush_denormals",
+           "machine_description", "machine_load", "measure", "median_ms", "Timing", "to_json"]
 

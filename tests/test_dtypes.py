@@ -7,7 +7,11 @@ Tolerances, from the dtype's machine epsilon eps (bf16: 2^-7, fp16: 2^-10):
     to the row's magnitude;
   gradients (storage dtype): |err| <= eps * |ref| + eps * 1e-3 * max|ref|  (one rounding is eps / 2 relative;
     the second term covers float32 cancellation in entries far below the largest, and fp16 subnormals).
+On CUDA (and in its emulation, `cuda-emulated`) the GEMM path's GEMMs run on the tensor cores, their float32
+operands split into bfloat16 parts (csrc/gemm.h); the same tolerances apply, and the tests at the end check that
+the split runs where it should and stays accurate where a plain 16-bit rounding of the operands would not.
 """
+import contextlib
 from functools import partial
 
 import pytest
@@ -16,6 +20,7 @@ import torch
 import lgm_ext
 from lgm_ext import reference as R
 from lgm_ext._ops import acc_dtype
+from lgm_ext._testing import cuda_emulation, mm16_calls, tensor_core_gemms
 from helpers import lgm_inputs
 
 ops = torch.ops.lgm_ext
@@ -51,6 +56,10 @@ def _assert_grad_close(got, want, dtype):
 @pytest.mark.parametrize("shape", [(16, 10, 2), (33, 12, 40), (20, 300, 32)])
 @pytest.mark.parametrize("identity", [False, True])
 def test_low_precision_matches_float64_reference(device, dtype, impl, shape, identity):
+    _check_low_precision(device, dtype, impl, shape, identity)
+
+
+def _check_low_precision(device, dtype, impl, shape, identity):
     low, wide, y = _low_inputs(shape, dtype, device, identity=identity)
     loss, grads = _grads(partial(lgm_ext.lgm_loss, impl=impl), low, y)
     ref_loss, ref_grads = _grads(R.lgm_loss, wide, y)
@@ -176,3 +185,143 @@ def test_pgd_step_low_precision(device, dtype):
     buf = x.clone()
     lgm_ext.pgd_step_(buf, grad, x0, alpha=2 / 255, eps=8 / 255)
     assert torch.equal(buf, got)
+
+
+# ----------------------------------------------------------------------------- tensor cores (issue 23)
+GPU_BACKENDS = ["cuda-emulated"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@contextlib.contextmanager
+def _on(backend, tensor_cores=True):
+    """The device to put tensors on for ``backend``; within the block the CUDA emulation (for
+    "cuda-emulated") and the tensor-core GEMMs (csrc/gemm.h) are on."""
+    if backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA"):
+        pytest.skip("this torch has no mm.dtype (torch < 2.8): the CUDA GEMMs stay float32")
+    with tensor_core_gemms(tensor_cores), (cuda_emulation() if backend == "cuda-emulated" else contextlib.nullcontext()):
+        yield "cpu" if backend == "cuda-emulated" else backend
+
+
+@contextlib.contextmanager
+def _tf32(on):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _mm16_used(fn):
+    before = mm16_calls()
+    fn()
+    return mm16_calls() - before
+
+
+def _step(dtype, device, impl="gemm", shape=(20, 300, 32)):
+    x, mu, s, y = lgm_inputs(*shape, device=device, seed=3, spread=0.5, requires_grad=False)
+    x, mu, s = (t.to(dtype).requires_grad_() for t in (x, mu, s))
+    return lambda: lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl=impl).backward()
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + GPU_BACKENDS)
+def test_tensor_core_gemms_run_where_they_should(backend):
+    """Switched on, the GEMM path's GEMMs run as 16-bit tensor-core GEMMs on CUDA (and in its emulation) for
+    every storage dtype computed in float32 -- never for float64, never on the direct path, never on the CPU
+    backend; off (the default), never."""
+    gpu = backend != "cpu"
+    with _on(backend, tensor_cores=False) as device:
+        for dtype in (*LOW, torch.float32):
+            assert _mm16_used(_step(dtype, device)) == 0
+    with _on(backend) as device:
+        for dtype in (*LOW, torch.float32):
+            assert (_mm16_used(_step(dtype, device)) > 0) == gpu, dtype
+            assert _mm16_used(_step(dtype, device, impl="direct")) == 0
+        assert _mm16_used(_step(torch.float64, device)) == 0
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(33, 12, 40), (20, 300, 32)])
+@pytest.mark.parametrize("identity", [False, True])
+def test_tensor_core_low_precision_matches_float64_reference(backend, dtype, shape, identity):
+    """The tensor-core GEMMs meet the tolerances of the widened float32 GEMMs (module docstring)."""
+    with _on(backend) as device:
+        before = mm16_calls()
+        _check_low_precision(device, dtype, "gemm", shape, identity)
+        assert mm16_calls() > before
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("identity", [False, True])
+def test_tensor_core_gemms_stay_accurate_near_the_means(backend, dtype, identity):
+    """Features 0.01 from their class mean, means of norm ~8: the expansion sum_j x^2 w - 2 x mu w + mu^2 w cancels
+    ~10^5-fold in the labelled distance and ~100-fold in the gradients.  Rounding the float32 GEMM operands to
+    16 bits would leave errors of 2^-8 |x|^2 w there, orders of magnitude beyond float32's; the bf16 parts of the
+    split keep float32 accuracy: the loss and logits within the float32 bound, each gradient within twice the
+    error of the CPU's float32 GEMMs on the same inputs (both against the float64 reference)."""
+    g = torch.Generator().manual_seed(11)
+    n, k, d = 24, 200, 64  # K * D > 8192: the GEMM path
+    mu = torch.randn(k, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = mu[y] + 0.01 * torch.randn(n, d, generator=g)
+    s = None if identity else 0.1 * torch.randn(k, d, generator=g)
+    low_cpu = [t.to(dtype) if t is not None else None for t in (x, mu, s)]
+    wide = [t.double().requires_grad_() if t is not None else None for t in low_cpu]
+    ref_loss, ref_grads = _grads(partial(R.lgm_loss, reduction="sum"), wide, y)
+    ref_logits = R.lgm_logits(*wide).detach()
+    native = [t.clone().requires_grad_() if t is not None else None for t in low_cpu]
+    _, native_grads = _grads(partial(lgm_ext.lgm_loss, reduction="sum"), native, y)  # CPU: float32 GEMMs
+    with _on(backend) as device:
+        low = [t.to(device).requires_grad_() if t is not None else None for t in low_cpu]
+        before = mm16_calls()
+        loss, grads = _grads(partial(lgm_ext.lgm_loss, reduction="sum"), low, y.to(device))
+        logits = lgm_ext.lgm_logits(*low).detach().cpu()
+        assert mm16_calls() > before
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.detach(), rtol=1e-5, atol=1e-5)
+    scale = ref_logits.abs().amax(1, keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close(logits.double() / scale, ref_logits / scale, rtol=0, atol=1e-5)
+    for got, ours_native, want in zip(grads, native_grads, ref_grads):
+        err = (got.double().cpu() - want).abs().max().item()
+        native_err = (ours_native.double() - want).abs().max().item()
+        assert err <= 2 * native_err + 2.0 ** -20 * want.abs().max().item(), (err, native_err)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(32, 300, 64), (8, 1000, 16), (64, 40, 256)])
+def test_tensor_core_float32_keeps_float32_accuracy(backend, shape):
+    """float32 storage through the tensor cores (three bf16 parts per operand) stays within the float32 test's
+    bound of tests/test_lgm_ops.py: a small factor of the same formula in plain float32 PyTorch."""
+    with _on(backend) as device:
+        x64, mu64, s64, y = lgm_inputs(*shape, device=device, seed=2, spread=0.5)
+        truth_loss = R.lgm_loss(x64, mu64, s64, y, alpha=1.0, lambda_=0.1).item()
+        truth = _grads(R.lgm_loss, [x64, mu64, s64], y)[1]
+        f32 = [t.detach().float().requires_grad_() for t in (x64, mu64, s64)]
+        plain_loss, plain = _grads(R.lgm_loss_gemm, f32, y)
+        before = mm16_calls()
+        ours_loss, ours = _grads(partial(lgm_ext.lgm_loss, impl="gemm"), f32, y)
+        assert mm16_calls() > before
+    scale = max(1.0, abs(truth_loss))
+    assert abs(ours_loss.item() - truth_loss) <= 4 * abs(plain_loss.item() - truth_loss) + 1e-6 * scale
+    gscale = max(t.abs().max().item() for t in truth)
+    err = max((a.double() - b).abs().max().item() for a, b in zip(ours, truth))
+    plain_err = max((a.double() - b).abs().max().item() for a, b in zip(plain, truth))
+    assert err <= 4 * plain_err + 1e-6 * gscale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_allow_tf32_does_not_round_the_float32_gemms():
+    """With torch.backends.cuda.matmul.allow_tf32 set, cuBLAS would round float32 GEMM operands to TF32 (10-bit
+    mantissas), where the expansion cancels (csrc/gemm.h); the GEMM path's GEMMs run under at::NoTF32Guard, so
+    the flag changes nothing (bitwise)."""
+    x, mu, s, y = lgm_inputs(64, 300, 128, device="cuda", seed=4, requires_grad=False)
+
+    def step():
+        ts = [t.float().requires_grad_() for t in (x, mu, s)]
+        return _grads(partial(lgm_ext.lgm_loss, impl="gemm"), ts, y)
+
+    with _tf32(False):
+        want_loss, want = step()
+    with _tf32(True):
+        got_loss, got = step()
+    assert torch.equal(got_loss, want_loss) and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -1,4 +1,5 @@
 """The fused L-GM operators against the pure-PyTorch reference (SPEC section 1-2)."""
+import contextlib
 import itertools
 import math
 from functools import partial
@@ -350,3 +351,47 @@ def test_torch_compile_dynamic_batch_does_not_recompile(device):
         for p, q in zip(got, want):
             torch.testing.assert_close(p, q)
     assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- CUDA launch limits (issue 22, item 18)
+GPU_BACKENDS = ["cuda-emulated"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_class_gradient_launch_splits_grid_z(backend):
+    """The direct path's class-gradient kernel put ceil(N / 256) row chunks in grid.z, which CUDA caps at 65,535:
+    N above ~16.7M rows could not launch ("invalid configuration argument").  It now launches in z pieces
+    (launch.h for_each_z_launch).  The emulation refuses a grid beyond the limit as CUDA does; with the limit
+    lowered to 2 (lgm_ext._testing.max_grid_z), N = 1100 rows (5 chunks) take 3 launches, and the gradients are
+    bitwise those of one launch (the chunks are summed in the same order).  Before the fix the lowered limit
+    made the single launch fail."""
+    from lgm_ext._testing import cuda_emulation, max_grid_z
+
+    ctx = cuda_emulation() if backend == "cuda-emulated" else contextlib.nullcontext()
+    device = "cpu" if backend == "cuda-emulated" else backend
+    with ctx:
+        x, mu, s, y = lgm_inputs(1100, 3, 5, device=device, dtype=torch.float32, seed=21)
+        want = _grads(partial(lgm_ext.lgm_loss, impl="direct"), x, mu, s, y)
+        with max_grid_z(2):
+            got = _grads(partial(lgm_ext.lgm_loss, impl="direct"), x, mu, s, y)
+            with pytest.raises(ValueError, match="max_grid_z"):
+                ops._set_max_grid_z(0)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_direct_path_refuses_a_d_beyond_its_grid(backend):
+    """grid.y of the same kernel spans D in blocks of 128 (at most 65,535): a D beyond 8,388,480 with impl='direct'
+    is refused with a clear error pointing to the GEMM path (auto never takes the direct path there)."""
+    from lgm_ext._testing import cuda_emulation
+
+    ctx = cuda_emulation() if backend == "cuda-emulated" else contextlib.nullcontext()
+    device = "cpu" if backend == "cuda-emulated" else backend
+    d = 128 * 65535 + 1
+    with ctx:
+        x = torch.zeros(1, d, device=device)
+        mu = torch.zeros(1, d, device=device, requires_grad=True)
+        loss = lgm_ext.lgm_loss(x, mu, None, torch.zeros(1, dtype=torch.long, device=device), impl="direct")
+        with pytest.raises(ValueError, match="impl='gemm'"):
+            loss.backward()

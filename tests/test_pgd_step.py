@@ -111,3 +111,37 @@ def test_nan_propagates(device):
         buf = x.clone()
         lgm_ext.pgd_step_(buf, g, x0, alpha=0.1, eps=0.05)
         torch.testing.assert_close(buf, want, equal_nan=True, rtol=0, atol=0)
+
+
+def test_inplace_partial_overlap_raises(device):
+    """Issue 22 item 12: x and x_orig (or grad) that partly share memory gave wrong values where torch's
+    in-place ops raise.  Reproducer, before the fix (no error, wrong values: 12 of 100 on the CPU, 994 of 1000
+    in the CUDA emulation):
+
+        buf = torch.rand(101); g = torch.randn(100)
+        lgm_ext.pgd_step_(buf[1:], g, buf[:-1], alpha=0.1, eps=0.05)
+
+    Now every backend refuses it (a ValueError naming the argument); the same tensor (full overlap) stays
+    allowed, as in torch (each element is read before it is written)."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        buf = torch.rand(1001, dtype=dtype, device=device)
+        g = torch.randn(1000, dtype=dtype, device=device)
+        with pytest.raises(ValueError, match="x_orig partly overlaps x"):
+            lgm_ext.pgd_step_(buf[1:], g, buf[:-1], alpha=0.1, eps=0.05)
+        with pytest.raises(ValueError, match="x_orig partly overlaps x"):
+            lgm_ext.pgd_step_(buf[:-1], g, buf[1:], alpha=0.1, eps=0.05)
+        with pytest.raises(ValueError, match="grad partly overlaps x"):
+            lgm_ext.pgd_step_(buf[1:], buf[:-1], g, alpha=0.1, eps=0.05)
+        with pytest.raises(ValueError, match="x_orig partly overlaps x"):  # the raw op checks too
+            ops.pgd_step_(buf[1:], g, buf[:-1], 0.1, 0.05, 0.0, 1.0)
+        before = buf.clone()
+        assert torch.equal(buf, before)  # nothing was written
+        # full overlap: x_orig (and grad) is x itself
+        x = buf[1:].clone()
+        want = R.pgd_step(x.double(), x.double(), x.double(), alpha=0.1, eps=0.05).to(dtype)
+        lgm_ext.pgd_step_(x, x, x, alpha=0.1, eps=0.05)
+        assert torch.equal(x, want)
+    # an x whose elements share memory cannot be written
+    with pytest.raises(ValueError, match="share memory"):
+        lgm_ext.pgd_step_(torch.rand(1, device=device).expand(5), torch.randn(5, device=device),
+                          torch.rand(5, device=device), alpha=0.1, eps=0.05)

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../args.h"
+#include "../gemm.h"
 #include "lgm_ext/launch.h"
 #include "lgm_ext/math.h"
 
@@ -47,9 +48,17 @@ Lanes<T> warp_max(Lanes<T> v) {
   return v;
 }
 
+// CUDA refuses a launch whose grid exceeds its limits ("invalid configuration argument"); so does the
+// emulation, so a launch that could not run on a GPU fails here too.
+void check_grid(int64_t x, int64_t y = 1, int64_t z = 1) {
+  TORCH_CHECK(x >= 1 && x <= kMaxGridX && y >= 1 && y <= kMaxGridYZ && z >= 1 && z <= max_grid_z(),
+              "emulated CUDA launch: invalid configuration argument (grid ", x, " x ", y, " x ", z, ")");
+}
+
 // Row kernels: blocks of kRowsPerBlock warps, one warp per row (or class).
 template <typename F>
 void for_each_warp_row(int64_t rows, F body) {
+  check_grid(ceil_div(rows, kRowsPerBlock));
   for (int64_t b = 0; b < ceil_div(rows, kRowsPerBlock); ++b)
     for (int ty = 0; ty < kRowsPerBlock; ++ty) {
       const int64_t n = b * kRowsPerBlock + ty;
@@ -166,7 +175,7 @@ void coefficients_t(const Args<T>& a) {
 }
 
 template <typename T>
-void direct_grads_t(const Args<T>& a) {
+void direct_grads_t(const Args<T>& a, int64_t by_blocks) {
   const int64_t N = a.N, K = a.K, D = a.D;
   // grad_x_kernel: warp per row, lanes over j.
   if (a.gx != nullptr)
@@ -177,29 +186,33 @@ void direct_grads_t(const Args<T>& a) {
               grad_x_elem(a.g + n * K, a.x[n * D + j], a.mu + j, a.w != nullptr ? a.w + j : nullptr, K, D);
     });
   if (a.gmu == nullptr && a.gs == nullptr) return;
-  // class_partial_kernel: grid (K, ceil(D / kClassThreads), chunks).
+  // class_partial_kernel: grid (K, ceil(D / kClassThreads), chunks), launched in z pieces.
   const int64_t chunks = ceil_div(N, kChunkRows);
   std::vector<T> p1(chunks * K * D), p2(chunks * K * D), ph(chunks * K);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t by = 0; by < ceil_div(D, kClassThreads); ++by)
-      for (int64_t chunk = 0; chunk < chunks; ++chunk)
-        for (int64_t t = 0; t < kClassThreads; ++t) {
-          const int64_t j = by * kClassThreads + t;
-          const int64_t n0 = chunk * kChunkRows, n1 = std::min(N, n0 + kChunkRows);
-          T a1 = T(0), a2 = T(0), hs = T(0);
-          const T muj = j < D ? a.mu[k * D + j] : T(0);
-          for (int64_t n = n0; n < n1; ++n) {
-            const T gk = a.g[n * K + k];
-            hs += gk;
-            if (a.y != nullptr && a.y[n] == k) hs += a.r[n];
-            if (j < D) class_accum(a1, a2, gk, a.x[n * D + j], muj);
+  for_each_z_launch(chunks, [&](int64_t z0, int64_t nz) {
+    check_grid(K, by_blocks, nz);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t by = 0; by < by_blocks; ++by)
+        for (int64_t bz = 0; bz < nz; ++bz)
+          for (int64_t t = 0; t < kClassThreads; ++t) {
+            const int64_t chunk = z0 + bz;
+            const int64_t j = by * kClassThreads + t;
+            const int64_t n0 = chunk * kChunkRows, n1 = std::min(N, n0 + kChunkRows);
+            T a1 = T(0), a2 = T(0), hs = T(0);
+            const T muj = j < D ? a.mu[k * D + j] : T(0);
+            for (int64_t n = n0; n < n1; ++n) {
+              const T gk = a.g[n * K + k];
+              hs += gk;
+              if (a.y != nullptr && a.y[n] == k) hs += a.r[n];
+              if (j < D) class_accum(a1, a2, gk, a.x[n * D + j], muj);
+            }
+            if (j < D) {
+              p1[(chunk * K + k) * D + j] = a1;
+              p2[(chunk * K + k) * D + j] = a2;
+            }
+            if (j == 0) ph[chunk * K + k] = hs;
           }
-          if (j < D) {
-            p1[(chunk * K + k) * D + j] = a1;
-            p2[(chunk * K + k) * D + j] = a2;
-          }
-          if (j == 0) ph[chunk * K + k] = hs;
-        }
+  });
   // class_finalize_kernel: grid-stride over K * D, chunks added in order.
   for_each_grid_stride(K * D, [&](int64_t i) {
     const int64_t k = i / D;
@@ -303,7 +316,8 @@ void coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
 template <typename scalar_t>
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
-  direct_grads_t(grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s));
+  auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
+  direct_grads_t(a, a.gmu != nullptr || a.gs != nullptr ? class_blocks_y(in) : 0);
 }
 
 template <typename scalar_t>
@@ -329,7 +343,16 @@ void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1
 
 bool set_cuda_emulation(bool on) { return g_emulate.exchange(on); }
 
+std::atomic<int64_t> g_max_grid_z{kMaxGridYZ};
+
 }  // namespace
+
+// launch.h: the z extent of one launch, for the CUDA kernels and their emulation.
+int64_t launch::max_grid_z() { return g_max_grid_z.load(std::memory_order_relaxed); }
+int64_t launch::set_max_grid_z(int64_t z) {
+  TORCH_CHECK_VALUE(z >= 1 && z <= kMaxGridYZ, "max_grid_z must be in [1, ", kMaxGridYZ, "], got ", z);
+  return g_max_grid_z.exchange(z);
+}
 
 bool cuda_emulation_enabled() { return g_emulate.load(std::memory_order_relaxed); }
 
@@ -337,7 +360,8 @@ namespace {
 template <typename T>
 const Backend& emulated_for() {
   static const Backend be{&direct_rows<T>, &gemm_rows<T>, &coefficients<T>, &direct_grads<T>, &check_labels_aminmax,
-                          &class_tables<T>, &gemm_operands<T>, &gemm_grad_x<T>, &gemm_class_grads<T>};
+                          &class_tables<T>, &gemm_operands<T>, &gemm_grad_x<T>, &gemm_class_grads<T>,
+                          &mm16_widened};
   return be;
 }
 }  // namespace
@@ -361,6 +385,14 @@ void emulated_pgd_step(Tensor& out, const Tensor& x, const Tensor& g, const Tens
 TORCH_LIBRARY_FRAGMENT(lgm_ext, m) {
   // Test-only: route CPU kernels through the emulation of the CUDA kernels; returns the previous setting.
   m.def("_set_cuda_emulation(bool on) -> bool", &set_cuda_emulation);
+  // Test-only: the z extent one launch may use (launch.h max_grid_z; CUDA's limit 65,535 by default), for the
+  // emulated and the real CUDA kernels; returns the previous value.
+  m.def("_set_max_grid_z(int z) -> int", [](int64_t z) { return set_max_grid_z(z); });
+  // Test-only: how many 16-bit (tensor-core) GEMMs the GEMM path has run (gemm.h), on any backend.
+  m.def("_mm16_calls() -> int", []() { return mm16_calls(); });
+  // Test/benchmark hook: the GEMM path's tensor-core mode on or off (gemm.h; off by default); returns the
+  // previous setting.
+  m.def("_set_tensor_core_gemms(bool on) -> bool", [](bool on) { return set_tensor_core_gemms(on); });
 }
 
 }  // namespace lgm_ext

@@ -531,7 +531,8 @@ void check_labels_cpu(const Inputs& in) {
 template <typename T>
 const Backend& cpu_loops_for() {
   static const Backend be{&direct_rows<T>, &gemm_rows<T>, &coefficients<T>, &direct_grads<T>, &check_labels_cpu,
-                          &class_tables<T>, &gemm_operands<T>, &gemm_grad_x<T>, &gemm_class_grads<T>};
+                          &class_tables<T>, &gemm_operands<T>, &gemm_grad_x<T>, &gemm_class_grads<T>,
+                          nullptr};
   return be;
 }
 

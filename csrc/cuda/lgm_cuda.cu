@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "../args.h"
+#include "../gemm.h"
 #include "../host.h"
 #include "lgm_ext/launch.h"
 #include "lgm_ext/math.h"
@@ -170,14 +171,15 @@ __global__ void tables_kernel(Args<T> a) {
 }
 
 // ------------------------------------------------------------------ class kernels (direct path)
-// grid (K, ceil(D / kClassThreads), ceil(N / kChunkRows)): thread j of class k
-// sums rows [chunk * kChunkRows, ...) into partials p1, p2 (chunks, K, D) and
-// ph (chunks, K); class_finalize_kernel adds the chunks in order.
+// grid (K, ceil(D / kClassThreads), ceil(N / kChunkRows)), launched in z pieces of at most 65,535 chunks
+// (launch.h for_each_z_launch; blockIdx.z counts from z0): thread j of class k sums rows
+// [chunk * kChunkRows, ...) into partials p1, p2 (chunks, K, D) and ph (chunks, K);
+// class_finalize_kernel adds the chunks in order.
 template <typename T>
-__global__ void class_partial_kernel(Args<T> a, T* p1, T* p2, T* ph) {
+__global__ void class_partial_kernel(Args<T> a, T* p1, T* p2, T* ph, int64_t z0) {
   const int64_t k = blockIdx.x;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * kClassThreads + threadIdx.x;
-  const int64_t chunk = blockIdx.z;
+  const int64_t chunk = z0 + blockIdx.z;
   const int64_t K = a.K, D = a.D;
   const int64_t n0 = chunk * kChunkRows;
   const int64_t n1 = n0 + kChunkRows < a.N ? n0 + kChunkRows : a.N;
@@ -326,10 +328,12 @@ void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& gr
   Tensor ph = at::empty({chunks, in.K}, in.x.options());
   scalar_t* p1 = p.data_ptr<scalar_t>();
   scalar_t* p2 = p1 + chunks * in.K * in.D;
-  const dim3 grid(static_cast<unsigned>(in.K), static_cast<unsigned>(ceil_div(in.D, kClassThreads)),
-                  static_cast<unsigned>(chunks));
-  class_partial_kernel<scalar_t><<<grid, kClassThreads, 0, stream()>>>(a, p1, p2, ph.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t blocks_y = class_blocks_y(in);
+  for_each_z_launch(chunks, [&](int64_t z0, int64_t nz) {
+    const dim3 grid(static_cast<unsigned>(in.K), static_cast<unsigned>(blocks_y), static_cast<unsigned>(nz));
+    class_partial_kernel<scalar_t><<<grid, kClassThreads, 0, stream()>>>(a, p1, p2, ph.data_ptr<scalar_t>(), z0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   class_finalize_kernel<scalar_t><<<elem_grid(in.K * in.D), kThreads, 0, stream()>>>(a, p1, p2,
                                                                                        ph.data_ptr<scalar_t>(), chunks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -378,7 +382,8 @@ void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1
 template <typename T>
 const Backend& cuda_backend_for() {
   static const Backend be{&direct_rows<T>, &gemm_rows<T>, &coefficients<T>, &direct_grads<T>, &check_labels_aminmax,
-                          &class_tables<T>, &gemm_operands<T>, &gemm_grad_x<T>, &gemm_class_grads<T>};
+                          &class_tables<T>, &gemm_operands<T>, &gemm_grad_x<T>, &gemm_class_grads<T>,
+                          has_mm_dtype() ? &mm16_aten : nullptr};
   return be;
 }
 

@@ -17,5 +17,22 @@ constexpr int64_t kMaxBlocks = 4096; // elementwise kernels: grid-stride beyond 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// CUDA's limits on a launch's grid: gridDim.x < 2^31, gridDim.y and gridDim.z <= 65535.
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+constexpr int64_t kMaxGridYZ = 65535;
+
+// The z extent one launch may use: kMaxGridYZ, unless a test lowered it (torch.ops.lgm_ext._set_max_grid_z,
+// lgm_ext._testing.max_grid_z) to run the split below on small inputs.  Defined in cpu/emulate_cuda.cpp.
+int64_t max_grid_z();
+int64_t set_max_grid_z(int64_t z);  // returns the previous value
+
+// A grid whose z extent `blocks_z` may exceed the limit is launched in pieces: f(z0, nz) for consecutive
+// ranges [z0, z0 + nz) of at most max_grid_z() blocks each (the kernel adds z0 to blockIdx.z).
+template <typename F>
+void for_each_z_launch(int64_t blocks_z, F f) {
+  const int64_t step = max_grid_z();
+  for (int64_t z0 = 0; z0 < blocks_z; z0 += step) f(z0, blocks_z - z0 < step ? blocks_z - z0 : step);
+}
+
 }  // namespace launch
 }  // namespace lgm_ext
