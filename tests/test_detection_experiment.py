@@ -195,13 +195,30 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert res2["models_reused"] == res2["models"] == 4
     assert sum("reused" in m for m in said) == 4
     assert json.loads(json.dumps(res2["runs"])) == json.loads(json.dumps(res["runs"]))
+    # a network that diverges is recorded and left out, the rest is still measured and reported
+    from lgm_lab.train import TrainingDiverged
+
+    def train_or_reuse(cfg, run_dir, progress):
+        if run_dir.name == "lgm-a1-heldout-s0":
+            raise TrainingDiverged("non-finite loss (nan) at epoch 2, step 1 (lr 0.005); training stopped. Last ...")
+        return True
+
+    monkeypatch.setattr(D, "train_or_reuse", train_or_reuse)
+    stages = []
+    res3 = D.detection_experiment(out, data_dir=src, progress=lambda m: None,
+                                  on_stage=lambda d, t, w: stages.append((d, t)))
+    assert stages == [(i, total) for i in range(total)]
+    assert res3["diverged"] == {"lgm-a1-heldout-s0": "non-finite loss (nan) at epoch 2, step 1 (lr 0.005)"}
+    assert D.HELDOUT_SET not in res3["runs"][D.LGM_DETECTOR][0]["sets"]
+    assert D.HELDOUT_SET in res3["sets"] and len(res3["verdicts"]) == 3 * len(sets)  # no held-out verdicts
+    assert "Diverged" in (out / "detection.md").read_text()
 
 
 def _fake_run(eer: float, adaptive: float, seed: int) -> dict:
     m = {"auroc": 100 - eer, "fpr95": 2 * eer, "eer": eer + 0.1 * seed, "rejected": 100 - eer, "n_normal": 1000,
          "n_abnormal": 1000}
     return {"sets": {"digits": dict(m), "PGD-10 0.3": dict(m)}, "false_rejection": 5.0 + 0.1 * seed,
-            "threshold": -1.0, "adaptive": {"0.3": {"pgd": 10.0, "adaptive": adaptive + seed}}}
+            "threshold": -1.0, "n_attack": 500, "adaptive": {"0.3": {"pgd": 10.0, "adaptive": adaptive + seed}}}
 
 
 def test_verdicts_and_report_over_seeds():

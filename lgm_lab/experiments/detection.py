@@ -37,6 +37,7 @@ from ..figures import detection_roc_figure
 from ..heads import center_log_score
 from ..ood_data import DIGITS_SIZE, OOD_SETS, ood_images, other_classes, restrict_classes, split_clean
 from ..tensors import batches, features, stack_dataset
+from ..train import TrainingDiverged
 from .measure import attack_in_batches, calibrated_threshold, detection_metrics, rejection_rate
 from .runs import load_cached, run_config, save_cached, train_or_reuse
 from .stats import compare, mean_std_text
@@ -63,7 +64,7 @@ DETECTION_PRESETS = {
     "standard": dict(train=dict(subset=4000, test_subset=2000, epochs=4), seeds=(0, 1, 2), fit_points=4000,
                      attack_subset=500),
 }
-_PROTOCOL = 1  # bump when the measurement changes: cached measurements of another protocol are redone
+_PROTOCOL = 2  # bump when the measurement changes: cached measurements of another protocol are redone
 
 
 def lgm_module(head):
@@ -228,7 +229,7 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
         with torch.no_grad():
             s_clean = det.score(f_clean)
             r = {"threshold": det.threshold, "false_rejection": 100.0 * rejection_rate(s_clean, det.threshold),
-                 "n_calibration": len(f_cal), "sets": {}, "adaptive": {}}
+                 "n_calibration": len(f_cal), "n_attack": len(xa), "sets": {}, "adaptive": {}}
             for key, fs in feats.items():
                 r["sets"][key], roc = detection_metrics(s_clean, det.score(fs), det.threshold)
                 out["roc"].setdefault(name, {})[key] = roc
@@ -290,7 +291,7 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
     dataset, seeds = "fashion-mnist", list(P["seeds"])
     res = {"preset": preset, "dataset": dataset, "seeds": seeds, "train": P["train"], "fit_points": P["fit_points"],
            "attack_subset": P["attack_subset"], "eps": list(EPS), "fpr": FPR, "heldout_classes": HELDOUT_CLASSES,
-           "networks": {}, "runs": {}, "models": 0, "models_reused": 0}
+           "networks": {}, "runs": {}, "models": 0, "models_reused": 0, "diverged": {}}
     curves = {}
     for seed in seeds:
         for name, spec in DETECTION_MODELS.items():
@@ -299,8 +300,13 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
                 cfg = run_config(dataset, data_dir, 100, seed,
                                  dict(P["train"], **spec, classes=HELDOUT_CLASSES if heldout else None))
                 stage(f"training {key} ({cfg.epochs} epochs)")
-                res["models_reused"] += train_or_reuse(cfg, out / "runs" / key, progress)
                 res["models"] += 1
+                try:
+                    res["models_reused"] += train_or_reuse(cfg, out / "runs" / key, progress)
+                except TrainingDiverged as err:  # recorded and reported, not measured
+                    res["diverged"][key] = str(err).split(";")[0]
+                    stage(f"measuring {key}: diverged, skipped")
+                    continue
                 m = _measure_run(cfg, out / "runs" / key, P, data_dir, heldout, stage)
                 net = res["networks"].setdefault(name, {}).setdefault(seed, {})
                 net.update({"heldout_clean_error": m["network"]["clean_error"]} if heldout else m["network"])
@@ -318,7 +324,7 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
     stage("verdicts, figure, report")
     res["figures"] = [detection_roc_figure(curves, out / "figures" / "detection_roc", fmt=fmt,
                                            title=f"seed {seeds[0]}")]
-    res["sets"] = list(next(iter(res["runs"].values()))[seeds[0]]["sets"]) if res["runs"] else []
+    res["sets"] = list(dict.fromkeys(s for runs in res["runs"].values() for r in runs.values() for s in r["sets"]))
     res["verdicts"] = detection_verdicts(res)
     res["seconds"] = time.perf_counter() - t0
     (out / "detection.json").write_text(json.dumps(res, indent=1, default=float))
@@ -327,7 +333,14 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
 
 
 def _values(res: dict, det: str, get) -> list[float]:
-    return [get(r) for r in res["runs"].get(det, {}).values()]
+    """``get(run)`` over the seeds of ``det``, leaving out seeds without it (a network that diverged)."""
+    out = []
+    for r in res["runs"].get(det, {}).values():
+        try:
+            out.append(get(r))
+        except KeyError:
+            continue
+    return out
 
 
 def detection_verdicts(res: dict) -> list[dict]:
@@ -344,13 +357,17 @@ def detection_verdicts(res: dict) -> list[dict]:
         for s in res["sets"]:
             a = _values(res, LGM_DETECTOR, lambda r, s=s: r["sets"][s]["eer"])
             b = _values(res, det, lambda r, s=s: r["sets"][s]["eer"])
-            m = lgm_runs[0]["sets"][s]
+            if not a or not b:
+                continue
+            m = next(r["sets"][s] for r in lgm_runs if s in r["sets"])
             out.append(dict(compare(a, b, m["n_normal"] + m["n_abnormal"]), other=det, what=s, metric="EER",
                             claim=f"L-GM's likelihood detects {s} better than {det} (lower EER)"))
         for e in res["eps"]:
             a = _values(res, LGM_DETECTOR, lambda r, e=e: r["adaptive"][f"{e:g}"]["adaptive"])
             b = _values(res, det, lambda r, e=e: r["adaptive"][f"{e:g}"]["adaptive"])
-            n = next(iter(res["networks"]["lgm-a1"].values()))["n_attack"]
+            if not a or not b:
+                continue
+            n = next(r["n_attack"] for r in lgm_runs if "n_attack" in r)
             out.append(dict(compare(a, b, n), other=det, what=f"adaptive PGD-10 {e:g}", metric="success",
                             claim=f"L-GM's likelihood resists the adaptive attack at eps {e:g} better than {det}"))
     return out
@@ -366,6 +383,8 @@ def _table(res: dict, title: str, get, fmt: str = "{:.1f}") -> list[str]:
 
 def detection_markdown(res: dict) -> str:
     t, ms = res["train"], mean_std_text
+    attacks = list(dict.fromkeys(k for runs in res["networks"].values() for v in runs.values()
+                                 for k in v.get("attack_error", {})))
     seeds = ", ".join(map(str, res["seeds"]))
     L = [f"# Out-of-distribution and adversarial detection ({res['preset']} budget, {res['dataset']})", "",
          f"LeNet++ 100-D (linear feature layer), {t.get('subset') or 'all'} training images, {t.get('epochs')} "
@@ -380,12 +399,16 @@ def detection_markdown(res: dict) -> str:
          f"{res['preset']}`. This invocation took {res['seconds'] / 60:.1f} min ({res['models_reused']} of "
          f"{res['models']} networks reused).", "",
          "## Networks", "", "| network | clean error % | classes 0-4 network error % | "
-         + " | ".join(f"{k} error %" for k in next(iter(res["networks"].values()))[res["seeds"][0]]["attack_error"])
-         + " |", "|---|---|---|" + "---|" * len(res["eps"]) * 2]
+         + " | ".join(f"{k} error %" for k in attacks) + " |", "|---|---|---|" + "---|" * len(attacks)]
     for name, runs in res["networks"].items():
         r = list(runs.values())
-        L.append(f"| {name} | {ms([v['clean_error'] for v in r])} | {ms([v['heldout_clean_error'] for v in r])} | "
-                 + " | ".join(ms([v["attack_error"][k] for v in r], "{:.1f}") for k in r[0]["attack_error"]) + " |")
+        L.append(f"| {name} | {ms([v['clean_error'] for v in r if 'clean_error' in v])} | "
+                 f"{ms([v['heldout_clean_error'] for v in r if 'heldout_clean_error' in v])} | "
+                 + " | ".join(ms([v["attack_error"][k] for v in r if k in v.get("attack_error", {})], "{:.1f}")
+                              for k in attacks) + " |")
+    if res.get("diverged"):
+        L += ["", "Diverged (non-finite loss; not measured, left out of the means): "
+              + "; ".join(f"{k}: {v}" for k, v in res["diverged"].items()) + "."]
     L += ["", "## Detection", ""]
     L += _table(res, "AUROC % (higher is better)", lambda m: m["auroc"])
     L += _table(res, "FPR at 95% TPR % (abnormal inputs accepted while 95% of clean ones are; lower is better)",
