@@ -242,7 +242,8 @@ def test_verdicts_and_report_over_seeds():
     assert v["Mahalanobis (softmax)", "digits"]["a"] == pytest.approx(5.1)  # mean of 5.0, 5.1, 5.2
     res["verdicts"] = list(v.values())
     md = D.detection_markdown(res)
-    assert "5.1 ± 0.1" in md and "21.0 ± 1.0" in md and md.count("| **holds** |") == 3
+    assert "5.1 ± 0.1" in md and "21.0 ± 1.0" in md and md.count("**holds** (") == 3
+    assert "| Mahalanobis (softmax) | **holds** (" in md and "| max-softmax (softmax) | **within noise** (" in md
     assert "| Mahalanobis (softmax) | 15.1 ± 0.1 | 15.1 ± 0.1 |" in md  # the EER table
 
 

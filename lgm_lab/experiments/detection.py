@@ -430,10 +430,14 @@ def detection_markdown(res: dict) -> str:
         cells = [ms(_values(res, det, lambda r, e=e, k=k: r["adaptive"][f"{e:g}"][k]), "{:.1f}")
                  for e in res["eps"] for k in ("pgd", "adaptive")]
         L.append(f"| {det} | " + " | ".join(cells) + " |")
+    cols = list(dict.fromkeys(v["what"] for v in res["verdicts"]))
     L += ["", "## Verdicts: L-GM's likelihood against each detector", "",
-          "z-test of the difference (binomial error on the images measured combined with the seed spread): "
-          "**holds** for z >= 2, **fails** for z <= -2, else **within noise**.", "",
-          "| claim | L-GM | other | z | verdict |", "|---|---|---|---|---|"]
-    for v in res["verdicts"]:
-        L.append(f"| {v['claim']} | {v['a']:.1f} | {v['b']:.1f} | {v['z']:.1f} | **{v['verdict']}** |")
+          "Per column the claim \"L-GM's likelihood detects this set better\" (lower EER) or, for the adaptive "
+          "columns, \"resists the adaptive attack better\" (lower success), tested against the detector of the row "
+          "by the z-test of the difference (binomial error on the images measured combined with the seed spread): "
+          "**holds** for z >= 2, **fails** for z <= -2, else **within noise**; z in brackets.", "",
+          "| L-GM likelihood vs | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cell = {(v["other"], v["what"]): f"**{v['verdict']}** ({v['z']:.1f})" for v in res["verdicts"]}
+    for det in dict.fromkeys(v["other"] for v in res["verdicts"]):
+        L.append(f"| {det} | " + " | ".join(cell.get((det, c), "-") for c in cols) + " |")
     return "\n".join(L) + "\n"
