@@ -5,6 +5,7 @@
 - :mod:`lgm_cli.adversarial`: ``lgm attack``, ``lgm verify``, ``lgm centers``;
 - :mod:`lgm_cli.figures`: ``lgm embed``, ``lgm curves``;
 - :mod:`lgm_cli.experiments`: ``lgm reproduce``, ``lgm inverse-centers``, ``lgm ablation``;
+- :mod:`lgm_cli.detection`: ``lgm detect fit``, ``lgm detect score``, ``lgm ood``;
 - :mod:`lgm_cli.system`: ``lgm info``, ``lgm bench``, ``lgm cache``;
 - :mod:`lgm_cli.options`: what they share (options, checks, one-line errors, JSON).
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from . import adversarial, evaluate, experiments, figures, system, train
+from . import adversarial, detection, evaluate, experiments, figures, system, train
 
 app = typer.Typer(help="lgm-ext: fused L-GM loss and attack operators for PyTorch; training and evaluation of "
                        "softmax, center-loss and L-GM heads.", no_args_is_help=True)
@@ -55,6 +56,8 @@ app.command("curves")(figures.curves)
 app.command("reproduce")(experiments.reproduce)
 app.command("inverse-centers")(experiments.inverse_centers)
 app.command("ablation")(experiments.ablation)
+app.add_typer(detection.detect_app, name="detect")
+app.command("ood")(detection.ood)
 
 
 def main() -> None:

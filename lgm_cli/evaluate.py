@@ -44,6 +44,7 @@ def eval_command(
     from lgm_lab.checkpoints import CheckpointError, load_trained
     from lgm_lab.data import DatasetUnavailable, load_dataset
     from lgm_lab.evaluation import evaluate
+    from lgm_lab.ood_data import restrict_classes
 
     try:
         dev = check_common(device, batch_size, subset, json_out, fmt)
@@ -51,6 +52,7 @@ def eval_command(
             out_folder(out)
         model, head, cfg, ck = load_trained(checkpoint, dev)
         ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir, subset=subset, seed=cfg.seed)
+        ds = restrict_classes(ds, cfg.class_list)  # a run trained on some classes (--classes)
     except (CheckpointError, DatasetUnavailable, ValueError) as err:
         fail(err)
     with progress_bar(progress) as bar:
@@ -58,6 +60,7 @@ def eval_command(
         res = evaluate(model, head, ds, device=dev, batch_size=batch_size,
                        tick=lambda k: bar.update(task, advance=k))
     names = list(config.class_names(cfg.dataset))
+    names = [names[c] for c in cfg.class_list] if cfg.class_list else names
     res.update(head=cfg.head, classes=names)
     t = Table(title=f"{cfg.head} head on {cfg.dataset} ({res['samples']} test images)")
     t.add_column("metric")

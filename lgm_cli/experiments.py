@@ -41,6 +41,10 @@ def reproduce(
     inverse: bool = typer.Option(False, "--inverse/--no-inverse",
                                  help="also train models A, B, C-class, C-instance (inverse-adversary centers, 3 "
                                       "seeds) and add that experiment to the report (lgm inverse-centers)"),
+    detection: bool = typer.Option(False, "--detection/--no-detection",
+                                   help="also train softmax, center and L-GM networks (all classes and classes "
+                                        "0-4, 3 seeds) and add the out-of-distribution and adversarial detection "
+                                        "experiment to the report (lgm ood measures given checkpoints)"),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="show the progress bar (--no-progress for logs: one line per stage)"),
 ) -> None:
@@ -60,7 +64,7 @@ def reproduce(
 
         try:
             res = run(out, preset=preset.value, data_dir=data_dir, progress=_stage_reporter(progress),
-                      on_stage=on_stage, fmt=fmt, inverse=inverse)
+                      on_stage=on_stage, fmt=fmt, inverse=inverse, detection=detection)
         except (RuntimeError, ValueError) as err:
             fail(err)
         bar.update(task, completed=bar.tasks[0].total)

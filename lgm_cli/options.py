@@ -191,10 +191,12 @@ def load_runs(checkpoints: list[Path], device: str = "cpu") -> dict:
 
 def eval_tensors(cfg, subset: Optional[int], data_dir: Optional[Path], device: str = "cpu"):
     """The test images every command evaluates on: ``--subset`` picks the same seeded selection as
-    ``lgm train --test-subset`` (the run's seed)."""
+    ``lgm train --test-subset`` (the run's seed), of the run's classes only (``--classes``)."""
     from lgm_lab.data import load_dataset
+    from lgm_lab.ood_data import restrict_classes
     from lgm_lab.tensors import stack_dataset
 
     ds = load_dataset(cfg.dataset, False, data_dir=data_dir or cfg.data_dir, subset=subset, seed=cfg.seed)
+    ds = restrict_classes(ds, cfg.class_list)
     x, y = stack_dataset(ds)
     return x.to(device), y.to(device)

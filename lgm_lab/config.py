@@ -14,7 +14,7 @@ from pathlib import Path
 
 __all__ = ["TrainConfig", "PRESETS", "DATASETS", "MODEL_NAMES", "HEAD_NAMES", "COVARIANCES", "SCHEDULES",
            "config_from_preset", "dataset_info", "config_fields", "REPRODUCE_PRESETS", "CLASS_NAMES",
-           "class_names", "LIBRARY_DEFAULTS"]
+           "class_names", "LIBRARY_DEFAULTS", "parse_classes"]
 
 
 def _library_defaults() -> dict:
@@ -81,6 +81,26 @@ def dataset_info(name: str) -> dict:
     return {"channels": c, "image_size": size, "num_classes": k, "train_size": n_train, "test_size": n_test}
 
 
+def parse_classes(text, num_classes: int) -> tuple[int, ...]:
+    """The class indices of a ``classes`` setting -- ``"0-4"``, ``"0,2,5"``, ``"0-2,7"`` -- sorted and
+    distinct, each in ``[0, num_classes)``, at least two; else ``ValueError`` naming ``classes``."""
+    if not isinstance(text, str) or not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", text):
+        raise ValueError(f"classes must be class indices or ranges separated by commas, e.g. 0-4 or 0,2,5; "
+                         f"got {text!r}")
+    out = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        lo, hi = int(lo), int(hi) if hi.strip() else int(lo)
+        if lo > hi:
+            raise ValueError(f"classes: the range {part.strip()} is empty (write it low-high)")
+        if hi >= num_classes:
+            raise ValueError(f"classes: the dataset has classes 0..{num_classes - 1}, got {hi}")
+        out.update(range(lo, hi + 1))
+    if len(out) < 2:
+        raise ValueError(f"classes must name at least two classes, got {text!r}")
+    return tuple(sorted(out))
+
+
 def _opt(default, help: str, *, choices=None, flag: str | None = None):
     """A config field with its CLI help (and choices, and the option's name when it differs)."""
     meta = {"help": help}
@@ -100,6 +120,9 @@ class TrainConfig:
                                       "also from /usr/share/datasets/fashion-mnist)")
     subset: int | None = _opt(None, "use N training images, a seeded choice (default: all)")
     test_subset: int | None = _opt(None, "use N test images (default: all)")
+    classes: str | None = _opt(None, "train and test on these classes only, e.g. 0-4 or 0,2,5: labels renumbered "
+                                     "0..k-1 in increasing order, the head gets k classes (applied after "
+                                     "--subset/--test-subset, which draw from all classes)")
     model: str = _opt("lenetpp", "feature network", choices=MODEL_NAMES)
     feat_dim: int = _opt(2, "feature dimension (2 for plots, 100 for accuracy)")
     feature_relu: bool = _opt(False, "ReLU after the feature layer (the L-GM paper's text; its authors' code has "
@@ -151,6 +174,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.data_dir is not None:  # saved resolved: a resume from another working directory finds it
             self.data_dir = str(Path(self.data_dir).expanduser().resolve())
+        if self.classes is not None:
+            parse_classes(self.classes, dataset_info(self.dataset)["num_classes"])
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("alpha", "lambda_", "lambda_c", "lr", "momentum", "weight_decay", "warmup_epochs", "grad_clip",
@@ -171,6 +196,17 @@ class TrainConfig:
             raise ValueError(f"lsoftmax_m must be >= 1, got {self.lsoftmax_m}")
         if not 0.0 <= self.center_alpha <= 1.0:
             raise ValueError(f"center_alpha must be in [0, 1], got {self.center_alpha}")
+
+    @property
+    def class_list(self) -> tuple[int, ...] | None:
+        """The dataset classes this run trains on (``classes`` parsed; None: all of them)."""
+        return None if self.classes is None else parse_classes(self.classes, dataset_info(self.dataset)["num_classes"])
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes of the run's head: ``len(class_list)``, else the dataset's."""
+        chosen = self.class_list
+        return len(chosen) if chosen is not None else dataset_info(self.dataset)["num_classes"]
 
 
 def config_fields():

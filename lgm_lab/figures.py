@@ -1,6 +1,7 @@
 """Figures of the reproduction (matplotlib, headless): verification histograms
 and ROC curves (paper Figs. 4-6), p_max histograms (Fig. 3), 2-D embeddings with
-the L-GM likelihood map (Fig. 1), training curves and confusion matrices.
+the L-GM likelihood map (Fig. 1), training curves, confusion matrices and the
+detectors' ROC curves per abnormal set (issue 25).
 
 Every function takes the output format (``png``, ``pdf`` or ``svg``; vector
 formats for papers) and returns the paths it wrote."""
@@ -15,7 +16,7 @@ from .run_folder import write_atomically
 from .tensors import features as _features
 
 __all__ = ["FORMATS", "verification_figures", "embedding_figure", "pmax_figure", "training_curves_figure",
-           "confusion_figure"]
+           "confusion_figure", "detection_roc_figure"]
 
 FORMATS = ("png", "pdf", "svg")
 
@@ -187,4 +188,29 @@ def confusion_figure(confusion, class_names, path: Path, *, title: str = "", fmt
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
+    return _save(fig, path)
+
+
+def detection_roc_figure(curves: dict, path: Path, *, title: str = "", fmt: str | None = None) -> str:
+    """ROC curves of detectors, one panel per abnormal set: ``curves`` maps a set's name to
+    {detector: {"fpr", "tpr", "auc"}} (positives = clean inputs, accepted; "fpr" = abnormal inputs accepted)."""
+    plt = _plt()
+    path = _path(path, fmt)
+    names = list(curves)
+    cols = min(3, max(1, len(names)))
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(names):
+            ax.axis("off")
+            continue
+        for det, roc in curves[names[i]].items():
+            ax.plot(roc["fpr"], roc["tpr"], lw=1.2, label=f"{det} ({100 * roc['auc']:.1f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_title(names[i], fontsize=9)
+        ax.set_xlabel("abnormal inputs accepted", fontsize=8)
+        ax.set_ylabel("clean inputs accepted", fontsize=8)
+        ax.legend(fontsize=5.5, title="detector (AUROC %)", title_fontsize=6)
+    if title:
+        fig.suptitle(f"detection ROC, {title}", fontsize=10)
     return _save(fig, path)

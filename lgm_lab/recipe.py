@@ -27,7 +27,7 @@ def build_model_and_head(cfg: TrainConfig, steps_per_epoch: int = 0) -> tuple[nn
     model = build_model(cfg.model, cfg.feat_dim, info["channels"], info["image_size"], feature_relu=cfg.feature_relu)
     derived = {"warmup_steps": warmup_steps(cfg, steps_per_epoch)}
     kwargs = {k: derived[k] if k in derived else getattr(cfg, k) for k in HEADS[cfg.head].config_keys}
-    head = build_head(cfg.head, cfg.feat_dim, info["num_classes"], **kwargs)
+    head = build_head(cfg.head, cfg.feat_dim, cfg.num_classes, **kwargs)  # fewer with cfg.classes
     device = resolve_device(cfg.device)
     return model.to(device), head.to(device)
 

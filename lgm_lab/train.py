@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .data import fingerprint, load_dataset
 from .devices import resolve_device
 from .evaluation import evaluate
+from .ood_data import restrict_classes
 from .recipe import build_model_and_head, make_optimizer, make_scheduler
 from .run_folder import locked, remove_stale_temporaries, save_json, write_atomically
 
@@ -195,7 +196,8 @@ def _load_datasets(cfg: TrainConfig, main: bool, world: int) -> tuple[Dataset, D
             test_ds = load_dataset(cfg.dataset, False, data_dir=cfg.data_dir, subset=cfg.test_subset,
                                    seed=cfg.seed)
         _barrier(world)
-    return train_ds, test_ds
+    # a run on some classes (cfg.classes) sees only those, renumbered 0..k-1
+    return restrict_classes(train_ds, cfg.class_list), restrict_classes(test_ds, cfg.class_list)
 
 
 def _steps_per_epoch(n_train: int, cfg: TrainConfig, world: int) -> int:

@@ -53,6 +53,8 @@ def test_readme_lgm_command_lines_parse():
         name, rest = args[0], args[1:]
         assert name in cli.commands, f"README names an unknown command: {line}"
         cmd = cli.commands[name]
+        while hasattr(cmd, "commands") and rest and rest[0] in cmd.commands:  # a command group: lgm detect fit
+            name, cmd, rest = rest[0], cmd.commands[rest[0]], rest[1:]
         known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
         for a in rest:
             if a.startswith("-"):

@@ -1,11 +1,14 @@
 """Measurements the experiments share: attacks over batches, FGSM errors, adversarial verification
-(ROC, EER), class means, center comparisons, compactness.
+(ROC, EER), detection metrics (AUROC, FPR at 95% TPR, a calibrated threshold and the rate it rejects),
+class means, center comparisons, compactness.
 
 Attacks differentiate :class:`lgm_ext.Classifier` ``(model, head)`` -- images to the head's logits --
 with the cross-entropy of those logits, which for an L-GM head is L_cls with alpha = 0
 (docs/SPEC.md section 4).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,8 @@ from ..tensors import batches, features
 
 __all__ = ["measure_model", "attack_in_batches", "predict_in_batches", "fgsm_sweep", "fgsm_errors", "eer",
            "verification",
-           "summarize_verification", "class_means", "compare_centers", "center_comparisons", "compactness",
+           "summarize_verification", "fpr_at_tpr", "calibrated_threshold", "rejection_rate", "detection_metrics",
+           "class_means", "compare_centers", "center_comparisons", "compactness",
            "center_scores", "INVERSE_ADVERSARY"]
 
 # How the reports describe the inverse adversary (the library's defaults).
@@ -78,6 +82,50 @@ def eer(normal: Tensor, adversarial: Tensor) -> tuple[float, dict]:
     i = int(abs(fnr - fpr).argmin())
     value = float((fpr[i] + fnr[i]) / 2.0)
     return value, {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": float(roc_auc_score(truth, scores))}
+
+
+def fpr_at_tpr(normal: Tensor, abnormal: Tensor, tpr: float = 0.95) -> float:
+    """The fraction of ``abnormal`` inputs accepted (score >= t) at the highest threshold t that accepts at
+    least a fraction ``tpr`` of the ``normal`` ones (positives = normal, high score; scikit-learn's ROC
+    without dropped points).  "FPR at 95% TPR" of the OOD literature (Liang et al. 2018, Lee et al. 2018)."""
+    from sklearn.metrics import roc_curve
+
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must lie in (0, 1], got {tpr}")
+    scores = torch.cat([normal, abnormal]).detach().double().cpu().numpy()
+    truth = [1] * len(normal) + [0] * len(abnormal)
+    fpr, tp, _ = roc_curve(truth, scores, drop_intermediate=False)
+    return float(fpr[int((tp >= tpr - 1e-12).argmax())])
+
+
+def calibrated_threshold(scores: Tensor, fpr: float) -> float:
+    """The threshold that rejects (score < t) a fraction ``fpr`` of ``scores``: with the N scores sorted
+    ascending and m = floor(fpr N), the (m+1)-th smallest -- the convention of
+    :meth:`lgm_ext.LikelihoodDetector.calibrate` (docs/SPEC.md section 8), for any score."""
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
+    s = scores.detach().flatten()
+    if s.numel() == 0 or not bool(torch.isfinite(s).all()):
+        raise ValueError("calibration scores must be finite and non-empty")
+    m = min(len(s) - 1, math.floor(fpr * len(s) * (1.0 + 1e-12)))
+    return float(torch.sort(s).values[m])
+
+
+def rejection_rate(scores: Tensor, threshold: float) -> float:
+    """The fraction of inputs rejected at ``threshold``: ``not score >= threshold`` (NaN is rejected)."""
+    return (~(scores.detach() >= threshold)).double().mean().item() if len(scores) else float("nan")
+
+
+def detection_metrics(normal: Tensor, abnormal: Tensor, threshold: float | None = None) -> tuple[dict, dict]:
+    """Telling ``normal`` inputs (positives, high score) from ``abnormal`` ones by a score, in %: AUROC,
+    FPR at 95% TPR (abnormal accepted while 95% of normal are), EER and, given a calibrated
+    ``threshold``, ``rejected`` (the abnormal inputs it rejects).  Also the ROC curve (fpr, tpr, auc)."""
+    rate, roc = eer(normal, abnormal)
+    out = {"auroc": 100.0 * roc["auc"], "fpr95": 100.0 * fpr_at_tpr(normal, abnormal), "eer": 100.0 * rate,
+           "n_normal": len(normal), "n_abnormal": len(abnormal)}
+    if threshold is not None:
+        out["rejected"] = 100.0 * rejection_rate(abnormal, threshold)
+    return out, roc
 
 
 def verification(model, head, x: Tensor, y: Tensor, *, eps: float = 0.3, targeted: bool = False,

@@ -3,7 +3,8 @@
 The only module that knows every experiment: it trains the paper's models
 (:mod:`~lgm_lab.experiments.paper`), measures them, draws the figures, runs the
 centers comparison (:mod:`~lgm_lab.experiments.centers`) and, on request, the
-inverse-adversary experiment (:mod:`~lgm_lab.experiments.inverse`), then writes
+inverse-adversary experiment (:mod:`~lgm_lab.experiments.inverse`) and the detection experiment
+(:mod:`~lgm_lab.experiments.detection`), then writes
 ``results.json`` and ``report.md``.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..evaluation import evaluate
 from ..figures import FORMATS, embedding_figure, pmax_figure, training_curves_figure, verification_figures
 from ..run_folder import save_json, save_text
 from ..tensors import stack_dataset
+from . import detection as detection_experiment
 from . import inverse as inverse_adversary
 from .centers import centers_markdown, centers_report
 from .measure import summarize_verification
@@ -34,12 +36,14 @@ __all__ = ["reproduce", "reproduce_stages", "report_markdown", "REPRODUCE_PRESET
 CENTERS_MODELS = {"A": "center", "B": "softmax", "L-GM": "lgm-a1"}
 
 
-def reproduce_stages(preset: str, inverse: bool = False) -> int:
+def reproduce_stages(preset: str, inverse: bool = False, detection: bool = False) -> int:
     """How many stages :func:`reproduce` reports for ``preset`` (for a progress bar)."""
     P = REPRODUCE_PRESETS[preset]
     n = 2 * len(P["models100"]) * len(P["seeds"]) + 2 * len(P["models2"]) + 3
     if inverse:
         n += inverse_adversary.inverse_stages(preset)
+    if detection:
+        n += detection_experiment.detection_stages(preset)
     return n
 
 
@@ -99,23 +103,26 @@ def _measure(name: str, seed: int, model, head, run_dir: Path, test, x, y, setti
 
 
 def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, on_stage=None,
-              fmt: str = "png", inverse: bool = False) -> dict:
+              fmt: str = "png", inverse: bool = False, detection: bool = False) -> dict:
     """Train every model of the preset (each seed), measure Table 1, Table 6, the verification EERs
     (every score, and targeted FGSM), the centers analysis and the figures (in ``fmt``: png, pdf or
     svg), into ``out_dir`` with ``report.md`` and ``results.json``.  Finished checkpoints and
     evaluations are reused.  ``progress(message)`` gets one line per stage; ``on_stage(done, total,
     description)`` is called as each of the :func:`reproduce_stages` stages starts.  ``inverse=True``
     also runs the inverse-adversary centers experiment (:mod:`lgm_lab.experiments.inverse`, same
-    preset name) into ``out_dir/inverse`` and adds its section to the report."""
+    preset name) into ``out_dir/inverse`` and adds its section to the report; ``detection=True`` likewise the
+    detection experiment (:mod:`lgm_lab.experiments.detection`) into ``out_dir/detection``."""
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(REPRODUCE_PRESETS)}")
     if inverse and preset not in inverse_adversary.INVERSE_PRESETS:
         raise ValueError(f"the inverse-adversary experiment has no preset {preset!r}")
+    if detection and preset not in detection_experiment.DETECTION_PRESETS:
+        raise ValueError(f"the detection experiment has no preset {preset!r}")
     if fmt not in FORMATS:
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     P = REPRODUCE_PRESETS[preset]
     out = Path(out_dir)
-    stage = _Stages(reproduce_stages(preset, inverse), progress, on_stage)
+    stage = _Stages(reproduce_stages(preset, inverse, detection), progress, on_stage)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     dataset = pick_dataset(preset, data_dir)
     t_start = time.perf_counter()
@@ -183,6 +190,13 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
                                  on_stage=(lambda d, t, what: on_stage(offset + d, stage.total, what))
                                  if on_stage else None)
         results["inverse"] = {k: inv[k] for k in ("summary", "verdict", "seeds", "train")}
+    # 7. the detection experiment (trains its own networks)
+    if detection:
+        offset = stage.done + (inverse_adversary.inverse_stages(preset) if inverse else 0)  # after inverse's stages
+        det = detection_experiment.detection_experiment(
+            out / "detection", preset=preset, data_dir=data_dir, progress=progress, fmt=fmt,
+            on_stage=(lambda d, t, what: on_stage(offset + d, stage.total, what)) if on_stage else None)
+        results["detection"] = {k: det[k] for k in ("verdicts", "seeds", "train", "figures")}
     stage.finish()
     results["seconds"] = time.perf_counter() - t_start
     results["stage_seconds"] = stage.seconds
@@ -191,6 +205,10 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
     if inverse:
         section = (out / "inverse" / "inverse.md").read_text().replace("# Inverse-adversary", "## Inverse-adversary", 1)
         text += "\n" + section.replace("\n## ", "\n### ")
+    if detection:
+        section = (out / "detection" / "detection.md").read_text().replace("\n### ", "\n#### ")
+        text += "\n" + section.replace("\n## ", "\n### ").replace("# ", "## ", 1).replace(
+            "](figures/", "](detection/figures/")
     save_text(out / "report.md", text)
     return results
 

@@ -1,0 +1,309 @@
+"""The detection commands (issue 25): `lgm detect fit` (a likelihood detector for a trained model, calibrated
+at a false-rejection rate, saved with the model's fingerprint), `lgm detect score` (its rejection rates on
+clean and abnormal inputs) and `lgm ood` (every detector of the protocol on given models: tables, ROC
+figure; lgm_lab.experiments.detection)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .options import (
+    batch_opt,
+    check_common,
+    check_positive,
+    choices,
+    console,
+    device_opt,
+    envelope,
+    fail,
+    format_opt,
+    json_opt,
+    load_runs,
+    out_folder,
+    parse_eps,
+    progress_bar,
+    progress_opt,
+    write_json,
+)
+
+DETECTOR_FORMAT = "lgm-detector-file/1"
+OOD_NAMES = ("digits", "noise", "gaussian", "inverted", "heldout-classes")  # --data names besides the dataset's
+Covariance = choices("DetectorCovariance", ("tied", "diag", "identity", "head"))
+Split = choices("CalibrationSplit", ("heldout", "train"))
+
+detect_app = typer.Typer(help="Reject abnormal inputs: fit a likelihood detector to a trained model (lgm detect "
+                              "fit) and measure what it rejects (lgm detect score).", no_args_is_help=True)
+
+
+def _check_fpr(fpr: float) -> None:
+    if not (math.isfinite(fpr) and 0.0 < fpr < 1.0):
+        raise ValueError(f"--fpr must lie in (0, 1), got {fpr}")
+
+
+def _features(model, x, batch: int, bar, task):
+    import torch
+
+    from lgm_lab.tensors import batches
+
+    out = []
+    with torch.no_grad():
+        for s in batches(len(x), batch):
+            out.append(model(x[s]))
+            bar.update(task, advance=s.stop - s.start)
+    return torch.cat(out) if out else model(x[:0])
+
+
+@detect_app.command("fit")
+def fit(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint.pt written by `lgm train`"),
+    covariance: Covariance = typer.Option("tied", help="tied (one shared covariance: the Mahalanobis detector of "
+                                                       "Lee et al.) | diag | identity, fitted to the training "
+                                                       "features; head: an L-GM head's own Gaussians"),
+    fpr: float = typer.Option(0.05, help="false-rejection rate the threshold is calibrated for"),
+    split: Split = typer.Option("heldout", help="clean images the threshold is calibrated on: heldout (the "
+                                                "test images at even indices; lgm detect score measures on the "
+                                                "others) | train (the training images the detector is fitted "
+                                                "on: an optimistic threshold)"),
+    out: Path = typer.Option(Path("detector.pt"), "--out", help="the detector file to write"),
+    fit_subset: Optional[int] = typer.Option(None, "--fit-subset", help="fit on the first N of the run's training "
+                                                                        "images (default: all of them)"),
+    subset: Optional[int] = typer.Option(None, "--subset", help="use N test images (the seeded selection of `lgm "
+                                                                "train --test-subset N`), half of them to "
+                                                                "calibrate (default: the whole test set)"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the run's)"),
+    device: Optional[str] = device_opt(),
+    batch_size: int = batch_opt(),
+    progress: bool = progress_opt(),
+) -> None:
+    """Fit a likelihood detector (lgm_ext.LikelihoodDetector) to a trained model's features, calibrate its
+    threshold at --fpr on clean images and save it with the checkpoint's SHA-256 (lgm detect score checks it)."""
+    import torch
+
+    from lgm_ext import LikelihoodDetector
+    from lgm_lab.checkpoints import CheckpointError, load_trained, write_atomically
+    from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.experiments.detection import checkpoint_digest, detection_data, lgm_module
+
+    try:
+        _check_fpr(fpr)
+        check_positive(fit_subset, "--fit-subset")
+        dev = check_common(device, batch_size, subset)
+        if out.is_dir() or not out.parent.is_dir():
+            raise ValueError(f"--out {out}: give a file name in an existing folder")
+        model, head, cfg, ck = load_trained(checkpoint, dev)
+        if covariance.value == "head" and head.kind != "lgm":
+            raise ValueError(f"--covariance head needs an L-GM checkpoint ({checkpoint} has a {head.kind} head); "
+                             "use tied, diag or identity")
+        need_fit = covariance.value != "head" or split.value == "train"
+        data = detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset if need_fit else 0,
+                              sets=())
+    except (CheckpointError, DatasetUnavailable, ValueError, OSError) as err:
+        fail(err)
+    xf, yf = data["fit"] if data["fit"] is not None else (None, None)
+    x_cal = xf if split.value == "train" else data["calibration"]
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"features of {checkpoint.parent.name}", total=(len(xf) if xf is not None else 0)
+                            + (len(x_cal) if split.value != "train" else 0))
+        f_fit = _features(model, xf.to(dev), batch_size, bar, task) if xf is not None else None
+        f_cal = f_fit if split.value == "train" else _features(model, x_cal.to(dev), batch_size, bar, task)
+    try:
+        if covariance.value == "head":
+            det = LikelihoodDetector.from_head(lgm_module(head))
+        else:
+            det = LikelihoodDetector.fit(f_fit, yf.to(dev), covariance.value, num_classes=head.num_classes)
+        det.calibrate(f_cal, fpr)
+    except ValueError as err:
+        fail(err)
+    file = {"format": DETECTOR_FORMAT, "detector": det.to("cpu").state_dict(),
+            "checkpoint_sha256": checkpoint_digest(ck), "checkpoint": str(checkpoint), "dataset": cfg.dataset,
+            "classes": cfg.classes, "head": head.label, "covariance": covariance.value, "split": split.value,
+            "fpr": fpr, "fit_images": 0 if xf is None else len(xf), "calibration_images": len(f_cal)}
+    try:
+        write_atomically(out, lambda f: torch.save(file, f))
+    except OSError as err:
+        fail(err)
+    console.print(f"{covariance.value} detector for {head.label} ({cfg.dataset}): threshold {det.threshold:.4g}, "
+                  f"calibrated on {len(f_cal)} {split.value} images for {100 * fpr:g}% false rejections"
+                  + (f", fitted on {len(xf)} training images" if covariance.value != "head" else "")
+                  + f"; written to {out}", markup=False)
+
+
+def _load_detector(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    if not path.is_file():
+        raise ValueError(f"no detector file at {path}")
+    try:
+        file = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
+        raise ValueError(f"{path} is not a detector file written by lgm detect fit ({type(err).__name__})") from err
+    if not isinstance(file, dict) or file.get("format") != DETECTOR_FORMAT:
+        raise ValueError(f"{path} is not a detector file written by lgm detect fit")
+    return file
+
+
+@detect_app.command("score")
+def score(
+    detector: Path = typer.Argument(..., help="a detector file written by `lgm detect fit`"),
+    checkpoint: Path = typer.Argument(..., help="the checkpoint.pt the detector was fitted to"),
+    data: str = typer.Option("fashion-mnist,digits,noise,gaussian,inverted",
+                             help="comma-separated: the run's dataset (its clean test images not used to "
+                                  "calibrate) | digits | noise | gaussian | inverted | heldout-classes (a run "
+                                  "trained on some classes: the test images of the others)"),
+    subset: Optional[int] = typer.Option(None, "--subset", help="use N test images (the seeded selection of `lgm "
+                                                                "train --test-subset N`; default: all)"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the run's)"),
+    device: Optional[str] = device_opt(),
+    batch_size: int = batch_opt(),
+    json_out: Optional[Path] = json_opt(),
+    progress: bool = progress_opt(),
+) -> None:
+    """The rejection rates of a detector on clean and abnormal images (refused for another model's checkpoint)."""
+    import torch
+
+    from lgm_ext import LikelihoodDetector
+    from lgm_lab.checkpoints import CheckpointError, load_trained
+    from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.experiments.detection import HELDOUT_SET, checkpoint_digest, detection_data
+    from lgm_lab.ood_data import DIGITS_SIZE, ood_images
+
+    try:
+        dev = check_common(device, batch_size, subset, json_out)
+        file = _load_detector(detector)
+        model, head, cfg, ck = load_trained(checkpoint, dev)
+        names = [n.strip() for n in data.split(",") if n.strip()]
+        bad = [n for n in names if n not in (cfg.dataset, *OOD_NAMES)]
+        if not names or bad:
+            raise ValueError(f"--data takes {', '.join((cfg.dataset, *OOD_NAMES))} (comma-separated), got "
+                             f"{', '.join(bad) or repr(data)}")
+        if file["checkpoint_sha256"] != checkpoint_digest(ck):
+            raise ValueError(f"{detector} was fitted to another model (checkpoint SHA-256 "
+                             f"{file['checkpoint_sha256'][:12]}..., {checkpoint} has {checkpoint_digest(ck)[:12]}...); "
+                             "fit it again with lgm detect fit")
+        det = LikelihoodDetector.from_state_dict(file["detector"])
+        if det.threshold is None:
+            raise ValueError(f"{detector} has no threshold")
+        sets = [HELDOUT_SET if n == "heldout-classes" else n for n in names if n != cfg.dataset]
+        imgs = detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=0,
+                              sets=[s for s in sets if s == HELDOUT_SET])
+        x = imgs["clean"][0]
+        if file.get("split") == "train":  # none of the test images calibrated it
+            x = torch.cat([imgs["calibration"], x])
+        inputs = {cfg.dataset: x} if cfg.dataset in names else {}
+        for s in sets:
+            inputs[s] = imgs["abnormal"][s] if s == HELDOUT_SET else ood_images(
+                s, x, n=min(len(x), DIGITS_SIZE) if s == "digits" else None, seed=cfg.seed)
+    except (CheckpointError, DatasetUnavailable, ValueError, OSError, KeyError) as err:
+        fail(err)
+    res = {}
+    with progress_bar(progress) as bar:
+        task = bar.add_task("scoring", total=sum(len(v) for v in inputs.values()))
+        for name, images in inputs.items():
+            s = det.score(_features(model, images.to(dev), batch_size, bar, task)).detach().cpu().double()
+            res[name] = {"images": len(s), "rejected_percent": 100.0 * (~(s >= det.threshold)).double().mean().item(),
+                         "score_mean": s.mean().item(), "score_median": s.median().item()}
+    t = Table(title=f"{file['covariance']} detector of {file['head']} (threshold {det.threshold:.4g}, calibrated "
+                    f"for {100 * file['fpr']:g}% false rejections on {file['split']} images)")
+    for c in ("inputs", "images", "rejected %", "mean score"):
+        t.add_column(c, justify="left" if c == "inputs" else "right")
+    for name, r in res.items():
+        t.add_row(name + (" (clean)" if name == cfg.dataset else ""), str(r["images"]),
+                  f"{r['rejected_percent']:.2f}", f"{r['score_mean']:.4g}")
+    console.print(t)
+    write_json(json_out, envelope("detect score", res, dataset=cfg.dataset, checkpoints=[checkpoint], device=dev,
+                                  n=len(x), detector=str(detector), threshold=det.threshold, fpr=file["fpr"],
+                                  split=file["split"], covariance=file["covariance"]))
+
+
+def ood(
+    checkpoints: list[Path] = typer.Argument(..., help="checkpoint.pt files of trained models (any heads)"),
+    out: Path = typer.Option(Path("runs/ood"), "--out", help="folder for the ROC figure and results.json"),
+    eps: str = typer.Option("0.1,0.3", help="FGSM, PGD-10 and adaptive-attack magnitudes, comma-separated"),
+    fpr: float = typer.Option(0.05, help="false-rejection rate the thresholds are calibrated for"),
+    adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive", help="attack each detector adaptively "
+                                                                          "(AdaptivePGD, the PGD-10 budget)"),
+    subset: Optional[int] = typer.Option(None, "--subset", help="use N test images (the seeded selection of `lgm "
+                                                                "train --test-subset N`): half calibrate, half "
+                                                                "are measured (default: all)"),
+    fit_subset: Optional[int] = typer.Option(2000, "--fit-subset", help="fit Mahalanobis on the first N training "
+                                                                        "images"),
+    attack_subset: Optional[int] = typer.Option(500, "--attack-subset", help="attack the first N measured images"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the runs')"),
+    fmt: str = format_opt(),
+    device: Optional[str] = device_opt(),
+    batch_size: int = batch_opt(),
+    json_out: Optional[Path] = json_opt(),
+    progress: bool = progress_opt(),
+) -> None:
+    """Out-of-distribution and adversarial detection of given models, without training: each detector
+    (L-GM likelihood; Mahalanobis, max-softmax, center distance) calibrated at --fpr, then AUROC, FPR at 95% TPR,
+    EER and rejections on digits, noise, Gaussian noise, inverted images, held-out classes (runs trained with
+    --classes), FGSM and PGD-10; the adaptive attack's success with each detector on."""
+    from lgm_lab.checkpoints import CheckpointError
+    from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.experiments.detection import detection_data, detector_names, measure_network
+    from lgm_lab.figures import detection_roc_figure
+
+    try:
+        _check_fpr(fpr)
+        eps_list = [e for e in parse_eps(eps) if e > 0]
+        for v, name in ((fit_subset, "--fit-subset"), (attack_subset, "--attack-subset")):
+            check_positive(v, name)
+        dev = check_common(device, batch_size, subset, json_out, fmt)
+        out_folder(out)
+        runs = load_runs(checkpoints, dev)
+        data = {name: detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset)
+                for name, (_m, _h, cfg) in runs.items()}
+    except (CheckpointError, DatasetUnavailable, ValueError, OSError) as err:
+        fail(err)
+    results, curves = {}, {}
+    with progress_bar(progress) as bar:
+        per = {n: min(len(d["clean"][0]), attack_subset or len(d["clean"][0])) for n, d in data.items()}
+        total = sum(per[n] * len(eps_list) * (2 + (len(detector_names(h)) if adaptive else 0))
+                    for n, (_m, h, _c) in runs.items())
+        task = bar.add_task("attacks", total=total)
+        for name, (model, head, cfg) in runs.items():
+            bar.update(task, description=f"detection on {name}")
+            try:
+                m = measure_network(model, head, data[name], eps=eps_list, attack_subset=attack_subset, fpr=fpr,
+                                    adaptive=adaptive, seed=cfg.seed, batch=batch_size,
+                                    tick=lambda k: bar.update(task, advance=k))
+            except ValueError as err:
+                fail(err)
+            results[name] = {"network": m["network"], "detectors": m["detectors"]}
+            for det, rocs in m["roc"].items():
+                for s, roc in rocs.items():
+                    curves.setdefault(s, {})[f"{det} ({name})"] = roc
+    sets = list(curves)
+    t = Table(title=f"AUROC % (clean vs each set); thresholds calibrated for {100 * fpr:g}% false rejections")
+    for c in ("detector", "clean rejected %", *sets):
+        t.add_column(c, justify="left" if c == "detector" else "right")
+    for name, r in results.items():
+        for det, d in r["detectors"].items():
+            t.add_row(f"{det} ({name})", f"{d['false_rejection']:.1f}",
+                      *(f"{d['sets'][s]['auroc']:.1f}" if s in d["sets"] else "-" for s in sets))
+    console.print(t)
+    if adaptive and eps_list:
+        t = Table(title="attack success with the detector on (% misclassified and accepted)")
+        t.add_column("detector")
+        for e in eps_list:
+            t.add_column(f"PGD-10 {e:g}", justify="right")
+            t.add_column(f"adaptive {e:g}", justify="right")
+        for name, r in results.items():
+            for det, d in r["detectors"].items():
+                t.add_row(f"{det} ({name})", *(f"{d['adaptive'][f'{e:g}'][k]:.1f}" for e in eps_list
+                                                for k in ("pgd", "adaptive")))
+        console.print(t)
+    fig = detection_roc_figure(curves, out / "detection_roc", fmt=fmt)
+    payload = envelope("ood", results, dataset=next(iter(runs.values()))[2].dataset,
+                       checkpoints=checkpoints, device=dev, n=len(next(iter(data.values()))["clean"][0]), eps=eps_list,
+                       fpr=fpr, adaptive=adaptive)
+    write_json(out / "results.json", payload)
+    write_json(json_out, payload)
+    console.print(f"figure: {fig}")

@@ -1,0 +1,138 @@
+"""Inputs a model should reject, none of them downloaded (issue 25; docs/SPEC.md section 8), and the
+splits the detection protocol needs.
+
+Out-of-distribution images for a Fashion-MNIST model (:data:`OOD_SETS`, :func:`ood_images`):
+
+- ``digits``: scikit-learn's bundled handwritten digits (1,797 images of 8x8 pixels with values 0..16),
+  scaled to [0, 1] and resized to the model's image size with ``torch.nn.functional.interpolate``
+  (bilinear).  *Not* inverted: like Fashion-MNIST's items, the strokes are bright on a dark (0) background;
+- ``noise``: i.i.d. uniform pixels in [0, 1];
+- ``gaussian``: i.i.d. N(0.5, 1) pixels clipped to [0, 1] (the Gaussian noise of Hendrycks and Gimpel 2017);
+- ``inverted``: ``1 - x`` of in-distribution images.
+
+Held-out classes: a model trained on some classes only (``TrainConfig.classes``) sees
+:func:`restrict_classes` of its data (the chosen classes, renumbered 0..k-1); the images of the other
+classes (:func:`other_classes`) are its unknown inputs.
+
+The clean split (:func:`split_clean`): a test set's images go to *calibration* (the threshold is chosen
+there) or *evaluation* (the realised false-rejection rate is measured there) by the parity of their index
+in the full test set, so the two never overlap whatever ``subset`` selected.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+__all__ = ["OOD_SETS", "DIGITS_SIZE", "digits_images", "ood_images", "ClassSubset", "restrict_classes",
+           "other_classes", "dataset_labels", "base_indices", "split_clean"]
+
+OOD_SETS = ("digits", "noise", "gaussian", "inverted")
+DIGITS_SIZE = 1797  # images in scikit-learn's digits
+
+
+def digits_images(shape=(1, 28, 28), n: int | None = None) -> Tensor:
+    """scikit-learn's digits as (N, C, H, W) float32 images in [0, 1] of ``shape`` (bilinear resize of the
+    8x8 images, the grey value repeated over C channels); the first ``n`` (default all 1,797)."""
+    from sklearn.datasets import load_digits
+
+    c, h, w = shape
+    images = torch.from_numpy(load_digits().images[:n]).to(torch.float32).div_(16.0).unsqueeze(1)
+    images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    return images.expand(-1, c, -1, -1).contiguous()
+
+
+def ood_images(name: str, in_distribution: Tensor, *, n: int | None = None, seed: int = 0) -> Tensor:
+    """``n`` images of the set ``name`` (:data:`OOD_SETS`) shaped like ``in_distribution`` (N, C, H, W)
+    (default ``n``: as many as it has; ``digits`` has at most 1,797, ``inverted`` at most N), on its device.
+    The noise sets are drawn with a generator seeded by ``seed``."""
+    if name not in OOD_SETS:
+        raise ValueError(f"unknown out-of-distribution set {name!r}; choose one of {', '.join(OOD_SETS)}")
+    if not isinstance(in_distribution, Tensor) or in_distribution.dim() != 4:
+        raise ValueError("in_distribution must be an (N, C, H, W) tensor of images")
+    n = len(in_distribution) if n is None else int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    shape = tuple(in_distribution.shape[1:])
+    dev, dtype = in_distribution.device, in_distribution.dtype
+    if name == "digits":
+        return digits_images(shape, n).to(device=dev, dtype=dtype)
+    if name == "inverted":
+        return 1.0 - in_distribution[:n]
+    g = torch.Generator().manual_seed(seed)
+    if name == "noise":
+        x = torch.rand((n, *shape), generator=g)
+    else:
+        x = (0.5 + torch.randn((n, *shape), generator=g)).clamp_(0.0, 1.0)
+    return x.to(device=dev, dtype=dtype)
+
+
+def dataset_labels(dataset: Dataset) -> Tensor:
+    """The labels of a dataset as a (N,) long tensor (read from the tensors where possible)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].to(torch.long)
+    if isinstance(dataset, ClassSubset):
+        return dataset.labels
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets, dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def base_indices(dataset: Dataset) -> list[int]:
+    """Each sample's index in the underlying full dataset (through Subset and ClassSubset)."""
+    if isinstance(dataset, (Subset, ClassSubset)):
+        inner = base_indices(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return list(range(len(dataset)))
+
+
+class ClassSubset(Dataset):
+    """The samples of ``dataset`` whose label is in ``classes``, labelled by their position in ``classes``
+    (``relabel=True``: class ``classes[j]`` becomes j) or with their own labels (``relabel=False``)."""
+
+    def __init__(self, dataset: Dataset, classes, *, relabel: bool = True) -> None:
+        classes = [int(c) for c in classes]
+        if not classes or len(set(classes)) != len(classes) or min(classes) < 0:
+            raise ValueError(f"classes must be distinct non-negative class indices, got {classes}")
+        labels = dataset_labels(dataset)
+        top = max(classes + [int(labels.max()) if len(labels) else 0]) + 1
+        lookup = torch.full((top,), -1, dtype=torch.long)
+        lookup[torch.tensor(classes)] = torch.arange(len(classes)) if relabel else torch.tensor(classes)
+        keep = lookup[labels] >= 0
+        self.dataset, self.classes = dataset, tuple(classes)
+        self.indices = torch.nonzero(keep).flatten().tolist()
+        self.labels = lookup[labels[keep]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image = self.dataset[self.indices[i]][0]
+        return image, self.labels[i]
+
+
+def restrict_classes(dataset: Dataset, classes) -> Dataset:
+    """``dataset`` restricted to ``classes`` (renumbered 0..k-1 in the given order); ``classes=None``
+    returns it unchanged.  What a run with ``TrainConfig.classes`` trains and is tested on."""
+    return dataset if classes is None else ClassSubset(dataset, classes)
+
+
+def other_classes(dataset: Dataset, classes, num_classes: int) -> Dataset:
+    """The samples of ``dataset`` whose class is *not* in ``classes`` (their labels unchanged): the
+    unknown inputs of a model trained on ``classes``."""
+    rest = [c for c in range(num_classes) if c not in set(classes)]
+    if not rest:
+        raise ValueError("classes name every class of the dataset: no class is held out")
+    return ClassSubset(dataset, rest, relabel=False)
+
+
+def split_clean(dataset: Dataset) -> tuple[Subset, Subset]:
+    """(calibration, evaluation): the samples at even and at odd indices of the full dataset."""
+    idx = base_indices(dataset)
+    cal = [i for i, b in enumerate(idx) if b % 2 == 0]
+    ev = [i for i, b in enumerate(idx) if b % 2 == 1]
+    return Subset(dataset, cal), Subset(dataset, ev)

@@ -1,0 +1,369 @@
+"""Out-of-distribution and adversarial detection (issue 25): the OOD sets, the held-out-classes runs, the
+metrics against hand-computed values, the experiment end to end at a tiny budget, and `lgm detect` /
+`lgm ood` through the CLI."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_idx
+from torch.utils.data import Subset, TensorDataset
+
+from lgm_lab.config import TrainConfig, config_from_preset, parse_classes
+from lgm_lab.experiments import detection as D
+from lgm_lab.experiments import measure as M
+from lgm_lab.ood_data import OOD_SETS, ClassSubset, ood_images, other_classes, restrict_classes, split_clean
+
+
+# ----------------------------------------------------------------------------- data
+def test_ood_sets_shapes_ranges_and_polarity():
+    x = torch.rand(9, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    for name in OOD_SETS:
+        o = ood_images(name, x, seed=3)
+        assert o.shape == x.shape and o.dtype == x.dtype, name
+        assert float(o.min()) >= 0.0 and float(o.max()) <= 1.0, name
+    torch.testing.assert_close(ood_images("inverted", x), 1.0 - x, rtol=0, atol=0)
+    torch.testing.assert_close(ood_images("noise", x, seed=3), ood_images("noise", x, seed=3), rtol=0, atol=0)
+    assert not torch.equal(ood_images("noise", x, seed=3), ood_images("noise", x, seed=4))
+    g = ood_images("gaussian", x, n=4000)[:, 0]
+    # N(0.5, 1) clipped: P(x <= 0) = P(x >= 1) = Phi(-0.5) = 0.3085
+    for edge in (0.0, 1.0):
+        assert abs((g == edge).double().mean().item() - 0.3085) < 0.01
+    d = ood_images("digits", x, n=5000)
+    assert d.shape == (1797, 1, 28, 28)  # all of scikit-learn's digits, no more
+    sides = torch.cat([d[:, 0, :, :2].flatten(), d[:, 0, :, -2:].flatten()])  # the 8x8 digits' empty columns
+    assert sides.mean() < 0.05 and d.amax((1, 2, 3)).min() > 0.5, "bright on dark, as Fashion-MNIST"
+    rgb = ood_images("digits", torch.zeros(2, 3, 32, 32), n=2)
+    assert rgb.shape == (2, 3, 32, 32) and torch.equal(rgb[:, 0], rgb[:, 2])
+    with pytest.raises(ValueError, match="unknown out-of-distribution set"):
+        ood_images("svhn", x)
+
+
+def test_class_subsets_and_the_clean_split():
+    y = torch.tensor([3, 0, 1, 4, 3, 2, 0, 4])
+    ds = TensorDataset(torch.arange(8.0)[:, None], y)
+    sub = restrict_classes(ds, (0, 3, 4))
+    assert [int(sub[i][0]) for i in range(len(sub))] == [0, 1, 3, 4, 6, 7]
+    assert [int(sub[i][1]) for i in range(len(sub))] == [1, 0, 2, 1, 0, 2]  # 0 -> 0, 3 -> 1, 4 -> 2
+    assert restrict_classes(ds, None) is ds
+    rest = other_classes(ds, (0, 3, 4), 5)
+    assert [(int(a), int(b)) for a, b in (rest[i] for i in range(len(rest)))] == [(2, 1), (5, 2)]  # labels kept
+    with pytest.raises(ValueError, match="held out"):
+        other_classes(ds, range(5), 5)
+    # the split follows the index in the full set, whatever subset (and class filter) came before
+    picked = Subset(ds, [7, 2, 4, 1, 6])
+    cal, ev = split_clean(picked)
+    assert sorted(int(cal[i][0]) for i in range(len(cal))) == [2, 4, 6]
+    assert sorted(int(ev[i][0]) for i in range(len(ev))) == [1, 7]
+    cal, ev = split_clean(ClassSubset(picked, (0, 4)))  # samples 7 (class 4), 1 (0), 6 (0)
+    assert [int(cal[i][0]) for i in range(len(cal))] == [6] and [int(ev[i][0]) for i in range(len(ev))] == [7, 1]
+
+
+def test_classes_setting():
+    assert parse_classes("0-4", 10) == (0, 1, 2, 3, 4)
+    assert parse_classes(" 7, 0-2 ,5", 10) == (0, 1, 2, 5, 7)
+    for bad, msg in (("4-2", "empty"), ("0-10", "0..9"), ("3", "at least two"), ("0;4", "classes must"),
+                     ("0-99999999999999", "0..9"), ("", "classes must")):
+        with pytest.raises(ValueError, match=msg):
+            parse_classes(bad, 10)
+    cfg = TrainConfig(classes="0-4")
+    assert cfg.class_list == (0, 1, 2, 3, 4) and cfg.num_classes == 5 and TrainConfig().num_classes == 10
+    with pytest.raises(ValueError, match="classes"):
+        config_from_preset(None, classes="0-12")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A softmax, a center-loss and an L-GM network on all classes, and an L-GM network on classes 0-4."""
+    from lgm_lab.train import train
+
+    src = write_idx(tmp_path_factory.mktemp("idx"), n_train=160, n_test=64)
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, kw in {"softmax": dict(head="softmax"), "center": dict(head="center"), "lgm": dict(head="lgm"),
+                     "lgm5": dict(head="lgm", classes="0-4")}.items():
+        cfg = config_from_preset(None, data_dir=str(src), epochs=1, batch_size=32, feat_dim=4, **kw)
+        runs[name] = Path(train(cfg, root / name, progress=False).checkpoint)
+    return src, runs
+
+
+def test_held_out_classes_run_trains_and_loads_with_k_classes(tiny):
+    from lgm_lab.checkpoints import load_trained
+
+    _src, runs = tiny
+    model, head, cfg, ck = load_trained(runs["lgm5"])
+    assert head.num_classes == 5 and D.lgm_module(head).means.shape == (5, 4) and cfg.class_list == (0, 1, 2, 3, 4)
+    assert ck["metrics"][0]["test_error_percent"] <= 100
+    data = D.detection_data(cfg, fit_points=50)
+    assert set(data["abnormal"]) == set(OOD_SETS) | {D.HELDOUT_SET}
+    assert int(data["fit"][1].max()) <= 4 and int(data["clean"][1].max()) <= 4
+    n_known = len(data["calibration"]) + len(data["clean"][0])
+    assert n_known + len(data["abnormal"][D.HELDOUT_SET]) <= 64 and n_known > 0
+    assert len(data["fit"][0]) == 50
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_detection_metrics_against_hand_computed_values():
+    normal, abnormal = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0.65, 0.5, 0.85, 0.1])
+    m, roc = M.detection_metrics(normal, abnormal, threshold=0.7)
+    assert m["auroc"] == pytest.approx(100 * 12 / 16)  # 12 of the 16 (normal, abnormal) pairs ordered right
+    assert m["fpr95"] == pytest.approx(50.0)  # accepting all 4 normal (t = 0.6) accepts 0.65 and 0.85
+    assert m["eer"] == pytest.approx(25.0)  # t = 0.7: one normal of 4 rejected, one abnormal of 4 accepted
+    assert m["rejected"] == pytest.approx(75.0)  # 0.65, 0.5, 0.1 < 0.7
+    assert roc["auc"] == pytest.approx(0.75)
+    assert M.fpr_at_tpr(normal, abnormal, tpr=0.5) == pytest.approx(0.25)  # t = 0.8 accepts 0.85
+    s = torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert M.calibrated_threshold(s, 0.4) == 3.0 and M.rejection_rate(s, 3.0) == pytest.approx(0.4)
+    assert M.calibrated_threshold(s, 0.1) == 1.0 and M.rejection_rate(s, 1.0) == 0.0
+    assert M.rejection_rate(torch.tensor([float("nan"), 2.0]), 1.0) == 0.5  # NaN is rejected
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="fpr"):
+            M.calibrated_threshold(s, bad)
+
+
+def test_score_detectors_follow_the_library_convention(tiny):
+    """The baselines' thresholds are the LikelihoodDetector's for the same scores; each detector's score is
+    the one named (L-GM: the head's own log-likelihood)."""
+    from lgm_ext import LikelihoodDetector
+    from lgm_lab.checkpoints import load_trained
+
+    torch.manual_seed(0)
+    f, y = torch.randn(300, 4), torch.randint(0, 3, (300,))
+    det = LikelihoodDetector.fit(f, y, "tied").calibrate(f, 0.05)
+    assert det.threshold == M.calibrated_threshold(det.score(f), 0.05)
+    _src, runs = tiny
+    names = {}
+    for key in ("softmax", "center", "lgm"):
+        model, head, _cfg, _ck = load_trained(runs[key])
+        names[key] = D.detector_names(head)
+        dets = D.build_detectors(head, f, torch.arange(300) % head.num_classes)
+        x = torch.randn(20, 4)
+        with torch.no_grad():
+            if key == "lgm":
+                torch.testing.assert_close(dets["L-GM likelihood"].score(x), head.log_likelihood(x))
+                continue
+            torch.testing.assert_close(dets["max-softmax"].score(x), head.logits(x).softmax(1).max(1).values.log())
+            if key == "center":
+                c = head.centers()[head.predict(x)]
+                torch.testing.assert_close(dets["center distance"].score(x), -0.5 * (x - c).pow(2).sum(1))
+        ms = dets["max-softmax"].calibrate(f, 0.1)
+        assert ms.reject(f).double().mean().item() <= 0.1
+    assert names == {"softmax": ("Mahalanobis", "max-softmax"),
+                     "center": ("Mahalanobis", "max-softmax", "center distance"), "lgm": ("L-GM likelihood",)}
+    with pytest.raises(ValueError, match="calibrate"):
+        D.max_softmax(head).reject(f)
+
+
+# ----------------------------------------------------------------------------- the experiment
+def test_detection_experiment_tiny(tmp_path, monkeypatch):
+    src = write_idx(tmp_path / "idx", n_train=120, n_test=64)
+    monkeypatch.setitem(D.DETECTION_PRESETS, "quick", dict(
+        train=dict(subset=80, test_subset=48, epochs=1, batch_size=32), seeds=(0,), fit_points=80,
+        attack_subset=4))
+    monkeypatch.setattr(D, "EPS", (0.3,))
+    monkeypatch.setattr(D, "DETECTION_MODELS", {k: D.DETECTION_MODELS[k] for k in ("center", "lgm-a1")})
+    out = tmp_path / "det"
+    stages = []
+    res = D.detection_experiment(out, data_dir=src, progress=lambda m: None,
+                                 on_stage=lambda d, t, w: stages.append((d, t)))
+    total = D.detection_stages("quick")
+    assert stages == [(i, total) for i in range(total)]
+    dets = {"L-GM likelihood (lgm-a1)", "Mahalanobis (center)", "max-softmax (center)", "center distance (center)"}
+    assert set(res["runs"]) == dets
+    sets = {*OOD_SETS, D.HELDOUT_SET, "FGSM 0.3", "PGD-10 0.3"}
+    assert set(res["sets"]) == sets
+    for det, seeds in res["runs"].items():
+        assert set(seeds) == {0}, det
+        for r in seeds.values():
+            assert set(r["sets"]) == sets and 0 <= r["false_rejection"] <= 100
+            for m in r["sets"].values():
+                assert 0 <= m["auroc"] <= 100 and 0 <= m["fpr95"] <= 100 and 0 <= m["eer"] <= 100
+            assert 0 <= r["adaptive"]["0.3"]["pgd"] <= 100 and 0 <= r["adaptive"]["0.3"]["adaptive"] <= 100
+    assert len(res["verdicts"]) == 3 * (len(sets) + 1)
+    assert {v["verdict"] for v in res["verdicts"]} <= {"holds", "fails", "within noise"}
+    md = (out / "detection.md").read_text()
+    for text in ("AUROC", "FPR at 95% TPR", "EER", "Realised false-rejection", "Adaptive attack",
+                 "figures/detection_roc.png", *dets):
+        assert text in md, text
+    assert (out / "figures" / "detection_roc.png").stat().st_size > 1000
+    assert json.loads((out / "detection.json").read_text())["preset"] == "quick"
+    # a second call reuses every network and every measurement
+    before = (out / "runs" / "lgm-a1-heldout-s0" / "checkpoint.pt").stat().st_mtime_ns
+    said = []
+    res2 = D.detection_experiment(out, data_dir=src, progress=said.append)
+    assert (out / "runs" / "lgm-a1-heldout-s0" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert res2["models_reused"] == res2["models"] == 4
+    assert sum("reused" in m for m in said) == 4
+    assert json.loads(json.dumps(res2["runs"])) == json.loads(json.dumps(res["runs"]))
+    # a network that diverges is recorded and left out, the rest is still measured and reported
+    from lgm_lab.train import TrainingDiverged
+
+    def train_or_reuse(cfg, run_dir, progress):
+        if run_dir.name == "lgm-a1-heldout-s0":
+            raise TrainingDiverged("non-finite loss (nan) at epoch 2, step 1 (lr 0.005); training stopped. Last ...")
+        return True
+
+    monkeypatch.setattr(D, "train_or_reuse", train_or_reuse)
+    stages = []
+    res3 = D.detection_experiment(out, data_dir=src, progress=lambda m: None,
+                                  on_stage=lambda d, t, w: stages.append((d, t)))
+    assert stages == [(i, total) for i in range(total)]
+    assert res3["diverged"] == {"lgm-a1-heldout-s0": "non-finite loss (nan) at epoch 2, step 1 (lr 0.005)"}
+    assert D.HELDOUT_SET not in res3["runs"][D.LGM_DETECTOR][0]["sets"]
+    assert D.HELDOUT_SET in res3["sets"] and len(res3["verdicts"]) == 3 * len(sets)  # no held-out verdicts
+    assert "Diverged" in (out / "detection.md").read_text()
+
+
+def _fake_run(eer: float, adaptive: float, seed: int) -> dict:
+    m = {"auroc": 100 - eer, "fpr95": 2 * eer, "eer": eer + 0.1 * seed, "rejected": 100 - eer, "n_normal": 1000,
+         "n_abnormal": 1000}
+    return {"sets": {"digits": dict(m), "PGD-10 0.3": dict(m)}, "false_rejection": 5.0 + 0.1 * seed,
+            "threshold": -1.0, "n_attack": 500, "adaptive": {"0.3": {"pgd": 10.0, "adaptive": adaptive + seed}}}
+
+
+def test_verdicts_and_report_over_seeds():
+    """L-GM against each detector with the report's z-test; the report shows mean ± std over seeds."""
+    res = {"preset": "quick", "dataset": "fashion-mnist", "seeds": [0, 1, 2], "eps": [0.3], "fpr": 0.05,
+           "train": {"subset": 4000, "epochs": 4, "test_subset": 2000}, "fit_points": 4000, "attack_subset": 500,
+           "heldout_classes": "0-4", "seconds": 60.0, "models": 18, "models_reused": 0,
+           "figures": ["x/figures/detection_roc.png"], "sets": ["digits", "PGD-10 0.3"],
+           "networks": {n: {s: {"clean_error": 10.0, "heldout_clean_error": 5.0, "n_attack": 500,
+                                "attack_error": {"FGSM 0.3": 90.0, "PGD-10 0.3": 99.0}} for s in (0, 1, 2)}
+                        for n in ("softmax", "lgm-a1")},
+           "runs": {D.LGM_DETECTOR: {s: _fake_run(5.0, 20.0, s) for s in (0, 1, 2)},
+                    "Mahalanobis (softmax)": {s: _fake_run(15.0, 20.5, s) for s in (0, 1, 2)},
+                    "max-softmax (softmax)": {s: _fake_run(4.8, 90.0, s) for s in (0, 1, 2)}}}
+    v = {(x["other"], x["what"]): x for x in D.detection_verdicts(res)}
+    assert len(v) == 2 * 3
+    assert v["Mahalanobis (softmax)", "digits"]["verdict"] == "holds"  # 5 vs 15% EER on 2 x 1000 images
+    assert v["max-softmax (softmax)", "digits"]["verdict"] == "within noise"  # 5 vs 4.8
+    assert v["Mahalanobis (softmax)", "adaptive PGD-10 0.3"]["verdict"] == "within noise"  # 21 vs 21.5
+    assert v["max-softmax (softmax)", "adaptive PGD-10 0.3"]["verdict"] == "holds"  # 21 vs 91
+    assert v["Mahalanobis (softmax)", "digits"]["a"] == pytest.approx(5.1)  # mean of 5.0, 5.1, 5.2
+    res["verdicts"] = list(v.values())
+    md = D.detection_markdown(res)
+    assert "5.1 ± 0.1" in md and "21.0 ± 1.0" in md and md.count("**holds** (") == 3
+    assert "| Mahalanobis (softmax) | **holds** (" in md and "| max-softmax (softmax) | **within noise** (" in md
+    assert "| Mahalanobis (softmax) | 15.1 ± 0.1 | 15.1 ± 0.1 |" in md  # the EER table
+
+
+def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
+    """`lgm reproduce --inverse --detection`: both experiments' stages extend the progress bar in turn, and
+    the detection section lands in report.md with its figure path (experiments replaced by stubs)."""
+    from lgm_lab.experiments import inverse as IE
+    from lgm_lab.experiments import reproduce as E
+
+    src = write_idx(tmp_path / "idx", n_train=64, n_test=32)
+    monkeypatch.setitem(E.REPRODUCE_PRESETS, "quick", dict(
+        train=dict(subset=32, test_subset=32, epochs=1, batch_size=32), seeds=(0,),
+        models100=("softmax",), models2=(), attack_subset=8, embed_points=32))
+
+    def stub(name, n, text):
+        def run(out, *, preset, data_dir, progress, on_stage, **kw):
+            Path(out).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                on_stage(i, n, "stub")
+            (Path(out) / name).write_text(text)
+            return {"summary": {}, "verdict": [], "verdicts": [], "seeds": [0], "train": {}, "figures": []}
+        return run
+
+    monkeypatch.setattr(IE, "inverse_experiment", stub("inverse.md", IE.inverse_stages("quick"),
+                                                       "# Inverse-adversary centers\n\n## Verdict\n\nx\n"))
+    monkeypatch.setattr(D, "detection_experiment", stub("detection.md", D.detection_stages("quick"),
+                                                        "# Out-of-distribution detection\n\n## Detection\n\n"
+                                                        "### AUROC\n\n![ROC curves](figures/detection_roc.png)\n"))
+    stages = []
+    E.reproduce(tmp_path / "out", preset="quick", data_dir=src, progress=lambda m: None, inverse=True, detection=True,
+                on_stage=lambda d, t, w: stages.append((d, t)))
+    total = E.reproduce_stages("quick", inverse=True, detection=True)
+    assert stages == [(i, total) for i in range(total)]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "\n## Out-of-distribution detection" in report and "\n### Detection" in report
+    assert "\n#### AUROC" in report and "](detection/figures/detection_roc.png)" in report
+    with pytest.raises(ValueError, match="detection experiment has no preset"):
+        E.reproduce(tmp_path / "out2", preset="paper", detection=True)
+
+
+# ----------------------------------------------------------------------------- the CLI
+def _cli(*args, code=0):
+    from typer.testing import CliRunner
+
+    from lgm_cli.app import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r.output
+
+
+def test_detect_fit_and_score(tiny, tmp_path):
+    _src, runs = tiny
+    det_file = tmp_path / "det.pt"
+    _cli("detect", "fit", runs["softmax"], "--covariance", "tied", "--fpr", 0.1, "--out", det_file, "--no-progress")
+    saved = torch.load(det_file, weights_only=True)  # plain tensors, numbers and strings
+    assert saved["split"] == "heldout" and saved["covariance"] == "tied" and saved["fit_images"] == 160
+    assert saved["detector"]["covariance"] == "tied" and saved["detector"]["fpr"] == 0.1
+    out = tmp_path / "score.json"
+    _cli("detect", "score", det_file, runs["softmax"], "--data", "fashion-mnist,noise,inverted,digits", "--json", out,
+         "--no-progress")
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"fashion-mnist", "noise", "inverted", "digits"} and res["split"] == "heldout"
+    assert all(0 <= r["rejected_percent"] <= 100 for r in res["results"].values())
+    assert res["results"]["fashion-mnist"]["images"] == res["results"]["noise"]["images"] == res["test_images"]
+    # the L-GM head's own Gaussians, calibrated on the training images; held-out classes of a 5-class run
+    _cli("detect", "fit", runs["lgm"], "--covariance", "head", "--split", "train", "--out", det_file, "--no-progress")
+    assert torch.load(det_file, weights_only=True)["fit_images"] == 160
+    lgm5 = tmp_path / "lgm5.pt"
+    _cli("detect", "fit", runs["lgm5"], "--covariance", "head", "--out", lgm5, "--no-progress")
+    _cli("detect", "score", lgm5, runs["lgm5"], "--data", "heldout-classes,gaussian", "--json", out, "--no-progress")
+    assert set(json.loads(out.read_text())["results"]) == {"held-out classes", "gaussian"}
+
+
+def _one_line_error(*args, match):
+    text = _cli(*args, code=2)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in text, text
+    return lines[0]
+
+
+def test_detect_refuses_bad_inputs_in_one_line(tiny, tmp_path):
+    _src, runs = tiny
+    det_file = tmp_path / "det.pt"
+    _cli("detect", "fit", runs["softmax"], "--out", det_file, "--no-progress")
+    # a detector fitted to one model refuses another model's features
+    _one_line_error("detect", "score", det_file, runs["center"], match="fitted to another model")
+    _one_line_error("detect", "fit", runs["softmax"], "--covariance", "head", "--out", det_file,
+                    match="needs an L-GM checkpoint")
+    for fpr in ("0", "1", "nan"):
+        _one_line_error("detect", "fit", runs["softmax"], "--fpr", fpr, "--out", det_file, match="--fpr")
+    _one_line_error("detect", "fit", runs["softmax"], "--out", tmp_path, match="--out")
+    _one_line_error("detect", "fit", runs["softmax"], "--fit-subset", 0, "--out", det_file, match="--fit-subset")
+    _one_line_error("detect", "fit", tmp_path / "missing.pt", "--out", det_file, match="no checkpoint")
+    _one_line_error("detect", "score", det_file, runs["softmax"], "--data", "cifar10", match="--data")
+    _one_line_error("detect", "score", det_file, runs["softmax"], "--data", "heldout-classes",
+                    match="some classes")
+    _one_line_error("detect", "score", runs["softmax"], runs["softmax"], match="not a detector file")
+    (tmp_path / "junk.pt").write_bytes(b"not a file torch wrote")
+    _one_line_error("detect", "score", tmp_path / "junk.pt", runs["softmax"], match="not a detector file")
+    _one_line_error("ood", runs["softmax"], "--fpr", 2, "--out", tmp_path / "o", match="--fpr")
+    _one_line_error("ood", runs["softmax"], "--eps", "x", "--out", tmp_path / "o", match="--eps")
+    _one_line_error("ood", runs["softmax"], "--attack-subset", 0, "--out", tmp_path / "o", match="--attack-subset")
+    bad = _cli("detect", "fit", runs["softmax"], "--covariance", "full", code=2)
+    assert "full" in bad
+
+
+def test_ood_command(tiny, tmp_path):
+    _src, runs = tiny
+    out = tmp_path / "ood"
+    text = _cli("ood", runs["center"], runs["lgm5"], "--eps", "0.3", "--attack-subset", 3, "--fit-subset", 100,
+                "--subset", 40, "--out", out, "--json", tmp_path / "ood.json", "--no-progress")
+    assert "AUROC" in text
+    res = json.loads((tmp_path / "ood.json").read_text())
+    assert set(res["results"]) == {"center", "lgm-a1"}
+    lgm5 = res["results"]["lgm-a1"]["detectors"]["L-GM likelihood"]
+    assert D.HELDOUT_SET in lgm5["sets"] and "PGD-10 0.3" in lgm5["sets"]
+    assert set(res["results"]["center"]["detectors"]) == {"Mahalanobis", "max-softmax", "center distance"}
+    assert set(res["results"]["center"]["detectors"]["center distance"]["adaptive"]) == {"0.3"}
+    assert (out / "detection_roc.png").stat().st_size > 1000 and (out / "results.json").exists()
+    _cli("ood", runs["lgm"], "--no-adaptive", "--eps", "0.1", "--attack-subset", 2, "--subset", 20, "--out", out,
+         "--format", "svg", "--no-progress")
+    assert (out / "detection_roc.svg").exists()
