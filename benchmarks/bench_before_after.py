@@ -7,8 +7,8 @@ Each side runs in its own subprocess (two builds of one extension cannot share a
 the sides alternate round by round (before, after, before, after, ...), so both see the same
 machine conditions; times are the median over all rounds and the ratio is after/before.  Peak
 memory is lgm_lab.bench.peak_memory_mib (growth of the resident-set high-water mark over one forward+backward
-in a fresh process); both checkouts must have it (lgm-ext 0.2 and later).  Denormals are flushed on every thread.  N=256, float32,
-alpha=1, lambda_=0.1, diagonal covariance, inputs from the same bench module's _inputs.
+in a fresh process); both checkouts must have it (lgm-ext 0.2 and later).  Denormals are flushed on every
+thread.  N=256, float32, alpha=1, lambda_=0.1, diagonal covariance, inputs from the same bench module.
 """
 import argparse
 import json

@@ -15,13 +15,14 @@ by less than --tol in a round or the time budget (--budget seconds for the whole
 printed with its spread (interquartile range / median), and a time whose spread exceeds 10% or that had not
 settled is marked "(!)" and listed under the table as not to be trusted.  --repeats fixes the timed calls.
 """
-import torch
 import argparse
 import pathlib
 import sys
 
-from lgm_lab import bench
+import torch
 from results_file import replace_section
+
+from lgm_lab import bench
 
 
 def main(argv=None):

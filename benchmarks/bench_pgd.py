@@ -8,8 +8,9 @@ import argparse
 import pathlib
 import sys
 
-from lgm_lab import bench
 from results_file import replace_section
+
+from lgm_lab import bench
 
 
 def main(argv=None):
@@ -28,8 +29,8 @@ def main(argv=None):
     if a.write:
         path = pathlib.Path(__file__).with_name("RESULTS.md")
         body = (
-            "Command: `python benchmarks/bench_pgd.py --write` (float32, alpha=2/255, eps=8/255, median ± spread of the "
-            "interleaved timed calls).\n\n"
+            "Command: `python benchmarks/bench_pgd.py --write` (float32, alpha=2/255, eps=8/255, median ± spread of "
+            "the interleaved timed calls).\n\n"
             f"Machine: {bench.machine_description(a.device)}. Denormals flushed on every thread.\n\n" + table + "\n"
         )
         replace_section(path, f"pgd-{a.device}", body.replace("\\\n", "\n"))

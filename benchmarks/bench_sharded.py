@@ -28,7 +28,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from results_file import replace_section
 
 
@@ -171,7 +170,8 @@ def projection(k=1_000_000, d=512, n_per_gpu=256, worlds=(8, 16, 32, 64)) -> str
     buffer per rank, all-gather (W-1)/W), and the class parameters' memory per rank (means, log_var,
     their gradients and SGD momentum: 6 K D / W floats)."""
     rows = ["| GPUs W | global N | class params + grads + momentum per rank | all-gather features+labels | "
-            "forward all-reduces (N max, 3N sum) | backward all-reduce N x D | total moved per rank |", "|---|---|---|---|---|---|---|"]
+            "forward all-reduces (N max, 3N sum) | backward all-reduce N x D | total moved per rank |",
+            "|---|---|---|---|---|---|---|"]
     for w in worlds:
         n = n_per_gpu * w
         params = 6 * k * d / w * 4

@@ -280,15 +280,15 @@ def bench_markdown(bench: dict) -> list:
     lines = ["## Benchmarks", "", f"{bench.get('status', '?')} ({bench.get('seconds', 0):.0f} s).", ""]
     rows = bench.get("lgm", [])
     if rows:
-        lines += [f"### L-GM loss, forward+backward, N = {bench.get('n', 256)} (ms: median ± spread of the timed calls, "
-                  "CUDA events; "
+        lines += [f"### L-GM loss, forward+backward, N = {bench.get('n', 256)} (ms: median ± spread of the timed "
+                  "calls, CUDA events; "
                   "MiB: max_memory_allocated growth)", "",
                   "| K | D | dtype | path | fused | plain eager | torch.compile | vs eager | vs compile | "
                   "fused MiB | eager MiB | compiled MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             t, mem = r["times_ms"], r.get("peak_mib", {})
-            vs = lambda o: f"{t[o] / t['fused']:.2f}x" if t.get(o) and t.get("fused") else "-"  # noqa: E731
-            mib = lambda o: f"{mem[o]:.1f}" if mem.get(o) is not None else "-"  # noqa: E731
+            vs = lambda o, t=t: f"{t[o] / t['fused']:.2f}x" if t.get(o) and t.get("fused") else "-"  # noqa: E731
+            mib = lambda o, mem=mem: f"{mem[o]:.1f}" if mem.get(o) is not None else "-"  # noqa: E731
             lines.append(f"| {r['k']} | {r['d']} | {r['dtype']} | {r['path']} | {_fmt_ms(r, 'fused')} | "
                          f"{_fmt_ms(r, 'plain_gemm')} | {_fmt_ms(r, 'compiled_gemm')} | {vs('plain_gemm')} | "
                          f"{compiled(r) or vs('compiled_gemm')} | {mib('fused')} | {mib('plain_gemm')} | "
@@ -297,10 +297,12 @@ def bench_markdown(bench: dict) -> list:
     tc = bench.get("tensor_cores", [])
     if tc:
         lines += ["### The fused loss with float32 GEMMs (default) and with the tensor-core GEMMs (csrc/gemm.h)", "",
-                  "| K | D | dtype | float32 GEMMs ms | tensor cores ms | tensor cores / float32 |", "|---|---|---|---|---|---|"]
+                  "| K | D | dtype | float32 GEMMs ms | tensor cores ms | tensor cores / float32 |",
+                  "|---|---|---|---|---|---|"]
         for r in tc:
             lines.append(f"| {r['k']} | {r['d']} | {r['dtype']} | {_fmt_ms(r, 'float32_gemms')} | "
-                         f"{_fmt_ms(r, 'tensor_cores')} | {r['times_ms']['tensor_cores'] / r['times_ms']['float32_gemms']:.2f} |")
+                         f"{_fmt_ms(r, 'tensor_cores')} | "
+                         f"{r['times_ms']['tensor_cores'] / r['times_ms']['float32_gemms']:.2f} |")
         lines.append("")
     if bench.get("pgd_markdown"):
         lines += ["### PGD step", "", bench["pgd_markdown"], ""]
@@ -309,7 +311,8 @@ def bench_markdown(bench: dict) -> list:
                   "steps) beside their floors (benchmarks/cuda_floors.py)", "",
                   "| kernels | measured µs | floor µs | measured / floor |", "|---|---|---|---|"]
         for r in case["rows"]:
-            floor = "-" if r.get("floor_us") is None else f"{r['floor_us']:.1f}" + (f" ({r['bound']})" if r["bound"] else "")
+            floor = ("-" if r.get("floor_us") is None
+                     else f"{r['floor_us']:.1f}" + (f" ({r['bound']})" if r["bound"] else ""))
             ratio = f"{r['measured_us'] / r['floor_us']:.1f}x" if r.get("floor_us") else "-"
             lines.append(f"| {r['name']} | {r['measured_us']:.1f} | {floor} | {ratio} |")
         if case.get("unmatched"):
@@ -344,7 +347,8 @@ def main(argv=None) -> int:
     python = sys.executable
     res = {"schema": 1, "budget_s": a.seconds, "machine": machine(a.commit), "tests": {}, "not_run": []}
     info = {"gpu": res["machine"]["gpu"], "capability": res["machine"]["capability"]}
-    log(f"GPU: {info['gpu'] or 'none'}; torch {res['machine']['torch']}; {os.cpu_count()} cores; budget {a.seconds:.0f} s")
+    log(f"GPU: {info['gpu'] or 'none'}; torch {res['machine']['torch']}; {os.cpu_count()} cores; "
+        f"budget {a.seconds:.0f} s")
 
     def save():
         res["seconds"] = round(time.time() - t0, 1)
@@ -374,9 +378,11 @@ def main(argv=None) -> int:
             else:
                 part = "cuda" if name == "cuda tests" else "rest"
                 t = res["tests"][part] = run_tests(part, deadline, out, python)
-                failed |= bool(t.get("failed") or t.get("error")) or t["status"] not in ("ran", "stopped at the deadline")
+                failed |= (bool(t.get("failed") or t.get("error"))
+                           or t["status"] not in ("ran", "stopped at the deadline"))
                 if t.get("not_run"):
-                    res["not_run"].append(f"{t['not_run']} of the {part} tests (the first: {', '.join(t['not_run_ids'][:3])})")
+                    first = ", ".join(t["not_run_ids"][:3])
+                    res["not_run"].append(f"{t['not_run']} of the {part} tests (the first: {first})")
                 if t["status"] == "pytest missing":
                     res["not_run"].append(f"the {part} tests: pytest is not installed")
             save()

@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
+from train_core import make_data  # the same synthetic problem as the single-process example
 
 import lgm_ext
-from train_core import make_data  # the same synthetic problem as the single-process example
 
 
 class Classifier(nn.Module):
@@ -56,7 +56,7 @@ def run(rank: int, world: int, epochs: int, port: int) -> None:
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        total, n = torch.zeros(2, device=device), 0
+        total = torch.zeros(2, device=device)
         for xb, yb in DataLoader(data, batch_size=64, sampler=sampler):
             loss, _ = model(xb.to(device), yb.to(device))
             opt.zero_grad(set_to_none=True)

@@ -84,9 +84,9 @@ def fit(
     import torch
 
     from lgm_ext import LikelihoodDetector
-    from lgm_lab.checkpoints import CheckpointError, load_trained, write_atomically
+    from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_trained, write_atomically
     from lgm_lab.data import DatasetUnavailable
-    from lgm_lab.experiments.detection import checkpoint_digest, detection_data, lgm_module
+    from lgm_lab.experiments.detection import detection_data
 
     try:
         _check_fpr(fpr)
@@ -112,7 +112,7 @@ def fit(
         f_cal = f_fit if split.value == "train" else _features(model, x_cal.to(dev), batch_size, bar, task)
     try:
         if covariance.value == "head":
-            det = LikelihoodDetector.from_head(lgm_module(head))
+            det = LikelihoodDetector.from_head(head)
         else:
             det = LikelihoodDetector.fit(f_fit, yf.to(dev), covariance.value, num_classes=head.num_classes)
         det.calibrate(f_cal, fpr)
@@ -168,9 +168,9 @@ def score(
     import torch
 
     from lgm_ext import LikelihoodDetector
-    from lgm_lab.checkpoints import CheckpointError, load_trained
+    from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_trained
     from lgm_lab.data import DatasetUnavailable
-    from lgm_lab.experiments.detection import HELDOUT_SET, checkpoint_digest, detection_data
+    from lgm_lab.experiments.detection import HELDOUT_SET, detection_data
     from lgm_lab.ood_data import DIGITS_SIZE, ood_images
 
     try:

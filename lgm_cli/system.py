@@ -48,8 +48,14 @@ def bench(
     sides: Optional[str] = typer.Option(None, help="comma-separated sides, e.g. fused,plain_gemm,compiled_gemm "
                                                    "(default: all; the compiled ones compile first)"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    budget: Optional[float] = typer.Option(None, help="seconds of timing per size (default 60): the sides run in "
+                                                      "rotating rounds until their medians settle or this ends"),
+    tol: float = typer.Option(0.02, help="a median has settled when a round moves it by less than this fraction"),
 ) -> None:
-    """Time the fused L-GM loss (forward+backward) against plain-PyTorch versions, eager and torch.compile'd."""
+    """Time the fused L-GM loss (forward+backward) against plain-PyTorch versions, eager and torch.compile'd.
+
+    Sides are interleaved; each cell is the median with its spread (interquartile range / median), and cells
+    too spread to trust are marked.  Piped, the tables are printed as plain markdown."""
     import torch
 
     from lgm_lab import bench as benchmarks
@@ -66,6 +72,10 @@ def bench(
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
         check_positive(n, "--n")
         check_positive(repeats, "--repeats")
+        if budget is not None and not budget > 0:
+            raise ValueError(f"--budget must be a positive number of seconds, got {budget}")
+        if not 0 < tol < 1:
+            raise ValueError(f"--tol must be in (0, 1), got {tol}")
         check_json_target(json_out)
         check_device(device)
         pairs = benchmarks.LGM_SIZES if not sizes else [_size_pair(s) for s in sizes.split(",")]
@@ -77,9 +87,13 @@ def bench(
         rows = benchmarks.bench_lgm(
             pairs, n=n, device=device, repeats=repeats, memory=memory,
             progress=lambda m: prog.update(task, description=m), dtype=getattr(torch, dtype), impls=impls,
+            budget_s=budget, tol=tol,
         )
-    console.print(f"Machine: {benchmarks.machine_description(device)}")
-    console.print(benchmarks.lgm_markdown(rows, n), markup=False)
+    text = f"Machine: {benchmarks.machine_description(device)}\n\n{benchmarks.lgm_markdown(rows, n)}"
+    if console.is_terminal:
+        console.print(text, markup=False)
+    else:  # piped: plain markdown, never wrapped to the console's width
+        print(text)
     if json_out:
         try:
             json_out.write_text(benchmarks.to_json(rows))

@@ -204,7 +204,8 @@ def _no_double_backward(op):
 
 
 for _op in ("lgm_loss_backward", "lgm_logits_backward"):
-    torch.library.register_autograd(f"lgm_ext::{_op}", _no_double_backward(_op), setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd(f"lgm_ext::{_op}", _no_double_backward(_op),
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 # Autocast policy (AutocastCPU, AutocastCUDA): the forward operators run in float32, as torch's own

@@ -74,7 +74,8 @@ def machine_description(device: str = "cpu") -> str:
     except OSError:
         pass
     cap = torch.backends.cpu.get_cpu_capability()
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {cap} (torch {torch.__version__})"
+    return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {cap} "
+            f"(torch {torch.__version__})")
 
 
 def _inputs(n, k, d, device, dtype, seed=0):
@@ -215,7 +216,7 @@ def bench_lgm(
                 row.notes.append(f"{name} skipped: its N x K x D tensors do not fit")
                 continue
             fn = lgm_impl(name)
-            cases[name] = (lambda fn=fn: _step(fn, x, mu, s, y))
+            cases[name] = (lambda fn=fn, args=(x, mu, s, y): _step(fn, *args))
         if row.path == "gemm" and dtype == torch.float32:
             cases[FLOOR] = gemm_floor_step(n, k, d, device)
         # Sides that build N x K x D temporaries over 64 MiB are timed in a second phase: freeing
@@ -285,7 +286,8 @@ def lgm_markdown(rows: list[LGMRow], n: int = 256) -> str:
         t = " | ".join(cell(r, m) for m in names)
         if floor:
             t += " | " + (cell(r, FLOOR) if FLOOR in r.times_ms else "-")
-        rate = f"{r.fused_gflops:.0f} ({100 * r.fused_gflops / r.sgemm_gflops:.0f}% of {r.sgemm_gflops:.0f})" if r.sgemm_gflops else "-"
+        rate = (f"{r.fused_gflops:.0f} ({100 * r.fused_gflops / r.sgemm_gflops:.0f}% of {r.sgemm_gflops:.0f})"
+                if r.sgemm_gflops else "-")
         if compiled:
             t += " | " + (f"**{ratio(r, r.speedup_vs_compiled, 'compiled_gemm')}**" if r.speedup_vs_compiled else "-")
         best = f"{ratio(r, r.speedup_vs_best_plain, r.best_plain)} ({r.best_plain})" if r.best_plain else "-"
@@ -343,10 +345,11 @@ def bench_pgd_step(shapes=PGD_SHAPES, device: str = "cpu", repeats: int | None =
         grad = torch.randn(shape, generator=g).to(device)
         kw = dict(alpha=2 / 255, eps=8 / 255)
         buf = x.clone()
+        args = (grad, x0)
         t = measure({
-            "plain": lambda: reference.pgd_step(x, grad, x0, **kw),
-            "fused": lambda: pgd_step(x, grad, x0, **kw),
-            "inplace": lambda: pgd_step_(buf, grad, x0, **kw),
+            "plain": lambda x=x, args=args, kw=kw: reference.pgd_step(x, *args, **kw),
+            "fused": lambda x=x, args=args, kw=kw: pgd_step(x, *args, **kw),
+            "inplace": lambda buf=buf, args=args, kw=kw: pgd_step_(buf, *args, **kw),
         }, device=device, warmup=20, calls=repeats, budget_s=budget_s)
         t_plain, t_fused, t_inplace = t["plain"].median, t["fused"].median, t["inplace"].median
         rows.append(dict(case=name, plain_ms=t_plain, fused_ms=t_fused, fused_inplace_ms=t_inplace,
@@ -394,15 +397,17 @@ def pgd_markdown(rows: list[dict], attack: dict | None) -> str:
 
     for r in rows:
         lines.append(f"| {r['case']} | {cell(r, 'plain_ms', 'plain')} | {cell(r, 'fused_ms', 'fused')} | "
-                     f"{cell(r, 'fused_inplace_ms', 'inplace')} | **{r['speedup']:.2f}x** ({r['speedup_inplace']:.2f}x) |")
+                     f"{cell(r, 'fused_inplace_ms', 'inplace')} | **{r['speedup']:.2f}x** "
+                     f"({r['speedup_inplace']:.2f}x) |")
     bad = [f"{', '.join(r['untrusted'])} ({r['case']})" for r in rows if r.get("untrusted")]
     if bad:
-        lines.append(f"\n{UNTRUSTED_MARK.strip()} Not to be trusted (spread above {100 * MAX_SPREAD:.0f}% or not settled): "
-                     + "; ".join(bad) + ".")
+        lines.append(f"\n{UNTRUSTED_MARK.strip()} Not to be trusted (spread above {100 * MAX_SPREAD:.0f}% or not "
+                     "settled): " + "; ".join(bad) + ".")
     if attack:
         lines += ["", f"PGD-{attack['steps']} on LeNet++ (batch {attack['batch']}, 1x28x28): whole attack "
                   f"{attack['attack_ms']:.1f} ms; the fused step is {attack['step_ms']:.4f} ms per step = "
-                  f"{100 * attack['step_share']:.2f}% of the attack (plain torch step: {attack['plain_step_ms']:.4f} ms, "
+                  f"{100 * attack['step_share']:.2f}% of the attack (plain torch step: "
+                  f"{attack['plain_step_ms']:.4f} ms, "
                   f"{100 * attack['plain_step_share']:.2f}%).  The attack is dominated by LeNet++'s forward+backward."]
     return "\n".join(lines)
 

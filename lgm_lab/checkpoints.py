@@ -20,6 +20,7 @@ from .recipe import build_model_and_head
 from .run_folder import write_atomically
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "Trained", "content_digest",
+           "checkpoint_digest",
            "save_checkpoint", "load_checkpoint", "config_of", "resume_config", "check_resumable", "load_trained"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
@@ -95,6 +96,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ck.get("config"), dict):
         raise CheckpointError(f"refusing to load {path}: no configuration in it")
     return ck
+
+
+def checkpoint_digest(ck: dict) -> str:
+    """The SHA-256 of a checkpoint's content, as :func:`save_checkpoint` stored it and
+    :func:`load_checkpoint` verified it (it recomputes it: the loaded dict does not carry the stored one).
+    Measurements cached beside a checkpoint are keyed by it."""
+    return content_digest({k: v for k, v in ck.items() if k != "sha256"})
 
 
 def config_of(ck: dict, path) -> TrainConfig:

@@ -92,7 +92,7 @@ def test_held_out_classes_run_trains_and_loads_with_k_classes(tiny):
 
     _src, runs = tiny
     model, head, cfg, ck = load_trained(runs["lgm5"])
-    assert head.num_classes == 5 and D.lgm_module(head).means.shape == (5, 4) and cfg.class_list == (0, 1, 2, 3, 4)
+    assert head.num_classes == 5 and head.means.shape == (5, 4) and cfg.class_list == (0, 1, 2, 3, 4)
     assert ck["metrics"][0]["test_error_percent"] <= 100
     data = D.detection_data(cfg, fit_points=50)
     assert set(data["abnormal"]) == set(OOD_SETS) | {D.HELDOUT_SET}

@@ -153,8 +153,8 @@ def src(tmp_path_factory):
 def test_two_rank_ddp_equals_one_process(src, tmp_path, head):
     """`lgm train --nproc 2` with the same global batch reaches the weights of the 1-process run; the
     center-loss centers (synced updates) and the L-GM step counter agree too."""
-    from lgm_lab.config import config_from_preset
     from lgm_lab.checkpoints import load_checkpoint
+    from lgm_lab.config import config_from_preset
     from lgm_lab.launch import train_data_parallel
     from lgm_lab.train import train
 
@@ -168,7 +168,8 @@ def test_two_rank_ddp_equals_one_process(src, tmp_path, head):
     a, b = load_checkpoint(tmp_path / "one" / "checkpoint.pt"), load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     for part in ("model", "head"):
         for k, v in a[part].items():
-            torch.testing.assert_close(b[part][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{part}.{k}: {m}")
+            torch.testing.assert_close(b[part][k], v, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=f"{part}.{k}": f"{name}: {m}")
     for x, y in zip(a["metrics"], b["metrics"]):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
         assert x["train_accuracy"] == pytest.approx(y["train_accuracy"])
@@ -302,9 +303,8 @@ def test_class_offset_is_validated_and_not_differentiable_alone():
 
 
 def test_class_offset_fake_kernel_validates_like_the_op():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from helpers import lgm_inputs
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     x, mu, s, y = lgm_inputs(6, 5, 3, requires_grad=False)
     with FakeTensorMode() as mode:

@@ -16,12 +16,12 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import lgm_inputs
 
 import lgm_ext
 from lgm_ext import reference as R
 from lgm_ext._ops import acc_dtype
 from lgm_ext._testing import cuda_emulation, mm16_calls, tensor_core_gemms
-from helpers import lgm_inputs
 
 ops = torch.ops.lgm_ext
 LOW = [torch.bfloat16, torch.float16]
@@ -92,7 +92,8 @@ def test_low_precision_class_sharded_partials(device, dtype):
     part, _, st = ops.lgm_loss_forward(low[0].detach(), low[1][4:].detach(), low[2][4:].detach(), y, 1.0, 0.1, 0, 0, 4)
     assert part.dtype == st.dtype == torch.float32
     own = y >= 4
-    lse0 = ops.lgm_loss_forward(low[0].detach(), low[1][:4].detach(), low[2][:4].detach(), y, 1.0, 0.1, 0, 0, 0)[2][:, 0]
+    lse0 = ops.lgm_loss_forward(low[0].detach(), low[1][:4].detach(), low[2][:4].detach(), y, 1.0, 0.1, 0, 0,
+                                0)[2][:, 0]
     torch.testing.assert_close(torch.logaddexp(lse0, st[:, 0]), stats[:, 0], rtol=1e-5, atol=1e-5)
     assert bool((st[~own, 1] == 1).all())
 
@@ -197,7 +198,8 @@ def _on(backend, tensor_cores=True):
     "cuda-emulated") and the tensor-core GEMMs (csrc/gemm.h) are on."""
     if backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA"):
         pytest.skip("this torch has no mm.dtype (torch < 2.8): the CUDA GEMMs stay float32")
-    with tensor_core_gemms(tensor_cores), (cuda_emulation() if backend == "cuda-emulated" else contextlib.nullcontext()):
+    emulation = cuda_emulation() if backend == "cuda-emulated" else contextlib.nullcontext()
+    with tensor_core_gemms(tensor_cores), emulation:
         yield "cpu" if backend == "cuda-emulated" else backend
 
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCH))
 import cuda_floors  # noqa: E402
 import gpu_check  # noqa: E402
 import gpu_check_bench  # noqa: E402
+
 from lgm_lab.timing import measure  # noqa: E402
 
 

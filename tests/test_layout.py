@@ -4,16 +4,15 @@ import ast
 import inspect
 import subprocess
 import sys
-import tomllib
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
-from lgm_lab.config import HEAD_NAMES
-
 import lgm_ext
+from lgm_lab.config import HEAD_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_ONLY = {"typer", "rich", "matplotlib", "sklearn", "torchvision"}
@@ -157,7 +156,8 @@ def test_impl_is_the_one_selector():
     want = lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl="reference")
     for impl in ("auto", "direct", "gemm"):
         torch.testing.assert_close(lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl=impl), want)
-        torch.testing.assert_close(lgm_ext.lgm_logits(x, mu, s, impl=impl), lgm_ext.lgm_logits(x, mu, s, impl="reference"))
+        torch.testing.assert_close(lgm_ext.lgm_logits(x, mu, s, impl=impl),
+                                   lgm_ext.lgm_logits(x, mu, s, impl="reference"))
         torch.testing.assert_close(lgm_ext.lgm_log_likelihood(x, mu, s, impl=impl),
                                    lgm_ext.lgm_log_likelihood(x, mu, s, impl="reference"))
     with pytest.raises(ValueError, match="impl"):

@@ -6,12 +6,11 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import lgm_inputs, noncontiguous
 
 import lgm_ext
 from lgm_ext import reference as R
 from lgm_ext._ops import ops
-
-from helpers import lgm_inputs, noncontiguous
 
 SHAPES = [(1, 1, 1), (1, 4, 3), (6, 1, 5), (5, 3, 1), (7, 5, 3), (16, 12, 9), (4, 200, 2), (9, 2, 64)]
 HYPER = [(0.0, 0.0), (1.0, 0.1), (0.3, 0.0), (0.0, 0.5)]
@@ -31,7 +30,7 @@ def test_gradcheck_loss(device, impl, shape, identity):
         x, mu, s, y = lgm_inputs(*shape, device=device, identity=identity, seed=seed + 10 * shape[2])
         inputs = (x, mu) if identity else (x, mu, s)
 
-        def f(*t):
+        def f(*t, y=y, alpha=alpha, lambda_=lambda_):
             xs, ms = t[0], t[1]
             ss = None if identity else t[2]
             loss, logits = loss_and_logits(xs, ms, ss, y, alpha, lambda_, impl=impl)
@@ -55,7 +54,8 @@ def test_gradcheck_reductions(device, impl, reduction):
 def test_gradcheck_logits_and_likelihood(device, impl, with_labels):
     x, mu, s, y = lgm_inputs(5, 4, 3, device=device, seed=4)
     labels = y if with_labels else None
-    assert torch.autograd.gradcheck(lambda a, b, c: lgm_ext.lgm_logits(a, b, c, labels, alpha=0.7, impl=impl), (x, mu, s))
+    assert torch.autograd.gradcheck(lambda a, b, c: lgm_ext.lgm_logits(a, b, c, labels, alpha=0.7, impl=impl),
+                                    (x, mu, s))
     assert torch.autograd.gradcheck(lambda a, b, c: lgm_ext.lgm_log_likelihood(a, b, c, impl=impl), (x, mu, s))
 
 
@@ -220,7 +220,8 @@ def test_opcheck(device, impl):
     torch.library.opcheck(ops.lgm_logits.default, (x, mu, None, None, 0.0, impl))
     torch.library.opcheck(ops.lgm_logits_backward.default, (torch.randn_like(logits), xd, mud, sd, y, 0.3, impl))
     torch.library.opcheck(
-        ops.lgm_logits_backward.default, (torch.randn_like(logits), xd, mud, None, None, 0.0, impl, [True, False, False])
+        ops.lgm_logits_backward.default,
+        (torch.randn_like(logits), xd, mud, None, None, 0.0, impl, [True, False, False]),
     )
     torch.library.opcheck(ops.lgm_log_likelihood.default, (x, mu, s, impl))
 
@@ -241,7 +242,8 @@ def test_torch_compile_fullgraph(device):
 
 def test_torch_compile_inductor(device):
     x, mu, s, y = lgm_inputs(12, 5, 4, device=device, dtype=torch.float32, seed=13)
-    compiled = torch.compile(lambda a, b, c, d: lgm_ext.lgm_loss(a, b, c, d, alpha=1.0, lambda_=0.1) * 2.0, fullgraph=True)
+    compiled = torch.compile(lambda a, b, c, d: lgm_ext.lgm_loss(a, b, c, d, alpha=1.0, lambda_=0.1) * 2.0,
+                             fullgraph=True)
     got = _grads(lambda a, b, c, d, **_: compiled(a, b, c, d), x, mu, s, y)
     want = _grads(lambda a, b, c, d, **_: 2.0 * R.lgm_loss(a, b, c, d, alpha=1.0, lambda_=0.1), x, mu, s, y)
     for p, q in zip(got, want):

@@ -321,6 +321,19 @@ def test_no_progress_for_logs():
     assert r.exit_code == 0 and "--no-progress" in r.output
 
 
+def test_bench_piped_is_plain_markdown_with_spreads():
+    """`lgm bench | cat` broke its table (rich wrapped it to 80 columns), and one invocation's 22.5 ms and
+    another's 0.231 ms for the same case (a second job on the cores) came without a word: piped, the tables are
+    plain markdown, every cell carries its spread, and a spread too wide to trust is marked and explained."""
+    r = subprocess.run([sys.executable, "-m", "lgm_cli.app", "bench", "--sizes", "10:2,10:100", "--n", "64",
+                        "--no-memory", "--no-progress", "--sides", "fused,plain_gemm,reference", "--budget", "3"],
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| 10 |")]
+    assert len(rows) == 2 and all(ln.rstrip().endswith("|") and len(ln) > 80 for ln in rows), r.stdout
+    assert all("±" in ln for ln in rows)
+
+
 # ----------------------------------------------------------------------------- polish (shared options, logs)
 MODEL_COMMANDS = ("eval", "attack", "verify", "centers", "embed")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..checkpoints import load_trained
+from ..checkpoints import checkpoint_digest, load_trained
 from ..config import REPRODUCE_PRESETS
 from ..data import load_dataset
 from ..run_folder import save_json, save_text
@@ -73,7 +73,7 @@ def ablation(out_dir, *, grid: str = "warmup", preset: str = "quick", seeds=(0,)
                 point["runs"][seed] = {"diverged": str(err).split(";")[0]}
                 continue
             model, head, _cfg, ck = load_trained(run_dir / "checkpoint.pt")
-            key = dict(settings, sha256=ck.get("sha256"))
+            key = dict(settings, sha256=checkpoint_digest(ck))
             ev = load_cached(run_dir / "ablation_eval.json", key)
             if ev is None:
                 full = measure_model(model, head, test, x, y, eps_list=(0.0, 0.3))

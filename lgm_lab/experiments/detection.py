@@ -30,7 +30,7 @@ from torch.utils.data import Subset
 from lgm_ext import Classifier, LikelihoodDetector
 from lgm_ext.attacks import FGSM, PGD, AdaptivePGD
 
-from ..checkpoints import content_digest, load_trained
+from ..checkpoints import checkpoint_digest, load_trained
 from ..config import dataset_info
 from ..data import load_dataset
 from ..figures import detection_roc_figure
@@ -43,7 +43,7 @@ from .runs import load_cached, run_config, save_cached, train_or_reuse
 from .stats import compare, mean_std_text
 
 __all__ = ["DETECTION_MODELS", "DETECTION_PRESETS", "HELDOUT_CLASSES", "EPS", "PGD_STEPS", "FPR", "LGM_DETECTOR",
-           "lgm_module", "checkpoint_digest", "ScoreDetector", "max_softmax", "center_distance", "detector_names",
+           "ScoreDetector", "max_softmax", "center_distance", "detector_names",
            "build_detectors", "HELDOUT_SET",
            "detection_data", "measure_network", "detection_experiment", "detection_stages", "detection_verdicts",
            "detection_markdown"]
@@ -65,18 +65,6 @@ DETECTION_PRESETS = {
                      attack_subset=500),
 }
 _PROTOCOL = 2  # bump when the measurement changes: cached measurements of another protocol are redone
-
-
-def lgm_module(head):
-    """The :class:`lgm_ext.LGMLoss` of an L-GM head.  The lab's ``LGMHead`` wraps one in ``head.lgm``; an
-    ``LGMHead`` that *is* an ``LGMLoss`` (subclass) is returned as it is.  The one place that knows this."""
-    return getattr(head, "lgm", head)
-
-
-def checkpoint_digest(ck: dict) -> str:
-    """The SHA-256 a checkpoint carries (:func:`lgm_lab.checkpoints.content_digest` of its content, which
-    :func:`~lgm_lab.checkpoints.load_checkpoint` verified)."""
-    return ck.get("sha256") or content_digest(ck)
 
 
 class ScoreDetector:
@@ -129,7 +117,7 @@ def build_detectors(head, fit_features: Tensor | None, fit_labels: Tensor | None
     dets = {}
     for name in detector_names(head):
         if name == "L-GM likelihood":
-            dets[name] = LikelihoodDetector.from_head(lgm_module(head))
+            dets[name] = LikelihoodDetector.from_head(head)
         elif name == "Mahalanobis":
             dets[name] = LikelihoodDetector.fit(fit_features, fit_labels, "tied", num_classes=head.num_classes)
         else:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import load_trained
+from ..checkpoints import checkpoint_digest, load_trained
 from ..config import dataset_info
 from ..data import load_dataset
 from ..evaluation import evaluate
@@ -123,7 +123,7 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
             per_epoch = [n_train / h["train_images_per_second"] for h in ck["metrics"]]
             cache = run_dir / "inverse_eval.json"
             settings = {"n_test": len(test), "n_attack": len(x), "mean_points": len(xm), "epoch": int(ck["epoch"]),
-                        "sha256": ck.get("sha256")}
+                        "sha256": checkpoint_digest(ck)}
             ev = load_cached(cache, settings)  # the same checkpoint measured the same way
             if ev is not None:
                 stage(f"evaluating {_short(model_name)} seed {seed}: reused")
