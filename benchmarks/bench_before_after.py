@@ -26,8 +26,8 @@ import lgm_ext
 import lgm_lab.bench as b
 n, k, d, reps, mem = (int(v) for v in sys.argv[1:6])
 b.flush_denormals(True)
-x, mu, s, y = b._inputs(n, k, d, 'cpu', torch.float32)
-step = lambda: b._step(lgm_ext.lgm_loss, x, mu, s, y)
+x, mu, s, y = b.loss_inputs(n, k, d, 'cpu', torch.float32)
+step = lambda: b.loss_step(lgm_ext.lgm_loss, x, mu, s, y)
 for _ in range(2):
     step()
 ts = []

@@ -76,13 +76,13 @@ def kernel_profile(k: int, d: int, dtype_name: str, device: str = "cuda", n: int
 
     gpu = device.startswith("cuda")
     kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
-    x, mu, s, y = bench._inputs(n, k, d, device, getattr(torch, dtype_name))
-    bench._step(lgm_loss, x, mu, s, y)
-    bench._sync(device)
+    x, mu, s, y = bench.loss_inputs(n, k, d, device, getattr(torch, dtype_name))
+    bench.loss_step(lgm_loss, x, mu, s, y)
+    bench.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            bench._step(lgm_loss, x, mu, s, y)
-        bench._sync(device)
+            bench.loss_step(lgm_loss, x, mu, s, y)
+        bench.synchronize(device)
     measured = {}
     for evt in prof.events():  # on a GPU: the kernels (on the CPU, for a dry run: the ops)
         if evt.device_type == kind:
@@ -98,13 +98,13 @@ def tensor_core_case(k: int, d: int, dtype_name: str, budget_s: float, device: s
     from lgm_ext._testing import tensor_core_gemms
     from lgm_lab import bench
 
-    x, mu, s, y = bench._inputs(n, k, d, device, getattr(torch, dtype_name))
+    x, mu, s, y = bench.loss_inputs(n, k, d, device, getattr(torch, dtype_name))
 
     def tc():
         with tensor_core_gemms(True):
-            bench._step(lgm_loss, x, mu, s, y)
+            bench.loss_step(lgm_loss, x, mu, s, y)
 
-    t = bench.measure({"float32_gemms": lambda: bench._step(lgm_loss, x, mu, s, y), "tensor_cores": tc},
+    t = bench.measure({"float32_gemms": lambda: bench.loss_step(lgm_loss, x, mu, s, y), "tensor_cores": tc},
                       device=device, budget_s=budget_s)
     return {"k": k, "d": d, "dtype": dtype_name, "times_ms": {n: v.median for n, v in t.items()},
             "spread": {n: v.spread for n, v in t.items()}, "untrusted": [n for n, v in t.items() if not v.trusted()]}

@@ -20,7 +20,7 @@ import pytest
 # The rest of the suite runs in this order (what the kernels touch first), then every other file, and last the
 # files that rebuild the package from scratch (minutes; CI runs them).
 FIRST = ("test_lgm_ops.py", "test_dtypes.py", "test_pgd_step.py", "test_gpu_check.py", "test_modules.py",
-         "test_hardening.py", "test_inverse.py", "test_attacks.py", "test_distributed.py")
+         "test_lgm_ops_edge_cases.py", "test_inverse.py", "test_attacks.py", "test_distributed.py")
 LAST = ("test_packaging.py",)
 
 

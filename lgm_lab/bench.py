@@ -22,7 +22,7 @@ import torch
 from lgm_ext import DIRECT_MAX_KD, lgm_loss, reference
 from lgm_ext._testing import flush_denormals
 
-from .timing import MAX_SPREAD, Timing, _sync, interleaved_medians, machine_load, measure, median_ms  # noqa: F401
+from .timing import MAX_SPREAD, Timing, interleaved_medians, machine_load, measure, median_ms, synchronize  # noqa: F401
 
 LGM_SIZES = [(10, 2), (10, 100), (1000, 512), (10575, 512)]
 LGM_IMPLS = {
@@ -78,7 +78,8 @@ def machine_description(device: str = "cpu") -> str:
             f"(torch {torch.__version__})")
 
 
-def _inputs(n, k, d, device, dtype, seed=0):
+def loss_inputs(n, k, d, device, dtype, seed=0):
+    """Features (N, D), means and log-variances (K, D) needing gradients, and labels: the benchmarks' inputs."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype).to(device).requires_grad_()
     # Means a few units apart and features near them, as after some training.
@@ -88,7 +89,8 @@ def _inputs(n, k, d, device, dtype, seed=0):
     return x, mu, s, y
 
 
-def _step(fn, x, mu, s, y):
+def loss_step(fn, x, mu, s, y):
+    """One forward+backward of the loss function ``fn`` (alpha 1, lambda 0.1) on :func:`loss_inputs`."""
     for t in (x, mu, s):
         t.grad = None
     fn(x, mu, s, y, alpha=1.0, lambda_=0.1).backward()
@@ -112,15 +114,15 @@ def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu", dtyp
     of ``runs`` fresh processes (the rest varies by 1-2 MiB between processes: BLAS and thread-pool
     buffers)."""
     if device.startswith("cuda"):
-        x, mu, s, y = _inputs(n, k, d, device, dtype)
+        x, mu, s, y = loss_inputs(n, k, d, device, dtype)
         fn = lgm_impl(impl)
-        _step(fn, x, mu, s, y)  # warm-up (a compile, lazy initialisation)
+        loss_step(fn, x, mu, s, y)  # warm-up (a compile, lazy initialisation)
         for t in (x, mu, s):
             t.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        _step(fn, x, mu, s, y)
+        loss_step(fn, x, mu, s, y)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     # A fresh process; the kernel's peak-RSS counter is reset (clear_refs 5) just
@@ -129,17 +131,17 @@ def peak_memory_mib(impl: str, n: int, k: int, d: int, device: str = "cpu", dtyp
     # every allocation from then on is its own mapping, returned to the system when freed.
     code = (
         "import torch, lgm_lab.bench as b\n"
-        f"x, mu, s, y = b._inputs({n}, {k}, {d}, 'cpu', {dtype})\n"
+        f"x, mu, s, y = b.loss_inputs({n}, {k}, {d}, 'cpu', {dtype})\n"
         "b.flush_denormals()\n"
         f"fn = b.lgm_impl({impl!r})\n"
-        "b._step(fn, x, mu, s, y)\n"  # a warm-up step: one-time costs (thread pools, a compile) are not the step's
+        "b.loss_step(fn, x, mu, s, y)\n"  # a warm-up step: one-time costs (thread pools, a compile) are not the step's
         "for t in (x, mu, s):\n    t.grad = None\n"
         "import ctypes\nlibc = ctypes.CDLL('libc.so.6')\nlibc.mallopt(-3, 0)\nlibc.malloc_trim(0)\n"
         "def kib(f):\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(f))\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "r0 = kib('VmRSS:')\n"
-        "b._step(fn, x, mu, s, y)\n"
+        "b.loss_step(fn, x, mu, s, y)\n"
         "print(kib('VmHWM:') - r0)\n"
     )
     peaks = []
@@ -208,7 +210,7 @@ def bench_lgm(
         share = max(0.0, total - (time.perf_counter() - t_start)) / (len(sizes) - i)
         t_size = time.perf_counter()
         work = n * k * d
-        x, mu, s, y = _inputs(n, k, d, device, dtype)
+        x, mu, s, y = loss_inputs(n, k, d, device, dtype)
         row = LGMRow(k=k, d=d, path="direct" if k * d <= DIRECT_MAX_KD else "gemm", load=machine_load())
         cases = {}
         for name in names:
@@ -216,7 +218,7 @@ def bench_lgm(
                 row.notes.append(f"{name} skipped: its N x K x D tensors do not fit")
                 continue
             fn = lgm_impl(name)
-            cases[name] = (lambda fn=fn, args=(x, mu, s, y): _step(fn, *args))
+            cases[name] = (lambda fn=fn, args=(x, mu, s, y): loss_step(fn, *args))
         if row.path == "gemm" and dtype == torch.float32:
             cases[FLOOR] = gemm_floor_step(n, k, d, device)
         # Sides that build N x K x D temporaries over 64 MiB are timed in a second phase: freeing
@@ -413,5 +415,6 @@ def pgd_markdown(rows: list[dict], attack: dict | None) -> str:
 
 
 __all__ = ["bench_pgd_step", "bench_pgd_attack", "pgd_markdown", "bench_lgm", "lgm_markdown", "flush_denormals",
-           "machine_description", "machine_load", "measure", "median_ms", "Timing", "to_json"]
+           "machine_description", "machine_load", "measure", "median_ms", "Timing", "to_json", "loss_inputs",
+           "loss_step", "synchronize"]
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 
-def _sync(device):
+def synchronize(device):
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -97,7 +98,7 @@ def measure(fns: dict, *, device: str = "cpu", warmup: int = 3, calls: int | Non
             fn = fns[name]
             for _ in range(max(1, warmup)):
                 fn()
-            _sync(device)
+            synchronize(device)
             block = per_block[name] if calls is None else min(per_block[name], calls - len(times[name]))
             for _ in range(max(0, block)):
                 times[name].append(time_call(fn))
@@ -126,7 +127,7 @@ def interleaved_medians(fns: dict, warmup: int, device: str = "cpu", rounds: int
             block = -(-reps // rounds)
             for _ in range(max(1, warmup)):
                 fn()
-            _sync(device)
+            synchronize(device)
             for _ in range(min(block, reps - rnd * block)):
                 times[name].append(_time_once(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
