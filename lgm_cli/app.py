@@ -56,6 +56,7 @@ app.command("curves")(figures.curves)
 app.command("reproduce")(experiments.reproduce)
 app.command("inverse-centers")(experiments.inverse_centers)
 app.command("ablation")(experiments.ablation)
+app.command("budget")(experiments.budget)
 app.add_typer(detection.detect_app, name="detect")
 app.command("ood")(detection.ood)
 

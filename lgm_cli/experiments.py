@@ -145,3 +145,49 @@ def ablation(
         fail(err)
     console.print((out / f"ablation-{grid}.md").read_text(), markup=False)
     write_json(json_out, round_floats(res))
+
+
+def budget(
+    preset: str = typer.Option("standard", help="the grid of (batch size, steps) points "
+                                                "(lgm_lab.experiments.budget.BUDGET_PRESETS)"),
+    out: Path = typer.Option(Path("runs/budget"), help="output folder (finished runs there are reused)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds of every point (default: the preset's)"),
+    at: Optional[str] = typer.Option(None, help="extra points B:S,... (batch:steps) that get --at-seeds"),
+    at_seeds: str = typer.Option("0,1,2", help="the seeds of the --at points"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
+    json_out: Optional[Path] = json_opt(),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="one line per run (--no-progress: quiet)"),
+) -> None:
+    """The budget curve: softmax, center loss and L-GM trained for 64 to 2048 SGD steps at two batch sizes; test
+    error, FGSM-verification EER and compactness against steps, and where each claim turns (OUT/budget.md)."""
+    from lgm_lab.experiments.budget import BUDGET_PRESETS, budget_sweep
+
+    try:
+        if preset not in BUDGET_PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(BUDGET_PRESETS)}, got {preset!r}")
+        seed_list = _ints(seeds, "--seeds") if seeds else None
+        extra = []
+        for item in (at.split(",") if at else []):
+            b, _, s = item.partition(":")
+            try:
+                extra.append((int(b), int(s)))
+            except ValueError:
+                raise ValueError(f"--at takes batch:steps pairs, e.g. 128:512,128:2048; got {item!r}") from None
+            if extra[-1][0] < 1 or extra[-1][1] < 1:
+                raise ValueError(f"--at {item}: batch and steps must be positive")
+        check_common("cpu", 1, None, json_out)
+        out_folder(out)
+        res = budget_sweep(out, preset=preset, seeds=seed_list, at=extra, at_seeds=_ints(at_seeds, "--at-seeds"),
+                           data_dir=data_dir,
+                           progress=(lambda m: console.print(m, markup=False)) if progress else (lambda m: None))
+    except (RuntimeError, ValueError) as err:
+        fail(err)
+    console.print((out / "budget.md").read_text(), markup=False)
+    write_json(json_out, round_floats(res))
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None

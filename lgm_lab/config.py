@@ -141,7 +141,11 @@ class TrainConfig:
                                                    "(each step "
                                  "costs one more forward+backward pass per training step)")
     warmup_epochs: float = _opt(1.0, "L-GM: ramp alpha and lambda from 0 over this many epochs")
+    warmup_steps: int | None = _opt(None, "L-GM: ramp alpha and lambda from 0 over this many SGD steps (overrides "
+                                          "--warmup-epochs)")
     epochs: int = _opt(25, "epochs")
+    steps: int | None = _opt(None, "train for this many SGD steps (overrides --epochs; the last epoch is cut short; "
+                                   "the learning-rate schedule spans exactly these steps)")
     batch_size: int = _opt(128, "batch size")
     lr: float = _opt(0.01, "(peak) learning rate")
     momentum: float = _opt(0.9, "SGD momentum")
@@ -168,6 +172,12 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
                 raise ValueError(f"{name} must be an integer in [1, {top}], got {v!r}")
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool)
+                                              or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or not 1 <= self.steps <= MAX_EPOCHS * 1000):
+            raise ValueError(f"steps must be an integer in [1, {MAX_EPOCHS * 1000}], got {self.steps!r}")
         for name in ("subset", "test_subset"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -15,7 +15,8 @@ from torch import Tensor
 from .run_folder import write_atomically
 from .tensors import features as _features
 
-__all__ = ["FORMATS", "verification_figures", "embedding_figure", "pmax_figure", "training_curves_figure",
+__all__ = ["FORMATS", "budget_figure",
+           "verification_figures", "embedding_figure", "pmax_figure", "training_curves_figure",
            "confusion_figure", "detection_roc_figure"]
 
 FORMATS = ("png", "pdf", "svg")
@@ -213,4 +214,40 @@ def detection_roc_figure(curves: dict, path: Path, *, title: str = "", fmt: str 
         ax.legend(fontsize=5.5, title="detector (AUROC %)", title_fontsize=6)
     if title:
         fig.suptitle(f"detection ROC, {title}", fontsize=10)
+    return _save(fig, path)
+
+
+def budget_figure(points: list[dict], path: Path, fmt: str | None = None) -> str:
+    """The budget curve (issue 24): test error, verification EER (the head's score and the max posterior) and
+    compactness against SGD steps (log scale), one colour per head, solid for the larger batch and dashed for
+    the smaller; the band is the seed spread (mean ± std) where a point has several seeds."""
+    plt = _plt()
+    path = _path(path, fmt)
+    panels = [("error", "test error (%)"), ("eer", "FGSM verification EER (%), the head's score"),
+              ("eer_max_posterior", "FGSM verification EER (%), max posterior"),
+              ("compactness", "compactness (lower = tighter)")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    heads = sorted({p["head"] for p in points})
+    batches = sorted({p["batch"] for p in points}, reverse=True)
+    cmap = plt.get_cmap("tab10")
+    for ax, (key, label) in zip(axes.flat, panels):
+        for hi, head in enumerate(heads):
+            for bi, batch in enumerate(batches):
+                steps = sorted({p["steps"] for p in points if p["head"] == head and p["batch"] == batch and key in p})
+                if not steps:
+                    continue
+                vals = [torch.tensor([p[key] for p in points if p["head"] == head and p["batch"] == batch
+                                      and p["steps"] == s and key in p], dtype=torch.float64) for s in steps]
+                mean = [v.mean().item() for v in vals]
+                std = [v.std().item() if len(v) > 1 else 0.0 for v in vals]
+                ax.plot(steps, mean, marker="o", ms=3, color=cmap(hi), linestyle="-" if bi == 0 else "--",
+                        label=f"{head}, batch {batch}")
+                if any(std):
+                    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                    color=cmap(hi), alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("SGD steps")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     return _save(fig, path)

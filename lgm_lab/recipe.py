@@ -12,12 +12,20 @@ from .devices import resolve_device
 from .heads import HEADS, build_head
 from .models import build_model
 
-__all__ = ["warmup_steps", "build_model_and_head", "make_optimizer", "make_scheduler"]
+__all__ = ["warmup_steps", "total_steps", "build_model_and_head", "make_optimizer", "make_scheduler"]
 
 
 def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """The L-GM ramp length in optimizer steps (``warmup_epochs`` of ``steps_per_epoch``)."""
+    """The L-GM ramp length in optimizer steps: ``cfg.warmup_steps`` when set, else ``warmup_epochs`` of
+    ``steps_per_epoch``."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
     return max(1, int(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's SGD steps: ``cfg.steps`` when set (the last epoch cut short), else ``epochs`` full epochs."""
+    return cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
 
 
 def build_model_and_head(cfg: TrainConfig, steps_per_epoch: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -49,9 +57,9 @@ def _step_schedule(total: int):
 
 
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """The learning-rate schedule over ``cfg.epochs * steps_per_epoch`` steps: one cycle to the peak
-    (``cyclic``), x0.1 at 50% and 75% (``step``), or ``constant``."""
-    total = cfg.epochs * steps_per_epoch
+    """The learning-rate schedule over the run's :func:`total_steps`: one cycle to the peak (``cyclic``),
+    x0.1 at 50% and 75% (``step``), or ``constant``."""
+    total = total_steps(cfg, steps_per_epoch)
     if cfg.schedule == "cyclic":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
     if cfg.schedule == "step":

@@ -32,7 +32,7 @@ from .data import fingerprint, load_dataset
 from .devices import resolve_device
 from .evaluation import evaluate
 from .ood_data import restrict_classes
-from .recipe import build_model_and_head, make_optimizer, make_scheduler
+from .recipe import build_model_and_head, make_optimizer, make_scheduler, total_steps
 from .run_folder import locked, remove_stale_temporaries, save_json, write_atomically
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "METRIC_FIELDS", "epoch_batches", "tensorboard_writer"]
@@ -54,8 +54,8 @@ class TrainResult:
 RUN_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json")
 
 # The columns of metrics.csv (and the scalars sent to TensorBoard), in order.
-METRIC_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_error_percent", "lr", "train_images_per_second",
-                 "test_log_likelihood_mean", "clipped_steps", "grad_norm_max")
+METRIC_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_error_percent", "lr",
+                 "train_images_per_second", "test_log_likelihood_mean", "clipped_steps", "grad_norm_max")
 
 
 def _finite_weights(*modules: nn.Module) -> bool:
@@ -265,6 +265,8 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     steps_per_epoch = _steps_per_epoch(len(train_ds), cfg, world)
+    n_steps = total_steps(cfg, steps_per_epoch)
+    n_epochs = math.ceil(n_steps / steps_per_epoch)
     model, head = build_model_and_head(cfg, steps_per_epoch)
     if world > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         if not cfg.device.startswith("cuda"):
@@ -307,12 +309,15 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
                                 f"Last good checkpoint: {last}. {hint}")
 
     with bar:
-        task = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch)
-        for epoch in range(start_epoch, cfg.epochs):
+        task = bar.add_task("train", total=n_steps - min(n_steps, start_epoch * steps_per_epoch))
+        for epoch in range(start_epoch, n_epochs):
+            epoch_steps = min(steps_per_epoch, n_steps - epoch * steps_per_epoch)  # the last may be cut short
             model.train(), head.train()
             seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
             clipped, norm_max = 0, 0.0
             for i, (images, labels, n_step) in enumerate(epoch_batches(train_ds, cfg, epoch, rank, world)):
+                if i >= epoch_steps:
+                    break
                 images, labels = images.to(cfg.device), labels.to(cfg.device)
                 extra = head.prepare(model, images, labels)  # e.g. inverse adversaries (eval mode, no grad)
                 loss, logits = net(images, labels, **extra)
@@ -340,7 +345,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
                 loss_sum += loss.item() * n
                 correct += (logits.argmax(1) == labels).sum().item()
                 bar.update(task, advance=1, description=(
-                    f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}%"))
+                    f"epoch {epoch + 1}/{n_epochs} loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}%"))
             train_time = time.perf_counter() - t0
             seen, correct, loss_sum = _all_sum([seen, correct, loss_sum], world, cfg.device)
             if not _finite_weights(model, head):
@@ -348,7 +353,8 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
             if main:  # rank 0 evaluates and writes; the others wait for it
                 ev = evaluate(model, head, test_ds, device=cfg.device)
                 history.append({
-                    "epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
+                    "epoch": epoch + 1, "steps": epoch * steps_per_epoch + epoch_steps, "train_loss": loss_sum / seen,
+                    "train_accuracy": 100.0 * correct / seen,
                     "test_error_percent": ev["error_percent"], "lr": opt.param_groups[0]["lr"],
                     "train_images_per_second": seen / train_time,
                     **({"clipped_steps": clipped, "grad_norm_max": norm_max} if cfg.grad_clip > 0 else {}),

@@ -25,12 +25,10 @@ def train_or_reuse(cfg: TrainConfig, run_dir: Path, progress) -> bool:
     """Train ``cfg`` into ``run_dir``; a finished run with the same config is reused (returns True), an
     unfinished one is resumed, and a run with another config (an older recipe) is replaced."""
     ck = run_dir / "checkpoint.pt"
-    reused = False
     if ck.exists():
         try:
-            reused = load_checkpoint(ck)["epoch"] >= cfg.epochs
-            train(cfg, run_dir, resume=True, progress=False)
-            return reused
+            before = int(load_checkpoint(ck)["epoch"])
+            return train(cfg, run_dir, resume=True, progress=False).epochs_done == before  # nothing left to train
         except CheckpointError as err:
             progress(f"{run_dir.name}: {err}; training it anew")
             shutil.rmtree(run_dir)
