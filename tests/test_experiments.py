@@ -134,6 +134,22 @@ def test_reproduce_tiny(tmp_path, monkeypatch):
     res2 = R.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
     assert (tmp_path / "out" / "runs" / "softmax-2d-s0" / "checkpoint.pt").stat().st_mtime_ns == before
     assert res2["models_reused"] == res2["models"] == 12
+    # the report states every model's budget in SGD steps (64 images at batch 32: 2 steps, 64 images, 1 epoch)
+    assert res["sgd_steps"]["lgm-a1-100d-s1"] == {"steps": 2, "batch": 32, "images": 64, "epochs": 1}
+    assert "each model trained 2 SGD steps of batch 32 (64 images, 1 epoch)" in report
+
+
+def test_a_preset_in_steps_reports_them_and_its_note(tmp_path, monkeypatch):
+    """A budget given in SGD steps (TrainConfig.steps) is what the report states, with the preset's note on top."""
+    src = _write_idx(tmp_path / "idx", n_train=96, n_test=48)
+    monkeypatch.setitem(R.REPRODUCE_PRESETS, "tiny", dict(
+        train=dict(steps=5, warmup_steps=2, test_subset=48, batch_size=32), seeds=(0,), models100=("softmax",),
+        models2=(), attack_subset=16, embed_points=64, note="A smoke run."))
+    res = R.reproduce(tmp_path / "out", preset="tiny", data_dir=src, progress=lambda m: None)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert res["sgd_steps"]["softmax-100d-s0"]["steps"] == 5
+    assert "**A smoke run.**" in report and "5 SGD steps of batch 32 (160 images, 2 epochs)" in report
+    assert "warm-up over the first 2 steps" in report
 
 
 def test_compare_verdicts_use_the_binomial_error():

@@ -39,7 +39,7 @@ from ..ood_data import DIGITS_SIZE, OOD_SETS, ood_images, other_classes, restric
 from ..tensors import batches, features, stack_dataset
 from ..train import TrainingDiverged
 from .measure import attack_in_batches, calibrated_threshold, detection_metrics, rejection_rate
-from .runs import load_cached, run_config, save_cached, train_or_reuse
+from .runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
 from .stats import compare, mean_std_text
 
 __all__ = ["DETECTION_MODELS", "DETECTION_PRESETS", "HELDOUT_CLASSES", "EPS", "PGD_STEPS", "FPR", "LGM_DETECTOR",
@@ -287,7 +287,7 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
                 key = f"{name}{'-heldout' if heldout else ''}-s{seed}"
                 cfg = run_config(dataset, data_dir, 100, seed,
                                  dict(P["train"], **spec, classes=HELDOUT_CLASSES if heldout else None))
-                stage(f"training {key} ({cfg.epochs} epochs)")
+                stage(f"training {key} ({budget_words(cfg.__dict__)})")
                 res["models"] += 1
                 try:
                     res["models_reused"] += train_or_reuse(cfg, out / "runs" / key, progress)
@@ -375,8 +375,9 @@ def detection_markdown(res: dict) -> str:
                                  for k in v.get("attack_error", {})))
     seeds = ", ".join(map(str, res["seeds"]))
     L = [f"# Out-of-distribution and adversarial detection ({res['preset']} budget, {res['dataset']})", "",
-         f"LeNet++ 100-D (linear feature layer), {t.get('subset') or 'all'} training images, {t.get('epochs')} "
-         f"epochs, the report recipe; seeds {seeds} (mean ± std). Held-out-classes networks train on classes "
+         f"LeNet++ 100-D (linear feature layer), {t.get('subset') or 'all'} training images, "
+         f"{budget_words(t)}, the report recipe; seeds {seeds} (mean ± std). Held-out-classes networks train on "
+         "classes "
          f"{res['heldout_classes']} only; the test images of the other classes are their unknown inputs. Each "
          f"detector's threshold is calibrated at a {100 * res['fpr']:g}% false-rejection rate on one half of the "
          f"{t.get('test_subset') or 'full'} test images; everything is measured on the other half. Abnormal "

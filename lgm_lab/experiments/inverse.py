@@ -30,7 +30,7 @@ from ..evaluation import evaluate
 from ..run_folder import save_json, save_text
 from ..tensors import features, stack_dataset
 from .measure import INVERSE_ADVERSARY, center_comparisons, center_scores, class_means, compactness, eer, fgsm_sweep
-from .runs import load_cached, run_config, save_cached, train_or_reuse
+from .runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
 from .stats import compare, mean_std, mean_std_text, relative
 
 __all__ = ["INVERSE_PRESETS", "INVERSE_MODELS", "inverse_experiment", "inverse_stages", "verdict", "context",
@@ -114,7 +114,7 @@ def inverse_experiment(out_dir, *, preset: str = "quick", data_dir=None, progres
         for seed in seeds:
             key = f"{spec['head']}-s{seed}"
             cfg = run_config(dataset, data_dir, 100, seed, dict(P["train"], **spec))
-            stage(f"training {_short(model_name)} seed {seed} ({cfg.epochs} epochs)")
+            stage(f"training {_short(model_name)} seed {seed} ({budget_words(cfg.__dict__)})")
             run_dir = out / "runs" / key
             res["models_reused"] += train_or_reuse(cfg, run_dir, progress)
             res["models"] += 1
@@ -195,8 +195,9 @@ def inverse_markdown(r: dict) -> str:
     t = r["train"]
     ms = mean_std_text
     L = ["# Inverse-adversary centers, trained (" + r["preset"] + " budget, " + r["dataset"] + ")", "",
-         f"LeNet++ with a linear 100-D feature layer, {t.get('subset') or 'all'} training images, {t.get('epochs')} "
-         f"epochs, one budget for every model; seeds {', '.join(map(str, r['seeds']))} (mean ± std). Clean error on "
+         f"LeNet++ with a linear 100-D feature layer, {t.get('subset') or 'all'} training images, "
+         f"{budget_words(t)}, one budget for every model; seeds {', '.join(map(str, r['seeds']))} (mean ± std). "
+         "Clean error on "
          f"{r['n_test']} test images, attacks and verification on {r['n_attack']}. Inverse adversaries: "
          f"{INVERSE_ADVERSARY} (lgm_ext.InversePGD), generated on the current network every training step. "
          f"This invocation took {r['seconds'] / 60:.1f} min ({r.get('models_reused', 0)} of {r.get('models', 0)} "

@@ -30,7 +30,7 @@ from .measure import summarize_verification
 from .paper import EPS, MODEL_SPECS, TARGETED, evaluate_run, paper_claims, paper_markdown
 from .runs import load_cached, pick_dataset, run_config, save_cached, train_or_reuse
 
-__all__ = ["reproduce", "reproduce_stages", "report_markdown", "REPRODUCE_PRESETS"]
+__all__ = ["reproduce", "reproduce_stages", "report_markdown", "budget_text", "trained_steps", "REPRODUCE_PRESETS"]
 
 # The centers comparison's models: report role -> model name of MODEL_SPECS.
 CENTERS_MODELS = {"A": "center", "B": "softmax", "L-GM": "lgm-a1"}
@@ -75,12 +75,20 @@ def _train(name: str, dim: int, seed: int, P: dict, dataset: str, data_dir, out:
     """Train (or reuse) one model of the preset; returns (model, head, run folder)."""
     key = f"{name}-{dim}d-s{seed}"
     cfg = run_config(dataset, data_dir, dim, seed, dict(P["train"], **MODEL_SPECS[name]))
-    stage(f"training {key} ({cfg.epochs} epochs)")
+    stage(f"training {key} ({f'{cfg.steps} SGD steps' if cfg.steps else f'{cfg.epochs} epochs'})")
     run_dir = out / "runs" / key
     results["models_reused"] += train_or_reuse(cfg, run_dir, progress)
     results["models"] += 1
-    model, head, _cfg, _ck = load_trained(run_dir / "checkpoint.pt")
+    model, head, _cfg, ck = load_trained(run_dir / "checkpoint.pt")
+    results["sgd_steps"][key] = trained_steps(ck["metrics"], cfg)
     return model, head, run_dir
+
+
+def trained_steps(metrics: list[dict], cfg) -> dict:
+    """A run's budget: SGD steps, batch size, images seen, passes over its training set (from its metrics)."""
+    steps = metrics[-1].get("steps") if metrics else None
+    images = None if steps is None else steps * cfg.batch_size
+    return {"steps": steps, "batch": cfg.batch_size, "images": images, "epochs": len(metrics)}
 
 
 def _measure(name: str, seed: int, model, head, run_dir: Path, test, x, y, settings: dict, first_seed: bool, stage):
@@ -134,7 +142,8 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
         x, y = x[: P["attack_subset"]], y[: P["attack_subset"]]
     settings = {"attack_subset": len(x), "test": len(test), "eps": EPS}
     results = {"preset": preset, "dataset": dataset, "format": fmt, "seeds": seeds, "train": P["train"], "runs": {},
-               "table1_2d": {}, "figures": [], "models_reused": 0, "models": 0}
+               "table1_2d": {}, "figures": [], "models_reused": 0, "models": 0,
+               "sgd_steps": {}, "note": P.get("note")}
     first = {}  # the first seed's models (and their full measurements) for the figures and the centers
     curves = {}  # per-epoch metrics of the first seed's 100-D runs
 
@@ -213,14 +222,29 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
     return results
 
 
+def budget_text(r: dict) -> str:
+    """The models' training budget in SGD steps (and images, epochs), as the report states it."""
+    b = {(v["steps"], v["batch"], v["epochs"]) for v in r.get("sgd_steps", {}).values() if v["steps"] is not None}
+    if not b:
+        return f"{r['train'].get('epochs')} epochs"
+    parts = [f"{s:,} SGD steps of batch {bs} ({s * bs:,} images, {ep} epoch{'s' if ep > 1 else ''})"
+             for s, bs, ep in sorted(b)]
+    return "each model trained " + " or ".join(parts)
+
+
 def report_markdown(r: dict) -> str:
     seeds = r["seeds"]
     t = r["train"]
-    L = [f"# Reproduction report ({r['preset']} preset, {r['dataset']})", "",
-         "Published numbers: the L-GM paper's (MNIST) and the inverse-adversary report's qualitative claims. "
-         f"Ours: {r['dataset']}, LeNet++, {t.get('subset') or 'all'} training images, {t.get('epochs')} epochs "
-         f"(SGD + Nesterov, one-cycle lr peaking at 0.01, L-GM means/log-variances at 10x the lr, alpha/lambda "
-         f"warm-up over the first epoch); test error on {r['n_test']} test images, attacks on {r['n_attack']}. "
+    budget = budget_text(r)
+    warm = (f"the first {t['warmup_steps']} steps" if t.get("warmup_steps") is not None else "the first epoch")
+    L = [f"# Reproduction report ({r['preset']} preset, {r['dataset']})", ""]
+    if r.get("note"):
+        L += [f"**{r['note']}**", ""]
+    L += ["Published numbers: the L-GM paper's (MNIST) and the inverse-adversary report's qualitative claims. "
+         f"Ours: {r['dataset']}, LeNet++, {t.get('subset') or 'all'} training images; {budget} "
+         f"(SGD + Nesterov, one-cycle lr peaking at 0.01 over the run's steps, L-GM means/log-variances at 10x the "
+         f"lr, alpha/lambda warm-up over {warm}, gradient norm clipped at 10); test error on {r['n_test']} test "
+         f"images, attacks on {r['n_attack']}. "
          f"Seeds: {', '.join(map(str, seeds))}; a ± b is the mean and standard deviation over seeds. "
          f"This invocation took {r['seconds'] / 60:.1f} min ({r['models_reused']} of {r['models']} models reused).",
          "", "Networks: `-relu` variants have a ReLU after the feature layer (the paper's text); the others are "

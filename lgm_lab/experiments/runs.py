@@ -12,7 +12,7 @@ from ..data import DatasetUnavailable, load_dataset
 from ..run_folder import save_json
 from ..train import train
 
-__all__ = ["run_config", "train_or_reuse", "pick_dataset", "load_cached", "save_cached"]
+__all__ = ["run_config", "train_or_reuse", "pick_dataset", "load_cached", "save_cached", "budget_words"]
 
 
 def run_config(dataset: str, data_dir, feat_dim: int, seed: int, overrides: dict) -> TrainConfig:
@@ -60,3 +60,12 @@ def load_cached(path: Path, settings: dict) -> dict | None:
 
 def save_cached(path: Path, settings: dict, value: dict) -> None:
     save_json(path, {"settings": settings, "eval": value}, indent=1)
+
+
+def budget_words(train: dict) -> str:
+    """An experiment's training budget (its "train" overrides of the report recipe) in words: SGD steps and batch
+    size when the budget is in steps, else epochs."""
+    if train.get("steps"):
+        bs = train.get("batch_size", 128)
+        return f"{train['steps']:,} SGD steps of batch {bs} ({train['steps'] * bs:,} images)"
+    return f"{train.get('epochs', 25)} epochs"
