@@ -65,7 +65,7 @@ def reproduce(
         try:
             res = run(out, preset=preset.value, data_dir=data_dir, progress=_stage_reporter(progress),
                       on_stage=on_stage, fmt=fmt, inverse=inverse, detection=detection)
-        except (RuntimeError, ValueError) as err:
+        except (RuntimeError, ValueError, OSError) as err:
             fail(err)
         bar.update(task, completed=bar.tasks[0].total)
     console.print(f"done in {res['seconds'] / 60:.1f} min; report: {out / 'report.md'}")
@@ -95,7 +95,7 @@ def inverse_centers(
             res = inverse_experiment(out, preset=preset.value, data_dir=data_dir, progress=_stage_reporter(progress),
                                      on_stage=lambda d, t, what: bar.update(task, completed=d, total=t,
                                                                             description=what))
-        except (RuntimeError, ValueError) as err:
+        except (RuntimeError, ValueError, OSError) as err:
             fail(err)
         bar.update(task, completed=bar.tasks[0].total)
     t = Table(title=f"inverse-adversary centers ({preset.value}, {len(res['seeds'])} seeds; mean ± std)")
@@ -141,7 +141,7 @@ def ablation(
         out_folder(out)
         res = run(out, grid=grid, preset=preset.value, seeds=seed_list, data_dir=data_dir,
                   progress=(lambda m: console.print(m, markup=False)) if progress else (lambda m: None))
-    except (RuntimeError, ValueError) as err:
+    except (RuntimeError, ValueError, OSError) as err:
         fail(err)
     console.print((out / f"ablation-{grid}.md").read_text(), markup=False)
     write_json(json_out, round_floats(res))
@@ -180,7 +180,7 @@ def budget(
         res = budget_sweep(out, preset=preset, seeds=seed_list, at=extra, at_seeds=_ints(at_seeds, "--at-seeds"),
                            data_dir=data_dir,
                            progress=(lambda m: console.print(m, markup=False)) if progress else (lambda m: None))
-    except (RuntimeError, ValueError) as err:
+    except (RuntimeError, ValueError, OSError) as err:
         fail(err)
     console.print((out / "budget.md").read_text(), markup=False)
     write_json(json_out, round_floats(res))

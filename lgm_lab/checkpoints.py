@@ -153,7 +153,7 @@ def check_resumable(saved: dict, cfg: TrainConfig, done: int, path) -> None:
     if differ:
         raise CheckpointError(f"cannot resume {path}: the configuration differs in {', '.join(differ)} ("
                               + ", ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in differ) + ")")
-    if cfg.epochs != saved.get("epochs"):
+    if cfg.steps is None and cfg.epochs != saved.get("epochs"):  # with --steps, --epochs means nothing
         if cfg.epochs < done:
             raise CheckpointError(f"cannot resume {path} with --epochs {cfg.epochs}: it has already trained {done}")
         if cfg.schedule != "constant":

@@ -13,6 +13,7 @@ processes: :mod:`lgm_lab.launch`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -31,8 +32,9 @@ from .config import TrainConfig
 from .data import fingerprint, load_dataset
 from .devices import resolve_device
 from .evaluation import evaluate
+from .heads import HEADS
 from .ood_data import restrict_classes
-from .recipe import build_model_and_head, make_optimizer, make_scheduler, total_steps
+from .recipe import build_model_and_head, make_optimizer, make_scheduler, total_steps, warmup_steps
 from .run_folder import locked, remove_stale_temporaries, save_json, write_atomically
 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "METRIC_FIELDS", "epoch_batches", "tensorboard_writer"]
@@ -267,6 +269,11 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
     steps_per_epoch = _steps_per_epoch(len(train_ds), cfg, world)
     n_steps = total_steps(cfg, steps_per_epoch)
     n_epochs = math.ceil(n_steps / steps_per_epoch)
+    ramp = warmup_steps(cfg, steps_per_epoch)
+    if cfg.steps is not None and "alpha" in HEADS[cfg.head].config_keys and ramp > n_steps:
+        raise ValueError(f"the {cfg.head} head's warm-up ({ramp} steps: --warmup-epochs {cfg.warmup_epochs} of "
+                         f"{steps_per_epoch}) is longer than --steps {n_steps}: it would never finish; set "
+                         "--warmup-steps (e.g. a quarter of --steps)")
     model, head = build_model_and_head(cfg, steps_per_epoch)
     if world > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         if not cfg.device.startswith("cuda"):
@@ -276,7 +283,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
     opt = make_optimizer(cfg, model, head)
     sched = make_scheduler(cfg, opt, steps_per_epoch)
     history: list[dict] = []
-    start_epoch = 0
+    start_epoch = steps_done = 0
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         check_resumable(ck["config"], cfg, int(ck["epoch"]), ck_path)
@@ -291,6 +298,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
         history, start_epoch = list(ck["metrics"]), int(ck["epoch"])
+        steps_done = int(history[-1].get("steps", start_epoch * steps_per_epoch)) if history else 0
         if main:
             _save_metrics(out, history)  # a kill between the checkpoint and the metrics write
     if main:
@@ -315,9 +323,8 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
             model.train(), head.train()
             seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
             clipped, norm_max = 0, 0.0
-            for i, (images, labels, n_step) in enumerate(epoch_batches(train_ds, cfg, epoch, rank, world)):
-                if i >= epoch_steps:
-                    break
+            batches = itertools.islice(epoch_batches(train_ds, cfg, epoch, rank, world), epoch_steps)
+            for i, (images, labels, n_step) in enumerate(batches):
                 images, labels = images.to(cfg.device), labels.to(cfg.device)
                 extra = head.prepare(model, images, labels)  # e.g. inverse adversaries (eval mode, no grad)
                 loss, logits = net(images, labels, **extra)
@@ -340,6 +347,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
                     norm_max = max(norm_max, norm)
                 opt.step()
                 sched.step()
+                steps_done += 1
                 n = labels.shape[0]
                 seen += n
                 loss_sum += loss.item() * n
@@ -353,7 +361,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
             if main:  # rank 0 evaluates and writes; the others wait for it
                 ev = evaluate(model, head, test_ds, device=cfg.device)
                 history.append({
-                    "epoch": epoch + 1, "steps": epoch * steps_per_epoch + epoch_steps, "train_loss": loss_sum / seen,
+                    "epoch": epoch + 1, "steps": steps_done, "train_loss": loss_sum / seen,
                     "train_accuracy": 100.0 * correct / seen,
                     "test_error_percent": ev["error_percent"], "lr": opt.param_groups[0]["lr"],
                     "train_images_per_second": seen / train_time,

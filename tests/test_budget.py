@@ -26,13 +26,45 @@ def _cfg(src, **kw):
 def test_steps_train_exactly_that_many_steps_and_the_schedule_spans_them(src, tmp_path):
     """96 images at batch 32 are 3 steps an epoch: steps=5 is two epochs, the second cut short after 2 steps;
     --epochs is ignored (OneCycleLR would raise if stepped past the total it was built for)."""
+    from lgm_lab.checkpoints import load_checkpoint
     from lgm_lab.train import train
 
     res = train(_cfg(src, steps=5, epochs=25), tmp_path, progress=False)
     assert [h["steps"] for h in res.metrics] == [3, 5]
     assert res.epochs_done == 2
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert int(ck["head"]["step"]) == 5 and ck["scheduler"]["last_epoch"] == 5  # counted, not planned
     csv = (tmp_path / "metrics.csv").read_text().splitlines()
     assert csv[0].split(",")[:2] == ["epoch", "steps"] and csv[-1].split(",")[1] == "5"
+
+
+def test_a_step_budget_resumed_mid_way_equals_the_uninterrupted_run(src, tmp_path):
+    """Killed after its first epoch, a 5-step run resumes into the run that was never stopped; --epochs, which a
+    step budget ignores, may differ on resume."""
+    import dataclasses
+
+    import torch
+
+    from lgm_lab.checkpoints import load_checkpoint
+    from lgm_lab.train import train
+
+    cfg = _cfg(src, steps=5)
+    train(cfg, tmp_path / "whole", progress=False)
+    train(cfg, tmp_path / "parts", progress=False, stop_after=1)
+    train(dataclasses.replace(cfg, epochs=4), tmp_path / "parts", progress=False, resume=True)
+    a, b = (load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("whole", "parts"))
+    assert [h["steps"] for h in b["metrics"]] == [3, 5]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+def test_a_warm_up_longer_than_the_steps_is_refused(src, tmp_path):
+    """--steps 2 with the default one-epoch ramp (3 steps here) would end before alpha and lambda arrive."""
+    from lgm_lab.train import train
+
+    with pytest.raises(ValueError, match="--warmup-steps"):
+        train(_cfg(src, steps=2), tmp_path, progress=False)
+    train(_cfg(src, steps=2, warmup_steps=1), tmp_path, progress=False)
 
 
 def test_a_finished_step_budget_is_reused_not_retrained(src, tmp_path):
@@ -68,7 +100,9 @@ def test_budget_sweep_writes_table_figure_claims_and_reuses_its_runs(src, tmp_pa
                     for seed in ((0, 1) if (b, s) == (32, 2) else (0,))}
     for p in res["points"]:
         assert p["images"] == p["batch"] * p["steps"]
-        assert {"error", "eer", "eer_max_posterior", "compactness", "fgsm_0.3"} <= set(p) or "diverged" in p
+        assert {"error", "eer", "eer_max_posterior", "compactness", "fgsm_0.3"} <= set(p)
+    two_seeds = next(c for c in res["claims"] if c["measure"] == "compactness" and c["batch"] == 32)["rows"]
+    assert two_seeds[0]["seeds"] == 2 and two_seeds[0]["verdict"] != "-" and two_seeds[1]["verdict"] == "-"
     md = (tmp_path / "budget.md").read_text()
     assert "## Batch 32" in md and "## Batch 16" in md and "| 4 | 128 | 1 |" in md
     assert (tmp_path / "figures" / "budget.png").stat().st_size > 0
@@ -102,6 +136,55 @@ def test_claims_turn_where_the_curve_says():
     assert first["holds_from"] == 128
     comp = next(c for c in claims if c["measure"] == "compactness")
     assert all(r["verdict"] == "-" for r in comp["rows"]) and comp["holds_from"] is None  # one seed: untestable
+
+
+def test_holds_from_is_never_an_untested_budget():
+    """Untested budgets (`-`) before the first that holds do not count as holding (review finding)."""
+    from lgm_lab.experiments.budget import budget_claims
+
+    pts = []
+    for s in (64, 128, 256, 512):
+        for seed in ((0,) if s < 256 else (0, 1)):
+            pts += [dict(head="center", batch=128, steps=s, seed=seed, error=20.0, eer=20.0,
+                         compactness=0.30 + seed / 100),
+                    dict(head="softmax", batch=128, steps=s, seed=seed, error=20.0, eer=20.0,
+                         compactness=0.50 + seed / 100),
+                    dict(head="lgm-a1", batch=128, steps=s, seed=seed, error=20.0, eer=20.0, compactness=0.4)]
+    comp = next(c for c in budget_claims({"n_test": 1000, "n_attack": 500, "points": pts})
+                if c["measure"] == "compactness")
+    assert [r["verdict"] for r in comp["rows"]] == ["-", "-", "holds", "holds"]
+    assert comp["holds_from"] == 256
+
+
+def test_a_diverged_point_is_recorded_and_not_retried(src, tmp_path, monkeypatch):
+    from lgm_lab.experiments import budget as B
+    from lgm_lab.train import TrainingDiverged
+
+    monkeypatch.setitem(B.BUDGET_PRESETS, "one", dict(points={32: (2,)}, seeds=(0,), test_subset=32, attack_subset=16))
+    calls = []
+    real = B.train_or_reuse
+
+    def lgm_diverges(cfg, run_dir, progress):
+        calls.append(cfg.head)
+        if cfg.head == "lgm":
+            raise TrainingDiverged("non-finite loss (nan) at epoch 1, step 2 (lr 0.01); training stopped.")
+        return real(cfg, run_dir, progress)
+
+    monkeypatch.setattr(B, "train_or_reuse", lgm_diverges)
+    res = B.budget_sweep(tmp_path, preset="one", data_dir=src, progress=lambda m: None)
+    assert [p["head"] for p in res["points"] if "diverged" in p] == ["lgm-a1"]
+    md = (tmp_path / "budget.md").read_text()
+    assert "Diverged (not in the table): lgm-a1, 2 steps, seed 0: non-finite loss" in md
+    B.budget_sweep(tmp_path, preset="one", data_dir=src, progress=lambda m: None)
+    assert calls.count("lgm") == 1  # the second sweep read the marker
+
+
+def test_a_bad_point_is_refused_before_anything_trains(src, tmp_path, monkeypatch):
+    from lgm_lab.experiments import budget as B
+
+    monkeypatch.setattr(B, "train_or_reuse", lambda *a: (_ for _ in ()).throw(AssertionError("trained")))
+    with pytest.raises(ValueError, match="batch"):
+        B.budget_sweep(tmp_path, preset="coarse", at=[(10**9, 4)], data_dir=src, progress=lambda m: None)
 
 
 @pytest.mark.parametrize("args, word", [(["--at", "128"], "--at"), (["--at", "0:5"], "--at"),

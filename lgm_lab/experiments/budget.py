@@ -11,6 +11,7 @@ continues where it stopped and added seeds cost only their own runs.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -86,6 +87,10 @@ def budget_sweep(out_dir, *, preset: str = "standard", seeds=None, at=(), at_see
     seeds = tuple(P["seeds"] if seeds is None else seeds)
     plan = {(b, s, seed) for b, steps in P["points"].items() for s in steps for seed in seeds}
     plan |= {(b, s, seed) for b, s in at for seed in at_seeds}
+    order = sorted(plan, key=lambda p: (p[1] * p[0], p[0], p[2]))  # cheapest first
+    # every point's configuration up front: a bad point is refused before anything trains
+    configs = {(b, s, seed, h): budget_config(h, b, s, seed, test_subset=P["test_subset"], data_dir=data_dir)
+               for b, s, seed in order for h in BUDGET_HEADS}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -94,16 +99,23 @@ def budget_sweep(out_dir, *, preset: str = "standard", seeds=None, at=(), at_see
     x, y = x[: P["attack_subset"]], y[: P["attack_subset"]]
     settings = {"test": len(test), "attack": len(x), "protocol": 1}
     points = []
-    for batch, steps, seed in sorted(plan, key=lambda p: (p[1] * p[0], p[0], p[2])):  # cheapest first
+    for batch, steps, seed in order:
         for head_name in BUDGET_HEADS:
-            cfg = budget_config(head_name, batch, steps, seed, test_subset=P["test_subset"], data_dir=data_dir)
+            cfg = configs[batch, steps, seed, head_name]
             run_dir = out / "runs" / f"{head_name}-b{batch}-s{steps}-seed{seed}"
             progress(f"{head_name}, batch {batch}, {steps} steps, seed {seed}")
             point = {"head": head_name, "batch": batch, "steps": steps, "seed": seed, "images": batch * steps}
+            marker = load_cached(run_dir / "diverged.json", asdict(cfg))  # a diverged run is not retried
+            if marker is not None:
+                points.append(dict(point, diverged=marker["message"]))
+                continue
             try:
                 train_or_reuse(cfg, run_dir, progress)
             except TrainingDiverged as err:
-                points.append(dict(point, diverged=str(err).split(";")[0]))
+                message = str(err).split(";")[0]
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_cached(run_dir / "diverged.json", asdict(cfg), {"message": message})
+                points.append(dict(point, diverged=message))
                 continue
             model, head, _cfg, ck = load_trained(run_dir / "checkpoint.pt")
             key = dict(settings, sha256=checkpoint_digest(ck))
@@ -149,7 +161,7 @@ def budget_claims(res: dict) -> list[dict]:
             holds_from = None
             for i, r in enumerate(rows):
                 tested = [q for q in rows[i:] if q["verdict"] != "-"]
-                if tested and all(q["verdict"] == "holds" for q in tested):
+                if r["verdict"] == "holds" and all(q["verdict"] == "holds" for q in tested):
                     holds_from = r["steps"]
                     break
             out.append({"claim": name, "measure": key, "batch": batch, "rows": rows, "holds_from": holds_from})
@@ -177,21 +189,25 @@ def budget_markdown(res: dict) -> str:
             def v(h, key, fmt="{:.2f}", batch=batch, steps=steps):
                 return ms(_values(res, h, batch, steps, key), fmt)
             nseed = max(len(_values(res, h, batch, steps, "error")) for h in heads)
-            div = [p["head"] for p in res["points"] if p["batch"] == batch and p["steps"] == steps and "diverged" in p]
             L.append(f"| {steps} | {batch * steps:,} | {nseed} | " + " | ".join(v(h, "error") for h in heads) + " | "
                      + " | ".join(v(h, "eer", "{:.1f}") for h in heads)
                      + f" | {v('lgm-a1', 'eer_max_posterior', '{:.1f}')}"
-                     + " | " + " | ".join(v(h, "compactness", "{:.3f}") for h in heads) + " |"
-                     + (f" diverged: {', '.join(div)}" if div else ""))
+                     + " | " + " | ".join(v(h, "compactness", "{:.3f}") for h in heads) + " |")
+        L.append("")
+        L += [f"Diverged (not in the table): {p['head']}, {p['steps']} steps, seed {p['seed']}: {p['diverged']}."
+              for p in res["points"] if p["batch"] == batch and "diverged" in p]
         L.append("")
     L += ["## Where each claim turns", "",
           "Verdict per budget (steps): `holds` when the difference is at least 2 standard errors in the claim's "
           "direction, `fails` when at least 2 in the other, else `within noise`; `-`: not testable there "
-          "(compactness needs 2+ seeds). 'Holds from' is the smallest budget from which it holds at every larger "
-          "budget measured.", "",
+          "(compactness needs 2+ seeds). Where a point has one seed (`1 seed`), the standard error is the binomial "
+          "error of the test images alone: the verdict is about that seed's model, and the seed-to-seed spread of "
+          "training (larger at small budgets) is not in it. 'Holds from' is the smallest budget from which it holds "
+          "at every larger budget measured.", "",
           "| claim | batch | verdict by steps | holds from |", "|---|---|---|---|"]
     for c in res["claims"]:
-        cells = ", ".join(f"{r['steps']}: {r['verdict']}" + (f" (z {r['z']:.1f})" if "z" in r else "")
+        cells = ", ".join(f"{r['steps']}: {r['verdict']}"
+                          + (f" (z {r['z']:.1f}{', 1 seed' if r['seeds'] == 1 else ''})" if "z" in r else "")
                           for r in c["rows"])
         L.append(f"| {c['claim']} | {c['batch']} | {cells} | "
                  f"{c['holds_from'] if c['holds_from'] is not None else 'never, up to the largest budget'} |")
