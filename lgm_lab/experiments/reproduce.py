@@ -227,8 +227,7 @@ def budget_text(r: dict) -> str:
     b = {(v["steps"], v["batch"], v["epochs"]) for v in r.get("sgd_steps", {}).values() if v["steps"] is not None}
     if not b:
         return f"{r['train'].get('epochs')} epochs"
-    parts = [f"{s:,} SGD steps of batch {bs} ({s * bs:,} images, {ep} epoch{'s' if ep > 1 else ''})"
-             for s, bs, ep in sorted(b)]
+    parts = [f"{s:,} SGD steps of batch {bs} ({s * bs:,} images)" for s, bs, _ep in sorted(b)]
     return "each model trained " + " or ".join(parts)
 
 
