@@ -31,7 +31,8 @@ def _stage_reporter(progress: bool):
 
 
 def reproduce(
-    preset: ReproducePreset = typer.Option("quick", help="quick (3 heads, 256 SGD steps each, one seed; under 10 min on 2 cores) | "
+    preset: ReproducePreset = typer.Option("quick", help="quick (3 heads, 256 SGD steps each, one seed; ~11 min on "
+                                                         "2 cores) | "
                                                          "standard (3 seeds, both feature layers; the committed "
                                                          "report) | paper (the paper's settings; MNIST when "
                                                          "available, else Fashion-MNIST)"),
