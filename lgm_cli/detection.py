@@ -27,6 +27,7 @@ from .options import (
     parse_eps,
     progress_bar,
     progress_opt,
+    subset_opt,
     write_json,
 )
 
@@ -156,8 +157,7 @@ def score(
                              help="comma-separated: the run's dataset (its clean test images not used to "
                                   "calibrate) | digits | noise | gaussian | inverted | heldout-classes (a run "
                                   "trained on some classes: the test images of the others)"),
-    subset: Optional[int] = typer.Option(None, "--subset", help="use N test images (the seeded selection of `lgm "
-                                                                "train --test-subset N`; default: all)"),
+    subset: Optional[int] = subset_opt(),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the run's)"),
     device: Optional[str] = device_opt(),
     batch_size: int = batch_opt(),

@@ -28,7 +28,7 @@ from . import inverse as inverse_adversary
 from .centers import centers_markdown, centers_report
 from .measure import summarize_verification
 from .paper import EPS, MODEL_SPECS, TARGETED, evaluate_run, paper_claims, paper_markdown
-from .runs import load_cached, pick_dataset, run_config, save_cached, train_or_reuse
+from .runs import budget_words, load_cached, pick_dataset, run_config, save_cached, train_or_reuse
 
 __all__ = ["reproduce", "reproduce_stages", "report_markdown", "budget_text", "trained_steps", "REPRODUCE_PRESETS"]
 
@@ -224,11 +224,10 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
 
 def budget_text(r: dict) -> str:
     """The models' training budget in SGD steps (and images, epochs), as the report states it."""
-    b = {(v["steps"], v["batch"], v["epochs"]) for v in r.get("sgd_steps", {}).values() if v["steps"] is not None}
+    b = {(v["steps"], v["batch"]) for v in r.get("sgd_steps", {}).values() if v["steps"] is not None}
     if not b:
-        return f"{r['train'].get('epochs')} epochs"
-    parts = [f"{s:,} SGD steps of batch {bs} ({s * bs:,} images)" for s, bs, _ep in sorted(b)]
-    return "each model trained " + " or ".join(parts)
+        return budget_words(r["train"])
+    return "each model trained " + " or ".join(budget_words(dict(steps=s, batch_size=bs)) for s, bs in sorted(b))
 
 
 def report_markdown(r: dict) -> str:
