@@ -73,8 +73,9 @@ def reproduce(
 
 
 def inverse_centers(
-    preset: ReproducePreset = typer.Option("quick", help="quick (2,000 images, 3 epochs, 3 seeds: ~45 min on 2 "
-                                                         "cores) | standard | paper"),
+    preset: ReproducePreset = typer.Option("quick", help="quick (256 SGD steps of batch 128, 3 seeds: ~1.5 h on 2 "
+                                                         "cores) | standard (1,024 steps) | paper"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the preset's 0,1,2)"),
     out: Path = typer.Option(Path("runs/inverse"), help="output folder (finished checkpoints there are reused)"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
     json_out: Optional[Path] = json_opt(),
@@ -86,6 +87,7 @@ def inverse_centers(
     from lgm_lab.experiments.inverse import inverse_experiment
 
     try:
+        seed_list = None if seeds is None else _ints(seeds, "--seeds")
         check_common("cpu", 1, None, json_out)
         out_folder(out)
     except ValueError as err:
@@ -93,7 +95,8 @@ def inverse_centers(
     with progress_bar(progress) as bar:
         task = bar.add_task("inverse-adversary centers", total=None)
         try:
-            res = inverse_experiment(out, preset=preset.value, data_dir=data_dir, progress=_stage_reporter(progress),
+            res = inverse_experiment(out, preset=preset.value, seeds=seed_list, data_dir=data_dir,
+                                     progress=_stage_reporter(progress),
                                      on_stage=lambda d, t, what: bar.update(task, completed=d, total=t,
                                                                             description=what))
         except (RuntimeError, ValueError, OSError) as err:
@@ -117,7 +120,8 @@ def inverse_centers(
 
 def ablation(
     grid: str = typer.Option("warmup", help="which grid of L-GM settings (lgm_lab.experiments.ablation.GRIDS): "
-                                            "warmup (warm-up length and lambda)"),
+                                            "warmup (warm-up length and lambda), likelihood (alpha 0/0.3/1, "
+                                            "the likelihood term with/without log-det, identity)"),
     preset: ReproducePreset = typer.Option("quick", help="the training budget: a `lgm reproduce` preset's"),
     seeds: str = typer.Option("0", help="comma-separated seeds"),
     out: Path = typer.Option(Path("runs/ablation"), help="output folder (finished checkpoints there are reused)"),
@@ -134,10 +138,7 @@ def ablation(
     try:
         if grid not in GRIDS:
             raise ValueError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
-        try:
-            seed_list = tuple(int(s) for s in seeds.split(","))
-        except ValueError:
-            raise ValueError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+        seed_list = _ints(seeds, "--seeds")
         check_common("cpu", 1, None, json_out)
         out_folder(out)
         res = run(out, grid=grid, preset=preset.value, seeds=seed_list, data_dir=data_dir,

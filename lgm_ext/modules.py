@@ -8,7 +8,13 @@ from ._ops import IMPLS
 from .defaults import CENTER_RATE, HEAD_LR_MULT, LGM_ALPHA, LGM_LAMBDA, LOG_VAR_BOUND
 from .functional import _nonneg, check_labels, lgm_log_likelihood, lgm_logits, lgm_loss_and_logits
 
-__all__ = ["LGMLoss", "CenterLoss", "Classifier", "param_groups"]
+__all__ = ["LGMLoss", "CenterLoss", "Classifier", "param_groups", "LIKELIHOODS"]
+
+# The likelihood terms LGMLoss can add (lambda_ times, per sample n with label y):
+#   "full"      d[n, y] + 0.5 * sum_j log_var[y, j]   -- Eq. 17 / docs/SPEC.md section 1 (the default)
+#   "no-logdet" d[n, y]                               -- the learned covariance without its log-det
+#   "identity"  0.5 * |x_n - mu_y|^2                  -- identity covariance in that term (the authors' Caffe code)
+LIKELIHOODS = ("full", "no-logdet", "identity")
 
 
 def _log_var_bound(value) -> float:
@@ -52,6 +58,14 @@ class LGMLoss(nn.Module):
     clamp is applied to the value used (beyond the bound the gradient is 0).
     ``impl`` selects the implementation as in :func:`lgm_ext.lgm_loss`
     (``"reference"`` is the pure-PyTorch oracle).
+
+    ``likelihood`` chooses the likelihood term that ``lambda_`` weighs (:data:`LIKELIHOODS`): ``"full"``
+    (default) is the negative log-likelihood of the labelled class's Gaussian with its log-det (Eq. 17),
+    fused into the operator; ``"no-logdet"`` drops the log-det; ``"identity"`` uses ``0.5 |x - mu_y|^2``
+    whatever the learned covariance (the authors' Caffe layer).  The classification term and the
+    logits always use the learned covariance; with ``covariance="identity"`` the three coincide.  The
+    two alternatives are ablations (docs/SPEC.md section 5): computed beside the fused loss from the
+    labelled rows only (N x D), never N x K x D.
     """
 
     def __init__(
@@ -66,6 +80,7 @@ class LGMLoss(nn.Module):
         reduction: str = "mean",
         warmup_steps: int = 0,
         impl: str = "auto",
+        likelihood: str = "full",
     ) -> None:
         super().__init__()
         if num_classes < 1 or feat_dim < 1:
@@ -74,12 +89,15 @@ class LGMLoss(nn.Module):
             raise ValueError(f"covariance must be 'diag' or 'identity', got {covariance!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
         _nonneg("alpha", alpha), _nonneg("lambda_", lambda_)
         if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps}")
         self.num_classes, self.feat_dim = num_classes, feat_dim
         self.alpha, self.lambda_ = float(alpha), float(lambda_)
         self.covariance, self.impl, self.reduction = covariance, impl, reduction
+        self.likelihood = likelihood
         self.log_var_bound = _log_var_bound(log_var_bound)
         self.warmup_steps = int(warmup_steps)
         self.means = nn.Parameter(torch.empty(num_classes, feat_dim))
@@ -100,7 +118,7 @@ class LGMLoss(nn.Module):
         return (
             f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, alpha={self.alpha}, "
             f"lambda_={self.lambda_}, covariance={self.covariance!r}, warmup_steps={self.warmup_steps}, "
-            f"impl={self.impl!r}"
+            f"impl={self.impl!r}" + (f", likelihood={self.likelihood!r}" if self.likelihood != "full" else "")
         )
 
     def _ramp(self) -> float:
@@ -124,10 +142,20 @@ class LGMLoss(nn.Module):
 
     def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         ramp = self._ramp()
-        out = lgm_loss_and_logits(
-            features, self.means, self.clamped_log_var(), labels, alpha=ramp * self.alpha,
-            lambda_=ramp * self.lambda_, reduction=self.reduction, impl=self.impl,
-        )
+        lam, log_var = ramp * self.lambda_, self.clamped_log_var()
+        if self.likelihood == "full" or lam == 0.0:
+            out = lgm_loss_and_logits(features, self.means, log_var, labels, alpha=ramp * self.alpha, lambda_=lam,
+                                      reduction=self.reduction, impl=self.impl)
+        else:
+            loss, logits = lgm_loss_and_logits(features, self.means, log_var, labels, alpha=ramp * self.alpha,
+                                               lambda_=0.0, reduction="none", impl=self.impl)
+            diff = features.to(loss.dtype) - self.means.to(loss.dtype).index_select(0, labels)
+            sq = diff * diff
+            if self.likelihood == "no-logdet" and log_var is not None:
+                sq = sq * torch.exp(-log_var.to(loss.dtype).index_select(0, labels))
+            loss = loss + lam * 0.5 * sq.sum(1)
+            out = (loss.mean() if self.reduction == "mean" else loss.sum() if self.reduction == "sum" else loss,
+                   logits)
         if self.training:
             self.step.add_(1)
         return out

@@ -213,21 +213,21 @@ class LGMHead(LGMLoss, Head):
     ``LikelihoodDetector.from_head(head)``, ``ShardedLGMLoss.load_full(head.means, head.log_var)``).
     Checkpoints written when the head held its ``LGMLoss`` as ``head.lgm`` load unchanged."""
 
-    config_keys = ("alpha", "lambda_", "covariance", "warmup_steps")
+    config_keys = ("alpha", "lambda_", "covariance", "warmup_steps", "likelihood")
     centers_name = "L-GM means"
     density_map = True
 
     def __init__(self, feat_dim: int, num_classes: int, *, alpha: float = LGM_ALPHA, lambda_: float = LGM_LAMBDA,
-                 covariance: str = "diag", warmup_steps: int = 0) -> None:
+                 covariance: str = "diag", warmup_steps: int = 0, likelihood: str = "full") -> None:
         if feat_dim < 1 or num_classes < 1:
             raise ValueError(f"feat_dim and num_classes must be >= 1, got {feat_dim}, {num_classes}")
         super().__init__(num_classes, feat_dim, alpha=alpha, lambda_=lambda_, covariance=covariance,
-                         warmup_steps=warmup_steps)
+                         warmup_steps=warmup_steps, likelihood=likelihood)
         self._register_load_state_dict_pre_hook(_unwrap_old_lgm_keys)
 
     @property
     def label(self) -> str:
-        return f"lgm-a{self.alpha:g}"
+        return f"lgm-a{self.alpha:g}" + ("" if self.likelihood == "full" else f"-lkd-{self.likelihood}")
 
     def log_score(self, features: Tensor) -> Tensor:
         """The log-likelihood of the predicted class's Gaussian, log-det included (docs/SPEC.md section 1).

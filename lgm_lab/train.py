@@ -57,7 +57,19 @@ RUN_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json")
 
 # The columns of metrics.csv (and the scalars sent to TensorBoard), in order.
 METRIC_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_error_percent", "lr",
-                 "train_images_per_second", "test_log_likelihood_mean", "clipped_steps", "grad_norm_max")
+                 "train_images_per_second", "test_log_likelihood_mean", "clipped_steps", "grad_norm_max",
+                 "log_var_mean", "log_var_min")
+
+
+def _log_var_stats(head: nn.Module) -> dict:
+    """Mean and minimum of a head's learned log-variances as its forward uses them (clamped), to follow a
+    collapse of the variances epoch by epoch; {} for a head without them."""
+    clamped = getattr(head, "clamped_log_var", None)
+    lv = clamped() if clamped is not None else None
+    if lv is None:
+        return {}
+    lv = lv.detach().double()
+    return {"log_var_mean": lv.mean().item(), "log_var_min": lv.min().item()}
 
 
 def _finite_weights(*modules: nn.Module) -> bool:
@@ -367,6 +379,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
                     "train_images_per_second": seen / train_time,
                     **({"clipped_steps": clipped, "grad_norm_max": norm_max} if cfg.grad_clip > 0 else {}),
                     **({"test_log_likelihood_mean": ev["log_likelihood"]["mean"]} if "log_likelihood" in ev else {}),
+                    **_log_var_stats(head),
                 })
                 save_checkpoint(ck_path, {
                     "config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),

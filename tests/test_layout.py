@@ -105,6 +105,9 @@ def test_registries_are_keyed_by_the_config_names():
 
     assert tuple(heads.HEADS) == config.HEAD_NAMES
     assert tuple(models.MODELS) == config.MODEL_NAMES
+    from lgm_ext.modules import LIKELIHOODS
+
+    assert config.LIKELIHOODS == LIKELIHOODS  # the torch-free copy of the library's choices
 
 
 @pytest.mark.parametrize("kind", HEAD_NAMES)

@@ -57,6 +57,74 @@ def test_lgm_log_var_is_bounded():
     torch.testing.assert_close(loss, want)
 
 
+def _likelihood_term(kind, x, means, log_var, y):
+    """The per-sample likelihood term of each LGMLoss(likelihood=...) written out (docs/SPEC.md section 1)."""
+    diff2 = (x - means[y]) ** 2
+    s = torch.zeros_like(means) if log_var is None else log_var
+    if kind == "identity":
+        return 0.5 * diff2.sum(1)
+    d = 0.5 * (diff2 * torch.exp(-s[y])).sum(1)
+    return d if kind == "no-logdet" else d + 0.5 * s[y].sum(1)
+
+
+@pytest.mark.parametrize("kind", ["full", "no-logdet", "identity"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_lgm_likelihood_variants_against_the_formula(device, kind, reduction):
+    torch.manual_seed(3)
+    head = lgm_ext.LGMLoss(5, 4, alpha=0.7, lambda_=0.3, likelihood=kind, reduction=reduction).to(device).double()
+    with torch.no_grad():
+        head.log_var.normal_(0, 0.5)
+    x = torch.randn(9, 4, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3], device=device)
+    loss, logits = head(x, y)
+    per = (R.lgm_loss(x, head.means, head.log_var, y, alpha=0.7, lambda_=0.0, reduction="none")
+           + 0.3 * _likelihood_term(kind, x, head.means, head.log_var, y))
+    want = per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(logits, R.lgm_logits(x, head.means, head.log_var))  # logits never change
+    # float64 gradients through the composition (features, means, log-variances) equal the formula's
+    inputs = (x, head.means, head.log_var)
+    g = torch.autograd.grad(head(x, y)[0].sum(), inputs)
+    g_ref = torch.autograd.grad(want.sum(), inputs)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+    torch.autograd.gradcheck(lambda xx: head(xx, y)[0], (x,))
+
+
+def test_lgm_likelihood_variants_coincide_with_identity_covariance_and_differ_otherwise():
+    torch.manual_seed(4)
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    losses = {}
+    for kind in ("full", "no-logdet", "identity"):
+        head = lgm_ext.LGMLoss(3, 3, covariance="identity", likelihood=kind)
+        torch.manual_seed(0)
+        head.reset_parameters()
+        losses[kind] = head(x, y)[0]
+    torch.testing.assert_close(losses["no-logdet"], losses["full"])
+    torch.testing.assert_close(losses["identity"], losses["full"])
+    head = lgm_ext.LGMLoss(3, 3, likelihood="no-logdet")
+    with torch.no_grad():
+        head.log_var.fill_(1.0)
+    full = lgm_ext.LGMLoss(3, 3)
+    full.load_state_dict(head.state_dict())
+    # the log-det of this covariance is 0.5 * 3 * 1.0 per sample, weighted by lambda_ = 0.1
+    torch.testing.assert_close(full(x, y)[0] - head(x, y)[0], torch.tensor(0.1 * 1.5))
+    with pytest.raises(ValueError, match="likelihood"):
+        lgm_ext.LGMLoss(3, 2, likelihood="none")
+
+
+def test_lgm_likelihood_variant_in_low_precision_and_warmup():
+    head = lgm_ext.LGMLoss(4, 8, likelihood="no-logdet", warmup_steps=4).to(torch.bfloat16)
+    x, y = torch.randn(16, 8).bfloat16(), torch.randint(0, 4, (16,))
+    loss, logits = head(x, y)  # first step: the ramp is 0, so no likelihood term at all
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    for _ in range(4):
+        loss, _ = head(x, y)
+    assert torch.isfinite(loss) and head.current_lambda == pytest.approx(0.1)
+    loss.backward()
+    assert torch.isfinite(head.means.grad).all()
+
+
 def test_lgm_module_learns_a_separable_problem():
     torch.manual_seed(0)
     centers = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]])

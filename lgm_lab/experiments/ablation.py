@@ -1,9 +1,11 @@
 """Ablations of the L-GM recipe: one grid of L-GM training settings at one budget, each point trained
 (or reused), measured, and tabulated -- including the points that diverge.
 
-Grids (:data:`GRIDS`): ``warmup`` (the warm-up length and the likelihood weight lambda, issue 10).
-Each point is a set of :class:`~lgm_lab.config.TrainConfig` overrides of an L-GM head (alpha = 1, 100-D,
-linear feature layer) at the budget of a ``lgm reproduce`` preset.  ``lgm ablation`` runs one.
+Grids (:data:`GRIDS`): ``warmup`` (the warm-up length and the likelihood weight lambda, issue 10);
+``likelihood`` (issue 24: the margin alpha in {0, 0.3, 1} -- the paper's Table 1 rows -- and the likelihood
+term with its log-det (Eq. 17), without it, and with identity covariance in that term).  Each point is a set
+of :class:`~lgm_lab.config.TrainConfig` overrides of an L-GM head (alpha = 1 unless overridden, 100-D, linear
+feature layer) at the budget of a ``lgm reproduce`` preset.  ``lgm ablation`` runs one.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from ..run_folder import save_json, save_text
 from ..tensors import stack_dataset
 from ..train import TrainingDiverged
 from .measure import measure_model
-from .runs import load_cached, run_config, save_cached, train_or_reuse
+from .runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
 from .stats import mean_std_text
 
 __all__ = ["GRIDS", "ablation", "ablation_markdown"]
@@ -31,6 +33,13 @@ GRIDS = {
         ("2-epoch ramp", dict(warmup_epochs=2.0, lambda_=0.1)),
         ("lambda 0.01", dict(warmup_epochs=1.0, lambda_=0.01)),
         ("lambda 0.3", dict(warmup_epochs=1.0, lambda_=0.3)),
+    ],
+    "likelihood": [
+        ("default (alpha 1, likelihood with log-det)", dict(alpha=1.0)),
+        ("alpha 0.3", dict(alpha=0.3)),
+        ("alpha 0 (no margin)", dict(alpha=0.0)),
+        ("likelihood without log-det", dict(likelihood="no-logdet")),
+        ("identity covariance in the likelihood", dict(likelihood="identity")),
     ],
 }
 
@@ -64,7 +73,7 @@ def ablation(out_dir, *, grid: str = "warmup", preset: str = "quick", seeds=(0,)
     for label, overrides in GRIDS[grid]:
         point = {"label": label, "overrides": overrides, "runs": {}}
         for seed in seeds:
-            cfg = run_config(dataset, data_dir, 100, seed, dict(P["train"], head="lgm", alpha=1.0, **overrides))
+            cfg = run_config(dataset, data_dir, 100, seed, {**P["train"], "head": "lgm", "alpha": 1.0, **overrides})
             run_dir = out / "runs" / f"{_slug(overrides)}-s{seed}"
             progress(f"{grid}: {label}, seed {seed}")
             try:
@@ -80,7 +89,9 @@ def ablation(out_dir, *, grid: str = "warmup", preset: str = "quick", seeds=(0,)
                 ev = {"error": full["error"], "fgsm_0.3": full["fgsm"]["0.3"],
                       "eer": full["verification"]["eer_percent"],
                       "log_var_mean": float(head.clamped_log_var().mean()) if head.log_var is not None
-                      else 0.0}
+                      else 0.0, "log_var_min": float(head.clamped_log_var().min()) if head.log_var is not None
+                      else 0.0, "train_loss": ck["metrics"][-1]["train_loss"],
+                      "log_var_by_epoch": [m.get("log_var_mean") for m in ck["metrics"]]}
                 save_cached(run_dir / "ablation_eval.json", key, ev)
             point["runs"][seed] = ev
         points.append(point)
@@ -94,17 +105,22 @@ def ablation(out_dir, *, grid: str = "warmup", preset: str = "quick", seeds=(0,)
 def ablation_markdown(r: dict) -> str:
     t = r["train"]
     L = [f"# L-GM ablation: {r['grid']}", "",
-         f"LeNet++ 100-D, linear feature layer, L-GM alpha=1, head lr x10; {r['dataset']}, "
-         f"{t.get('subset') or 'all'} training images, {t.get('epochs')} epochs (the `{r['preset']}` budget), "
-         f"seeds {', '.join(map(str, r['seeds']))}; test error on {r['n_test']} images, FGSM eps=0.3 and its "
-         f"verification on {r['n_attack']}. Command: `lgm ablation --grid {r['grid']} --preset {r['preset']}`.", "",
-         "| setting | test error % | FGSM 0.3 error % | verification EER % | mean log-variance | diverged |",
-         "|---|---|---|---|---|---|"]
+         f"LeNet++ 100-D, linear feature layer, L-GM (alpha 1 unless the row says otherwise), head lr x10; "
+         f"{r['dataset']}, {t.get('subset') or 'all'} training images, {budget_words(t)} (the `{r['preset']}` "
+         f"budget), seeds {', '.join(map(str, r['seeds']))}; test error on {r['n_test']} images, FGSM eps=0.3 and "
+         f"its verification (EER of the head's default score) on {r['n_attack']}. Command: "
+         f"`lgm ablation --grid {r['grid']} --preset {r['preset']} --seeds {','.join(map(str, r['seeds']))}`.", "",
+         "| setting | test error % | FGSM 0.3 error % | verification EER % | final train loss | "
+         "mean / min log-variance | diverged |",
+         "|---|---|---|---|---|---|---|"]
     for p in r["points"]:
         ok = [ev for ev in p["runs"].values() if "diverged" not in ev]
         bad = [ev["diverged"] for ev in p["runs"].values() if "diverged" in ev]
+        loss = [e["train_loss"] for e in ok if "train_loss" in e]
         L.append(f"| {p['label']} | {mean_std_text([e['error'] for e in ok])} | "
                  f"{mean_std_text([e['fgsm_0.3'] for e in ok])} | {mean_std_text([e['eer'] for e in ok], '{:.1f}')} | "
-                 f"{mean_std_text([e['log_var_mean'] for e in ok], '{:.3f}')} | "
+                 f"{mean_std_text(loss, '{:.3f}') if loss else '-'} | "
+                 f"{mean_std_text([e['log_var_mean'] for e in ok], '{:.3f}')} / "
+                 f"{mean_std_text([e.get('log_var_min', 0.0) for e in ok], '{:.3f}')} | "
                  f"{'; '.join(bad) if bad else '-'} |")
     return "\n".join(L) + "\n"

@@ -58,10 +58,11 @@ def centers_claims(r: dict) -> list[dict]:
     return claims
 
 
-def centers_markdown(centers: dict, seed: int) -> list[str]:
+def centers_markdown(centers: dict, seed: int, n_images: int | None = None) -> list[str]:
     """The report's centers section: per model, each comparison's mean cosine, MSE and per-class cosines;
-    then the claims."""
-    L = [f"## Centers (inverse adversaries, {INVERSE_ADVERSARY}; 100-D, seed {seed})", ""]
+    then the claims.  ``n_images``: how many test images the centers were computed on (said when given)."""
+    on = f"; {n_images:,} test images" if n_images else ""
+    L = [f"## Centers (inverse adversaries, {INVERSE_ADVERSARY}; 100-D, seed {seed}{on})", ""]
     for model_name, comps in centers.items():
         if model_name == "claims":
             continue

@@ -177,8 +177,10 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
 
     # 4. the inverse-adversary report's centers comparison (first seed)
     stage("centers analysis (inverse adversaries)")
+    n_centers = P.get("centers_points") or len(x)  # the first images of the attack set
     results["centers"] = centers_report({role: first[name][:2] for role, name in CENTERS_MODELS.items()
-                                         if name in first}, x, y)
+                                         if name in first}, x[:n_centers], y[:n_centers])
+    results["n_centers"] = min(n_centers, len(x))
 
     # 5. 2-D embeddings (paper Fig. 1), with FGSM examples on the likelihood map of density heads
     stage("embeddings" if P["models2"] else "report")
@@ -249,7 +251,7 @@ def report_markdown(r: dict) -> str:
          "linear (the authors' code and our default). L-GM is compared with each baseline's better variant.", ""]
     L += paper_markdown(r)
     L += ["", f"![ROC](figures/roc.{r.get('format', 'png')})", ""]
-    L += centers_markdown(r["centers"], seeds[0])
+    L += centers_markdown(r["centers"], seeds[0], r.get("n_centers"))
     L += ["", "## Figures", ""] + [f"![{Path(f).stem}](figures/{Path(f).name.replace(' ', '%20')})"
                                     for f in r["figures"]] + [""]
     return "\n".join(L)
