@@ -1,17 +1,21 @@
 """Face-recognition scale with the class-sharded L-GM head and class sampling (Partial FC), on a synthetic task.
 
 The task: identity k is a random unit vector v_k in R^D (drawn from a counter-based hash of (seed, k, j), so no
-rank stores the K x D table); an image of k is x = F(v_k + s_id * e) + s_px * n, with e ~ N(0, I/D) the
-identity's variation, F a fixed random map R^D -> R^2D (a tanh layer between two linear ones) and n ~ N(0, I/2D)
-pixel noise.  A small MLP backbone (DistributedDataParallel) learns to undo F; the head is
+rank stores the K x D table); an image of k is x = F(v_k + s_id * e) + B p + s_px * n, with e ~ N(0, I/D) the
+identity's variation, F a fixed random map R^D -> R^2D (a tanh layer between two linear ones), B an orthonormal
+2D x m basis of a fixed "nuisance" subspace (pose, illumination) with p ~ N(0, s_p^2 I_m) drawn per image and
+independent of the identity, and n ~ N(0, I/2D) pixel noise.  The nuisance dominates the raw images (their
+cosine similarity verifies almost nothing), so the backbone must learn to discard it and to undo F: a small MLP
+(DistributedDataParallel) ending in BatchNorm with its scale fixed, as face backbones do; the head is
 ``lgm_ext.distributed.ShardedLGMLoss(K, D, sample_rate=r, ddp=True)``: each rank holds K/W means and
 log-variances and, with r < 1, computes the loss over the batch's classes plus a uniform r-fraction of its others.
 
 Each step every rank draws ``batch/S`` identities uniformly from [0, K) and S images of each, from a generator
 seeded by (seed, step, rank), so a resumed run sees the same data.  Verification (rank 0, at the end): two fresh
 images of each of E seen identities (from [0, K)) and E unseen ones (from [K, K + E)); cosine similarity of the
-backbone's features; TAR at the threshold where the false-accept rate over all impostor pairs is 1e-3 (and the
-same for the latent v + s_id e, the ceiling no backbone can pass).
+backbone's features; TAR at the threshold where the false-accept rate over all impostor pairs is 1e-3, beside
+three references: the raw images, the raw images with the nuisance projected out (knowing the invariance
+exactly), and the latent v + s_id e (the ceiling no backbone can pass).  ``--eval-every`` adds the TAR curve.
 
     torchrun --nproc-per-node 2 examples/train_face_scale.py --classes 10000 --steps 300 --sample-rate 0.3
     torchrun --nproc-per-node 2 examples/train_face_scale.py --classes 10000 --steps 600 --resume   # continue

@@ -242,3 +242,40 @@ def test_the_demo_profile_groups_every_stage(tmp_path, monkeypatch):
     assert abs(sum(r["groups"].values()) - sum(s for _, s in r["stages"])) < 1e-6
     assert r["groups"]["training"] > 0 and r["groups"]["evaluating"] > 0
     assert bench_demo.row("x", r).startswith("| x | 1 models, 2 SGD steps")
+
+
+def test_likelihood_ablation_grid_trains_measures_and_tabulates(tmp_path, monkeypatch):
+    """`lgm ablation --grid likelihood`: every point trained at the preset's budget with its overrides (alpha
+    replaces the default, not a duplicate keyword), measured, its log-variances and final loss tabulated;
+    a second call reuses every run."""
+    from typer.testing import CliRunner
+
+    from lgm_cli.app import app
+    from lgm_lab.checkpoints import load_checkpoint
+    from lgm_lab.experiments import ablation as A
+
+    src = _write_idx(tmp_path / "idx", n_train=96, n_test=48)
+    monkeypatch.setitem(A.REPRODUCE_PRESETS, "quick", dict(
+        train=dict(steps=3, warmup_steps=1, subset=96, test_subset=48, batch_size=32), attack_subset=24))
+    grid = A.GRIDS["likelihood"]
+    assert [o for _l, o in grid][0] == dict(alpha=1.0)
+    assert {o.get("alpha") for _l, o in grid} >= {0.0, 0.3, 1.0}
+    assert {o.get("likelihood") for _l, o in grid} >= {"no-logdet", "identity"}
+    out = tmp_path / "abl"
+    r = CliRunner().invoke(app, ["ablation", "--grid", "likelihood", "--seeds", "0", "--out", out,
+                                 "--data-dir", src, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "ablation-likelihood.json").read_text())
+    assert [p["label"] for p in res["points"]] == [label for label, _o in grid]
+    for (_label, overrides), p in zip(grid, res["points"]):
+        ev = p["runs"]["0"]
+        assert 0 <= ev["error"] <= 100 and 0 <= ev["eer"] <= 100 and len(ev["log_var_by_epoch"]) == 1
+        assert ev["log_var_min"] <= ev["log_var_mean"]
+        cks = [load_checkpoint(d / "checkpoint.pt") for d in (out / "runs").iterdir()]
+        ck = [c for c in cks if all(c["config"][k] == v for k, v in overrides.items())
+              and all(c["config"][k] == d for k, d in (("alpha", 1.0), ("likelihood", "full")) if k not in overrides)]
+        assert len(ck) == 1 and ck[0]["metrics"][-1]["steps"] == 3, overrides
+    md = (out / "ablation-likelihood.md").read_text()
+    assert "3 SGD steps of batch 32" in md and "likelihood without log-det" in md and "mean / min log-variance" in md
+    again = A.ablation(out, grid="likelihood", data_dir=src, progress=lambda m: None)
+    assert json.loads(json.dumps(again["points"], default=float)) == res["points"]

@@ -257,6 +257,17 @@ def test_inverse_experiment_tiny(tmp_path, monkeypatch):
     before = (out / "runs" / "inverse-class-s0" / "checkpoint.pt").stat().st_mtime_ns
     IE.inverse_experiment(out, data_dir=src, progress=lambda m: None)
     assert (out / "runs" / "inverse-class-s0" / "checkpoint.pt").stat().st_mtime_ns == before
+    # --seeds picks some of the preset's seeds (here reused: nothing trains), bad seeds are refused
+    r = CliRunner().invoke(app, ["inverse-centers", "--out", str(out), "--data-dir", str(src), "--no-progress",
+                                 "--seeds", "1", "--json", str(tmp_path / "inv1.json")])
+    assert r.exit_code == 0, r.output
+    one = json.loads((out / "inverse.json").read_text())
+    assert one["seeds"] == [1] and one["models_reused"] == one["models"] == len(IE.INVERSE_MODELS)
+    assert one["runs"]["B (softmax)"]["1"] == res["runs"]["B (softmax)"]["1"]
+    bad = CliRunner().invoke(app, ["inverse-centers", "--out", str(out), "--seeds", "x"])
+    assert bad.exit_code == 2 and "--seeds" in bad.output
+    with pytest.raises(ValueError, match="seeds"):
+        IE.inverse_experiment(out, seeds=[-1], data_dir=src, progress=lambda m: None)
 
 
 def test_reproduce_with_inverse_adds_the_section(tmp_path, monkeypatch):

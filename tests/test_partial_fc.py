@@ -2,6 +2,8 @@
 sharded head: the ranks' agreement check, the log-variance bound shared with LGMLoss.  Multi-process checks run in
 real gloo processes (torch.multiprocessing spawn); the sampler's law is tested in one process."""
 import datetime
+import importlib.util
+import json
 import math
 import os
 import socket
@@ -324,15 +326,61 @@ def test_every_subset_is_equally_likely():
 
 
 # ----------------------------------------------------------------------------- the example, under torchrun
+def _example():
+    spec = importlib.util.spec_from_file_location("train_face_scale", ROOT / "examples" / "train_face_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_example_tar_at_far_in_chunks_equals_the_whole_similarity_matrix(chunk):
+    ex = _example()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(150).repeat_interleave(2)
+    emb = torch.randn(150, 8, generator=g).repeat_interleave(2, 0) + 0.8 * torch.randn(300, 8, generator=g)
+    e = torch.nn.functional.normalize(emb, dim=1)
+    sim = e @ e.T
+    upper = torch.triu(torch.ones_like(sim, dtype=torch.bool), 1)
+    same = ids[:, None] == ids[None, :]
+    genuine, impostor = sim[upper & same], sim[upper & ~same]
+    for far in (1e-3, 1e-2, 0.2):
+        threshold = impostor.topk(max(1, int(far * impostor.numel()))).values[-1]
+        want = float((genuine > threshold).double().mean())
+        assert ex.tar_at_far(emb, ids, far, chunk=chunk) == want, far
+
+
+def test_example_task_nuisance_is_removed_exactly_and_hides_identity():
+    """The redesigned task: the nuisance lies in the fixed subspace (projecting it out leaves the identity part),
+    and it dominates the raw images (raw cosine similarity verifies far less than with the nuisance removed)."""
+    ex = _example()
+    task = ex.Task(32, 0, 1.0, 0.3, nuisance_dim=8, s_nuis=2.0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.arange(300).repeat_interleave(2)
+    z = task.latent(ids, g)
+    x = task.images(z, g)
+    clean = torch.tanh(z @ task.w1.T) @ task.w2.T
+    resid = task.remove_nuisance(x) - task.remove_nuisance(clean)  # what is left is the pixel noise only
+    assert resid.norm(dim=1).mean() < 0.5
+    raw, removed = ex.tar_at_far(x, ids), ex.tar_at_far(task.remove_nuisance(x), ids)
+    assert removed > 4 * raw + 0.05, (raw, removed)
+
+
 def test_example_face_scale_runs_and_resumes_under_torchrun(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
             str(_free_port()), str(ROOT / "examples" / "train_face_scale.py"), "--classes", "300", "--dim", "16",
             "--batch-size", "32", "--sample-rate", "0.3", "--eval-identities", "100", "--log-every", "2",
             "--timeout", "120", "--out", str(tmp_path / "run")]
-    r = subprocess.run(base + ["--steps", "6"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(base + ["--steps", "6", "--eval-every", "3", "--metrics-json", str(tmp_path / "m.json")],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert (tmp_path / "run" / "rank0.pt").exists() and (tmp_path / "run" / "rank1.pt").exists()
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert [p[0] for p in m["eval_curve"]] == [0, 3]
+    v = m["verification"]
+    for name in ("seen", "unseen", "unseen_raw_images", "unseen_nuisance_removed", "unseen_latent_ceiling"):
+        assert 0.0 <= v[name] <= 1.0, name
     r = subprocess.run(base[:-2] + ["--out", str(tmp_path / "run"), "--steps", "10", "--resume"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

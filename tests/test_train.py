@@ -125,6 +125,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, fmnist_dir):
         torch.testing.assert_close(sa["model"][k], sb["model"][k])
     metrics = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert [m["epoch"] for m in metrics] == [1, 2]
+    # the learned log-variances are followed epoch by epoch (issue 24: does the variance collapse?)
+    head_lv = sb["head"]["log_var"].clamp(-6, 6).double()
+    assert metrics[-1]["log_var_mean"] == pytest.approx(head_lv.mean().item())
+    assert metrics[-1]["log_var_min"] == pytest.approx(head_lv.min().item())
+
+
+def test_a_likelihood_ablation_trains_and_is_kept_in_the_checkpoint(tmp_path, fmnist_dir):
+    from lgm_lab.checkpoints import load_trained
+
+    cfg = _tiny(data_dir=str(fmnist_dir), epochs=1, likelihood="identity")
+    train(cfg, tmp_path / "lkd", progress=False)
+    model, head, saved, _ck = load_trained(tmp_path / "lkd" / "checkpoint.pt")
+    assert saved.likelihood == "identity" and head.likelihood == "identity" and head.label == "lgm-a1-lkd-identity"
+    soft = train(_tiny(data_dir=str(fmnist_dir), epochs=1, head="softmax"), tmp_path / "soft", progress=False)
+    assert "log_var_mean" not in soft.metrics[-1]  # no variances to follow
+    with pytest.raises(ValueError, match="likelihood"):
+        _tiny(likelihood="nope")
 
 
 def test_resume_refuses_a_different_config(tmp_path, fmnist_dir):
