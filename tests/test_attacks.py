@@ -292,3 +292,18 @@ def test_adaptive_pgd_bad_arguments(lgm_detected):
 
     with pytest.raises(TypeError, match="differentiable"):
         AdaptivePGD(backbone, Frozen(), loss_fn=LGMClassificationLoss(head))(x, y)
+
+
+def test_fgsm_sweep_equals_one_attack_per_eps():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y = torch.rand(8, 1, 3, 4), torch.randint(0, 3, (8,))
+    eps_list = (0.0, 0.05, 0.1, 0.3)
+    swept = FGSM(model).sweep(x, y, eps_list)
+    assert list(swept) == list(eps_list)
+    for e in eps_list:
+        assert torch.equal(swept[e], FGSM(model, eps=e)(x, y)), e
+    with pytest.raises(ValueError, match="eps"):
+        FGSM(model).sweep(x, y, (0.1, -0.1))
+    with pytest.raises(ValueError, match="labels"):
+        FGSM(model).sweep(x, y[:3], (0.1,))

@@ -48,17 +48,29 @@ def predict_in_batches(model, head, x: Tensor, batch: int = 512) -> Tensor:
 
 
 def fgsm_sweep(model, head, x: Tensor, y: Tensor, eps_list, *, batch: int = 256, predict_batch: int | None = None,
-               tick=None) -> tuple[dict, dict]:
+               tick=None, features_out: dict | None = None) -> tuple[dict, dict]:
     """Test error % under FGSM for each eps of ``eps_list`` (eps = 0: clean), and the adversarial images
-    by eps.  ``x``, ``y`` on the model's device; ``tick(n)`` as batches of n images are attacked (eps = 0
-    counts too)."""
+    by eps: one gradient per batch serves every eps (:meth:`lgm_ext.attacks.FGSM.sweep`).  ``x``, ``y`` on the
+    model's device; ``tick(n)`` as batches of n images are attacked (once per eps, eps = 0 too).
+    ``features_out``: a dict that receives the features of the images at each eps (what the predictions
+    were computed from), for measurements that need them again."""
     clf = Classifier(model, head).eval()
+    eps_list = [float(e) for e in eps_list]
+    attacked = [e for e in eps_list if e != 0]
+    parts = {e: [] for e in attacked}
+    for s in batches(len(x), batch) if attacked else ():
+        for e, adv in FGSM(clf).sweep(x[s], y[s], attacked).items():
+            parts[e].append(adv)
     errors, adversarial = {}, {}
     for eps in eps_list:
-        adv = x if eps == 0 else attack_in_batches(FGSM(clf, eps=eps), x, y, batch)
-        pred = predict_in_batches(model, head, adv, predict_batch or batch)
-        errors[float(eps)] = 100.0 * (pred != y).float().mean().item()
-        adversarial[float(eps)] = adv
+        adv = x if eps == 0 else torch.cat(parts[eps])
+        with torch.no_grad():
+            f = features(model, adv, predict_batch or batch)
+            pred = head.predict(f)
+        if features_out is not None:
+            features_out[eps] = f
+        errors[eps] = 100.0 * (pred != y).float().mean().item()
+        adversarial[eps] = adv
         if tick is not None:
             tick(len(x))
     return errors, adversarial
@@ -129,12 +141,14 @@ def detection_metrics(normal: Tensor, abnormal: Tensor, threshold: float | None 
 
 
 def verification(model, head, x: Tensor, y: Tensor, *, eps: float = 0.3, targeted: bool = False,
-                 batch: int = 256, adversarial: Tensor | None = None, tick=None) -> dict:
+                 batch: int = 256, adversarial: Tensor | None = None, tick=None,
+                 features_of: tuple[Tensor, Tensor] | None = None) -> dict:
     """Adversarial verification (paper section 4.3): threshold a likelihood-style score of the
     predicted class to tell normal from FGSM inputs (targeted: towards the second most likely
     class).  Every score of ``head.scores`` is evaluated; ``"default"`` is the head's own
     (docs/SPEC.md section 5).  All scores are logs (no underflow ties).  ``adversarial``: reuse
-    already-computed FGSM inputs of ``x``; ``tick(n)`` as batches of n images are attacked."""
+    already-computed FGSM inputs of ``x``, and ``features_of`` their (clean, adversarial) features if known;
+    ``tick(n)`` as batches of n images are attacked."""
     clf = Classifier(model, head).eval()
     if adversarial is None:
         atk = TargetedFGSM(clf, eps=eps) if targeted else FGSM(clf, eps=eps)
@@ -142,7 +156,10 @@ def verification(model, head, x: Tensor, y: Tensor, *, eps: float = 0.3, targete
     elif tick is not None:
         tick(len(x))
     with torch.no_grad():
-        f_clean, f_adv = features(model, x, batch), features(model, adversarial, batch)
+        if features_of is None or adversarial is None:
+            f_clean, f_adv = features(model, x, batch), features(model, adversarial, batch)
+        else:
+            f_clean, f_adv = features_of
         clean, adv = head.scores(f_clean), head.scores(f_adv)
         err = 100.0 * (head.predict(f_adv) != y).float().mean().item()
     per_score = {}
@@ -171,9 +188,13 @@ def measure_model(model, head, test, x: Tensor, y: Tensor, *, eps_list=(0.0, 0.1
     (every score of the head; its FGSM inputs reused when ``verify_eps`` is in ``eps_list``); optionally
     the targeted-FGSM verification."""
     out = {"error": evaluate(model, head, test)["error_percent"], "n_test": len(test), "n_attack": len(x)}
-    errors, adversarial = fgsm_sweep(model, head, x, y, eps_list, batch=256, predict_batch=512)
+    feats = {}
+    errors, adversarial = fgsm_sweep(model, head, x, y, tuple(dict.fromkeys((0.0, *map(float, eps_list)))),
+                                     batch=256, predict_batch=512, features_out=feats)
     out["fgsm"] = {str(e): errors[float(e)] for e in eps_list}
-    out["verification"] = verification(model, head, x, y, eps=verify_eps, adversarial=adversarial.get(verify_eps))
+    v = float(verify_eps)
+    out["verification"] = verification(model, head, x, y, eps=verify_eps, adversarial=adversarial.get(v),
+                                       features_of=(feats[0.0], feats[v]) if v in feats else None)
     if targeted:
         out["targeted"] = verification(model, head, x, y, eps=verify_eps, targeted=True)
     return out
