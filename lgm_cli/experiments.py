@@ -31,7 +31,7 @@ def _stage_reporter(progress: bool):
 
 
 def reproduce(
-    preset: ReproducePreset = typer.Option("quick", help="quick (3 heads, 256 SGD steps each, one seed; ~11 min on "
+    preset: ReproducePreset = typer.Option("quick", help="quick (3 heads, 256 SGD steps each, one seed; ~10 min on "
                                                          "2 cores) | "
                                                          "standard (3 seeds, both feature layers; the committed "
                                                          "report) | paper (the paper's settings; MNIST when "
