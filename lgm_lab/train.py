@@ -37,7 +37,8 @@ from .ood_data import restrict_classes
 from .recipe import build_model_and_head, make_optimizer, make_scheduler, total_steps, warmup_steps
 from .run_folder import locked, remove_stale_temporaries, save_json, write_atomically
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "METRIC_FIELDS", "epoch_batches", "tensorboard_writer"]
+__all__ = ["train", "TrainResult", "TrainingDiverged", "METRIC_FIELDS", "epoch_batches", "tensorboard_writer",
+           "log_var_stats"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,7 +62,7 @@ METRIC_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_error_p
                  "log_var_mean", "log_var_min")
 
 
-def _log_var_stats(head: nn.Module) -> dict:
+def log_var_stats(head: nn.Module) -> dict:
     """Mean and minimum of a head's learned log-variances as its forward uses them (clamped), to follow a
     collapse of the variances epoch by epoch; {} for a head without them."""
     clamped = getattr(head, "clamped_log_var", None)
@@ -379,7 +380,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
                     "train_images_per_second": seen / train_time,
                     **({"clipped_steps": clipped, "grad_norm_max": norm_max} if cfg.grad_clip > 0 else {}),
                     **({"test_log_likelihood_mean": ev["log_likelihood"]["mean"]} if "log_likelihood" in ev else {}),
-                    **_log_var_stats(head),
+                    **log_var_stats(head),
                 })
                 save_checkpoint(ck_path, {
                     "config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),

@@ -17,7 +17,7 @@ from ..config import REPRODUCE_PRESETS
 from ..data import load_dataset
 from ..run_folder import save_json, save_text
 from ..tensors import stack_dataset
-from ..train import TrainingDiverged
+from ..train import TrainingDiverged, log_var_stats
 from .measure import measure_model
 from .runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
 from .stats import mean_std_text
@@ -86,11 +86,9 @@ def ablation(out_dir, *, grid: str = "warmup", preset: str = "quick", seeds=(0,)
             ev = load_cached(run_dir / "ablation_eval.json", key)
             if ev is None:
                 full = measure_model(model, head, test, x, y, eps_list=(0.0, 0.3))
-                lv = None if head.log_var is None else head.clamped_log_var().detach().double()
                 ev = {"error": full["error"], "fgsm_0.3": full["fgsm"]["0.3"],
                       "eer": full["verification"]["eer_percent"],
-                      "log_var_mean": 0.0 if lv is None else lv.mean().item(),
-                      "log_var_min": 0.0 if lv is None else lv.min().item(),
+                      "log_var_mean": 0.0, "log_var_min": 0.0, **log_var_stats(head),
                       "train_loss": ck["metrics"][-1]["train_loss"],
                       "log_var_by_epoch": [m.get("log_var_mean") for m in ck["metrics"]]}
                 save_cached(run_dir / "ablation_eval.json", key, ev)

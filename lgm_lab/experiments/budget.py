@@ -56,8 +56,9 @@ def budget_config(head: str, batch: int, steps: int, seed: int, *, test_subset: 
 
 
 def _measure(model, head, test, x, y) -> dict:
-    errors, adversarial = fgsm_sweep(model, head, x, y, (0.3,), batch=256, predict_batch=512)
-    ver = verification(model, head, x, y, eps=0.3, adversarial=adversarial[0.3])
+    feats = {}  # the sweep's features of the clean and FGSM images, reused by the verification
+    errors, adversarial = fgsm_sweep(model, head, x, y, (0.0, 0.3), batch=256, predict_batch=512, features_out=feats)
+    ver = verification(model, head, x, y, eps=0.3, adversarial=adversarial[0.3], features_of=(feats[0.0], feats[0.3]))
     xt, yt = stack_dataset(test)
     with torch.no_grad():
         comp = compactness(features(model, xt), yt, head.num_classes)

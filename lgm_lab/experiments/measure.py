@@ -57,9 +57,9 @@ def fgsm_sweep(model, head, x: Tensor, y: Tensor, eps_list, *, batch: int = 256,
     clf = Classifier(model, head).eval()
     eps_list = [float(e) for e in eps_list]
     attacked = [e for e in eps_list if e != 0]
-    parts = {e: [] for e in attacked}
+    parts, atk = {e: [] for e in attacked}, FGSM(clf)
     for s in batches(len(x), batch) if attacked else ():
-        for e, adv in FGSM(clf).sweep(x[s], y[s], attacked).items():
+        for e, adv in atk.sweep(x[s], y[s], attacked).items():
             parts[e].append(adv)
     errors, adversarial = {}, {}
     for eps in eps_list:
