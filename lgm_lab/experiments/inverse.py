@@ -64,10 +64,11 @@ def _evaluate(model, head, test, x, y, xm, ym, batch: int = 256) -> dict:
     out = {"error": evaluate(model, head, test)["error_percent"]}
     k = head.num_classes
     means = class_means(features(model, xm), ym, k)
-    errors, adversarial = fgsm_sweep(model, head, x, y, (0.1, 0.3), batch=batch, predict_batch=512)
+    feats = {}  # the sweep's features of the clean and eps-0.3 images serve the verification
+    errors, _ = fgsm_sweep(model, head, x, y, (0.0, 0.1, 0.3), batch=batch, predict_batch=512, features_out=feats)
     out["fgsm"] = {str(e): errors[e] for e in (0.1, 0.3)}
+    fc, fa = feats[0.0], feats[0.3]
     with torch.no_grad():
-        fc, fa = features(model, x), features(model, adversarial[0.3])
         rate, _ = eer(center_scores(fc, means, head), center_scores(fa, means, head))
         out["eer"] = 100.0 * rate
         if head.centers() is not None:
