@@ -248,10 +248,14 @@ def test_inverse_experiment_tiny(tmp_path, monkeypatch):
     assert "eer_own_centers" in res["runs"]["C-class (inverse-adversary class centers)"]["0"]
     assert "eer_own_centers" not in res["runs"]["B (softmax)"]["0"]
     assert {v["model"] for v in res["verdict"]} == {m for m in IE.INVERSE_MODELS if m.startswith("C")}
+    # the cost ratio is the side-by-side step time of the first seed's models, not their runs' seconds per epoch
+    assert set(res["step_ms"]) == set(IE.INVERSE_MODELS) and all(t > 0 for t in res["step_ms"].values())
+    for v in res["verdict"]:
+        assert v["cost_ratio"] == pytest.approx(res["step_ms"][v["model"]] / res["step_ms"]["A (center loss)"])
     assert all(v["accuracy"] in ("better", "worse", "same within noise") for v in res["verdict"])
     assert "inverse vs learned inverse-adversary centers" in res["centers"]["C-class (inverse-adversary class centers)"]
     md = (out / "inverse.md").read_text()
-    assert "±" in md and "Verdict" in md and md.count("| C-") >= 4
+    assert "±" in md and "Verdict" in md and md.count("| C-") >= 4 and "step ms" in md
     assert json.loads((tmp_path / "inv.json").read_text())["dataset"] == "fashion-mnist"
     # a second call reuses every run
     before = (out / "runs" / "inverse-class-s0" / "checkpoint.pt").stat().st_mtime_ns
@@ -297,3 +301,22 @@ def test_reproduce_with_inverse_adds_the_section(tmp_path, monkeypatch):
     assert stages == [(i, total) for i in range(total)]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Inverse-adversary centers" in report and "### Verdict" in report and "stub verdict" in report
+
+
+def test_training_step_ms_leaves_the_models_alone():
+    from lgm_lab.experiments.measure import training_step_ms
+    from lgm_lab.heads import build_head
+    from lgm_lab.models import LeNetPlusPlus
+
+    torch.manual_seed(0)
+    nets = {"center": (LeNetPlusPlus(feat_dim=8).eval(), build_head("center", 8, 10)),
+            "inverse-class": (LeNetPlusPlus(feat_dim=8).eval(), build_head("inverse-class", 8, 10, inverse_steps=1))}
+    before = {k: [t.clone() for t in (*m.state_dict().values(), *h.state_dict().values())]
+              for k, (m, h) in nets.items()}
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    ms = training_step_ms(nets, x, y, repeats=2, rounds=2)
+    assert set(ms) == set(nets) and all(t > 0 for t in ms.values())
+    for k, (m, h) in nets.items():
+        after = [*m.state_dict().values(), *h.state_dict().values()]
+        assert all(torch.equal(a, b) for a, b in zip(before[k], after))  # BN statistics and centers too
+        assert not m.training and all(p.grad is None for p in (*m.parameters(), *h.parameters()))

@@ -29,7 +29,16 @@ from ..data import load_dataset
 from ..evaluation import evaluate
 from ..run_folder import save_json, save_text
 from ..tensors import features, stack_dataset
-from .measure import INVERSE_ADVERSARY, center_comparisons, center_scores, class_means, compactness, eer, fgsm_sweep
+from .measure import (
+    INVERSE_ADVERSARY,
+    center_comparisons,
+    center_scores,
+    class_means,
+    compactness,
+    eer,
+    fgsm_sweep,
+    training_step_ms,
+)
 from .runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
 from .stats import compare, mean_std, mean_std_text, relative
 
@@ -143,8 +152,10 @@ def inverse_experiment(out_dir, *, preset: str = "quick", seeds=None, data_dir=N
             res["runs"].setdefault(model_name, {})[seed] = ev
             if seed == seeds[0]:
                 keep[model_name] = (model, head)
-    stage("centers comparisons (seed 0)")
+    stage(f"centers comparisons and training-step cost (seed {seeds[0]})")
     res["centers"] = {m: center_comparisons(model, head, x, y) for m, (model, head) in keep.items()}
+    xs, ys = stack_dataset(load_dataset(dataset, True, data_dir=data_dir, subset=P["train"].get("batch_size", 128)))
+    res["step_ms"] = training_step_ms(keep, xs, ys)
     res["summary"] = {m: {k: mean_std([ev[k] for ev in r.values()]) for k in
                           ("error", "eer", "compactness", "seconds_per_epoch")}
                       for m, r in res["runs"].items()}
@@ -170,7 +181,10 @@ def verdict(r: dict) -> list[dict]:
         acc = relative(get(m, "error"), get(a, "error"), r["n_test"])
         eer_v = relative(get(m, "eer"), get(a, "eer"), 2 * r["n_attack"])
         comp = relative(get(m, "compactness"), get(a, "compactness"))  # lower ratio: C tighter
-        cost = r["summary"][m]["seconds_per_epoch"][0] / max(r["summary"][a]["seconds_per_epoch"][0], 1e-9)
+        if "step_ms" in r:  # measured side by side (see training_step_ms)
+            cost = r["step_ms"][m] / max(r["step_ms"][a], 1e-9)
+        else:
+            cost = r["summary"][m]["seconds_per_epoch"][0] / max(r["summary"][a]["seconds_per_epoch"][0], 1e-9)
         out.append({"model": m, "accuracy": acc, "compactness": comp, "eer": eer_v, "cost_ratio": cost,
                     "substitutes": acc != "worse" and comp != "worse"})
     return out
@@ -209,16 +223,21 @@ def inverse_markdown(r: dict) -> str:
          f"{r['n_test']} test images, attacks and verification on {r['n_attack']}. Inverse adversaries: "
          f"{INVERSE_ADVERSARY} (lgm_ext.InversePGD), generated on the current network every training step. "
          f"This invocation took {r['seconds'] / 60:.1f} min ({r.get('models_reused', 0)} of {r.get('models', 0)} "
-         "models reused from an earlier invocation; the s / epoch column is each model's own training).", "",
+         "models reused from an earlier invocation; the s / epoch column is each model's own training, under "
+         "whatever shared the machine then; 'step ms' is one training step of batch "
+         f"{t.get('batch_size', 128)} of each seed-{r['seeds'][0]} model timed side by side in this invocation, "
+         "which the cost ratio below uses).", "",
          "| model | clean error % | FGSM 0.1 error % | FGSM 0.3 error % | EER % (class means) | "
-         "EER % (own centers) | compactness (lower = tighter) | s / epoch |", "|---|---|---|---|---|---|---|---|"]
+         "EER % (own centers) | compactness (lower = tighter) | s / epoch | step ms |",
+         "|---|---|---|---|---|---|---|---|---|"]
     for m, runs in r["runs"].items():
         evs = list(runs.values())
         own = [ev["eer_own_centers"] for ev in evs if "eer_own_centers" in ev]
+        step = f"{r['step_ms'][m]:.0f}" if m in r.get("step_ms", {}) else "-"
         L.append(f"| {m} | {ms([e['error'] for e in evs])} | {ms([e['fgsm']['0.1'] for e in evs])} | "
                  f"{ms([e['fgsm']['0.3'] for e in evs])} | {ms([e['eer'] for e in evs], '{:.1f}')} | "
                  f"{ms(own, '{:.1f}') if own else '-'} | {ms([e['compactness'] for e in evs], '{:.3f}')} | "
-                 f"{ms([e['seconds_per_epoch'] for e in evs], '{:.0f}')} |")
+                 f"{ms([e['seconds_per_epoch'] for e in evs], '{:.0f}')} | {step} |")
     L += ["", "EER: adversarial verification of FGSM eps=0.3 inputs with the center-style score -|f - m_ŷ|²/2; "
               "'class means' uses the class means of training features for every model (B has no centers), "
               "'own centers' the model's learned centers (A: center-loss centers; C: running means of "
@@ -230,7 +249,7 @@ def inverse_markdown(r: dict) -> str:
         for comp, v in comps.items():
             L.append(f"| {m} | {comp} | {v['mean_cosine']:.4f} | {v['mean_mse']:.4g} |")
     L += ["", "## Verdict (against Model A)", "",
-          "| model | accuracy | compactness | FGSM detection (EER) | cost per epoch vs A "
+          "| model | accuracy | compactness | FGSM detection (EER) | cost per step vs A "
           "| substitutes for A's centers? |",
           "|---|---|---|---|---|---|"]
     for v in r["verdict"]:

@@ -8,6 +8,7 @@ with the cross-entropy of those logits, which for an L-GM head is L_cls with alp
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -21,12 +22,13 @@ from lgm_ext.defaults import INVERSE_EPS, INVERSE_STEP, INVERSE_STEPS
 from ..evaluation import evaluate
 from ..heads import center_log_score
 from ..tensors import batches, features
+from ..timing import interleaved_medians
 
 __all__ = ["measure_model", "attack_in_batches", "predict_in_batches", "fgsm_sweep", "fgsm_errors", "eer",
            "verification",
            "summarize_verification", "fpr_at_tpr", "calibrated_threshold", "rejection_rate", "detection_metrics",
            "class_means", "compare_centers", "center_comparisons", "compactness",
-           "center_scores", "INVERSE_ADVERSARY"]
+           "center_scores", "training_step_ms", "INVERSE_ADVERSARY"]
 
 # How the reports describe the inverse adversary (the library's defaults).
 INVERSE_ADVERSARY = f"eps'={INVERSE_EPS * 255:g}/255, {INVERSE_STEPS} steps of {INVERSE_STEP * 255:g}/255"
@@ -252,3 +254,23 @@ def compactness(features: Tensor, labels: Tensor, num_classes: int) -> float:
 def center_scores(features: Tensor, means: Tensor, head) -> Tensor:
     """The center-style log-score -|f - m_ŷ|^2 / 2 of the predicted class ŷ against class means ``means``."""
     return center_log_score(features, means, head.predict(features))
+
+
+def training_step_ms(nets: dict, images: Tensor, labels: Tensor, *, repeats: int = 6, rounds: int = 3) -> dict:
+    """Median milliseconds of one training step -- the head's ``prepare`` (e.g. inverse adversaries), forward and
+    backward on ``images`` -- of each ``name: (model, head)``, the models timed in alternating blocks in this
+    process, so that their ratios hold whatever else shares the machine (a run's own seconds per epoch do not
+    when runs were trained at different times or thread counts).  The models are copied, not changed."""
+    steps = {}
+    for name, (model, head) in nets.items():
+        m, h = copy.deepcopy(model).train(), copy.deepcopy(head).train()
+        net = Classifier(m, h)
+
+        def step(m=m, h=h, net=net):
+            extra = h.prepare(m, images, labels)
+            loss, _ = net(images, labels, **extra)
+            loss.backward()
+            net.zero_grad(set_to_none=True)
+
+        steps[name] = (step, repeats)
+    return interleaved_medians(steps, warmup=1, rounds=rounds)
