@@ -117,6 +117,7 @@ def test_reproduce_tiny(tmp_path, monkeypatch):
     for heading in ("Table 1", "Table 6", "Adversarial verification", "claims, tested", "report's claims",
                     "Figures", "±"):
         assert heading in report
+    assert "`-relu` variants have a ReLU" in report  # this preset trains them
     assert set(res["runs"]) == {"softmax", "softmax-relu", "center", "lsoftmax", "lgm-a1"}
     assert all(set(seeds) == {0, 1} for seeds in res["runs"].values())
     ev = res["runs"]["lgm-a1"][1]
@@ -150,6 +151,7 @@ def test_a_preset_in_steps_reports_them_and_its_note(tmp_path, monkeypatch):
     assert res["sgd_steps"]["softmax-100d-s0"]["steps"] == 5
     assert "**A smoke run.**" in report and "5 SGD steps of batch 32 (160 images)" in report
     assert "warm-up over the first 2 steps" in report
+    assert "-relu" not in report and "a linear feature layer for every head" in report  # no ReLU variant trained
 
 
 def test_compare_verdicts_use_the_binomial_error():

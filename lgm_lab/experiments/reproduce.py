@@ -247,8 +247,13 @@ def report_markdown(r: dict) -> str:
          f"images, attacks on {r['n_attack']}. "
          f"Seeds: {', '.join(map(str, seeds))}; a ± b is the mean and standard deviation over seeds. "
          f"This invocation took {r['seconds'] / 60:.1f} min ({r['models_reused']} of {r['models']} models reused).",
-         "", "Networks: `-relu` variants have a ReLU after the feature layer (the paper's text); the others are "
-         "linear (the authors' code and our default). L-GM is compared with each baseline's better variant.", ""]
+         ""]
+    if any(m.endswith("-relu") for m in r["runs"]):
+        L += ["Networks: `-relu` variants have a ReLU after the feature layer (the paper's text); the others are "
+              "linear (the authors' code and our default). L-GM is compared with each baseline's better variant.", ""]
+    else:
+        L += ["Networks: a linear feature layer for every head (the authors' code and our default; the paper's text "
+              "has a ReLU there, which the `paper` preset also trains).", ""]
     L += paper_markdown(r)
     L += ["", f"![ROC](figures/roc.{r.get('format', 'png')})", ""]
     L += centers_markdown(r["centers"], seeds[0], r.get("n_centers"))
