@@ -115,7 +115,7 @@ def inverse_centers(
                       markup=False)
     console.print(f"report: {out / 'inverse.md'}")
     write_json(json_out, round_floats({"command": "inverse-centers", "dataset": res["dataset"], "preset": preset.value,
-                                       "results": {k: res[k] for k in ("summary", "verdict", "runs")}}))
+                                       "results": {k: res[k] for k in ("summary", "verdict", "runs", "step_ms")}}))
 
 
 def ablation(

@@ -306,11 +306,13 @@ def test_reproduce_with_inverse_adds_the_section(tmp_path, monkeypatch):
 def test_training_step_ms_leaves_the_models_alone():
     from lgm_lab.experiments.measure import training_step_ms
     from lgm_lab.heads import build_head
-    from lgm_lab.models import LeNetPlusPlus
+    from lgm_lab.models import LeNetPlusPlus, resnet20
 
     torch.manual_seed(0)
-    nets = {"center": (LeNetPlusPlus(feat_dim=8).eval(), build_head("center", 8, 10)),
-            "inverse-class": (LeNetPlusPlus(feat_dim=8).eval(), build_head("inverse-class", 8, 10, inverse_steps=1))}
+    nets = {"center": (LeNetPlusPlus(feat_dim=8).eval(), build_head("center", 8, 10).eval()),
+            # a backbone with BatchNorm: its running statistics must not move either
+            "inverse-class": (resnet20(feat_dim=8, in_channels=1).eval(),
+                              build_head("inverse-class", 8, 10, inverse_steps=1).eval())}
     before = {k: [t.clone() for t in (*m.state_dict().values(), *h.state_dict().values())]
               for k, (m, h) in nets.items()}
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
@@ -319,4 +321,19 @@ def test_training_step_ms_leaves_the_models_alone():
     for k, (m, h) in nets.items():
         after = [*m.state_dict().values(), *h.state_dict().values()]
         assert all(torch.equal(a, b) for a, b in zip(before[k], after))  # BN statistics and centers too
-        assert not m.training and all(p.grad is None for p in (*m.parameters(), *h.parameters()))
+        assert not m.training and not h.training
+        assert all(p.grad is None for p in (*m.parameters(), *h.parameters()))
+
+
+def test_an_older_result_renders_its_cost_per_epoch():
+    """A result without the side-by-side step timing (written before it existed) still renders, and says that
+    its cost ratio is per epoch."""
+    from lgm_lab.experiments import inverse as IE
+
+    r = json.loads((Path(__file__).parents[1] / "docs" / "quick-report" / "inverse" / "inverse.json").read_text())
+    r.pop("step_ms", None)
+    md = IE.inverse_markdown(r)
+    assert "cost per epoch vs A" in md and "cost per step" not in md and "'step ms'" not in md
+    per_epoch = {m: v["seconds_per_epoch"][0] for m, v in r["summary"].items()}
+    assert [v["cost_ratio"] for v in IE.verdict(r)] == pytest.approx(
+        [per_epoch[m] / per_epoch["A (center loss)"] for m in r["runs"] if m.startswith("C")])

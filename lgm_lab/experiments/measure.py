@@ -257,10 +257,11 @@ def center_scores(features: Tensor, means: Tensor, head) -> Tensor:
 
 
 def training_step_ms(nets: dict, images: Tensor, labels: Tensor, *, repeats: int = 6, rounds: int = 3) -> dict:
-    """Median milliseconds of one training step -- the head's ``prepare`` (e.g. inverse adversaries), forward and
-    backward on ``images`` -- of each ``name: (model, head)``, the models timed in alternating blocks in this
-    process, so that their ratios hold whatever else shares the machine (a run's own seconds per epoch do not
-    when runs were trained at different times or thread counts).  The models are copied, not changed."""
+    """Median milliseconds of one training step of each ``name: (model, head)`` on ``images``: the head's
+    ``prepare`` (e.g. the inverse attack), forward and backward (the optimizer step and clipping, the same for
+    every model, are left out).  The models are timed in alternating blocks in this process, so that their
+    ratios hold whatever else shares the machine (a run's own seconds per epoch do not when runs were trained at
+    different times or thread counts).  The models are copied, not changed."""
     steps = {}
     for name, (model, head) in nets.items():
         m, h = copy.deepcopy(model).train(), copy.deepcopy(head).train()
@@ -273,4 +274,4 @@ def training_step_ms(nets: dict, images: Tensor, labels: Tensor, *, repeats: int
             net.zero_grad(set_to_none=True)
 
         steps[name] = (step, repeats)
-    return interleaved_medians(steps, warmup=1, rounds=rounds)
+    return interleaved_medians(steps, warmup=1, device=images.device.type, rounds=rounds)

@@ -200,7 +200,7 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
         inv = inverse_adversary.inverse_experiment(out / "inverse", preset=preset, data_dir=data_dir, progress=progress,
                                  on_stage=(lambda d, t, what: on_stage(offset + d, stage.total, what))
                                  if on_stage else None)
-        results["inverse"] = {k: inv[k] for k in ("summary", "verdict", "seeds", "train")}
+        results["inverse"] = {k: inv[k] for k in ("summary", "verdict", "seeds", "train", "step_ms")}
     # 7. the detection experiment (trains its own networks)
     if detection:
         offset = stage.done + (inverse_adversary.inverse_stages(preset) if inverse else 0)  # after inverse's stages
