@@ -291,7 +291,7 @@ def test_reproduce_with_inverse_adds_the_section(tmp_path, monkeypatch):
         for i in range(n_inv):
             on_stage(i, n_inv, "stub")
         (Path(out) / "inverse.md").write_text("# Inverse-adversary centers, trained\n\n## Verdict\n\nstub verdict\n")
-        return {"summary": {}, "verdict": [], "seeds": [0], "train": {}}
+        return {"summary": {}, "verdict": [], "seeds": [0], "train": {}, "step_ms": {}}
 
     monkeypatch.setattr(IE, "inverse_experiment", stub)
     stages = []
