@@ -264,7 +264,8 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
             for i in range(n):
                 on_stage(i, n, "stub")
             (Path(out) / name).write_text(text)
-            return {"summary": {}, "verdict": [], "verdicts": [], "seeds": [0], "train": {}, "figures": []}
+            return {"summary": {}, "verdict": [], "verdicts": [], "seeds": [0], "train": {}, "figures": [],
+                    "step_ms": {}}
         return run
 
     monkeypatch.setattr(IE, "inverse_experiment", stub("inverse.md", IE.inverse_stages("quick"),
