@@ -111,7 +111,9 @@ def inverse_centers(
     console.print(t)
     for v in res["verdict"]:
         console.print(f"{v['model']}: accuracy {v['accuracy']}, compactness {v['compactness']}, EER {v['eer']}, "
-                      f"cost {v['cost_ratio']:.1f}x A -> substitutes: {'yes' if v['substitutes'] else 'no'}",
+                      f"cost {v['cost_ratio']:.1f}x A -> substitutes: "
+                      + ("not determined (one seed)" if v["substitutes"] is None else
+                         "yes" if v["substitutes"] else "no"),
                       markup=False)
     console.print(f"report: {out / 'inverse.md'}")
     write_json(json_out, round_floats({"command": "inverse-centers", "dataset": res["dataset"], "preset": preset.value,

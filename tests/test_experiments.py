@@ -1,5 +1,6 @@
 """The seeds' experiments: metrics, commands and the reproduction pipeline on tiny data."""
 import json
+import math
 
 import pytest
 import torch
@@ -281,3 +282,12 @@ def test_likelihood_ablation_grid_trains_measures_and_tabulates(tmp_path, monkey
     assert "3 SGD steps of batch 32" in md and "likelihood without log-det" in md and "mean / min log-variance" in md
     again = A.ablation(out, grid="likelihood", data_dir=src, progress=lambda m: None)
     assert json.loads(json.dumps(again["points"], default=float)) == res["points"]
+
+
+def test_compare_without_an_error_estimate_gives_no_verdict():
+    # a quantity that is not a rate (n=None) measured on one seed has no standard error: no verdict, no z = inf
+    c = S.compare([0.34], [0.40])
+    assert c["verdict"] == "one seed" and math.isnan(c["z"])
+    assert S.relative([0.34], [0.40, 0.41]) == "not measurable with one seed"
+    assert S.compare([0.34, 0.33], [0.40, 0.41])["verdict"] == "holds"
+    assert S.compare([5.0], [10.0], 2000)["verdict"] == "holds"  # a rate keeps its binomial error

@@ -268,6 +268,10 @@ def test_inverse_experiment_tiny(tmp_path, monkeypatch):
     one = json.loads((out / "inverse.json").read_text())
     assert one["seeds"] == [1] and one["models_reused"] == one["models"] == len(IE.INVERSE_MODELS)
     assert one["runs"]["B (softmax)"]["1"] == res["runs"]["B (softmax)"]["1"]
+    # one seed: compactness has no error estimate, so no verdict on it (it read "worse" at z = inf before)
+    assert all(v["compactness"] == "not measurable with one seed" and v["substitutes"] is None for v in one["verdict"])
+    md1 = (out / "inverse.md").read_text()
+    assert "not determined (one seed)" in md1 and "z = inf" not in md1 and "z = nan" not in md1
     bad = CliRunner().invoke(app, ["inverse-centers", "--out", str(out), "--seeds", "x"])
     assert bad.exit_code == 2 and "--seeds" in bad.output
     with pytest.raises(ValueError, match="seeds"):

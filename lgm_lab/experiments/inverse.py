@@ -40,7 +40,7 @@ from .measure import (
     training_step_ms,
 )
 from .runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
-from .stats import compare, mean_std, mean_std_text, relative
+from .stats import RELATIVE, compare, mean_std, mean_std_text, relative
 
 __all__ = ["INVERSE_PRESETS", "INVERSE_MODELS", "inverse_experiment", "inverse_stages", "verdict", "context",
            "inverse_markdown"]
@@ -186,7 +186,8 @@ def verdict(r: dict) -> list[dict]:
         else:
             cost = r["summary"][m]["seconds_per_epoch"][0] / max(r["summary"][a]["seconds_per_epoch"][0], 1e-9)
         out.append({"model": m, "accuracy": acc, "compactness": comp, "eer": eer_v, "cost_ratio": cost,
-                    "substitutes": acc != "worse" and comp != "worse"})
+                    # None: not determined (compactness has no error estimate with one seed)
+                    "substitutes": None if comp == RELATIVE["one seed"] else (acc != "worse" and comp != "worse")})
     return out
 
 
@@ -255,8 +256,9 @@ def inverse_markdown(r: dict) -> str:
           + "| substitutes for A's centers? |",
           "|---|---|---|---|---|---|"]
     for v in r["verdict"]:
+        sub = "not determined (one seed)" if v["substitutes"] is None else ("yes" if v["substitutes"] else "**no**")
         L.append(f"| {v['model']} | {v['accuracy']} | {v['compactness']} | {v['eer']} | {v['cost_ratio']:.1f}x | "
-                 f"{'yes' if v['substitutes'] else '**no**'} |")
+                 f"{sub} |")
     L += ["", "Rule: 'better'/'worse' when the difference is at least 2 standard errors (binomial on n images "
               "combined with the seed spread for rates; the seed spread for compactness), else 'same within "
               "noise'. 'Substitutes' = accuracy and compactness not worse than A's.", ""]
@@ -264,11 +266,13 @@ def inverse_markdown(r: dict) -> str:
     if c:
         ab = c["A_vs_B"]
         L += ["What the verdict can mean here. Center loss itself against softmax (A vs B): compactness "
-              f"{ab['compactness']} (z = {ab['compactness_z']:.1f}), accuracy {ab['accuracy']}, FGSM detection "
-              f"{ab['eer']}."
+              f"{ab['compactness']}"  # z is NaN with one seed
+              + ("" if ab["compactness_z"] != ab["compactness_z"] else f" (z = {ab['compactness_z']:.1f})")
+              + f", accuracy {ab['accuracy']}, FGSM detection {ab['eer']}."
               + (" Since center loss does not make the classes measurably tighter than softmax at this budget, "
                  "'substitutes' above only means 'no worse than A'; it cannot show that inverse-adversary "
-                 "centers deliver what center-loss centers deliver." if ab["compactness"] != "better" else "")]
+                 "centers deliver what center-loss centers deliver."
+                 if ab["compactness"] not in ("better", RELATIVE["one seed"]) else "")]
         for m, v in c.items():
             if m == "A_vs_B":
                 continue

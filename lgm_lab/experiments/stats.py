@@ -7,7 +7,8 @@ import torch
 __all__ = ["mean_std", "binomial_se", "compare", "RELATIVE", "relative", "mean_std_text"]
 
 # A `compare` verdict read as "is a better than b" (for rates and ratios where lower is better).
-RELATIVE = {"holds": "better", "fails": "worse", "within noise": "same within noise"}
+RELATIVE = {"holds": "better", "fails": "worse", "within noise": "same within noise",
+            "one seed": "not measurable with one seed"}
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -28,9 +29,12 @@ def compare(a: list[float], b: list[float], n: int | None = None) -> dict:
     The standard error of each mean combines the seed-to-seed spread with, for rates in % measured on
     ``n`` images each, the binomial error of one measurement: se^2 = p(1-p)/(n S) + std^2/S over S seeds
     (``n=None``: the seed spread alone, for quantities that are not rates).  ``z = (mean b - mean a) / se``;
-    the verdict is "holds" for z >= 2, "fails" for z <= -2, else "within noise"."""
+    the verdict is "holds" for z >= 2, "fails" for z <= -2, else "within noise".  Without ``n``, a side with one
+    value has no error estimate: the verdict is then "one seed" (z is NaN), never a difference of infinite z."""
     ma, sa = mean_std(a)
     mb, sb = mean_std(b)
+    if n is None and min(len(a), len(b)) < 2:
+        return {"a": ma, "b": mb, "diff": mb - ma, "se": float("nan"), "z": float("nan"), "verdict": "one seed"}
     ba = binomial_se(ma, n) ** 2 if n is not None else 0.0
     bb = binomial_se(mb, n) ** 2 if n is not None else 0.0
     se = ((ba + sa ** 2) / len(a) + (bb + sb ** 2) / len(b)) ** 0.5
