@@ -26,7 +26,6 @@ import torch
 from ..checkpoints import checkpoint_digest, load_trained
 from ..config import dataset_info
 from ..data import load_dataset
-from ..evaluation import evaluate
 from ..run_folder import save_json, save_text
 from ..tensors import features, stack_dataset
 from .measure import (
@@ -70,8 +69,12 @@ def _short(model: str) -> str:
 
 
 def _evaluate(model, head, test, x, y, xm, ym, batch: int = 256) -> dict:
-    out = {"error": evaluate(model, head, test)["error_percent"]}
+    model.eval(), head.eval()
     k = head.num_classes
+    xt, yt = stack_dataset(test)
+    with torch.no_grad():  # one pass over the test set serves the error and the compactness
+        ft = features(model, xt)
+        out = {"error": 100.0 * (1.0 - (head.predict(ft) == yt).sum().item() / len(yt))}  # as evaluate() counts
     means = class_means(features(model, xm), ym, k)
     feats = {}  # the sweep's features of the clean and eps-0.3 images serve the verification
     errors, _ = fgsm_sweep(model, head, x, y, (0.0, 0.1, 0.3), batch=batch, predict_batch=512, features_out=feats)
@@ -84,8 +87,6 @@ def _evaluate(model, head, test, x, y, xm, ym, batch: int = 256) -> dict:
             c = head.centers().detach()
             own, _ = eer(center_scores(fc, c, head), center_scores(fa, c, head))
             out["eer_own_centers"] = 100.0 * own
-        xt, yt = stack_dataset(test)
-        ft = features(model, xt)
     out["compactness"] = compactness(ft, yt, k)
     return out
 
