@@ -84,7 +84,7 @@ def inverse_centers(
 ) -> None:
     """Can inverse adversaries replace center-loss centers? Train A (center), B (softmax), C-class and C-instance
     (inverse-adversary centers) for 3 seeds; error, FGSM, EER, compactness, centers, cost; OUT/inverse.md."""
-    from lgm_lab.experiments.inverse import inverse_experiment
+    from lgm_lab.experiments.inverse import inverse_experiment, substitutes_text
 
     try:
         seed_list = None if seeds is None else _ints(seeds, "--seeds")
@@ -111,9 +111,7 @@ def inverse_centers(
     console.print(t)
     for v in res["verdict"]:
         console.print(f"{v['model']}: accuracy {v['accuracy']}, compactness {v['compactness']}, EER {v['eer']}, "
-                      f"cost {v['cost_ratio']:.1f}x A -> substitutes: "
-                      + ("not determined (one seed)" if v["substitutes"] is None else
-                         "yes" if v["substitutes"] else "no"),
+                      f"cost {v['cost_ratio']:.1f}x A -> substitutes: {substitutes_text(v)}",
                       markup=False)
     console.print(f"report: {out / 'inverse.md'}")
     write_json(json_out, round_floats({"command": "inverse-centers", "dataset": res["dataset"], "preset": preset.value,

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "error_percent"]
+
+
+def error_percent(correct: int, n: int) -> float:
+    """Test error in % from the number of correct predictions among ``n`` (0 for no samples)."""
+    return 100.0 * (1.0 - correct / max(n, 1))
 
 
 @torch.no_grad()
@@ -32,7 +37,7 @@ def evaluate(model: nn.Module, head: nn.Module, dataset: Dataset, *, batch_size:
     n = int(confusion.sum())
     out = {
         "samples": n,
-        "error_percent": 100.0 * (1.0 - confusion.diag().sum().item() / max(n, 1)),
+        "error_percent": error_percent(confusion.diag().sum().item(), n),
         "confusion": confusion.tolist(),
         "images_per_second": n / (time.perf_counter() - t0),
     }

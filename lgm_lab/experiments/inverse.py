@@ -18,6 +18,7 @@ shared measurements (:mod:`~lgm_lab.experiments.measure`) and runs (:mod:`~lgm_l
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 from ..checkpoints import checkpoint_digest, load_trained
 from ..config import dataset_info
 from ..data import load_dataset
+from ..evaluation import error_percent
 from ..run_folder import save_json, save_text
 from ..tensors import features, stack_dataset
 from .measure import (
@@ -41,7 +43,8 @@ from .measure import (
 from .runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
 from .stats import RELATIVE, compare, mean_std, mean_std_text, relative
 
-__all__ = ["INVERSE_PRESETS", "INVERSE_MODELS", "inverse_experiment", "inverse_stages", "verdict", "context",
+__all__ = ["INVERSE_PRESETS", "INVERSE_MODELS", "inverse_experiment", "inverse_stages", "verdict", "substitutes_text",
+           "context",
            "inverse_markdown"]
 
 # model -> TrainConfig overrides (every model: linear 100-D feature layer, as the rest of the toolkit)
@@ -74,7 +77,7 @@ def _evaluate(model, head, test, x, y, xm, ym, batch: int = 256) -> dict:
     xt, yt = stack_dataset(test)
     with torch.no_grad():  # one pass over the test set serves the error and the compactness
         ft = features(model, xt)
-        out = {"error": 100.0 * (1.0 - (head.predict(ft) == yt).sum().item() / len(yt))}  # as evaluate() counts
+        out = {"error": error_percent((head.predict(ft) == yt).sum().item(), len(yt))}
     means = class_means(features(model, xm), ym, k)
     feats = {}  # the sweep's features of the clean and eps-0.3 images serve the verification
     errors, _ = fgsm_sweep(model, head, x, y, (0.0, 0.1, 0.3), batch=batch, predict_batch=512, features_out=feats)
@@ -192,6 +195,11 @@ def verdict(r: dict) -> list[dict]:
     return out
 
 
+def substitutes_text(v: dict) -> str:
+    """A verdict row's answer to "substitutes for A's centers?": yes, no, or not determined (one seed)."""
+    return "not determined (one seed)" if v["substitutes"] is None else ("yes" if v["substitutes"] else "no")
+
+
 def context(r: dict) -> dict:
     """What the verdict can mean: does center loss itself (A) beat softmax (B) here, and does each C model
     behave like A or like B?  (Same rules as :func:`verdict`.)"""
@@ -227,9 +235,9 @@ def inverse_markdown(r: dict) -> str:
          f"This invocation took {r['seconds'] / 60:.1f} min ({r.get('models_reused', 0)} of {r.get('models', 0)} "
          "models reused from an earlier invocation; the s / epoch column is each model's own training, under "
          "whatever shared the machine then"
-         + ("; 'step ms' is the inverse attack, forward and backward of one training batch of "
-            f"{t.get('batch_size', 128)} images by each seed-{r['seeds'][0]} model, timed side by side in this "
-            "invocation, which the cost ratio below uses)." if "step_ms" in r else ")."), "",
+         + ("; 'step ms' is one training step (the head's inverse attack where it has one, forward and backward) "
+            f"on a batch of {t.get('batch_size', 128)} images by each seed-{r['seeds'][0]} model, timed side by "
+            "side in this invocation, which the cost ratio below uses)." if "step_ms" in r else ")."), "",
          "| model | clean error % | FGSM 0.1 error % | FGSM 0.3 error % | EER % (class means) | "
          "EER % (own centers) | compactness (lower = tighter) | s / epoch | step ms |",
          "|---|---|---|---|---|---|---|---|---|"]
@@ -257,7 +265,8 @@ def inverse_markdown(r: dict) -> str:
           + "| substitutes for A's centers? |",
           "|---|---|---|---|---|---|"]
     for v in r["verdict"]:
-        sub = "not determined (one seed)" if v["substitutes"] is None else ("yes" if v["substitutes"] else "**no**")
+        sub = substitutes_text(v)
+        sub = f"**{sub}**" if sub == "no" else sub
         L.append(f"| {v['model']} | {v['accuracy']} | {v['compactness']} | {v['eer']} | {v['cost_ratio']:.1f}x | "
                  f"{sub} |")
     L += ["", "Rule: 'better'/'worse' when the difference is at least 2 standard errors (binomial on n images "
@@ -268,7 +277,7 @@ def inverse_markdown(r: dict) -> str:
         ab = c["A_vs_B"]
         L += ["What the verdict can mean here. Center loss itself against softmax (A vs B): compactness "
               f"{ab['compactness']}"  # z is NaN with one seed
-              + ("" if ab["compactness_z"] != ab["compactness_z"] else f" (z = {ab['compactness_z']:.1f})")
+              + ("" if math.isnan(ab["compactness_z"]) else f" (z = {ab['compactness_z']:.1f})")
               + f", accuracy {ab['accuracy']}, FGSM detection {ab['eer']}."
               + (" Since center loss does not make the classes measurably tighter than softmax at this budget, "
                  "'substitutes' above only means 'no worse than A'; it cannot show that inverse-adversary "
