@@ -49,7 +49,7 @@ def attack(
 
     try:
         eps_list = parse_eps(eps)
-        dev = check_common(device, batch_size, subset, json_out)
+        dev = check_common(device, batch_size, subset, json_out, inputs=checkpoints)
         runs = load_runs(checkpoints, dev)
         cfg0 = next(iter(runs.values()))[2]
         x, y = eval_tensors(cfg0, subset, data_dir, dev)
@@ -97,7 +97,7 @@ def verify(
 
     try:
         check_eps([eps])
-        dev = check_common(device, batch_size, subset, json_out, fmt)
+        dev = check_common(device, batch_size, subset, json_out, fmt, inputs=checkpoints)
         runs = load_runs(checkpoints, dev)
         cfg0 = next(iter(runs.values()))[2]
         x, y = eval_tensors(cfg0, subset, data_dir, dev)
@@ -144,8 +144,8 @@ def centers(
     from lgm_lab.experiments.centers import CENTERS_ROLES, centers_report
 
     try:
-        dev = check_common(device, batch_size, subset, json_out)
         paths = {"A": model_a, "B": model_b, **({"L-GM": lgm} if lgm else {})}
+        dev = check_common(device, batch_size, subset, json_out, inputs=list(paths.values()))
         resolved = [p.resolve() for p in paths.values()]
         if len(set(resolved)) < len(resolved):
             raise ValueError("--model-a, --model-b and --lgm must be three different checkpoints")

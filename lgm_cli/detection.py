@@ -4,6 +4,7 @@ clean and abnormal inputs) and `lgm ood` (every detector of the protocol on give
 figure; lgm_lab.experiments.detection)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,9 @@ from rich.table import Table
 from .options import (
     batch_opt,
     check_common,
+    check_not_input,
     check_positive,
+    check_writable_folder,
     choices,
     console,
     device_opt,
@@ -31,7 +34,6 @@ from .options import (
     write_json,
 )
 
-DETECTOR_FORMAT = "lgm-detector-file/1"
 OOD_NAMES = ("digits", "noise", "gaussian", "inverted", "heldout-classes")  # --data names besides the dataset's
 Covariance = choices("DetectorCovariance", ("tied", "diag", "identity", "head"))
 Split = choices("CalibrationSplit", ("heldout", "train"))
@@ -82,19 +84,28 @@ def fit(
 ) -> None:
     """Fit a likelihood detector (lgm_ext.LikelihoodDetector) to a trained model's features, calibrate its
     threshold at --fpr on clean images and save it with the checkpoint's SHA-256 (lgm detect score checks it)."""
-    import torch
 
     from lgm_ext import LikelihoodDetector
-    from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_trained, write_atomically
+    from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_trained
     from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.detector_file import is_detector_file, save_detector_file
     from lgm_lab.experiments.detection import detection_data
+    from lgm_lab.run_folder import RunFolderBusy, locked
 
+    lock = contextlib.ExitStack()
     try:
         _check_fpr(fpr)
         check_positive(fit_subset, "--fit-subset")
         dev = check_common(device, batch_size, subset)
         if out.is_dir() or not out.parent.is_dir():
             raise ValueError(f"--out {out}: give a file name in an existing folder")
+        check_not_input(out, [checkpoint], "--out")
+        if out.exists() and not is_detector_file(out):
+            raise ValueError(f"--out {out} exists and is not a detector file; --out replaces only a detector file "
+                             "(a checkpoint or any other file is never written over): give another name")
+        check_writable_folder(out.parent, "--out")
+        # the folder's lock, as a run folder's: not while `lgm train` (or another `detect fit`) writes there
+        lock.enter_context(locked(out.parent))
         model, head, cfg, ck = load_trained(checkpoint, dev)
         if covariance.value == "head" and head.kind != "lgm":
             raise ValueError(f"--covariance head needs an L-GM checkpoint ({checkpoint} has a {head.kind} head); "
@@ -102,51 +113,37 @@ def fit(
         need_fit = covariance.value != "head" or split.value == "train"
         data = detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset if need_fit else 0,
                               sets=())
-    except (CheckpointError, DatasetUnavailable, ValueError, OSError) as err:
+    except (CheckpointError, DatasetUnavailable, ValueError, OSError, RunFolderBusy) as err:
+        lock.close()
         fail(err)
-    xf, yf = data["fit"] if data["fit"] is not None else (None, None)
-    x_cal = xf if split.value == "train" else data["calibration"]
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"features of {checkpoint.parent.name}", total=(len(xf) if xf is not None else 0)
-                            + (len(x_cal) if split.value != "train" else 0))
-        f_fit = _features(model, xf.to(dev), batch_size, bar, task) if xf is not None else None
-        f_cal = f_fit if split.value == "train" else _features(model, x_cal.to(dev), batch_size, bar, task)
-    try:
-        if covariance.value == "head":
-            det = LikelihoodDetector.from_head(head)
-        else:
-            det = LikelihoodDetector.fit(f_fit, yf.to(dev), covariance.value, num_classes=head.num_classes)
-        det.calibrate(f_cal, fpr)
-    except ValueError as err:
-        fail(err)
-    file = {"format": DETECTOR_FORMAT, "detector": det.to("cpu").state_dict(),
-            "checkpoint_sha256": checkpoint_digest(ck), "checkpoint": str(checkpoint), "dataset": cfg.dataset,
-            "classes": cfg.classes, "head": head.label, "covariance": covariance.value, "split": split.value,
-            "fpr": fpr, "fit_images": 0 if xf is None else len(xf), "calibration_images": len(f_cal)}
-    try:
-        write_atomically(out, lambda f: torch.save(file, f))
-    except OSError as err:
-        fail(err)
-    console.print(f"{covariance.value} detector for {head.label} ({cfg.dataset}): threshold {det.threshold:.4g}, "
-                  f"calibrated on {len(f_cal)} {split.value} images for {100 * fpr:g}% false rejections"
-                  + (f", fitted on {len(xf)} training images" if covariance.value != "head" else "")
-                  + f"; written to {out}", markup=False)
-
-
-def _load_detector(path: Path) -> dict:
-    import pickle
-
-    import torch
-
-    if not path.is_file():
-        raise ValueError(f"no detector file at {path}")
-    try:
-        file = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
-        raise ValueError(f"{path} is not a detector file written by lgm detect fit ({type(err).__name__})") from err
-    if not isinstance(file, dict) or file.get("format") != DETECTOR_FORMAT:
-        raise ValueError(f"{path} is not a detector file written by lgm detect fit")
-    return file
+    with lock:  # held until the file is written
+        covariance, split = covariance.value, split.value
+        xf, yf = data["fit"] if data["fit"] is not None else (None, None)
+        x_cal = xf if split == "train" else data["calibration"]
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"features of {checkpoint.parent.name}", total=(len(xf) if xf is not None else 0)
+                                + (len(x_cal) if split != "train" else 0))
+            f_fit = _features(model, xf.to(dev), batch_size, bar, task) if xf is not None else None
+            f_cal = f_fit if split == "train" else _features(model, x_cal.to(dev), batch_size, bar, task)
+        try:
+            if covariance == "head":
+                det = LikelihoodDetector.from_head(head)
+            else:
+                det = LikelihoodDetector.fit(f_fit, yf.to(dev), covariance, num_classes=head.num_classes)
+            det.calibrate(f_cal, fpr)
+        except ValueError as err:
+            fail(err)
+        try:
+            save_detector_file(out, det, checkpoint_sha256=checkpoint_digest(ck), checkpoint=str(checkpoint),
+                               dataset=cfg.dataset, classes=cfg.classes, head=head.label, covariance=covariance,
+                               split=split, fpr=float(fpr), fit_images=0 if xf is None else len(xf),
+                               calibration_images=len(f_cal))
+        except (OSError, ValueError) as err:
+            fail(err)
+        console.print(f"{covariance} detector for {head.label} ({cfg.dataset}): threshold {det.threshold:.4g}, "
+                      f"calibrated on {len(f_cal)} {split} images for {100 * fpr:g}% false rejections"
+                      + (f", fitted on {len(xf)} training images" if covariance != "head" else "")
+                      + f"; written to {out}", markup=False)
 
 
 @detect_app.command("score")
@@ -167,28 +164,22 @@ def score(
     """The rejection rates of a detector on clean and abnormal images (refused for another model's checkpoint)."""
     import torch
 
-    from lgm_ext import LikelihoodDetector
-    from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_trained
+    from lgm_lab.checkpoints import CheckpointError, load_trained
     from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.detector_file import load_detector_file
     from lgm_lab.experiments.detection import HELDOUT_SET, detection_data
     from lgm_lab.ood_data import DIGITS_SIZE, ood_images
 
     try:
-        dev = check_common(device, batch_size, subset, json_out)
-        file = _load_detector(detector)
-        model, head, cfg, ck = load_trained(checkpoint, dev)
+        dev = check_common(device, batch_size, subset, json_out, inputs=[detector, checkpoint])
+        trained = load_trained(checkpoint, dev)
+        model, head, cfg, ck = trained
+        det, file = load_detector_file(detector, trained)  # checked before any work
         names = [n.strip() for n in data.split(",") if n.strip()]
         bad = [n for n in names if n not in (cfg.dataset, *OOD_NAMES)]
         if not names or bad:
             raise ValueError(f"--data takes {', '.join((cfg.dataset, *OOD_NAMES))} (comma-separated), got "
                              f"{', '.join(bad) or repr(data)}")
-        if file["checkpoint_sha256"] != checkpoint_digest(ck):
-            raise ValueError(f"{detector} was fitted to another model (checkpoint SHA-256 "
-                             f"{file['checkpoint_sha256'][:12]}..., {checkpoint} has {checkpoint_digest(ck)[:12]}...); "
-                             "fit it again with lgm detect fit")
-        det = LikelihoodDetector.from_state_dict(file["detector"])
-        if det.threshold is None:
-            raise ValueError(f"{detector} has no threshold")
         sets = [HELDOUT_SET if n == "heldout-classes" else n for n in names if n != cfg.dataset]
         imgs = detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=0,
                               sets=[s for s in sets if s == HELDOUT_SET])
@@ -199,7 +190,7 @@ def score(
         for s in sets:
             inputs[s] = imgs["abnormal"][s] if s == HELDOUT_SET else ood_images(
                 s, x, n=min(len(x), DIGITS_SIZE) if s == "digits" else None, seed=cfg.seed)
-    except (CheckpointError, DatasetUnavailable, ValueError, OSError, KeyError) as err:
+    except (CheckpointError, DatasetUnavailable, ValueError, OSError) as err:
         fail(err)
     res = {}
     with progress_bar(progress) as bar:
@@ -255,7 +246,9 @@ def ood(
         eps_list = [e for e in parse_eps(eps) if e > 0]
         for v, name in ((fit_subset, "--fit-subset"), (attack_subset, "--attack-subset")):
             check_positive(v, name)
-        dev = check_common(device, batch_size, subset, json_out, fmt)
+        dev = check_common(device, batch_size, subset, json_out, fmt, inputs=checkpoints)
+        for ck in checkpoints:
+            check_not_input(out / "results.json", [ck], "--out")
         out_folder(out)
         runs = load_runs(checkpoints, dev)
         data = {name: detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset)
@@ -300,7 +293,10 @@ def ood(
                 t.add_row(f"{det} ({name})", *(f"{d['adaptive'][f'{e:g}'][k]:.1f}" for e in eps_list
                                                 for k in ("pgd", "adaptive")))
         console.print(t)
-    fig = detection_roc_figure(curves, out / "detection_roc", fmt=fmt)
+    try:
+        fig = detection_roc_figure(curves, out / "detection_roc", fmt=fmt)
+    except OSError as err:  # a full disk, a folder made read-only meanwhile
+        fail(err)
     payload = envelope("ood", results, dataset=next(iter(runs.values()))[2].dataset,
                        checkpoints=checkpoints, device=dev, n=len(next(iter(data.values()))["clean"][0]), eps=eps_list,
                        fpr=fpr, adaptive=adaptive)

@@ -47,7 +47,7 @@ def eval_command(
     from lgm_lab.ood_data import restrict_classes
 
     try:
-        dev = check_common(device, batch_size, subset, json_out, fmt)
+        dev = check_common(device, batch_size, subset, json_out, fmt, inputs=[checkpoint])
         if out is not None:
             out_folder(out)
         model, head, cfg, ck = load_trained(checkpoint, dev)

@@ -17,6 +17,7 @@ from .options import (
     format_opt,
     json_opt,
     out_folder,
+    parse_seeds,
     progress_bar,
     round_floats,
     write_json,
@@ -87,7 +88,7 @@ def inverse_centers(
     from lgm_lab.experiments.inverse import inverse_experiment, substitutes_text
 
     try:
-        seed_list = None if seeds is None else _ints(seeds, "--seeds")
+        seed_list = None if seeds is None else parse_seeds(seeds, "--seeds")
         check_common("cpu", 1, None, json_out)
         out_folder(out)
     except ValueError as err:
@@ -138,7 +139,7 @@ def ablation(
     try:
         if grid not in GRIDS:
             raise ValueError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
-        seed_list = _ints(seeds, "--seeds")
+        seed_list = parse_seeds(seeds, "--seeds")
         check_common("cpu", 1, None, json_out)
         out_folder(out)
         res = run(out, grid=grid, preset=preset.value, seeds=seed_list, data_dir=data_dir,
@@ -167,7 +168,7 @@ def budget(
     try:
         if preset not in BUDGET_PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(BUDGET_PRESETS)}, got {preset!r}")
-        seed_list = _ints(seeds, "--seeds") if seeds else None
+        seed_list = parse_seeds(seeds, "--seeds") if seeds is not None else None
         extra = []
         for item in (at.split(",") if at else []):
             b, _, s = item.partition(":")
@@ -177,10 +178,10 @@ def budget(
                 raise ValueError(f"--at takes batch:steps pairs, e.g. 128:512,128:2048; got {item!r}") from None
             if extra[-1][0] < 1 or extra[-1][1] < 1:
                 raise ValueError(f"--at {item}: batch and steps must be positive")
+        at_list = parse_seeds(at_seeds, "--at-seeds")
         check_common("cpu", 1, None, json_out)
         out_folder(out)
-        res = budget_sweep(out, preset=preset, seeds=seed_list, at=extra, at_seeds=_ints(at_seeds, "--at-seeds"),
-                           data_dir=data_dir,
+        res = budget_sweep(out, preset=preset, seeds=seed_list, at=extra, at_seeds=at_list, data_dir=data_dir,
                            progress=(lambda m: console.print(m, markup=False)) if progress else (lambda m: None))
     except (RuntimeError, ValueError, OSError) as err:
         fail(err)
@@ -188,8 +189,3 @@ def budget(
     write_json(json_out, round_floats(res))
 
 
-def _ints(text: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -67,15 +68,24 @@ def progress_bar(enabled: bool):
                     TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled)
 
 
+# Folders this command created (out_folder), removed again if it fails while they are still empty: a refused
+# command leaves nothing behind.
+_CREATED: list[Path] = []
+
+
 def fail(err: Exception) -> None:
-    """One line on stderr, exit status 2, no traceback."""
+    """One line on stderr, exit status 2, no traceback.  Folders the command created and left empty are
+    removed.  The message is printed as it is: no markup, no emoji codes (``128:-1`` stays ``128:-1``)."""
     if isinstance(err, OSError) and err.strerror:
         msg = f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
     else:
         msg = " ".join(str(err).split()) or type(err).__name__
     from rich.markup import escape
 
-    err_console.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True, highlight=False)
+    from lgm_lab.run_folder import remove_if_empty
+
+    remove_if_empty(_CREATED)
+    err_console.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True, highlight=False, emoji=False)
     raise typer.Exit(2)
 
 
@@ -110,14 +120,50 @@ def parse_eps(text: str) -> list[float]:
     return check_eps(values)
 
 
-def check_json_target(path: Optional[Path]) -> None:
-    """Refuse a --json target that cannot be written, before any work is done."""
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Refuse a folder a command cannot write into (read-only, a full disk), before any work: a probe file
+    is created there and removed (permission bits alone say nothing for root or a read-only mount)."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lgm-probe.", suffix=".lgm-tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{what}: cannot write into {folder}: {err.strerror or err}") from err
+
+
+def check_not_input(target: Optional[Path], inputs, what: str) -> None:
+    """Refuse an output ``target`` that is one of the command's own ``inputs`` (by device and inode: another
+    spelling of the path or a link is the same file): no command writes over what it reads."""
+    from lgm_lab.run_folder import same_file
+
+    if target is None:
+        return
+    for src in inputs:
+        if src is not None and same_file(target, src):
+            raise ValueError(f"{what} {target} is this command's own input {src}; it is never written over: give "
+                             "another file name")
+
+
+def check_json_target(path: Optional[Path], inputs=()) -> None:
+    """Refuse a --json target that cannot be written, or must not be, before any work is done: a folder, a
+    missing or unwritable folder, one of the command's ``inputs``, or an existing file that is not JSON (a
+    checkpoint, a detector file, a user's file: --json replaces only a JSON file)."""
     if path is None:
         return
     if path.is_dir():
         raise ValueError(f"--json {path} is a folder; give a file name")
     if not path.parent.is_dir():
         raise ValueError(f"--json {path}: the folder {path.parent} does not exist")
+    check_not_input(path, inputs, "--json")
+    if path.exists():
+        try:
+            json.loads(path.read_bytes() or b"null")
+        except (ValueError, OSError):
+            raise ValueError(f"--json {path} exists and is not a JSON file; --json replaces only a JSON file (a "
+                             "checkpoint or any other file is never written over): give another name") from None
+    check_writable_folder(path.parent, "--json")
 
 
 def write_json(path: Optional[Path], obj) -> None:
@@ -133,13 +179,14 @@ def write_json(path: Optional[Path], obj) -> None:
 
 
 def check_common(device: Optional[str], batch_size: int, subset: Optional[int], json_out: Optional[Path] = None,
-                 fmt: Optional[str] = None) -> str:
-    """Check the shared options before any work; returns the resolved device."""
+                 fmt: Optional[str] = None, inputs=()) -> str:
+    """Check the shared options before any work (``inputs``: the files the command reads, which --json
+    must not name); returns the resolved device."""
     from lgm_lab.devices import resolve_device
 
     check_positive(batch_size, "--batch-size")
     check_positive(subset, "--subset")
-    check_json_target(json_out)
+    check_json_target(json_out, inputs)
     if fmt is not None:
         from lgm_lab.figures import FORMATS
 
@@ -149,14 +196,41 @@ def check_common(device: Optional[str], batch_size: int, subset: Optional[int], 
 
 
 def out_folder(out: Path) -> Path:
-    """Create the --out folder (refusing a file there)."""
+    """Create the --out folder (refusing a file there, or a folder it cannot write into); a folder created
+    here is removed again if the command then fails while it is empty (:func:`fail`)."""
+    from lgm_lab.run_folder import make_folder
+
     try:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; --out is always a folder")
-        out.mkdir(parents=True, exist_ok=True)
+        _CREATED.extend(make_folder(out))
     except OSError as err:
         raise ValueError(f"cannot create the output folder {out}: {err.strerror or err}") from err
+    check_writable_folder(out, "--out")
     return out
+
+
+def check_seed(value: int, option: str = "--seed") -> int:
+    """Seeds are integers in [0, 2**32 - 1] everywhere (what torch, numpy and Python's random all take)."""
+    from lgm_lab.config import MAX_SEED
+
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{option} must be an integer in [0, {MAX_SEED}], got {value!r}")
+    return value
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
+    """Comma-separated seeds, e.g. ``0,1,2``; an empty list, a non-integer, a repeated seed or one out of
+    [0, 2**32 - 1] is refused (one rule for every command)."""
+    try:
+        seeds = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    for v in seeds:
+        check_seed(v, option)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{option} names a seed twice: {text!r}")
+    return seeds
 
 
 def envelope(command: str, results, *, dataset: str, checkpoints, device: str, n: int, **extra) -> dict:

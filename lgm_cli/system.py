@@ -102,20 +102,30 @@ def bench(
 
 
 def cache(
-    clear: bool = typer.Option(False, "--clear", help="remove the cache (downloads and staged copies; your own "
-                                                      "dataset folders are never touched)"),
+    clear: bool = typer.Option(False, "--clear", help="remove what the cache wrote (staged copies, downloads; a "
+                                                      "copy another process is reading stays); nothing else in "
+                                                      "LGM_DATA_DIR, and no dataset folder of yours, is touched"),
 ) -> None:
-    """The data cache (LGM_DATA_DIR, default ~/.cache/lgm-ext/data): where it is and its size; --clear empties it.
+    """The data cache (LGM_DATA_DIR, default ~/.cache/lgm-ext/data): where it is and its size; --clear removes
+    what the cache itself wrote and says what.
 
     Datasets found in a folder (--data-dir, Debian's Fashion-MNIST) are staged there, at most the three most
     recently used sources; downloads (MNIST, CIFAR-10 where the network allows) land there too."""
     from lgm_lab.data import cache_size, clear_cache, default_data_dir
 
+    root = default_data_dir()
     try:
         if clear:
-            freed = clear_cache()
-            console.print(f"removed {default_data_dir()} ({freed / 2**20:.1f} MiB)", markup=False)
+            done = clear_cache()
+            for path in done.removed:
+                console.print(f"removed {path}", markup=False, soft_wrap=True)
+            for path in done.kept:
+                console.print(f"kept {path}: in use by another process", markup=False, soft_wrap=True)
+            console.print(done.note or f"freed {done.freed / 2**20:.1f} MiB", markup=False, soft_wrap=True)
+        elif root.exists() and not root.is_dir():
+            raise ValueError(f"the data cache {root} (LGM_DATA_DIR) is not a folder")
         else:
-            console.print(f"{default_data_dir()}: {cache_size() / 2**20:.1f} MiB", markup=False)
-    except OSError as err:
+            console.print(f"{root}: {cache_size() / 2**20:.1f} MiB" + ("" if root.exists() else " (does not exist)"),
+                          markup=False, soft_wrap=True)
+    except (OSError, ValueError) as err:
         fail(err)

@@ -12,7 +12,7 @@ import typer
 
 from lgm_lab import config
 
-from .options import check_positive, choices, console, fail
+from .options import check_positive, choices, console, err_console, fail
 
 Preset = choices("Preset", config.PRESETS)
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -59,6 +59,9 @@ def train_command(**options) -> None:
             given = dict(config.PRESETS[preset.value]) if preset else {}
             given.update({k: v for k, v in overrides.items() if v is not None})
             cfg = resume_config(out, **given)
+            if cfg.steps is not None and overrides.get("epochs") is not None:
+                err_console.print(f"note: --epochs {overrides['epochs']} is ignored: this run's budget is --steps "
+                                  f"{cfg.steps} (SGD steps), which --resume keeps", markup=False, highlight=False)
         else:
             cfg = config.config_from_preset(preset.value if preset else None, **overrides)
         check_positive(nproc, "--nproc")

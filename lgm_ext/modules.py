@@ -203,6 +203,7 @@ class CenterLoss(nn.Module):
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         self._check(features, labels)
+        labels = labels.long()  # any integer dtype, as LGMLoss takes (index_select wants int64)
         c = self.centers.to(features.dtype).index_select(0, labels)
         loss = 0.5 * (features - c).pow(2).sum(1).mean()
         if self.training and self.auto_update:
@@ -213,7 +214,7 @@ class CenterLoss(nn.Module):
     def update(self, features: Tensor, labels: Tensor) -> None:
         """One application of the center update rule (Wen et al. Eq. 4); synced over ranks (``sync``)."""
         self._check(features, labels)
-        wen_update(self.centers, features, labels, self.alpha, sync=self.sync, group=self.group)
+        wen_update(self.centers, features, labels.long(), self.alpha, sync=self.sync, group=self.group)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import hashlib
 import io
 import json
 import os
-import pickle
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -20,16 +20,21 @@ from .recipe import build_model_and_head
 from .run_folder import write_atomically
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "Trained", "content_digest",
-           "checkpoint_digest",
-           "save_checkpoint", "load_checkpoint", "config_of", "resume_config", "check_resumable", "load_trained"]
+           "checkpoint_digest", "save_checkpoint", "load_checkpoint", "load_plain", "run_config_file", "config_of",
+           "resume_config", "check_resumable", "load_trained"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
 # verified on every load.
 CHECKPOINT_FORMAT = "lgm-ext-checkpoint-v3"
 
 # Options that `train(..., resume=True)` accepts with a value other than the checkpoint's: where the run
-# executes, and (for the constant schedule only, whose learning rate does not depend on the total) more epochs.
-RESUMABLE_CHANGES = ("device", "epochs")
+# executes, where its data lie (the same data by content: the checkpoint's fingerprint is checked, so another
+# spelling of the path, a copy or a link is the same run), and (for the constant schedule only, whose learning
+# rate does not depend on the total) more epochs.
+RESUMABLE_CHANGES = ("device", "data_dir", "epochs")
+
+# The fields every run's config.json has had (lgm-ext 0.1 on): a config.json without them is not a run's.
+_RUN_KEYS = ("dataset", "model", "feat_dim", "head", "batch_size", "lr", "seed")
 
 
 class CheckpointError(RuntimeError):
@@ -80,11 +85,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
-        raise CheckpointError(f"refusing to load {path}: not a plain lgm-ext checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    ck = load_plain(path, CheckpointError, "a plain lgm-ext checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         old = isinstance(ck, dict) and str(ck.get("format", "")).startswith("lgm-ext-checkpoint-")
         raise CheckpointError(f"refusing to load {path}: " + ("an older checkpoint format without a content hash; "
@@ -96,6 +97,39 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ck.get("config"), dict):
         raise CheckpointError(f"refusing to load {path}: no configuration in it")
     return ck
+
+
+def load_plain(path: Path, error: type[Exception], what: str):
+    """``torch.load(path, weights_only=True)`` on the CPU, any failure (a file that is not a torch file, a
+    truncated or bit-flipped one, a pickle of anything but tensors and plain containers: torch raises
+    UnpicklingError, RuntimeError, EOFError, but also IndexError, KeyError, ... on garbage) raised as
+    ``error`` in one line; nothing in the file is executed."""
+    try:
+        with warnings.catch_warnings():  # a damaged file may make torch warn (an odd pickle protocol) before failing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except OSError as err:
+        raise error(f"cannot read {path}: {err.strerror or err}") from err
+    except Exception as err:  # noqa: BLE001 -- whatever a damaged file makes the unpickler raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise error(f"refusing to load {path}: not {what} ({type(err).__name__}"
+                    + (f": {first[:200]}" if first else "") + ")") from err
+
+
+def run_config_file(path: Path) -> TrainConfig:
+    """The :class:`TrainConfig` of a run's ``config.json`` (what ``train`` writes when it starts); a file that
+    is not one (not JSON, not a run's keys, invalid values) raises :class:`CheckpointError`."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not the config.json of an lgm-ext run (unreadable: "
+                              f"{getattr(err, 'strerror', None) or err})") from err
+    missing = [k for k in _RUN_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise CheckpointError(f"{path} is not the config.json of an lgm-ext run (it lacks {', '.join(missing)})")
+    return config_of({"config": saved}, path)
 
 
 def checkpoint_digest(ck: dict) -> str:
@@ -122,11 +156,7 @@ def resume_config(out_dir: str | os.PathLike, **changes) -> TrainConfig:
     if (out / "checkpoint.pt").exists():
         cfg = config_of(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
     elif (out / "config.json").is_file():
-        try:
-            saved = json.loads((out / "config.json").read_text())
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"cannot resume {out}: unreadable config.json ({err})") from err
-        cfg = config_of({"config": saved if isinstance(saved, dict) else {}}, out / "config.json")
+        cfg = run_config_file(out / "config.json")
     else:
         raise CheckpointError(f"nothing to resume in {out}: no checkpoint.pt or config.json; run without --resume")
     saved = asdict(cfg)

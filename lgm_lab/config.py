@@ -59,6 +59,8 @@ SCHEDULES = ("cyclic", "step", "constant")
 MAX_FEAT_DIM = 65536
 MAX_BATCH_SIZE = 1 << 20
 MAX_EPOCHS = 100_000
+MAX_LSOFTMAX_M = 10  # cos(m theta) by its binomial expansion: exact in float32 well past the paper's m <= 4
+MAX_SEED = 2**32 - 1  # what torch, numpy and Python's random all accept
 
 
 CLASS_NAMES = {
@@ -206,8 +208,15 @@ class TrainConfig:
         if isinstance(self.inverse_steps, bool) or not isinstance(self.inverse_steps, int) \
                 or not 0 <= self.inverse_steps <= 1000:
             raise ValueError(f"inverse_steps must be an integer in [0, 1000], got {self.inverse_steps!r}")
-        if self.lsoftmax_m < 1:
-            raise ValueError(f"lsoftmax_m must be >= 1, got {self.lsoftmax_m}")
+        if isinstance(self.lsoftmax_m, bool) or not isinstance(self.lsoftmax_m, int) \
+                or not 1 <= self.lsoftmax_m <= MAX_LSOFTMAX_M:
+            raise ValueError(f"lsoftmax_m must be an integer in [1, {MAX_LSOFTMAX_M}] (Liu et al. use 1 to 4), got "
+                             f"{self.lsoftmax_m!r}")
+        if not self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1) (SGD's velocity decay; 1 or more never forgets and "
+                             f"diverges), got {self.momentum!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not 0.0 <= self.center_alpha <= 1.0:
             raise ValueError(f"center_alpha must be in [0, 1], got {self.center_alpha}")
 

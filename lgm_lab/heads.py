@@ -287,8 +287,8 @@ class LSoftmaxHead(Head):
 
     def __init__(self, feat_dim: int, num_classes: int, *, lsoftmax_m: int = LSOFTMAX_M, warmup_steps: int = 0) -> None:
         super().__init__(feat_dim, num_classes)
-        if int(lsoftmax_m) != lsoftmax_m or lsoftmax_m < 1:
-            raise ValueError(f"lsoftmax_m must be an integer >= 1, got {lsoftmax_m}")
+        if int(lsoftmax_m) != lsoftmax_m or not 1 <= lsoftmax_m <= 10:
+            raise ValueError(f"lsoftmax_m must be an integer in [1, 10], got {lsoftmax_m}")
         self.m, self.warmup_steps = int(lsoftmax_m), int(warmup_steps)
         self.weight = nn.Parameter(torch.empty(num_classes, feat_dim))
         nn.init.kaiming_normal_(self.weight)

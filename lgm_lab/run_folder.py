@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["RunFolderBusy", "LOCK_NAME", "TMP_SUFFIX", "locked", "write_atomically", "save_json", "save_text",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "is_own_temporary", "make_folder", "remove_if_empty", "same_file"]
 
 LOCK_NAME = ".lgm-run.lock"
 TMP_SUFFIX = ".lgm-tmp"
@@ -23,34 +23,77 @@ class RunFolderBusy(RuntimeError):
     """Another process holds the run folder (a second writer is refused, never interleaved)."""
 
 
-@contextlib.contextmanager
-def locked(folder: Path):
-    """Hold an exclusive lock on ``folder`` (``flock`` on ``folder/.lgm-run.lock``) for the block.  A second
-    holder is refused at once with :class:`RunFolderBusy` naming the first (pid, host, start, command).  The
-    lock goes with its process: a killed run leaves no stale lock."""
-    path = Path(folder) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _open_lock(path: Path, mode: int) -> int | None:
+    """Open ``path`` and ``flock`` it with ``mode`` (non-blocking); None when another process holds it.
+    The lock file is removed by its last holder (:func:`_release`), so after the lock is taken the path
+    must still name the file locked: otherwise a holder removed it meanwhile, and the lock is taken anew."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            holder = json.loads(f.read(4096).decode() or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict) or not holder:
+        return "another process"
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+            f" ({holder.get('command', '?')}{', reading' if holder.get('shared') else ''})")
+
+
+def _release(fd: int, path: Path) -> None:
+    """Drop the lock; the last holder (the one that can take it exclusively) removes the lock file, so a
+    finished or refused command leaves no lock behind."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
         try:
-            holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
-            holder = {}
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+    except OSError:  # another holder (a reader) still has it: it removes the file
+        pass
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-        who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
-               f" ({holder.get('command', '?')})") if holder else "another process"
-        raise RunFolderBusy(f"{folder} is in use by another run: {who}; wait for it to finish or use another "
-                            "--out") from None
+
+
+@contextlib.contextmanager
+def locked(folder: Path, *, shared: bool = False):
+    """Hold a lock on ``folder`` (``flock`` on ``folder/.lgm-run.lock``) for the block: exclusive for a
+    writer (training, writing a detector file), ``shared=True`` for a reader (reusing a finished run): any
+    number of readers together, never with a writer.  A conflicting holder is refused at once with
+    :class:`RunFolderBusy` naming the writer (pid, host, start, command).  The lock goes with its process (a
+    killed run leaves no stale lock) and its file is removed by the last holder."""
+    path = Path(folder) / LOCK_NAME
+    fd = _open_lock(path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    if fd is None:
+        what = "written" if shared else "in use"
+        raise RunFolderBusy(f"{folder} is {what} by another run: {_holder(path)}; wait for it to finish or use "
+                            "another --out")
     try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
+        # who holds it (of several readers, the last to come), for the message of a refused writer
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "shared": shared,
                 "since": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _release(fd, path)
 
 
 def write_atomically(path: Path, write) -> None:
@@ -81,13 +124,52 @@ def save_text(path: Path, text: str) -> None:
     write_atomically(path, lambda f: f.write(text.encode()))
 
 
-def remove_stale_temporaries(folder: Path, names) -> list[Path]:
+def remove_stale_temporaries(folder: Path, names, *, legacy: bool = False) -> list[Path]:
     """Remove the temporaries a killed writer of ``names`` left in ``folder`` (call it holding the lock):
-    ``.NAME.*.lgm-tmp``, and ``NAME.tmp`` as lgm-ext 0.2 named them.  Any other file stays."""
+    ``.NAME.*.lgm-tmp``, a name only :func:`write_atomically` gives; with ``legacy`` (a run folder being
+    resumed, whose checkpoint is ours) also ``NAME.tmp`` as lgm-ext 0.2 named them -- in any other folder such
+    a file may be a user's and stays.  Any other file stays."""
     removed = []
     for name in names:
-        for stale in [*Path(folder).glob(f".{name}.*{TMP_SUFFIX}"), Path(folder) / f"{name}.tmp"]:
-            if stale.is_file() and not stale.is_symlink():
-                stale.unlink(missing_ok=True)
-                removed.append(stale)
+        stale = [*Path(folder).glob(f".{name}.*{TMP_SUFFIX}"), *([Path(folder) / f"{name}.tmp"] if legacy else [])]
+        for path in stale:
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
     return removed
+
+
+def is_own_temporary(path: Path) -> bool:
+    """A temporary :func:`write_atomically` names (``.NAME.XXXX.lgm-tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
+
+
+def make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the folders created (outermost first), so that a
+    command refused afterwards removes them again (:func:`remove_if_empty`) and leaves nothing behind."""
+    folder = Path(folder)
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_if_empty(created: list[Path]) -> None:
+    """Remove the folders :func:`make_folder` created, innermost first, as long as they are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one existing file (by device and inode: links and other spellings of a
+    path count as the same file)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lgm_ext import Classifier
 
-from .checkpoints import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, check_resumable, load_checkpoint, run_config_file, save_checkpoint
 from .config import TrainConfig
 from .data import fingerprint, load_dataset
 from .devices import resolve_device
@@ -35,10 +35,19 @@ from .evaluation import evaluate
 from .heads import HEADS
 from .ood_data import restrict_classes
 from .recipe import build_model_and_head, make_optimizer, make_scheduler, total_steps, warmup_steps
-from .run_folder import locked, remove_stale_temporaries, save_json, write_atomically
+from .run_folder import (
+    LOCK_NAME,
+    is_own_temporary,
+    locked,
+    make_folder,
+    remove_if_empty,
+    remove_stale_temporaries,
+    save_json,
+    write_atomically,
+)
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "METRIC_FIELDS", "epoch_batches", "tensorboard_writer",
-           "log_var_stats"]
+__all__ = ["train", "finished_run", "TrainResult", "TrainingDiverged", "METRIC_FIELDS", "epoch_batches",
+           "tensorboard_writer", "log_var_stats"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -174,32 +183,70 @@ def _progress(enabled: bool):
                     disable=not enabled)
 
 
-def _make_folder(out: Path) -> None:
+def _make_folder(out: Path) -> list[Path]:
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        created = make_folder(out)
     except (OSError, ValueError) as err:
         why = err.strerror if isinstance(err, OSError) else err
         raise ValueError(f"cannot create the run folder {out}: {why}") from err
+    if not out.is_dir():
+        remove_if_empty(created)
+        raise ValueError(f"the run folder {out} is a file; --out is always a folder")
     if not os.access(out, os.W_OK | os.X_OK):
+        remove_if_empty(created)
         raise ValueError(f"the run folder {out} is not writable")
+    return created
 
 
-def _check_folder(out: Path, resume: bool, overwrite: bool) -> Path:
-    """Refuse a folder that holds a run unless resuming or overwriting."""
+def _foreign_files(out: Path) -> list[str]:
+    """What in ``out`` a run did not write: anything but the lock and this project's temporaries."""
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not is_own_temporary(p))
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        run_config_file(path)
+    except CheckpointError:
+        return False
+    return path.is_file()
+
+
+def _check_folder(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    """Refuse a folder that holds a run unless resuming or overwriting, a folder that holds files a run did not
+    write unless overwriting (its run files would be replaced), and a resume with nothing to resume."""
     ck_path = out / "checkpoint.pt"
-    if ck_path.exists() and not resume and not overwrite:
+    if resume:
+        if not ck_path.exists():
+            if not (out / "config.json").is_file():
+                raise CheckpointError(f"nothing to resume in {out}: no checkpoint.pt or config.json there; run "
+                                      "without --resume to start a new run")
+            # killed before its first checkpoint: the config it started with must be a run's and this one
+            check_resumable(asdict(run_config_file(out / "config.json")), cfg, 0, out / "config.json")
+        return ck_path
+    if overwrite:
+        return ck_path
+    if ck_path.exists():
         raise CheckpointError(f"{out} already holds a run ({ck_path}); pass --resume to continue it or "
                               "--overwrite to replace it")
+    foreign = _foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        if _is_run_config(out / "config.json"):
+            raise CheckpointError(f"{out} holds a run that has no checkpoint yet ({shown}); pass --resume to "
+                                  "continue it or --overwrite to replace it")
+        raise CheckpointError(f"{out} holds files a run did not write ({shown}); give a new or empty --out, or "
+                              f"--overwrite to write the run there (its {', '.join(RUN_FILES)} would be replaced; "
+                              "nothing else is touched)")
     return ck_path
 
 
 def _clear_folder(out: Path, ck_path: Path, resume: bool) -> None:
     """Rank 0, holding the folder's lock, before training: drop the replaced run's files (overwrite) and the
     temporaries a killed run left; nothing else in the folder is touched."""
-    if ck_path.exists() and not resume:
+    if not resume:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    remove_stale_temporaries(out, RUN_FILES)
+    remove_stale_temporaries(out, RUN_FILES, legacy=resume and ck_path.exists())
 
 
 def _load_datasets(cfg: TrainConfig, main: bool, world: int) -> tuple[Dataset, Dataset]:
@@ -234,6 +281,40 @@ def _data_parallel(net: nn.Module) -> nn.Module:
         return DistributedDataParallel(net, broadcast_buffers=False)
 
 
+def _check_same_data(ck: dict, cfg: TrainConfig, data_sig: dict, ck_path: Path) -> None:
+    """Refuse to continue (or reuse) a checkpoint on data other than its own.  The same data is decided by
+    content (the fingerprint the checkpoint carries), not by the spelling of the path."""
+    if "data" not in ck:  # runs from before lgm-ext 0.3 carry no fingerprint: the folder must be the same
+        if ck["config"].get("data_dir") != cfg.data_dir:
+            raise CheckpointError(f"{ck_path} was trained on the data in {ck['config'].get('data_dir')}, not "
+                                  f"{cfg.data_dir}, and carries no fingerprint of its data to compare")
+        return
+    if ck["data"] != data_sig:
+        which = " and ".join(k for k in ("train", "test") if ck["data"].get(k) != data_sig[k])
+        raise CheckpointError(f"cannot resume {ck_path}: its {which} data differ from the data it was trained "
+                              f"on (the files under {cfg.data_dir or 'the dataset folder'} changed?); train "
+                              "anew with --overwrite")
+
+
+def finished_run(cfg: TrainConfig, out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a finished run of ``cfg`` (True) or an unfinished one that ``train(cfg,
+    out_dir, resume=True)`` continues (False).  Its checkpoint must have ``cfg``'s configuration (up to
+    :data:`~lgm_lab.checkpoints.RESUMABLE_CHANGES`) and have trained on the same data by content (its
+    fingerprint): anything else raises :class:`CheckpointError` naming the difference.  Only reads: call it
+    under a shared lock (``locked(out_dir, shared=True)``) so that readers do not exclude each other."""
+    out = Path(out_dir)
+    cfg = replace(cfg, device=resolve_device(cfg.device))
+    ck_path = out / "checkpoint.pt"
+    ck = load_checkpoint(ck_path)
+    check_resumable(ck["config"], cfg, int(ck["epoch"]), ck_path)
+    train_ds, test_ds = _load_datasets(cfg, True, 1)
+    _check_same_data(ck, cfg, {"train": fingerprint(train_ds), "test": fingerprint(test_ds)}, ck_path)
+    history = list(ck["metrics"])
+    if cfg.steps is not None:
+        return bool(history) and int(history[-1].get("steps", 0)) >= cfg.steps
+    return int(ck["epoch"]) >= cfg.epochs
+
+
 # ----------------------------------------------------------------------------- training
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, stop_after: int | None = None,
@@ -258,18 +339,23 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     if world > 1 and cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({world})")
     out = Path(out_dir)
-    _make_folder(out)
-    # one writer per run folder: rank 0 holds the lock for the whole run (a second `lgm train` on the
-    # same --out is refused at once, naming this one)
-    with locked(out) if main else contextlib.nullcontext():
-        return _train(cfg, out, rank, world, resume=resume, overwrite=overwrite, progress=progress,
-                      stop_after=stop_after, datasets=datasets, tensorboard=tensorboard)
+    created = _make_folder(out)
+    try:
+        # one writer per run folder: rank 0 holds the lock for the whole run (a second `lgm train` on the
+        # same --out is refused at once, naming this one)
+        with locked(out) if main else contextlib.nullcontext():
+            return _train(cfg, out, rank, world, resume=resume, overwrite=overwrite, progress=progress,
+                          stop_after=stop_after, datasets=datasets, tensorboard=tensorboard)
+    except BaseException:
+        if main:  # a refused run leaves nothing behind: the folders it created, while still empty, go again
+            remove_if_empty(created)
+        raise
 
 
 def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, overwrite: bool, progress: bool,
            stop_after: int | None, datasets, tensorboard) -> TrainResult:
     main = rank == 0
-    ck_path = _check_folder(out, resume, overwrite)
+    ck_path = _check_folder(out, cfg, resume, overwrite)
     writer = tensorboard_writer(tensorboard) if main else None  # fails before anything is removed
     _barrier(world)  # every rank has checked before rank 0 removes anything
     if main:
@@ -300,11 +386,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         check_resumable(ck["config"], cfg, int(ck["epoch"]), ck_path)
-        if "data" in ck and ck["data"] != data_sig:  # runs from before lgm-ext 0.3 carry no fingerprint
-            which = " and ".join(k for k in ("train", "test") if ck["data"].get(k) != data_sig[k])
-            raise CheckpointError(f"cannot resume {ck_path}: its {which} data differ from the data it was trained "
-                                  f"on (the files under {cfg.data_dir or 'the dataset folder'} changed?); train "
-                                  "anew with --overwrite")
+        _check_same_data(ck, cfg, data_sig, ck_path)
         model.load_state_dict(ck["model"])
         head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])

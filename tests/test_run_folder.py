@@ -96,10 +96,13 @@ def test_only_the_projects_temporaries_are_removed(src, tmp_path):
     (out / "notes.tmp").write_text("mine")
     (out / "draft.json.tmp").write_text("mine too")
     (out / ".checkpoint.pt.abcd1234.lgm-tmp").write_bytes(b"half a checkpoint")  # a killed writer's
-    (out / "metrics.json.tmp").write_text("[]")  # lgm-ext 0.2's name for the same
-    train(_tiny(src), out, progress=False)
+    (out / "metrics.json.tmp").write_text("[]")  # lgm-ext 0.2's name for the same: a user's file may have it
+    with pytest.raises(CheckpointError, match="did not write"):  # a folder of the user's files is no run's
+        train(_tiny(src), out, progress=False)
+    train(_tiny(src), out, progress=False, overwrite=True)
     assert (out / "notes.tmp").read_text() == "mine" and (out / "draft.json.tmp").read_text() == "mine too"
-    assert not (out / ".checkpoint.pt.abcd1234.lgm-tmp").exists() and not (out / "metrics.json.tmp").exists()
+    assert (out / "metrics.json.tmp").read_text() == "[]"
+    assert not (out / ".checkpoint.pt.abcd1234.lgm-tmp").exists()
     assert not list(out.glob("*.lgm-tmp")) and not list(out.glob(".*.lgm-tmp"))
 
 

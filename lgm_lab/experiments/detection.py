@@ -141,6 +141,11 @@ def detection_data(cfg, *, data_dir=None, test_subset: int | None = None, test_s
     seed = cfg.seed if test_seed is None else test_seed
     test = load_dataset(cfg.dataset, False, data_dir=data_dir, subset=test_subset, seed=seed)
     cal, ev = split_clean(test)
+    n_cal, n_ev = (len(restrict_classes(part, cfg.class_list)) for part in (cal, ev))
+    if not (n_cal and n_ev):
+        raise ValueError(f"too few test images ({len(test)}{' selected by --subset' if test_subset else ''}): half "
+                         f"calibrate the thresholds and half are measured, and the halves hold {n_cal} and {n_ev} "
+                         "images of the run's classes; use more (--subset)")
     fit = None
     if fit_points != 0:
         train = load_dataset(cfg.dataset, True, data_dir=data_dir, subset=cfg.subset, augment=False, seed=cfg.seed)

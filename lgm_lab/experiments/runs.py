@@ -3,14 +3,13 @@ finished run, the dataset a preset uses, and caching a measurement beside its ch
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from ..checkpoints import CheckpointError, load_checkpoint
+from ..checkpoints import CheckpointError
 from ..config import TrainConfig, config_from_preset
 from ..data import DatasetUnavailable, load_dataset
-from ..run_folder import save_json
-from ..train import train
+from ..run_folder import locked, save_json
+from ..train import finished_run, train
 
 __all__ = ["run_config", "train_or_reuse", "pick_dataset", "load_cached", "save_cached", "budget_words"]
 
@@ -22,17 +21,22 @@ def run_config(dataset: str, data_dir, feat_dim: int, seed: int, overrides: dict
 
 
 def train_or_reuse(cfg: TrainConfig, run_dir: Path, progress) -> bool:
-    """Train ``cfg`` into ``run_dir``; a finished run with the same config is reused (returns True), an
-    unfinished one is resumed, and a run with another config (an older recipe) is replaced."""
+    """Train ``cfg`` into ``run_dir``; a finished run of the same config (and the same data by content) is
+    reused (returns True) under a shared lock, so that experiments reading one run do not exclude each other;
+    an unfinished one is resumed (an exclusive lock).  A run of another config, or on other data, or a
+    checkpoint that cannot be read, is never deleted: it is refused with :class:`CheckpointError` naming the
+    difference."""
     ck = run_dir / "checkpoint.pt"
     if ck.exists():
         try:
-            before = int(load_checkpoint(ck)["epoch"])
-            return train(cfg, run_dir, resume=True, progress=False).epochs_done == before  # nothing left to train
+            with locked(run_dir, shared=True):
+                if finished_run(cfg, run_dir):
+                    return True
         except CheckpointError as err:
-            progress(f"{run_dir.name}: {err}; training it anew")
-            shutil.rmtree(run_dir)
-    train(cfg, run_dir, progress=False)
+            raise CheckpointError(f"{err}. The run in {run_dir} is kept: give another --out, or move it away to "
+                                  "train this point anew") from err
+    # nothing there, or unfinished (killed after its first checkpoint, or before it: config.json only)
+    train(cfg, run_dir, resume=ck.exists() or (run_dir / "config.json").is_file(), progress=False)
     return False
 
 
