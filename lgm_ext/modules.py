@@ -300,5 +300,17 @@ class Classifier(nn.Module):
             return self.head(features, labels, **kwargs)
         if kwargs:
             raise TypeError(f"keyword arguments ({', '.join(kwargs)}) are for the training form: pass labels too")
+        return self.logits_from_features(features)
+
+    def logits_from_features(self, features: Tensor) -> Tensor:
+        """The head's logits of features (the second half of ``forward(images)``): ``head.logits(features)``
+        when the head has a ``logits`` method, else ``head(features)``.
+
+        Args:
+            features: (N, D) outputs of ``backbone``.
+
+        Returns:
+            (N, K) logits.
+        """
         to_logits = getattr(self.head, "logits", None)
         return to_logits(features) if callable(to_logits) else self.head(features)
