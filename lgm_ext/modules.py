@@ -8,7 +8,7 @@ from ._ops import IMPLS
 from .defaults import CENTER_RATE, HEAD_LR_MULT, LGM_ALPHA, LGM_LAMBDA, LOG_VAR_BOUND
 from .functional import _nonneg, check_labels, lgm_log_likelihood, lgm_logits, lgm_loss_and_logits
 
-__all__ = ["LGMLoss", "CenterLoss", "Classifier", "param_groups", "LIKELIHOODS"]
+__all__ = ["LGMLoss", "CenterLoss", "Classifier", "head_logits", "param_groups", "LIKELIHOODS"]
 
 # The likelihood terms LGMLoss can add (lambda_ times, per sample n with label y):
 #   "full"      d[n, y] + 0.5 * sum_j log_var[y, j]   -- Eq. 17 / docs/SPEC.md section 1 (the default)
@@ -312,5 +312,19 @@ class Classifier(nn.Module):
         Returns:
             (N, K) logits.
         """
-        to_logits = getattr(self.head, "logits", None)
-        return to_logits(features) if callable(to_logits) else self.head(features)
+        return head_logits(self.head, features)
+
+
+def head_logits(head, features: Tensor) -> Tensor:
+    """A head's logits of features, the rule of :class:`Classifier`: ``head.logits(features)`` when the head
+    has a ``logits`` method (:class:`LGMLoss`, the lab's heads), else ``head(features)`` (``nn.Linear``).
+
+    Args:
+        head: the head (a module or a callable).
+        features: (N, D) features.
+
+    Returns:
+        (N, K) logits.
+    """
+    to_logits = getattr(head, "logits", None)
+    return to_logits(features) if callable(to_logits) else head(features)
