@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .detector import LikelihoodDetector, _check_threshold, _score_rows
+from ._gaussians import _check_threshold, _score_rows
+from .detector import LikelihoodDetector
 from .modules import head_logits
 
 __all__ = ["RejectingClassifier"]

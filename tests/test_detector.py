@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import lgm_ext
 from lgm_ext import LikelihoodDetector
-from lgm_ext import detector as detector_module
+from lgm_ext import _gaussians as gaussians_module
 
 F64 = torch.float64
 KINDS = ("tied", "diag", "identity")
@@ -268,7 +268,7 @@ def test_chunked_scoring_equals_one_chunk(monkeypatch):
     x, y = _sample(means, cov, 100, seed=20)
     dets = [LikelihoodDetector.fit(x, y, kind, score=s) for kind in KINDS for s in SCORES]
     whole = [d.score(x) for d in dets]
-    monkeypatch.setattr(detector_module, "_CHUNK_ELEMS", 32)  # 8 rows a chunk
+    monkeypatch.setattr(gaussians_module, "_CHUNK_ELEMS", 32)  # 8 rows a chunk
     for d, w in zip(dets, whole):
         torch.testing.assert_close(d.score(x), w, rtol=1e-14, atol=1e-14)
 
