@@ -10,6 +10,7 @@ experiments, benchmarks) is the separate package ``lgm_lab``::
 """
 from ._ops import DIRECT_MAX_KD, IMPLS, has_cuda_kernels
 from ._version import __version__
+from .deploy import RejectingClassifier
 from .detector import LikelihoodDetector
 from .functional import lgm_log_likelihood, lgm_logits, lgm_loss, lgm_loss_and_logits, pgd_step, pgd_step_
 from .inverse import InverseAdversaryCenterLoss, inverse_adversary_features
@@ -29,6 +30,7 @@ __all__ = [
     "inverse_adversary_features",
     "param_groups",
     "LikelihoodDetector",
+    "RejectingClassifier",
     "has_cuda_kernels",
     "IMPLS",
     "DIRECT_MAX_KD",

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .defaults import INVERSE_EPS, INVERSE_STEP, INVERSE_STEPS
 from .functional import lgm_loss, pgd_step, pgd_step_
+from .modules import Classifier
 
 __all__ = ["Attack", "FGSM", "TargetedFGSM", "PGD", "InversePGD", "AdaptivePGD", "LGMClassificationLoss",
            "second_most_likely", "eval_mode"]
@@ -214,13 +215,31 @@ class AdaptivePGD(Attack):
     it looks for inputs in the eps-ball that are misclassified *and* score at least the detector's
     threshold.
 
-    ``model`` maps images to the outputs the detector scores (features, or logits for a detector on
-    logits); ``detector`` is any object with ``score(outputs) -> (N,)`` (higher = more normal,
+    What to pass -- the convention of every attack here: the classifier under attack maps images to
+    logits, as for :class:`FGSM` and :class:`PGD`.  The detector scores the features in between, so
+    AdaptivePGD needs the split, given either way:
+
+    - ``AdaptivePGD(lgm_ext.Classifier(backbone, head), detector)``: the images -> logits model of
+      FGSM/PGD; the detector scores ``backbone(images)``, predictions and the loss use the head's logits
+      (:meth:`lgm_ext.Classifier.logits_from_features`).  ``classifier=`` must then be None.
+    - ``AdaptivePGD(backbone, detector, classifier=head.logits)``: ``model`` maps images to the outputs
+      the detector scores, ``classifier`` maps those outputs to logits.  ``classifier`` may also be the
+      ``lgm_ext.Classifier(backbone, head)`` of that same backbone (its head is used).
+    - ``AdaptivePGD(model, detector)`` with neither: ``model``'s outputs are both what the detector
+      scores and the logits (a detector on logits), unless ``loss_fn`` has a ``logits`` method
+      (:class:`LGMClassificationLoss`), which then gives the logits.
+
+    What cannot be right is a ValueError, not a silent wrong answer: no classifier while the detector
+    (one with ``num_classes`` and ``feat_dim``, such as :class:`lgm_ext.LikelihoodDetector`) scores
+    features whose dimension is not its number of classes (the argmax of the features would be taken
+    as the prediction); a classifier that does not map ``model``'s outputs to (N, K) logits (checked on
+    the first step); outputs whose width is not the detector's ``feat_dim``; labels outside [0, K).
+
+    ``detector`` is any object with ``score(outputs) -> (N,)`` (higher = more normal,
     differentiable with respect to ``outputs``) and a numeric ``threshold`` (read at every call); an
     input passes iff ``score >= threshold`` (:class:`lgm_ext.LikelihoodDetector` rejects exactly the
     others).  The classification loss is ``loss_fn(outputs, labels)`` (summed over the batch; default:
-    cross-entropy of ``classifier(outputs)``, or of the outputs themselves without a classifier);
-    predictions are ``classifier(outputs)``, else ``loss_fn.logits(outputs)``, else the outputs.
+    cross-entropy of the logits above); predictions are the argmax of the logits.
 
     Each step is the fused :func:`lgm_ext.pgd_step_` (a sign step of ``alpha``, projected on the
     eps-ball and ``[lower, upper]``; random start as :class:`PGD`) on a per-sample objective, ``s`` the
@@ -260,6 +279,19 @@ class AdaptivePGD(Attack):
                  penalty: float = 1.0, margin: float = 0.0, mode: str = "selective", classifier: Callable | None = None,
                  random_start: bool = True, keep_successful: bool = True, loss_fn: LossFn | None = None,
                  **kw) -> None:
+        whole = model  # put in eval mode during the attack (with the classifier's module)
+        if isinstance(model, Classifier):
+            if classifier is not None:
+                raise ValueError("classifier must be None when model is an lgm_ext.Classifier (images -> logits): "
+                                 "its head gives the logits and the detector scores its backbone's features; or pass "
+                                 "model=backbone with classifier=head.logits")
+            model, classifier = model.backbone, model.logits_from_features
+        elif isinstance(classifier, Classifier):
+            if classifier.backbone is not model:
+                raise ValueError("classifier is an lgm_ext.Classifier (images -> logits) whose backbone is not model: "
+                                 "classifier must map model's outputs to logits (e.g. head.logits), or pass "
+                                 "model=lgm_ext.Classifier(backbone, head) and no classifier")
+            whole, classifier = classifier, classifier.logits_from_features
         if loss_fn is None and classifier is not None:
             loss_fn = _ClassifierCrossEntropy(classifier)
         super().__init__(model, loss_fn=loss_fn, **kw)
@@ -278,6 +310,34 @@ class AdaptivePGD(Attack):
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
         self.penalty, self.margin, self.mode = float(penalty), float(margin), mode
         self.random_start, self.keep_successful = random_start, keep_successful
+        owner = getattr(classifier, "__self__", classifier)  # head.logits: put the head in eval mode too
+        self._eval = [m for m in (whole, owner, detector) if isinstance(m, nn.Module)]
+        k, d = getattr(detector, "num_classes", None), getattr(detector, "feat_dim", None)
+        if classifier is None and getattr(self.loss_fn, "logits", None) is None and isinstance(k, int) \
+                and isinstance(d, int) and k != d:
+            raise ValueError(f"no classifier given, so model's outputs would be taken as the logits, but the detector "
+                             f"scores {d}-dimensional features of {k} classes: pass model=lgm_ext.Classifier(backbone, "
+                             f"head) (images -> logits, as FGSM and PGD take) or classifier=head.logits (the "
+                             f"detector's features -> logits)")
+
+    def _check_outputs(self, out: Tensor, labels: Tensor) -> None:
+        """On the first step: the outputs fit the detector, the classifier maps them to (N, K) logits, the
+        labels are classes of those logits."""
+        d = getattr(self.detector, "feat_dim", None)
+        if isinstance(d, int) and (out.dim() != 2 or out.shape[1] != d):
+            raise ValueError(f"the detector scores {d}-dimensional features but model's outputs have shape "
+                             f"{tuple(out.shape)}: model must map images to the features the detector was fitted on")
+        with torch.no_grad():
+            try:
+                logits = self._logits(out.detach())
+            except RuntimeError as e:
+                raise ValueError(f"classifier must map model's outputs (shape {tuple(out.shape)}) to logits (N, K), "
+                                 f"not images to logits; calling it raised: {e}") from e
+            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != out.shape[0]:
+                raise ValueError(f"classifier must map model's outputs to ({out.shape[0]}, K) logits, got "
+                                 f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+                raise ValueError(f"labels must lie in [0, K) = [0, {logits.shape[1]}) (K: the classifier's logits)")
 
     def _threshold(self) -> float:
         t = self.detector.threshold
@@ -288,9 +348,11 @@ class AdaptivePGD(Attack):
             raise ValueError("detector.threshold is NaN")
         return t
 
+    def _logits(self, outputs: Tensor) -> Tensor:
+        return self.classifier(outputs) if self.classifier is not None else self._scores(outputs)
+
     def _predict(self, outputs: Tensor) -> Tensor:
-        scores = self.classifier(outputs) if self.classifier is not None else self._scores(outputs)
-        return scores.argmax(1)
+        return self._logits(outputs).argmax(1)
 
     def _outputs_grad(self, out: Tensor, labels: Tensor, t: float, need_grad: bool):
         """(gradient of the per-sample objective with respect to the outputs, success mask)."""
@@ -329,6 +391,8 @@ class AdaptivePGD(Attack):
             xr = x.detach().requires_grad_(not last)
             with torch.no_grad() if last else torch.enable_grad():
                 out = self.model(xr)
+            if i == 0:
+                self._check_outputs(out, labels)
             g_out, ok = self._outputs_grad(out, labels, t, need_grad=not last)
             if self.keep_successful:
                 best[ok], success = x[ok], success | ok
@@ -345,9 +409,8 @@ class AdaptivePGD(Attack):
 
     def __call__(self, images: Tensor, labels: Tensor, *, return_success: bool = False):
         self._check(images, labels)
-        modules = [m for m in (self.classifier, self.detector) if isinstance(m, nn.Module)]
         with contextlib.ExitStack() as stack:
-            for m in (self.model, *modules):
+            for m in (self.model, *self._eval):
                 stack.enter_context(eval_mode(m))
             adv, ok = self._attack(images.detach(), labels)
         return (adv.detach(), ok) if return_success else adv.detach()

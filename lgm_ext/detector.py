@@ -9,6 +9,13 @@ rate::
     det = LikelihoodDetector.from_head(head).calibrate(clean_features, fpr=0.05)
     mask = det.reject(features)                     # True = rejected
 
+Which way each number points: ``score`` (a log-density) is higher for more normal inputs;
+:meth:`~LikelihoodDetector.outlier_score` is its negation, pytorch-ood's convention (higher = more
+abnormal); ``fpr`` is the fraction of *clean* inputs rejected (false rejections, clean = positive), not
+OpenOOD's / pytorch-ood's "FPR at 95% TPR" (abnormal inputs accepted, abnormal = positive).
+:class:`lgm_ext.RejectingClassifier` bundles a network, its head and a calibrated detector as one
+exportable module.
+
 Every distance goes through the fused operators (:func:`lgm_ext.lgm_log_likelihood`,
 :func:`lgm_ext.lgm_logits`): diagonal and identity covariances directly, the tied full covariance
 on whitened features.  No (N, K, D) tensor is formed; rows are scored in chunks of at most
@@ -16,55 +23,28 @@ on whitened features.  No (N, K, D) tensor is formed; rows are scored in chunks 
 """
 from __future__ import annotations
 
-import contextlib
-import math
-
 import torch
 from torch import Tensor
 
-from ._ops import IMPLS
-from .functional import _scalar, check_labels, lgm_log_likelihood, lgm_logits
+from ._gaussians import (
+    COVARIANCES,
+    FORMAT,
+    IMPLS,
+    SCORES,
+    _check_threshold,
+    _choice,
+    _ClassOrInstanceMethod,
+    _finite,
+    _matrix,
+    _real,
+    _score_rows,
+    calibrated_threshold,
+    check_fpr,
+    check_state,
+    fit_gaussians,
+)
 
-__all__ = ["COVARIANCES", "SCORES", "LikelihoodDetector"]
-
-COVARIANCES = ("tied", "diag", "identity")
-SCORES = ("likelihood", "mixture", "max_posterior")
-_FORMAT = "lgm_ext.LikelihoodDetector/1"
-_CHUNK_ELEMS = 1 << 22  # rows per chunk = _CHUNK_ELEMS // max(K, D): bounds the (rows, K) logits
-_LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _choice(name: str, value, options) -> str:
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
-    return value
-
-
-def _matrix(name: str, x, d: int | None) -> Tensor:
-    """A floating (N, d) tensor, else TypeError/ValueError naming ``name``."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.dim() != 2 or (d is not None and x.shape[1] != d):
-        raise ValueError(f"{name} must have shape (N, {'D' if d is None else d}), got {tuple(x.shape)}")
-    return x
-
-
-def _finite(name: str, x: Tensor) -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float dtype is scored in float32 (as the operators accumulate)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _no_autocast(device_type: str):
-    if device_type in ("cpu", "cuda"):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+__all__ = ["COVARIANCES", "SCORES", "LikelihoodDetector", "calibrated_threshold", "check_fpr"]
 
 
 class LikelihoodDetector:
@@ -73,7 +53,24 @@ class LikelihoodDetector:
     Construct with :meth:`from_head`, :meth:`fit` or :meth:`from_state_dict` (or directly from the
     Gaussians: ``means`` (K, D) with ``log_var`` (K, D) for diagonal covariances, ``covariance_matrix``
     (D, D) for one tied full covariance, or neither for identity).  The parameters are stored in
-    float64 on the device of ``means``; :meth:`to` moves them.
+    float64 on the device of ``means``; :meth:`to` moves them.  ``det.fit(features, labels)`` on an
+    existing detector refits it in place and returns it (scikit-learn's convention);
+    ``LikelihoodDetector.fit(features, labels)`` builds a new one.
+
+    Directions: :meth:`score` is higher for more normal inputs (a log-density, in nats);
+    :meth:`outlier_score` ``= -score`` is higher for more abnormal ones (pytorch-ood's and OpenOOD's
+    convention); :meth:`relative_to_threshold` ``= score - threshold`` is >= 0 exactly for accepted inputs.
+    :meth:`calibrate`'s ``fpr`` is the fraction of clean inputs rejected (false rejections; clean inputs
+    are the positives), whereas the "FPR@95TPR" of OpenOOD and pytorch-ood counts abnormal inputs
+    accepted (abnormal inputs are the positives there).
+
+    Args (construction from the Gaussians):
+        means: (K, D) floating class means.
+        log_var: (K, D) log of diagonal covariances, or None.
+        covariance_matrix: (D, D) symmetric positive-definite tied covariance, or None.
+        score: the score kind (below).
+        impl: the operators' implementation selector (:data:`lgm_ext.IMPLS`).
+        threshold: a finite threshold, or None (uncalibrated).
 
     ``score`` (the kind, fixed at construction; :meth:`with_score` makes a detector of another kind):
 
@@ -82,6 +79,10 @@ class LikelihoodDetector:
       Gaussians the number :func:`lgm_ext.lgm_log_likelihood` gives);
     - ``"mixture"``: ``log (1/K) sum_k N(x; mu_k, Sigma_k)``, the equal-prior mixture's log-density;
     - ``"max_posterior"``: ``max_k log P(k | x)`` (<= 0), the log of the largest class posterior.
+      It does not detect far-away inputs: it is bounded by 0 and does not fall with the distance from
+      the data -- with shared (tied or identity) covariances, far from every mean the nearest class's
+      posterior tends to 1, the most normal score there is -- so noise far from the features is
+      accepted.  Use it to flag inputs between classes, not inputs from elsewhere.
 
     Scoring: features of any float dtype (bfloat16/float16 are computed in float32, float64 in
     float64; the scores come back in that dtype), on any device -- the parameters are copied to the
@@ -93,6 +94,8 @@ class LikelihoodDetector:
     def __init__(self, means: Tensor, *, log_var: Tensor | None = None, covariance_matrix: Tensor | None = None,
                  score: str = "likelihood", impl: str = "auto", threshold: float | None = None) -> None:
         means = _matrix("means", means, None)
+        for name, t in (("means", means), ("log_var", log_var), ("covariance_matrix", covariance_matrix)):
+            _real(name, t)
         if means.shape[0] < 1 or means.shape[1] < 1:
             raise ValueError(f"means must have K >= 1 rows and D >= 1 columns, got {tuple(means.shape)}")
         _finite("means", means)
@@ -169,10 +172,34 @@ class LikelihoodDetector:
         (about 2 K D / W per rank sent) and then holds the full Gaussians in float64 (16 K D bytes,
         plus a copy in the scoring dtype on first use) -- the memory sharding saved; the detector
         then scores unsharded on each rank.  At K = 10^6, D = 128 that is about 2 GiB per rank.
+
+        What is accepted: an :class:`lgm_ext.LGMLoss` (or a subclass, such as the lab's L-GM head) or a
+        :class:`~lgm_ext.distributed.ShardedLGMLoss` -- with ``covariance="identity"`` these have no
+        log-variances and give an identity-covariance detector -- or any other object exposing both
+        ``means`` (K, D) and ``log_var`` (K, D) tensors.  Anything else raises TypeError: an object
+        with ``means`` but no log-variances is not read as identity covariance (fit the features with
+        :meth:`fit` instead, e.g. ``covariance="identity"``).
+
+        Args:
+            head: the L-GM head (above).
+            score: the score kind (:data:`SCORES`).
+            impl: the operators' implementation selector; None: the head's ``impl``.
+
+        Returns:
+            A new, uncalibrated detector.
         """
-        if not hasattr(head, "means"):
-            raise TypeError(f"head must be an L-GM head with means (LGMLoss or ShardedLGMLoss), got "
-                            f"{type(head).__name__}")
+        from .distributed import ShardedLGMLoss
+        from .modules import LGMLoss
+
+        if not isinstance(head, (LGMLoss, ShardedLGMLoss)) and (
+                getattr(head, "means", None) is None or getattr(head, "log_var", None) is None):
+            raise TypeError(f"head must be an L-GM head (lgm_ext.LGMLoss, lgm_ext.distributed.ShardedLGMLoss) or "
+                            f"expose both means and log_var, got {type(head).__name__}; for other features or "
+                            f"centers use LikelihoodDetector.fit(features, labels, covariance=...)")
+        for name in ("means", "log_var"):
+            value = getattr(head, name, None)
+            if value is not None and not isinstance(value, Tensor):
+                raise TypeError(f"head.{name} must be a torch.Tensor, got {type(value).__name__}")
         with torch.no_grad():
             means = head.means.detach()
             if callable(getattr(head, "clamped_log_var", None)):
@@ -192,11 +219,30 @@ class LikelihoodDetector:
             impl = impl if impl in IMPLS else "auto"
         return cls(means, log_var=log_var, score=score, impl=impl)
 
-    @classmethod
-    def fit(cls, features: Tensor, labels: Tensor, covariance: str = "tied", *, ridge: float = 1e-6,
-            num_classes: int | None = None, score: str = "likelihood", impl: str = "auto") -> LikelihoodDetector:
+    @_ClassOrInstanceMethod
+    def fit(self_or_cls, features: Tensor, labels: Tensor, covariance: str | None = None, *, ridge: float = 1e-6,
+            num_classes: int | None = None, score: str | None = None, impl: str | None = None) -> LikelihoodDetector:
         """Fit class Gaussians to labelled features (maximum likelihood, float64 accumulation, in chunks
         of rows on the features' device).
+
+        Two forms: ``LikelihoodDetector.fit(features, labels, ...)`` builds a new detector (defaults
+        ``covariance="tied"``, ``score="likelihood"``, ``impl="auto"``); ``det.fit(features, labels, ...)``
+        refits ``det`` in place and returns it (scikit-learn's convention), keeping its own covariance
+        kind, score kind and impl unless given.  A refitted detector is uncalibrated (its threshold, fpr
+        and calibration size are cleared: they belonged to the old Gaussians); a fit that raises leaves
+        ``det`` unchanged.
+
+        Args:
+            features: (N, D) floating features, finite.
+            labels: (N,) integer class labels in [0, num_classes).
+            covariance: ``"tied"``, ``"diag"`` or ``"identity"`` (below); None: the default above.
+            ridge: the relative ridge (>= 0, finite).
+            num_classes: K; None: ``labels.max() + 1``.
+            score: the score kind (:data:`SCORES`); None: the default above.
+            impl: the operators' implementation selector; None: the default above.
+
+        Returns:
+            The fitted detector: a new one (class form) or ``det`` itself (instance form).
 
         ``mu_k`` = mean of class k's features.  With ``v = tr(S) / D`` the mean within-class variance
         (S the pooled covariance below):
@@ -211,60 +257,23 @@ class LikelihoodDetector:
         (a class with one sample, a dead unit).  ``num_classes`` defaults to ``labels.max() + 1``;
         every class must have a sample.
         """
-        covariance = _choice("covariance", covariance, COVARIANCES)
-        x = _matrix("features", features, None).detach()
-        n, d = x.shape
-        if n == 0:
-            raise ValueError("features must have at least one row")
-        r = _scalar("ridge", ridge)
-        if not (r >= 0.0 and math.isfinite(r)):
-            raise ValueError(f"ridge must be finite and >= 0, got {r}")
-        if num_classes is None:
-            ok = isinstance(labels, Tensor) and labels.dim() == 1 and labels.numel() > 0 \
-                and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
-            num_classes = max(1, int(labels.max()) + 1) if ok else 1  # else check_labels below raises
-        elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        k = int(num_classes)
-        check_labels(labels, n, k)
-        if labels.device != x.device:
-            raise ValueError(f"labels are on {labels.device} but features are on {x.device}")
-        _finite("features", x)
-        counts = torch.bincount(labels, minlength=k)
-        if bool((counts == 0).any()):
-            empty = torch.nonzero(counts == 0).flatten().tolist()
-            raise ValueError(f"labels: class(es) {empty[:10]} of {k} have no sample")
-        f64 = {"dtype": torch.float64, "device": x.device}
-        rows = max(1, _CHUNK_ELEMS // max(d, 1))
-        sums = torch.zeros(k, d, **f64)
-        for i in range(0, n, rows):
-            sums.index_add_(0, labels[i:i + rows], x[i:i + rows].to(torch.float64))
-        means = sums / counts.to(torch.float64)[:, None]
-        if covariance == "identity":
-            return cls(means, score=score, impl=impl)
-        acc = torch.zeros(d, d, **f64) if covariance == "tied" else torch.zeros(k, d, **f64)
-        for i in range(0, n, rows):
-            y = labels[i:i + rows]
-            c = x[i:i + rows].to(torch.float64) - means.index_select(0, y)
-            if covariance == "tied":
-                acc.addmm_(c.T, c)
-            else:
-                acc.index_add_(0, y, c * c)
-        if covariance == "tied":
-            cov = 0.5 * (acc + acc.T) / n  # symmetric to the last bit
-            v = float(torch.diagonal(cov).sum()) / d
-        else:
-            v = float(acc.sum()) / (n * d)
-        if not v > 0.0:
-            raise ValueError("features have no within-class variance (every sample equals its class mean): "
-                             "use covariance='identity'")
-        if covariance == "tied":
-            cov = cov + (r * v) * torch.eye(d, **f64)
-            return cls(means, covariance_matrix=cov, score=score, impl=impl)
-        var = acc / counts.to(torch.float64)[:, None] + r * v
-        if not bool((var > 0).all()):
-            raise ValueError("a class has a feature without variance and ridge = 0: fit with ridge > 0")
-        return cls(means, log_var=var.log(), score=score, impl=impl)
+        if isinstance(self_or_cls, type):
+            return self_or_cls._fitted(features, labels, "tied" if covariance is None else covariance, ridge=ridge,
+                                       num_classes=num_classes, score="likelihood" if score is None else score,
+                                       impl="auto" if impl is None else impl)
+        det = self_or_cls
+        new = type(det)._fitted(features, labels, det.covariance if covariance is None else covariance, ridge=ridge,
+                                num_classes=num_classes, score=det.score_name if score is None else score,
+                                impl=det.impl if impl is None else impl)
+        det.__dict__.update(new.__dict__)
+        return det
+
+    @classmethod
+    def _fitted(cls, features: Tensor, labels: Tensor, covariance: str, *, ridge: float, num_classes: int | None,
+                score: str, impl: str) -> LikelihoodDetector:
+        """The new detector :meth:`fit` describes."""
+        means, log_var, cov = fit_gaussians(features, labels, covariance, ridge, num_classes)
+        return cls(means, log_var=log_var, covariance_matrix=cov, score=score, impl=impl)
 
     def with_score(self, score: str) -> LikelihoodDetector:
         """The same Gaussians with another score kind (uncalibrated: its threshold is unset)."""
@@ -274,18 +283,14 @@ class LikelihoodDetector:
     # ------------------------------------------------------------------ threshold
     @property
     def threshold(self) -> float | None:
-        """Inputs with ``score < threshold`` are rejected (None: not calibrated)."""
+        """Inputs with ``score < threshold`` are rejected (None: not calibrated).  Set it to a finite number
+        (or None); NaN and +-inf are refused with ValueError (an infinite threshold accepts or rejects
+        everything, silently)."""
         return self._threshold
 
     @threshold.setter
     def threshold(self, value) -> None:
-        if value is None:
-            self._threshold = None
-            return
-        t = _scalar("threshold", value)
-        if math.isnan(t):
-            raise ValueError("threshold must not be NaN")
-        self._threshold = t
+        self._threshold = None if value is None else _check_threshold("threshold", value)
 
     def calibrate(self, clean_features: Tensor, fpr: float = 0.05) -> LikelihoodDetector:
         """Set the threshold so that a fraction ``fpr`` of ``clean_features`` is rejected; returns self.
@@ -296,19 +301,28 @@ class LikelihoodDetector:
         below it are rejected, so on the calibration set exactly m inputs (a rate in
         ``(fpr - 1/N, fpr]``) are rejected when the scores are distinct, fewer when ``s_(m) = s_(m+1)``
         -- never more than ``fpr``.  ``fpr < 1/N`` rejects none of them.
+
+        ``fpr`` is the false-*rejection* rate: the fraction of clean inputs rejected, clean inputs being the
+        positives.  It is not the "FPR" of OpenOOD's and pytorch-ood's "FPR@95TPR", which is the fraction
+        of abnormal inputs *accepted* (abnormal = positive) while 95% of clean ones are.
+
+        Args:
+            clean_features: (N, D) features of clean inputs, finite, N >= 1.
+            fpr: a number in (0, 1), the fraction of them to reject.
+
+        Returns:
+            self, with ``threshold``, ``fpr`` and ``calibration_size`` set.
         """
-        p = _scalar("fpr", fpr)
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"fpr must lie in (0, 1), got {p}")
+        p = check_fpr(fpr)
         x = _matrix("clean_features", clean_features, self.feat_dim)
+        _real("clean_features", x)
         n = x.shape[0]
         if n == 0:
             raise ValueError("clean_features must have at least one row")
         _finite("clean_features", x)
         with torch.no_grad():
             s = self.score(x)
-        m = min(n - 1, math.floor(p * n * (1.0 + 1e-12)))
-        self.threshold = float(torch.sort(s).values[m])
+        self.threshold = calibrated_threshold(s, p)
         self.fpr, self.calibration_size = p, n
         return self
 
@@ -325,35 +339,58 @@ class LikelihoodDetector:
                                     None, None)
         return self._cache[key]
 
-    def _chunk(self, x: Tensor, kind: str) -> Tensor:
-        mu, log_var, whiten_t, center = self._params(x.device, x.dtype)
-        if whiten_t is not None:  # tied: (x - mu)^T Sigma^{-1} (x - mu) = ||W(x - c) - W(mu - c)||^2
-            x = (x - center) @ whiten_t
-        if kind == "likelihood":
-            return lgm_log_likelihood(x, mu, log_var, impl=self.impl) - self._half_logdet
-        logits = lgm_logits(x, mu, log_var, impl=self.impl)  # -d - 0.5 sum log_var: log N + 0.5 D log 2pi (+ tied)
-        if kind == "predict":
-            return logits.argmax(1)
-        lse = torch.logsumexp(logits, 1)
-        if kind == "mixture":
-            return lse - (math.log(self.num_classes) + 0.5 * self.feat_dim * _LOG_2PI + self._half_logdet)
-        return logits.max(1).values - lse  # max_posterior: the constants cancel
-
     def _apply(self, features: Tensor, kind: str) -> Tensor:
         x = _matrix("features", features, self.feat_dim)
-        x = x.to(_compute_dtype(x.dtype))
-        rows = max(1, _CHUNK_ELEMS // max(self.num_classes, self.feat_dim))
-        if x.shape[0] == 0:  # the operators need rows; an empty result still depends on the features
-            return x.new_zeros(0, dtype=torch.long) if kind == "predict" else x.sum(1)
-        with _no_autocast(x.device.type):
-            if x.shape[0] <= rows:
-                return self._chunk(x, kind)
-            return torch.cat([self._chunk(x[i:i + rows], kind) for i in range(0, x.shape[0], rows)])
+        return _score_rows(x, kind, self._params, self._half_logdet, self.impl)
 
     def score(self, features: Tensor) -> Tensor:
-        """(N,) scores of the detector's kind, higher = more normal (float32, float64 for float64
-        features); differentiable with respect to ``features``.  Needs no threshold."""
+        """Scores of the detector's kind: higher = more normal.
+
+        A log-density in nats (``"likelihood"``, ``"mixture"``) or a log-posterior (``"max_posterior"``,
+        <= 0).  Absolute values depend on D and on the covariances: read them against the threshold
+        (:meth:`relative_to_threshold`) or by their ranking, not by their size.  Needs no threshold.
+
+        Args:
+            features: (N, D) floating features (NaN rows give NaN; meta features give meta scores).
+
+        Returns:
+            (N,) scores, float32 (float64 for float64 features), differentiable with respect to ``features``.
+        """
         return self._apply(features, self.score_name)
+
+    def outlier_score(self, features: Tensor) -> Tensor:
+        """``-score(features)``: higher = more abnormal, the sign convention of pytorch-ood's and OpenOOD's
+        detectors (their ``predict`` returns outlier scores), for users and metrics written for them.
+
+        Args:
+            features: (N, D) floating features.
+
+        Returns:
+            (N,) outlier scores (dtype and gradient as :meth:`score`); an input is rejected iff
+            ``not outlier_score <= -threshold``.
+        """
+        return -self.score(features)
+
+    def relative_to_threshold(self, features: Tensor) -> Tensor:
+        """``score(features) - threshold``: >= 0 for accepted inputs, < 0 (or NaN) for rejected ones, in the
+        score's units (nats for the log-densities).
+
+        Why: a log-density sums over the D feature dimensions, so absolute scores are large and depend on D
+        and on the covariances, while what decides is the distance to the threshold.  With an L-GM head's
+        own Gaussians (:meth:`from_head`) the learned variances are much wider than the features' spread
+        around the means (the classification loss, not the likelihood, shapes them), so clean and abnormal
+        scores can sit within about one nat of each other around a large negative number -- still
+        separated (the ranking is what rejects), but only readable relative to the threshold.
+
+        Args:
+            features: (N, D) floating features.
+
+        Returns:
+            (N,) ``score - threshold`` (dtype as :meth:`score`).  Needs a threshold.
+        """
+        if self._threshold is None:
+            raise ValueError("threshold is not set: call calibrate(clean_features, fpr) first")
+        return self.score(features) - self._threshold
 
     def predict(self, features: Tensor) -> Tensor:
         """(N,) the most likely class under the Gaussians (argmax_k log N(x; mu_k, Sigma_k))."""
@@ -361,8 +398,14 @@ class LikelihoodDetector:
             return self._apply(features, "predict")
 
     def reject(self, features: Tensor) -> Tensor:
-        """(N,) bool, True where ``not score >= threshold`` (so a NaN score is rejected).  Needs
-        :meth:`calibrate` (or a threshold set by hand) first."""
+        """Which inputs the detector rejects.  Needs :meth:`calibrate` (or a threshold set by hand) first.
+
+        Args:
+            features: (N, D) floating features.
+
+        Returns:
+            (N,) bool, True (rejected) where ``not score >= threshold`` (so a NaN score is rejected).
+        """
         if self._threshold is None:
             raise ValueError("threshold is not set: call calibrate(clean_features, fpr) first "
                              "(score() works without a threshold)")
@@ -376,7 +419,11 @@ class LikelihoodDetector:
 
     def to(self, device) -> LikelihoodDetector:
         """Move the stored parameters to ``device`` (in place; returns self).  Scoring works on any
-        device without it (the parameters are copied to the features' device and cached)."""
+        device without it (the parameters are copied to the features' device and cached).  The meta
+        device is refused (ValueError): the parameters need values."""
+        if torch.device(device).type == "meta":
+            raise ValueError("device 'meta' is refused: a detector's parameters need values (score() accepts "
+                             "meta features and gives meta scores, for shape inference)")
         self.means = self.means.to(device)
         self.log_var = None if self.log_var is None else self.log_var.to(device)
         if self.covariance_matrix is not None:
@@ -389,7 +436,7 @@ class LikelihoodDetector:
     def state_dict(self) -> dict:
         """Plain tensors (float64), numbers and strings: ``torch.save``-able and loadable with
         ``torch.load(..., weights_only=True)``.  Absent entries (no log_var, no threshold) are left out."""
-        sd = {"format": _FORMAT, "covariance": self.covariance, "score": self.score_name, "impl": self.impl,
+        sd = {"format": FORMAT, "covariance": self.covariance, "score": self.score_name, "impl": self.impl,
               "means": self.means.clone()}
         if self.log_var is not None:
             sd["log_var"] = self.log_var.clone()
@@ -404,19 +451,23 @@ class LikelihoodDetector:
     @classmethod
     def from_state_dict(cls, state_dict: dict) -> LikelihoodDetector:
         """The detector :meth:`state_dict` describes (an exact round trip: the same tensors, threshold
-        and scores)."""
-        if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
-            raise ValueError(f"state_dict is not a LikelihoodDetector state (format {_FORMAT!r} expected)")
-        kind = _choice("state_dict['covariance']", state_dict.get("covariance"), COVARIANCES)
-        expected = {"tied": "covariance_matrix", "diag": "log_var", "identity": None}[kind]
-        for key in ("log_var", "covariance_matrix"):
-            if (key in state_dict) != (key == expected):
-                raise ValueError(f"state_dict: covariance {kind!r} {'needs' if key == expected else 'has no'} {key!r}")
-        det = cls(state_dict["means"], log_var=state_dict.get("log_var"),
-                  covariance_matrix=state_dict.get("covariance_matrix"), score=state_dict.get("score"),
-                  impl=state_dict.get("impl"), threshold=state_dict.get("threshold"))
-        if "fpr" in state_dict:
-            det.fpr, det.calibration_size = float(state_dict["fpr"]), int(state_dict["calibration_size"])
+        and scores).
+
+        Every entry is checked: a missing or unknown key, a wrong type (TypeError), a wrong shape, a
+        threshold that is not finite, an fpr outside (0, 1), a calibration size < 1, or entries that disagree
+        (log-variances or a covariance matrix whose class count or dimension is not the means') raise an
+        error naming the key.
+
+        Args:
+            state_dict: a dict written by :meth:`state_dict` (e.g. ``torch.load(path, weights_only=True)``).
+
+        Returns:
+            A new detector.
+        """
+        kw = check_state(state_dict)
+        fpr, size = kw.pop("fpr"), kw.pop("calibration_size")
+        det = cls(kw.pop("means"), **kw)
+        det.fpr, det.calibration_size = fpr, size
         return det
 
     def __repr__(self) -> str:

@@ -8,7 +8,7 @@ from ._ops import IMPLS
 from .defaults import CENTER_RATE, HEAD_LR_MULT, LGM_ALPHA, LGM_LAMBDA, LOG_VAR_BOUND
 from .functional import _nonneg, check_labels, lgm_log_likelihood, lgm_logits, lgm_loss_and_logits
 
-__all__ = ["LGMLoss", "CenterLoss", "Classifier", "param_groups", "LIKELIHOODS"]
+__all__ = ["LGMLoss", "CenterLoss", "Classifier", "head_logits", "param_groups", "LIKELIHOODS"]
 
 # The likelihood terms LGMLoss can add (lambda_ times, per sample n with label y):
 #   "full"      d[n, y] + 0.5 * sum_j log_var[y, j]   -- Eq. 17 / docs/SPEC.md section 1 (the default)
@@ -301,5 +301,31 @@ class Classifier(nn.Module):
             return self.head(features, labels, **kwargs)
         if kwargs:
             raise TypeError(f"keyword arguments ({', '.join(kwargs)}) are for the training form: pass labels too")
-        to_logits = getattr(self.head, "logits", None)
-        return to_logits(features) if callable(to_logits) else self.head(features)
+        return self.logits_from_features(features)
+
+    def logits_from_features(self, features: Tensor) -> Tensor:
+        """The head's logits of features (the second half of ``forward(images)``): ``head.logits(features)``
+        when the head has a ``logits`` method, else ``head(features)``.
+
+        Args:
+            features: (N, D) outputs of ``backbone``.
+
+        Returns:
+            (N, K) logits.
+        """
+        return head_logits(self.head, features)
+
+
+def head_logits(head, features: Tensor) -> Tensor:
+    """A head's logits of features, the rule of :class:`Classifier`: ``head.logits(features)`` when the head
+    has a ``logits`` method (:class:`LGMLoss`, the lab's heads), else ``head(features)`` (``nn.Linear``).
+
+    Args:
+        head: the head (a module or a callable).
+        features: (N, D) features.
+
+    Returns:
+        (N, K) logits.
+    """
+    to_logits = getattr(head, "logits", None)
+    return to_logits(features) if callable(to_logits) else head(features)

@@ -307,3 +307,61 @@ def test_fgsm_sweep_equals_one_attack_per_eps():
         FGSM(model).sweep(x, y, (0.1, -0.1))
     with pytest.raises(ValueError, match="labels"):
         FGSM(model).sweep(x, y[:3], (0.1,))
+
+
+# ----------------------------------------------------------------------------- AdaptivePGD's convention (issue 33)
+def test_adaptive_pgd_takes_the_images_to_logits_classifier_as_fgsm_and_pgd_do(lgm_detected):
+    """FGSM/PGD take an images -> logits model (lgm_ext.Classifier(backbone, head)); AdaptivePGD takes it too
+    (the detector scores the backbone's features, predictions are the head's), as model or as classifier next
+    to its backbone, and attacks exactly as with backbone + classifier=head.logits.  Passing it used to raise a
+    shape error (the detector was handed the logits, or the classifier the features)."""
+    backbone, head, det, x, y = lgm_detected
+    clf = lgm_ext.Classifier(backbone, head)
+    ref, ok_ref = AdaptivePGD(backbone, det, 0.2, 0.05, steps=5, classifier=head.logits, seed=0)(
+        x, y, return_success=True)
+    assert ok_ref.any() and not ok_ref.all()
+    for atk in (AdaptivePGD(clf, det, 0.2, 0.05, steps=5, seed=0),
+                AdaptivePGD(backbone, det, 0.2, 0.05, steps=5, classifier=clf, seed=0)):
+        adv, ok = atk(x, y, return_success=True)
+        assert torch.equal(adv, ref) and torch.equal(ok, ok_ref)
+    clf.train()
+    step = int(head.step)
+    AdaptivePGD(clf, det, 0.2, 0.05, steps=1, seed=0)(x, y)
+    assert clf.training and head.training and int(head.step) == step  # modes restored, no training forward
+
+
+def test_adaptive_pgd_refuses_what_cannot_be_right(lgm_detected):
+    """Combinations that used to give a silent wrong answer (or an unexplained shape error) are ValueErrors:
+    without a classifier the outputs are read as logits -- a detector on 8-D features of 4 classes cannot
+    score logits (the argmax of the features was taken as the prediction: 94.5% "success" at eps = 0 on this
+    problem, where the true success is 0%); a classifier that does not map the model's outputs to logits; a
+    detector whose dimension is not the model's output width; labels outside the classifier's classes."""
+    backbone, head, det, x, y = lgm_detected
+    with pytest.raises(ValueError, match="classifier"):
+        AdaptivePGD(backbone, det, eps=0.0)
+    with pytest.raises(ValueError, match="classifier"):  # an images -> logits network that is not the backbone's
+        AdaptivePGD(backbone, det, classifier=lgm_ext.Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 8)), head))
+    with pytest.raises(ValueError, match="classifier"):  # model is a Classifier: its head already classifies
+        AdaptivePGD(lgm_ext.Classifier(backbone, head), det, classifier=head.logits)
+    with pytest.raises(ValueError, match="classifier"):  # maps images, not features, to logits
+        AdaptivePGD(backbone, det, classifier=nn.Sequential(backbone, nn.Linear(8, CLASSES)))(x, y)
+    with pytest.raises(ValueError, match="detector"):  # the detector scores 5-D features, the model gives 8-D
+        other = LikelihoodDetector.fit(torch.randn(40, 5), torch.arange(4).repeat(10)).calibrate(torch.randn(9, 5))
+        AdaptivePGD(backbone, other, classifier=head.logits)(x, y)
+    with pytest.raises(ValueError, match="labels"):
+        AdaptivePGD(backbone, det, classifier=head.logits)(x, y + CLASSES)
+    # a detector on logits without a classifier is right: the outputs are the logits the detector scores
+    logit_det = LikelihoodDetector.fit(lgm_ext.Classifier(backbone, head)(x).detach(), y).calibrate(
+        lgm_ext.Classifier(backbone, head)(x).detach())
+    adv, ok = AdaptivePGD(nn.Sequential(backbone, _Logits(head)), logit_det, 0.2, 0.05, steps=3, seed=0)(
+        x, y, return_success=True)
+    assert adv.shape == x.shape and ok.dtype == torch.bool
+
+
+class _Logits(nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features):
+        return self.head.logits(features)

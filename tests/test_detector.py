@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import lgm_ext
 from lgm_ext import LikelihoodDetector
-from lgm_ext import detector as detector_module
+from lgm_ext import _gaussians as gaussians_module
 
 F64 = torch.float64
 KINDS = ("tied", "diag", "identity")
@@ -268,7 +268,7 @@ def test_chunked_scoring_equals_one_chunk(monkeypatch):
     x, y = _sample(means, cov, 100, seed=20)
     dets = [LikelihoodDetector.fit(x, y, kind, score=s) for kind in KINDS for s in SCORES]
     whole = [d.score(x) for d in dets]
-    monkeypatch.setattr(detector_module, "_CHUNK_ELEMS", 32)  # 8 rows a chunk
+    monkeypatch.setattr(gaussians_module, "_CHUNK_ELEMS", 32)  # 8 rows a chunk
     for d, w in zip(dets, whole):
         torch.testing.assert_close(d.score(x), w, rtol=1e-14, atol=1e-14)
 
@@ -436,3 +436,193 @@ def test_from_sharded_head_equals_the_single_device_detector(tmp_path):
             for key, v in single.state_dict().items():
                 assert torch.equal(sd[key], v) if isinstance(v, torch.Tensor) else sd[key] == v, (name, key)
             assert torch.equal(r[name]["score"], head.log_likelihood(x))
+
+
+# ------------------------------------------------------------------------------------------ issue 33
+def test_instance_fit_refits_in_place_and_the_class_form_still_builds():
+    """scikit-learn's convention: ``det.fit(x, y)`` on a detector refits that detector and returns it (it used to
+    return a new detector and leave ``det`` as it was); ``LikelihoodDetector.fit(x, y)`` still builds one."""
+    means, cov = _truth()
+    x1, y1 = _sample(means, cov, 100, seed=40)
+    x2, y2 = _sample(means + 1.0, cov, 100, seed=41)
+    det = LikelihoodDetector.fit(x1, y1, "diag", score="mixture").calibrate(x1, fpr=0.1)
+    assert isinstance(det, LikelihoodDetector) and det.covariance == "diag"
+    out = det.fit(x2, y2, covariance="tied")
+    assert out is det
+    fresh = LikelihoodDetector.fit(x2, y2, "tied", score="mixture")
+    assert det.covariance == "tied" and torch.equal(det.means, fresh.means)
+    assert torch.equal(det.covariance_matrix, fresh.covariance_matrix) and det.log_var is None
+    assert torch.equal(det.score(x1), fresh.score(x1))
+    # the old threshold was calibrated for other Gaussians: refitting leaves the detector uncalibrated
+    assert det.threshold is None and det.fpr is None and det.calibration_size is None
+    # the instance form keeps the detector's own covariance, score and impl unless told otherwise
+    det.fit(x1, y1)
+    assert (det.covariance, det.score_name, det.impl) == ("tied", "mixture", "auto")
+    assert torch.equal(det.score(x2), LikelihoodDetector.fit(x1, y1, "tied", score="mixture").score(x2))
+    det.fit(x1, y1, "identity", score="likelihood")
+    assert (det.covariance, det.score_name) == ("identity", "likelihood")
+    # a failed refit leaves the detector as it was
+    with pytest.raises(ValueError, match="labels"):
+        det.fit(x1, y1[:5])
+    assert det.covariance == "identity" and det.threshold is None
+    # the class form's defaults are unchanged
+    assert LikelihoodDetector.fit(x1, y1).covariance == "tied"
+
+
+def test_threshold_must_be_finite():
+    means, cov = _truth()
+    x, y = _sample(means, cov, 50, seed=42)
+    det = LikelihoodDetector.fit(x, y)
+    sd = det.calibrate(x).state_dict()
+    for bad in (float("inf"), -float("inf"), float("nan"), torch.tensor(float("inf"))):
+        with pytest.raises(ValueError, match="threshold"):
+            det.threshold = bad
+        with pytest.raises(ValueError, match="threshold"):
+            LikelihoodDetector.from_state_dict({**sd, "threshold": bad})
+        with pytest.raises(ValueError, match="threshold"):
+            LikelihoodDetector(det.means, threshold=bad)
+    assert det.threshold == sd["threshold"]  # a refused value leaves the threshold as it was
+
+
+def _state_cases():
+    """(expected error, text the message must contain, a broken state dict) for every kind of damage."""
+    means, cov = _truth()
+    x, y = _sample(means, cov, 50, seed=43)
+    tied = LikelihoodDetector.fit(x, y, "tied").calibrate(x).state_dict()
+    diag = LikelihoodDetector.fit(x, y, "diag").state_dict()
+    drop = lambda sd, key: {k: v for k, v in sd.items() if k != key}  # noqa: E731
+    return [
+        (ValueError, "means", drop(tied, "means")),
+        (ValueError, "covariance", drop(tied, "covariance")),
+        (ValueError, "score", drop(tied, "score")),
+        (ValueError, "impl", drop(tied, "impl")),
+        (ValueError, "calibration_size", drop(tied, "calibration_size")),
+        (ValueError, "fpr", drop(tied, "fpr")),
+        (ValueError, "covariance_matrix", drop(tied, "covariance_matrix")),
+        (ValueError, "log_var", drop(diag, "log_var")),
+        (ValueError, "extra", {**tied, "extra": 1}),
+        (TypeError, "means", {**tied, "means": means.tolist()}),
+        (TypeError, "means", {**tied, "means": means.long()}),
+        (ValueError, "means", {**tied, "means": means[0]}),
+        (TypeError, "covariance_matrix", {**tied, "covariance_matrix": cov.numpy()}),
+        (ValueError, "covariance_matrix", {**tied, "covariance_matrix": cov[:3, :3]}),
+        (ValueError, "covariance_matrix", {**tied, "means": means[:, :3]}),  # D = 3 means, a 4 x 4 covariance
+        (ValueError, "log_var", {**diag, "log_var": diag["log_var"][:2]}),  # 2 classes of variances, 3 of means
+        (ValueError, "log_var", {**diag, "means": means[:2]}),
+        (TypeError, "log_var", {**diag, "log_var": "zeros"}),
+        (TypeError, "threshold", {**tied, "threshold": "-3.5"}),
+        (TypeError, "threshold", {**tied, "threshold": torch.zeros(2)}),
+        (TypeError, "fpr", {**tied, "fpr": "0.05"}),
+        (ValueError, "fpr", {**tied, "fpr": 5.0}),
+        (TypeError, "calibration_size", {**tied, "calibration_size": 50.5}),
+        (ValueError, "calibration_size", {**tied, "calibration_size": 0}),
+        (TypeError, "covariance", {**tied, "covariance": 3}),
+        (ValueError, "format", {**tied, "format": "other/1"}),
+        (TypeError, "state_dict", [("means", means)]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_state_cases())))
+def test_from_state_dict_validates_every_entry(case):
+    """A damaged state dict raises ValueError/TypeError naming the key (a missing key was a bare KeyError)."""
+    exc, name, sd = _state_cases()[case]
+    with pytest.raises(exc, match=name):
+        LikelihoodDetector.from_state_dict(sd)
+
+
+def test_calibrate_fpr_must_be_a_number_in_the_open_unit_interval():
+    x, y = _sample(*_truth(), 30, seed=44)
+    det = LikelihoodDetector.fit(x, y)
+    for bad, exc in ((7, ValueError), (-0.1, ValueError), (float("inf"), ValueError), ("abc", TypeError),
+                     (None, TypeError), (True, TypeError), (torch.tensor([0.1, 0.2]), TypeError)):
+        with pytest.raises(exc, match=r"fpr must be a number in \(0, 1\)"):
+            det.calibrate(x, fpr=bad)
+    assert det.threshold is None
+
+
+def test_from_head_accepts_only_l_gm_heads():
+    """A module with ``means`` but no log-variances (a centers table, some other head) used to become a silent
+    identity-covariance detector; only L-GM heads (identity covariance included) and objects that expose both
+    ``means`` and ``log_var`` are taken."""
+
+    class MeansOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.means = torch.nn.Parameter(torch.randn(3, 4))
+
+    with pytest.raises(TypeError, match="head"):
+        LikelihoodDetector.from_head(MeansOnly())
+    with pytest.raises(TypeError, match="head"):
+        LikelihoodDetector.from_head(lgm_ext.CenterLoss(3, 4))
+    ident = lgm_ext.LGMLoss(3, 4, covariance="identity")  # an L-GM head without log-variances: identity, as documented
+    assert LikelihoodDetector.from_head(ident).covariance == "identity"
+
+    class BadShapes:
+        means = torch.randn(3, 4)
+        log_var = torch.zeros(3, 5)
+
+    with pytest.raises(ValueError, match="log_var"):
+        LikelihoodDetector.from_head(BadShapes())
+
+    class NotTensors:
+        means = [[0.0, 1.0]]
+        log_var = [[0.0, 0.0]]
+
+    with pytest.raises(TypeError, match="means"):
+        LikelihoodDetector.from_head(NotTensors())
+
+
+def test_meta_tensors_say_what_is_supported():
+    """Meta tensors carry no values: fitting, calibrating and building a detector on them is refused with a
+    ValueError that says so (it was a RuntimeError from inside torch); scoring meta features (shape inference,
+    tracing) gives meta scores."""
+    x, y = _sample(*_truth(), 30, seed=45)
+    det = LikelihoodDetector.fit(x, y).calibrate(x)
+    meta = torch.empty(5, 4, device="meta")
+    for call, name in ((lambda: LikelihoodDetector.fit(meta, torch.zeros(5, dtype=torch.long, device="meta")),
+                        "features"),
+                       (lambda: det.calibrate(meta), "clean_features"),
+                       (lambda: LikelihoodDetector(torch.empty(3, 4, device="meta")), "means"),
+                       (lambda: det.to("meta"), "meta")):
+        with pytest.raises(ValueError, match=name) as info:
+            call()
+        assert "meta" in str(info.value)
+    assert det.device.type == "cpu"
+    s = det.score(meta)
+    assert s.device.type == "meta" and s.shape == (5,)
+    assert det.reject(meta).shape == (5,)
+
+
+def test_directions_outlier_score_and_relative_to_threshold():
+    """score: higher = more normal; outlier_score = -score (pytorch-ood's direction); relative_to_threshold =
+    score - threshold, >= 0 exactly where reject() accepts."""
+    means, cov = _truth()
+    x, y = _sample(means, cov, 300, seed=46)
+    det = LikelihoodDetector.fit(x, y).calibrate(x, fpr=0.1)
+    far = means[:1] + 30.0
+    test = torch.cat([x[:50], far, torch.full((1, 4), float("nan"), dtype=F64)])
+    s = det.score(test)
+    assert s[50] < s[:50].min()  # the far point scores lowest: higher = more normal
+    torch.testing.assert_close(det.outlier_score(test), -s, rtol=0, atol=0, equal_nan=True)
+    rel = det.relative_to_threshold(test)
+    torch.testing.assert_close(rel, s - det.threshold, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(~(rel >= 0), det.reject(test))
+    g = test[:3].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(det.outlier_score(g).sum(), g)
+    assert torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="threshold"):
+        LikelihoodDetector.fit(x, y).relative_to_threshold(x)
+
+
+def test_max_posterior_accepts_far_away_noise():
+    """What the max_posterior docstring warns about: bounded by 0, it does not fall with the distance from the
+    data, so points far from every class are accepted (the likelihood rejects them all)."""
+    means, cov = _truth()
+    x, y = _sample(means, cov, 1000, seed=47)
+    g = torch.Generator().manual_seed(48)
+    far = means[torch.randint(0, 3, (200,), generator=g)] + 50.0 * torch.nn.functional.normalize(
+        torch.randn(200, 4, generator=g, dtype=F64), dim=1)
+    post = LikelihoodDetector.fit(x, y, score="max_posterior").calibrate(x, fpr=0.05)
+    lik = LikelihoodDetector.fit(x, y).calibrate(x, fpr=0.05)
+    assert lik.reject(far).all()
+    assert post.reject(far).float().mean() < 0.5  # most of the far points pass

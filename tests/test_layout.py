@@ -15,7 +15,7 @@ import lgm_ext
 from lgm_lab.config import HEAD_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-APP_ONLY = {"typer", "rich", "matplotlib", "sklearn", "torchvision"}
+APP_ONLY = {"typer", "rich", "matplotlib", "sklearn", "torchvision", "pytorch_ood"}
 STDLIB = set(sys.stdlib_module_names)
 
 
