@@ -15,6 +15,7 @@ from rich.table import Table
 from .options import (
     batch_opt,
     check_common,
+    check_eps,
     check_not_input,
     check_positive,
     check_writable_folder,
@@ -37,6 +38,7 @@ from .options import (
 OOD_NAMES = ("digits", "noise", "gaussian", "inverted", "heldout-classes")  # --data names besides the dataset's
 Covariance = choices("DetectorCovariance", ("tied", "diag", "identity", "head"))
 Split = choices("CalibrationSplit", ("heldout", "train"))
+AttackKind = choices("AttackKind", ("fgsm", "pgd"))
 
 detect_app = typer.Typer(help="Reject abnormal inputs: fit a likelihood detector to a trained model (lgm detect "
                               "fit) and measure what it rejects (lgm detect score).", no_args_is_help=True)
@@ -63,9 +65,11 @@ def _features(model, x, batch: int, bar, task):
 @detect_app.command("fit")
 def fit(
     checkpoint: Path = typer.Argument(..., help="a checkpoint.pt written by `lgm train`"),
-    covariance: Covariance = typer.Option("tied", help="tied (one shared covariance: the Mahalanobis detector of "
-                                                       "Lee et al.) | diag | identity, fitted to the training "
-                                                       "features; head: an L-GM head's own Gaussians"),
+    covariance: Optional[Covariance] = typer.Option(None, help="head: an L-GM head's own Gaussians (the default for "
+                                                               "an L-GM checkpoint) | tied (one shared covariance: "
+                                                               "the Mahalanobis detector of Lee et al.; the default "
+                                                               "for other heads) | diag | identity, fitted to the "
+                                                               "training features"),
     fpr: float = typer.Option(0.05, help="false-rejection rate the threshold is calibrated for"),
     split: Split = typer.Option("heldout", help="clean images the threshold is calibrated on: heldout (the "
                                                 "test images at even indices; lgm detect score measures on the "
@@ -107,6 +111,8 @@ def fit(
         # the folder's lock, as a run folder's: not while `lgm train` (or another `detect fit`) writes there
         lock.enter_context(locked(out.parent))
         model, head, cfg, ck = load_trained(checkpoint, dev)
+        if covariance is None:
+            covariance = Covariance("head" if head.kind == "lgm" else "tied")
         if covariance.value == "head" and head.kind != "lgm":
             raise ValueError(f"--covariance head needs an L-GM checkpoint ({checkpoint} has a {head.kind} head); "
                              "use tied, diag or identity")
@@ -154,6 +160,12 @@ def score(
                              help="comma-separated: the run's dataset (its clean test images not used to "
                                   "calibrate) | digits | noise | gaussian | inverted | heldout-classes (a run "
                                   "trained on some classes: the test images of the others)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="also a folder of your own images (PNG, JPEG, ...; "
+                                                                 "converted as the dataset is: grey or RGB, resized "
+                                                                 "to its size, scaled to [0, 1])"),
+    attack: Optional[AttackKind] = typer.Option(None, "--attack", help="also adversarial inputs: fgsm | pgd (PGD-10) "
+                                                                      "on the clean measured images, at --eps"),
+    eps: float = typer.Option(0.1, "--eps", help="the attack's L-inf magnitude (images in [0, 1])"),
     subset: Optional[int] = subset_opt(),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the run's)"),
     device: Optional[str] = device_opt(),
@@ -161,14 +173,17 @@ def score(
     json_out: Optional[Path] = json_opt(),
     progress: bool = progress_opt(),
 ) -> None:
-    """The rejection rates of a detector on clean and abnormal images (refused for another model's checkpoint)."""
+    """The rejection rates of a detector on clean and abnormal images, your own images (--images) and
+    adversarial ones (--attack; with the attack's success: misclassified and accepted).  Refused for another
+    model's checkpoint.  "rejected %" on clean images is the false-rejection rate the detector was calibrated
+    for; on abnormal images, higher is better."""
     import torch
 
     from lgm_lab.checkpoints import CheckpointError, load_trained
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.detector_file import load_detector_file
     from lgm_lab.experiments.detection import HELDOUT_SET, detection_data
-    from lgm_lab.ood_data import DIGITS_SIZE, ood_images
+    from lgm_lab.ood_data import DIGITS_SIZE, image_folder, ood_images
 
     try:
         dev = check_common(device, batch_size, subset, json_out, inputs=[detector, checkpoint])
@@ -190,23 +205,59 @@ def score(
         for s in sets:
             inputs[s] = imgs["abnormal"][s] if s == HELDOUT_SET else ood_images(
                 s, x, n=min(len(x), DIGITS_SIZE) if s == "digits" else None, seed=cfg.seed)
+        if images is not None:
+            inputs[f"images in {images}"] = image_folder(images, channels=x.shape[1], size=x.shape[-1])
+        labels = None
+        if attack is not None:
+            check_eps([eps])
+            labels = imgs["clean"][1][: len(imgs["clean"][0])]
     except (CheckpointError, DatasetUnavailable, ValueError, OSError) as err:
         fail(err)
+    if attack is not None:  # the attack sees the classifier (images -> logits), not the detector
+        from lgm_ext import Classifier
+        from lgm_ext.attacks import FGSM, PGD
+        from lgm_lab.experiments.measure import attack_in_batches
+
+        xc = imgs["clean"][0].to(dev)
+        clf = Classifier(model, head).eval()
+        atk = FGSM(clf, eps=eps) if attack.value == "fgsm" else PGD(clf, eps=eps, alpha=2.5 * eps / 10, steps=10,
+                                                                     seed=cfg.seed)
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"{attack.value} eps {eps:g}", total=len(xc))
+            adv_name = f"{'FGSM' if attack.value == 'fgsm' else 'PGD-10'} eps {eps:g}"
+            inputs[adv_name] = attack_in_batches(atk, xc, labels.to(dev), batch_size,
+                                                 lambda k: bar.update(task, advance=k))
     res = {}
     with progress_bar(progress) as bar:
         task = bar.add_task("scoring", total=sum(len(v) for v in inputs.values()))
-        for name, images in inputs.items():
-            s = det.score(_features(model, images.to(dev), batch_size, bar, task)).detach().cpu().double()
-            res[name] = {"images": len(s), "rejected_percent": 100.0 * (~(s >= det.threshold)).double().mean().item(),
-                         "score_mean": s.mean().item(), "score_median": s.median().item()}
+        for name, batch in inputs.items():
+            f = _features(model, batch.to(dev), batch_size, bar, task)
+            s = det.score(f).detach().cpu().double()
+            accepted = s >= det.threshold
+            res[name] = {"images": len(s), "rejected_percent": 100.0 * (~accepted).double().mean().item(),
+                         "score_mean": s.mean().item(), "score_median": s.median().item(),
+                         "score_minus_threshold_median": (s - det.threshold).median().item()}
+            if attack is not None and name == adv_name:
+                wrong = (head.predict(f).cpu() != labels.cpu())
+                res[name]["misclassified_percent"] = 100.0 * wrong.double().mean().item()
+                res[name]["misclassified_and_accepted_percent"] = 100.0 * (wrong & accepted).double().mean().item()
     t = Table(title=f"{file['covariance']} detector of {file['head']} (threshold {det.threshold:.4g}, calibrated "
                     f"for {100 * file['fpr']:g}% false rejections on {file['split']} images)")
-    for c in ("inputs", "images", "rejected %", "mean score"):
+    for c in ("inputs", "images", "rejected %", "median score - threshold"):
         t.add_column(c, justify="left" if c == "inputs" else "right")
     for name, r in res.items():
         t.add_row(name + (" (clean)" if name == cfg.dataset else ""), str(r["images"]),
-                  f"{r['rejected_percent']:.2f}", f"{r['score_mean']:.4g}")
+                  f"{r['rejected_percent']:.2f}", f"{r['score_minus_threshold_median']:+.4g}")
     console.print(t)
+    console.print("rejected % of clean images: the false rejections calibrated for; of the others, higher is better. "
+                  "Scores are log-likelihoods (higher = more normal); below the threshold is rejected.",
+                  markup=False, highlight=False)
+    if attack is not None:
+        r = res[adv_name]
+        console.print(f"{adv_name}: {r['misclassified_percent']:.1f}% misclassified; "
+                      f"{r['misclassified_and_accepted_percent']:.1f}% misclassified and accepted with the detector on "
+                      "(the attack does not know the detector: lgm ood measures an adaptive one)", markup=False,
+                      highlight=False)
     write_json(json_out, envelope("detect score", res, dataset=cfg.dataset, checkpoints=[checkpoint], device=dev,
                                   n=len(x), detector=str(detector), threshold=det.threshold, fpr=file["fpr"],
                                   split=file["split"], covariance=file["covariance"]))
@@ -225,6 +276,10 @@ def ood(
     fit_subset: Optional[int] = typer.Option(2000, "--fit-subset", help="fit Mahalanobis on the first N training "
                                                                         "images"),
     attack_subset: Optional[int] = typer.Option(500, "--attack-subset", help="attack the first N measured images"),
+    detectors: Optional[list[Path]] = typer.Option(None, "--detector", help="also a detector file written by `lgm "
+                                                                          "detect fit` for one of the checkpoints "
+                                                                          "(repeatable): measured beside the "
+                                                                          "protocol's, re-calibrated at --fpr"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (default: the runs')"),
     fmt: str = format_opt(),
     device: Optional[str] = device_opt(),
@@ -236,8 +291,9 @@ def ood(
     (L-GM likelihood; Mahalanobis, max-softmax, center distance) calibrated at --fpr, then AUROC, FPR at 95% TPR,
     EER and rejections on digits, noise, Gaussian noise, inverted images, held-out classes (runs trained with
     --classes), FGSM and PGD-10; the adaptive attack's success with each detector on."""
-    from lgm_lab.checkpoints import CheckpointError
+    from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint
     from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.detector_file import DetectorFileError, load_detector_file
     from lgm_lab.experiments.detection import detection_data, detector_names, measure_network
     from lgm_lab.figures import detection_roc_figure
 
@@ -246,11 +302,24 @@ def ood(
         eps_list = [e for e in parse_eps(eps) if e > 0]
         for v, name in ((fit_subset, "--fit-subset"), (attack_subset, "--attack-subset")):
             check_positive(v, name)
-        dev = check_common(device, batch_size, subset, json_out, fmt, inputs=checkpoints)
+        dev = check_common(device, batch_size, subset, json_out, fmt, inputs=[*checkpoints, *(detectors or [])])
         for ck in checkpoints:
             check_not_input(out / "results.json", [ck], "--out")
         out_folder(out)
         runs = load_runs(checkpoints, dev)
+        extra = {name: {} for name in runs}
+        if detectors:  # each goes with the checkpoint it was fitted to (its SHA-256)
+            digests = {checkpoint_digest(load_checkpoint(ck)): name for ck, name in zip(checkpoints, runs)}
+            for path in detectors:
+                det, info = load_detector_file(path)
+                name = digests.get(info["checkpoint_sha256"])
+                if name is None:
+                    raise DetectorFileError(f"--detector {path} was fitted to none of the checkpoints given (it was "
+                                            f"fitted to {info['checkpoint']})")
+                _m, head, cfg = runs[name]
+                if (det.num_classes, det.feat_dim) != (head.num_classes, cfg.feat_dim):
+                    raise DetectorFileError(f"--detector {path} does not fit {name}'s classes and features")
+                extra[name][f"{path.name} ({info['covariance']})"] = det.to(dev)
         data = {name: detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset)
                 for name, (_m, _h, cfg) in runs.items()}
     except (CheckpointError, DatasetUnavailable, ValueError, OSError) as err:
@@ -258,7 +327,7 @@ def ood(
     results, curves = {}, {}
     with progress_bar(progress) as bar:
         per = {n: min(len(d["clean"][0]), attack_subset or len(d["clean"][0])) for n, d in data.items()}
-        total = sum(per[n] * len(eps_list) * (2 + (len(detector_names(h)) if adaptive else 0))
+        total = sum(per[n] * len(eps_list) * (2 + (len(detector_names(h)) + len(extra[n]) if adaptive else 0))
                     for n, (_m, h, _c) in runs.items())
         task = bar.add_task("attacks", total=total)
         for name, (model, head, cfg) in runs.items():
@@ -266,7 +335,7 @@ def ood(
             try:
                 m = measure_network(model, head, data[name], eps=eps_list, attack_subset=attack_subset, fpr=fpr,
                                     adaptive=adaptive, seed=cfg.seed, batch=batch_size,
-                                    tick=lambda k: bar.update(task, advance=k))
+                                    tick=lambda k: bar.update(task, advance=k), extra=extra[name])
             except ValueError as err:
                 fail(err)
             results[name] = {"network": m["network"], "detectors": m["detectors"]}

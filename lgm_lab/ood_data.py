@@ -136,3 +136,36 @@ def split_clean(dataset: Dataset) -> tuple[Subset, Subset]:
     cal = [i for i, b in enumerate(idx) if b % 2 == 0]
     ev = [i for i, b in enumerate(idx) if b % 2 == 1]
     return Subset(dataset, cal), Subset(dataset, ev)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_folder(folder, *, channels: int, size: int, limit: int | None = None) -> Tensor:
+    """The images in ``folder`` (PNG, JPEG, ... -- files only, sorted by name, not recursive) as the dataset's
+    tensors are: converted to grey (``channels`` 1) or RGB (3), resized to ``size`` x ``size`` (bilinear),
+    scaled to [0, 1]; (N, channels, size, size) float32.  A folder with no image, or a file that is not a
+    readable image, raises :class:`ValueError` naming it."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--images {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"--images {folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    files = files[:limit] if limit else files
+    out = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.float32) / 255.0
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise ValueError(f"--images: {p} is not a readable image ({type(err).__name__})") from err
+        t = torch.from_numpy(a.copy())
+        out.append(t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1))
+    return torch.stack(out)

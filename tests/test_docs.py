@@ -115,6 +115,9 @@ _TINY = {
     "eval": ["--subset", "16", "--no-progress"], "attack": ["--subset", "16", "--no-progress"],
     "verify": ["--subset", "16", "--no-progress"], "centers": ["--subset", "16", "--no-progress"],
     "embed": ["--points", "64", "--fgsm", "4", "--no-progress"], "reproduce": ["--no-progress"],
+    "detect": ["--subset", "32", "--no-progress"],
+    "ood": ["--subset", "32", "--fit-subset", "64", "--attack-subset", "4", "--eps", "0.1", "--no-adaptive",
+            "--no-progress"],
 }
 
 
@@ -135,6 +138,13 @@ def test_readme_cli_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setitem(REPRODUCE_PRESETS, "quick", dict(
         train=dict(subset=64, test_subset=32, epochs=1, batch_size=32), seeds=(0,),
         models100=("softmax", "center", "lgm-a1"), models2=(), attack_subset=16, embed_points=32))
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "my-images").mkdir()  # the user's own images the walk-through scores
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "my-images" / f"{i}.png")
     lines = _walkthrough()
     assert lines[0] == "lgm --version" and any(ln.startswith("lgm reproduce") for ln in lines)
     for line in lines:

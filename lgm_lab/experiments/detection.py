@@ -188,7 +188,7 @@ def _adaptive(model, head, det, x: Tensor, y: Tensor, eps: float, seed: int, bat
 
 
 def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | None = None, fpr: float = FPR,
-                    adaptive: bool = True, seed: int = 0, batch: int = 256, tick=None) -> dict:
+                    adaptive: bool = True, seed: int = 0, batch: int = 256, tick=None, extra=None) -> dict:
     """Every detector of :func:`build_detectors` on one trained network, over ``data`` (a
     :func:`detection_data` dict): each calibrated at ``fpr`` on ``data["calibration"]``; per abnormal set
     and per attack (FGSM and PGD-10 at each eps, on the first ``attack_subset`` clean images) the
@@ -196,7 +196,8 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
     false-rejection rate on them; with ``adaptive``, the success (% misclassified and accepted) of plain PGD
     and of :class:`lgm_ext.attacks.AdaptivePGD` (selective, same budget) with the detector on.  Returns
     ``{"network": {...}, "detectors": {name: {...}}, "roc": {name: {set: roc}}}``; ``tick(n)`` as n images
-    are attacked."""
+    are attacked.  ``extra`` (name -> a detector of this network, e.g. one saved by ``lgm detect fit``) are
+    measured beside them, each re-calibrated at ``fpr`` on the same calibration images as every other."""
     x, y = data["clean"]
     xa, ya = x[:attack_subset], y[:attack_subset]
     with torch.no_grad():
@@ -206,6 +207,7 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
         fit = data["fit"] if "Mahalanobis" in detector_names(head) else None
         dets = build_detectors(head, None if fit is None else features(model, fit[0], batch),
                                None if fit is None else fit[1])
+        dets.update(extra or {})
         net = {"clean_error": 100.0 * (head.predict(f_clean) != y).double().mean().item(), "n_clean": len(x),
                "n_attack": len(xa), "attack_error": {}}
     clf = Classifier(model, head).eval()
