@@ -129,7 +129,10 @@ class Head(nn.Module, abc.ABC):
 
     def scores(self, features: Tensor) -> dict[str, Tensor]:
         """Every verification log-score this head offers, by name; ``"default"`` is :meth:`log_score`.
-        All heads report ``"max_posterior"``, log of the largest softmax probability (paper Fig. 3)."""
+        All heads report ``"max_posterior"``, log of the largest softmax probability (paper Fig. 3).  It is
+        bounded by 0 and does not fall with the distance from the data, so it accepts far-away noise (a far
+        input is confidently one class): use it against adversarial inputs near the data, not to reject inputs
+        from elsewhere."""
         logits = self.logits(features)
         return {"default": self.log_score(features), "max_posterior": logits.log_softmax(1).max(1).values}
 

@@ -9,7 +9,6 @@ with the cross-entropy of those logits, which for an L-GM head is L_cls with alp
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from torch import Tensor
 from lgm_ext import Classifier
 from lgm_ext.attacks import FGSM, InversePGD, TargetedFGSM
 from lgm_ext.defaults import INVERSE_EPS, INVERSE_STEP, INVERSE_STEPS
+from lgm_ext.detector import calibrated_threshold  # the one convention, shared with LikelihoodDetector
 
 from ..evaluation import evaluate
 from ..heads import center_log_score
@@ -110,19 +110,6 @@ def fpr_at_tpr(normal: Tensor, abnormal: Tensor, tpr: float = 0.95) -> float:
     truth = [1] * len(normal) + [0] * len(abnormal)
     fpr, tp, _ = roc_curve(truth, scores, drop_intermediate=False)
     return float(fpr[int((tp >= tpr - 1e-12).argmax())])
-
-
-def calibrated_threshold(scores: Tensor, fpr: float) -> float:
-    """The threshold that rejects (score < t) a fraction ``fpr`` of ``scores``: with the N scores sorted
-    ascending and m = floor(fpr N), the (m+1)-th smallest -- the convention of
-    :meth:`lgm_ext.LikelihoodDetector.calibrate` (docs/SPEC.md section 8), for any score."""
-    if not 0.0 < fpr < 1.0:
-        raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
-    s = scores.detach().flatten()
-    if s.numel() == 0 or not bool(torch.isfinite(s).all()):
-        raise ValueError("calibration scores must be finite and non-empty")
-    m = min(len(s) - 1, math.floor(fpr * len(s) * (1.0 + 1e-12)))
-    return float(torch.sort(s).values[m])
 
 
 def rejection_rate(scores: Tensor, threshold: float) -> float:
