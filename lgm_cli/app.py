@@ -19,7 +19,8 @@ import typer
 from . import adversarial, detection, evaluate, experiments, figures, system, train
 
 app = typer.Typer(help="lgm-ext: fused L-GM loss and attack operators for PyTorch; training and evaluation of "
-                       "softmax, center-loss and L-GM heads.", no_args_is_help=True)
+                       "softmax, center-loss and L-GM heads.", no_args_is_help=True,
+                  rich_markup_mode=None)  # click's plain help: readable at 80 columns (rich's panels squeeze it)
 
 
 def _version() -> str:

@@ -41,7 +41,8 @@ Split = choices("CalibrationSplit", ("heldout", "train"))
 AttackKind = choices("AttackKind", ("fgsm", "pgd"))
 
 detect_app = typer.Typer(help="Reject abnormal inputs: fit a likelihood detector to a trained model (lgm detect "
-                              "fit) and measure what it rejects (lgm detect score).", no_args_is_help=True)
+                              "fit) and measure what it rejects (lgm detect score).", no_args_is_help=True,
+                         rich_markup_mode=None)
 
 
 def _check_fpr(fpr: float) -> None:

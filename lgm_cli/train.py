@@ -14,7 +14,7 @@ from lgm_lab import config
 
 from .options import check_positive, choices, console, err_console, fail
 
-Preset = choices("Preset", config.PRESETS)
+Preset = choices("Preset", (*config.PRESETS, *config.RENAMED_PRESETS))
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
@@ -50,6 +50,11 @@ def train_command(**options) -> None:
         options.pop(k) for k in ("out", "preset", "resume", "overwrite", "progress", "tensorboard", "nproc",
                                  "timeout"))
     overrides = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in options.items()}
+    if preset is not None and preset.value in config.RENAMED_PRESETS:
+        new = config.RENAMED_PRESETS[preset.value]
+        err_console.print(f"note: --preset {preset.value} is now --preset {new} ({preset.value!r} names lgm "
+                          "reproduce's preset)", markup=False, highlight=False)
+        preset = Preset(new)
     if overrides.get("data_dir") is not None:
         overrides["data_dir"] = str(overrides["data_dir"])
     try:
@@ -63,6 +68,13 @@ def train_command(**options) -> None:
                 err_console.print(f"note: --epochs {overrides['epochs']} is ignored: this run's budget is --steps "
                                   f"{cfg.steps} (SGD steps), which --resume keeps", markup=False, highlight=False)
         else:
+            chosen = {**(config.PRESETS[preset.value] if preset else {}),
+                      **{k: v for k, v in overrides.items() if v is not None}}
+            if chosen.get("steps") is not None and chosen.get("warmup_steps") is None \
+                    and chosen.get("warmup_epochs") is None:
+                # a step budget gets a warm-up that fits it, a quarter of the run (as the experiments' presets),
+                # unless one is given; saved in the config as any explicit value
+                overrides["warmup_steps"] = max(1, chosen["steps"] // 4)
             cfg = config.config_from_preset(preset.value if preset else None, **overrides)
         check_positive(nproc, "--nproc")
         result = train_data_parallel(cfg, out, nproc, timeout=timeout, resume=resume, overwrite=overwrite,
@@ -83,8 +95,9 @@ _PARAMS = [
     inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Option(
         Path("runs/train"), "--out", "-o", help="run folder: checkpoint.pt, metrics.json, metrics.csv, config.json")),
     inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Preset], default=typer.Option(
-        None, help="quick (a few minutes on 2 cores) | report (the inverse-adversary report's recipe) | paper "
-                   "(the L-GM paper's LeNet++ setting); explicit options win")),
+        None, help="small (4 epochs of 10,000 images: a few minutes on 2 cores; formerly quick) | report (the "
+                   "inverse-adversary report's recipe) | paper (the L-GM paper's LeNet++ setting); explicit options "
+                   "win")),
     *_config_parameters(),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, help="continue the run in --out from its last completed epoch")),

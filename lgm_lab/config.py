@@ -148,7 +148,7 @@ class TrainConfig:
                                  "costs one more forward+backward pass per training step)")
     warmup_epochs: float = _opt(1.0, "L-GM: ramp alpha and lambda from 0 over this many epochs")
     warmup_steps: int | None = _opt(None, "L-GM: ramp alpha and lambda from 0 over this many SGD steps (overrides "
-                                          "--warmup-epochs)")
+                                          "--warmup-epochs; `lgm train --steps N` without either: N/4)")
     epochs: int = _opt(25, "epochs")
     steps: int | None = _opt(None, "train for this many SGD steps (overrides --epochs; the last epoch is cut short; "
                                    "the learning-rate schedule spans exactly these steps)")
@@ -243,15 +243,31 @@ PRESETS = {
     # The L-GM paper's LeNet++ setting as we read it: SGD momentum 0.9, lr 0.01 stepped down, wd 5e-4.
     "paper": dict(epochs=20, lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="step",
                   feat_dim=100),
-    # A few minutes on 2 CPU cores.
-    "quick": dict(epochs=4, subset=10000, lr=0.01, schedule="cyclic"),
+    # A few minutes on 2 CPU cores: 4 epochs of 10,000 images (was "quick", which names `lgm reproduce`'s
+    # 256-step preset: one meaning per name).
+    "small": dict(epochs=4, subset=10000, lr=0.01, schedule="cyclic"),
 }
+
+# Training presets renamed: the old name still works, with a note saying the new one.
+RENAMED_PRESETS = {"quick": "small"}
+
+
+def preset_name(preset: str | None) -> str | None:
+    """``preset`` with a renamed training preset replaced by its new name (a DeprecationWarning says so)."""
+    if preset in RENAMED_PRESETS:
+        import warnings
+
+        warnings.warn(f"the training preset {preset!r} is now called {RENAMED_PRESETS[preset]!r} ({preset!r} names "
+                      f"lgm reproduce's preset)", DeprecationWarning, stacklevel=3)
+        return RENAMED_PRESETS[preset]
+    return preset
 
 
 def config_from_preset(preset: str | None = None, **overrides) -> TrainConfig:
     """A :class:`TrainConfig` from a preset, with explicit (non-None) overrides winning.
     Unknown keys raise ``TypeError``."""
     base = {}
+    preset = preset_name(preset)
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")

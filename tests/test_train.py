@@ -214,7 +214,7 @@ def test_evaluate_reports_error_confusion_and_likelihood(tmp_path, fmnist_dir):
 def test_presets_and_bad_config():
     q = config_from_preset("report")
     assert (q.epochs, q.lr, q.momentum, q.nesterov, q.weight_decay, q.schedule) == (25, 0.01, 0.9, True, 5e-4, "cyclic")
-    assert config_from_preset("quick", epochs=1).epochs == 1  # explicit options win
+    assert config_from_preset("small", epochs=1).epochs == 1  # explicit options win
     with pytest.raises(ValueError):
         config_from_preset("fast")
     with pytest.raises(ValueError):
@@ -258,11 +258,11 @@ def test_staging_never_writes_into_the_source(tmp_path):
 
 @pytest.mark.parametrize("line", [
     dict(subset=400, epochs=3, batch_size=50),   # issue 22.1: NaN at epoch 2, step 3 without the clip
-    dict(preset="quick", epochs=1, subset=3000),  # the README's first line (2-D, quick), its first 24 steps
+    dict(preset="small", epochs=1, subset=3000),  # the README's first line (2-D, small), its first 24 steps
 ])
 def test_the_documented_small_lgm_runs_train_to_a_finite_loss(tmp_path, fmnist_dir, line):
     """``lgm train --head lgm --subset 400 --epochs 3 --batch-size 50`` (2-D features, the defaults) stopped with
-    a non-finite loss at epoch 2, step 3; the README's ``lgm train --preset quick --head lgm`` at epoch 2, step 40.
+    a non-finite loss at epoch 2, step 3; the README's ``lgm train --preset small --head lgm`` at epoch 2, step 40.
     The default gradient clip (docs/SPEC.md section 5) trains both to the end; without it the first diverges
     on real Fashion-MNIST (the control below), so this test fails if the clip stops working."""
     line = dict(line)
