@@ -24,7 +24,7 @@ $(VENV)/.installed: $(SOURCES)
 	$(PIP) install -q $(TORCH)
 	@mkdir -p build
 	@echo "building lgm-ext (C++ and, when a CUDA toolkit is found, CUDA kernels; log: build/build.log)"
-	MAX_JOBS=$(JOBS) $(PIP) install -v --no-build-isolation -e '.[all]' > build/build.log 2>&1 \
+	LGM_EXT_REQUIRE_BUILD=1 MAX_JOBS=$(JOBS) $(PIP) install -v --no-build-isolation -e '.[all]' > build/build.log 2>&1 \
 	  || { tail -n 60 build/build.log; exit 1; }
 	@grep -E "ptxas info|bytes spill" build/build.log > build/ptxas.log || true
 	@$(PY) -c "import lgm_ext; print('lgm_ext', lgm_ext.__version__, '| CUDA kernels:', lgm_ext.has_cuda_kernels())"
@@ -32,7 +32,7 @@ $(VENV)/.installed: $(SOURCES)
 
 # Fast iteration: C++ only, no CUDA compile.
 build-cpu:
-	LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) $(PIP) install --no-build-isolation --no-deps -e .
+	LGM_EXT_REQUIRE_BUILD=1 LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) $(PIP) install --no-build-isolation --no-deps -e .
 
 # The main job: re-measure the source documents' claims (quick preset: 3 heads x 256 SGD steps on
 # Fashion-MNIST; ~10 min on a 2-core VM: 9.6-10.6 measured, README) into runs/reproduce/report.md.  Re-running reuses

@@ -2,6 +2,11 @@
 a toolkit is found.
 
 Environment switches:
+  LGM_EXT_NO_BUILD=1    build no extension: a pure-Python package whose operators run the pure-PyTorch path
+                        (lgm_ext.reference; `import lgm_ext` warns once, `lgm info` says so)
+  LGM_EXT_REQUIRE_BUILD=1  a failing compile is an error (the Makefile sets it); without it, a machine that cannot
+                        build the extension (no compiler, a torch it does not build against) still gets a working
+                        package on the pure-PyTorch path, with a warning
   LGM_EXT_CPU_ONLY=1    skip CUDA sources (fast iteration build)
   LGM_EXT_FORCE_CUDA=1  build CUDA sources even if detection says no (fails if no toolkit)
   TORCH_CUDA_ARCH_LIST  CUDA targets (default "8.0;9.0+PTX": sm_80, sm_90 and PTX)
@@ -68,8 +73,30 @@ def extensions():
     ]
 
 
+class OptionalBuildExtension(BuildExtension):
+    """torch's BuildExtension; where the compile fails and LGM_EXT_REQUIRE_BUILD is not set, the package is
+    installed without the extension (the pure-PyTorch path) and the failure is reported, not raised."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as err:  # noqa: BLE001 -- any compiler or toolchain failure
+            if _flag("LGM_EXT_REQUIRE_BUILD"):
+                raise
+            print(f"WARNING: lgm-ext's C++ extension could not be built ({type(err).__name__}: {err}); installing "
+                  "the pure-PyTorch path (set LGM_EXT_REQUIRE_BUILD=1 to make this an error)")
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception:
+            if _flag("LGM_EXT_REQUIRE_BUILD"):
+                raise
+            print("WARNING: lgm-ext's C++ extension could not be built; installing the pure-PyTorch path")
+
+
 setup(
     packages=find_packages(include=["lgm_ext", "lgm_ext.*", "lgm_lab", "lgm_lab.*", "lgm_cli", "lgm_cli.*"]),
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension},
+    ext_modules=[] if _flag("LGM_EXT_NO_BUILD") else extensions(),
+    cmdclass={"build_ext": OptionalBuildExtension},
 )

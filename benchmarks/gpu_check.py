@@ -55,8 +55,9 @@ def arch_list(capability) -> str:
 
 
 def build_env(capability, cores: int) -> dict:
-    env = dict(os.environ, MAX_JOBS=str(max(1, cores)))
+    env = dict(os.environ, MAX_JOBS=str(max(1, cores)), LGM_EXT_REQUIRE_BUILD="1")  # a failed compile is a failure
     env.pop("LGM_EXT_CPU_ONLY", None)
+    env.pop("LGM_EXT_NO_BUILD", None)
     if capability is not None:
         env["TORCH_CUDA_ARCH_LIST"] = arch_list(capability)
     return env

@@ -12,15 +12,22 @@ from .options import check_json_target, check_positive, console, fail
 
 
 def info() -> None:
-    """Show the installed build: version, torch, and which backends have kernels."""
+    """Show the installed build: version, torch, which path the operators run (fused kernels or pure PyTorch)
+    and which backends have kernels."""
+    import warnings
+
     import torch
 
-    import lgm_ext
+    with warnings.catch_warnings():  # the table says it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        import lgm_ext
 
     t = Table(show_header=False)
     t.add_row("lgm_ext", lgm_ext.__version__)
     t.add_row("torch", torch.__version__)
-    t.add_row("CPU kernels", "yes")
+    fused = lgm_ext.has_fused_kernels()
+    t.add_row("operators", "fused C++ kernels" if fused else "pure PyTorch (lgm_ext.reference): the extension is "
+              "not built; reinstall with a C++ compiler for the fused kernels")
     t.add_row("CUDA kernels compiled", "yes" if lgm_ext.has_cuda_kernels() else "no")
     t.add_row("GPU available", torch.cuda.get_device_name() if torch.cuda.is_available() else "no")
     console.print(t)

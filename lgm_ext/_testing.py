@@ -26,7 +26,20 @@ import contextlib
 
 import torch
 
-from ._ops import ops
+from ._ops import HAVE_KERNELS, require_kernels
+from ._ops import ops as _library
+
+
+class _Hooks:
+    """The private operators, refused with a clear error where the compiled kernels are missing."""
+
+    def __getattr__(self, name):
+        if not HAVE_KERNELS:
+            require_kernels(f"lgm_ext._testing ({name})")
+        return getattr(_library, name)
+
+
+ops = _Hooks()
 
 __all__ = ["cuda_emulation", "flush_denormals", "max_grid_z", "mm16_calls", "tensor_core_gemms"]
 

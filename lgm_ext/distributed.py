@@ -69,7 +69,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._ops import KERNEL_IMPLS, REDUCTIONS, acc_dtype, keep_logits_for_backward, ops
+from ._ops import KERNEL_IMPLS, REDUCTIONS, acc_dtype, keep_logits_for_backward, ops, require_kernels
 from ._sampling import remap_labels, sample_classes, sample_size
 from .functional import _nonneg, check_labels, lgm_logits
 from .modules import _log_var_bound, clamp_log_var
@@ -261,6 +261,7 @@ class ShardedLGMLoss(nn.Module):
                  covariance: str = "diag", group=None, ddp: bool = False, reduction: str = "mean",
                  impl: str = "auto", seed: int = 0, log_var_bound: float = 6.0, sample_rate: float = 1.0) -> None:
         super().__init__()
+        require_kernels("ShardedLGMLoss (the class-sharded head)")
         if num_classes < 1 or feat_dim < 1:
             raise ValueError(f"num_classes and feat_dim must be >= 1, got {num_classes}, {feat_dim}")
         if covariance not in ("diag", "identity"):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._ops import IMPLS, KERNEL_IMPLS, REDUCTIONS, ops
+from ._ops import HAVE_KERNELS, IMPLS, KERNEL_IMPLS, REDUCTIONS, ops
 
 __all__ = [
     "lgm_loss",
@@ -75,6 +75,48 @@ def check_labels(labels: Tensor, n: int, k: int) -> None:
         raise ValueError(f"labels must lie in [0, K) = [0, {k})")
 
 
+_STORAGE = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_inputs(op: str, features: Tensor, means: Tensor, log_var: Tensor | None, labels: Tensor | None,
+                  labels_required: bool) -> None:
+    """The fused operators' input checks (csrc/host.cpp), for the pure-PyTorch path of an installation without
+    the compiled kernels: the same errors either way."""
+    if features.dtype not in _STORAGE:
+        raise TypeError(f"{op}: features must be float32, float64, bfloat16 or float16, got {features.dtype}")
+    if features.dim() != 2:
+        raise ValueError(f"{op}: features must be 2-D (N, D), got shape {tuple(features.shape)}")
+    if means.dim() != 2:
+        raise ValueError(f"{op}: means must be 2-D (K, D), got shape {tuple(means.shape)}")
+    if features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError(f"{op}: features must be non-empty, got shape {tuple(features.shape)}")
+    if means.shape[0] == 0:
+        raise ValueError(f"{op}: means must have at least one class, got shape {tuple(means.shape)}")
+    if means.shape[1] != features.shape[1]:
+        raise ValueError(f"{op}: means has feature dimension D={means.shape[1]} but features has "
+                         f"D={features.shape[1]}")
+    for name, t in (("means", means), ("log_var", log_var)):
+        if t is not None and t.dtype != features.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but features has dtype {features.dtype}")
+        if t is not None and t.device != features.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but features is on {features.device}")
+    if log_var is not None and log_var.shape != means.shape:
+        raise ValueError(f"{op}: log_var must have the shape of means {tuple(means.shape)}, got "
+                         f"{tuple(log_var.shape)}")
+    if labels is None:
+        if labels_required:
+            raise ValueError(f"{op}: labels are required")
+        return
+    check_labels(labels, features.shape[0], means.shape[0])
+    if labels.device != features.device:
+        raise ValueError(f"{op}: labels is on {labels.device} but features is on {features.device}")
+
+
+def _in_acc(*tensors):
+    """bfloat16/float16 inputs computed in float32, as the kernels accumulate (the results are float32)."""
+    return tuple(t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t for t in tensors)
+
+
 def _tensor(name: str, t, optional: bool = False):
     if type(t) is Tensor or isinstance(t, Tensor):
         return t
@@ -104,6 +146,10 @@ def lgm_loss_and_logits(
     args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True),
             _tensor("labels", labels))
     a, lam, red, impl = _nonneg("alpha", alpha), _nonneg("lambda_", lambda_), _reduction(reduction), _impl(impl)
+    if not HAVE_KERNELS:  # installed without the compiled kernels: the reference, with the kernels' checks
+        _check_inputs("lgm_loss", *args, labels_required=True)
+        args = (*_in_acc(*args[:3]), args[3].long())
+        impl = "reference"
     if impl == "reference":
         check_labels(labels, features.shape[0], means.shape[0])
         loss = reference.lgm_loss(*args, alpha=a, lambda_=lam, reduction=reduction)
@@ -148,6 +194,10 @@ def lgm_logits(
     args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True),
             _tensor("labels", labels, optional=True))
     a, impl = _nonneg("alpha", alpha), _impl(impl)
+    if not HAVE_KERNELS:
+        _check_inputs("lgm_logits", *args, labels_required=False)
+        args = (*_in_acc(*args[:3]), None if labels is None else args[3].long())
+        impl = "reference"
     if impl == "reference":
         if labels is not None:
             check_labels(labels, features.shape[0], means.shape[0])
@@ -160,6 +210,9 @@ def lgm_log_likelihood(features: Tensor, means: Tensor, log_var: Tensor | None =
     """Log-likelihood of each feature under the Gaussian of its predicted class
     (paper section 4.3): ``-d[n, yhat] - 0.5 sum_j log_var[yhat, j] - 0.5 D log(2 pi)``."""
     args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True))
+    if not HAVE_KERNELS:
+        _check_inputs("lgm_log_likelihood", *args, None, labels_required=False)
+        return reference.lgm_log_likelihood(*_in_acc(*args))
     if _impl(impl) == "reference":
         return reference.lgm_log_likelihood(*args)
     return ops.lgm_log_likelihood(*args, KERNEL_IMPLS[impl])[0]
@@ -190,6 +243,10 @@ def pgd_step(
     """
     a, e, lo, hi = _pgd_args(x, grad, x_orig, alpha, eps, lower, upper)
     with torch.no_grad():
+        if not HAVE_KERNELS:
+            _check_pgd("pgd_step", x, grad, x_orig, a)
+            v = reference.pgd_step(*_in_acc(x, grad, x_orig), alpha=a, eps=e, lower=lo, upper=hi)
+            return v.to(x.dtype).contiguous()
         return ops.pgd_step(x, grad, x_orig, a, e, lo, hi)
 
 
@@ -202,5 +259,27 @@ def pgd_step_(
     ``x`` (``x_orig`` may be ``x`` itself) and an ``x`` whose elements share memory (an expanded tensor)."""
     a, e, lo, hi = _pgd_args(x, grad, x_orig, alpha, eps, lower, upper)
     with torch.no_grad():
+        if not HAVE_KERNELS:
+            _check_pgd("pgd_step_", x, grad, x_orig, a)
+            if torch._C._debug_has_internal_overlap(x) == 1:  # MemOverlap::Yes
+                raise ValueError("pgd_step_: x has elements that share memory (an expanded tensor)")
+            for name, t in (("grad", grad), ("x_orig", x_orig)):
+                if t is not x and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                    raise ValueError(f"pgd_step_: {name} shares memory with x")
+            x.copy_(reference.pgd_step(*_in_acc(x, grad, x_orig), alpha=a, eps=e, lower=lo, upper=hi))
+            return x
         ops.pgd_step_(x, grad, x_orig, a, e, lo, hi)
     return x
+
+
+def _check_pgd(op: str, x: Tensor, grad: Tensor, x_orig: Tensor, alpha: float) -> None:
+    """The fused step's checks (csrc/host.cpp), for the pure-PyTorch path."""
+    if x.dtype not in _STORAGE:
+        raise TypeError(f"{op}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    for name, t in (("grad", grad), ("x_orig", x_orig)):
+        if t.shape != x.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"{op}: alpha (the step) must be finite, got {alpha}")

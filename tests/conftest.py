@@ -14,10 +14,12 @@ import torch
 # (another output shape, same op name) would otherwise be reused by the torch.compile tests.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lgm-ext-inductor-"))
 
-import lgm_ext  # noqa: F401  (loads the operators)
+import lgm_ext  # loads the operators
 from lgm_ext._testing import cuda_emulation
 
-BACKENDS = ["cpu", "cuda-emulated"] + (["cuda"] if torch.cuda.is_available() else [])
+# (an installation without the compiled kernels has no emulation: its pure-PyTorch path is the cpu backend)
+BACKENDS = ["cpu"] + (["cuda-emulated"] if lgm_ext.has_fused_kernels() else []) \
+    + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def pytest_generate_tests(metafunc):
