@@ -256,22 +256,16 @@ def check_state(state_dict) -> dict:
     for key in ("log_var", "covariance_matrix"):
         if (key in sd) != (key == expected):
             raise ValueError(f"state_dict: covariance {kind!r} {'needs' if key == expected else 'has no'} {key!r}")
-    if "log_var" in sd:
-        lv = sd["log_var"]
-        if not isinstance(lv, Tensor) or not lv.is_floating_point():
-            raise TypeError(f"state_dict['log_var'] must be a floating-point tensor, got "
-                            f"{getattr(lv, 'dtype', type(lv).__name__)}")
-        if lv.shape != (k, d):
-            raise ValueError(f"state_dict['log_var'] must have the shape of state_dict['means'] ({k}, {d}), "
-                             f"got {tuple(lv.shape)}")
-    if "covariance_matrix" in sd:
-        cov = sd["covariance_matrix"]
-        if not isinstance(cov, Tensor) or not cov.is_floating_point():
-            raise TypeError(f"state_dict['covariance_matrix'] must be a floating-point tensor, got "
-                            f"{getattr(cov, 'dtype', type(cov).__name__)}")
-        if cov.shape != (d, d):
-            raise ValueError(f"state_dict['covariance_matrix'] must have shape ({d}, {d}) (D of "
-                             f"state_dict['means']), got {tuple(cov.shape)}")
+    for key, shape, what in (("log_var", (k, d), f"the shape of state_dict['means'] ({k}, {d})"),
+                             ("covariance_matrix", (d, d), f"shape ({d}, {d}) (D of state_dict['means'])")):
+        if key not in sd:
+            continue
+        t = sd[key]
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"state_dict[{key!r}] must be a floating-point tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if t.shape != shape:
+            raise ValueError(f"state_dict[{key!r}] must have {what}, got {tuple(t.shape)}")
     threshold = None
     if "threshold" in sd:
         threshold = _check_threshold("state_dict['threshold']", sd["threshold"])

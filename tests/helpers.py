@@ -46,3 +46,12 @@ def write_idx(folder: Path, n_train=600, n_test=200, seed=0, labels_max=10):
         with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
             f.write(struct.pack(">II", 2049, n) + y.to(torch.uint8).numpy().tobytes())
     return folder
+
+
+def tiny_config(src, **kw):
+    """A run of seconds on ``write_idx`` data in ``src``: one epoch of 64 images, 2-D L-GM (``kw`` override)."""
+    from lgm_lab.config import config_from_preset
+
+    base = dict(epochs=1, subset=64, test_subset=32, batch_size=32, feat_dim=2, head="lgm", data_dir=str(src))
+    base.update(kw)
+    return config_from_preset(None, **base)

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_idx
+from helpers import tiny_config, write_idx
 
 from lgm_lab.checkpoints import CheckpointError
-from lgm_lab.config import config_from_preset
 from lgm_lab.run_folder import LOCK_NAME, RunFolderBusy, locked
 from lgm_lab.train import train
 
@@ -42,10 +41,7 @@ def src(tmp_path_factory):
     return write_idx(tmp_path_factory.mktemp("idx"), n_train=96, n_test=64)
 
 
-def _tiny(src, **kw):
-    base = dict(epochs=1, subset=64, test_subset=32, batch_size=32, feat_dim=2, head="lgm", data_dir=str(src))
-    base.update(kw)
-    return config_from_preset(None, **base)
+_tiny = tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_idx
+from helpers import tiny_config, write_idx
 
 from lgm_lab import data as D
 
@@ -25,12 +25,7 @@ def src(tmp_path_factory):
     return write_idx(tmp_path_factory.mktemp("idx"), n_train=96, n_test=64)
 
 
-def _tiny(src, **kw):
-    from lgm_lab.config import config_from_preset
-
-    base = dict(epochs=1, subset=64, test_subset=32, batch_size=32, feat_dim=2, head="lgm", data_dir=str(src))
-    base.update(kw)
-    return config_from_preset(None, **base)
+_tiny = tiny_config
 
 
 def _invoke(*args):
