@@ -14,12 +14,19 @@ REDUCTIONS = {"none": _C.REDUCTION_NONE, "mean": _C.REDUCTION_MEAN, "sum": _C.RE
 KERNEL_IMPLS = {"auto": _C.IMPL_AUTO, "direct": _C.IMPL_DIRECT, "gemm": _C.IMPL_GEMM}
 # "auto" takes the fused per-row loop when K*D <= DIRECT_MAX_KD, else the GEMM path.
 DIRECT_MAX_KD = _C.DIRECT_MAX_KD
+"""``impl="auto"`` runs the fused per-row loop when ``K * D <= DIRECT_MAX_KD`` (8192), the GEMM path above."""
 # The values of the ``impl=`` argument of the functional API and the modules.
 IMPLS = (*KERNEL_IMPLS, "reference")
+"""The values of ``impl=``: ``"auto"``, ``"direct"``, ``"gemm"`` (the fused operators) and ``"reference"``."""
 
 
 def has_cuda_kernels() -> bool:
-    """True when this build registered CUDA kernels for the operators."""
+    """Whether this build of the extension has CUDA kernels.
+
+    Returns:
+        True when this build registered CUDA kernels for the operators (a GPU need not be present);
+        False for a CPU-only build (``LGM_EXT_CPU_ONLY=1``, or no CUDA toolkit at build time).
+    """
     return torch._C._dispatch_has_kernel_for_dispatch_key("lgm_ext::lgm_loss_forward", "CUDA")
 
 

@@ -159,3 +159,49 @@ def test_readme_cli_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
         assert r.exit_code == 0, f"README line failed: {line}\n{r.output[-3000:]}"
     assert (tmp_path / "runs" / "reproduce" / "report.md").exists()
     assert (tmp_path / "runs" / "embed" / "embedding.png").exists()
+
+
+def _attribute_docstring(module, name: str) -> str | None:
+    """The string literal right after ``name = ...`` in ``module``'s source (the attribute docstring that
+    mkdocstrings renders for a constant)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(module)).body
+    for stmt, nxt in zip(body, body[1:]):
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            return nxt.value.value
+    return None
+
+
+def test_every_public_name_has_a_docstring():
+    """Every name of ``lgm_ext.__all__`` has a docstring (the API reference is generated from them); every
+    function and class that takes arguments documents them in an Args section, and every function with a
+    result says what it returns."""
+    import importlib
+    import inspect
+
+    import lgm_ext
+
+    problems = []
+    for name in lgm_ext.__all__:
+        obj = getattr(lgm_ext, name)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            doc = obj.__dict__.get("__doc__") if inspect.isclass(obj) else obj.__doc__
+            if not doc or not doc.strip():
+                problems.append(f"{name}: no docstring")
+                continue
+            sig = inspect.signature(obj)
+            params = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+            if params and "Args" not in doc:
+                problems.append(f"{name}: no Args section")
+            if inspect.isfunction(obj) and sig.return_annotation not in (None, "None") and "Returns:" not in doc:
+                problems.append(f"{name}: no Returns section")
+        else:  # a constant: the attribute docstring in the module that defines it
+            defining = [m for m in (importlib.import_module(f"lgm_ext.{n}") for n in ("_ops", "_version", "defaults"))
+                        if name in vars(m)]
+            if not defining or not _attribute_docstring(defining[0], name):
+                problems.append(f"{name}: no attribute docstring")
+    assert not problems, problems
