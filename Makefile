@@ -8,7 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 JOBS   ?= 2
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test lint bench build-cpu clean gpu-check
+.PHONY: install demo test lint docs bench build-cpu clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# The documentation site (mkdocs.yml; pages in docs/), offline, warnings as errors: open site/index.html.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+	@echo "site: site/index.html"
+
 bench: install
 	$(PY) benchmarks/bench_lgm.py --write
 	$(PY) benchmarks/bench_pgd.py --write
@@ -63,4 +68,4 @@ gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --seconds $(GPU_CHECK_SECONDS) $(if $(COMMIT),--commit $(COMMIT))
 
 clean:
-	rm -rf build lgm_ext/_C*.so *.egg-info
+	rm -rf build site lgm_ext/_C*.so *.egg-info
