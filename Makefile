@@ -35,7 +35,7 @@ build-cpu:
 	LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) $(PIP) install --no-build-isolation --no-deps -e .
 
 # The main job: re-measure the source documents' claims (quick preset: 3 heads x 256 SGD steps on
-# Fashion-MNIST; ~10 min on a 2-core VM: 9.6-10.6 measured, README) into runs/reproduce/report.md.  Re-running reuses
+# Fashion-MNIST; ~10 min on a 2-core VM: 9.6-10.6 measured, docs/reproducing.md) into runs/reproduce/report.md.  Re-running reuses
 # finished checkpoints.
 demo: install
 	$(VENV)/bin/lgm reproduce --preset quick --out runs/reproduce

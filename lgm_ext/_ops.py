@@ -141,7 +141,7 @@ def keep_logits_for_backward(n: int, k: int, d: int, impl: int) -> bool:
     recomputing is a second pass over N*K*D.  The GEMM path recomputes a tile's
     logits with one extra GEMM when the saved logits would outweigh a class
     parameter tensor (N > D: N*K > K*D); otherwise it keeps them (the extra GEMM
-    costs ~1/3 more arithmetic to save N*K elements).  See README "How it is built".
+    costs ~1/3 more arithmetic to save N*K elements).  See docs/internals.md ("How it is built").
     The rule is C++ (csrc/host.h), where the loss's autograd formula applies it.
     """
     return _C.keep_logits_for_backward(int(n), int(k), int(d), int(impl))
