@@ -8,7 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 JOBS   ?= 2
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test lint bench build-cpu clean gpu-check
+.PHONY: install demo test lint docs bench build-cpu clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,7 @@ build-cpu:
 	LGM_EXT_REQUIRE_BUILD=1 LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) $(PIP) install --no-build-isolation --no-deps -e .
 
 # The main job: re-measure the source documents' claims (quick preset: 3 heads x 256 SGD steps on
-# Fashion-MNIST; ~10 min on a 2-core VM: 9.6-10.6 measured, README) into runs/reproduce/report.md.  Re-running reuses
+# Fashion-MNIST; ~10 min on a 2-core VM: 9.6-10.6 measured, docs/reproducing.md) into runs/reproduce/report.md.  Re-running reuses
 # finished checkpoints.
 demo: install
 	$(VENV)/bin/lgm reproduce --preset quick --out runs/reproduce
@@ -47,6 +47,11 @@ test: install
 # ruff (configured in pyproject.toml); the test suite runs it too (tests/test_layout.py).
 lint: install
 	$(VENV)/bin/ruff check .
+
+# The documentation site (mkdocs.yml; pages in docs/), offline, warnings as errors: open site/index.html.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+	@echo "site: site/index.html"
 
 bench: install
 	$(PY) benchmarks/bench_lgm.py --write
@@ -63,4 +68,4 @@ gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --seconds $(GPU_CHECK_SECONDS) $(if $(COMMIT),--commit $(COMMIT))
 
 clean:
-	rm -rf build lgm_ext/_C*.so *.egg-info
+	rm -rf build site lgm_ext/_C*.so *.egg-info

@@ -35,14 +35,15 @@ if HAVE_KERNELS:
     # Codes shared with the C++ operators; defined once, in csrc/host.h, and exported by _C.
     REDUCTIONS = {"none": _C.REDUCTION_NONE, "mean": _C.REDUCTION_MEAN, "sum": _C.REDUCTION_SUM}
     KERNEL_IMPLS = {"auto": _C.IMPL_AUTO, "direct": _C.IMPL_DIRECT, "gemm": _C.IMPL_GEMM}
-    # "auto" takes the fused per-row loop when K*D <= DIRECT_MAX_KD, else the GEMM path.
     DIRECT_MAX_KD = _C.DIRECT_MAX_KD
 else:  # no operator reads them then; the names stay for the API
     REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
     KERNEL_IMPLS = {"auto": 0, "direct": 1, "gemm": 2}
     DIRECT_MAX_KD = 8192
+"""``impl="auto"`` runs the fused per-row loop when ``K * D <= DIRECT_MAX_KD`` (8192), the GEMM path above."""
 # The values of the ``impl=`` argument of the functional API and the modules.
 IMPLS = (*KERNEL_IMPLS, "reference")
+"""The values of ``impl=``: ``"auto"``, ``"direct"``, ``"gemm"`` (the fused operators) and ``"reference"``."""
 
 
 def has_fused_kernels() -> bool:
@@ -55,10 +56,12 @@ def has_fused_kernels() -> bool:
 
 
 def has_cuda_kernels() -> bool:
-    """Whether this build registered CUDA kernels for the operators.
+    """Whether this build of the extension has CUDA kernels.
 
     Returns:
-        True when the extension was compiled with the CUDA kernels.
+        True when this build registered CUDA kernels for the operators (a GPU need not be present);
+        False for a CPU-only build (``LGM_EXT_CPU_ONLY=1``, or no CUDA toolkit at build time) and for an
+        installation without the compiled kernels (:func:`has_fused_kernels`).
     """
     return HAVE_KERNELS and torch._C._dispatch_has_kernel_for_dispatch_key("lgm_ext::lgm_loss_forward", "CUDA")
 
@@ -88,7 +91,7 @@ def keep_logits_for_backward(n: int, k: int, d: int, impl: int) -> bool:
     recomputing is a second pass over N*K*D.  The GEMM path recomputes a tile's
     logits with one extra GEMM when the saved logits would outweigh a class
     parameter tensor (N > D: N*K > K*D); otherwise it keeps them (the extra GEMM
-    costs ~1/3 more arithmetic to save N*K elements).  See README "How it is built".
+    costs ~1/3 more arithmetic to save N*K elements).  See docs/internals.md ("How it is built").
     The rule is C++ (csrc/host.h), where the loss's autograd formula applies it.
     """
     require_kernels("keep_logits_for_backward")

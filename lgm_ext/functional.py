@@ -142,6 +142,20 @@ def lgm_loss_and_logits(
 
     Both outputs are differentiable with respect to features, means and log_var.
     ``impl`` selects the implementation (module docstring).
+
+    Args:
+        features: (N, D) floating features.
+        means: (K, D) class means, the same dtype and device as ``features``.
+        log_var: (K, D) log of the diagonal covariances, or ``None`` for identity covariance.
+        labels: (N,) integer labels in ``[0, K)``.
+        alpha: the margin (>= 0) on the labelled class's distance.
+        lambda_: the weight (>= 0) of the likelihood term.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (one loss per row).
+        impl: ``"auto"``, ``"direct"``, ``"gemm"`` or ``"reference"`` (module docstring).
+
+    Returns:
+        ``(loss, logits)``: the loss as :func:`lgm_loss` returns it, and the (N, K) margin-free logits
+        (:func:`lgm_logits` without labels), in float32 (float64 for float64 inputs).
     """
     args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True),
             _tensor("labels", labels))
@@ -175,6 +189,20 @@ def lgm_loss(
     distance.  ``log_var`` is the log of the covariance diagonal (K, D); ``None``
     means identity covariance.  Analytic backward (Eqs. 19-23).  Defaults
     ``alpha=0, lambda_=0``; :class:`lgm_ext.LGMLoss` defaults to the paper's 1 and 0.1.
+
+    Args:
+        features: (N, D) floating features.
+        means: (K, D) class means, the same dtype and device as ``features``.
+        log_var: (K, D) log of the diagonal covariances, or ``None`` for identity covariance.
+        labels: (N,) integer labels in ``[0, K)``.
+        alpha: the margin (>= 0) on the labelled class's distance.
+        lambda_: the weight (>= 0) of the likelihood term.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (one loss per row).
+        impl: ``"auto"``, ``"direct"``, ``"gemm"`` or ``"reference"`` (module docstring).
+
+    Returns:
+        The loss: a scalar for ``reduction="mean"`` or ``"sum"``, (N,) for ``"none"``; float32 (float64 for
+        float64 inputs) whatever the input dtype.
     """
     return lgm_loss_and_logits(features, means, log_var, labels, alpha=alpha, lambda_=lambda_, reduction=reduction,
                                impl=impl)[0]
@@ -190,7 +218,19 @@ def lgm_logits(
     impl: str = "auto",
 ) -> Tensor:
     """Logits ``-(1 + alpha [k = y]) d[n,k] - 0.5 sum_j log_var[k,j]`` (N, K); the
-    margin applies only when labels are given.  Differentiable."""
+    margin applies only when labels are given.  Differentiable.
+
+    Args:
+        features: (N, D) floating features.
+        means: (K, D) class means.
+        log_var: (K, D) log of the diagonal covariances, or ``None`` for identity covariance.
+        labels: (N,) integer labels in ``[0, K)`` to add the margin to, or ``None`` (margin-free logits).
+        alpha: the margin (>= 0); used only with ``labels``.
+        impl: the implementation selector (module docstring).
+
+    Returns:
+        (N, K) logits, float32 (float64 for float64 inputs).
+    """
     args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True),
             _tensor("labels", labels, optional=True))
     a, impl = _nonneg("alpha", alpha), _impl(impl)
@@ -208,7 +248,17 @@ def lgm_logits(
 def lgm_log_likelihood(features: Tensor, means: Tensor, log_var: Tensor | None = None, *,
                        impl: str = "auto") -> Tensor:
     """Log-likelihood of each feature under the Gaussian of its predicted class
-    (paper section 4.3): ``-d[n, yhat] - 0.5 sum_j log_var[yhat, j] - 0.5 D log(2 pi)``."""
+    (paper section 4.3): ``-d[n, yhat] - 0.5 sum_j log_var[yhat, j] - 0.5 D log(2 pi)``.
+
+    Args:
+        features: (N, D) floating features.
+        means: (K, D) class means.
+        log_var: (K, D) log of the diagonal covariances, or ``None`` for identity covariance.
+        impl: the implementation selector (module docstring).
+
+    Returns:
+        (N,) log-likelihoods in nats (higher = more normal), float32 (float64 for float64 inputs).
+    """
     args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True))
     if not HAVE_KERNELS:
         _check_inputs("lgm_log_likelihood", *args, None, labels_required=False)
@@ -240,6 +290,18 @@ def pgd_step(
     bfloat16/float16 ``x`` steps and projects in float32 and rounds once to its dtype, so the result can
     lie up to half a unit in the last place outside the eps-ball or [lower, upper] -- as the same formula
     in bf16 torch ops, whose bounds ``x_orig +- eps`` are rounded too.
+
+    Args:
+        x: the current iterate (any shape), floating.
+        grad: the gradient of the attack's loss at ``x`` (the shape of ``x``).
+        x_orig: the clean input the eps-ball is centred on (the shape of ``x``).
+        alpha: the step size; negative descends the loss.
+        eps: the L-infinity radius (>= 0).
+        lower: the box's lower bound (the valid pixel range).
+        upper: the box's upper bound (``>= lower``).
+
+    Returns:
+        A new tensor of the shape and dtype of ``x``, not requiring grad.
     """
     a, e, lo, hi = _pgd_args(x, grad, x_orig, alpha, eps, lower, upper)
     with torch.no_grad():
@@ -256,7 +318,20 @@ def pgd_step_(
     """In-place :func:`pgd_step`: overwrites and returns ``x``.
 
     As torch's in-place ops, it refuses (``ValueError``) a ``grad`` or ``x_orig`` that partly shares memory with
-    ``x`` (``x_orig`` may be ``x`` itself) and an ``x`` whose elements share memory (an expanded tensor)."""
+    ``x`` (``x_orig`` may be ``x`` itself) and an ``x`` whose elements share memory (an expanded tensor).
+
+    Args:
+        x: the current iterate (any shape), floating.
+        grad: the gradient of the attack's loss at ``x`` (the shape of ``x``).
+        x_orig: the clean input the eps-ball is centred on (the shape of ``x``).
+        alpha: the step size; negative descends the loss.
+        eps: the L-infinity radius (>= 0).
+        lower: the box's lower bound (the valid pixel range).
+        upper: the box's upper bound (``>= lower``).
+
+    Returns:
+        ``x``, updated in place.
+    """
     a, e, lo, hi = _pgd_args(x, grad, x_orig, alpha, eps, lower, upper)
     with torch.no_grad():
         if not HAVE_KERNELS:

@@ -48,7 +48,22 @@ def inverse_adversary_features(backbone: nn.Module, classifier: nn.Module, image
     """Features ``backbone(x~)`` of the inverse adversaries ``x~`` of ``images`` (InversePGD on
     :class:`lgm_ext.Classifier` ``(backbone, classifier)`` with the true ``labels``; ``classifier`` maps
     features to logits, or is a head with a ``logits`` method), detached.  Both the attack and the
-    feature pass run in eval mode; every submodule's mode is restored afterwards."""
+    feature pass run in eval mode; every submodule's mode is restored afterwards.
+
+    Args:
+        backbone: an ``nn.Module`` mapping images to (N, D) features.
+        classifier: a module mapping features to logits, or a head with a ``logits`` method.
+        images: (N, ...) clean images in ``[lower, upper]``.
+        labels: (N,) true labels (the inverse attack descends their loss).
+        eps: the L-infinity radius of the inverse attack (default 4/255).
+        step_size: the step of each of its PGD steps (default 2/255).
+        steps: the number of PGD steps (default 5).
+        lower: the valid pixel range's lower bound.
+        upper: the valid pixel range's upper bound.
+
+    Returns:
+        (N, D) features of the inverse adversaries, detached.
+    """
     net = Classifier(backbone, classifier)
     inv = InversePGD(net, eps=eps, alpha=step_size, steps=steps, lower=lower, upper=upper)(images, labels)
     with eval_mode(net), torch.no_grad():
@@ -60,7 +75,22 @@ class InverseAdversaryCenterLoss(nn.Module):
     ``centers`` buffer updated from the inverse features by Wen et al.'s rule in training mode
     (``alpha`` is its rate); ``variant="instance"`` pulls each feature towards its own inverse
     adversary's.  ``forward(features, labels, inverse_features)`` returns the (unweighted) loss.
-    ``sync=True`` sums the center update over ``torch.distributed`` ranks (as :class:`CenterLoss`)."""
+    ``sync=True`` sums the center update over ``torch.distributed`` ranks (as :class:`CenterLoss`).
+
+    Args:
+        num_classes: K, the number of classes.
+        feat_dim: D, the feature dimension.
+        variant: ``"class"`` (running class centers of inverse features) or ``"instance"`` (each
+            feature's own inverse adversary).
+        alpha: the centers' update rate (``variant="class"``).
+        eps: the inverse attack's L-infinity radius (default 4/255).
+        step_size: its step size (default 2/255).
+        steps: its number of PGD steps (default 5).
+        lower: the valid pixel range's lower bound.
+        upper: the valid pixel range's upper bound.
+        sync: sum the center update over ``torch.distributed`` ranks.
+        group: the process group for ``sync`` (None: the default group).
+    """
 
     def __init__(self, num_classes: int, feat_dim: int, *, variant: str = "class", alpha: float = 0.5,
                  eps: float = INVERSE_EPS, step_size: float = INVERSE_STEP, steps: int = INVERSE_STEPS,

@@ -66,6 +66,21 @@ class LGMLoss(nn.Module):
     logits always use the learned covariance; with ``covariance="identity"`` the three coincide.  The
     two alternatives are ablations (docs/SPEC.md section 5): computed beside the fused loss from the
     labelled rows only (N x D), never N x K x D.
+
+    Args:
+        num_classes: K, the number of classes (Gaussians).
+        feat_dim: D, the feature dimension.
+        alpha: the margin (>= 0; the paper's 1).
+        lambda_: the likelihood weight (>= 0; the paper's 0.1).
+        covariance: ``"diag"`` (learned log-variances) or ``"identity"`` (fixed unit covariance).
+        log_var_bound: the clamp on ``log_var`` (> 0).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        warmup_steps: training forwards over which ``alpha`` and ``lambda_`` ramp from 0 (0: no ramp).
+        impl: ``"auto"``, ``"direct"``, ``"gemm"`` or ``"reference"`` (:data:`lgm_ext.IMPLS`).
+        likelihood: ``"full"``, ``"no-logdet"`` or ``"identity"`` (above).
+
+    ``forward(features, labels)`` takes (N, D) features and (N,) integer labels and returns
+    ``(loss, logits)``: the loss (reduced as ``reduction`` says) and the (N, K) margin-free logits.
     """
 
     def __init__(
@@ -180,6 +195,16 @@ class CenterLoss(nn.Module):
     :meth:`update` yourself otherwise.  Train with ``CE + lambda_c * loss``.
     ``sync=True``: under ``torch.distributed`` the update uses the whole global batch (sums over
     ranks), so the centers stay identical on every rank (a plain update lets them drift apart).
+
+    Args:
+        num_classes: K, the number of classes (centers).
+        feat_dim: D, the feature dimension.
+        alpha: the centers' update rate (Wen et al.'s alpha, in [0, 1]).
+        auto_update: update the centers in every training-mode forward.
+        sync: sum the update over ``torch.distributed`` ranks (data-parallel training).
+        group: the process group for ``sync`` (None: the default group).
+
+    ``forward(features, labels)`` takes (N, D) features and (N,) integer labels and returns the scalar loss.
     """
 
     def __init__(self, num_classes: int, feat_dim: int, *, alpha: float = CENTER_RATE, auto_update: bool = True,
@@ -260,6 +285,17 @@ def param_groups(backbone, head, *, lr: float, head_lr_mult: float = HEAD_LR_MUL
     authors' Caffe code gives the means their own learning-rate multiplier.
     With a scheduler that sets absolute rates (``OneCycleLR``), pass one
     ``max_lr`` per group: ``[g["lr"] for g in optimizer.param_groups]``.
+
+    Args:
+        backbone: the network (a module or an iterable of parameters).
+        head: the head whose class parameters train faster (a module or an iterable of parameters).
+        lr: the network's learning rate.
+        head_lr_mult: the head's learning rate is ``lr * head_lr_mult`` (the authors' 10).
+        weight_decay: the network's weight decay.
+        head_weight_decay: the head's weight decay (None: ``weight_decay``).
+
+    Returns:
+        Two parameter-group dicts, the network's then the head's, for any ``torch.optim`` optimizer.
     """
     lr, head_lr_mult, weight_decay = _nonneg("lr", lr), _nonneg("head_lr_mult", head_lr_mult), \
         _nonneg("weight_decay", weight_decay)
@@ -286,6 +322,11 @@ class Classifier(nn.Module):
     ``Classifier(backbone, head)(images, labels, **kwargs)`` returns the head's training output
     ``head(backbone(images), labels, **kwargs)`` (for :class:`LGMLoss`: ``(loss, logits)``), so one module
     holds both for ``DistributedDataParallel``.
+
+    Args:
+        backbone: an ``nn.Module`` mapping images to (N, D) features.
+        head: a head with a ``logits`` method (:class:`LGMLoss`, the lab's heads), or a module mapping
+            features to logits (``nn.Linear``).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:

@@ -46,7 +46,7 @@ def test_resume_reads_the_saved_config(src, tmp_path):
     out = tmp_path / "run"
     r = _train_cli(src, out, "--epochs", 1, "--lr", 0.02, "--schedule", "constant")
     assert r.exit_code == 0, r.output
-    r = _invoke("train", "--out", out, "--resume", "--no-progress")  # as the README shows it
+    r = _invoke("train", "--out", out, "--resume", "--no-progress")  # as the walk-through (docs/lab.md) shows it
     assert r.exit_code == 0, r.output
     r = _invoke("train", "--out", out, "--resume", "--epochs", 2, "--no-progress")  # extend a finished run
     assert r.exit_code == 0, r.output
