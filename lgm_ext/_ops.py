@@ -31,15 +31,13 @@ if not HAVE_KERNELS:
 
 ops = torch.ops.lgm_ext
 
-if HAVE_KERNELS:
-    # Codes shared with the C++ operators; defined once, in csrc/host.h, and exported by _C.
-    REDUCTIONS = {"none": _C.REDUCTION_NONE, "mean": _C.REDUCTION_MEAN, "sum": _C.REDUCTION_SUM}
-    KERNEL_IMPLS = {"auto": _C.IMPL_AUTO, "direct": _C.IMPL_DIRECT, "gemm": _C.IMPL_GEMM}
-    DIRECT_MAX_KD = _C.DIRECT_MAX_KD
-else:  # no operator reads them then; the names stay for the API
-    REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-    KERNEL_IMPLS = {"auto": 0, "direct": 1, "gemm": 2}
-    DIRECT_MAX_KD = 8192
+# Codes shared with the C++ operators; defined once, in csrc/host.h, and exported by _C (without the kernels
+# no operator reads them; the names stay for the API).
+REDUCTIONS = ({"none": _C.REDUCTION_NONE, "mean": _C.REDUCTION_MEAN, "sum": _C.REDUCTION_SUM} if HAVE_KERNELS
+              else {"none": 0, "mean": 1, "sum": 2})
+KERNEL_IMPLS = ({"auto": _C.IMPL_AUTO, "direct": _C.IMPL_DIRECT, "gemm": _C.IMPL_GEMM} if HAVE_KERNELS
+                else {"auto": 0, "direct": 1, "gemm": 2})
+DIRECT_MAX_KD = _C.DIRECT_MAX_KD if HAVE_KERNELS else 8192
 """``impl="auto"`` runs the fused per-row loop when ``K * D <= DIRECT_MAX_KD`` (8192), the GEMM path above."""
 # The values of the ``impl=`` argument of the functional API and the modules.
 IMPLS = (*KERNEL_IMPLS, "reference")
