@@ -8,7 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 JOBS   ?= 2
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test lint docs bench build-cpu clean gpu-check
+.PHONY: install demo test test-slow test-all lint docs bench build-cpu clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -41,7 +41,15 @@ demo: install
 	$(VENV)/bin/lgm reproduce --preset quick --out runs/reproduce
 	@echo "report: runs/reproduce/report.md (figures in runs/reproduce/figures)"
 
+# The fast tier (operators, API, detector, attacks, CLI errors; a few minutes); `make test-slow` runs the rest
+# (training, several processes, end-to-end commands, builds), `make test-all` both, as CI does (.ci/run).
 test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-all: install
 	$(PY) -m pytest -q
 
 # ruff (configured in pyproject.toml); the test suite runs it too (tests/test_layout.py).
