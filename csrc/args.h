@@ -1,5 +1,5 @@
 // lgm-ext: the plain-old-data argument block every kernel reads (CPU loops,
-// CUDA kernels by value, and the CPU emulation of the CUDA kernels).
+// CUDA kernels by value, and the same kernels on the SIMT executor).
 #pragma once
 
 #include <cstdint>
@@ -9,50 +9,89 @@
 
 namespace lgm_ext {
 
-template <typename T>
-struct Args {
+// Kernel pointers: raw on the CPU loops and under nvcc; the SIMT executor's kernels read the same Args
+// through bounds-checked pointers (lgm_ext/simt.h, ArgsT<T, simt::CheckedPtrs>).
+struct RawPtrs {
+  template <typename U>
+  using ptr = U*;
+};
+
+// Every field of Args once, so the executor can convert an Args field by field (LGM_ARGS_FIELDS(S, P):
+// S(name) for a value, P(name) for a pointer).
+#define LGM_ARGS_FIELDS(S, P)                                                                                        \
+  S(N) S(K) S(D) P(x) P(mu) P(s) P(w) P(hl) P(y) S(alpha) S(lambda) S(margin_out) P(c) P(logits) P(stats) P(loss)   \
+  S(k0) S(kt) P(saved_logits) P(saved_stats) P(scale) P(grad_logits) S(ld_logits) S(ld_grad) S(scale_stride)       \
+  S(scale_mult) P(moments) P(moments2) S(ld_moments) P(op_a) P(op_b) P(op_b2) P(op_c) S(ld_b) P(gsum) P(hsum)       \
+  P(g) P(r) P(gx) P(gmu) P(gs)
+
+template <typename T, typename PP = RawPtrs>
+struct ArgsT {
+  using CP = typename PP::template ptr<const T>;
+  using MP = typename PP::template ptr<T>;
   int64_t N, K, D;
-  const T *x, *mu, *s, *w, *hl;  // s: log_var (K,D); w = exp(-s) table (direct path only); null for identity
-  const int64_t* y;
+  CP x, mu, s, w, hl;  // s: log_var (K,D); w = exp(-s) table (direct path only); null for identity
+  typename PP::template ptr<const int64_t> y;
   T alpha, lambda;
   bool margin_out;
   // forward
-  const T* c;  // GEMM path: sum_j mu^2 w (of the tile, in the backward)
-  T *logits, *stats, *loss;  // stats (N,2): lse, 1 - P[n,y]
+  CP c;  // GEMM path: sum_j mu^2 w (of the tile, in the backward)
+  MP logits, stats, loss;  // stats (N,2): lse, 1 - P[n,y]
   // backward, over the class tile [k0, k0 + kt)
   int64_t k0, kt;
-  const T *saved_logits, *saved_stats, *scale, *grad_logits;  // saved_logits: free logits, or m when c != null
-  int64_t ld_logits, ld_grad;                                  // row strides of saved_logits, grad_logits
+  CP saved_logits, saved_stats, scale, grad_logits;  // saved_logits: free logits, or m when c != null
+  int64_t ld_logits, ld_grad;                         // row strides of saved_logits, grad_logits
   int64_t scale_stride;
   T scale_mult;
   // GEMM path backward: the two halves of t = g b (N rows) or s = g^T a (kt rows), row i of the first
   // at moments + i * ld_moments, of the second at moments2 + i * ld_moments (one (rows, 2D) matrix, or
   // two (rows, D) blocks, e.g. the tile's rows of the gradients themselves).
-  const T *moments, *moments2;
+  CP moments, moments2;
   int64_t ld_moments;
   // GEMM operands: a (N,2D); b's halves of class k at op_b + k * ld_b and op_b2 + k * ld_b (as the
   // moments); c.  Class tables: w -> op_b (K,D), hl -> op_c.
-  T *op_a, *op_b, *op_b2, *op_c;
+  MP op_a, op_b, op_b2, op_c;
   int64_t ld_b;
-  const T *gsum, *hsum;   // per-class sums of g, and of the log-det coefficient
-  T *g, *r, *gx, *gmu, *gs;
+  CP gsum, hsum;  // per-class sums of g, and of the log-det coefficient
+  MP g, r, gx, gmu, gs;
 };
 
 template <typename T>
+using Args = ArgsT<T, RawPtrs>;
+
+// The SIMT executor (csrc/cpu/simt.cpp) bounds-checks a kernel's accesses against the tensors its Args came
+// from: while the CUDA emulation is on, the builders below note each tensor's extent (a no-op otherwise).
+bool cuda_emulation_enabled();
+void note_kernel_region(const void* p, int64_t bytes);  // simt.cpp
+void clear_kernel_regions();
+
+// The tensor's data pointer for a kernel (noted for the executor's bounds checks while it runs).
+template <typename T>
+T* kernel_ptr(const at::Tensor& t) {
+  T* p = t.data_ptr<T>();
+  if (cuda_emulation_enabled()) {
+    int64_t extent = t.numel() > 0 ? 1 : 0;
+    for (int64_t i = 0; i < t.dim() && extent > 0; ++i) extent += (t.size(i) - 1) * t.stride(i);
+    note_kernel_region(p, extent * static_cast<int64_t>(sizeof(T)));
+  }
+  return p;
+}
+
+template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+  return t.defined() ? kernel_ptr<T>(t) : nullptr;
 }
 
 template <typename T>
 T* mut_or_null(const at::Tensor& t) {  // (a Tensor handle's const-ness does not cover its data)
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+  return t.defined() ? kernel_ptr<T>(t) : nullptr;
 }
 
 template <typename T>
 Args<T> make_args(const Inputs& in, double alpha, double lambda) {
+  if (cuda_emulation_enabled()) clear_kernel_regions();  // a new hook call: forget the last one's tensors
   Args<T> a{};
   a.N = in.N, a.K = in.K, a.D = in.D;
-  a.x = in.x.data_ptr<T>(), a.mu = in.mu.data_ptr<T>(), a.s = ptr_or_null<T>(in.s);
+  a.x = kernel_ptr<T>(in.x), a.mu = kernel_ptr<T>(in.mu), a.s = ptr_or_null<T>(in.s);
   a.w = ptr_or_null<T>(in.w), a.hl = ptr_or_null<T>(in.hl);
   a.y = ptr_or_null<int64_t>(in.labels);
   a.alpha = T(alpha), a.lambda = T(lambda);
@@ -70,7 +109,7 @@ Args<T> row_args(const Inputs& in, double alpha, double lambda, bool margin_out,
   Args<T> a = make_args<T>(in, alpha, lambda);
   a.margin_out = margin_out;
   a.c = ptr_or_null<T>(c);
-  a.logits = logits.data_ptr<T>(), a.stats = mut_or_null<T>(stats), a.loss = mut_or_null<T>(row_loss);
+  a.logits = kernel_ptr<T>(logits), a.stats = mut_or_null<T>(stats), a.loss = mut_or_null<T>(row_loss);
   return a;
 }
 
@@ -83,7 +122,7 @@ Args<T> coefficient_args(const Inputs& in, const Coef& cf, at::Tensor& g, at::Te
   a.saved_stats = ptr_or_null<T>(cf.stats);
   a.scale = ptr_or_null<T>(cf.scale), a.scale_stride = cf.scale_stride, a.scale_mult = T(cf.scale_mult);
   a.grad_logits = ptr_or_null<T>(cf.grad_logits), a.ld_grad = cf.grad_logits.defined() ? cf.grad_logits.stride(0) : 0;
-  a.g = g.data_ptr<T>(), a.r = r.data_ptr<T>();
+  a.g = kernel_ptr<T>(g), a.r = kernel_ptr<T>(r);
   return a;
 }
 
@@ -105,7 +144,7 @@ Args<T> grad_args(const Inputs& in, const at::Tensor& g, const at::Tensor& r, co
   a.g = mut_or_null<T>(g), a.r = mut_or_null<T>(r);
   a.gx = mut_or_null<T>(grad_x), a.gmu = mut_or_null<T>(grad_mu), a.gs = mut_or_null<T>(grad_s);
   if (moments1.defined()) {
-    a.moments = moments1.data_ptr<T>(), a.moments2 = moments2.data_ptr<T>();
+    a.moments = kernel_ptr<T>(moments1), a.moments2 = kernel_ptr<T>(moments2);
     a.ld_moments = half_stride(moments1, moments2);
   }
   return a;
@@ -120,7 +159,7 @@ Args<T> operand_args(const Inputs& in, const at::Tensor& op_a, int64_t k0, int64
   a.k0 = k0, a.kt = kt;
   a.op_a = mut_or_null<T>(op_a), a.op_c = mut_or_null<T>(c);
   if (b1.defined()) {
-    a.op_b = b1.data_ptr<T>(), a.op_b2 = b2.data_ptr<T>();
+    a.op_b = kernel_ptr<T>(b1), a.op_b2 = kernel_ptr<T>(b2);
     a.ld_b = half_stride(b1, b2);
   }
   return a;
@@ -129,9 +168,10 @@ Args<T> operand_args(const Inputs& in, const at::Tensor& op_a, int64_t k0, int64
 // Class tables read log_var (K, D) and write w and hl.
 template <typename T>
 Args<T> make_table_args(const at::Tensor& s, at::Tensor& w, at::Tensor& hl) {
+  if (cuda_emulation_enabled()) clear_kernel_regions();
   Args<T> a{};
   a.K = s.size(0), a.D = s.size(1);
-  a.mu = s.data_ptr<T>(), a.op_b = mut_or_null<T>(w), a.op_c = hl.data_ptr<T>();
+  a.mu = kernel_ptr<T>(s), a.op_b = mut_or_null<T>(w), a.op_c = kernel_ptr<T>(hl);
   return a;
 }
 

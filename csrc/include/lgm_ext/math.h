@@ -1,8 +1,8 @@
 // lgm-ext: the per-element and per-row math of every operator, written once.
 //
 // Everything here is a __host__ __device__ inline function: the CPU kernels
-// (csrc/cpu), the CUDA kernels (csrc/cuda) and the CPU emulation of the CUDA
-// thread decomposition (csrc/cpu/emulate_cuda.cpp) all call these, so a formula
+// (csrc/cpu) and the CUDA kernels (csrc/cuda; on the CPU, the SIMT executor
+// runs them: csrc/cpu/simt.cpp) all call these, so a formula
 // exists in exactly one place.  Only loops, launches and reductions live in the
 // backends.  Notation follows docs/SPEC.md section 1:
 //   d[n,k] = 0.5 * sum_j (x[n,j] - mu[k,j])^2 * w[k,j],   w = exp(-log_var)
@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #if !defined(__CUDA_ARCH__)
 #include <cmath>
 #endif
@@ -29,6 +30,20 @@
 
 namespace lgm_ext {
 namespace math {
+
+// The element type behind a pointer argument.  The functions below that read arrays take any pointer-like
+// type: raw pointers (CPU loops, nvcc), or the SIMT executor's bounds-checked pointers (lgm_ext/simt.h),
+// which name their element type.
+template <typename P, typename = void>
+struct ptr_elem {
+  using type = std::remove_cv_t<std::remove_pointer_t<P>>;
+};
+template <typename P>
+struct ptr_elem<P, std::void_t<typename P::element_type>> {
+  using type = std::remove_cv_t<typename P::element_type>;
+};
+template <typename P>
+using elem_t = typename ptr_elem<P>::type;
 
 #if !defined(__CUDA_ARCH__)
 // Branch-free float exp for host loops, so `omp simd` loops that call it
@@ -186,8 +201,8 @@ LGM_HD T sqdist_term(T x, T mu, T w) {
   return t * t * w;
 }
 
-template <typename T>
-LGM_HD T sqdist_partial(const T* x, const T* mu, const T* w, int64_t D, int64_t start, int64_t stride) {
+template <typename PX, typename PM, typename PW, typename T = elem_t<PX>>
+LGM_HD T sqdist_partial(PX x, PM mu, PW w, int64_t D, int64_t start, int64_t stride) {
   T acc = T(0);
   if (w != nullptr) {
     LGM_SIMD_SUM(acc)
@@ -215,8 +230,8 @@ LGM_HD T dist_from_expansion(T m, T c) {
 
 // Partial squared distance with w computed from log_var s on the fly (s ==
 // nullptr: identity), same terms as sqdist_partial over a class table.
-template <typename T>
-LGM_HD T sqdist_partial_logvar(const T* x, const T* mu, const T* s, int64_t D, int64_t start, int64_t stride) {
+template <typename PX, typename PM, typename PS, typename T = elem_t<PX>>
+LGM_HD T sqdist_partial_logvar(PX x, PM mu, PS s, int64_t D, int64_t start, int64_t stride) {
   T acc = T(0);
   for (int64_t j = start; j < D; j += stride) acc += sqdist_term(x[j], mu[j], s != nullptr ? inv_var(s[j]) : T(1));
   return acc;
@@ -226,8 +241,8 @@ LGM_HD T sqdist_partial_logvar(const T* x, const T* mu, const T* s, int64_t D, i
 // operand, or overflow of x^2 w or mu^2 w) it says nothing about d -- inf - inf
 // is NaN even when the direct sum is +inf -- so that entry is recomputed by the
 // direct formula (serially over j; rare), which gives what plain PyTorch gives.
-template <typename T>
-LGM_HD T dist_gemm(T m, T c, const T* x, const T* mu, const T* s, int64_t D) {
+template <typename T, typename PX, typename PM, typename PS>
+LGM_HD T dist_gemm(T m, T c, PX x, PM mu, PS s, int64_t D) {
   if (is_finite(m + c)) return dist_from_expansion(m, c);
   return dist_from_sqdist(sqdist_partial_logvar(x, mu, s, D, 0, 1));
 }
@@ -237,7 +252,8 @@ LGM_HD T dist_gemm(T m, T c, const T* x, const T* mu, const T* s, int64_t D) {
 // no labels at all, or -- the class-sharded loss (class_offset, docs/SPEC.md
 // section 7) -- a shifted label outside [0, K), i.e. a class another shard owns.
 // Such a row still gets lse over this shard's free logits and 1 - P = 1.
-LGM_HD int64_t label_column(const int64_t* y, int64_t n, int64_t K) {
+template <typename PY>
+LGM_HD int64_t label_column(PY y, int64_t n, int64_t K) {
   if (y == nullptr) return -1;
   const int64_t v = y[n];
   return (v >= 0 && v < K) ? v : -1;
@@ -264,8 +280,8 @@ LGM_HD T margin_logit(T d, T hl, T alpha) {
 //   lse = m + log(others + e_y),   1 - P[n,y] = others / (others + e_y),
 // so 1 - P[n,y] is exact to rounding even when the labelled class dominates
 // (rebuilding it as 1 - exp(l_y - lse) would carry the rounding of lse).
-template <typename T>
-LGM_HD T row_max_partial(const T* l, int64_t K, int64_t y, T l_y, int64_t start, int64_t stride) {
+template <typename PL, typename T>
+LGM_HD T row_max_partial(PL l, int64_t K, int64_t y, T l_y, int64_t start, int64_t stride) {
   T m = neg_inf<T>();
   for (int64_t k = start; k < K; k += stride) {
     const T v = k == y ? l_y : l[k];
@@ -275,8 +291,8 @@ LGM_HD T row_max_partial(const T* l, int64_t K, int64_t y, T l_y, int64_t start,
 }
 
 // sum over k != y of exp(l_k - m).
-template <typename T>
-LGM_HD T row_sumexp_others_partial(const T* l, int64_t K, int64_t y, T m, int64_t start, int64_t stride) {
+template <typename PL, typename T>
+LGM_HD T row_sumexp_others_partial(PL l, int64_t K, int64_t y, T m, int64_t start, int64_t stride) {
   T acc = T(0);
   LGM_SIMD_SUM(acc)
   for (int64_t k = start; k < K; k += stride) acc += k == y ? T(0) : safe_exp(l[k] - m);
@@ -358,8 +374,8 @@ LGM_HD T grad_x_term(T g, T w, T x, T mu) {
 }
 
 // dL/dx[n,j] for one j: sum over k of grad_x_term (CUDA lane / emulator order).
-template <typename T>
-LGM_HD T grad_x_elem(const T* g_row, T x_j, const T* mu_col, const T* w_col, int64_t K, int64_t ld) {
+template <typename PG, typename T, typename PM, typename PW>
+LGM_HD T grad_x_elem(PG g_row, T x_j, PM mu_col, PW w_col, int64_t K, int64_t ld) {
   T acc = T(0);
   for (int64_t k = 0; k < K; ++k) {
     const T g = g_row[k];

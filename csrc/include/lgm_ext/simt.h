@@ -1,0 +1,358 @@
+// lgm-ext: one kernel source for the GPU and the CPU.
+//
+// The CUDA kernels (csrc/cuda/*.cuh) are compiled twice: by nvcc for the GPU, and by the host compiler
+// for the SIMT executor (csrc/cpu/simt.cpp), which runs them on the CPU for the `cuda-emulated` tests.
+// This header is what lets the same text compile both ways:
+//
+//   under nvcc        the CUDA keywords are the compiler's, device pointers are raw (KPtr<T> = T*), and
+//                     LGM_LAUNCH(kernel, grid, block, smem, stream, args...) checks CUDA's launch limits,
+//                     then launches with <<<grid, block, smem, stream>>>;
+//   on the host       __global__, __device__, __shared__, threadIdx, blockIdx, blockDim, gridDim,
+//                     __syncthreads, __syncwarp, __shfl*_sync and atomicAdd are defined here; every thread
+//                     of a block is a cooperative fiber that switches at each barrier and shuffle with
+//                     CUDA's semantics; KPtr<T> is a bounds-checked pointer that also records every write,
+//                     and LGM_LAUNCH checks the same limits and runs the grid block by block.
+//
+// What the executor reports as an error naming the kernel, block and thread (a RuntimeError in Python): an
+// out-of-bounds read or write through a kernel pointer, two threads writing one address between barriers
+// (global memory: two threads of a launch, unless ordered by the block's barriers; shared memory: within
+// the block), a __syncthreads that not every thread of the block reaches, a __syncwarp or shuffle that not
+// every lane of its mask reaches (or that reads a lane outside the mask), and a launch beyond CUDA's limits.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "lgm_ext/launch.h"
+
+// Include after args.h (ArgsT, RawPtrs) and every torch header: on the host this defines CUDA's keywords.
+
+namespace lgm_ext {
+namespace launch {
+
+constexpr int64_t kMaxBlockThreads = 1024;  // threads per block
+constexpr int64_t kMaxBlockXY = 1024, kMaxBlockZ = 64;
+constexpr int64_t kMaxSharedBytes = 48 * 1024;  // dynamic shared memory without an opt-in attribute
+
+// CUDA refuses such a launch ("invalid configuration argument"); so does the executor, before it runs, and
+// so does LGM_LAUNCH before <<<>>> on a GPU.
+template <typename Dim>
+inline void check_launch(const char* kernel, const Dim& grid, const Dim& block, size_t smem) {
+  const int64_t gx = grid.x, gy = grid.y, gz = grid.z, bx = block.x, by = block.y, bz = block.z;
+  TORCH_CHECK(gx >= 1 && gx <= kMaxGridX && gy >= 1 && gy <= kMaxGridYZ && gz >= 1 && gz <= max_grid_z() &&
+                  bx >= 1 && bx <= kMaxBlockXY && by >= 1 && by <= kMaxBlockXY && bz >= 1 && bz <= kMaxBlockZ &&
+                  bx * by * bz <= kMaxBlockThreads && static_cast<int64_t>(smem) <= kMaxSharedBytes,
+              "CUDA launch of ", kernel, ": invalid configuration argument (grid ", gx, " x ", gy, " x ", gz,
+              ", block ", bx, " x ", by, " x ", bz, ", ", smem, " bytes of shared memory; limits: grid.x < 2^31, ",
+              "grid.y <= ", kMaxGridYZ, ", grid.z <= ", max_grid_z(), ", block <= 1024 x 1024 x 64 and ",
+              kMaxBlockThreads, " threads, shared memory <= ", kMaxSharedBytes, " bytes)");
+}
+
+}  // namespace launch
+}  // namespace lgm_ext
+
+#if defined(__CUDACC__)
+
+namespace lgm_ext {
+template <typename T>
+using KPtr = T*;
+template <typename T>
+using KArgs = ArgsT<T, RawPtrs>;
+}  // namespace lgm_ext
+
+#define LGM_LAUNCH(kernel, grid, block, smem, stream, ...)                 \
+  do {                                                                      \
+    ::lgm_ext::launch::check_launch(#kernel, dim3(grid), dim3(block), smem); \
+    kernel<<<grid, block, smem, stream>>>(__VA_ARGS__);                     \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                         \
+  } while (0)
+
+// A kernel's shared array, read and written through a KPtr (checked and race-tracked on the executor).
+#define LGM_SHARED(T, name, n) \
+  __shared__ T name##_storage[n]; \
+  T* const name = name##_storage
+
+#else  // ---------------------------------------------------------------- the SIMT executor
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+// Shared memory: one copy; the executor runs one launch at a time, its blocks one after another.
+#define __shared__ static
+
+namespace lgm_ext {
+namespace simt {
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+using stream_t = void*;
+
+// The running fiber's indices (the executor sets them at every switch; one launch runs at a time).
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+[[noreturn]] void fault(const std::string& what);  // the running thread's error: the launch fails with it
+
+// Accesses: bounds are checked inline; writes go to the race tracker.
+void note_write(const void* addr, bool shared, bool atomic);
+
+enum class Space : uint8_t { global, shared };
+
+// Where a checked pointer may point: [lo, hi) bytes of one tensor (or shared array), and its name.
+struct Region {
+  const char* lo = nullptr;
+  const char* hi = nullptr;
+  const char* name = "?";
+  Space space = Space::global;
+};
+
+[[noreturn]] void out_of_bounds(const Region& r, const void* p, size_t size, bool write);
+
+template <typename T>
+class Ref;
+
+// A bounds-checked device pointer.  Arithmetic is free (as on a GPU: a pointer may leave its tensor);
+// a read or write through it is checked against its region.
+template <typename T>
+class Ptr {
+ public:
+  using element_type = T;
+  Ptr() = default;
+  Ptr(std::nullptr_t) {}
+  Ptr(T* p, const Region& r) : p_(p), r_(r) {}
+  template <typename U, typename = std::enable_if_t<std::is_convertible_v<U*, T*>>>
+  Ptr(const Ptr<U>& o) : p_(o.raw()), r_(o.region()) {}
+
+  T* raw() const { return p_; }
+  const Region& region() const { return r_; }
+
+  friend bool operator==(const Ptr& a, std::nullptr_t) { return a.p_ == nullptr; }
+  friend bool operator!=(const Ptr& a, std::nullptr_t) { return a.p_ != nullptr; }
+  friend bool operator==(const Ptr& a, const Ptr& b) { return a.p_ == b.p_; }
+  friend bool operator!=(const Ptr& a, const Ptr& b) { return a.p_ != b.p_; }
+  explicit operator bool() const { return p_ != nullptr; }
+
+  Ptr operator+(int64_t i) const { return Ptr(p_ + i, r_); }
+  Ptr operator-(int64_t i) const { return Ptr(p_ - i, r_); }
+  Ptr& operator+=(int64_t i) { p_ += i; return *this; }
+  Ptr& operator-=(int64_t i) { p_ -= i; return *this; }
+  Ptr& operator++() { ++p_; return *this; }
+  friend Ptr operator+(int64_t i, const Ptr& p) { return p + i; }
+
+  T* at(int64_t i, bool write) const {
+    T* q = p_ + i;
+    const char* b = reinterpret_cast<const char*>(q);
+    if (p_ == nullptr || b < r_.lo || b + sizeof(T) > r_.hi) out_of_bounds(r_, q, sizeof(T), write);
+    return q;
+  }
+  // const elements read as values; others give a reference that checks each read and write.
+  decltype(auto) operator[](int64_t i) const {
+    if constexpr (std::is_const_v<T>) {
+      return static_cast<std::remove_const_t<T>>(*at(i, false));
+    } else {
+      return Ref<T>(*this, i);
+    }
+  }
+  decltype(auto) operator*() const { return (*this)[0]; }
+
+ private:
+  T* p_ = nullptr;
+  Region r_{};
+};
+
+template <typename T>
+class Ref {
+ public:
+  Ref(const Ptr<T>& p, int64_t i) : p_(p), i_(i) {}
+  operator T() const { return *p_.at(i_, false); }
+  Ref& operator=(T v) {
+    T* q = p_.at(i_, true);
+    note_write(q, p_.region().space == Space::shared, false);
+    *q = v;
+    return *this;
+  }
+  Ref& operator=(const Ref& o) { return *this = static_cast<T>(o); }
+  Ref& operator+=(T v) { return *this = static_cast<T>(*this) + v; }
+  Ref& operator-=(T v) { return *this = static_cast<T>(*this) - v; }
+  Ref& operator*=(T v) { return *this = static_cast<T>(*this) * v; }
+  Ptr<T> operator&() const { return p_ + i_; }
+
+ private:
+  Ptr<T> p_;
+  int64_t i_;
+};
+
+// Kernel arguments on the executor.
+struct CheckedPtrs {
+  template <typename U>
+  using ptr = Ptr<U>;
+};
+
+// The tensors of the current hook call (noted by args.h's builders): a raw pointer handed to a launch
+// becomes a checked pointer into the tensor that holds it.
+Region region_of(const void* p, const char* name);
+
+template <typename U>
+Ptr<U> checked(U* p, const char* name) {
+  if (p == nullptr) return Ptr<U>();
+  return Ptr<U>(p, region_of(p, name));
+}
+
+// A shared array seen through a checked, race-tracked pointer (LGM_SHARED).
+template <typename U, size_t n>
+Ptr<U> shared_view(U (&a)[n], const char* name) {
+  Region r;
+  r.lo = reinterpret_cast<const char*>(a), r.hi = r.lo + sizeof(a), r.name = name, r.space = Space::shared;
+  return Ptr<U>(a, r);
+}
+
+// ---- synchronisation (each parks the fiber until the block or warp has arrived)
+void syncthreads();
+void syncwarp(unsigned mask);
+uint64_t shfl(unsigned mask, uint64_t bits, int mode, int arg, int width);  // mode 0 idx, 1 xor, 2 up, 3 down
+
+template <typename T>
+T shfl_as(unsigned mask, T v, int mode, int arg, int width) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a type wider than 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = shfl(mask, bits, mode, arg, width);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+// ---- launches
+struct LaunchSpec {
+  const char* kernel;
+  dim3 grid, block;
+  size_t smem;
+};
+void run(const LaunchSpec& spec, const std::function<void()>& thread_body);
+
+template <typename P>
+struct is_args : std::false_type {};
+template <typename T>
+struct is_args<ArgsT<T, CheckedPtrs>> : std::true_type {};
+template <typename P>
+struct is_ptr : std::false_type {};
+template <typename U>
+struct is_ptr<Ptr<U>> : std::true_type {};
+
+template <typename T>
+ArgsT<T, CheckedPtrs> to_device(const Args<T>& a) {
+  ArgsT<T, CheckedPtrs> d{};
+#define LGM_SIMT_S(f) d.f = a.f;
+#define LGM_SIMT_P(f) d.f = checked(a.f, "Args." #f);
+  LGM_ARGS_FIELDS(LGM_SIMT_S, LGM_SIMT_P)
+#undef LGM_SIMT_S
+#undef LGM_SIMT_P
+  return d;
+}
+
+template <typename P, typename A>
+P convert_arg(A&& a, const char* name) {
+  using D = std::decay_t<P>;
+  if constexpr (is_args<D>::value) {
+    return to_device(a);
+  } else if constexpr (is_ptr<D>::value) {
+    if constexpr (is_ptr<std::decay_t<A>>::value) {
+      return a;
+    } else {
+      return checked<typename D::element_type>(a, name);
+    }
+  } else {
+    return static_cast<D>(a);
+  }
+}
+
+inline const char* arg_name(size_t i) {
+  static const char* const names[] = {"argument 1", "argument 2", "argument 3", "argument 4", "argument 5",
+                                      "argument 6", "argument 7", "argument 8", "argument 9", "argument 10",
+                                      "argument 11", "argument 12", "argument 13", "argument 14", "argument 15",
+                                      "argument 16"};
+  return i < 16 ? names[i] : "argument";
+}
+
+template <typename... P, size_t... I, typename... A>
+void launch_with(const char* name, void (*kernel)(P...), const LaunchSpec& spec, std::index_sequence<I...>,
+                 A&&... args) {
+  std::tuple<std::decay_t<P>...> dev{convert_arg<P>(std::forward<A>(args), arg_name(I))...};
+  run(spec, [&] { std::apply(kernel, dev); });
+}
+
+template <typename... P, typename... A>
+void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+  static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
+  launch::check_launch(name, grid, block, smem);
+  launch_with(name, kernel, LaunchSpec{name, grid, block, smem}, std::index_sequence_for<P...>{},
+              std::forward<A>(args)...);
+}
+
+}  // namespace simt
+
+template <typename T>
+using KPtr = simt::Ptr<T>;
+template <typename T>
+using KArgs = ArgsT<T, simt::CheckedPtrs>;
+
+using simt::blockDim;
+using simt::blockIdx;
+using simt::dim3;
+using simt::gridDim;
+using simt::threadIdx;
+using simt::uint3;
+using cudaStream_t = simt::stream_t;
+
+inline void __syncthreads() { simt::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { simt::syncwarp(mask); }
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) { return simt::shfl_as(mask, v, 0, src, width); }
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return simt::shfl_as(mask, v, 1, lane_mask, width);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return simt::shfl_as(mask, v, 2, static_cast<int>(delta), width);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return simt::shfl_as(mask, v, 3, static_cast<int>(delta), width);
+}
+// Fibers switch only at barriers and shuffles, so a read-modify-write is atomic; it is exempt from the
+// race check (atomics are how threads may share an address).
+template <typename T>
+T atomicAdd(simt::Ptr<T> p, T v) {
+  T* q = p.at(0, true);
+  simt::note_write(q, p.region().space == simt::Space::shared, true);
+  const T old = *q;
+  *q = old + v;
+  return old;
+}
+
+}  // namespace lgm_ext
+
+#define LGM_LAUNCH(kernel, grid, block, smem, stream, ...)                  \
+  do {                                                                      \
+    (void)(stream);                                                         \
+    ::lgm_ext::simt::launch(#kernel, &kernel, grid, block, smem, __VA_ARGS__); \
+  } while (0)
+
+#define LGM_SHARED(T, name, n)     \
+  __shared__ T name##_storage[n]; \
+  const ::lgm_ext::KPtr<T> name = ::lgm_ext::simt::shared_view(name##_storage, #name)
+
+#endif
