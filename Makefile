@@ -8,7 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 JOBS   ?= 2
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test test-slow test-all lint docs bench build-cpu clean gpu-check
+.PHONY: install demo test test-slow test-all lint docs bench build-cpu clean gpu-check test-sanitize
 
 install: $(VENV)/.installed
 
@@ -74,6 +74,29 @@ GPU_CHECK_SECONDS ?= 450
 GPU_CHECK_OUT     ?= build/gpu-check
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --seconds $(GPU_CHECK_SECONDS) $(if $(COMMIT),--commit $(COMMIT))
+
+# The C++ under AddressSanitizer and UndefinedBehaviorSanitizer: a copy of the sources in SANITIZE_DIR (never the
+# normal build) built CPU-only with -fsanitize=address,undefined -- the CPU loops and the SIMT executor running
+# the CUDA kernels -- then the operator, dtype, attack, detector and executor tests on it.  Python is not
+# instrumented, so libasan is preloaded; leak checks are off (CPython's arenas).  docs/CUDA.md has its time.
+SANITIZE_DIR   ?= build/sanitize
+SANITIZE_TESTS ?= tests/test_simt.py tests/test_pgd_step.py tests/test_attacks.py tests/test_detector.py tests/test_lgm_ops.py \
+                  tests/test_dtypes.py
+# (the gradchecks, torch.compile, opcheck and the largest shapes left out: under ASan the executor is ~10x slower)
+SANITIZE_PYTEST ?= -x -q --capture=sys -m "not slow" \
+  -k "not gradcheck and not compile and not opcheck and not float32_no_worse and not row_and_class_blocks and not many_tiles"
+test-sanitize:
+	@mkdir -p $(SANITIZE_DIR)/src
+	cp -rp setup.py pyproject.toml csrc lgm_ext lgm_lab lgm_cli tests $(SANITIZE_DIR)/src/
+	rm -f $(SANITIZE_DIR)/src/lgm_ext/_C*.so
+	cd $(SANITIZE_DIR)/src && LGM_EXT_REQUIRE_BUILD=1 LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) \
+	  LGM_EXT_EXTRA_CXXFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
+	  LGM_EXT_EXTRA_LDFLAGS="-fsanitize=address,undefined" \
+	  $(abspath $(PY)) setup.py -q build_ext --inplace --build-temp ../temp > ../build.log 2>&1 \
+	  || { tail -n 40 ../build.log; exit 1; }
+	cd $(SANITIZE_DIR)/src && LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  OMP_NUM_THREADS=1 PYTHONPATH=. $(abspath $(PY)) -m pytest -p no:cacheprovider $(SANITIZE_PYTEST) $(SANITIZE_TESTS)
 
 clean:
 	rm -rf build site lgm_ext/_C*.so *.egg-info

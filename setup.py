@@ -11,6 +11,8 @@ Environment switches:
   LGM_EXT_FORCE_CUDA=1  build CUDA sources even if detection says no (fails if no toolkit)
   TORCH_CUDA_ARCH_LIST  CUDA targets (default "8.0;9.0+PTX": sm_80, sm_90 and PTX)
   MAX_JOBS              parallel compile jobs (ninja)
+  LGM_EXT_EXTRA_CXXFLAGS  extra host-compiler flags, appended (`make test-sanitize`: -fsanitize=address,undefined;
+                        the mutation check: -O0); LGM_EXT_EXTRA_LDFLAGS likewise for the link
 """
 import glob
 import os
@@ -49,6 +51,8 @@ def extensions():
     # -fno-loop-unroll-and-jam: jammed, the register-blocked backward loops of lgm_cpu.cpp keep their running
     # sums in memory (a store-to-load chain per class), ~1.5x slower.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-loop-unroll-and-jam", "-DNDEBUG", "-std=c++20"]
+    cxx += os.environ.get("LGM_EXT_EXTRA_CXXFLAGS", "").split()
+    ldflags = ["-fopenmp"] + os.environ.get("LGM_EXT_EXTRA_LDFLAGS", "").split()
     if build_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-DNDEBUG", "-Xptxas=-v", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -59,7 +63,7 @@ def extensions():
                 include_dirs=include_dirs,
                 define_macros=[("LGM_EXT_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                extra_link_args=["-fopenmp"],
+                extra_link_args=ldflags,
             )
         ]
     return [
@@ -68,7 +72,7 @@ def extensions():
             cpu_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=ldflags,
         )
     ]
 

@@ -4,9 +4,10 @@ Two operators exist only for the test suite and the benchmarks; they are
 registered with a leading underscore in ``torch.ops.lgm_ext`` and wrapped here:
 
 - ``_set_cuda_emulation(on) -> previous``: route the CPU operators through the
-  CPU emulation of the CUDA kernels (same device functions, same grid / block /
-  lane decomposition).  The test suite runs every device-parametrized test this
-  way as ``cuda-emulated``.
+  CUDA kernels' own source (csrc/cuda/*.cuh) run on the CPU by the SIMT executor
+  (csrc/cpu/simt.cpp: every thread of every block, CUDA's barrier and shuffle
+  semantics, bounds and race checks).  The test suite runs every
+  device-parametrized test this way as ``cuda-emulated``.
 - ``_flush_denormal_all_threads(on) -> ok``: set flush-to-zero on the calling
   thread *and* on every ATen worker thread (``torch.set_flush_denormal`` sets
   only the calling thread); benchmarks call it for every side.
@@ -46,7 +47,7 @@ __all__ = ["cuda_emulation", "flush_denormals", "max_grid_z", "mm16_calls", "ten
 
 @contextlib.contextmanager
 def cuda_emulation(on: bool = True):
-    """Within the block, CPU tensors run through the emulated CUDA kernels."""
+    """Within the block, CPU tensors run through the CUDA kernels on the SIMT executor."""
     old = ops._set_cuda_emulation(bool(on))
     try:
         yield

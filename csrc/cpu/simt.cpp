@@ -31,6 +31,7 @@
 #endif
 #endif
 #if defined(LGM_SIMT_ASAN)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -166,7 +167,7 @@ struct Writer {
 
 size_t stack_bytes() {
 #if defined(LGM_SIMT_ASAN)
-  return 512 * 1024;
+  return 256 * 1024;
 #else
   return 128 * 1024;
 #endif
@@ -403,6 +404,10 @@ void run_block(Exec& e) {
     Fiber& f = e.fibers[t];
     f.tid = uint3(t % spec.block.x, t / spec.block.x % spec.block.y, t / (spec.block.x * spec.block.y));
     f.stack = t_stacks[t].get();
+#if defined(LGM_SIMT_ASAN)
+    // A reused stack keeps the poisoned redzones of the frames its last fiber never returned from.
+    ASAN_UNPOISON_MEMORY_REGION(f.stack, sb);
+#endif
     make_context(f.ctx, f.stack, sb, &fiber_main);
   }
   const int warps = (n + kWarp - 1) / kWarp;

@@ -62,10 +62,12 @@ inline void check_launch(const char* kernel, const Dim& grid, const Dim& block, 
 #if defined(__CUDACC__)
 
 namespace lgm_ext {
+namespace {  // per translation unit: nvcc's and the executor's KPtr differ
 template <typename T>
 using KPtr = T*;
 template <typename T>
 using KArgs = ArgsT<T, RawPtrs>;
+}  // namespace
 }  // namespace lgm_ext
 
 #define LGM_LAUNCH(kernel, grid, block, smem, stream, ...)                 \
@@ -303,10 +305,12 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_
 
 }  // namespace simt
 
+namespace {  // per translation unit: nvcc's and the executor's KPtr differ
 template <typename T>
 using KPtr = simt::Ptr<T>;
 template <typename T>
 using KArgs = ArgsT<T, simt::CheckedPtrs>;
+}  // namespace
 
 using simt::blockDim;
 using simt::blockIdx;
