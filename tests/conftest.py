@@ -1,8 +1,8 @@
 """Every test that takes `device` runs on:
   cpu            -- the CPU kernels;
-  cuda-emulated  -- CPU tensors through the CPU emulation of the CUDA kernels
-                    (same device functions, same grid/block/lane decomposition,
-                    exact warp-shuffle emulation), since CI has no GPU;
+  cuda-emulated  -- CPU tensors through the CUDA kernels' own source (csrc/cuda/*.cuh) compiled as C++
+                    and run by the SIMT executor (csrc/include/lgm_ext/simt.h: fibers per thread,
+                    CUDA's barrier and shuffle semantics, bounds and race checks), since CI has no GPU;
   cuda           -- the real CUDA kernels, when a GPU is present."""
 import os
 import tempfile
