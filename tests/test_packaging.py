@@ -33,7 +33,7 @@ def test_sdist_contains_every_source_and_header(sdist):
 
 def test_sdist_builds_a_wheel(sdist, tmp_path):
     """A CPU-only wheel built from the unpacked sdist alone (no repository files)."""
-    env = dict(os.environ, LGM_EXT_CPU_ONLY="1", MAX_JOBS="2")
+    env = dict(os.environ, LGM_EXT_CPU_ONLY="1", LGM_EXT_REQUIRE_BUILD="1", MAX_JOBS="2")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
                         "-w", str(tmp_path), str(sdist)], capture_output=True, text=True, timeout=1200, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
