@@ -213,10 +213,15 @@ def _prune_staged(current: Path, keep: int = STAGED_KEEP) -> None:
     copies = sorted(copies, key=copies.get, reverse=True)
     for old in [c for c in copies if c != current][max(0, keep - 1):]:
         with contextlib.suppress(OSError):
-            _remove_copy(old)
-    for folder in _listdir(staged):  # a source folder whose copies are all gone
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+            if _remove_copy(old):
+                old.parent.rmdir()  # its source folder, once its last copy is gone (only when empty)
+
+
+def _drop_copy(copy: Path) -> None:
+    """Remove a copy this process staged and could not read, and its source folder if that is then empty."""
+    shutil.rmtree(copy, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        copy.parent.rmdir()
 
 
 @contextlib.contextmanager
@@ -256,7 +261,7 @@ def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, downl
                     _stage_idx(src, root, cls_name)
                 except DatasetUnavailable:
                     hold.close()
-                    shutil.rmtree(root, ignore_errors=True)  # a damaged source leaves no copy behind
+                    _drop_copy(root)  # a damaged source leaves no copy behind
                     raise
                 os.utime(root)  # most recently used
                 _prune_staged(root)
@@ -280,7 +285,7 @@ def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, downl
                 ds = cls(str(root), train=train, download=False)
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError when absent and offline
         if staged_from is not None:
-            shutil.rmtree(root, ignore_errors=True)  # an unreadable copy is not kept in the cache
+            _drop_copy(root)  # an unreadable copy is not kept in the cache
             raise DatasetUnavailable(f"cannot read the {name} files in {staged_from}: "
                                      f"{type(err).__name__}: {' '.join(str(err).split())}") from err
         if data_dir is not None:
@@ -436,7 +441,8 @@ def clear_cache() -> Cleared:
                     out.freed += size
                 else:
                     out.kept.append(copy)
-        for folder in [*_listdir(staged), staged]:
+        # the source folders (and `staged`) the removed copies leave empty; no other folder
+        for folder in [*sorted({c.parent for c in out.removed}), *([staged] if out.removed else [])]:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
     for folder in sorted(root.iterdir()):
