@@ -73,6 +73,11 @@ def run(rank: int, world: int, epochs: int, port: int) -> None:
         with torch.no_grad():
             err = (model.module.head.predict(model.module.net(xt.to(device))).cpu() != yt).float().mean().item()
         print(f"test error {100 * err:.2f}%")
+    # Tear down together: every process waits here until rank 0 has evaluated, and the DDP module (which holds
+    # the process group) goes first -- a process that exits while its peer still uses the group can abort in
+    # gloo's teardown ("terminate called without an active exception").
+    dist.barrier()
+    del model, opt, groups
     dist.destroy_process_group()
 
 
