@@ -50,6 +50,21 @@ def _check_fpr(fpr: float) -> None:
         raise ValueError(f"--fpr must lie in (0, 1), got {fpr}")
 
 
+def _parse_fprs(text: str) -> tuple[float, ...]:
+    """``--fpr``: comma-separated false-rejection rates, each in (0, 1), distinct."""
+    out = []
+    for part in str(text).split(","):
+        try:
+            v = float(part)
+        except ValueError:
+            raise ValueError(f"--fpr must be comma-separated numbers in (0, 1), got {text!r}") from None
+        _check_fpr(v)
+        out.append(v)
+    if len(set(out)) != len(out):
+        raise ValueError(f"--fpr lists a rate twice: {text!r}")
+    return tuple(out)
+
+
 def _features(model, x, batch: int, bar, task):
     import torch
 
@@ -268,9 +283,14 @@ def ood(
     checkpoints: list[Path] = typer.Argument(..., help="checkpoint.pt files of trained models (any heads)"),
     out: Path = typer.Option(Path("runs/ood"), "--out", help="folder for the ROC figure and results.json"),
     eps: str = typer.Option("0.1,0.3", help="FGSM, PGD-10 and adaptive-attack magnitudes, comma-separated"),
-    fpr: float = typer.Option(0.05, help="false-rejection rate the thresholds are calibrated for"),
+    fpr: str = typer.Option("0.05,0.01", help="the operating points: false-rejection rates the thresholds are "
+                                               "calibrated for, comma-separated"),
     adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive", help="attack each detector adaptively "
                                                                           "(AdaptivePGD, the PGD-10 budget)"),
+    ood_data: Optional[list[str]] = typer.Option(None, "--ood-data", help="also measure these abnormal inputs "
+                                                                          "(repeatable): DIR, a folder of images, or "
+                                                                          "DATASET or DATASET:DIR, the test images "
+                                                                          "of mnist, fashion-mnist or cifar10"),
     subset: Optional[int] = typer.Option(None, "--subset", help="use N test images (the seeded selection of `lgm "
                                                                 "train --test-subset N`): half calibrate, half "
                                                                 "are measured (default: all)"),
@@ -288,18 +308,22 @@ def ood(
     json_out: Optional[Path] = json_opt(),
     progress: bool = progress_opt(),
 ) -> None:
-    """Out-of-distribution and adversarial detection of given models, without training: each detector
-    (L-GM likelihood; Mahalanobis, max-softmax, center distance) calibrated at --fpr, then AUROC, FPR at 95% TPR,
-    EER and rejections on digits, noise, Gaussian noise, inverted images, held-out classes (runs trained with
-    --classes), FGSM and PGD-10; the adaptive attack's success with each detector on."""
+    """Out-of-distribution and adversarial detection of given models, without training: each detector (L-GM
+    likelihood and mixture; Mahalanobis, KNN, ViM, Energy, MaxLogit, max-softmax, center distance) calibrated at
+    each --fpr, then rejections, AUROC, AUPR, FPR at 95% TPR (both conventions) and EER on digits, noise,
+    Gaussian noise, inverted images, natural-image patches, held-out classes (runs trained with --classes),
+    --ood-data, FGSM and PGD-10; the adaptive attack's success with each detector on."""
     from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.detector_file import DetectorFileError, load_detector_file
     from lgm_lab.experiments.detection import detection_data, detector_names, measure_network
+    from lgm_lab.experiments.measure import operating_point_key
     from lgm_lab.figures import detection_roc_figure
 
+    from lgm_lab.ood_data import external_ood_set
+
     try:
-        _check_fpr(fpr)
+        fprs = _parse_fprs(fpr)
         eps_list = [e for e in parse_eps(eps) if e > 0]
         for v, name in ((fit_subset, "--fit-subset"), (attack_subset, "--attack-subset")):
             check_positive(v, name)
@@ -323,18 +347,26 @@ def ood(
                 extra[name][f"{path.name} ({info['covariance']})"] = det.to(dev)
         data = {name: detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset)
                 for name, (_m, _h, cfg) in runs.items()}
+        for spec in ood_data or []:
+            for d in data.values():
+                x0 = d["clean"][0]
+                set_name, imgs = external_ood_set(spec, tuple(x0.shape[1:]), n=len(x0))
+                if set_name in d["abnormal"]:
+                    raise ValueError(f"--ood-data {spec}: a set named {set_name!r} is measured already")
+                d["abnormal"][set_name] = imgs.to(x0.dtype)
     except (CheckpointError, DatasetUnavailable, ValueError, OSError) as err:
         fail(err)
     results, curves = {}, {}
     with progress_bar(progress) as bar:
         per = {n: min(len(d["clean"][0]), attack_subset or len(d["clean"][0])) for n, d in data.items()}
-        total = sum(per[n] * len(eps_list) * (2 + (len(detector_names(h)) + len(extra[n]) if adaptive else 0))
-                    for n, (_m, h, _c) in runs.items())
+        total = sum(per[n] * len(eps_list) * (2 + (len(detector_names(h, c.feat_dim)) + len(extra[n])
+                                                   if adaptive else 0))
+                    for n, (_m, h, c) in runs.items())
         task = bar.add_task("attacks", total=total)
         for name, (model, head, cfg) in runs.items():
             bar.update(task, description=f"detection on {name}")
             try:
-                m = measure_network(model, head, data[name], eps=eps_list, attack_subset=attack_subset, fpr=fpr,
+                m = measure_network(model, head, data[name], eps=eps_list, attack_subset=attack_subset, fprs=fprs,
                                     adaptive=adaptive, seed=cfg.seed, batch=batch_size,
                                     tick=lambda k: bar.update(task, advance=k), extra=extra[name])
             except ValueError as err:
@@ -344,23 +376,27 @@ def ood(
                 for s, roc in rocs.items():
                     curves.setdefault(s, {})[f"{det} ({name})"] = roc
     sets = list(curves)
-    t = Table(title=f"AUROC % (clean vs each set); thresholds calibrated for {100 * fpr:g}% false rejections")
-    for c in ("detector", "clean rejected %", *sets):
-        t.add_column(c, justify="left" if c == "detector" else "right")
-    for name, r in results.items():
-        for det, d in r["detectors"].items():
-            t.add_row(f"{det} ({name})", f"{d['false_rejection']:.1f}",
-                      *(f"{d['sets'][s]['auroc']:.1f}" if s in d["sets"] else "-" for s in sets))
-    console.print(t)
+    op = operating_point_key(fprs[0])
+    for title, get in ((f"rejected % at the threshold calibrated for {op}% false rejections",
+                        lambda m: m["rejected"][op]), ("AUROC % (clean vs each set)", lambda m: m["auroc"])):
+        t = Table(title=title)
+        for c in ("detector", "clean rejected %", *sets):
+            t.add_column(c, justify="left" if c == "detector" else "right")
+        for name, r in results.items():
+            for det, d in r["detectors"].items():
+                t.add_row(f"{det} ({name})", f"{d['false_rejection'][op]:.1f}",
+                          *(f"{get(d['sets'][s]):.1f}" if s in d["sets"] else "-" for s in sets))
+        console.print(t)
     if adaptive and eps_list:
-        t = Table(title="attack success with the detector on (% misclassified and accepted)")
+        t = Table(title=f"attack success with the detector on (% misclassified and accepted, at the {op}% "
+                        "operating point)")
         t.add_column("detector")
         for e in eps_list:
             t.add_column(f"PGD-10 {e:g}", justify="right")
             t.add_column(f"adaptive {e:g}", justify="right")
         for name, r in results.items():
             for det, d in r["detectors"].items():
-                t.add_row(f"{det} ({name})", *(f"{d['adaptive'][f'{e:g}'][k]:.1f}" for e in eps_list
+                t.add_row(f"{det} ({name})", *(f"{d['adaptive'][f'{e:g}'][k][op]:.1f}" for e in eps_list
                                                 for k in ("pgd", "adaptive")))
         console.print(t)
     try:
@@ -369,7 +405,7 @@ def ood(
         fail(err)
     payload = envelope("ood", results, dataset=next(iter(runs.values()))[2].dataset,
                        checkpoints=checkpoints, device=dev, n=len(next(iter(data.values()))["clean"][0]), eps=eps_list,
-                       fpr=fpr, adaptive=adaptive)
+                       fprs=list(fprs), adaptive=adaptive)
     write_json(out / "results.json", payload)
     write_json(json_out, payload)
     console.print(f"figure: {fig}")

@@ -365,6 +365,8 @@ class AdaptivePGD(Attack):
             with torch.no_grad():
                 fooled = self._predict(f) != labels
                 ok = fooled & (s >= t)
+                self._fooled_score = torch.where(fooled, s.detach().to(torch.float64),
+                                                 torch.full_like(s.detach(), -math.inf, dtype=torch.float64))
             if not need_grad:
                 return None, ok
             if not s.requires_grad:
@@ -386,6 +388,7 @@ class AdaptivePGD(Attack):
                                dtype=images.dtype)
             x = (x + (2 * noise - 1) * self.eps).clamp_(self.lower, self.upper)
         best, success = x.clone(), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        self.best_score = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
         for i in range(self.steps + 1):
             last = i == self.steps
             xr = x.detach().requires_grad_(not last)
@@ -394,6 +397,7 @@ class AdaptivePGD(Attack):
             if i == 0:
                 self._check_outputs(out, labels)
             g_out, ok = self._outputs_grad(out, labels, t, need_grad=not last)
+            self.best_score = torch.maximum(self.best_score, self._fooled_score)
             if self.keep_successful:
                 best[ok], success = x[ok], success | ok
             if last:
@@ -407,13 +411,19 @@ class AdaptivePGD(Attack):
     def perturb(self, images, labels):
         return self._attack(images, labels)[0]
 
-    def __call__(self, images: Tensor, labels: Tensor, *, return_success: bool = False):
+    def __call__(self, images: Tensor, labels: Tensor, *, return_success: bool = False, return_score: bool = False):
+        """The adversarial images; with ``return_success`` also the (N,) bool success mask; with
+        ``return_score`` also (N,) float64: the highest detector score over every iterate that was
+        misclassified (-inf where none was).  In ``"selective"`` mode the iterates do not depend on the
+        threshold, so the attack succeeds at *any* threshold t exactly where that score is >= t: one run
+        measures every operating point."""
         self._check(images, labels)
         with contextlib.ExitStack() as stack:
             for m in (self.model, *self._eval):
                 stack.enter_context(eval_mode(m))
             adv, ok = self._attack(images.detach(), labels)
-        return (adv.detach(), ok) if return_success else adv.detach()
+        out = (adv.detach(),) + ((ok,) if return_success else ()) + ((self.best_score,) if return_score else ())
+        return out if len(out) > 1 else out[0]
 
 
 class _ClassifierCrossEntropy:

@@ -61,8 +61,9 @@ class LikelihoodDetector:
     :meth:`outlier_score` ``= -score`` is higher for more abnormal ones (pytorch-ood's and OpenOOD's
     convention); :meth:`relative_to_threshold` ``= score - threshold`` is >= 0 exactly for accepted inputs.
     :meth:`calibrate`'s ``fpr`` is the fraction of clean inputs rejected (false rejections; clean inputs
-    are the positives), whereas the "FPR@95TPR" of OpenOOD and pytorch-ood counts abnormal inputs
-    accepted (abnormal inputs are the positives there).
+    are the positives), not the "FPR@95TPR" of the OOD literature (with clean inputs positive: abnormal
+    inputs accepted while 95% of clean ones are; with abnormal inputs positive, as OpenOOD and pytorch-ood
+    count it: clean inputs rejected while 95% of abnormal ones are).
 
     Args (construction from the Gaussians):
         means: (K, D) floating class means.

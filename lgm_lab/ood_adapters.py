@@ -13,7 +13,7 @@ dependency of the lab; the core ``lgm_ext`` never imports it).
 Directions: pytorch-ood's scores are outlier scores (higher = more abnormal); ours (``score``) are
 normality scores (higher = more normal): ``score = -outlier_score`` on both classes here.  ``fpr`` is the
 fraction of clean inputs rejected (false rejections, clean = positive); pytorch-ood's and OpenOOD's
-"FPR@95TPR" is the fraction of abnormal inputs accepted (abnormal = positive).
+"FPR@95TPR" (abnormal = positive) is the fraction of clean inputs rejected while 95% of abnormal ones are.
 """
 from __future__ import annotations
 

@@ -8,7 +8,13 @@ Out-of-distribution images for a Fashion-MNIST model (:data:`OOD_SETS`, :func:`o
   (bilinear).  *Not* inverted: like Fashion-MNIST's items, the strokes are bright on a dark (0) background;
 - ``noise``: i.i.d. uniform pixels in [0, 1];
 - ``gaussian``: i.i.d. N(0.5, 1) pixels clipped to [0, 1] (the Gaussian noise of Hendrycks and Gimpel 2017);
-- ``inverted``: ``1 - x`` of in-distribution images.
+- ``inverted``: ``1 - x`` of in-distribution images;
+- ``photos``: natural-image patches (far OOD): square crops of scikit-learn's two bundled sample photographs
+  (``load_sample_images``: a temple in China and a flower, 427x640 RGB), of a side drawn uniformly in
+  :data:`PHOTO_CROP_SIDES` pixels at a uniform position, converted to grey (ITU-R 601 luma) for
+  one-channel data, resized to the model's image size (bilinear, antialiased).
+
+Any other images a user has: :func:`image_folder` (``lgm ood --ood-data DIR``).
 
 Held-out classes: a model trained on some classes only (``TrainConfig.classes``) sees
 :func:`restrict_classes` of its data (the chosen classes, renumbered 0..k-1); the images of the other
@@ -25,10 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["OOD_SETS", "DIGITS_SIZE", "digits_images", "ood_images", "ClassSubset", "restrict_classes",
+__all__ = ["external_ood_set", "conform_images", "OOD_SETS", "DIGITS_SIZE", "PHOTO_CROP_SIDES", "digits_images", "photo_patches", "ood_images", "ClassSubset", "restrict_classes",
            "other_classes", "dataset_labels", "base_indices", "split_clean"]
 
-OOD_SETS = ("digits", "noise", "gaussian", "inverted")
+OOD_SETS = ("digits", "noise", "gaussian", "inverted", "photos")
+PHOTO_CROP_SIDES = (32, 160)  # the crops' side in pixels, inclusive
 DIGITS_SIZE = 1797  # images in scikit-learn's digits
 
 
@@ -41,6 +48,32 @@ def digits_images(shape=(1, 28, 28), n: int | None = None) -> Tensor:
     images = torch.from_numpy(load_digits().images[:n]).to(torch.float32).div_(16.0).unsqueeze(1)
     images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
     return images.expand(-1, c, -1, -1).contiguous()
+
+
+def photo_patches(shape=(1, 28, 28), n: int = 1000, *, seed: int = 0) -> Tensor:
+    """``n`` natural-image patches as (n, C, H, W) float32 in [0, 1] of ``shape`` (the ``photos`` set above),
+    drawn with a generator seeded by ``seed``.  C is 1 (grey) or 3 (RGB)."""
+    from sklearn.datasets import load_sample_images
+
+    c, h, w = shape
+    if c not in (1, 3):
+        raise ValueError(f"photo patches have 1 or 3 channels, not {c}")
+    photos = [torch.from_numpy(im.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+              for im in load_sample_images().images]
+    if c == 1:
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        photos = [(p * luma).sum(0, keepdim=True) for p in photos]
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = PHOTO_CROP_SIDES
+    out = torch.empty((n, c, h, w))
+    for i in range(n):
+        p = photos[int(torch.randint(len(photos), (1,), generator=g))]
+        side = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        top = int(torch.randint(p.shape[1] - side + 1, (1,), generator=g))
+        left = int(torch.randint(p.shape[2] - side + 1, (1,), generator=g))
+        crop = p[None, :, top:top + side, left:left + side]
+        out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    return out.clamp_(0.0, 1.0)
 
 
 def ood_images(name: str, in_distribution: Tensor, *, n: int | None = None, seed: int = 0) -> Tensor:
@@ -60,6 +93,8 @@ def ood_images(name: str, in_distribution: Tensor, *, n: int | None = None, seed
         return digits_images(shape, n).to(device=dev, dtype=dtype)
     if name == "inverted":
         return 1.0 - in_distribution[:n]
+    if name == "photos":
+        return photo_patches(shape, n, seed=seed).to(device=dev, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     if name == "noise":
         x = torch.rand((n, *shape), generator=g)
@@ -169,3 +204,48 @@ def image_folder(folder, *, channels: int, size: int, limit: int | None = None) 
         t = torch.from_numpy(a.copy())
         out.append(t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1))
     return torch.stack(out)
+
+
+def conform_images(x: Tensor, shape) -> Tensor:
+    """Images (N, C', H', W') in [0, 1] as ``shape`` (C, H, W): grey from RGB by ITU-R 601 luma, RGB from
+    grey by repetition, resized bilinearly (antialiased) -- what another dataset's images need to be fed to a
+    model of this one."""
+    c, h, w = shape
+    if x.shape[1] == 3 and c == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, True)
+    elif x.shape[1] == 1 and c == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != c:
+        raise ValueError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
+    if tuple(x.shape[2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(0.0, 1.0).contiguous()
+
+
+def external_ood_set(spec: str, shape, *, n: int | None = None, seed: int = 0) -> tuple[str, Tensor]:
+    """A user's out-of-distribution images (``lgm ood --ood-data SPEC``), as ``(name, (N, C, H, W) images)``
+    conformed to ``shape`` (:func:`conform_images`), at most ``n`` of them (a seeded choice):
+
+    - ``DIR``: the images in a folder (:func:`image_folder`); the set is named after the folder;
+    - ``DATASET`` or ``DATASET:DIR``: the test split of a dataset the lab knows (``mnist``, ``fashion-mnist``,
+      ``cifar10``), from its default folder (downloaded where there is a network) or from ``DIR`` (as
+      ``--data-dir``); named after the dataset."""
+    from pathlib import Path
+
+    from .config import DATASETS
+    from .data import load_dataset
+    from .tensors import stack_dataset
+
+    name, sep, folder = spec.partition(":")
+    if name in DATASETS:
+        ds = load_dataset(name, False, data_dir=folder or None, subset=n, seed=seed)
+        return name, conform_images(stack_dataset(ds)[0], shape)
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--ood-data {spec}: neither a folder of images nor one of the datasets "
+                         f"{', '.join(DATASETS)} (DATASET or DATASET:DIR)")
+    c, h, w = shape
+    x = image_folder(path, channels=3 if c == 3 else 1, size=h)
+    if n is not None and len(x) > n:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
+    return path.resolve().name or str(path), conform_images(x, shape)

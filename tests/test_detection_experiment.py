@@ -105,11 +105,11 @@ def test_held_out_classes_run_trains_and_loads_with_k_classes(tiny):
 # ----------------------------------------------------------------------------- metrics
 def test_detection_metrics_against_hand_computed_values():
     normal, abnormal = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0.65, 0.5, 0.85, 0.1])
-    m, roc = M.detection_metrics(normal, abnormal, threshold=0.7)
+    m, roc = M.detection_metrics(normal, abnormal, {0.05: 0.7})
     assert m["auroc"] == pytest.approx(100 * 12 / 16)  # 12 of the 16 (normal, abnormal) pairs ordered right
-    assert m["fpr95"] == pytest.approx(50.0)  # accepting all 4 normal (t = 0.6) accepts 0.65 and 0.85
+    assert m["fpr95_in"] == pytest.approx(50.0)  # accepting all 4 normal (t = 0.6) accepts 0.65 and 0.85
     assert m["eer"] == pytest.approx(25.0)  # t = 0.7: one normal of 4 rejected, one abnormal of 4 accepted
-    assert m["rejected"] == pytest.approx(75.0)  # 0.65, 0.5, 0.1 < 0.7
+    assert m["rejected"] == {"5": pytest.approx(75.0)}  # 0.65, 0.5, 0.1 < 0.7
     assert roc["auc"] == pytest.approx(0.75)
     assert M.fpr_at_tpr(normal, abnormal, tpr=0.5) == pytest.approx(0.25)  # t = 0.8 accepts 0.85
     s = torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0])
@@ -123,8 +123,9 @@ def test_detection_metrics_against_hand_computed_values():
 
 def test_score_detectors_follow_the_library_convention(tiny):
     """The baselines' thresholds are the LikelihoodDetector's for the same scores; each detector's score is
-    the one named (L-GM: the head's own log-likelihood)."""
+    the one named (L-GM: the head's own log-likelihood and mixture score)."""
     from lgm_ext import LikelihoodDetector
+    from lgm_lab import baselines as B
     from lgm_lab.checkpoints import load_trained
 
     torch.manual_seed(0)
@@ -141,17 +142,25 @@ def test_score_detectors_follow_the_library_convention(tiny):
         with torch.no_grad():
             if key == "lgm":
                 torch.testing.assert_close(dets["L-GM likelihood"].score(x), head.log_likelihood(x))
+                # MaxLogit and Energy of the L-GM logits rank as the likelihood and the mixture score
+                for mine, theirs in (("L-GM likelihood", B.max_logit(head)), ("L-GM mixture", B.energy(head))):
+                    diff = dets[mine].score(x).double() - theirs.score(x).double()
+                    torch.testing.assert_close(diff, diff[:1].expand(20))
                 continue
-            torch.testing.assert_close(dets["max-softmax"].score(x), head.logits(x).softmax(1).max(1).values.log())
+            torch.testing.assert_close(dets["max-softmax"].score(x), head.logits(x).softmax(1).max(1).values)
+            torch.testing.assert_close(dets["Energy"].score(x), head.logits(x).logsumexp(1))
             if key == "center":
                 c = head.centers()[head.predict(x)]
                 torch.testing.assert_close(dets["center distance"].score(x), -0.5 * (x - c).pow(2).sum(1))
         ms = dets["max-softmax"].calibrate(f, 0.1)
         assert ms.reject(f).double().mean().item() <= 0.1
-    assert names == {"softmax": ("Mahalanobis", "max-softmax"),
-                     "center": ("Mahalanobis", "max-softmax", "center distance"), "lgm": ("L-GM likelihood",)}
+    base = ("Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "Energy", "MaxLogit", "max-softmax")
+    assert D.build_detectors(head, f[:30], torch.arange(30) % head.num_classes)["KNN"].name == "KNN (k=30)"
+    assert names == {"softmax": base + ("ViM",), "center": base + ("ViM", "center distance"),
+                     "lgm": ("L-GM likelihood", "L-GM mixture", "Gaussians re-fitted (diag)", "Mahalanobis",
+                             "Mahalanobis (L2-normalised)", "KNN", "max-softmax")}
     with pytest.raises(ValueError, match="calibrate"):
-        D.max_softmax(head).reject(f)
+        B.max_softmax(head).reject(f)
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -159,7 +168,7 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     src = write_idx(tmp_path / "idx", n_train=120, n_test=64)
     monkeypatch.setitem(D.DETECTION_PRESETS, "quick", dict(
         train=dict(subset=80, test_subset=48, epochs=1, batch_size=32), seeds=(0,), fit_points=80,
-        attack_subset=4))
+        attack_subset=4, adaptive_subset=3, protocol=dict(name="tiny", eps=(0.3,), subset=2, seeds=(0,))))
     monkeypatch.setattr(D, "EPS", (0.3,))
     monkeypatch.setattr(D, "DETECTION_MODELS", {k: D.DETECTION_MODELS[k] for k in ("center", "lgm-a1")})
     out = tmp_path / "det"
@@ -168,21 +177,34 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
                                  on_stage=lambda d, t, w: stages.append((d, t)))
     total = D.detection_stages("quick")
     assert stages == [(i, total) for i in range(total)]
-    dets = {"L-GM likelihood (lgm-a1)", "Mahalanobis (center)", "max-softmax (center)", "center distance (center)"}
+    dets = {f"{d} (center)" for d in ("Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "Energy",
+                                      "MaxLogit", "max-softmax", "ViM", "center distance")}
+    dets |= {f"{d} (lgm-a1)" for d in ("L-GM likelihood", "L-GM mixture", "Gaussians re-fitted (diag)",
+                                       "Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "max-softmax")}
     assert set(res["runs"]) == dets
     sets = {*OOD_SETS, D.HELDOUT_SET, "FGSM 0.3", "PGD-10 0.3"}
-    assert set(res["sets"]) == sets
+    assert set(res["sets"]) == sets and "photos" in sets
     for det, seeds in res["runs"].items():
         assert set(seeds) == {0}, det
         for r in seeds.values():
-            assert set(r["sets"]) == sets and 0 <= r["false_rejection"] <= 100
+            assert set(r["sets"]) == sets and set(r["false_rejection"]) == {"5", "1"}
             for m in r["sets"].values():
-                assert 0 <= m["auroc"] <= 100 and 0 <= m["fpr95"] <= 100 and 0 <= m["eer"] <= 100
-            assert 0 <= r["adaptive"]["0.3"]["pgd"] <= 100 and 0 <= r["adaptive"]["0.3"]["adaptive"] <= 100
-    assert len(res["verdicts"]) == 3 * (len(sets) + 1)
+                for k in ("auroc", "aupr_in", "aupr_out", "fpr95_in", "fpr95_out", "eer"):
+                    assert 0 <= m[k] <= 100, (det, k)
+                assert set(m["rejected"]) == {"5", "1"} and m["rejected"]["1"] <= m["rejected"]["5"]
+            a = r["adaptive"]["0.3"]
+            for o in ("5", "1"):
+                assert 0 <= a["pgd"][o] <= 100 and a["adaptive"][o] <= a["ceiling"] <= 100
+            p = r["protocol"]["eps"]["0.3"]
+            assert set(p) == {"restarts", "step sweep", "multi-targeted", "long", "all", "feature space"}
+            assert p["all"]["5"] >= max(p[v]["5"] for v in ("restarts", "step sweep", "multi-targeted"))
+    diag = res["networks"]["lgm-a1"][0]["diagnostics"]
+    assert set(diag["sets"]) == set(OOD_SETS) and diag["head_log_var_mean"] is not None
+    assert len(res["verdicts"]) == (len(dets) - 1) * (len(sets) + 1)
     assert {v["verdict"] for v in res["verdicts"]} <= {"holds", "fails", "within noise"}
     md = (out / "detection.md").read_text()
-    for text in ("AUROC", "FPR at 95% TPR", "EER", "Realised false-rejection", "Adaptive attack",
+    for text in ("AUROC", "AUPR-in", "AUPR-out", "OpenOOD", "Lee et al.", "EER", "Realised false-rejection",
+                 "Adaptive attack", "full protocol", "Which detector rejects what", "Why the L-GM likelihood",
                  "figures/detection_roc.png", *dets):
         assert text in md, text
     assert (out / "figures" / "detection_roc.png").stat().st_size > 1000
@@ -210,20 +232,23 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert stages == [(i, total) for i in range(total)]
     assert res3["diverged"] == {"lgm-a1-heldout-s0": "non-finite loss (nan) at epoch 2, step 1 (lr 0.005)"}
     assert D.HELDOUT_SET not in res3["runs"][D.LGM_DETECTOR][0]["sets"]
-    assert D.HELDOUT_SET in res3["sets"] and len(res3["verdicts"]) == 3 * len(sets)  # no held-out verdicts
+    assert D.HELDOUT_SET in res3["sets"] and len(res3["verdicts"]) == (len(dets) - 1) * len(sets)  # no held-out
     assert "Diverged" in (out / "detection.md").read_text()
 
 
 def _fake_run(eer: float, adaptive: float, seed: int) -> dict:
-    m = {"auroc": 100 - eer, "fpr95": 2 * eer, "eer": eer + 0.1 * seed, "rejected": 100 - eer, "n_normal": 1000,
-         "n_abnormal": 1000}
-    return {"sets": {"digits": dict(m), "PGD-10 0.3": dict(m)}, "false_rejection": 5.0 + 0.1 * seed,
-            "threshold": -1.0, "n_attack": 500, "adaptive": {"0.3": {"pgd": 10.0, "adaptive": adaptive + seed}}}
+    m = {"auroc": 100 - eer, "aupr_in": 100 - eer, "aupr_out": 100 - eer, "fpr95_in": 2 * eer, "fpr95_out": 3 * eer,
+         "eer": eer + 0.1 * seed, "rejected": {"5": 100 - eer, "1": 90 - eer}, "n_normal": 1000, "n_abnormal": 1000}
+    return {"sets": {"digits": dict(m), "PGD-10 0.3": dict(m)}, "false_rejection": {"5": 5.0 + 0.1 * seed, "1": 1.0},
+            "thresholds": {"5": -1.0, "1": -2.0}, "n_attack": 500, "n_adaptive": 500,
+            "adaptive": {"0.3": {"pgd": {"5": 10.0, "1": 12.0}, "adaptive": {"5": adaptive + seed, "1": 95.0},
+                                 "ceiling": 99.0}}}
 
 
 def test_verdicts_and_report_over_seeds():
     """L-GM against each detector with the report's z-test; the report shows mean ± std over seeds."""
     res = {"preset": "quick", "dataset": "fashion-mnist", "seeds": [0, 1, 2], "eps": [0.3], "fpr": 0.05,
+           "fprs": [0.05, 0.01],
            "train": {"subset": 4000, "epochs": 4, "test_subset": 2000}, "fit_points": 4000, "attack_subset": 500,
            "heldout_classes": "0-4", "seconds": 60.0, "models": 18, "models_reused": 0,
            "figures": ["x/figures/detection_roc.png"], "sets": ["digits", "PGD-10 0.3"],
@@ -362,9 +387,40 @@ def test_ood_command(tiny, tmp_path):
     assert set(res["results"]) == {"center", "lgm-a1"}
     lgm5 = res["results"]["lgm-a1"]["detectors"]["L-GM likelihood"]
     assert D.HELDOUT_SET in lgm5["sets"] and "PGD-10 0.3" in lgm5["sets"]
-    assert set(res["results"]["center"]["detectors"]) == {"Mahalanobis", "max-softmax", "center distance"}
-    assert set(res["results"]["center"]["detectors"]["center distance"]["adaptive"]) == {"0.3"}
+    assert set(res["results"]["center"]["detectors"]) == {
+        "Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "Energy", "MaxLogit", "max-softmax", "ViM",
+        "center distance"}
+    cd = res["results"]["center"]["detectors"]["center distance"]
+    assert set(cd["adaptive"]) == {"0.3"} and set(cd["false_rejection"]) == {"5", "1"}
+    assert res["fprs"] == [0.05, 0.01] and "photos" in cd["sets"]
     assert (out / "detection_roc.png").stat().st_size > 1000 and (out / "results.json").exists()
     _cli("ood", runs["lgm"], "--no-adaptive", "--eps", "0.1", "--attack-subset", 2, "--subset", 20, "--out", out,
          "--format", "svg", "--no-progress")
     assert (out / "detection_roc.svg").exists()
+
+
+def test_ood_data_folders_and_datasets(tiny, tmp_path):
+    """`lgm ood --ood-data`: a folder of a user's images (any size, colour) and another dataset's test split
+    are measured as abnormal sets beside the built-in ones; a bad spec is one line."""
+    from PIL import Image
+
+    _src, runs = tiny
+    photos = tmp_path / "my-photos"
+    photos.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        arr = (torch.rand(40, 30, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(photos / f"p{i}.png")
+    other = write_idx(tmp_path / "other", n_train=8, n_test=12, seed=5)
+    _cli("ood", runs["softmax"], "--no-adaptive", "--eps", "0.1", "--attack-subset", 2, "--subset", 20,
+         "--fpr", "0.1", "--ood-data", photos, "--ood-data", f"fashion-mnist:{other}", "--out", tmp_path / "o",
+         "--json", tmp_path / "o.json", "--no-progress")
+    res = json.loads((tmp_path / "o.json").read_text())
+    sets = res["results"]["softmax"]["detectors"]["KNN"]["sets"]
+    assert sets["my-photos"]["n_abnormal"] == 5 and sets["fashion-mnist"]["n_abnormal"] == 10  # as many as clean
+    assert set(sets["my-photos"]["rejected"]) == {"10"}
+    _one_line_error("ood", runs["softmax"], "--ood-data", tmp_path / "nowhere", "--out", tmp_path / "o2",
+                    match="--ood-data")
+    _one_line_error("ood", runs["softmax"], "--fpr", "0.05,0.05", "--out", tmp_path / "o2", match="--fpr")
+    _one_line_error("ood", runs["softmax"], "--ood-data", photos, "--ood-data", photos, "--out", tmp_path / "o2",
+                    match="measured already")

@@ -1,0 +1,259 @@
+"""Detection measured to the field's standard (issue 35): the metrics against scikit-learn and OpenOOD's
+definition on fixed data, the pytorch-ood baselines against pytorch-ood's own scores (and differentiable for
+the adaptive attack), the natural-image patches, and the adaptive attack's protocol (restarts, targets, step
+sweep, one run for every operating point) on a toy network."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lgm_ext import LGMLoss, LikelihoodDetector
+from lgm_ext.attacks import AdaptivePGD
+from lgm_lab import baselines as B
+from lgm_lab.adaptive_eval import (ATTACK_PROTOCOLS, AttackProtocol, adaptive_attack, describe_protocol,
+                                   feature_space_attack, success_rates)
+from lgm_lab.experiments import measure as M
+from lgm_lab.ood_data import OOD_SETS, ood_images, photo_patches
+
+pytest.importorskip("pytorch_ood")
+import pytorch_ood.detector as POD  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- metrics
+def _openood(normal: np.ndarray, abnormal: np.ndarray, tpr: float = 0.95) -> float:
+    """OpenOOD v1.5's FPR@95 as its evaluator defines it: OOD positive, ranked by -confidence."""
+    from sklearn.metrics import roc_curve
+
+    conf = np.concatenate([normal, abnormal])
+    ood = np.concatenate([np.zeros(len(normal)), np.ones(len(abnormal))])
+    fpr, tp, _ = roc_curve(ood, -conf)
+    return float(fpr[np.argmax(tp >= tpr)])
+
+
+def test_metrics_match_scikit_learn_and_both_fpr_conventions():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    g = torch.Generator().manual_seed(0)
+    normal = torch.randn(300, generator=g, dtype=torch.float64) + 1.5
+    abnormal = torch.randn(200, generator=g, dtype=torch.float64)
+    m, roc = M.detection_metrics(normal, abnormal, {0.05: 0.9, 0.01: -0.5})
+    s = np.concatenate([normal.numpy(), abnormal.numpy()])
+    truth = np.r_[np.ones(300), np.zeros(200)]
+    assert m["auroc"] == pytest.approx(100 * roc_auc_score(truth, s))
+    assert m["aupr_in"] == pytest.approx(100 * average_precision_score(truth, s))
+    assert m["aupr_out"] == pytest.approx(100 * average_precision_score(1 - truth, -s))
+    assert m["aupr_in"] != pytest.approx(m["aupr_out"])
+    assert m["fpr95_out"] == pytest.approx(100 * _openood(normal.numpy(), abnormal.numpy()))
+    # ID-positive by hand: the highest threshold accepting >= 95% of normal, the abnormal share accepted there
+    t = np.sort(normal.numpy())[::-1][math.ceil(0.95 * 300) - 1]
+    assert m["fpr95_in"] == pytest.approx(100 * (abnormal.numpy() >= t).mean())
+    assert m["fpr95_in"] != pytest.approx(m["fpr95_out"])  # two conventions, two numbers
+    assert m["rejected"] == {"5": pytest.approx(100 * (abnormal.numpy() < 0.9).mean()),
+                             "1": pytest.approx(100 * (abnormal.numpy() < -0.5).mean())}
+    assert M.detection_metrics(normal, abnormal, 0.9)[0]["rejected"] == {"at": m["rejected"]["5"]}
+    assert M.operating_point_key(0.05) == "5" and M.operating_point_key(0.001) == "0.1"
+    with pytest.raises(ValueError, match="positive"):
+        M.fpr_at_tpr(normal, abnormal, positive="ood")
+
+
+def test_metrics_agree_with_pytorch_ood():
+    """pytorch-ood 0.4.0's metrics (OOD positive, outlier scores, labels < 0 mark OOD): FPR@95TPR is our
+    fpr95_out; its AUROC is ours; its AUPR-in/out (areas under the PR curves) are close to scikit-learn's
+    average precision, which we report."""
+    from pytorch_ood.metrics import functional as PF
+
+    g = torch.Generator().manual_seed(3)
+    normal = torch.randn(500, generator=g, dtype=torch.float64) + 1.0
+    abnormal = torch.randn(400, generator=g, dtype=torch.float64)
+    m, _ = M.detection_metrics(normal, abnormal)
+    scores = -torch.cat([normal, abnormal])
+    labels = torch.cat([torch.zeros(500, dtype=torch.long), -torch.ones(400, dtype=torch.long)])
+    assert m["fpr95_out"] == pytest.approx(100 * float(PF.fpr_at_tpr(scores, labels)))
+    assert m["auroc"] == pytest.approx(100 * float(PF.auroc(scores, labels)))
+    assert m["aupr_out"] == pytest.approx(100 * float(PF.aupr(scores, labels, positive="ood")), abs=0.5)
+    assert m["aupr_in"] == pytest.approx(100 * float(PF.aupr(scores, labels, positive="id")), abs=0.5)
+
+
+def test_fpr_conventions_on_hand_computed_scores():
+    normal, abnormal = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0.65, 0.5, 0.85, 0.1])
+    # normal positive: accepting all 4 normal (t = 0.6) accepts 0.65 and 0.85 of the abnormal
+    assert M.fpr_at_tpr(normal, abnormal, 0.95, positive="in") == pytest.approx(0.5)
+    # abnormal positive: rejecting >= 95% of abnormal needs t above 0.85, which rejects 0.8, 0.7, 0.6 too
+    assert M.fpr_at_tpr(normal, abnormal, 0.95, positive="out") == pytest.approx(0.75)
+
+
+# ----------------------------------------------------------------------------- baselines
+class _Head(nn.Module):
+    def __init__(self, d: int = 12, k: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, k)
+        self.num_classes = k
+
+    def logits(self, f):
+        return self.fc(f)
+
+
+@pytest.fixture
+def fitted():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(400, 12, generator=g)
+    y = torch.randint(0, 4, (400,), generator=g)
+    f = f + 3.0 * nn.functional.one_hot(y, 12).float()
+    torch.manual_seed(0)
+    return _Head(), f, y, torch.randn(40, 12, generator=g) * 2
+
+
+def test_baselines_score_as_pytorch_ood_does(fitted):
+    head, f, y, q = fitted
+    knn = B.knn(f, y, k=7)
+    ref = POD.KNN(None, k=7).fit_features(f, y).predict_features(q)
+    torch.testing.assert_close(knn.score(q).double(), -torch.as_tensor(ref).double(), rtol=1e-5, atol=1e-5)
+    vim = B.vim(head, f, y, d=6)
+    ref = POD.ViM(None, d=6, w=head.fc.weight, b=head.fc.bias).fit_features(f, y).predict_features(q)
+    torch.testing.assert_close(vim.score(q), -ref, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        logits = head.logits(q)
+    for det, ref in ((B.energy(head), POD.EnergyBased(None).predict_logits(logits)),
+                     (B.max_logit(head), POD.MaxLogit(None).predict_logits(logits)),
+                     (B.max_softmax(head), POD.MaxSoftmax(None).predict_logits(logits))):
+        torch.testing.assert_close(det.score(q), -ref)
+    # the Mahalanobis detector on L2-normalised features is the tied fit to the normalised features
+    l2 = B.mahalanobis_l2(f, y, 4)
+    nf = f / f.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(l2.score(q), LikelihoodDetector.fit(nf, y, "tied", num_classes=4)
+                               .score(q / q.norm(dim=1, keepdim=True)))
+    torch.testing.assert_close(l2.score(3.0 * q), l2.score(q))  # scale-free
+    assert B.vim_dim(100) == 50 and B.vim_dim(1) == 1
+
+
+def test_every_baseline_is_differentiable_and_calibrates(fitted):
+    head, f, y, q = fitted
+    dets = [B.knn(f, y, k=5), B.vim(head, f, y, d=6), B.energy(head), B.max_logit(head), B.max_softmax(head),
+            B.mahalanobis_l2(f, y, 4)]
+    for det in dets:
+        z = q.clone().requires_grad_()
+        (g,) = torch.autograd.grad(det.score(z).sum(), z)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, det.name
+        det.calibrate(f, 0.1)
+        assert abs(det.reject(f).double().mean().item() - 0.1) <= 1 / 400 + 1e-9, det.name
+        torch.testing.assert_close(det.outlier_score(q), -det.score(q))
+    with pytest.raises(ValueError, match="calibrate"):
+        B.energy(head).reject(q)
+    with pytest.raises(ValueError, match="at least 50"):
+        B.knn(f[:20], y[:20])
+    with pytest.raises(ValueError, match="linear classifier"):
+        B.vim(LGMLoss(4, 12), f, y)
+
+
+# ----------------------------------------------------------------------------- natural-image patches
+def test_photo_patches():
+    a = photo_patches((1, 28, 28), 64, seed=0)
+    assert a.shape == (64, 1, 28, 28) and a.dtype == torch.float32
+    assert float(a.min()) >= 0 and float(a.max()) <= 1 and a.std() > 0.05
+    torch.testing.assert_close(photo_patches((1, 28, 28), 64, seed=0), a, rtol=0, atol=0)
+    assert not torch.equal(photo_patches((1, 28, 28), 64, seed=1), a)
+    assert a.flatten(1).std(1).min() > 0  # crops, not constants
+    rgb = photo_patches((3, 32, 32), 4, seed=0)
+    assert rgb.shape == (4, 3, 32, 32) and not torch.equal(rgb[:, 0], rgb[:, 2])
+    assert "photos" in OOD_SETS
+    x = torch.rand(10, 1, 28, 28)
+    assert ood_images("photos", x, seed=2).shape == x.shape
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        photo_patches((2, 28, 28), 1)
+
+
+# ----------------------------------------------------------------------------- the adaptive protocol
+@pytest.fixture
+def toy():
+    """An images -> 2-D features network with an L-GM head fitted to its training features and the head's
+    likelihood detector calibrated at 5% false rejection."""
+    torch.manual_seed(0)
+    x = torch.rand(200, 1, 4, 4)
+    y = x.mean((1, 2, 3)).argsort().argsort() * 3 // len(x)  # tertiles of the mean brightness
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 2)).double().eval()
+    x = x.double()
+    with torch.no_grad():
+        f = net(x)
+    head = LGMLoss(3, 2, alpha=0.0).double()
+    det = LikelihoodDetector.fit(f, y, "diag", num_classes=3)
+    with torch.no_grad():
+        head.means.copy_(det.means)
+        head.log_var.copy_(det.log_var)
+    det = LikelihoodDetector.from_head(head).calibrate(f, 0.05)
+    return net, head, det, x, y
+
+
+def test_adaptive_pgd_best_score_measures_every_threshold(toy):
+    net, head, det, x, y = toy
+    atk = AdaptivePGD(net, det, eps=0.05, alpha=0.0125, steps=8, classifier=head.logits, seed=3)
+    adv, ok, best = atk(x[:60], y[:60], return_success=True, return_score=True)
+    assert best.dtype == torch.float64 and best.shape == (60,)
+    assert torch.equal(ok.cpu(), best >= det.threshold)
+    # a selective run's iterates ignore the threshold: any other threshold gives success = best >= t
+    for t in (det.threshold - 2.0, det.threshold + 1.0):
+        det2 = LikelihoodDetector.from_head(head)
+        det2.threshold = t
+        _, ok2 = AdaptivePGD(net, det2, eps=0.05, alpha=0.0125, steps=8, classifier=head.logits,
+                             seed=3)(x[:60], y[:60], return_success=True)
+        assert torch.equal(ok2.cpu(), best >= t)
+    never = torch.isinf(best)
+    assert never.any() and (best[never] < 0).all()  # -inf: no misclassified iterate
+    assert atk(x[:4], y[:4]).shape == x[:4].shape  # the plain call still returns the images alone
+
+
+def test_protocol_variants_restarts_targets_and_step_sweep(toy):
+    net, head, det, x, y = toy
+    xs, ys = x[:30], y[:30]
+    p = AttackProtocol(steps=6, restarts=3, step_sizes=(0.1, 0.5), targeted=True, long_steps=12, long_subset=5)
+    best = adaptive_attack(net, head.logits, det, xs, ys, 0.15, p, num_classes=3, seed=0)
+    assert set(best) == {"restarts", "step sweep", "multi-targeted", "long", "all"}
+    assert best["long"].shape == (5,) and all(best[k].shape == (30,) for k in ("restarts", "all"))
+    for k in ("restarts", "step sweep", "multi-targeted"):
+        assert (best["all"] >= best[k]).all()
+    assert (best["all"][:5] >= best["long"]).all()
+    # more restarts never lose: the 3-restart best dominates one run from the first restart's seed
+    one = adaptive_attack(net, head.logits, det, xs, ys, 0.15, AttackProtocol(steps=6, restarts=1, step_sizes=(),
+                          targeted=False, long_steps=0), num_classes=3, seed=0)
+    assert set(one) == {"restarts", "all"}
+    assert (best["restarts"] >= one["restarts"]).sum() >= 27  # replicas draw other starts than the lone run
+    # multi-targeted: each target class is tried (a 2-class problem has one target, the untargeted direction)
+    r = success_rates(best, {"5": det.threshold, "1": det.threshold - 1.0})
+    for k, v in r.items():
+        assert 0 <= v["5"] <= v["1"] <= v["ceiling"] <= 100 and v["n"] == len(best[k])
+    assert r["all"]["5"] >= max(r[k]["5"] for k in ("restarts", "step sweep", "multi-targeted"))
+    assert "3 random restarts of 6 steps" in describe_protocol(p, 30) and "12 steps on 5 images" in \
+        describe_protocol(p, 30)
+    assert set(ATTACK_PROTOCOLS) == {"tiny", "quick", "standard"}
+    s = ATTACK_PROTOCOLS["standard"]
+    assert s.steps >= 100 and s.restarts == 10 and s.targeted and s.long_steps == 1000 and len(s.step_sizes) >= 3
+    for bad in (dict(steps=-1), dict(restarts=1.5), dict(step_sizes=(0.0,)), dict(long_subset=-2)):
+        with pytest.raises(ValueError):
+            AttackProtocol(**bad)
+
+
+def test_targeted_variant_reaches_the_target(toy):
+    """With no detector in the way (a constant score), the multi-targeted runs misclassify about as many
+    images as the untargeted run on the same budget, or more."""
+    net, head, det, x, y = toy
+    loose = B.FeatureScore("none", lambda f: 0.0 * f.sum(1))
+    loose.threshold = 0.0
+    p = AttackProtocol(steps=10, restarts=1, step_sizes=(), targeted=True, long_steps=0)
+    best = adaptive_attack(net, head.logits, loose, x[:50], y[:50], 0.3, p, num_classes=3, seed=1)
+    fooled = torch.isfinite(best["multi-targeted"])
+    assert fooled.double().mean() >= torch.isfinite(best["restarts"]).double().mean() - 0.02
+    assert fooled.any()
+
+
+def test_feature_space_bound(toy):
+    net, head, det, x, y = toy
+    with torch.no_grad():
+        f = net(x[:40])
+    zero = feature_space_attack(head.logits, det, f, y[:40], 0.0, steps=5)
+    wrong = (head.logits(f).argmax(1) != y[:40])
+    assert torch.equal(torch.isfinite(zero), wrong)  # no room: only the already misclassified
+    big = feature_space_attack(head.logits, det, f, y[:40], 10.0, steps=60)
+    assert (big >= det.threshold).double().mean() > 0.9  # free features reach another class's mode
+    per_row = feature_space_attack(head.logits, det, f, y[:40], torch.full((40,), 10.0), steps=60)
+    torch.testing.assert_close(per_row, big)
