@@ -315,11 +315,10 @@ def ood(
     --ood-data, FGSM and PGD-10; the adaptive attack's success with each detector on."""
     from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint
     from lgm_lab.data import DatasetUnavailable
+    from lgm_lab.detection_protocol import detection_data, detector_names, measure_network
     from lgm_lab.detector_file import DetectorFileError, load_detector_file
-    from lgm_lab.experiments.detection import detection_data, detector_names, measure_network
     from lgm_lab.experiments.measure import operating_point_key
     from lgm_lab.figures import detection_roc_figure
-
     from lgm_lab.ood_data import external_ood_set
 
     try:

@@ -137,7 +137,7 @@ def adaptive_attack(model, classifier, det, x: Tensor, y: Tensor, eps: float, pr
         res["long"] = _run(model, classifier, det, x[:m], y[:m], eps, 2.5 * eps / p.long_steps, p.long_steps,
                            seed + 31, batch, tick=tick)
     all_ = torch.full((n,), -math.inf, dtype=torch.float64)
-    for name, v in res.items():
+    for v in res.values():
         all_[:len(v)] = torch.maximum(all_[:len(v)], v)
     res["all"] = all_
     return res

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["external_ood_set", "conform_images", "OOD_SETS", "DIGITS_SIZE", "PHOTO_CROP_SIDES", "digits_images", "photo_patches", "ood_images", "ClassSubset", "restrict_classes",
-           "other_classes", "dataset_labels", "base_indices", "split_clean"]
+__all__ = ["external_ood_set", "conform_images", "OOD_SETS", "DIGITS_SIZE", "PHOTO_CROP_SIDES", "digits_images",
+           "photo_patches", "ood_images", "ClassSubset", "restrict_classes", "other_classes", "dataset_labels",
+           "base_indices", "split_clean", "image_folder", "IMAGE_SUFFIXES"]
 
 OOD_SETS = ("digits", "noise", "gaussian", "inverted", "photos")
 PHOTO_CROP_SIDES = (32, 160)  # the crops' side in pixels, inclusive

@@ -12,8 +12,14 @@ from torch import nn
 from lgm_ext import LGMLoss, LikelihoodDetector
 from lgm_ext.attacks import AdaptivePGD
 from lgm_lab import baselines as B
-from lgm_lab.adaptive_eval import (ATTACK_PROTOCOLS, AttackProtocol, adaptive_attack, describe_protocol,
-                                   feature_space_attack, success_rates)
+from lgm_lab.adaptive_eval import (
+    ATTACK_PROTOCOLS,
+    AttackProtocol,
+    adaptive_attack,
+    describe_protocol,
+    feature_space_attack,
+    success_rates,
+)
 from lgm_lab.experiments import measure as M
 from lgm_lab.ood_data import OOD_SETS, ood_images, photo_patches
 

@@ -1,0 +1,311 @@
+"""The detection protocol's measurement of one trained network (issues 25 and 35; docs/SPEC.md section 8):
+the detectors a network gets (:func:`detector_names`, :func:`build_detectors`: the field's post-hoc baselines of
+:mod:`lgm_lab.baselines` on every network, the center distance, an L-GM head's own scores), the images the
+protocol needs (:func:`detection_data`), and :func:`measure_network`: thresholds at every operating point,
+detection metrics per abnormal set, attacks, the adaptive attack (PGD-10 and the full protocol of
+:mod:`lgm_lab.adaptive_eval`) and an L-GM network's diagnostics (:func:`lgm_diagnostics`).  Used by the
+detection experiment (:mod:`lgm_lab.experiments.detection`) and ``lgm ood``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.data import Subset
+
+from lgm_ext import Classifier, LikelihoodDetector
+from lgm_ext.attacks import FGSM, PGD, AdaptivePGD
+from lgm_ext.detector import calibrated_threshold
+
+from . import baselines as B
+from .adaptive_eval import ATTACK_PROTOCOLS, adaptive_attack, describe_protocol, feature_space_attack, success_rates
+from .baselines import FeatureScore
+from .config import dataset_info
+from .data import load_dataset
+from .experiments.measure import attack_in_batches, detection_metrics, operating_point_key, rejection_rate
+from .heads import center_log_score
+from .ood_data import DIGITS_SIZE, OOD_SETS, ood_images, other_classes, restrict_classes, split_clean
+from .tensors import batches, features, stack_dataset
+
+__all__ = ["HELDOUT_SET", "EPS", "PGD_STEPS", "FPRS", "FPR", "ScoreDetector", "center_distance", "detector_names",
+           "build_detectors", "detection_data", "lgm_diagnostics", "measure_network"]
+
+HELDOUT_SET = "held-out classes"
+EPS = (0.1, 0.3)
+PGD_STEPS = 10  # PGD-10, step 2.5 eps / steps (Madry et al.)
+FPRS = (0.05, 0.01)  # the calibrated false-rejection rates: the operating points a user deploys
+FPR = FPRS[0]
+
+
+class ScoreDetector(FeatureScore):
+    """A detector from a differentiable score of features (higher = more normal), thresholded as
+    :meth:`lgm_ext.LikelihoodDetector.calibrate` does: what :class:`~lgm_ext.attacks.AdaptivePGD` attacks
+    (:class:`lgm_lab.baselines.FeatureScore`; the name kept for its users)."""
+
+    def __init__(self, score_fn, name: str) -> None:
+        super().__init__(name, score_fn)
+
+
+def center_distance(head) -> ScoreDetector:
+    """-|f - c_ŷ|²/2 against the head's centers (center loss: its learned centers), ŷ the head's prediction."""
+    return ScoreDetector(lambda f: center_log_score(f, head.centers().detach(), head.predict(f)), "center distance")
+
+
+_BASELINES = ("Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "Energy", "MaxLogit", "max-softmax")
+
+
+def _knn_k(n_fit: int | None) -> int:
+    return B.KNN_K if n_fit is None else max(1, min(B.KNN_K, n_fit))
+
+
+def detector_names(head, feat_dim: int | None = None) -> tuple[str, ...]:
+    """The protocol's detectors for a network with ``head`` (features of ``feat_dim``, default the head's):
+    the field's post-hoc baselines on every network (:mod:`lgm_lab.baselines`: Mahalanobis, on raw and on
+    L2-normalised features, KNN, Energy, MaxLogit, max-softmax), ViM where the head has a linear classifier,
+    the center distance where it has learned centers, and on an L-GM network its own likelihood, its mixture
+    score and Gaussians re-fitted post hoc (diagonal covariances) -- there MaxLogit and Energy are left out:
+    they rank as the likelihood and the mixture score do.  KNN's k is :data:`lgm_lab.baselines.KNN_K` (or the
+    number of training features when fewer), ViM's d :func:`lgm_lab.baselines.vim_dim` of the features."""
+    names = ()
+    if head.kind == "lgm":
+        # MaxLogit and Energy of an L-GM head's logits are its likelihood and mixture scores up to a constant
+        # (the same ranking, the same rejections): measured once, under the L-GM names.
+        names += ("L-GM likelihood", "L-GM mixture", "Gaussians re-fitted (diag)")
+        names += tuple(n for n in _BASELINES if n not in ("Energy", "MaxLogit"))
+    else:
+        names += _BASELINES
+    fc = getattr(head, "fc", None)
+    d = feat_dim or getattr(fc, "in_features", 0)
+    if isinstance(fc, torch.nn.Linear) and fc.bias is not None and d >= 2:  # ViM needs a residual subspace
+        names += ("ViM",)
+    if head.kind != "lgm" and head.centers() is not None:
+        names += ("center distance",)
+    return names
+
+
+def build_detectors(head, fit_features: Tensor | None, fit_labels: Tensor | None) -> dict:
+    """The detectors of :func:`detector_names` by name, those that are fitted fitted to (``fit_features``,
+    ``fit_labels``), the training images' features."""
+    dets, k = {}, head.num_classes
+    n_fit = None if fit_features is None else len(fit_features)
+    for name in detector_names(head, None if fit_features is None else fit_features.shape[1]):
+        if name == "L-GM likelihood":
+            dets[name] = LikelihoodDetector.from_head(head)
+        elif name == "L-GM mixture":
+            dets[name] = LikelihoodDetector.from_head(head, score="mixture")
+        elif name == "max-softmax":
+            dets[name] = B.max_softmax(head)
+        elif name == "Energy":
+            dets[name] = B.energy(head)
+        elif name == "MaxLogit":
+            dets[name] = B.max_logit(head)
+        elif name == "center distance":
+            dets[name] = center_distance(head)
+        elif fit_features is None:
+            raise ValueError(f"the {name} detector is fitted on training features: give fit_features")
+        elif name == "Gaussians re-fitted (diag)":
+            dets[name] = B.likelihood(fit_features, fit_labels, k, "diag")
+        elif name == "Mahalanobis":
+            dets[name] = B.mahalanobis(fit_features, fit_labels, k)
+        elif name == "Mahalanobis (L2-normalised)":
+            dets[name] = B.mahalanobis_l2(fit_features, fit_labels, k)
+        elif name == "KNN":
+            dets[name] = B.knn(fit_features, fit_labels, k=_knn_k(n_fit))
+        elif name == "ViM":
+            dets[name] = B.vim(head, fit_features, fit_labels)
+    return dets
+
+
+def detection_data(cfg, *, data_dir=None, test_subset: int | None = None, test_seed: int | None = None,
+                   fit_points: int | None = None, sets=None, ood_seed: int = 0) -> dict:
+    """The images the protocol needs for the run ``cfg`` (of its classes, ``cfg.classes``): ``fit`` (its
+    training images and labels, the first ``fit_points``; None for ``fit_points=0``), ``calibration`` and
+    ``clean`` (the two halves of the ``test_subset`` test images selected with ``test_seed``, default the
+    run's seed), and ``abnormal``
+    by set name (``sets``, default :data:`~lgm_lab.ood_data.OOD_SETS` and, for a run on some classes, the
+    held-out classes' images of the evaluation half)."""
+    data_dir = data_dir or cfg.data_dir
+    seed = cfg.seed if test_seed is None else test_seed
+    test = load_dataset(cfg.dataset, False, data_dir=data_dir, subset=test_subset, seed=seed)
+    cal, ev = split_clean(test)
+    n_cal, n_ev = (len(restrict_classes(part, cfg.class_list)) for part in (cal, ev))
+    if not (n_cal and n_ev):
+        raise ValueError(f"too few test images ({len(test)}{' selected by --subset' if test_subset else ''}): half "
+                         f"calibrate the thresholds and half are measured, and the halves hold {n_cal} and {n_ev} "
+                         "images of the run's classes; use more (--subset)")
+    fit = None
+    if fit_points != 0:
+        train = load_dataset(cfg.dataset, True, data_dir=data_dir, subset=cfg.subset, augment=False, seed=cfg.seed)
+        train = restrict_classes(train, cfg.class_list)
+        n_fit = len(train) if fit_points is None else min(fit_points, len(train))
+        fit = stack_dataset(Subset(train, range(n_fit)))
+    xc, _ = stack_dataset(restrict_classes(cal, cfg.class_list))
+    x, y = stack_dataset(restrict_classes(ev, cfg.class_list))
+    if sets is None:
+        sets = OOD_SETS + ((HELDOUT_SET,) if cfg.class_list else ())
+    abnormal = {}
+    for name in sets:
+        if name == HELDOUT_SET:
+            if not cfg.class_list:
+                raise ValueError(f"the {HELDOUT_SET!r} set needs a run trained on some classes (--classes)")
+            k = dataset_info(cfg.dataset)["num_classes"]
+            abnormal[name] = stack_dataset(other_classes(ev, cfg.class_list, k))[0]
+        else:
+            abnormal[name] = ood_images(name, x, n=min(len(x), DIGITS_SIZE) if name == "digits" else None,
+                                        seed=ood_seed)
+    return {"fit": fit, "calibration": xc, "clean": (x, y), "abnormal": abnormal}
+
+
+def _score_batches(det, f: Tensor, batch: int = 1024) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([det.score(f[s]).detach().double().cpu() for s in batches(len(f), batch)]) if len(f) \
+            else torch.zeros(0, dtype=torch.float64)
+
+
+class _AtThreshold:
+    """``det`` with another threshold (what AdaptivePGD reads): the detector's score, unchanged."""
+
+    def __init__(self, det, threshold: float) -> None:
+        self.det, self.threshold = det, threshold
+
+    def score(self, f: Tensor) -> Tensor:
+        return self.det.score(f)
+
+
+def _selective_pgd(model, head, det, x: Tensor, y: Tensor, eps: float, steps: int, seed: int, batch: int,
+                   tick) -> Tensor:
+    """(N,) float64 best scores of misclassified iterates of the selective PGD-``steps`` attack."""
+    out = []
+    for s in batches(len(x), batch):
+        atk = AdaptivePGD(model, det, eps=eps, alpha=2.5 * eps / steps, steps=steps, classifier=head.logits,
+                          seed=seed)
+        out.append(atk(x[s], y[s], return_score=True)[1].cpu())
+        if tick is not None:
+            tick(s.stop - s.start)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def lgm_diagnostics(model, head, data: dict, f_fit: Tensor, y_fit: Tensor, feats: dict, batch: int = 256) -> dict:
+    """Why an L-GM network's likelihood does or does not reject abnormal inputs: the head's learned
+    log-variances against those of Gaussians fitted to its training features (diagonal), the features' norms,
+    and, per abnormal set, the squared Mahalanobis distance (under the head's Gaussians) of each input to its
+    nearest mean and the log-determinant term of that class, against the clean inputs' (medians)."""
+    from lgm_ext.detector import LikelihoodDetector as LD
+
+    x, _y = data["clean"]
+    with torch.no_grad():
+        f = features(model, x, batch).double()
+        lv = head.clamped_log_var().detach().double() if hasattr(head, "clamped_log_var") else None
+        refit = LD.fit(f_fit, y_fit, "diag", num_classes=head.num_classes)
+        mu = head.means.detach().double()
+        out = {"head_log_var_mean": None if lv is None else lv.mean().item(),
+               "fitted_log_var_mean": refit.log_var.mean().item() if refit.log_var is not None else None,
+               "within_class_spread": ((f_fit.double() - mu[y_fit]).pow(2).mean()).log().item(),
+               "sets": {}}
+
+        def stats(z: Tensor) -> dict:
+            z = z.double()
+            var = lv.exp() if lv is not None else torch.ones_like(mu)
+            d2 = ((z[:, None, :] - mu[None]) ** 2 / var[None]).sum(-1)  # (N, K)
+            k = d2.argmin(1)
+            logdet = (lv.sum(1) if lv is not None else torch.zeros(len(mu), dtype=torch.float64))[k]
+            return {"norm": z.norm(dim=1).median().item(), "d2_nearest": d2.min(1).values.median().item(),
+                    "logdet_nearest": logdet.median().item(),
+                    "nearest_class_share": (torch.bincount(k, minlength=len(mu)).max() / len(k)).item()}
+
+        out["clean"] = stats(f)
+        for name, z in feats.items():
+            out["sets"][name] = stats(z)
+    return out
+
+
+def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | None = None, fprs=FPRS,
+                    adaptive: bool = True, adaptive_subset: int | None = None, protocol: dict | None = None,
+                    seed: int = 0, batch: int = 256, tick=None, extra=None, fpr: float | None = None) -> dict:
+    """Every detector of :func:`build_detectors` on one trained network, over ``data`` (a
+    :func:`detection_data` dict).
+
+    Each detector's thresholds are calibrated at each false-rejection rate of ``fprs`` (the operating points,
+    keyed "5" and "1" for 5% and 1%) on ``data["calibration"]``.  Per abnormal set and per attack (FGSM and
+    PGD-10 at each eps, on the first ``attack_subset`` clean images): the
+    :func:`~lgm_lab.experiments.measure.detection_metrics` against the clean images (AUROC, AUPR-in/out, FPR
+    at 95% TPR both ways, EER, rejected at each operating point); the realised false-rejection rates.  With
+    ``adaptive``, on the first ``adaptive_subset`` of those images: the success (% misclassified and
+    accepted) at each operating point of plain PGD-10 and of the selective adaptive PGD-10
+    (:class:`lgm_ext.attacks.AdaptivePGD`, same budget) and the no-detector ceiling.  ``protocol``
+    (``{"name", "eps", "subset"}``): the full adaptive protocol (:mod:`lgm_lab.adaptive_eval`) on the first
+    ``subset`` images per eps, with the feature-space bound.  An L-GM network also gets
+    :func:`lgm_diagnostics`.
+
+    Returns ``{"network": {...}, "detectors": {name: {...}}, "roc": {name: {set: roc}}}``; ``tick(n)`` as n
+    images are attacked.  ``extra`` (name -> a detector of this network, e.g. one saved by ``lgm detect fit``)
+    are measured beside them, calibrated on the same calibration images as every other.  ``fpr``: a single
+    operating point instead of ``fprs``."""
+    fprs = (fpr,) if fpr is not None else tuple(fprs)
+    keys = [operating_point_key(p) for p in fprs]
+    x, y = data["clean"]
+    xa, ya = x[:attack_subset], y[:attack_subset]
+    n_ad = len(xa) if adaptive_subset is None else min(len(xa), adaptive_subset)
+    with torch.no_grad():
+        f_clean = features(model, x, batch)
+        f_cal = features(model, data["calibration"], batch)
+        feats = {name: features(model, imgs, batch) for name, imgs in data["abnormal"].items()}
+        fit = data.get("fit")
+        f_fit = None if fit is None else features(model, fit[0], batch)
+        dets = build_detectors(head, f_fit, None if fit is None else fit[1])
+        dets.update(extra or {})
+        net = {"clean_error": 100.0 * (head.predict(f_clean) != y).double().mean().item(), "n_clean": len(x),
+               "n_attack": len(xa), "n_adaptive": n_ad, "attack_error": {}}
+    clf = Classifier(model, head).eval()
+    pgd = {}
+    for e in eps:
+        for kind, atk in (("FGSM", FGSM(clf, eps=e)),
+                          ("PGD-10", PGD(clf, eps=e, alpha=2.5 * e / PGD_STEPS, steps=PGD_STEPS, seed=seed))):
+            adv = attack_in_batches(atk, xa, ya, batch, tick)
+            key = f"{kind} {e:g}"
+            with torch.no_grad():
+                feats[key] = features(model, adv, batch)
+                net["attack_error"][key] = 100.0 * (head.predict(feats[key]) != ya).double().mean().item()
+            if kind == "PGD-10":
+                pgd[e] = adv
+    if head.kind == "lgm" and f_fit is not None:
+        net["diagnostics"] = lgm_diagnostics(model, head, data, f_fit, fit[1],
+                                             {k: v for k, v in feats.items() if k in data["abnormal"]}, batch)
+    out = {"network": net, "detectors": {}, "roc": {}}
+    for name, det in dets.items():
+        s_cal = _score_batches(det, f_cal)
+        th = {k: calibrated_threshold(s_cal, p) for k, p in zip(keys, fprs)}
+        det.calibrate(f_cal, fprs[0])  # the primary operating point, for a caller that keeps the detector
+        s_clean = _score_batches(det, f_clean)
+        r = {"detector": getattr(det, "name", type(det).__name__),
+             "thresholds": th, "false_rejection": {k: 100.0 * rejection_rate(s_clean, t) for k, t in th.items()},
+             "n_calibration": len(f_cal), "n_attack": len(xa), "n_adaptive": n_ad, "sets": {}, "adaptive": {}}
+        for key, fs in feats.items():
+            r["sets"][key], roc = detection_metrics(s_clean, _score_batches(det, fs), th)
+            out["roc"].setdefault(name, {})[key] = roc
+        if adaptive:
+            for e in eps:
+                with torch.no_grad():
+                    fa = features(model, pgd[e][:n_ad], batch)
+                    fooled = (head.predict(fa) != ya[:n_ad]).cpu()
+                    plain = torch.where(fooled, _score_batches(det, fa), torch.tensor(-float("inf")).double())
+                best = _selective_pgd(model, head, _AtThreshold(det, th[keys[0]]), xa[:n_ad], ya[:n_ad], e,
+                                      PGD_STEPS, seed, batch, tick)
+                r["adaptive"][f"{e:g}"] = {
+                    "pgd": {k: 100.0 * (plain >= t).double().mean().item() for k, t in th.items()},
+                    "adaptive": {k: 100.0 * (best >= t).double().mean().item() for k, t in th.items()},
+                    "ceiling": 100.0 * torch.isfinite(best).double().mean().item()}
+        if protocol:
+            prot = ATTACK_PROTOCOLS[protocol["name"]]
+            m = min(len(xa), protocol["subset"])
+            r["protocol"] = {"name": protocol["name"], "n": m, "description": describe_protocol(prot, m), "eps": {}}
+            for e in protocol["eps"]:
+                best = adaptive_attack(model, head.logits, _AtThreshold(det, th[keys[0]]), xa[:m], ya[:m], e, prot,
+                                       num_classes=head.num_classes, seed=seed, batch=batch)
+                with torch.no_grad():  # the feature-space bound: as far as image-space PGD moved each feature
+                    f0 = features(model, xa[:m], batch)
+                    adv = PGD(clf, eps=e, alpha=2.5 * e / PGD_STEPS, steps=PGD_STEPS, seed=seed)(xa[:m], ya[:m])
+                    radius = (features(model, adv, batch) - f0).norm(dim=1)
+                best["feature space"] = feature_space_attack(head.logits, det, f0, ya[:m], radius, seed=seed).cpu()
+                r["protocol"]["eps"][f"{e:g}"] = success_rates(best, th)
+        out["detectors"][name] = r
+    return out
