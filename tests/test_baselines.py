@@ -263,3 +263,26 @@ def test_feature_space_bound(toy):
     assert (big >= det.threshold).double().mean() > 0.9  # free features reach another class's mode
     per_row = feature_space_attack(head.logits, det, f, y[:40], torch.full((40,), 10.0), steps=60)
     torch.testing.assert_close(per_row, big)
+
+
+def test_external_sets_are_conformed_to_the_model(tmp_path):
+    from PIL import Image
+
+    from lgm_lab.ood_data import conform_images, external_ood_set
+
+    rgb = torch.rand(3, 3, 40, 30)
+    grey = conform_images(rgb, (1, 28, 28))
+    assert grey.shape == (3, 1, 28, 28) and 0 <= float(grey.min()) and float(grey.max()) <= 1
+    flat = torch.full((1, 3, 28, 28), 0.5)
+    torch.testing.assert_close(conform_images(flat, (1, 28, 28)), torch.full((1, 1, 28, 28), 0.5))  # luma sums to 1
+    assert conform_images(torch.rand(2, 1, 28, 28), (3, 32, 32)).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="channels"):
+        conform_images(torch.rand(1, 2, 8, 8), (1, 8, 8))
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray((torch.rand(20, 25, 3) * 255).to(torch.uint8).numpy()).save(folder / f"{i}.png")
+    name, x = external_ood_set(str(folder), (1, 28, 28), n=3, seed=0)
+    assert name == "shots" and x.shape == (3, 1, 28, 28)
+    with pytest.raises(ValueError, match="--ood-data"):
+        external_ood_set(str(tmp_path / "nowhere"), (1, 28, 28))
