@@ -35,7 +35,8 @@ from .options import (
     write_json,
 )
 
-OOD_NAMES = ("digits", "noise", "gaussian", "inverted", "heldout-classes")  # --data names besides the dataset's
+# --data names besides the dataset's
+OOD_NAMES = ("digits", "noise", "gaussian", "inverted", "photos", "heldout-classes")
 Covariance = choices("DetectorCovariance", ("tied", "diag", "identity", "head"))
 Split = choices("CalibrationSplit", ("heldout", "train"))
 AttackKind = choices("AttackKind", ("fgsm", "pgd"))
@@ -174,7 +175,8 @@ def score(
     checkpoint: Path = typer.Argument(..., help="the checkpoint.pt the detector was fitted to"),
     data: str = typer.Option("fashion-mnist,digits,noise,gaussian,inverted",
                              help="comma-separated: the run's dataset (its clean test images not used to "
-                                  "calibrate) | digits | noise | gaussian | inverted | heldout-classes (a run "
+                                  "calibrate) | digits | noise | gaussian | inverted | photos (natural-image "
+                                  "patches) | heldout-classes (a run "
                                   "trained on some classes: the test images of the others)"),
     images: Optional[Path] = typer.Option(None, "--images", help="also a folder of your own images (PNG, JPEG, ...; "
                                                                  "converted as the dataset is: grey or RGB, resized "

@@ -175,28 +175,29 @@ def _is_staged_copy(copy: Path) -> bool:
 
 
 def _remove_copy(copy: Path) -> bool:
-    """Remove a staged copy unless it is in use (its mark's lock held): False if it is.  The copy is first
-    renamed away while locked, so that a process that waited for it stages a new one."""
+    """Remove a staged copy unless it is in use (its mark's lock held): False if it is, or if it is gone.
+
+    The mark is opened with O_CREAT (a copy staged before marks gets one) and locked exclusively before
+    anything is removed, and it must still be the copy's mark once locked: a removal never skips the lock,
+    even while another process is creating the mark of a copy it re-staged at the same path (before, a copy
+    whose mark was not there yet was renamed away unlocked, under a reader that created and locked it
+    meanwhile).  The copy is renamed away while locked, so that a process that waited for it stages a new
+    one."""
     mark = copy / STAGED_MARK
-    fd = None
-    if mark.is_file():
-        try:
-            fd = os.open(mark, os.O_RDWR)
-        except OSError:  # removed meanwhile by another process
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
     try:
+        fd = os.open(mark, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # removed meanwhile by another process
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(mark).st_ino != os.fstat(fd).st_ino:  # renamed away and staged anew meanwhile
+            return False
         trash = copy.with_name(f".{copy.name}.{os.getpid()}.lgm-removing")
         os.rename(copy, trash)
-    except OSError:
+    except OSError:  # in use (the lock is held), or gone
         return False
     finally:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
     shutil.rmtree(trash, ignore_errors=True)
     return True
 
@@ -218,10 +219,11 @@ def _prune_staged(current: Path, keep: int = STAGED_KEEP) -> None:
 
 
 def _drop_copy(copy: Path) -> None:
-    """Remove a copy this process staged and could not read, and its source folder if that is then empty."""
-    shutil.rmtree(copy, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        copy.parent.rmdir()
+    """Remove a copy this process staged and could not read (unless another process is using it), and its
+    source folder if that is then empty."""
+    if _remove_copy(copy):
+        with contextlib.suppress(OSError):
+            copy.parent.rmdir()
 
 
 @contextlib.contextmanager

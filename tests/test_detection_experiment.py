@@ -329,10 +329,11 @@ def test_detect_fit_and_score(tiny, tmp_path):
     assert saved["split"] == "heldout" and saved["covariance"] == "tied" and saved["fit_images"] == 160
     assert saved["detector"]["covariance"] == "tied" and saved["detector"]["fpr"] == 0.1
     out = tmp_path / "score.json"
-    _cli("detect", "score", det_file, runs["softmax"], "--data", "fashion-mnist,noise,inverted,digits", "--json", out,
-         "--no-progress")
+    _cli("detect", "score", det_file, runs["softmax"], "--data", "fashion-mnist,noise,inverted,digits,photos",
+         "--json", out, "--no-progress")
     res = json.loads(out.read_text())
-    assert set(res["results"]) == {"fashion-mnist", "noise", "inverted", "digits"} and res["split"] == "heldout"
+    assert set(res["results"]) == {"fashion-mnist", "noise", "inverted", "digits", "photos"}
+    assert res["split"] == "heldout"
     assert all(0 <= r["rejected_percent"] <= 100 for r in res["results"].values())
     assert res["results"]["fashion-mnist"]["images"] == res["results"]["noise"]["images"] == res["test_images"]
     # the L-GM head's own Gaussians, calibrated on the training images; held-out classes of a 5-class run

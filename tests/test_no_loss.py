@@ -195,6 +195,33 @@ def test_pruning_never_removes_a_copy_in_use(tmp_path):
     assert len(staged) <= 3 + 5  # bounded: the kept ones, and any in use at the last prune
 
 
+def test_a_removal_never_skips_the_lock(tmp_path, monkeypatch):
+    """CI saw one load of 200 fail in the race above: a pruner that did not see the copy's mark yet renamed the
+    copy away without taking the lock, while a reader created the mark and locked it.  Deterministically: the
+    mark appears (and is locked by a reader) just after the pruner would have looked for it."""
+    import fcntl
+    import os
+    from pathlib import Path
+
+    from lgm_lab import data as D
+
+    copy = tmp_path / "staged" / "src" / "0123456789abcdef"
+    (copy / "FashionMNIST" / "raw").mkdir(parents=True)
+    fd = os.open(copy / D.STAGED_MARK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader is using the copy
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda p: False if p.name == D.STAGED_MARK else real_is_file(p))
+    try:
+        assert D._remove_copy(copy) is False and (copy / "FashionMNIST" / "raw").is_dir()
+        D._drop_copy(copy)  # nor does dropping a copy this process could not read remove it from under a reader
+        assert (copy / "FashionMNIST" / "raw").is_dir()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert D._remove_copy(copy) is True and not copy.exists()  # free: removed
+    assert D._remove_copy(copy) is False  # gone: nothing to remove
+
+
 # ----------------------------------------------------------------------------- 4, 12. reuse
 def test_a_finished_run_is_reused_whatever_the_spelling_of_its_data_folder(src, tmp_path):
     """`lgm budget` (the shared train-or-reuse path) rmtree'd a finished run because --data-dir named the same
