@@ -316,12 +316,14 @@ def ood(
     Gaussian noise, inverted images, natural-image patches, held-out classes (runs trained with --classes),
     --ood-data, FGSM and PGD-10; the adaptive attack's success with each detector on."""
     from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint
+    from lgm_lab.config import DATASETS
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.detection_protocol import detection_data, detector_names, measure_network
     from lgm_lab.detector_file import DetectorFileError, load_detector_file
     from lgm_lab.experiments.measure import operating_point_key
     from lgm_lab.figures import detection_roc_figure
     from lgm_lab.ood_data import external_ood_set
+    from lgm_lab.run_folder import same_file
 
     try:
         fprs = _parse_fprs(fpr)
@@ -331,6 +333,11 @@ def ood(
         dev = check_common(device, batch_size, subset, json_out, fmt, inputs=[*checkpoints, *(detectors or [])])
         for ck in checkpoints:
             check_not_input(out / "results.json", [ck], "--out")
+        for spec in ood_data or []:  # results and figures never go into a folder of images it reads
+            folder = Path(spec.partition(":")[2] if spec.partition(":")[0] in DATASETS else spec)
+            if same_file(out, folder):
+                raise ValueError(f"--out {out} is the --ood-data folder {spec}, which this command reads: give "
+                                 "another output folder")
         out_folder(out)
         runs = load_runs(checkpoints, dev)
         extra = {name: {} for name in runs}

@@ -40,7 +40,7 @@ from lgm_ext.attacks import AdaptivePGD
 
 from .tensors import batches
 
-__all__ = ["AttackProtocol", "ATTACK_PROTOCOLS", "VARIANTS", "adaptive_attack", "success_rates",
+__all__ = ["AttackProtocol", "ATTACK_PROTOCOLS", "VARIANTS", "adaptive_attack", "best_scores", "success_rates",
            "feature_space_attack", "describe_protocol"]
 
 VARIANTS = ("restarts", "step sweep", "multi-targeted", "long")
@@ -96,16 +96,18 @@ class _TargetedLoss:
         return -F.cross_entropy(self.logits(outputs), self.targets, reduction="sum")
 
 
-def _run(model, classifier, det, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, seed: int,
-         batch: int, targets: Tensor | None = None, tick=None) -> Tensor:
-    """(N,) float64: per image, the highest detector score of a misclassified iterate (-inf: none)."""
+def best_scores(model, classifier, det, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, seed: int,
+                batch: int, targets: Tensor | None = None, tick=None) -> Tensor:
+    """One run of the selective :class:`lgm_ext.attacks.AdaptivePGD` (``steps`` steps of ``alpha``; towards
+    ``targets`` if given) over ``x`` in batches: (N,) float64, per image the highest detector score of a
+    misclassified iterate (-inf: none).  ``tick(k)`` after k images."""
     out = []
     for s in batches(len(x), batch):
         kw = {} if targets is None else {"loss_fn": _TargetedLoss(classifier, targets[s])}
         atk = AdaptivePGD(model, det, eps=eps, alpha=alpha, steps=steps, classifier=classifier, seed=seed, **kw)
         out.append(atk(x[s], y[s], return_score=True)[1].cpu())
         if tick is not None:
-            tick((s.stop - s.start) * steps)
+            tick(s.stop - s.start)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
@@ -115,27 +117,28 @@ def adaptive_attack(model, classifier, det, x: Tensor, y: Tensor, eps: float, pr
     logits) and ``det`` (``score(features)``, differentiable; its ``threshold`` must be set, but the runs do
     not depend on it) at ``eps``.  Returns ``{variant: (n,) float64 best scores}`` over
     :data:`VARIANTS` that ran, plus ``"all"`` (their per-image maximum, the long variant on its subset);
-    ``tick(k)`` after k image-steps."""
+    ``tick(k)`` after k images attacked (in each run)."""
     p, n = protocol, len(x)
     res = {}
     step = 2.5 * eps / max(p.steps, 1)
+    def run(xs, ys, alpha, steps, run_seed, targets=None):
+        return best_scores(model, classifier, det, xs, ys, eps, alpha, steps, run_seed, batch, targets, tick)
+
     # Replicas of the images in one batch: each draws its own random start (restarts) or target class.
     if p.restarts:
-        res["restarts"] = _run(model, classifier, det, x.repeat(p.restarts, 1, 1, 1), y.repeat(p.restarts), eps, step,
-                               p.steps, seed, batch, tick=tick).view(p.restarts, n).amax(0)
+        r = p.restarts
+        res["restarts"] = run(x.repeat(r, 1, 1, 1), y.repeat(r), step, p.steps, seed).view(r, n).amax(0)
     if p.step_sizes:
-        res["step sweep"] = torch.stack([_run(model, classifier, det, x, y, eps, a * eps, p.steps,
-                                              seed + 7919 * (i + 1), batch, tick=tick)
+        res["step sweep"] = torch.stack([run(x, y, a * eps, p.steps, seed + 7919 * (i + 1))
                                          for i, a in enumerate(p.step_sizes)]).amax(0)
     if p.targeted and num_classes > 1:
         t = num_classes - 1
         targets = torch.cat([(y + c) % num_classes for c in range(1, num_classes)])
-        res["multi-targeted"] = _run(model, classifier, det, x.repeat(t, 1, 1, 1), y.repeat(t), eps, step, p.steps,
-                                     seed + 104729, batch, targets=targets, tick=tick).view(t, n).amax(0)
+        res["multi-targeted"] = run(x.repeat(t, 1, 1, 1), y.repeat(t), step, p.steps, seed + 104729,
+                                    targets).view(t, n).amax(0)
     if p.long_steps and p.long_subset:
         m = min(n, p.long_subset)
-        res["long"] = _run(model, classifier, det, x[:m], y[:m], eps, 2.5 * eps / p.long_steps, p.long_steps,
-                           seed + 31, batch, tick=tick)
+        res["long"] = run(x[:m], y[:m], 2.5 * eps / p.long_steps, p.long_steps, seed + 31)
     all_ = torch.full((n,), -math.inf, dtype=torch.float64)
     for v in res.values():
         all_[:len(v)] = torch.maximum(all_[:len(v)], v)

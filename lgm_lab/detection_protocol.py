@@ -13,11 +13,18 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from lgm_ext import Classifier, LikelihoodDetector
-from lgm_ext.attacks import FGSM, PGD, AdaptivePGD
+from lgm_ext.attacks import FGSM, PGD
 from lgm_ext.detector import calibrated_threshold
 
 from . import baselines as B
-from .adaptive_eval import ATTACK_PROTOCOLS, adaptive_attack, describe_protocol, feature_space_attack, success_rates
+from .adaptive_eval import (
+    ATTACK_PROTOCOLS,
+    adaptive_attack,
+    best_scores,
+    describe_protocol,
+    feature_space_attack,
+    success_rates,
+)
 from .baselines import FeatureScore
 from .config import dataset_info
 from .data import load_dataset
@@ -171,31 +178,16 @@ class _AtThreshold:
         return self.det.score(f)
 
 
-def _selective_pgd(model, head, det, x: Tensor, y: Tensor, eps: float, steps: int, seed: int, batch: int,
-                   tick) -> Tensor:
-    """(N,) float64 best scores of misclassified iterates of the selective PGD-``steps`` attack."""
-    out = []
-    for s in batches(len(x), batch):
-        atk = AdaptivePGD(model, det, eps=eps, alpha=2.5 * eps / steps, steps=steps, classifier=head.logits,
-                          seed=seed)
-        out.append(atk(x[s], y[s], return_score=True)[1].cpu())
-        if tick is not None:
-            tick(s.stop - s.start)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
 def lgm_diagnostics(model, head, data: dict, f_fit: Tensor, y_fit: Tensor, feats: dict, batch: int = 256) -> dict:
     """Why an L-GM network's likelihood does or does not reject abnormal inputs: the head's learned
     log-variances against those of Gaussians fitted to its training features (diagonal), the features' norms,
     and, per abnormal set, the squared Mahalanobis distance (under the head's Gaussians) of each input to its
     nearest mean and the log-determinant term of that class, against the clean inputs' (medians)."""
-    from lgm_ext.detector import LikelihoodDetector as LD
-
     x, _y = data["clean"]
     with torch.no_grad():
         f = features(model, x, batch).double()
         lv = head.clamped_log_var().detach().double() if hasattr(head, "clamped_log_var") else None
-        refit = LD.fit(f_fit, y_fit, "diag", num_classes=head.num_classes)
+        refit = LikelihoodDetector.fit(f_fit, y_fit, "diag", num_classes=head.num_classes)
         mu = head.means.detach().double()
         out = {"head_log_var_mean": None if lv is None else lv.mean().item(),
                "fitted_log_var_mean": refit.log_var.mean().item() if refit.log_var is not None else None,
@@ -288,8 +280,8 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
                     fa = features(model, pgd[e][:n_ad], batch)
                     fooled = (head.predict(fa) != ya[:n_ad]).cpu()
                     plain = torch.where(fooled, _score_batches(det, fa), torch.tensor(-float("inf")).double())
-                best = _selective_pgd(model, head, _AtThreshold(det, th[keys[0]]), xa[:n_ad], ya[:n_ad], e,
-                                      PGD_STEPS, seed, batch, tick)
+                best = best_scores(model, head.logits, _AtThreshold(det, th[keys[0]]), xa[:n_ad], ya[:n_ad], e,
+                                   2.5 * e / PGD_STEPS, PGD_STEPS, seed, batch, tick=tick)
                 r["adaptive"][f"{e:g}"] = {
                     "pgd": {k: 100.0 * (plain >= t).double().mean().item() for k, t in th.items()},
                     "adaptive": {k: 100.0 * (best >= t).double().mean().item() for k, t in th.items()},

@@ -61,9 +61,6 @@ def photo_patches(shape=(1, 28, 28), n: int = 1000, *, seed: int = 0) -> Tensor:
         raise ValueError(f"photo patches have 1 or 3 channels, not {c}")
     photos = [torch.from_numpy(im.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
               for im in load_sample_images().images]
-    if c == 1:
-        luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-        photos = [(p * luma).sum(0, keepdim=True) for p in photos]
     g = torch.Generator().manual_seed(seed)
     lo, hi = PHOTO_CROP_SIDES
     out = torch.empty((n, c, h, w))
@@ -72,9 +69,8 @@ def photo_patches(shape=(1, 28, 28), n: int = 1000, *, seed: int = 0) -> Tensor:
         side = int(torch.randint(lo, hi + 1, (1,), generator=g))
         top = int(torch.randint(p.shape[1] - side + 1, (1,), generator=g))
         left = int(torch.randint(p.shape[2] - side + 1, (1,), generator=g))
-        crop = p[None, :, top:top + side, left:left + side]
-        out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
-    return out.clamp_(0.0, 1.0)
+        out[i] = conform_images(p[None, :, top:top + side, left:left + side], shape)[0]  # grey, resized
+    return out
 
 
 def ood_images(name: str, in_distribution: Tensor, *, n: int | None = None, seed: int = 0) -> Tensor:

@@ -423,5 +423,10 @@ def test_ood_data_folders_and_datasets(tiny, tmp_path):
     _one_line_error("ood", runs["softmax"], "--ood-data", tmp_path / "nowhere", "--out", tmp_path / "o2",
                     match="--ood-data")
     _one_line_error("ood", runs["softmax"], "--fpr", "0.05,0.05", "--out", tmp_path / "o2", match="--fpr")
+    before = sorted(p.name for p in photos.iterdir())
+    _one_line_error("ood", runs["softmax"], "--ood-data", photos, "--out", photos, match="reads")  # no output
+    _one_line_error("ood", runs["softmax"], "--ood-data", f"fashion-mnist:{other}", "--out", other,
+                    match="reads")  # among the user's images or data
+    assert sorted(p.name for p in photos.iterdir()) == before
     _one_line_error("ood", runs["softmax"], "--ood-data", photos, "--ood-data", photos, "--out", tmp_path / "o2",
                     match="measured already")
