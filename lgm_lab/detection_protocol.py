@@ -263,6 +263,15 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
         net["diagnostics"] = lgm_diagnostics(model, head, data, f_fit, fit[1],
                                              {k: v for k, v in feats.items() if k in data["abnormal"]}, batch)
     out = {"network": net, "detectors": {}, "roc": {}}
+    radii = {}  # the feature-space bound, per eps: as far as image-space PGD-10 moved each feature
+    if protocol:
+        prot = ATTACK_PROTOCOLS[protocol["name"]]
+        m = min(len(xa), protocol["subset"])
+        with torch.no_grad():
+            f0 = features(model, xa[:m], batch)
+            for e in protocol["eps"]:
+                adv = PGD(clf, eps=e, alpha=2.5 * e / PGD_STEPS, steps=PGD_STEPS, seed=seed)(xa[:m], ya[:m])
+                radii[e] = (features(model, adv, batch) - f0).norm(dim=1)
     for name, det in dets.items():
         s_cal = _score_batches(det, f_cal)
         th = {k: calibrated_threshold(s_cal, p) for k, p in zip(keys, fprs)}
@@ -287,17 +296,11 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
                     "adaptive": {k: 100.0 * (best >= t).double().mean().item() for k, t in th.items()},
                     "ceiling": 100.0 * torch.isfinite(best).double().mean().item()}
         if protocol:
-            prot = ATTACK_PROTOCOLS[protocol["name"]]
-            m = min(len(xa), protocol["subset"])
             r["protocol"] = {"name": protocol["name"], "n": m, "description": describe_protocol(prot, m), "eps": {}}
             for e in protocol["eps"]:
                 best = adaptive_attack(model, head.logits, _AtThreshold(det, th[keys[0]]), xa[:m], ya[:m], e, prot,
                                        num_classes=head.num_classes, seed=seed, batch=batch)
-                with torch.no_grad():  # the feature-space bound: as far as image-space PGD moved each feature
-                    f0 = features(model, xa[:m], batch)
-                    adv = PGD(clf, eps=e, alpha=2.5 * e / PGD_STEPS, steps=PGD_STEPS, seed=seed)(xa[:m], ya[:m])
-                    radius = (features(model, adv, batch) - f0).norm(dim=1)
-                best["feature space"] = feature_space_attack(head.logits, det, f0, ya[:m], radius, seed=seed).cpu()
+                best["feature space"] = feature_space_attack(head.logits, det, f0, ya[:m], radii[e], seed=seed).cpu()
                 r["protocol"]["eps"][f"{e:g}"] = success_rates(best, th)
         out["detectors"][name] = r
     return out
