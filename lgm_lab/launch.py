@@ -47,6 +47,9 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     try:
         train(cfg, out_dir, **kwargs)
+        # tear down together: a rank that destroys the group while a peer still uses it (rank 0 writes and
+        # evaluates last) can abort gloo ("terminate called without an active exception")
+        dist.barrier()
     except Exception as err:  # one line for the parent, which raises it again in its own process
         Path(err_dir, f"rank{rank}.err").write_text(json.dumps([type(err).__name__, str(err)]))
         raise
@@ -90,9 +93,18 @@ def train_data_parallel(cfg: TrainConfig, out_dir: str | os.PathLike, nproc: int
     if cfg.batch_size % nproc:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of --nproc {nproc}")
     if nproc == 1:
-        if init_from_torchrun(cfg.device, timeout) and cfg.device.startswith("cuda"):
+        import torch.distributed as dist
+
+        ours = not (dist.is_available() and dist.is_initialized())  # a caller's own group is left to the caller
+        if not init_from_torchrun(cfg.device, timeout):
+            return train(cfg, out_dir, **kwargs)
+        if cfg.device.startswith("cuda"):
             cfg = replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-        return train(cfg, out_dir, **kwargs)
+        result = train(cfg, out_dir, **kwargs)
+        if ours:  # the group torchrun described and we joined: leave it together (as _ddp_worker does)
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
     if kwargs.get("tensorboard") is not None:
         tensorboard_writer(kwargs["tensorboard"]).close()  # fail here, not in a worker
     with tempfile.TemporaryDirectory() as err_dir:

@@ -10,12 +10,19 @@ import tempfile
 import pytest
 import torch
 
+# The tests decide what a command sees of the terminal: variables that make rich colour or wrap output printed to a
+# pipe (FORCE_COLOR, TTY_COMPATIBLE, ...), a width, or a rendezvous left in the environment would change what
+# subprocesses print or where gloo connects.
+for _name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR", "PY_COLORS", "CLICOLOR_FORCE",
+              "COLUMNS", "LINES", "TERMINAL_WIDTH", "MASTER_ADDR", "MASTER_PORT"):
+    os.environ.pop(_name, None)
+
 # A fresh inductor cache per test session: a cache left on the machine by an older build of the operators
 # (another output shape, same op name) would otherwise be reused by the torch.compile tests.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lgm-ext-inductor-"))
 
-import lgm_ext  # loads the operators
-from lgm_ext._testing import cuda_emulation
+import lgm_ext  # noqa: E402 (loads the operators, after the environment above)
+from lgm_ext._testing import cuda_emulation  # noqa: E402
 
 # (an installation without the compiled kernels has no emulation: its pure-PyTorch path is the cpu backend)
 BACKENDS = ["cpu"] + (["cuda-emulated"] if lgm_ext.has_fused_kernels() else []) \

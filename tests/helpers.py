@@ -1,8 +1,11 @@
+import datetime
 import gzip
+import socket
 import struct
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def lgm_inputs(n, k, d, *, dtype=torch.float64, device="cpu", identity=False, seed=0, spread=1.0, requires_grad=True):
@@ -55,3 +58,21 @@ def tiny_config(src, **kw):
     base = dict(epochs=1, subset=64, test_subset=32, batch_size=32, feat_dim=2, head="lgm", data_dir=str(src))
     base.update(kw)
     return config_from_preset(None, **base)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def leave_process_group() -> None:
+    """End a test worker's default gloo group together with its peers: a monitored barrier (every rank waits
+    for the others; a rank that is gone makes it raise after 120 s instead of hanging), then
+    ``destroy_process_group``.  A rank that tears down while a peer still uses the group can abort gloo
+    ("terminate called without an active exception", SIGABRT): CI saw it in examples/train_ddp.py."""
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
+    finally:
+        dist.destroy_process_group()

@@ -2,12 +2,13 @@
 with a known answer, the L-GM heads (single device and class-sharded over gloo), every dtype and device."""
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port as _free_port
+from helpers import leave_process_group
 
 import lgm_ext
 from lgm_ext import LikelihoodDetector
@@ -384,11 +385,6 @@ def test_bad_input_names_the_argument(case):
 
 
 # ------------------------------------------------------------------------------------------ sharded head
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # diag_k1: rank 1 holds no class
 SHARD_CASES = {"diag_k7": (7, "diag"), "identity_k7": (7, "identity"), "diag_k1": (1, "diag")}
@@ -416,7 +412,7 @@ def _shard_worker(rank, world, port, out_dir):
             results[name] = {"state": det.state_dict(), "score": det.score(x), "class_range": head.class_range}
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def test_from_sharded_head_equals_the_single_device_detector(tmp_path):

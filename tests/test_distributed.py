@@ -1,21 +1,16 @@
 """Issue 14: the class-sharded L-GM head and the synced center loss, in real gloo processes
 (torch.multiprocessing spawn), against the single-process operators."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port as _free_port
+from helpers import leave_process_group
 
 import lgm_ext
 from lgm_ext.distributed import shard_range
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem(n, k, d, dtype, labels_below=None):
@@ -67,7 +62,7 @@ def _worker(rank, world, port, out_dir, cases):
         results["centers"] = c.centers.clone()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 CASES = {
@@ -194,7 +189,8 @@ def test_the_documented_torchrun_line_trains(src, tmp_path):
     from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lgm_cli.app", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "lgm_cli.app", "train",
            "--out", str(tmp_path / "run"), "--data-dir", str(src), "--subset", "64", "--test-subset", "16",
            "--batch-size", "32", "--epochs", "1", "--feat-dim", "2", "--head", "center", "--no-progress",
            "--device", "cpu"]

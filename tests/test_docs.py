@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -146,7 +147,7 @@ def test_example_core_loop_trains_and_rejects_noise():
 
 def test_example_ddp_runs_with_two_processes():
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_ddp.py"), "--nproc", "2", "--epochs", "1",
-                        "--port", "29531"], capture_output=True, text=True, timeout=300, cwd=ROOT / "examples")
+                        "--port", str(free_port())], capture_output=True, text=True, timeout=300, cwd=ROOT / "examples")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(2 processes)" in r.stdout and "test error" in r.stdout
 

@@ -32,6 +32,7 @@ def _spearman(a, b) -> float:
 def tiny():
     """A tiny encoder (images in R^10 -> features in R^5) over three Gaussian classes, and inputs from elsewhere."""
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # module-scoped: the weights must not depend on which tests ran before
     encoder = nn.Sequential(nn.Linear(IN, 8), nn.Tanh(), nn.Linear(8, D))
     centers = 2.0 * torch.randn(K, IN, generator=g)
     y = torch.randint(0, K, (600,), generator=g)
@@ -49,7 +50,9 @@ def test_our_tied_detector_ranks_as_pytorch_oods_mahalanobis(tiny):
     assert isinstance(ours, FeaturesDetector)
     z = torch.cat([ft, ff])
     a, b = ours.predict_features(z), theirs.predict_features(z)
-    assert _spearman(a, b) == pytest.approx(1.0, abs=1e-12)
+    # the same ranking up to float32 near-ties (an adjacent swap of 400 scores moves the coefficient by 1e-7;
+    # another covariance or sign moves it by far more)
+    assert _spearman(a, b) == pytest.approx(1.0, abs=1e-5)
     # the same direction: higher = more abnormal (the points from elsewhere score higher)
     assert a[200:].median() > a[:200].median() and b[200:].median() > b[:200].median()
     assert torch.equal(a, -ours.detector.score(z))

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port as _free_port
+from helpers import leave_process_group
 
 import lgm_ext
 from lgm_ext._sampling import remap_labels, sample_classes, sample_size, skip_excluded, uniform_subset
@@ -25,11 +26,6 @@ from lgm_ext.distributed import shard_range
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem(n, k, d, labels_below=None, seed=7):
@@ -130,7 +126,7 @@ def _worker(rank, world, port, out_dir):
             res["stall"] = (time.monotonic() - t0, f"{type(e).__name__}: {str(e)[:300]}")
     finally:
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -381,6 +377,7 @@ def test_example_face_scale_runs_and_resumes_under_torchrun(tmp_path):
     v = m["verification"]
     for name in ("seen", "unseen", "unseen_raw_images", "unseen_nuisance_removed", "unseen_latent_ceiling"):
         assert 0.0 <= v[name] <= 1.0, name
+    base[base.index("--master-port") + 1] = str(_free_port())  # not the first run's port (it may be in TIME_WAIT)
     r = subprocess.run(base[:-2] + ["--out", str(tmp_path / "run"), "--steps", "10", "--resume"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

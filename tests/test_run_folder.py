@@ -52,7 +52,7 @@ def test_a_second_writer_is_refused_naming_the_holder(src, tmp_path):
     def hold():
         with locked(out):
             ready.set()
-            release.wait(60)
+            release.wait()  # until the second writer has been refused (the finally below sets it)
 
     t = threading.Thread(target=hold)
     t.start()

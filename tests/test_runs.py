@@ -371,7 +371,7 @@ def test_subset_means_the_test_images_training_evaluated(src, run_dir, tmp_path)
 
 def test_json_records_dataset_checkpoint_and_rounds(run_dir, tmp_path):
     out = tmp_path / "ev.json"
-    assert _invoke("eval", run_dir / "checkpoint.pt", "--json", out, "--no-progress").exit_code == 0
+    assert _invoke("eval", run_dir / "checkpoint.pt", "--json", out, "--no-progress", "--device", "cpu").exit_code == 0
     res = json.loads(out.read_text())
     assert res["dataset"] == "fashion-mnist" and res["checkpoints"] == [str(run_dir / "checkpoint.pt")]
     assert res["device"] == "cpu" and res["test_images"] == res["results"]["samples"]
