@@ -130,6 +130,9 @@ class TrainConfig:
     feat_dim: int = _opt(2, "feature dimension (2 for plots, 100 for accuracy)")
     feature_relu: bool = _opt(False, "ReLU after the feature layer (the L-GM paper's text; its authors' code has "
                                      "none, and it hurts L-GM: docs/SPEC.md section 5)")
+    spectral_norm: float = _opt(0.0, "spectrally normalise every conv and linear layer of the feature network to a "
+                                     "spectral norm <= this (0: off); DDU (Mukhoti et al.) uses 3 with residual "
+                                     "networks (docs/SPEC.md section 8)")
     head: str = _opt("lgm", "classification head", choices=HEAD_NAMES)
     alpha: float = _opt(_D["LGM_ALPHA"], "L-GM margin")
     lambda_: float = _opt(_D["LGM_LAMBDA"], "L-GM likelihood weight", flag="lambda")
@@ -195,7 +198,7 @@ class TrainConfig:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("alpha", "lambda_", "lambda_c", "lr", "momentum", "weight_decay", "warmup_epochs", "grad_clip",
-                     "head_lr_mult", "head_weight_decay"):
+                     "head_lr_mult", "head_weight_decay", "spectral_norm"):
             v = getattr(self, name)
             if v is None and name == "head_weight_decay":
                 continue

@@ -2,10 +2,14 @@
 center loss, L-GM) is separate."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-__all__ = ["LeNetPlusPlus", "CifarResNet", "resnet20", "resnet56", "resnet110", "build_model", "MODELS", "he_init_"]
+__all__ = ["LeNetPlusPlus", "CifarResNet", "resnet20", "resnet56", "resnet110", "build_model", "MODELS", "he_init_",
+           "spectral_normalize_"]
 
 
 def he_init_(module: nn.Module, prelu_slope: float = 0.25) -> nn.Module:
@@ -116,8 +120,51 @@ MODELS = {
 }
 
 
-def build_model(name: str, feat_dim: int, in_channels: int = 1, image_size: int = 28, **kwargs) -> nn.Module:
-    """The feature network registered as ``name``; extra keyword arguments go to its constructor."""
+class _SoftSpectralNorm(nn.Module):
+    """The parametrization ``W / max(1, sigma(W) / coeff)``: sigma, the spectral norm of the weight reshaped to
+    (out, in * kh * kw) (Miyato et al. 2018), estimated by one power iteration per training-mode forward (u, v
+    persistent buffers); the soft form of DDU (Mukhoti et al. 2023), which leaves weights of norm <= coeff as
+    they are."""
+
+    def __init__(self, weight: Tensor, coeff: float) -> None:
+        super().__init__()
+        self.coeff = float(coeff)
+        w = weight.detach().flatten(1)
+        u, v = torch.randn(w.shape[0], dtype=w.dtype), torch.randn(w.shape[1], dtype=w.dtype)
+        self.register_buffer("u", nn.functional.normalize(u, dim=0, eps=1e-12))
+        self.register_buffer("v", nn.functional.normalize(v, dim=0, eps=1e-12))
+        self._power_iteration(w, 15)
+
+    @torch.no_grad()
+    def _power_iteration(self, w: Tensor, n: int) -> None:
+        for _ in range(n):
+            self.v.copy_(nn.functional.normalize(w.t() @ self.u, dim=0, eps=1e-12))
+            self.u.copy_(nn.functional.normalize(w @ self.v, dim=0, eps=1e-12))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        w = weight.flatten(1)
+        if self.training:
+            self._power_iteration(w.detach(), 1)
+        sigma = self.u @ w @ self.v  # differentiable in the weight, u and v held fixed (as torch's spectral_norm)
+        return weight / torch.clamp(sigma / self.coeff, min=1.0)
+
+
+def spectral_normalize_(module: nn.Module, coeff: float) -> nn.Module:
+    """Bound every conv and linear weight of ``module`` to a spectral norm <= ``coeff`` (reshaped-matrix norm;
+    :class:`_SoftSpectralNorm` as a ``torch.nn.utils.parametrize`` parametrization of ``weight``)."""
+    if not (isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and math.isfinite(coeff) and coeff > 0):
+        raise ValueError(f"spectral_norm must be a finite number > 0, got {coeff!r}")
+    for m in list(module.modules()):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            parametrize.register_parametrization(m, "weight", _SoftSpectralNorm(m.weight, coeff))
+    return module
+
+
+def build_model(name: str, feat_dim: int, in_channels: int = 1, image_size: int = 28, *,
+                spectral_norm: float = 0.0, **kwargs) -> nn.Module:
+    """The feature network registered as ``name``; extra keyword arguments go to its constructor.
+    ``spectral_norm`` > 0: :func:`spectral_normalize_` with that coefficient."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](feat_dim, in_channels, image_size, **kwargs)
+    model = MODELS[name](feat_dim, in_channels, image_size, **kwargs)
+    return spectral_normalize_(model, spectral_norm) if spectral_norm else model

@@ -32,7 +32,8 @@ def build_model_and_head(cfg: TrainConfig, steps_per_epoch: int = 0) -> tuple[nn
     """The feature network and the head of ``cfg`` on its device; the head gets exactly the config
     fields it declares (``Head.config_keys``), the warm-up in steps derived from ``steps_per_epoch``."""
     info = dataset_info(cfg.dataset)
-    model = build_model(cfg.model, cfg.feat_dim, info["channels"], info["image_size"], feature_relu=cfg.feature_relu)
+    model = build_model(cfg.model, cfg.feat_dim, info["channels"], info["image_size"], feature_relu=cfg.feature_relu,
+                        spectral_norm=cfg.spectral_norm)
     derived = {"warmup_steps": warmup_steps(cfg, steps_per_epoch)}
     kwargs = {k: derived[k] if k in derived else getattr(cfg, k) for k in HEADS[cfg.head].config_keys}
     head = build_head(cfg.head, cfg.feat_dim, cfg.num_classes, **kwargs)  # fewer with cfg.classes

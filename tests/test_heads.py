@@ -22,6 +22,51 @@ def test_feature_layer_is_linear_by_default_and_relu_on_request():
     assert config_from_preset(None).feature_relu is False
 
 
+@pytest.mark.parametrize("name", ["lenetpp", "resnet20"])
+def test_spectral_norm_bounds_every_layer_and_round_trips(name):
+    """``--spectral-norm c``: every conv and linear weight the network uses has spectral norm <= c (the
+    reshaped matrix's, up to the power iteration's estimate, which follows the weights one iteration per training
+    forward), also after SGD steps that push the raw weights far past c; weights already below c are left as
+    they are; eval mode is deterministic and a state dict round-trips."""
+    torch.manual_seed(0)
+    chans = 3 if name.startswith("resnet") else 1
+    plain = build_model(name, 8, chans)
+    torch.manual_seed(0)
+    model = build_model(name, 8, chans, spectral_norm=0.5)
+    x = torch.rand(4, chans, 28, 28)
+
+    def norms(m):
+        return [torch.linalg.matrix_norm(layer.weight.detach().flatten(1), 2).item() for layer in m.modules()
+                if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    assert len(norms(model)) == len(norms(plain)) and max(norms(plain)) > 0.5
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    for _ in range(5):  # large steps: the raw weights grow, the normalised ones stay bounded
+        opt.zero_grad()
+        model(x).pow(2).sum().neg().backward()
+        opt.step()
+    with torch.no_grad():
+        for _ in range(30):  # one power iteration per training forward: the estimate catches up with the weights
+            model(x)
+    model.eval()
+    assert max(norms(model)) <= 0.5 * 1.02, norms(model)
+    torch.manual_seed(0)
+    same = build_model(name, 8, chans, spectral_norm=100.0).eval()
+    torch.manual_seed(0)
+    torch.testing.assert_close(same(x), build_model(name, 8, chans).eval()(x))  # below the bound: unchanged
+    again = build_model(name, 8, chans, spectral_norm=0.5)
+    again.load_state_dict(model.state_dict())
+    again.eval()
+    assert torch.equal(again(x), model(x)) and torch.equal(model(x), model(x))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="spectral_norm"):
+            config_from_preset(None, spectral_norm=bad)
+    assert config_from_preset(None).spectral_norm == 0.0
+    m, _ = _build(config_from_preset(None, feat_dim=8, spectral_norm=2.0))
+    assert any("parametrizations" in k for k in m.state_dict())
+
+
 @pytest.mark.parametrize("kind", ["lgm", "softmax", "center", "lsoftmax"])
 def test_head_class_parameters_get_the_multiplier(kind):
     cfg = config_from_preset(None, head=kind, feat_dim=8, lr=0.02, head_lr_mult=10.0, weight_decay=5e-4,
