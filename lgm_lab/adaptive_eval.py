@@ -41,7 +41,7 @@ from lgm_ext.attacks import AdaptivePGD
 from .tensors import batches
 
 __all__ = ["AttackProtocol", "ATTACK_PROTOCOLS", "VARIANTS", "adaptive_attack", "best_scores", "success_rates",
-           "feature_space_attack", "describe_protocol"]
+           "feature_space_attack", "describe_protocol", "transfer_images", "transfer_success"]
 
 VARIANTS = ("restarts", "step sweep", "multi-targeted", "long")
 
@@ -191,3 +191,36 @@ def feature_space_attack(classifier, det, f: Tensor, y: Tensor, radius: Tensor, 
                 scale = (r / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 z = (f + delta * scale[:, None]).detach()
     return best
+
+
+def transfer_images(model, classifier, det, x: Tensor, y: Tensor, eps: float, *, steps: int, seed: int = 0,
+                    batch: int = 256) -> Tensor:
+    """The transfer attack's images: the selective :class:`lgm_ext.attacks.AdaptivePGD` (``steps`` steps of
+    2.5 eps / steps, one random start) against a *source* network (``model``, ``classifier``) and its
+    detector at ``det.threshold``; per image the last iterate the source misclassified and accepted, else the
+    last iterate.  Evaluate them on another network with :func:`transfer_success`."""
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    out = []
+    for s in batches(len(x), batch):
+        atk = AdaptivePGD(model, det, eps=eps, alpha=2.5 * eps / steps, steps=steps, classifier=classifier,
+                          seed=seed)
+        out.append(atk(x[s], y[s]))
+    return torch.cat(out) if out else x[:0].clone()
+
+
+def transfer_success(model, classifier, det, adv: Tensor, y: Tensor, thresholds: dict, batch: int = 256) -> dict:
+    """% of ``adv`` that the *target* network (``model``, ``classifier``) misclassifies and its ``det``
+    accepts at each threshold (``{key: threshold}``), plus ``ceiling`` (% misclassified) and ``n``: the
+    entries of :func:`success_rates`, for images crafted elsewhere (:func:`transfer_images`)."""
+    scores, fooled = [], []
+    with torch.no_grad():
+        for s in batches(len(adv), batch):
+            f = model(adv[s])
+            fooled.append((classifier(f).argmax(1) != y[s]).cpu())
+            scores.append(det.score(f).detach().double().cpu())
+    if not scores:
+        return {**{k: 0.0 for k in thresholds}, "ceiling": 0.0, "n": 0}
+    sc, fo = torch.cat(scores), torch.cat(fooled)
+    out = {k: 100.0 * (fo & (sc >= t)).double().mean().item() for k, t in thresholds.items()}
+    return {**out, "ceiling": 100.0 * fo.double().mean().item(), "n": len(adv)}

@@ -3,7 +3,8 @@ the detectors a network gets (:func:`detector_names`, :func:`build_detectors`: t
 :mod:`lgm_lab.baselines` on every network, the center distance, an L-GM head's own scores), the images the
 protocol needs (:func:`detection_data`), and :func:`measure_network`: thresholds at every operating point,
 detection metrics per abnormal set, attacks, the adaptive attack (PGD-10 and the full protocol of
-:mod:`lgm_lab.adaptive_eval`) and an L-GM network's diagnostics (:func:`lgm_diagnostics`).  Used by the
+:mod:`lgm_lab.adaptive_eval`) and an L-GM network's diagnostics (:func:`lgm_diagnostics`); and
+:func:`transfer_check`, the transfer attack between two networks.  Used by the
 detection experiment (:mod:`lgm_lab.experiments.detection`) and ``lgm ood``.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .adaptive_eval import (
     describe_protocol,
     feature_space_attack,
     success_rates,
+    transfer_images,
+    transfer_success,
 )
 from .baselines import FeatureScore
 from .config import dataset_info
@@ -34,7 +37,8 @@ from .ood_data import DIGITS_SIZE, OOD_SETS, ood_images, other_classes, restrict
 from .tensors import batches, features, stack_dataset
 
 __all__ = ["HELDOUT_SET", "EPS", "PGD_STEPS", "FPRS", "FPR", "ScoreDetector", "center_distance", "detector_names",
-           "build_detectors", "detection_data", "lgm_diagnostics", "measure_network"]
+           "build_detectors", "detection_data", "lgm_diagnostics", "measure_network", "calibrated_detectors",
+           "transfer_check"]
 
 HELDOUT_SET = "held-out classes"
 EPS = (0.1, 0.3)
@@ -178,6 +182,47 @@ class _AtThreshold:
         return self.det.score(f)
 
 
+def _thresholds(det, f_cal: Tensor, fprs) -> dict:
+    """``{operating point key: threshold}``: ``det``'s threshold at each false-rejection rate of ``fprs`` on
+    the calibration features."""
+    s_cal = _score_batches(det, f_cal)
+    return {operating_point_key(p): calibrated_threshold(s_cal, p) for p in fprs}
+
+
+def calibrated_detectors(model, head, data: dict, fprs=FPRS, batch: int = 256) -> dict:
+    """Every detector of :func:`build_detectors` on one network, fitted on ``data["fit"]`` (a
+    :func:`detection_data` dict) and calibrated on ``data["calibration"]`` as :func:`measure_network` does:
+    ``{name: (detector, {operating point key: threshold})}``."""
+    with torch.no_grad():
+        fit = data.get("fit")
+        f_fit = None if fit is None else features(model, fit[0], batch)
+        dets = build_detectors(head, f_fit, None if fit is None else fit[1])
+        f_cal = features(model, data["calibration"], batch)
+    return {name: (det, _thresholds(det, f_cal, fprs)) for name, det in dets.items()}
+
+
+def transfer_check(source: tuple, target: tuple, x: Tensor, y: Tensor, *, eps, steps: int, seed: int = 0,
+                   batch: int = 256) -> dict:
+    """The transfer attack, a check of the white-box evaluation: for every detector both networks have, images
+    crafted against the *source* network and that detector at its first operating point
+    (:func:`lgm_lab.adaptive_eval.transfer_images`, ``steps`` steps at each of ``eps``) and evaluated on the
+    *target* network and its own detector of that name at each of its operating points.  ``source`` and
+    ``target`` are ``(model, head, calibrated_detectors(...))``.  Returns ``{detector: {"<eps>": {key: %,
+    "ceiling": %, "n": n}}}`` (:func:`lgm_lab.adaptive_eval.transfer_success`).  A transfer attack that beats
+    the white-box attack on the target would mean the white-box attack is broken (Carlini et al. 2019)."""
+    (sm, sh, sdets), (tm, th_, tdets) = source, target
+    out = {}
+    for name in [n for n in tdets if n in sdets]:
+        (sdet, sth), (tdet, tth) = sdets[name], tdets[name]
+        first = next(iter(sth))
+        out[name] = {}
+        for e in eps:
+            adv = transfer_images(sm, sh.logits, _AtThreshold(sdet, sth[first]), x, y, e, steps=steps, seed=seed,
+                                  batch=batch)
+            out[name][f"{e:g}"] = transfer_success(tm, th_.logits, tdet, adv, y, tth, batch)
+    return out
+
+
 def lgm_diagnostics(model, head, data: dict, f_fit: Tensor, y_fit: Tensor, feats: dict, batch: int = 256) -> dict:
     """Why an L-GM network's likelihood does or does not reject abnormal inputs: the head's learned
     log-variances against those of Gaussians fitted to its training features (diagonal), the features' norms,
@@ -273,8 +318,7 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
                 adv = PGD(clf, eps=e, alpha=2.5 * e / PGD_STEPS, steps=PGD_STEPS, seed=seed)(xa[:m], ya[:m])
                 radii[e] = (features(model, adv, batch) - f0).norm(dim=1)
     for name, det in dets.items():
-        s_cal = _score_batches(det, f_cal)
-        th = {k: calibrated_threshold(s_cal, p) for k, p in zip(keys, fprs)}
+        th = _thresholds(det, f_cal, fprs)
         det.calibrate(f_cal, fprs[0])  # the primary operating point, for a caller that keeps the detector
         s_clean = _score_batches(det, f_clean)
         r = {"detector": getattr(det, "name", type(det).__name__),

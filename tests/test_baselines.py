@@ -19,6 +19,8 @@ from lgm_lab.adaptive_eval import (
     describe_protocol,
     feature_space_attack,
     success_rates,
+    transfer_images,
+    transfer_success,
 )
 from lgm_lab.experiments import measure as M
 from lgm_lab.ood_data import OOD_SETS, ood_images, photo_patches
@@ -175,8 +177,12 @@ def test_photo_patches():
 def toy():
     """An images -> 2-D features network with an L-GM head fitted to its training features and the head's
     likelihood detector calibrated at 5% false rejection."""
-    torch.manual_seed(0)
-    x = torch.rand(200, 1, 4, 4)
+    return _toy(0)
+
+
+def _toy(seed: int):
+    torch.manual_seed(seed)
+    x = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # the same images for every seed
     y = x.mean((1, 2, 3)).argsort().argsort() * 3 // len(x)  # tertiles of the mean brightness
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 2)).double().eval()
     x = x.double()
@@ -286,3 +292,48 @@ def test_external_sets_are_conformed_to_the_model(tmp_path):
     assert name == "shots" and x.shape == (3, 1, 28, 28)
     with pytest.raises(ValueError, match="--ood-data"):
         external_ood_set(str(tmp_path / "nowhere"), (1, 28, 28))
+
+
+def test_transfer_attack(toy):
+    """The transfer attack's images are the selective attack's kept images: evaluated on the network and
+    detector they were crafted against, they succeed exactly where the white-box run did; on another network
+    they are counted as that network's own success (misclassified and accepted), never above its ceiling."""
+    net, head, det, x, y = toy
+    xs, ys = x[:60], y[:60]
+    adv = transfer_images(net, head.logits, det, xs, ys, 0.15, steps=8, seed=2, batch=25)  # batches: one seed
+    assert adv.shape == xs.shape and (adv - xs).abs().max() <= 0.15 + 1e-12
+    _, ok = AdaptivePGD(net, det, eps=0.15, alpha=2.5 * 0.15 / 8, steps=8, classifier=head.logits, seed=2)(
+        xs, ys, return_success=True)
+    same = transfer_success(net, head.logits, det, adv, ys, {"5": det.threshold})
+    assert same["n"] == 60 and same["5"] == pytest.approx(100.0 * ok.double().mean().item())
+    # with nothing rejected, success is the misclassification rate; a threshold above every score: 0
+    with torch.no_grad():
+        wrong = (head.logits(net(adv)).argmax(1) != ys).double().mean().item() * 100
+    r = transfer_success(net, head.logits, det, adv, ys, {"none": -math.inf, "all": math.inf})
+    assert r["none"] == pytest.approx(wrong) == r["ceiling"] and r["all"] == 0.0
+    net2, head2, det2, _x, _y = _toy(1)
+    r2 = transfer_success(net2, head2.logits, det2, adv, ys, {"5": det2.threshold, "1": det2.threshold - 1.0})
+    assert 0 <= r2["5"] <= r2["1"] <= r2["ceiling"] <= 100
+    assert transfer_success(net2, head2.logits, det2, adv[:0], ys[:0], {"5": 0.0}) == {"5": 0.0, "ceiling": 0.0,
+                                                                                         "n": 0}
+    with pytest.raises(ValueError, match="steps"):
+        transfer_images(net, head.logits, det, xs, ys, 0.15, steps=0)
+
+
+def test_transfer_check_between_two_networks():
+    from lgm_lab.detection_protocol import _thresholds, transfer_check
+
+    nets = []
+    for seed in (0, 1):
+        net, head, det, x, y = _toy(seed)
+        with torch.no_grad():
+            f = net(x)
+        loose = B.FeatureScore("anything", lambda z: 0.0 * z.sum(1))
+        nets.append((net, head, {"L-GM likelihood": (det, _thresholds(det, f, (0.05, 0.01))),
+                                 "anything": (loose, {"5": 0.0, "1": 0.0})}))
+    nets[1][2].pop("anything")  # only the detectors both networks have are checked
+    out = transfer_check(nets[0], nets[1], x[:30], y[:30], eps=(0.05, 0.3), steps=6, seed=0)
+    assert set(out) == {"L-GM likelihood"} and set(out["L-GM likelihood"]) == {"0.05", "0.3"}
+    for r in out["L-GM likelihood"].values():
+        assert r["n"] == 30 and 0 <= r["5"] <= r["1"] <= r["ceiling"] <= 100
+    assert out["L-GM likelihood"]["0.3"]["ceiling"] >= out["L-GM likelihood"]["0.05"]["ceiling"]

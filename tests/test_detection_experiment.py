@@ -167,7 +167,7 @@ def test_score_detectors_follow_the_library_convention(tiny):
 def test_detection_experiment_tiny(tmp_path, monkeypatch):
     src = write_idx(tmp_path / "idx", n_train=120, n_test=64)
     monkeypatch.setitem(D.DETECTION_PRESETS, "quick", dict(
-        train=dict(subset=80, test_subset=48, epochs=1, batch_size=32), seeds=(0,), fit_points=80,
+        train=dict(subset=80, test_subset=48, epochs=1, batch_size=32), seeds=(0, 1), fit_points=80,
         attack_subset=4, adaptive_subset=3, protocol=dict(name="tiny", eps=(0.3,), subset=2, seeds=(0,))))
     monkeypatch.setattr(D, "EPS", (0.3,))
     monkeypatch.setattr(D, "DETECTION_MODELS", {k: D.DETECTION_MODELS[k] for k in ("center", "lgm-a1")})
@@ -185,7 +185,12 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     sets = {*OOD_SETS, D.HELDOUT_SET, "FGSM 0.3", "PGD-10 0.3"}
     assert set(res["sets"]) == sets and "photos" in sets
     for det, seeds in res["runs"].items():
-        assert set(seeds) == {0}, det
+        assert set(seeds) == {0, 1}, det
+        assert "protocol" in seeds[0] and "protocol" not in seeds[1] and "transfer" not in seeds[1]
+        t = seeds[0]["transfer"]
+        assert t["source_seed"] == 1 and set(t["eps"]) == {"0.3"}, det
+        assert t["eps"]["0.3"]["n"] == 2 and 0 <= t["eps"]["0.3"]["5"] <= t["eps"]["0.3"]["1"] <= \
+            t["eps"]["0.3"]["ceiling"] <= 100
         for r in seeds.values():
             assert set(r["sets"]) == sets and set(r["false_rejection"]) == {"5", "1"}
             for m in r["sets"].values():
@@ -195,16 +200,21 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
             a = r["adaptive"]["0.3"]
             for o in ("5", "1"):
                 assert 0 <= a["pgd"][o] <= 100 and a["adaptive"][o] <= a["ceiling"] <= 100
+            if "protocol" not in r:
+                continue
             p = r["protocol"]["eps"]["0.3"]
             assert set(p) == {"restarts", "step sweep", "multi-targeted", "long", "all", "feature space"}
             assert p["all"]["5"] >= max(p[v]["5"] for v in ("restarts", "step sweep", "multi-targeted"))
+    assert (out / "runs" / "center-s0" / "transfer_eval.json").exists()
+    assert not (out / "runs" / "center-s1" / "transfer_eval.json").exists()
     diag = res["networks"]["lgm-a1"][0]["diagnostics"]
     assert set(diag["sets"]) == set(OOD_SETS) and diag["head_log_var_mean"] is not None
     assert len(res["verdicts"]) == (len(dets) - 1) * (len(sets) + 1)
     assert {v["verdict"] for v in res["verdicts"]} <= {"holds", "fails", "within noise"}
     md = (out / "detection.md").read_text()
     for text in ("AUROC", "AUPR-in", "AUPR-out", "OpenOOD", "Lee et al.", "EER", "Realised false-rejection",
-                 "Adaptive attack", "full protocol", "Which detector rejects what", "Why the L-GM likelihood",
+                 "Adaptive attack", "full protocol", "Transfer check", "seed 1 -> seed 0",
+                 "Which detector rejects what", "Why the L-GM likelihood",
                  "figures/detection_roc.png", *dets):
         assert text in md, text
     assert (out / "figures" / "detection_roc.png").stat().st_size > 1000
@@ -214,14 +224,14 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     said = []
     res2 = D.detection_experiment(out, data_dir=src, progress=said.append)
     assert (out / "runs" / "lgm-a1-heldout-s0" / "checkpoint.pt").stat().st_mtime_ns == before
-    assert res2["models_reused"] == res2["models"] == 4
-    assert sum("reused" in m for m in said) == 4
+    assert res2["models_reused"] == res2["models"] == 8
+    assert sum("reused" in m for m in said) == 8 + 2  # every measurement, and both transfer checks
     assert json.loads(json.dumps(res2["runs"])) == json.loads(json.dumps(res["runs"]))
     # a network that diverges is recorded and left out, the rest is still measured and reported
     from lgm_lab.train import TrainingDiverged
 
     def train_or_reuse(cfg, run_dir, progress):
-        if run_dir.name == "lgm-a1-heldout-s0":
+        if run_dir.name in ("lgm-a1-heldout-s0", "lgm-a1-heldout-s1", "lgm-a1-s1"):
             raise TrainingDiverged("non-finite loss (nan) at epoch 2, step 1 (lr 0.005); training stopped. Last ...")
         return True
 
@@ -230,7 +240,9 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     res3 = D.detection_experiment(out, data_dir=src, progress=lambda m: None,
                                   on_stage=lambda d, t, w: stages.append((d, t)))
     assert stages == [(i, total) for i in range(total)]
-    assert res3["diverged"] == {"lgm-a1-heldout-s0": "non-finite loss (nan) at epoch 2, step 1 (lr 0.005)"}
+    why = "non-finite loss (nan) at epoch 2, step 1 (lr 0.005)"
+    assert res3["diverged"] == {k: why for k in ("lgm-a1-heldout-s0", "lgm-a1-heldout-s1", "lgm-a1-s1")}
+    assert "transfer" not in res3["runs"][D.LGM_DETECTOR][0] and "transfer" in res3["runs"]["KNN (center)"][0]
     assert D.HELDOUT_SET not in res3["runs"][D.LGM_DETECTOR][0]["sets"]
     assert D.HELDOUT_SET in res3["sets"] and len(res3["verdicts"]) == (len(dets) - 1) * len(sets)  # no held-out
     assert "Diverged" in (out / "detection.md").read_text()

@@ -8,7 +8,8 @@ network -- pytorch-ood's KNN, ViM, Energy, MaxLogit, max-softmax; Mahalanobis on
 features --, the center distance, and an L-GM head's own likelihood and mixture score and Gaussians re-fitted
 to its features), cached beside its checkpoint.  Thresholds at the 5% and 1% operating points, metrics per
 abnormal set (rejections, AUROC, AUPR-in/out, FPR at 95% TPR both ways, EER), the adaptive PGD-10 attack on
-every detector and the full adaptive protocol on the preset's seeds.  Over seeds: mean ± std,
+every detector and the full adaptive protocol on the preset's seeds, with the transfer attack from the next
+seed's network of the same kind as its check.  Over seeds: mean ± std,
 :func:`~lgm_lab.experiments.stats.compare`'s verdicts for "L-GM's likelihood detects X better", and per set
 the detector that rejects the most at the 5% point (:func:`preferred_detectors`).  Finished runs and
 measurements are reused.
@@ -19,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+from ..adaptive_eval import ATTACK_PROTOCOLS
 from ..baselines import KNN_K
 from ..checkpoints import checkpoint_digest, load_trained
 from ..detection_protocol import (
@@ -29,11 +31,13 @@ from ..detection_protocol import (
     PGD_STEPS,
     ScoreDetector,
     build_detectors,
+    calibrated_detectors,
     center_distance,
     detection_data,
     detector_names,
     lgm_diagnostics,
     measure_network,
+    transfer_check,
 )
 from ..figures import detection_roc_figure
 from ..ood_data import OOD_SETS
@@ -62,7 +66,7 @@ LGM_DETECTOR = "L-GM likelihood (lgm-a1)"
 DETECTION_PRESETS = {
     "quick": dict(train=dict(steps=256, warmup_steps=64, test_subset=2000), seeds=(0, 1, 2), fit_points=10000,
                   attack_subset=500, adaptive_subset=100,
-                  protocol=dict(name="quick", eps=(0.1,), subset=20, seeds=(0,))),
+                  protocol=dict(name="quick", eps=(0.03, 0.1), subset=20, seeds=(0,))),
     "standard": dict(train=dict(steps=1024, warmup_steps=256, test_subset=2000), seeds=(0, 1, 2),
                      fit_points=20000, attack_subset=1000, adaptive_subset=500,
                      protocol=dict(name="standard", eps=(0.03, 0.1, 0.3), subset=200, seeds=(0, 1, 2))),
@@ -70,9 +74,19 @@ DETECTION_PRESETS = {
 _PROTOCOL = 3  # bump when the measurement changes: cached measurements of another protocol are redone
 
 
+def _transfer_pairs(P: dict) -> list[tuple[int, int]]:
+    """(target seed, source seed) of the transfer check: each protocol seed's networks are attacked with images
+    crafted on the next seed's network of the same kind (none with a single seed)."""
+    seeds, prot = list(P["seeds"]), P.get("protocol")
+    if prot is None or len(seeds) < 2:
+        return []
+    return [(s, seeds[(seeds.index(s) + 1) % len(seeds)]) for s in seeds if s in prot["seeds"]]
+
+
 def detection_stages(preset: str) -> int:
     """How many stages :func:`detection_experiment` reports for ``preset`` (for a progress bar)."""
-    return 4 * len(DETECTION_MODELS) * len(DETECTION_PRESETS[preset]["seeds"]) + 1
+    P = DETECTION_PRESETS[preset]
+    return (4 * len(P["seeds"]) + len(_transfer_pairs(P))) * len(DETECTION_MODELS) + 1
 
 
 def _measure_run(cfg, run_dir: Path, P: dict, data_dir, heldout: bool, stage) -> dict:
@@ -98,6 +112,35 @@ def _measure_run(cfg, run_dir: Path, P: dict, data_dir, heldout: bool, stage) ->
                           seed=cfg.seed)
     res["network"]["label"] = head.label
     save_cached(run_dir / "detection_eval.json", settings, res)
+    return res
+
+
+def _transfer_run(cfgs: dict, target: str, source: str, out: Path, P: dict, data_dir, stage) -> dict:
+    """The transfer check from network ``source`` to ``target`` (run names), cached in the target's folder."""
+    prot = P["protocol"]
+    steps = ATTACK_PROTOCOLS[prot["name"]].steps
+    loaded = {k: load_trained(out / "runs" / k / "checkpoint.pt") for k in (target, source)}
+    settings = {"protocol": _PROTOCOL, "target_sha256": checkpoint_digest(loaded[target].checkpoint),
+                "source_sha256": checkpoint_digest(loaded[source].checkpoint), "source": source,
+                "test_subset": P["train"].get("test_subset"), "fit_points": P["fit_points"],
+                "attack_subset": P["attack_subset"], "eps": list(prot["eps"]), "subset": prot["subset"],
+                "steps": steps, "fprs": list(FPRS)}
+    cached = load_cached(out / "runs" / target / "transfer_eval.json", settings)
+    if cached is not None:
+        stage(f"transfer {source} -> {target}: reused")
+        return cached
+    stage(f"transfer {source} -> {target}")
+    nets = {}
+    for k, (model, head, _cfg, _ck) in loaded.items():
+        data = detection_data(cfgs[k], data_dir=data_dir, test_subset=P["train"].get("test_subset"), test_seed=0,
+                              fit_points=P["fit_points"], sets=(), ood_seed=cfgs[k].seed)
+        nets[k] = (model, head, calibrated_detectors(model, head, data))
+        if k == target:
+            x, y = data["clean"]
+            m = min(len(x), P["attack_subset"], prot["subset"])  # the white-box protocol's images
+            x, y = x[:m], y[:m]
+    res = transfer_check(nets[source], nets[target], x, y, eps=prot["eps"], steps=steps, seed=cfgs[target].seed)
+    save_cached(out / "runs" / target / "transfer_eval.json", settings, res)
     return res
 
 
@@ -128,13 +171,14 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
            "fpr": FPR, "fprs": list(FPRS), "heldout_classes": HELDOUT_CLASSES,
            "protocol": None if prot is None else {k: list(v) if isinstance(v, tuple) else v for k, v in prot.items()},
            "networks": {}, "runs": {}, "models": 0, "models_reused": 0, "diverged": {}}
-    curves = {}
+    curves, cfgs = {}, {}
     for seed in seeds:
         for name, spec in DETECTION_MODELS.items():
             for heldout in (False, True):
                 key = f"{name}{'-heldout' if heldout else ''}-s{seed}"
                 cfg = run_config(dataset, data_dir, 100, seed,
                                  dict(P["train"], **spec, classes=HELDOUT_CLASSES if heldout else None))
+                cfgs[key] = cfg
                 stage(f"training {key} ({budget_words(cfg.__dict__)})")
                 res["models"] += 1
                 try:
@@ -157,6 +201,14 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
                     if seed == seeds[0]:
                         for s, roc in m["roc"][det].items():
                             curves.setdefault(s, {})[full] = roc
+    for seed, src in _transfer_pairs(P):
+        for name in DETECTION_MODELS:
+            target, source = f"{name}-s{seed}", f"{name}-s{src}"
+            if target in res["diverged"] or source in res["diverged"]:
+                stage(f"transfer {source} -> {target}: a network diverged, skipped")
+                continue
+            for det, r in _transfer_run(cfgs, target, source, out, P, data_dir, stage).items():
+                res["runs"][f"{det} ({name})"][seed]["transfer"] = {"source_seed": src, "eps": r}
     stage("verdicts, figure, report")
     res["figures"] = [detection_roc_figure(curves, out / "figures" / "detection_roc", fmt=fmt,
                                            title=f"seed {seeds[0]}")]
@@ -391,4 +443,40 @@ def _protocol_section(res: dict, ops: list[str]) -> list[str]:
             ceiling = mean_std_text([q["all"]["ceiling"] for q in per], "{:.0f}")
             L.append(f"| {det} | " + " | ".join(cells) + f" | {ceiling} |")
         L.append("")
+    return L + _transfer_section(res, ops)
+
+
+def _transfer_section(res: dict, ops: list[str]) -> list[str]:
+    rows = [(det, seed, r) for det, runs in res["runs"].items() for seed, r in runs.items()
+            if "transfer" in r and "protocol" in r]
+    if not rows:
+        return []
+    pairs = sorted({(seed, r["transfer"]["source_seed"]) for _d, seed, r in rows})
+    L = ["### Transfer check", "",
+         "Images crafted by the selective adaptive attack against the same kind of network of another seed and "
+         "its own detector of that name (at its 5% point; "
+         + ", ".join(f"seed {b} -> seed {a}" for a, b in pairs)
+         + "), evaluated on this network and detector: success % (misclassified and accepted) beside the "
+         "white-box protocol's (\"all\") on the same images. A transfer attack that succeeds more often than the "
+         "white-box one would mean the white-box attack is broken.", "",
+         "| detector | eps | " + " | ".join(f"white-box @{o}% | transfer @{o}%" for o in ops)
+         + " | transfer ceiling |", "|---|---|" + "---|---|" * len(ops) + "---|"]
+    broken = []
+    for det in dict.fromkeys(d for d, _s, _r in rows):
+        for e in dict.fromkeys(e for d, _s, r in rows if d == det for e in r["transfer"]["eps"]):
+            per = [(r["protocol"]["eps"][e]["all"], r["transfer"]["eps"][e]) for d, _s, r in rows
+                   if d == det and e in r["transfer"]["eps"] and e in r["protocol"]["eps"]]
+            if not per:
+                continue
+            cells = []
+            for o in ops:
+                cells += [mean_std_text([w[o] for w, _t in per], "{:.0f}"),
+                          mean_std_text([t[o] for _w, t in per], "{:.0f}")]
+                if any(t[o] > w[o] for w, t in per):
+                    broken.append(f"{det} at eps {e}, {o}%")
+            L.append(f"| {det} | {e} | " + " | ".join(cells) + " | "
+                     + mean_std_text([t["ceiling"] for _w, t in per], "{:.0f}") + " |")
+    L += ["", "Transfer beat the white-box attack for: " + "; ".join(broken) + "." if broken else
+          "The white-box attack succeeded at least as often as the transfer attack for every detector, eps and "
+          "operating point.", ""]
     return L
