@@ -130,9 +130,9 @@ class TrainConfig:
     feat_dim: int = _opt(2, "feature dimension (2 for plots, 100 for accuracy)")
     feature_relu: bool = _opt(False, "ReLU after the feature layer (the L-GM paper's text; its authors' code has "
                                      "none, and it hurts L-GM: docs/SPEC.md section 5)")
-    spectral_norm: float = _opt(0.0, "spectrally normalise every conv and linear layer of the feature network to a "
-                                     "spectral norm <= this (0: off); DDU (Mukhoti et al.) uses 3 with residual "
-                                     "networks (docs/SPEC.md section 8)")
+    spectral_norm: float = _opt(0.0, "bound the spectral norm of every conv and linear weight of the feature network "
+                                     "(reshaped to a matrix, as Miyato et al.) to this (0: off); DDU (Mukhoti et "
+                                     "al.) uses 3 (docs/SPEC.md section 8)")
     head: str = _opt("lgm", "classification head", choices=HEAD_NAMES)
     alpha: float = _opt(_D["LGM_ALPHA"], "L-GM margin")
     lambda_: float = _opt(_D["LGM_LAMBDA"], "L-GM likelihood weight", flag="lambda")
@@ -204,6 +204,8 @@ class TrainConfig:
                 continue
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if isinstance(self.spectral_norm, bool):
+            raise ValueError(f"spectral_norm must be a number >= 0 (0: off), got {self.spectral_norm!r}")
         for name in ("inverse_eps", "inverse_step"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1):

@@ -123,14 +123,17 @@ MODELS = {
 class _SoftSpectralNorm(nn.Module):
     """The parametrization ``W / max(1, sigma(W) / coeff)``: sigma, the spectral norm of the weight reshaped to
     (out, in * kh * kw) (Miyato et al. 2018), estimated by one power iteration per training-mode forward (u, v
-    persistent buffers); the soft form of DDU (Mukhoti et al. 2023), which leaves weights of norm <= coeff as
-    they are."""
+    persistent buffers, drawn from the global generator); the soft form DDU (Mukhoti et al. 2023) uses, which
+    leaves weights of norm <= coeff as they are.  For a conv this is the reshaped weight's norm, not the layer's
+    Lipschitz constant (which DDU bounds, after Gouk et al.): a k x k conv can stretch its input by up to k times
+    more."""
 
     def __init__(self, weight: Tensor, coeff: float) -> None:
         super().__init__()
         self.coeff = float(coeff)
         w = weight.detach().flatten(1)
-        u, v = torch.randn(w.shape[0], dtype=w.dtype), torch.randn(w.shape[1], dtype=w.dtype)
+        u = torch.randn(w.shape[0], dtype=w.dtype, device=w.device)
+        v = torch.randn(w.shape[1], dtype=w.dtype, device=w.device)
         self.register_buffer("u", nn.functional.normalize(u, dim=0, eps=1e-12))
         self.register_buffer("v", nn.functional.normalize(v, dim=0, eps=1e-12))
         self._power_iteration(w, 15)
@@ -145,13 +148,16 @@ class _SoftSpectralNorm(nn.Module):
         w = weight.flatten(1)
         if self.training:
             self._power_iteration(w.detach(), 1)
-        sigma = self.u @ w @ self.v  # differentiable in the weight, u and v held fixed (as torch's spectral_norm)
+        # differentiable in the weight, u and v held fixed; cloned (as torch's spectral_norm does) so that another
+        # training forward before this one's backward does not change what its backward needs
+        sigma = self.u.clone() @ w @ self.v.clone()
         return weight / torch.clamp(sigma / self.coeff, min=1.0)
 
 
 def spectral_normalize_(module: nn.Module, coeff: float) -> nn.Module:
-    """Bound every conv and linear weight of ``module`` to a spectral norm <= ``coeff`` (reshaped-matrix norm;
-    :class:`_SoftSpectralNorm` as a ``torch.nn.utils.parametrize`` parametrization of ``weight``)."""
+    """Bound every conv and linear weight of ``module`` to a spectral norm <= ``coeff`` (the norm of the weight
+    reshaped to a matrix, Miyato et al.'s; :class:`_SoftSpectralNorm` as a ``torch.nn.utils.parametrize``
+    parametrization of ``weight``)."""
     if not (isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and math.isfinite(coeff) and coeff > 0):
         raise ValueError(f"spectral_norm must be a finite number > 0, got {coeff!r}")
     for m in list(module.modules()):

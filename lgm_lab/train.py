@@ -271,7 +271,9 @@ def _steps_per_epoch(n_train: int, cfg: TrainConfig, world: int) -> int:
 
 def _data_parallel(net: nn.Module) -> nn.Module:
     # the head's buffers (center-loss centers, the L-GM step counter) stay equal by their own synced or
-    # identical updates; BatchNorm statistics by SyncBatchNorm; nothing needs a broadcast
+    # identical updates; BatchNorm statistics by SyncBatchNorm; spectral normalisation's u, v (--spectral-norm) by
+    # every rank drawing them from the same seed and running the same power iteration on the same weights; nothing
+    # needs a broadcast
     import warnings
 
     from torch.nn.parallel import DistributedDataParallel

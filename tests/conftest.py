@@ -14,7 +14,8 @@ import torch
 # pipe (FORCE_COLOR, TTY_COMPATIBLE, ...), a width, or a rendezvous left in the environment would change what
 # subprocesses print or where gloo connects.
 for _name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR", "PY_COLORS", "CLICOLOR_FORCE",
-              "COLUMNS", "LINES", "TERMINAL_WIDTH", "MASTER_ADDR", "MASTER_PORT"):
+              "COLUMNS", "LINES", "TERMINAL_WIDTH", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+              "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID"):
     os.environ.pop(_name, None)
 
 # A fresh inductor cache per test session: a cache left on the machine by an older build of the operators
