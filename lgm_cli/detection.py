@@ -316,13 +316,12 @@ def ood(
     Gaussian noise, inverted images, natural-image patches, held-out classes (runs trained with --classes),
     --ood-data, FGSM and PGD-10; the adaptive attack's success with each detector on."""
     from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint
-    from lgm_lab.config import DATASETS
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.detection_protocol import detection_data, detector_names, measure_network
     from lgm_lab.detector_file import DetectorFileError, load_detector_file
     from lgm_lab.experiments.measure import operating_point_key
     from lgm_lab.figures import detection_roc_figure
-    from lgm_lab.ood_data import external_ood_set
+    from lgm_lab.ood_data import external_ood_set, parse_ood_data
     from lgm_lab.run_folder import same_file
 
     try:
@@ -334,8 +333,8 @@ def ood(
         for ck in checkpoints:
             check_not_input(out / "results.json", [ck], "--out")
         for spec in ood_data or []:  # results and figures never go into a folder of images it reads
-            folder = Path(spec.partition(":")[2] if spec.partition(":")[0] in DATASETS else spec)
-            if same_file(out, folder):
+            folder = parse_ood_data(spec)[1]
+            if folder is not None and same_file(out, folder):
                 raise ValueError(f"--out {out} is the --ood-data folder {spec}, which this command reads: give "
                                  "another output folder")
         out_folder(out)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from lgm_ext.attacks import AdaptivePGD
 
-from .tensors import batches
+from .tensors import batches, features
 
 __all__ = ["AttackProtocol", "ATTACK_PROTOCOLS", "VARIANTS", "adaptive_attack", "best_scores", "success_rates",
            "feature_space_attack", "describe_protocol", "transfer_images", "transfer_success"]
@@ -102,13 +102,20 @@ def best_scores(model, classifier, det, x: Tensor, y: Tensor, eps: float, alpha:
     ``targets`` if given) over ``x`` in batches: (N,) float64, per image the highest detector score of a
     misclassified iterate (-inf: none).  ``tick(k)`` after k images."""
     out = []
-    for s in batches(len(x), batch):
-        kw = {} if targets is None else {"loss_fn": _TargetedLoss(classifier, targets[s])}
-        atk = AdaptivePGD(model, det, eps=eps, alpha=alpha, steps=steps, classifier=classifier, seed=seed, **kw)
+    for s, atk in _selective_batches(model, classifier, det, len(x), eps, alpha, steps, seed, batch, targets):
         out.append(atk(x[s], y[s], return_score=True)[1].cpu())
         if tick is not None:
             tick(s.stop - s.start)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _selective_batches(model, classifier, det, n: int, eps: float, alpha: float, steps: int, seed: int, batch: int,
+                       targets: Tensor | None = None):
+    """``(slice, attack)`` per batch of ``n`` images: the selective :class:`lgm_ext.attacks.AdaptivePGD` that
+    every run of this module makes (towards ``targets[slice]`` if given)."""
+    for s in batches(n, batch):
+        kw = {} if targets is None else {"loss_fn": _TargetedLoss(classifier, targets[s])}
+        yield s, AdaptivePGD(model, det, eps=eps, alpha=alpha, steps=steps, classifier=classifier, seed=seed, **kw)
 
 
 def adaptive_attack(model, classifier, det, x: Tensor, y: Tensor, eps: float, protocol: AttackProtocol, *,
@@ -201,11 +208,8 @@ def transfer_images(model, classifier, det, x: Tensor, y: Tensor, eps: float, *,
     last iterate.  Evaluate them on another network with :func:`transfer_success`."""
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    out = []
-    for s in batches(len(x), batch):
-        atk = AdaptivePGD(model, det, eps=eps, alpha=2.5 * eps / steps, steps=steps, classifier=classifier,
-                          seed=seed)
-        out.append(atk(x[s], y[s]))
+    out = [atk(x[s], y[s]) for s, atk in _selective_batches(model, classifier, det, len(x), eps, 2.5 * eps / steps,
+                                                             steps, seed, batch)]
     return torch.cat(out) if out else x[:0].clone()
 
 
@@ -213,14 +217,11 @@ def transfer_success(model, classifier, det, adv: Tensor, y: Tensor, thresholds:
     """% of ``adv`` that the *target* network (``model``, ``classifier``) misclassifies and its ``det``
     accepts at each threshold (``{key: threshold}``), plus ``ceiling`` (% misclassified) and ``n``: the
     entries of :func:`success_rates`, for images crafted elsewhere (:func:`transfer_images`)."""
-    scores, fooled = [], []
-    with torch.no_grad():
-        for s in batches(len(adv), batch):
-            f = model(adv[s])
-            fooled.append((classifier(f).argmax(1) != y[s]).cpu())
-            scores.append(det.score(f).detach().double().cpu())
-    if not scores:
+    if not len(adv):
         return {**{k: 0.0 for k in thresholds}, "ceiling": 0.0, "n": 0}
-    sc, fo = torch.cat(scores), torch.cat(fooled)
+    f = features(model, adv, batch)
+    with torch.no_grad():
+        fo = torch.cat([(classifier(f[s]).argmax(1) != y[s]).cpu() for s in batches(len(f), batch)])
+        sc = torch.cat([det.score(f[s]).detach().double().cpu() for s in batches(len(f), batch)])
     out = {k: 100.0 * (fo & (sc >= t)).double().mean().item() for k, t in thresholds.items()}
     return {**out, "ceiling": 100.0 * fo.double().mean().item(), "n": len(adv)}

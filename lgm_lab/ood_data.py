@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["external_ood_set", "conform_images", "OOD_SETS", "DIGITS_SIZE", "PHOTO_CROP_SIDES", "digits_images",
-           "photo_patches", "ood_images", "ClassSubset", "restrict_classes", "other_classes", "dataset_labels",
-           "base_indices", "split_clean", "image_folder", "IMAGE_SUFFIXES"]
+__all__ = ["external_ood_set", "parse_ood_data", "conform_images", "OOD_SETS", "DIGITS_SIZE", "PHOTO_CROP_SIDES",
+           "digits_images", "photo_patches", "ood_images", "ClassSubset", "restrict_classes", "other_classes",
+           "dataset_labels", "base_indices", "split_clean", "image_folder", "IMAGE_SUFFIXES"]
 
 OOD_SETS = ("digits", "noise", "gaussian", "inverted", "photos")
 PHOTO_CROP_SIDES = (32, 160)  # the crops' side in pixels, inclusive
@@ -219,6 +219,19 @@ def conform_images(x: Tensor, shape) -> Tensor:
     return x.clamp(0.0, 1.0).contiguous()
 
 
+def parse_ood_data(spec: str):
+    """``(dataset, folder)`` of an ``--ood-data`` spec (:func:`external_ood_set`): ``(name, Path or None)`` for
+    ``DATASET`` / ``DATASET:DIR``, ``(None, Path)`` for a folder of images -- the folder it reads, if any."""
+    from pathlib import Path
+
+    from .config import DATASETS
+
+    name, _sep, folder = spec.partition(":")
+    if name in DATASETS:
+        return name, Path(folder) if folder else None
+    return None, Path(spec)
+
+
 def external_ood_set(spec: str, shape, *, n: int | None = None, seed: int = 0) -> tuple[str, Tensor]:
     """A user's out-of-distribution images (``lgm ood --ood-data SPEC``), as ``(name, (N, C, H, W) images)``
     conformed to ``shape`` (:func:`conform_images`), at most ``n`` of them (a seeded choice):
@@ -227,17 +240,14 @@ def external_ood_set(spec: str, shape, *, n: int | None = None, seed: int = 0) -
     - ``DATASET`` or ``DATASET:DIR``: the test split of a dataset the lab knows (``mnist``, ``fashion-mnist``,
       ``cifar10``), from its default folder (downloaded where there is a network) or from ``DIR`` (as
       ``--data-dir``); named after the dataset."""
-    from pathlib import Path
-
     from .config import DATASETS
     from .data import load_dataset
     from .tensors import stack_dataset
 
-    name, sep, folder = spec.partition(":")
-    if name in DATASETS:
-        ds = load_dataset(name, False, data_dir=folder or None, subset=n, seed=seed)
+    name, path = parse_ood_data(spec)
+    if name is not None:
+        ds = load_dataset(name, False, data_dir=str(path) if path else None, subset=n, seed=seed)
         return name, conform_images(stack_dataset(ds)[0], shape)
-    path = Path(spec)
     if not path.is_dir():
         raise ValueError(f"--ood-data {spec}: neither a folder of images nor one of the datasets "
                          f"{', '.join(DATASETS)} (DATASET or DATASET:DIR)")
