@@ -24,6 +24,7 @@ from .options import (
 )
 
 ReproducePreset = choices("ReproducePreset", config.REPRODUCE_PRESETS)
+AttackProtocol = choices("AttackProtocol", config.ATTACK_PROTOCOL_CHOICES)
 
 
 def _stage_reporter(progress: bool):
@@ -47,6 +48,12 @@ def reproduce(
                                    help="also train softmax, center and L-GM networks (all classes and classes "
                                         "0-4, 3 seeds) and add the out-of-distribution and adversarial detection "
                                         "experiment to the report (lgm ood measures given checkpoints)"),
+    attack_protocol: Optional[AttackProtocol] = typer.Option(
+        None, help="with --detection: the adaptive attack's full protocol of this preset instead of --preset's "
+                   "(quick: 20 images of one seed, eps 0.03 and 0.1, 2 restarts of 50 steps, 2 step sizes, "
+                   "multi-targeted; standard: 200 images of 3 seeds, eps 0.03, 0.1 and 0.3, 10 restarts of 100 "
+                   "steps, 3 step sizes, multi-targeted, 1,000 steps on 100: a GPU's work | none: not run). "
+                   "The standard budget with --attack-protocol quick is what 2 cores can measure"),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="show the progress bar (--no-progress for logs: one line per stage)"),
 ) -> None:
@@ -55,6 +62,8 @@ def reproduce(
 
     try:
         check_common("cpu", 1, None, None, fmt)
+        if attack_protocol is not None and not detection:
+            raise ValueError("--attack-protocol is a setting of the detection experiment: give --detection too")
         out_folder(out)
     except ValueError as err:
         fail(err)
@@ -66,7 +75,8 @@ def reproduce(
 
         try:
             res = run(out, preset=preset.value, data_dir=data_dir, progress=_stage_reporter(progress),
-                      on_stage=on_stage, fmt=fmt, inverse=inverse, detection=detection)
+                      on_stage=on_stage, fmt=fmt, inverse=inverse, detection=detection,
+                      attack_protocol=None if attack_protocol is None else attack_protocol.value)
         except (RuntimeError, ValueError, OSError) as err:
             fail(err)
         bar.update(task, completed=bar.tasks[0].total)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 __all__ = ["TrainConfig", "PRESETS", "DATASETS", "MODEL_NAMES", "HEAD_NAMES", "COVARIANCES", "LIKELIHOODS", "SCHEDULES",
-           "config_from_preset", "dataset_info", "config_fields", "REPRODUCE_PRESETS", "CLASS_NAMES",
+           "config_from_preset", "dataset_info", "config_fields", "REPRODUCE_PRESETS", "ATTACK_PROTOCOL_CHOICES",
+           "CLASS_NAMES",
            "class_names", "LIBRARY_DEFAULTS", "parse_classes"]
 
 
@@ -299,6 +300,9 @@ STANDARD_NOTE = (
     "point (docs/budget/budget.md) where softmax's, center loss's and L-GM's test errors have come within noise of "
     "each other, so the verdicts below are about trained models. Fashion-MNIST, not the paper's MNIST: compare "
     "directions and ratios with the paper, not the numbers.")
+# `lgm reproduce --detection --attack-protocol`: the detection presets whose adaptive-attack protocol a report
+# may use instead of its own (lgm_lab.experiments.detection.DETECTION_PRESETS), or none.
+ATTACK_PROTOCOL_CHOICES = ("quick", "standard", "none")
 REPRODUCE_PRESETS = {
     # `make demo`: one seed, three heads at 100-D, 256 SGD steps each on the full training set -- the point of
     # the budget curve (docs/budget, `lgm budget`) where every head has trained and the job stays under 10 min on

@@ -227,6 +227,19 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert res2["models_reused"] == res2["models"] == 8
     assert sum("reused" in m for m in said) == 8 + 2  # every measurement, and both transfer checks
     assert json.loads(json.dumps(res2["runs"])) == json.loads(json.dumps(res["runs"]))
+    # --attack-protocol none: the same networks, measured again without the full protocol and the transfer check
+    stages = []
+    res_none = D.detection_experiment(out, data_dir=src, progress=lambda m: None, attack_protocol="none",
+                                      on_stage=lambda d, t, w: stages.append((d, t)))
+    total_none = D.detection_stages("quick", "none")
+    assert total_none == total - len(D.DETECTION_MODELS) and stages == [(i, total_none) for i in range(total_none)]
+    assert res_none["models_reused"] == 8 and res_none["attack_protocol"] == "none" and res_none["protocol"] is None
+    for det, seeds in res_none["runs"].items():
+        assert "protocol" not in seeds[0] and "transfer" not in seeds[0], det
+        assert seeds[0]["adaptive"] == res["runs"][det][0]["adaptive"], det  # the rest is measured as before
+    md = (out / "detection.md").read_text()
+    assert "--detection --preset quick --attack-protocol none`" in md and "Not run (`--attack-protocol none`)" in md
+    assert "Transfer check" not in md
     # a network that diverges is recorded and left out, the rest is still measured and reported
     from lgm_lab.train import TrainingDiverged
 
@@ -246,6 +259,30 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert D.HELDOUT_SET not in res3["runs"][D.LGM_DETECTOR][0]["sets"]
     assert D.HELDOUT_SET in res3["sets"] and len(res3["verdicts"]) == (len(dets) - 1) * len(sets)  # no held-out
     assert "Diverged" in (out / "detection.md").read_text()
+
+
+def test_attack_protocol_of_another_preset():
+    """--attack-protocol: a preset's training and measurement with another preset's adaptive protocol, or none;
+    an unknown name is refused naming the choices; the CLI's choices are the presets' names and none."""
+    from lgm_lab.config import ATTACK_PROTOCOL_CHOICES
+
+    assert ATTACK_PROTOCOL_CHOICES == (*D.DETECTION_PRESETS, "none")
+    std, quick = D.DETECTION_PRESETS["standard"], D.DETECTION_PRESETS["quick"]
+    P = D.detection_preset("standard", "quick")
+    assert P["protocol"] == quick["protocol"] and P["train"] == std["train"] and P["seeds"] == std["seeds"]
+    assert {k: v for k, v in P.items() if k != "protocol"} == {k: v for k, v in std.items() if k != "protocol"}
+    assert D.DETECTION_PRESETS["standard"]["protocol"]["name"] == "standard"  # the preset itself is untouched
+    assert D.detection_preset("standard")["protocol"] == std["protocol"]
+    assert D.detection_preset("quick", "none")["protocol"] is None
+    # stages: one transfer check per protocol seed and network kind
+    n = len(D.DETECTION_MODELS)
+    assert D.detection_stages("standard", "none") == 4 * 3 * n + 1
+    assert D.detection_stages("standard", "quick") == (4 * 3 + 1) * n + 1
+    assert D.detection_stages("standard") == (4 * 3 + 3) * n + 1
+    with pytest.raises(ValueError, match="unknown attack protocol 'paper'; choose one of quick, standard, none"):
+        D.detection_preset("standard", "paper")
+    with pytest.raises(ValueError, match="unknown preset 'paper'"):
+        D.detection_preset("paper", "quick")
 
 
 def _fake_run(eer: float, adaptive: float, seed: int) -> dict:
@@ -320,6 +357,34 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
     assert "\n#### AUROC" in report and "](detection/figures/detection_roc.png)" in report
     with pytest.raises(ValueError, match="detection experiment has no preset"):
         E.reproduce(tmp_path / "out2", preset="paper", detection=True)
+    # the attack protocol is the detection experiment's setting, passed through and counted in the stages
+    seen = {}
+
+    def det_stub(out, *, attack_protocol=None, **kw):
+        seen["attack_protocol"] = attack_protocol
+        return stub("detection.md", D.detection_stages("quick", attack_protocol),
+                    "# Out-of-distribution detection\n")(out, **kw)
+
+    monkeypatch.setattr(D, "detection_experiment", det_stub)
+    stages = []
+    E.reproduce(tmp_path / "out", preset="quick", data_dir=src, progress=lambda m: None, detection=True,
+                attack_protocol="none", on_stage=lambda d, t, w: stages.append((d, t)))
+    total = E.reproduce_stages("quick", detection=True, attack_protocol="none")
+    assert seen == {"attack_protocol": "none"} and total < E.reproduce_stages("quick", detection=True)
+    assert stages == [(i, total) for i in range(total)]
+    with pytest.raises(ValueError, match="needs detection=True"):
+        E.reproduce(tmp_path / "out3", preset="quick", attack_protocol="quick")
+    with pytest.raises(ValueError, match="unknown attack protocol 'bogus'"):
+        E.reproduce(tmp_path / "out3", preset="quick", detection=True, attack_protocol="bogus")
+    assert not (tmp_path / "out3").exists()  # refused before anything is written
+
+
+def test_reproduce_attack_protocol_needs_detection_in_one_line(tmp_path):
+    out = _cli("reproduce", "--attack-protocol", "quick", "--out", tmp_path / "r", code=2)
+    assert "--attack-protocol is a setting of the detection experiment: give --detection too" in out
+    assert "Traceback" not in out and not (tmp_path / "r").exists()
+    out = _cli("reproduce", "--detection", "--attack-protocol", "paper", "--out", tmp_path / "r", code=2)
+    assert "quick" in out and "standard" in out and "none" in out and not (tmp_path / "r").exists()
 
 
 # ----------------------------------------------------------------------------- the CLI

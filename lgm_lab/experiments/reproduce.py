@@ -36,14 +36,15 @@ __all__ = ["reproduce", "reproduce_stages", "report_markdown", "budget_text", "t
 CENTERS_MODELS = {"A": "center", "B": "softmax", "L-GM": "lgm-a1"}
 
 
-def reproduce_stages(preset: str, inverse: bool = False, detection: bool = False) -> int:
+def reproduce_stages(preset: str, inverse: bool = False, detection: bool = False,
+                     attack_protocol: str | None = None) -> int:
     """How many stages :func:`reproduce` reports for ``preset`` (for a progress bar)."""
     P = REPRODUCE_PRESETS[preset]
     n = 2 * len(P["models100"]) * len(P["seeds"]) + 2 * len(P["models2"]) + 3
     if inverse:
         n += inverse_adversary.inverse_stages(preset)
     if detection:
-        n += detection_experiment.detection_stages(preset)
+        n += detection_experiment.detection_stages(preset, attack_protocol)
     return n
 
 
@@ -111,7 +112,8 @@ def _measure(name: str, seed: int, model, head, run_dir: Path, test, x, y, setti
 
 
 def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, on_stage=None,
-              fmt: str = "png", inverse: bool = False, detection: bool = False) -> dict:
+              fmt: str = "png", inverse: bool = False, detection: bool = False,
+              attack_protocol: str | None = None) -> dict:
     """Train every model of the preset (each seed), measure Table 1, Table 6, the verification EERs
     (every score, and targeted FGSM), the centers analysis and the figures (in ``fmt``: png, pdf or
     svg), into ``out_dir`` with ``report.md`` and ``results.json``.  Finished checkpoints and
@@ -119,18 +121,23 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
     description)`` is called as each of the :func:`reproduce_stages` stages starts.  ``inverse=True``
     also runs the inverse-adversary centers experiment (:mod:`lgm_lab.experiments.inverse`, same
     preset name) into ``out_dir/inverse`` and adds its section to the report; ``detection=True`` likewise the
-    detection experiment (:mod:`lgm_lab.experiments.detection`) into ``out_dir/detection``."""
+    detection experiment (:mod:`lgm_lab.experiments.detection`) into ``out_dir/detection``, with the adaptive
+    attack protocol of the preset named ``attack_protocol`` (or "none"; default the preset's own)."""
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(REPRODUCE_PRESETS)}")
     if inverse and preset not in inverse_adversary.INVERSE_PRESETS:
         raise ValueError(f"the inverse-adversary experiment has no preset {preset!r}")
     if detection and preset not in detection_experiment.DETECTION_PRESETS:
         raise ValueError(f"the detection experiment has no preset {preset!r}")
+    if attack_protocol is not None:
+        if not detection:
+            raise ValueError("an attack protocol is a setting of the detection experiment: it needs detection=True")
+        detection_experiment.detection_preset(preset, attack_protocol)  # an unknown name is refused before training
     if fmt not in FORMATS:
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     P = REPRODUCE_PRESETS[preset]
     out = Path(out_dir)
-    stage = _Stages(reproduce_stages(preset, inverse, detection), progress, on_stage)
+    stage = _Stages(reproduce_stages(preset, inverse, detection, attack_protocol), progress, on_stage)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     dataset = pick_dataset(preset, data_dir)
     t_start = time.perf_counter()
@@ -206,6 +213,7 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
         offset = stage.done + (inverse_adversary.inverse_stages(preset) if inverse else 0)  # after inverse's stages
         det = detection_experiment.detection_experiment(
             out / "detection", preset=preset, data_dir=data_dir, progress=progress, fmt=fmt,
+            attack_protocol=attack_protocol,
             on_stage=(lambda d, t, what: on_stage(offset + d, stage.total, what)) if on_stage else None)
         results["detection"] = {k: det[k] for k in ("verdicts", "seeds", "train", "figures")}
     stage.finish()

@@ -1,223 +1,20 @@
-"""Out-of-distribution and adversarial detection, measured (issues 25 and 35; docs/SPEC.md section 8).
-
-Networks: LeNet++ 100-D with a softmax, a center-loss and an L-GM (alpha = 1) head, each seed trained twice
-(:data:`DETECTION_MODELS`): on all ten Fashion-MNIST classes, and on classes 0-4 only (the held-out-classes
-protocol: the test images of classes 5-9 are its unknown inputs).  Each network is measured by
-:func:`lgm_lab.detection_protocol.measure_network` (its detectors: the field's post-hoc baselines on every
-network -- pytorch-ood's KNN, ViM, Energy, MaxLogit, max-softmax; Mahalanobis on raw and L2-normalised
-features --, the center distance, and an L-GM head's own likelihood and mixture score and Gaussians re-fitted
-to its features), cached beside its checkpoint.  Thresholds at the 5% and 1% operating points, metrics per
-abnormal set (rejections, AUROC, AUPR-in/out, FPR at 95% TPR both ways, EER), the adaptive PGD-10 attack on
-every detector and the full adaptive protocol on the preset's seeds, with the transfer attack from the next
-seed's network of the same kind as its check.  Over seeds: mean ± std,
-:func:`~lgm_lab.experiments.stats.compare`'s verdicts for "L-GM's likelihood detects X better", and per set
-the detector that rejects the most at the 5% point (:func:`preferred_detectors`).  Finished runs and
-measurements are reused.
-"""
+"""The detection experiment's verdicts and report (:func:`detection_markdown`), from the results
+:func:`lgm_lab.experiments.detection.detection_experiment` collects: over seeds mean ± std,
+:func:`~lgm_lab.experiments.stats.compare`'s verdicts for "L-GM's likelihood detects X better", per set the
+detector that rejects the most at the 5% operating point, the L-GM diagnostics, the full adaptive protocol and
+the transfer check."""
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-from ..adaptive_eval import ATTACK_PROTOCOLS
-from ..baselines import KNN_K
-from ..checkpoints import checkpoint_digest, load_trained
-from ..detection_protocol import (
-    EPS,
-    FPR,
-    FPRS,
-    HELDOUT_SET,
-    PGD_STEPS,
-    ScoreDetector,
-    build_detectors,
-    calibrated_detectors,
-    center_distance,
-    detection_data,
-    detector_names,
-    lgm_diagnostics,
-    measure_network,
-    transfer_check,
-)
-from ..figures import detection_roc_figure
-from ..ood_data import OOD_SETS
-from ..train import TrainingDiverged
-from .measure import operating_point_key
-from .runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
-from .stats import compare, mean_std_text
+from ...baselines import KNN_K
+from ..measure import operating_point_key
+from ..runs import budget_words
+from ..stats import compare, mean_std_text
 
-__all__ = ["DETECTION_MODELS", "DETECTION_PRESETS", "HELDOUT_CLASSES", "EPS", "PGD_STEPS", "FPR", "FPRS",
-           "LGM_DETECTOR", "ScoreDetector", "center_distance", "detector_names", "build_detectors", "HELDOUT_SET",
-           "detection_data", "lgm_diagnostics", "measure_network", "detection_experiment", "detection_stages",
-           "detection_verdicts", "preferred_detectors", "detection_markdown"]
+__all__ = ["LGM_DETECTOR", "detection_verdicts", "preferred_detectors", "detection_markdown"]
 
-DETECTION_MODELS = {"softmax": dict(head="softmax"), "center": dict(head="center"),
-                    "lgm-a1": dict(head="lgm", alpha=1.0)}
-HELDOUT_CLASSES = "0-4"  # the held-out-classes networks train on these; the other classes are unknown
 LGM_DETECTOR = "L-GM likelihood (lgm-a1)"
-# Budgets in SGD steps, from the budget curve (docs/budget, `lgm budget`): at 64 steps no head has trained; at
-# 256 steps of batch 128 every head has (test errors 15-18%, 3 seeds) -- "quick" is that point (its full-class
-# networks are the curve's and the demo's models); at 1,024 steps the three heads' errors are within noise of
-# each other -- "standard".  Nothing here is chosen to favour a detector.  "train" overrides the report
-# recipe; half of the test subset calibrates, half is measured; the held-out-classes networks train the same
-# number of steps on their five classes.  "adaptive_subset" images are attacked by the selective PGD-10
-# attack against every detector; "protocol" is the adaptive attack's full protocol
-# (lgm_lab.adaptive_eval.ATTACK_PROTOCOLS) on the first "subset" images at "eps", on the networks of "seeds".
-DETECTION_PRESETS = {
-    "quick": dict(train=dict(steps=256, warmup_steps=64, test_subset=2000), seeds=(0, 1, 2), fit_points=10000,
-                  attack_subset=500, adaptive_subset=100,
-                  protocol=dict(name="quick", eps=(0.03, 0.1), subset=20, seeds=(0,))),
-    "standard": dict(train=dict(steps=1024, warmup_steps=256, test_subset=2000), seeds=(0, 1, 2),
-                     fit_points=20000, attack_subset=1000, adaptive_subset=500,
-                     protocol=dict(name="standard", eps=(0.03, 0.1, 0.3), subset=200, seeds=(0, 1, 2))),
-}
-_PROTOCOL = 3  # bump when the measurement changes: cached measurements of another protocol are redone
-
-
-def _transfer_pairs(P: dict) -> list[tuple[int, int]]:
-    """(target seed, source seed) of the transfer check: each protocol seed's networks are attacked with images
-    crafted on the next seed's network of the same kind (none with a single seed)."""
-    seeds, prot = list(P["seeds"]), P.get("protocol")
-    if prot is None or len(seeds) < 2:
-        return []
-    return [(s, seeds[(seeds.index(s) + 1) % len(seeds)]) for s in seeds if s in prot["seeds"]]
-
-
-def detection_stages(preset: str) -> int:
-    """How many stages :func:`detection_experiment` reports for ``preset`` (for a progress bar)."""
-    P = DETECTION_PRESETS[preset]
-    return (4 * len(P["seeds"]) + len(_transfer_pairs(P))) * len(DETECTION_MODELS) + 1
-
-
-def _measure_run(cfg, run_dir: Path, P: dict, data_dir, heldout: bool, stage) -> dict:
-    """One run's measurement, cached beside its checkpoint (the same checkpoint measured the same way)."""
-    model, head, cfg, ck = load_trained(run_dir / "checkpoint.pt")
-    prot = P.get("protocol")
-    prot = None if heldout or prot is None or cfg.seed not in prot["seeds"] else \
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in prot.items() if k != "seeds"}
-    settings = {"protocol": _PROTOCOL, "sha256": checkpoint_digest(ck), "test_subset": P["train"].get("test_subset"),
-                "fit_points": P["fit_points"], "attack_subset": P["attack_subset"],
-                "adaptive_subset": P.get("adaptive_subset"), "eps": list(EPS), "fprs": list(FPRS),
-                "pgd_steps": PGD_STEPS, "heldout": heldout, "attack_protocol": prot,
-                "ood_sets": list(OOD_SETS)}
-    cached = load_cached(run_dir / "detection_eval.json", settings)
-    if cached is not None:
-        stage(f"measuring {run_dir.name}: reused")
-        return cached
-    stage(f"measuring {run_dir.name}")
-    data = detection_data(cfg, data_dir=data_dir, test_subset=P["train"].get("test_subset"), test_seed=0,
-                          fit_points=P["fit_points"], sets=(HELDOUT_SET,) if heldout else None, ood_seed=cfg.seed)
-    res = measure_network(model, head, data, eps=() if heldout else EPS, attack_subset=P["attack_subset"],
-                          adaptive=not heldout, adaptive_subset=P.get("adaptive_subset"), protocol=prot,
-                          seed=cfg.seed)
-    res["network"]["label"] = head.label
-    save_cached(run_dir / "detection_eval.json", settings, res)
-    return res
-
-
-def _transfer_run(cfgs: dict, target: str, source: str, out: Path, P: dict, data_dir, stage) -> dict:
-    """The transfer check from network ``source`` to ``target`` (run names), cached in the target's folder."""
-    prot = P["protocol"]
-    steps = ATTACK_PROTOCOLS[prot["name"]].steps
-    loaded = {k: load_trained(out / "runs" / k / "checkpoint.pt") for k in (target, source)}
-    settings = {"protocol": _PROTOCOL, "target_sha256": checkpoint_digest(loaded[target].checkpoint),
-                "source_sha256": checkpoint_digest(loaded[source].checkpoint), "source": source,
-                "test_subset": P["train"].get("test_subset"), "fit_points": P["fit_points"],
-                "attack_subset": P["attack_subset"], "eps": list(prot["eps"]), "subset": prot["subset"],
-                "steps": steps, "fprs": list(FPRS)}
-    cached = load_cached(out / "runs" / target / "transfer_eval.json", settings)
-    if cached is not None:
-        stage(f"transfer {source} -> {target}: reused")
-        return cached
-    stage(f"transfer {source} -> {target}")
-    nets = {}
-    for k, (model, head, _cfg, _ck) in loaded.items():
-        data = detection_data(cfgs[k], data_dir=data_dir, test_subset=P["train"].get("test_subset"), test_seed=0,
-                              fit_points=P["fit_points"], sets=(), ood_seed=cfgs[k].seed)
-        nets[k] = (model, head, calibrated_detectors(model, head, data))
-        if k == target:
-            x, y = data["clean"]
-            m = min(len(x), P["attack_subset"], prot["subset"])  # the white-box protocol's images
-            x, y = x[:m], y[:m]
-    res = transfer_check(nets[source], nets[target], x, y, eps=prot["eps"], steps=steps, seed=cfgs[target].seed)
-    save_cached(out / "runs" / target / "transfer_eval.json", settings, res)
-    return res
-
-
-def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progress=print, on_stage=None,
-                         fmt: str = "png") -> dict:
-    """Train (or reuse) every network of :data:`DETECTION_MODELS` for each seed of ``preset``, on all classes
-    and on :data:`HELDOUT_CLASSES`, into ``out_dir/runs``; measure them (:func:`measure_network`, cached in
-    each run folder); write ``detection.json``, ``detection.md`` and ``figures/detection_roc.<fmt>`` (the
-    first seed's ROC curves).  ``on_stage(done, total, description)`` as each of the
-    :func:`detection_stages` stages starts."""
-    if preset not in DETECTION_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(DETECTION_PRESETS)}")
-    P = DETECTION_PRESETS[preset]
-    out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    t0, done, total = time.perf_counter(), [0], detection_stages(preset)
-
-    def stage(what: str) -> None:
-        progress(what)
-        if on_stage is not None:
-            on_stage(done[0], total, what)
-        done[0] += 1
-
-    dataset, seeds = "fashion-mnist", list(P["seeds"])
-    prot = P.get("protocol")
-    res = {"preset": preset, "dataset": dataset, "seeds": seeds, "train": P["train"], "fit_points": P["fit_points"],
-           "attack_subset": P["attack_subset"], "adaptive_subset": P.get("adaptive_subset"), "eps": list(EPS),
-           "fpr": FPR, "fprs": list(FPRS), "heldout_classes": HELDOUT_CLASSES,
-           "protocol": None if prot is None else {k: list(v) if isinstance(v, tuple) else v for k, v in prot.items()},
-           "networks": {}, "runs": {}, "models": 0, "models_reused": 0, "diverged": {}}
-    curves, cfgs = {}, {}
-    for seed in seeds:
-        for name, spec in DETECTION_MODELS.items():
-            for heldout in (False, True):
-                key = f"{name}{'-heldout' if heldout else ''}-s{seed}"
-                cfg = run_config(dataset, data_dir, 100, seed,
-                                 dict(P["train"], **spec, classes=HELDOUT_CLASSES if heldout else None))
-                cfgs[key] = cfg
-                stage(f"training {key} ({budget_words(cfg.__dict__)})")
-                res["models"] += 1
-                try:
-                    res["models_reused"] += train_or_reuse(cfg, out / "runs" / key, progress)
-                except TrainingDiverged as err:  # recorded and reported, not measured
-                    res["diverged"][key] = str(err).split(";")[0]
-                    stage(f"measuring {key}: diverged, skipped")
-                    continue
-                m = _measure_run(cfg, out / "runs" / key, P, data_dir, heldout, stage)
-                net = res["networks"].setdefault(name, {}).setdefault(seed, {})
-                net.update({"heldout_clean_error": m["network"]["clean_error"]} if heldout else m["network"])
-                for det, r in m["detectors"].items():
-                    full = f"{det} ({name})"
-                    run = res["runs"].setdefault(full, {}).setdefault(seed, {"sets": {}})
-                    if heldout:
-                        run["sets"][HELDOUT_SET] = r["sets"][HELDOUT_SET]
-                    else:
-                        run.update({k: v for k, v in r.items() if k != "sets"})
-                        run["sets"].update(r["sets"])
-                    if seed == seeds[0]:
-                        for s, roc in m["roc"][det].items():
-                            curves.setdefault(s, {})[full] = roc
-    for seed, src in _transfer_pairs(P):
-        for name in DETECTION_MODELS:
-            target, source = f"{name}-s{seed}", f"{name}-s{src}"
-            if target in res["diverged"] or source in res["diverged"]:
-                stage(f"transfer {source} -> {target}: a network diverged, skipped")
-                continue
-            for det, r in _transfer_run(cfgs, target, source, out, P, data_dir, stage).items():
-                res["runs"][f"{det} ({name})"][seed]["transfer"] = {"source_seed": src, "eps": r}
-    stage("verdicts, figure, report")
-    res["figures"] = [detection_roc_figure(curves, out / "figures" / "detection_roc", fmt=fmt,
-                                           title=f"seed {seeds[0]}")]
-    res["sets"] = list(dict.fromkeys(s for runs in res["runs"].values() for r in runs.values() for s in r["sets"]))
-    res["verdicts"] = detection_verdicts(res)
-    res["seconds"] = time.perf_counter() - t0
-    (out / "detection.json").write_text(json.dumps(res, indent=1, default=float))
-    (out / "detection.md").write_text(detection_markdown(res))
-    return res
 
 
 def _values(res: dict, det: str, get) -> list[float]:
@@ -319,6 +116,11 @@ def _diagnostics_section(res: dict) -> list[str]:
     return L + [""]
 
 
+def _protocol_option(res: dict) -> str:
+    """The command line's --attack-protocol, where the report used another preset's protocol."""
+    return f" --attack-protocol {res['attack_protocol']}" if res.get("attack_protocol") else ""
+
+
 def detection_markdown(res: dict) -> str:
     t, ms = res["train"], mean_std_text
     ops = [operating_point_key(p) for p in res["fprs"]]
@@ -343,8 +145,8 @@ def detection_markdown(res: dict) -> str:
          "on the center-loss network, and on the L-GM network its own likelihood, its mixture score and Gaussians "
          "re-fitted post hoc (on the L-GM network MaxLogit and Energy are left out: they rank as its "
          "likelihood and mixture score). Command: `lgm reproduce --detection --preset "
-         f"{res['preset']}`. This invocation took {res['seconds'] / 60:.1f} min ({res['models_reused']} of "
-         f"{res['models']} networks reused).", "",
+         f"{res['preset']}{_protocol_option(res)}`. This invocation took {res['seconds'] / 60:.1f} min "
+         f"({res['models_reused']} of {res['models']} networks reused).", "",
          "## Networks", "", "| network | clean error % | classes 0-4 network error % | "
          + " | ".join(f"{k} error %" for k in attacks) + " |", "|---|---|---|" + "---|" * len(attacks)]
     for name, runs in res["networks"].items():
@@ -420,7 +222,9 @@ def _protocol_section(res: dict, ops: list[str]) -> list[str]:
     rows = [(det, seed, r["protocol"]) for det, runs in res["runs"].items() for seed, r in runs.items()
             if "protocol" in r]
     if not rows:
-        return []
+        return ["## Adaptive attack, full protocol", "", "Not run (`--attack-protocol none`): only the adaptive "
+                "PGD-10 attack above, a lower bound on an attacker who knows the detector.", ""] \
+            if res.get("attack_protocol") == "none" else []
     first = rows[0][2]
     eps = list(first["eps"])
     variants = list(next(iter(first["eps"].values())))
