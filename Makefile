@@ -87,6 +87,7 @@ SANITIZE_PYTEST ?= -x -q --capture=sys -m "not slow" \
   -k "not gradcheck and not compile and not opcheck and not float32_no_worse and not row_and_class_blocks and not many_tiles"
 test-sanitize:
 	@mkdir -p $(SANITIZE_DIR)/src
+	rm -rf $(SANITIZE_DIR)/src/lgm_ext $(SANITIZE_DIR)/src/lgm_lab $(SANITIZE_DIR)/src/lgm_cli $(SANITIZE_DIR)/src/tests
 	cp -rp setup.py pyproject.toml csrc lgm_ext lgm_lab lgm_cli tests $(SANITIZE_DIR)/src/
 	rm -f $(SANITIZE_DIR)/src/lgm_ext/_C*.so
 	cd $(SANITIZE_DIR)/src && LGM_EXT_REQUIRE_BUILD=1 LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) \

@@ -228,18 +228,32 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert sum("reused" in m for m in said) == 8 + 2  # every measurement, and both transfer checks
     assert json.loads(json.dumps(res2["runs"])) == json.loads(json.dumps(res["runs"]))
     # --attack-protocol none: the same networks, measured again without the full protocol and the transfer check
-    stages = []
-    res_none = D.detection_experiment(out, data_dir=src, progress=lambda m: None, attack_protocol="none",
+    stages, said = [], []
+    res_none = D.detection_experiment(out, data_dir=src, progress=said.append, attack_protocol="none",
                                       on_stage=lambda d, t, w: stages.append((d, t)))
     total_none = D.detection_stages("quick", "none")
     assert total_none == total - len(D.DETECTION_MODELS) and stages == [(i, total_none) for i in range(total_none)]
     assert res_none["models_reused"] == 8 and res_none["attack_protocol"] == "none" and res_none["protocol"] is None
+    for name in ("center", "lgm-a1"):  # only the protocol seed's all-class networks are measured again
+        assert f"measuring {name}-s0" in said and f"measuring {name}-s1: reused" in said
+        assert f"measuring {name}-heldout-s0: reused" in said and f"measuring {name}-heldout-s1: reused" in said
     for det, seeds in res_none["runs"].items():
         assert "protocol" not in seeds[0] and "transfer" not in seeds[0], det
         assert seeds[0]["adaptive"] == res["runs"][det][0]["adaptive"], det  # the rest is measured as before
     md = (out / "detection.md").read_text()
     assert "--detection --preset quick --attack-protocol none`" in md and "Not run (`--attack-protocol none`)" in md
     assert "Transfer check" not in md
+    # another preset's protocol: its seeds (here seed 1, with the transfer check from seed 0) and its name
+    monkeypatch.setitem(D.DETECTION_PRESETS, "standard", dict(
+        D.DETECTION_PRESETS["quick"], protocol=dict(name="tiny", eps=(0.3,), subset=2, seeds=(1,))))
+    res_std = D.detection_experiment(out, data_dir=src, progress=lambda m: None, attack_protocol="standard")
+    for det, seeds in res_std["runs"].items():
+        assert "protocol" in seeds[1] and "protocol" not in seeds[0] and "transfer" not in seeds[0], det
+        assert seeds[1]["transfer"]["source_seed"] == 0, det
+    assert "--detection --preset quick --attack-protocol standard`" in (out / "detection.md").read_text()
+    with pytest.raises(ValueError, match="attack_protocol must be one of"):  # refused before anything is written
+        D.detection_experiment(tmp_path / "not-made", data_dir=src, attack_protocol="paper")
+    assert not (tmp_path / "not-made").exists()
     # a network that diverges is recorded and left out, the rest is still measured and reported
     from lgm_lab.train import TrainingDiverged
 
@@ -279,7 +293,7 @@ def test_attack_protocol_of_another_preset():
     assert D.detection_stages("standard", "none") == 4 * 3 * n + 1
     assert D.detection_stages("standard", "quick") == (4 * 3 + 1) * n + 1
     assert D.detection_stages("standard") == (4 * 3 + 3) * n + 1
-    with pytest.raises(ValueError, match="unknown attack protocol 'paper'; choose one of quick, standard, none"):
+    with pytest.raises(ValueError, match="attack_protocol must be one of quick, standard, none .*got 'paper'"):
         D.detection_preset("standard", "paper")
     with pytest.raises(ValueError, match="unknown preset 'paper'"):
         D.detection_preset("paper", "quick")
@@ -339,7 +353,7 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
                 on_stage(i, n, "stub")
             (Path(out) / name).write_text(text)
             return {"summary": {}, "verdict": [], "verdicts": [], "seeds": [0], "train": {}, "figures": [],
-                    "step_ms": {}}
+                    "step_ms": {}, "attack_protocol": kw.get("attack_protocol"), "protocol": None}
         return run
 
     monkeypatch.setattr(IE, "inverse_experiment", stub("inverse.md", IE.inverse_stages("quick"),
@@ -363,7 +377,7 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
     def det_stub(out, *, attack_protocol=None, **kw):
         seen["attack_protocol"] = attack_protocol
         return stub("detection.md", D.detection_stages("quick", attack_protocol),
-                    "# Out-of-distribution detection\n")(out, **kw)
+                    "# Out-of-distribution detection\n")(out, attack_protocol=attack_protocol, **kw)
 
     monkeypatch.setattr(D, "detection_experiment", det_stub)
     stages = []
@@ -371,12 +385,29 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
                 attack_protocol="none", on_stage=lambda d, t, w: stages.append((d, t)))
     total = E.reproduce_stages("quick", detection=True, attack_protocol="none")
     assert seen == {"attack_protocol": "none"} and total < E.reproduce_stages("quick", detection=True)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["detection"]["attack_protocol"] == "none"
     assert stages == [(i, total) for i in range(total)]
     with pytest.raises(ValueError, match="needs detection=True"):
         E.reproduce(tmp_path / "out3", preset="quick", attack_protocol="quick")
-    with pytest.raises(ValueError, match="unknown attack protocol 'bogus'"):
+    with pytest.raises(ValueError, match="attack_protocol must be one of .* got 'bogus'"):
         E.reproduce(tmp_path / "out3", preset="quick", detection=True, attack_protocol="bogus")
     assert not (tmp_path / "out3").exists()  # refused before anything is written
+
+
+def test_reproduce_passes_the_attack_protocol(tmp_path, monkeypatch):
+    from lgm_lab.experiments import reproduce as E
+
+    seen = {}
+
+    def run(out, **kw):
+        seen.update(kw)
+        return {"seconds": 1.0}
+
+    monkeypatch.setattr(E, "reproduce", run)
+    _cli("reproduce", "--detection", "--attack-protocol", "none", "--no-progress", "--out", tmp_path / "r")
+    assert seen["attack_protocol"] == "none" and seen["detection"] is True
+    _cli("reproduce", "--detection", "--no-progress", "--out", tmp_path / "r")
+    assert seen["attack_protocol"] is None
 
 
 def test_reproduce_attack_protocol_needs_detection_in_one_line(tmp_path):

@@ -1,4 +1,5 @@
-"""The source documents' experiments (docs/SPEC.md section 5), one module each, over shared code.
+"""The source documents' experiments (docs/SPEC.md section 5), one module (or package) each, over shared
+code.
 
 Shared (import no experiment):
 

@@ -131,7 +131,7 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
         raise ValueError(f"the detection experiment has no preset {preset!r}")
     if attack_protocol is not None:
         if not detection:
-            raise ValueError("an attack protocol is a setting of the detection experiment: it needs detection=True")
+            raise ValueError("attack_protocol is a setting of the detection experiment: it needs detection=True")
         detection_experiment.detection_preset(preset, attack_protocol)  # an unknown name is refused before training
     if fmt not in FORMATS:
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -215,7 +215,8 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
             out / "detection", preset=preset, data_dir=data_dir, progress=progress, fmt=fmt,
             attack_protocol=attack_protocol,
             on_stage=(lambda d, t, what: on_stage(offset + d, stage.total, what)) if on_stage else None)
-        results["detection"] = {k: det[k] for k in ("verdicts", "seeds", "train", "figures")}
+        results["detection"] = {k: det[k] for k in ("verdicts", "seeds", "train", "figures", "attack_protocol",
+                                                     "protocol")}
     stage.finish()
     results["seconds"] = time.perf_counter() - t_start
     results["stage_seconds"] = stage.seconds

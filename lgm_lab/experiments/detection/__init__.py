@@ -8,11 +8,12 @@ network -- pytorch-ood's KNN, ViM, Energy, MaxLogit, max-softmax; Mahalanobis on
 features --, the center distance, and an L-GM head's own likelihood and mixture score and Gaussians re-fitted
 to its features), cached beside its checkpoint.  Thresholds at the 5% and 1% operating points, metrics per
 abnormal set (rejections, AUROC, AUPR-in/out, FPR at 95% TPR both ways, EER), the adaptive PGD-10 attack on
-every detector and the full adaptive protocol on the preset's seeds, with the transfer attack from the next
+every detector and the full adaptive protocol on the protocol's seeds (the preset's own, or another preset's:
+:func:`detection_preset`), with the transfer attack from the next
 seed's network of the same kind as its check.  Over seeds: mean ± std,
 :func:`~lgm_lab.experiments.stats.compare`'s verdicts for "L-GM's likelihood detects X better", and per set
 the detector that rejects the most at the 5% point (:func:`preferred_detectors`; the report is rendered by
-:mod:`~lgm_lab.experiments.detection_report`).  Finished runs and measurements are reused.
+:mod:`~lgm_lab.experiments.detection.report`).  Finished runs and measurements are reused.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from .report import LGM_DETECTOR, detection_markdown, detection_verdicts, prefer
 __all__ = ["DETECTION_MODELS", "DETECTION_PRESETS", "HELDOUT_CLASSES", "EPS", "PGD_STEPS", "FPR", "FPRS",
            "LGM_DETECTOR", "ScoreDetector", "center_distance", "detector_names", "build_detectors", "HELDOUT_SET",
            "detection_data", "lgm_diagnostics", "measure_network", "detection_experiment", "detection_stages",
-           "detection_verdicts", "preferred_detectors", "detection_markdown"]
+           "detection_preset", "detection_verdicts", "preferred_detectors", "detection_markdown"]
 
 DETECTION_MODELS = {"softmax": dict(head="softmax"), "center": dict(head="center"),
                     "lgm-a1": dict(head="lgm", alpha=1.0)}
@@ -89,8 +90,8 @@ def detection_preset(preset: str, attack_protocol: str | None = None) -> dict:
     if preset not in DETECTION_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(DETECTION_PRESETS)}")
     if attack_protocol is not None and attack_protocol not in ATTACK_PROTOCOL_CHOICES:
-        raise ValueError(f"unknown attack protocol {attack_protocol!r}; choose one of "
-                         f"{', '.join(ATTACK_PROTOCOL_CHOICES)}")
+        raise ValueError(f"attack_protocol must be one of {', '.join(ATTACK_PROTOCOL_CHOICES)} (or None: the "
+                         f"preset's own), got {attack_protocol!r}")
     P = dict(DETECTION_PRESETS[preset])
     if attack_protocol == "none":
         P["protocol"] = None
