@@ -46,8 +46,9 @@ def reproduce(
                                       "seeds) and add that experiment to the report (lgm inverse-centers)"),
     detection: bool = typer.Option(False, "--detection/--no-detection",
                                    help="also train softmax, center and L-GM networks (all classes and classes "
-                                        "0-4, 3 seeds) and add the out-of-distribution and adversarial detection "
-                                        "experiment to the report (lgm ood measures given checkpoints)"),
+                                        "0-4, 3 seeds; the report's own networks are measured where their "
+                                        "configs are the same) and add the out-of-distribution and adversarial "
+                                        "detection experiment to the report (lgm ood measures given checkpoints)"),
     attack_protocol: Optional[AttackProtocol] = typer.Option(
         None, help="with --detection: the adaptive attack's full protocol of this preset instead of --preset's "
                    "(quick: 20 images of one seed, eps 0.03 and 0.1, 2 restarts of 50 steps, 2 step sizes, "

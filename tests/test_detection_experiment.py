@@ -227,6 +227,20 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert res2["models_reused"] == res2["models"] == 8
     assert sum("reused" in m for m in said) == 8 + 2  # every measurement, and both transfer checks
     assert json.loads(json.dumps(res2["runs"])) == json.loads(json.dumps(res["runs"]))
+    # the same networks elsewhere (a report's own) are measured there; another config's folder is ignored
+    ck_other = out / "runs" / "lgm-a1-s1" / "checkpoint.pt"
+    before_other = (ck_other.stat().st_mtime_ns, ck_other.read_bytes())
+    reuse = {k: out / "runs" / k for k in ("center-s0", "lgm-a1-s0", "lgm-a1-s1")}
+    reuse["center-s1"] = out / "runs" / "lgm-a1-s1"
+    said = []
+    res4 = D.detection_experiment(tmp_path / "det2", data_dir=src, progress=said.append, reuse_runs=reuse)
+    assert res4["shared_runs"] == {k: str(out / "runs" / k) for k in ("center-s0", "lgm-a1-s0", "lgm-a1-s1")}
+    assert res4["models_reused"] == 3 and "measuring center-s0: reused" in said
+    assert not (tmp_path / "det2" / "runs" / "center-s0").exists()
+    assert (tmp_path / "det2" / "runs" / "center-s1" / "checkpoint.pt").is_file()  # trained: the other was lgm's
+    assert (ck_other.stat().st_mtime_ns, ck_other.read_bytes()) == before_other
+    assert res4["runs"]["KNN (center)"][0]["sets"] == res["runs"]["KNN (center)"][0]["sets"]
+    assert "3 of them the same runs of the report's own networks" in (tmp_path / "det2" / "detection.md").read_text()
     # --attack-protocol none: the same networks, measured again without the full protocol and the transfer check
     stages, said = [], []
     res_none = D.detection_experiment(out, data_dir=src, progress=said.append, attack_protocol="none",
@@ -353,7 +367,8 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
                 on_stage(i, n, "stub")
             (Path(out) / name).write_text(text)
             return {"summary": {}, "verdict": [], "verdicts": [], "seeds": [0], "train": {}, "figures": [],
-                    "step_ms": {}, "attack_protocol": kw.get("attack_protocol"), "protocol": None}
+                    "step_ms": {}, "attack_protocol": kw.get("attack_protocol"), "protocol": None,
+                    "shared_runs": {}}
         return run
 
     monkeypatch.setattr(IE, "inverse_experiment", stub("inverse.md", IE.inverse_stages("quick"),
@@ -374,8 +389,9 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
     # the attack protocol is the detection experiment's setting, passed through and counted in the stages
     seen = {}
 
-    def det_stub(out, *, attack_protocol=None, **kw):
+    def det_stub(out, *, attack_protocol=None, reuse_runs=None, **kw):
         seen["attack_protocol"] = attack_protocol
+        seen["reuse_runs"] = reuse_runs
         return stub("detection.md", D.detection_stages("quick", attack_protocol),
                     "# Out-of-distribution detection\n")(out, attack_protocol=attack_protocol, **kw)
 
@@ -384,7 +400,9 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
     E.reproduce(tmp_path / "out", preset="quick", data_dir=src, progress=lambda m: None, detection=True,
                 attack_protocol="none", on_stage=lambda d, t, w: stages.append((d, t)))
     total = E.reproduce_stages("quick", detection=True, attack_protocol="none")
-    assert seen == {"attack_protocol": "none"} and total < E.reproduce_stages("quick", detection=True)
+    assert seen == {"attack_protocol": "none",
+                    "reuse_runs": {"softmax-s0": tmp_path / "out" / "runs" / "softmax-100d-s0"}}
+    assert total < E.reproduce_stages("quick", detection=True)
     assert json.loads((tmp_path / "out" / "results.json").read_text())["detection"]["attack_protocol"] == "none"
     assert stages == [(i, total) for i in range(total)]
     with pytest.raises(ValueError, match="needs detection=True"):

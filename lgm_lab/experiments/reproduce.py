@@ -71,10 +71,15 @@ class _Stages:
             self._current = None
 
 
+def _run_key(name: str, dim: int, seed: int) -> str:
+    """The run folder's name of one model of the report."""
+    return f"{name}-{dim}d-s{seed}"
+
+
 def _train(name: str, dim: int, seed: int, P: dict, dataset: str, data_dir, out: Path, stage, progress,
            results: dict):
     """Train (or reuse) one model of the preset; returns (model, head, run folder)."""
-    key = f"{name}-{dim}d-s{seed}"
+    key = _run_key(name, dim, seed)
     cfg = run_config(dataset, data_dir, dim, seed, dict(P["train"], **MODEL_SPECS[name]))
     stage(f"training {key} ({f'{cfg.steps} SGD steps' if cfg.steps else f'{cfg.epochs} epochs'})")
     run_dir = out / "runs" / key
@@ -214,9 +219,11 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
         det = detection_experiment.detection_experiment(
             out / "detection", preset=preset, data_dir=data_dir, progress=progress, fmt=fmt,
             attack_protocol=attack_protocol,
+            reuse_runs={f"{name}-s{seed}": out / "runs" / _run_key(name, 100, seed)  # the same networks
+                        for name in P["models100"] if name in detection_experiment.DETECTION_MODELS for seed in seeds},
             on_stage=(lambda d, t, what: on_stage(offset + d, stage.total, what)) if on_stage else None)
         results["detection"] = {k: det[k] for k in ("verdicts", "seeds", "train", "figures", "attack_protocol",
-                                                     "protocol")}
+                                                     "protocol", "shared_runs")}
     stage.finish()
     results["seconds"] = time.perf_counter() - t_start
     results["stage_seconds"] = stage.seconds

@@ -11,7 +11,8 @@ from ..data import DatasetUnavailable, load_dataset
 from ..run_folder import locked, save_json
 from ..train import finished_run, train
 
-__all__ = ["run_config", "train_or_reuse", "pick_dataset", "load_cached", "save_cached", "budget_words"]
+__all__ = ["run_config", "train_or_reuse", "holds_finished_run", "pick_dataset", "load_cached", "save_cached",
+           "budget_words"]
 
 
 def run_config(dataset: str, data_dir, feat_dim: int, seed: int, overrides: dict) -> TrainConfig:
@@ -38,6 +39,19 @@ def train_or_reuse(cfg: TrainConfig, run_dir: Path, progress) -> bool:
     # nothing there, or unfinished (killed after its first checkpoint, or before it: config.json only)
     train(cfg, run_dir, resume=ck.exists() or (run_dir / "config.json").is_file(), progress=False)
     return False
+
+
+def holds_finished_run(cfg: TrainConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``cfg`` (read under a shared lock): what another experiment
+    may measure instead of training the same configuration again.  A missing, unfinished or unreadable run, or
+    one of another config or on other data, is False and left as it is."""
+    if not (Path(run_dir) / "checkpoint.pt").is_file():
+        return False
+    try:
+        with locked(run_dir, shared=True):
+            return finished_run(cfg, run_dir)
+    except CheckpointError:
+        return False
 
 
 def pick_dataset(preset: str, data_dir) -> str:

@@ -43,7 +43,7 @@ from ...detection_protocol import (
 from ...figures import detection_roc_figure
 from ...ood_data import OOD_SETS
 from ...train import TrainingDiverged
-from ..runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
+from ..runs import budget_words, holds_finished_run, load_cached, run_config, save_cached, train_or_reuse
 from .report import LGM_DETECTOR, detection_markdown, detection_verdicts, preferred_detectors
 
 __all__ = ["DETECTION_MODELS", "DETECTION_PRESETS", "HELDOUT_CLASSES", "EPS", "PGD_STEPS", "FPR", "FPRS",
@@ -132,17 +132,17 @@ def _measure_run(cfg, run_dir: Path, P: dict, data_dir, heldout: bool, stage) ->
     return res
 
 
-def _transfer_run(cfgs: dict, target: str, source: str, out: Path, P: dict, data_dir, stage) -> dict:
+def _transfer_run(cfgs: dict, dirs: dict, target: str, source: str, P: dict, data_dir, stage) -> dict:
     """The transfer check from network ``source`` to ``target`` (run names), cached in the target's folder."""
     prot = P["protocol"]
     steps = ATTACK_PROTOCOLS[prot["name"]].steps
-    loaded = {k: load_trained(out / "runs" / k / "checkpoint.pt") for k in (target, source)}
+    loaded = {k: load_trained(dirs[k] / "checkpoint.pt") for k in (target, source)}
     settings = {"protocol": _PROTOCOL, "target_sha256": checkpoint_digest(loaded[target].checkpoint),
                 "source_sha256": checkpoint_digest(loaded[source].checkpoint), "source": source,
                 "test_subset": P["train"].get("test_subset"), "fit_points": P["fit_points"],
                 "attack_subset": P["attack_subset"], "eps": list(prot["eps"]), "subset": prot["subset"],
                 "steps": steps, "fprs": list(FPRS)}
-    cached = load_cached(out / "runs" / target / "transfer_eval.json", settings)
+    cached = load_cached(dirs[target] / "transfer_eval.json", settings)
     if cached is not None:
         stage(f"transfer {source} -> {target}: reused")
         return cached
@@ -157,18 +157,21 @@ def _transfer_run(cfgs: dict, target: str, source: str, out: Path, P: dict, data
             m = min(len(x), P["attack_subset"], prot["subset"])  # the white-box protocol's images
             x, y = x[:m], y[:m]
     res = transfer_check(nets[source], nets[target], x, y, eps=prot["eps"], steps=steps, seed=cfgs[target].seed)
-    save_cached(out / "runs" / target / "transfer_eval.json", settings, res)
+    save_cached(dirs[target] / "transfer_eval.json", settings, res)
     return res
 
 
 def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progress=print, on_stage=None,
-                         fmt: str = "png", attack_protocol: str | None = None) -> dict:
+                         fmt: str = "png", attack_protocol: str | None = None, reuse_runs: dict | None = None) -> dict:
     """Train (or reuse) every network of :data:`DETECTION_MODELS` for each seed of ``preset``, on all classes
     and on :data:`HELDOUT_CLASSES`, into ``out_dir/runs``; measure them (:func:`measure_network`, cached in
     each run folder); write ``detection.json``, ``detection.md`` and ``figures/detection_roc.<fmt>`` (the
     first seed's ROC curves).  ``attack_protocol`` names another preset whose adaptive-attack protocol is used
-    (or "none"; see :func:`detection_preset`).  ``on_stage(done, total, description)`` as each of the
-    :func:`detection_stages` stages starts."""
+    (or "none"; see :func:`detection_preset`).  ``reuse_runs`` maps run names (``softmax-s0``) to folders of
+    runs elsewhere (the report's own networks): one that holds a finished run of exactly the network's config
+    is measured there (its measurement cached beside it) instead of training the same network again into
+    ``out_dir/runs``, unless ``out_dir/runs`` already has that run; any other is ignored and left untouched.
+    ``on_stage(done, total, description)`` as each of the :func:`detection_stages` stages starts."""
     P = detection_preset(preset, attack_protocol)
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -187,24 +190,29 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
            "attack_subset": P["attack_subset"], "adaptive_subset": P.get("adaptive_subset"), "eps": list(EPS),
            "fpr": FPR, "fprs": list(FPRS), "heldout_classes": HELDOUT_CLASSES,
            "protocol": None if prot is None else {k: list(v) if isinstance(v, tuple) else v for k, v in prot.items()},
-           "networks": {}, "runs": {}, "models": 0, "models_reused": 0, "diverged": {}}
-    curves, cfgs = {}, {}
+           "networks": {}, "runs": {}, "models": 0, "models_reused": 0, "diverged": {}, "shared_runs": {}}
+    curves, cfgs, dirs = {}, {}, {}
     for seed in seeds:
         for name, spec in DETECTION_MODELS.items():
             for heldout in (False, True):
                 key = f"{name}{'-heldout' if heldout else ''}-s{seed}"
                 cfg = run_config(dataset, data_dir, 100, seed,
                                  dict(P["train"], **spec, classes=HELDOUT_CLASSES if heldout else None))
-                cfgs[key] = cfg
-                stage(f"training {key} ({budget_words(cfg.__dict__)})")
+                cfgs[key], dirs[key] = cfg, out / "runs" / key
+                other = (reuse_runs or {}).get(key)
+                if other is not None and not (dirs[key] / "checkpoint.pt").exists() \
+                        and holds_finished_run(cfg, Path(other)):
+                    dirs[key], res["shared_runs"][key] = Path(other), str(other)
+                stage(f"training {key} ({budget_words(cfg.__dict__)})"
+                      + (f": the same run in {dirs[key]}" if key in res["shared_runs"] else ""))
                 res["models"] += 1
                 try:
-                    res["models_reused"] += train_or_reuse(cfg, out / "runs" / key, progress)
+                    res["models_reused"] += train_or_reuse(cfg, dirs[key], progress)
                 except TrainingDiverged as err:  # recorded and reported, not measured
                     res["diverged"][key] = str(err).split(";")[0]
                     stage(f"measuring {key}: diverged, skipped")
                     continue
-                m = _measure_run(cfg, out / "runs" / key, P, data_dir, heldout, stage)
+                m = _measure_run(cfg, dirs[key], P, data_dir, heldout, stage)
                 net = res["networks"].setdefault(name, {}).setdefault(seed, {})
                 net.update({"heldout_clean_error": m["network"]["clean_error"]} if heldout else m["network"])
                 for det, r in m["detectors"].items():
@@ -224,7 +232,7 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
             if target in res["diverged"] or source in res["diverged"]:
                 stage(f"transfer {source} -> {target}: a network diverged, skipped")
                 continue
-            for det, r in _transfer_run(cfgs, target, source, out, P, data_dir, stage).items():
+            for det, r in _transfer_run(cfgs, dirs, target, source, P, data_dir, stage).items():
                 res["runs"][f"{det} ({name})"][seed]["transfer"] = {"source_seed": src, "eps": r}
     stage("verdicts, figure, report")
     res["figures"] = [detection_roc_figure(curves, out / "figures" / "detection_roc", fmt=fmt,

@@ -146,7 +146,9 @@ def detection_markdown(res: dict) -> str:
          "re-fitted post hoc (on the L-GM network MaxLogit and Energy are left out: they rank as its "
          "likelihood and mixture score). Command: `lgm reproduce --detection --preset "
          f"{res['preset']}{_protocol_option(res)}`. This invocation took {res['seconds'] / 60:.1f} min "
-         f"({res['models_reused']} of {res['models']} networks reused).", "",
+         f"({res['models_reused']} of {res['models']} networks reused"
+         + (f"; {len(res['shared_runs'])} of them the same runs of the report's own networks"
+            if res.get("shared_runs") else "") + ").", "",
          "## Networks", "", "| network | clean error % | classes 0-4 network error % | "
          + " | ".join(f"{k} error %" for k in attacks) + " |", "|---|---|---|" + "---|" * len(attacks)]
     for name, runs in res["networks"].items():
