@@ -2,6 +2,7 @@
 metrics against hand-computed values, the experiment end to end at a tiny budget, and `lgm detect` /
 `lgm ood` through the CLI."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -232,8 +233,18 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     before_other = (ck_other.stat().st_mtime_ns, ck_other.read_bytes())
     reuse = {k: out / "runs" / k for k in ("center-s0", "lgm-a1-s0", "lgm-a1-s1")}
     reuse["center-s1"] = out / "runs" / "lgm-a1-s1"
-    said = []
-    res4 = D.detection_experiment(tmp_path / "det2", data_dir=src, progress=said.append, reuse_runs=reuse)
+    killed = tmp_path / "killed"  # a run killed before its first checkpoint: config.json only
+    killed.mkdir()
+    (killed / "config.json").write_bytes((out / "runs" / "center-heldout-s0" / "config.json").read_bytes())
+    reuse["center-heldout-s0"] = killed
+    said, stages = [], []
+    res4 = D.detection_experiment(tmp_path / "det2", data_dir=src, progress=said.append, reuse_runs=reuse,
+                                  on_stage=lambda d, t, w: stages.append((d, t)))
+    assert stages == [(i, total) for i in range(total)]
+    assert sorted(p.name for p in killed.iterdir()) == ["config.json"]  # left as it was; trained in det2
+    assert (tmp_path / "det2" / "runs" / "center-heldout-s0" / "checkpoint.pt").is_file()
+    assert any(m.startswith("training center-s1 (") and "not used (another config (head 'lgm'" in m for m in said)
+    assert any(m.startswith("training center-s0 (") and "measured there" in m for m in said)
     assert res4["shared_runs"] == {k: str(out / "runs" / k) for k in ("center-s0", "lgm-a1-s0", "lgm-a1-s1")}
     assert res4["models_reused"] == 3 and "measuring center-s0: reused" in said
     assert not (tmp_path / "det2" / "runs" / "center-s0").exists()
@@ -241,6 +252,21 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert (ck_other.stat().st_mtime_ns, ck_other.read_bytes()) == before_other
     assert res4["runs"]["KNN (center)"][0]["sets"] == res["runs"]["KNN (center)"][0]["sets"]
     assert "3 of them the same runs of the report's own networks" in (tmp_path / "det2" / "detection.md").read_text()
+    # a run of its own comes first; a run elsewhere is shared only if finished with the same config and data
+    res5 = D.detection_experiment(tmp_path / "det2", data_dir=src, progress=lambda m: None,
+                                  reuse_runs={**reuse, "center-s1": out / "runs" / "center-s1"})
+    assert set(res5["shared_runs"]) == {"center-s0", "lgm-a1-s0", "lgm-a1-s1"} and res5["models_reused"] == 8
+    from dataclasses import replace
+
+    from lgm_lab.experiments.runs import run_config, why_not_shared
+    cfg = run_config("fashion-mnist", src, 100, 0, dict(D.DETECTION_PRESETS["quick"]["train"],
+                                                        **D.DETECTION_MODELS["center"], classes=None))
+    assert cfg.device == "auto" and why_not_shared(cfg, out / "runs" / "center-s0") is None  # it ran on "cpu"
+    shutil.copytree(src, tmp_path / "copy")  # the same data from another folder
+    assert why_not_shared(replace(cfg, data_dir=str(tmp_path / "copy")), out / "runs" / "center-s0") is None
+    assert why_not_shared(replace(cfg, epochs=2), out / "runs" / "center-s0") == "another config (epochs 1)"
+    assert why_not_shared(cfg, killed) == "no finished run there"
+    assert "another config (head 'lgm'" in why_not_shared(cfg, out / "runs" / "lgm-a1-s0")
     # --attack-protocol none: the same networks, measured again without the full protocol and the transfer check
     stages, said = [], []
     res_none = D.detection_experiment(out, data_dir=src, progress=said.append, attack_protocol="none",
@@ -287,6 +313,28 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert D.HELDOUT_SET not in res3["runs"][D.LGM_DETECTOR][0]["sets"]
     assert D.HELDOUT_SET in res3["sets"] and len(res3["verdicts"]) == (len(dets) - 1) * len(sets)  # no held-out
     assert "Diverged" in (out / "detection.md").read_text()
+
+
+def test_the_reports_networks_are_the_detection_networks():
+    """`lgm reproduce --detection` shares the report's 100-D networks with the detection experiment: for every
+    run it maps, the two experiments' configs are the same (else it would silently train them again)."""
+    from dataclasses import asdict
+
+    from lgm_lab.config import REPRODUCE_PRESETS
+    from lgm_lab.experiments.paper import MODEL_SPECS
+    from lgm_lab.experiments.runs import pick_dataset, run_config
+
+    shared = 0
+    for preset, P in D.DETECTION_PRESETS.items():
+        R = REPRODUCE_PRESETS[preset]
+        for name in set(R["models100"]) & set(D.DETECTION_MODELS):
+            for seed in R["seeds"]:
+                report = run_config(pick_dataset(preset, None), None, 100, seed, dict(R["train"], **MODEL_SPECS[name]))
+                det = run_config("fashion-mnist", None, 100, seed, dict(P["train"], **D.DETECTION_MODELS[name],
+                                                                        classes=None))
+                assert asdict(report) == asdict(det), (preset, name, seed)
+                shared += 1
+    assert shared == 3 + 9  # quick: the report's seed 0; standard: seeds 0-2
 
 
 def test_attack_protocol_of_another_preset():
@@ -403,7 +451,8 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
     assert seen == {"attack_protocol": "none",
                     "reuse_runs": {"softmax-s0": tmp_path / "out" / "runs" / "softmax-100d-s0"}}
     assert total < E.reproduce_stages("quick", detection=True)
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["detection"]["attack_protocol"] == "none"
+    recorded = json.loads((tmp_path / "out" / "results.json").read_text())["detection"]
+    assert recorded["attack_protocol"] == "none" and recorded["shared_runs"] == {}
     assert stages == [(i, total) for i in range(total)]
     with pytest.raises(ValueError, match="needs detection=True"):
         E.reproduce(tmp_path / "out3", preset="quick", attack_protocol="quick")

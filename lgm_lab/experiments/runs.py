@@ -3,15 +3,16 @@ finished run, the dataset a preset uses, and caching a measurement beside its ch
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from ..checkpoints import CheckpointError
+from ..checkpoints import CheckpointError, run_config_file
 from ..config import TrainConfig, config_from_preset
 from ..data import DatasetUnavailable, load_dataset
-from ..run_folder import locked, save_json
+from ..run_folder import RunFolderBusy, locked, save_json
 from ..train import finished_run, train
 
-__all__ = ["run_config", "train_or_reuse", "holds_finished_run", "pick_dataset", "load_cached", "save_cached",
+__all__ = ["run_config", "train_or_reuse", "why_not_shared", "pick_dataset", "load_cached", "save_cached",
            "budget_words"]
 
 
@@ -41,17 +42,27 @@ def train_or_reuse(cfg: TrainConfig, run_dir: Path, progress) -> bool:
     return False
 
 
-def holds_finished_run(cfg: TrainConfig, run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a finished run of ``cfg`` (read under a shared lock): what another experiment
-    may measure instead of training the same configuration again.  A missing, unfinished or unreadable run, or
-    one of another config or on other data, is False and left as it is."""
-    if not (Path(run_dir) / "checkpoint.pt").is_file():
-        return False
+_SHARED_MAY_DIFFER = ("device", "data_dir")  # where it ran and the folder its data came from (checked by content)
+
+
+def why_not_shared(cfg: TrainConfig, run_dir: Path) -> str | None:
+    """None when ``run_dir`` holds a finished run of exactly ``cfg`` (the same config but for
+    :data:`_SHARED_MAY_DIFFER`, the same data by content; read under a shared lock): a network another experiment
+    may measure instead of training the same configuration again.  Otherwise why not, in words: nothing there,
+    an unfinished run, another config, other data, an unreadable run or one that a writer holds.  Only reads."""
+    d = Path(run_dir)
+    if not (d / "checkpoint.pt").is_file():
+        return "no finished run there"
     try:
-        with locked(run_dir, shared=True):
-            return finished_run(cfg, run_dir)
-    except CheckpointError:
-        return False
+        saved = asdict(run_config_file(d / "config.json"))
+        want = asdict(cfg)
+        other = [k for k in want if k not in _SHARED_MAY_DIFFER and saved.get(k) != want[k]]
+        if other:
+            return f"another config ({', '.join(f'{k} {saved.get(k)!r}' for k in other)})"
+        with locked(d, shared=True):
+            return None if finished_run(cfg, d) else "an unfinished run"
+    except (CheckpointError, RunFolderBusy) as err:
+        return str(err)
 
 
 def pick_dataset(preset: str, data_dir) -> str:

@@ -43,7 +43,7 @@ from ...detection_protocol import (
 from ...figures import detection_roc_figure
 from ...ood_data import OOD_SETS
 from ...train import TrainingDiverged
-from ..runs import budget_words, holds_finished_run, load_cached, run_config, save_cached, train_or_reuse
+from ..runs import budget_words, load_cached, run_config, save_cached, train_or_reuse, why_not_shared
 from .report import LGM_DETECTOR, detection_markdown, detection_verdicts, preferred_detectors
 
 __all__ = ["DETECTION_MODELS", "DETECTION_PRESETS", "HELDOUT_CLASSES", "EPS", "PGD_STEPS", "FPR", "FPRS",
@@ -106,8 +106,9 @@ def detection_stages(preset: str, attack_protocol: str | None = None) -> int:
     return (4 * len(P["seeds"]) + len(_transfer_pairs(P))) * len(DETECTION_MODELS) + 1
 
 
-def _measure_run(cfg, run_dir: Path, P: dict, data_dir, heldout: bool, stage) -> dict:
-    """One run's measurement, cached beside its checkpoint (the same checkpoint measured the same way)."""
+def _measure_run(cfg, key: str, run_dir: Path, P: dict, data_dir, heldout: bool, stage) -> dict:
+    """The measurement of run ``key`` (in ``run_dir``), cached beside its checkpoint (the same checkpoint
+    measured the same way)."""
     model, head, cfg, ck = load_trained(run_dir / "checkpoint.pt")
     prot = P.get("protocol")
     prot = None if heldout or prot is None or cfg.seed not in prot["seeds"] else \
@@ -119,9 +120,9 @@ def _measure_run(cfg, run_dir: Path, P: dict, data_dir, heldout: bool, stage) ->
                 "ood_sets": list(OOD_SETS)}
     cached = load_cached(run_dir / "detection_eval.json", settings)
     if cached is not None:
-        stage(f"measuring {run_dir.name}: reused")
+        stage(f"measuring {key}: reused")
         return cached
-    stage(f"measuring {run_dir.name}")
+    stage(f"measuring {key}")
     data = detection_data(cfg, data_dir=data_dir, test_subset=P["train"].get("test_subset"), test_seed=0,
                           fit_points=P["fit_points"], sets=(HELDOUT_SET,) if heldout else None, ood_seed=cfg.seed)
     res = measure_network(model, head, data, eps=() if heldout else EPS, attack_subset=P["attack_subset"],
@@ -198,21 +199,25 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
                 key = f"{name}{'-heldout' if heldout else ''}-s{seed}"
                 cfg = run_config(dataset, data_dir, 100, seed,
                                  dict(P["train"], **spec, classes=HELDOUT_CLASSES if heldout else None))
-                cfgs[key], dirs[key] = cfg, out / "runs" / key
+                cfgs[key], dirs[key], note = cfg, out / "runs" / key, ""
                 other = (reuse_runs or {}).get(key)
-                if other is not None and not (dirs[key] / "checkpoint.pt").exists() \
-                        and holds_finished_run(cfg, Path(other)):
-                    dirs[key], res["shared_runs"][key] = Path(other), str(other)
-                stage(f"training {key} ({budget_words(cfg.__dict__)})"
-                      + (f": the same run in {dirs[key]}" if key in res["shared_runs"] else ""))
+                if other is not None and not (dirs[key] / "checkpoint.pt").exists():
+                    why = why_not_shared(cfg, Path(other))
+                    if why is None:
+                        dirs[key], res["shared_runs"][key] = Path(other), str(other)
+                        note = f": the same run in {other}, measured there"
+                    else:
+                        note = f": {other} not used ({why})"
+                stage(f"training {key} ({budget_words(cfg.__dict__)}){note}")
                 res["models"] += 1
-                try:
-                    res["models_reused"] += train_or_reuse(cfg, dirs[key], progress)
+                try:  # a shared run is only read, never trained into
+                    res["models_reused"] += True if key in res["shared_runs"] else \
+                        train_or_reuse(cfg, dirs[key], progress)
                 except TrainingDiverged as err:  # recorded and reported, not measured
                     res["diverged"][key] = str(err).split(";")[0]
                     stage(f"measuring {key}: diverged, skipped")
                     continue
-                m = _measure_run(cfg, dirs[key], P, data_dir, heldout, stage)
+                m = _measure_run(cfg, key, dirs[key], P, data_dir, heldout, stage)
                 net = res["networks"].setdefault(name, {}).setdefault(seed, {})
                 net.update({"heldout_clean_error": m["network"]["clean_error"]} if heldout else m["network"])
                 for det, r in m["detectors"].items():
