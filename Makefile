@@ -80,13 +80,16 @@ gpu-check:
 # the CUDA kernels -- then the operator, dtype, attack, detector and executor tests on it.  Python is not
 # instrumented, so libasan is preloaded; leak checks are off (CPython's arenas).  docs/CUDA.md has its time.
 SANITIZE_DIR   ?= build/sanitize
+SANITIZE_MARK  := .lgm-sanitize-copy
 SANITIZE_TESTS ?= tests/test_simt.py tests/test_pgd_step.py tests/test_attacks.py tests/test_detector.py tests/test_lgm_ops.py \
                   tests/test_dtypes.py
 # (the gradchecks, torch.compile, opcheck and the largest shapes left out: under ASan the executor is ~10x slower)
 SANITIZE_PYTEST ?= -x -q --capture=sys -m "not slow" \
   -k "not gradcheck and not compile and not opcheck and not float32_no_worse and not row_and_class_blocks and not many_tiles"
 test-sanitize:
-	@mkdir -p $(SANITIZE_DIR)/src
+	@if [ -d $(SANITIZE_DIR)/src ] && [ -n "$$(ls -A $(SANITIZE_DIR)/src)" ] && [ ! -f $(SANITIZE_DIR)/src/$(SANITIZE_MARK) ]; \
+	then echo "SANITIZE_DIR=$(SANITIZE_DIR): $(SANITIZE_DIR)/src is not a copy that make test-sanitize made; give another SANITIZE_DIR (nothing was changed)" >&2; exit 2; fi
+	@mkdir -p $(SANITIZE_DIR)/src && touch $(SANITIZE_DIR)/src/$(SANITIZE_MARK)
 	rm -rf $(SANITIZE_DIR)/src/lgm_ext $(SANITIZE_DIR)/src/lgm_lab $(SANITIZE_DIR)/src/lgm_cli $(SANITIZE_DIR)/src/tests
 	cp -rp setup.py pyproject.toml csrc lgm_ext lgm_lab lgm_cli tests $(SANITIZE_DIR)/src/
 	rm -f $(SANITIZE_DIR)/src/lgm_ext/_C*.so

@@ -21,7 +21,7 @@ from .run_folder import write_atomically
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "Trained", "content_digest",
            "checkpoint_digest", "save_checkpoint", "load_checkpoint", "load_plain", "run_config_file", "config_of",
-           "resume_config", "check_resumable", "load_trained"]
+           "resume_config", "config_differences", "check_resumable", "load_trained"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
 # verified on every load.
@@ -173,13 +173,20 @@ def resume_config(out_dir: str | os.PathLike, **changes) -> TrainConfig:
     return TrainConfig(**saved)
 
 
+def config_differences(saved: dict, cfg: TrainConfig, may_differ=()) -> list[str]:
+    """The fields (sorted) in which a run's saved config ``saved`` differs from ``cfg``, leaving out
+    ``may_differ``; a field added after the run was written counts as its default (older runs stay comparable)."""
+    now = asdict(cfg)
+    saved = {**{f.name: f.default for f in fields(TrainConfig)}, **saved}
+    return sorted(k for k in now if k not in may_differ and saved.get(k) != now[k])
+
+
 def check_resumable(saved: dict, cfg: TrainConfig, done: int, path) -> None:
     """Refuse to resume a checkpoint (saved config ``saved``, ``done`` epochs) with ``cfg`` unless they
     differ only in :data:`RESUMABLE_CHANGES`, and more epochs only on the constant schedule."""
     now = asdict(cfg)
-    # a field added after the checkpoint was written counts as its default (older runs stay resumable)
     saved = {**{f.name: f.default for f in fields(TrainConfig)}, **saved}
-    differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    differ = config_differences(saved, cfg, RESUMABLE_CHANGES)
     if differ:
         raise CheckpointError(f"cannot resume {path}: the configuration differs in {', '.join(differ)} ("
                               + ", ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in differ) + ")")

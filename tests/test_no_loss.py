@@ -508,3 +508,15 @@ def test_json_written_by_a_command_is_replaced(tmp_path, run):
     r = _lgm("eval", run / "checkpoint.pt", "--json", out, "--subset", 16, "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(out.read_text())["command"] == "eval"
+
+
+def test_make_test_sanitize_never_clears_a_folder_it_did_not_make(tmp_path):
+    """`make test-sanitize` replaces the Python packages of its own copy (SANITIZE_DIR/src); a SANITIZE_DIR whose
+    src/ it did not make (no marker) is refused before anything there is removed or overwritten."""
+    mine = tmp_path / "src" / "lgm_lab" / "mine.py"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("a user's file\n")
+    r = subprocess.run(["make", "-s", "test-sanitize", f"SANITIZE_DIR={tmp_path}", f"PYTHON={sys.executable}"],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "is not a copy that make test-sanitize made" in r.stderr
+    assert mine.read_text() == "a user's file\n" and sorted(p.name for p in (tmp_path / "src").iterdir()) == ["lgm_lab"]

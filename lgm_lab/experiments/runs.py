@@ -3,10 +3,9 @@ finished run, the dataset a preset uses, and caching a measurement beside its ch
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
-from ..checkpoints import CheckpointError, run_config_file
+from ..checkpoints import CheckpointError, config_differences, run_config_file
 from ..config import TrainConfig, config_from_preset
 from ..data import DatasetUnavailable, load_dataset
 from ..run_folder import RunFolderBusy, locked, save_json
@@ -54,11 +53,10 @@ def why_not_shared(cfg: TrainConfig, run_dir: Path) -> str | None:
     if not (d / "checkpoint.pt").is_file():
         return "no finished run there"
     try:
-        saved = asdict(run_config_file(d / "config.json"))
-        want = asdict(cfg)
-        other = [k for k in want if k not in _SHARED_MAY_DIFFER and saved.get(k) != want[k]]
+        saved = run_config_file(d / "config.json")
+        other = config_differences(saved.__dict__, cfg, _SHARED_MAY_DIFFER)
         if other:
-            return f"another config ({', '.join(f'{k} {saved.get(k)!r}' for k in other)})"
+            return f"another config ({', '.join(f'{k} {getattr(saved, k)!r}' for k in other)})"
         with locked(d, shared=True):
             return None if finished_run(cfg, d) else "an unfinished run"
     except (CheckpointError, RunFolderBusy) as err:
