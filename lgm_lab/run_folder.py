@@ -119,6 +119,15 @@ def save_json(path: Path, obj, indent: int = 2, **kwargs) -> None:
     write_atomically(path, lambda f: f.write(json.dumps(obj, indent=indent, **kwargs).encode()))
 
 
+def in_folder(path, folder) -> str:
+    """``path`` relative to ``folder`` (a report's files as its JSON records them, so that a committed or
+    moved report names no folder of the machine that wrote it); ``path`` as given if it is outside."""
+    try:
+        return Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def save_text(path: Path, text: str) -> None:
     """``text`` (UTF-8), written atomically (:func:`write_atomically`)."""
     write_atomically(path, lambda f: f.write(text.encode()))

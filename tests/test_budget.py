@@ -108,6 +108,7 @@ def test_budget_sweep_writes_table_figure_claims_and_reuses_its_runs(src, tmp_pa
     assert (tmp_path / "figures" / "budget.png").stat().st_size > 0
     saved = json.loads((tmp_path / "budget.json").read_text())
     assert len(saved["points"]) == len(res["points"]) and saved["claims"]
+    assert saved["figure"] == "figures/budget.png"  # relative to the report, which can be moved or committed
 
     # a second sweep trains nothing: every run and its measurement are reused
     reuse = B.train_or_reuse

@@ -219,7 +219,9 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
                  "figures/detection_roc.png", *dets):
         assert text in md, text
     assert (out / "figures" / "detection_roc.png").stat().st_size > 1000
-    assert json.loads((out / "detection.json").read_text())["preset"] == "quick"
+    saved = json.loads((out / "detection.json").read_text())
+    assert saved["preset"] == "quick"
+    assert saved["figures"] == ["figures/detection_roc.png"]  # the report's own files, not this machine's path
     # a second call reuses every network and every measurement
     before = (out / "runs" / "lgm-a1-heldout-s0" / "checkpoint.pt").stat().st_mtime_ns
     said = []
@@ -414,7 +416,8 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
             for i in range(n):
                 on_stage(i, n, "stub")
             (Path(out) / name).write_text(text)
-            return {"summary": {}, "verdict": [], "verdicts": [], "seeds": [0], "train": {}, "figures": [],
+            return {"summary": {}, "verdict": [], "verdicts": [], "seeds": [0], "train": {},
+                    "figures": ["figures/detection_roc.png"],
                     "step_ms": {}, "attack_protocol": kw.get("attack_protocol"), "protocol": None,
                     "shared_runs": {}}
         return run
@@ -453,6 +456,7 @@ def test_reproduce_with_detection_adds_the_section(tmp_path, monkeypatch):
     assert total < E.reproduce_stages("quick", detection=True)
     recorded = json.loads((tmp_path / "out" / "results.json").read_text())["detection"]
     assert recorded["attack_protocol"] == "none" and recorded["shared_runs"] == {}
+    assert recorded["figures"] == ["detection/figures/detection_roc.png"]  # relative to results.json's folder
     assert stages == [(i, total) for i in range(total)]
     with pytest.raises(ValueError, match="needs detection=True"):
         E.reproduce(tmp_path / "out3", preset="quick", attack_protocol="quick")

@@ -1,6 +1,7 @@
 """The seeds' experiments: metrics, commands and the reproduction pipeline on tiny data."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,7 +128,9 @@ def test_reproduce_tiny(tmp_path, monkeypatch):
     assert "targeted" in ev
     assert set(res["table1_2d"]) == {"softmax", "lgm-a1"}
     assert {c["verdict"] for c in res["claims"]} <= {"holds", "fails", "within noise"} and res["claims"]
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["preset"] == "tiny"
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["preset"] == "tiny"
+    assert "figures/pmax_fgsm.png" in saved["figures"] and not any(Path(f).is_absolute() for f in saved["figures"])
     assert (tmp_path / "out" / "figures" / "embed_lgm-a1.png").exists()
     assert (tmp_path / "out" / "figures" / "pmax_fgsm.png").exists()
     assert (tmp_path / "out" / "figures" / "training_curves.png").exists()

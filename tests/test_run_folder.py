@@ -196,3 +196,11 @@ def test_a_waiting_lock_takes_no_time(tmp_path):
             with locked(tmp_path):
                 pass
     assert time.perf_counter() - t0 < 5  # refused at once, never a hang
+
+
+def test_in_folder_names_a_reports_file_relative_to_it(tmp_path, monkeypatch):
+    from lgm_lab.run_folder import in_folder
+    assert in_folder(tmp_path / "figures" / "a.png", tmp_path) == "figures/a.png"
+    monkeypatch.chdir(tmp_path)  # a relative report folder and an absolute file path in it
+    assert in_folder(tmp_path / "out" / "figures" / "a.png", "out") == "figures/a.png"
+    assert in_folder("/elsewhere/a.png", tmp_path) == "/elsewhere/a.png"  # outside: as given

@@ -20,7 +20,7 @@ from ..checkpoints import checkpoint_digest, load_trained
 from ..data import load_dataset
 from ..evaluation import evaluate
 from ..figures import budget_figure
-from ..run_folder import save_json, save_text
+from ..run_folder import in_folder, save_json, save_text
 from ..tensors import features, stack_dataset
 from ..train import TrainingDiverged
 from .measure import compactness, fgsm_sweep, verification
@@ -129,7 +129,7 @@ def budget_sweep(out_dir, *, preset: str = "standard", seeds=None, at=(), at_see
            "points": points, "seconds": time.perf_counter() - t0}
     res["claims"] = budget_claims(res)
     (out / "figures").mkdir(exist_ok=True)
-    res["figure"] = budget_figure(points, out / "figures" / "budget.png")
+    res["figure"] = in_folder(budget_figure(points, out / "figures" / "budget.png"), out)
     save_json(out / "budget.json", res, indent=1, default=float)
     save_text(out / "budget.md", budget_markdown(res))
     return res

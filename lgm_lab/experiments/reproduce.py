@@ -21,7 +21,7 @@ from ..config import REPRODUCE_PRESETS, class_names
 from ..data import load_dataset
 from ..evaluation import evaluate
 from ..figures import FORMATS, embedding_figure, pmax_figure, training_curves_figure, verification_figures
-from ..run_folder import save_json, save_text
+from ..run_folder import in_folder, save_json, save_text
 from ..tensors import stack_dataset
 from . import detection as detection_experiment
 from . import inverse as inverse_adversary
@@ -222,9 +222,11 @@ def reproduce(out_dir, *, preset: str = "quick", data_dir=None, progress=print, 
             reuse_runs={f"{name}-s{seed}": out / "runs" / _run_key(name, 100, seed)  # the same networks
                         for name in P["models100"] if name in detection_experiment.DETECTION_MODELS for seed in seeds},
             on_stage=(lambda d, t, what: on_stage(offset + d, stage.total, what)) if on_stage else None)
-        results["detection"] = {k: det[k] for k in ("verdicts", "seeds", "train", "figures", "attack_protocol",
-                                                     "protocol", "shared_runs")}
+        results["detection"] = {k: det[k] for k in ("verdicts", "seeds", "train", "attack_protocol", "protocol",
+                                                     "shared_runs")}
+        results["detection"]["figures"] = [in_folder(out / "detection" / f, out) for f in det["figures"]]
     stage.finish()
+    results["figures"] = [in_folder(f, out) for f in results["figures"]]
     results["seconds"] = time.perf_counter() - t_start
     results["stage_seconds"] = stage.seconds
     save_json(out / "results.json", results, indent=1, default=float)

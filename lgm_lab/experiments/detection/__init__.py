@@ -17,7 +17,6 @@ the detector that rejects the most at the 5% point (:func:`preferred_detectors`;
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from ...detection_protocol import (
 )
 from ...figures import detection_roc_figure
 from ...ood_data import OOD_SETS
+from ...run_folder import in_folder, save_json, save_text
 from ...train import TrainingDiverged
 from ..runs import budget_words, load_cached, run_config, save_cached, train_or_reuse, why_not_shared
 from .report import LGM_DETECTOR, detection_markdown, detection_verdicts, preferred_detectors
@@ -240,11 +240,11 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
             for det, r in _transfer_run(cfgs, dirs, target, source, P, data_dir, stage).items():
                 res["runs"][f"{det} ({name})"][seed]["transfer"] = {"source_seed": src, "eps": r}
     stage("verdicts, figure, report")
-    res["figures"] = [detection_roc_figure(curves, out / "figures" / "detection_roc", fmt=fmt,
-                                           title=f"seed {seeds[0]}")]
+    res["figures"] = [in_folder(detection_roc_figure(curves, out / "figures" / "detection_roc", fmt=fmt,
+                                                     title=f"seed {seeds[0]}"), out)]
     res["sets"] = list(dict.fromkeys(s for runs in res["runs"].values() for r in runs.values() for s in r["sets"]))
     res["verdicts"] = detection_verdicts(res)
     res["seconds"] = time.perf_counter() - t0
-    (out / "detection.json").write_text(json.dumps(res, indent=1, default=float))
-    (out / "detection.md").write_text(detection_markdown(res))
+    save_json(out / "detection.json", res, indent=1, default=float)
+    save_text(out / "detection.md", detection_markdown(res))
     return res
