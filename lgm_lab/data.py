@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import DATASETS, dataset_info
+from .run_folder import plain_file_mode
 
 __all__ = ["DATASETS", "DatasetUnavailable", "load_dataset", "dataset_info", "default_data_dir", "fingerprint",
            "cache_size", "clear_cache", "Cleared"]
@@ -83,6 +84,7 @@ def _stage_idx(src: Path, root: Path, folder: str) -> bool:
         fd, tmp_name = tempfile.mkstemp(dir=raw, prefix=f".{f}.", suffix=".lgm-tmp")
         tmp = Path(tmp_name)
         try:
+            os.fchmod(fd, plain_file_mode(raw / f))  # a shared data folder stays readable to its group
             with os.fdopen(fd, "wb") as fout:
                 if path.suffix != ".gz":
                     with open(path, "rb") as fin:

@@ -8,12 +8,14 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 from pathlib import Path
 
 __all__ = ["RunFolderBusy", "LOCK_NAME", "TMP_SUFFIX", "locked", "write_atomically", "save_json", "save_text",
-           "remove_stale_temporaries", "is_own_temporary", "make_folder", "remove_if_empty", "same_file"]
+           "remove_stale_temporaries", "is_own_temporary", "make_folder", "remove_if_empty", "same_file", "in_folder",
+           "plain_file_mode"]
 
 LOCK_NAME = ".lgm-run.lock"
 TMP_SUFFIX = ".lgm-tmp"
@@ -96,14 +98,31 @@ def locked(folder: Path, *, shared: bool = False):
         _release(fd, path)
 
 
+def plain_file_mode(path: Path) -> int:
+    """The permission bits for a file written at ``path``: those of the regular file there, else what
+    ``open`` would create (``0o666`` less the process's umask)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomically(path: Path, write) -> None:
     """``write(file)`` into a temporary of its own beside ``path`` (``.NAME.XXXX.lgm-tmp``), fsync, then
     rename it over ``path``: a reader sees the old file or the new one, never a partial one, and two
-    writers never share a temporary.  A symbolic link at ``path`` is replaced, not followed."""
+    writers never share a temporary.  A symbolic link at ``path`` is replaced, not followed.  The file gets
+    the permissions a plain ``open`` would give it (``0o666`` less the umask; a regular file it replaces keeps
+    its own), not the temporary's private ``0o600``."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, plain_file_mode(path))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

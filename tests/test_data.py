@@ -120,3 +120,21 @@ def test_fingerprint_follows_the_content():
     sub = torch.utils.data.Subset(a, [4, 1])
     assert D.fingerprint(sub) == D.fingerprint(torch.utils.data.TensorDataset(a.tensors[0][[4, 1]],
                                                                              a.tensors[1][[4, 1]]))
+
+
+def test_a_staged_dataset_is_readable_as_any_file_written_there(tmp_path, monkeypatch):
+    """Staged IDX files were 0o600 (their temporaries' mode): in a shared --data-dir nobody else could read
+    them.  They now get 0o666 less the umask, as a plain copy would."""
+    import os
+    import stat
+
+    from lgm_lab.data import load_dataset
+    src = write_idx(tmp_path / "src", n_train=20, n_test=10)
+    monkeypatch.setenv("LGM_DATA_DIR", str(tmp_path / "cache"))
+    old = os.umask(0o022)
+    try:
+        load_dataset("fashion-mnist", False, data_dir=src)
+    finally:
+        os.umask(old)
+    staged = list((tmp_path / "cache").rglob("*-ubyte"))
+    assert staged and {stat.S_IMODE(p.stat().st_mode) for p in staged} == {0o644}

@@ -204,3 +204,26 @@ def test_in_folder_names_a_reports_file_relative_to_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative report folder and an absolute file path in it
     assert in_folder(tmp_path / "out" / "figures" / "a.png", "out") == "figures/a.png"
     assert in_folder("/elsewhere/a.png", tmp_path) == "/elsewhere/a.png"  # outside: as given
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """A report or checkpoint written atomically is readable as any file its user writes (0o666 less the
+    umask), not private like the temporary it was written through (0o600 before); a file it replaces keeps
+    its mode."""
+    import os
+    import stat
+
+    from lgm_lab.run_folder import save_text
+    old = os.umask(0o022)
+    try:
+        save_text(tmp_path / "report.md", "x")
+        assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o644
+        os.umask(0o027)
+        save_text(tmp_path / "other.md", "x")
+        assert stat.S_IMODE((tmp_path / "other.md").stat().st_mode) == 0o640
+        (tmp_path / "report.md").chmod(0o600)  # the user's choice for an existing file is kept
+        save_text(tmp_path / "report.md", "y")
+        assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o600
+        assert (tmp_path / "report.md").read_text() == "y"
+    finally:
+        os.umask(old)
