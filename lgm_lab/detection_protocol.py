@@ -2,9 +2,9 @@
 the detectors a network gets (:func:`detector_names`, :func:`build_detectors`: the field's post-hoc baselines of
 :mod:`lgm_lab.baselines` on every network, the center distance, an L-GM head's own scores), the images the
 protocol needs (:func:`detection_data`), and :func:`measure_network`: thresholds at every operating point,
-detection metrics per abnormal set, attacks, the adaptive attack (PGD-10 and the full protocol of
-:mod:`lgm_lab.adaptive_eval`) and an L-GM network's diagnostics (:func:`lgm_diagnostics`); and
-:func:`transfer_check`, the transfer attack between two networks.  Used by the
+detection metrics per abnormal set, attacks, the adaptive PGD-10 attack and an L-GM network's diagnostics
+(:func:`lgm_diagnostics`); :func:`measure_protocol`, the full adaptive protocol of :mod:`lgm_lab.adaptive_eval`;
+and :func:`transfer_check`, the transfer attack between two networks.  Used by the
 detection experiment (:mod:`lgm_lab.experiments.detection`) and ``lgm ood``.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ from .ood_data import DIGITS_SIZE, OOD_SETS, ood_images, other_classes, restrict
 from .tensors import batches, features, stack_dataset
 
 __all__ = ["HELDOUT_SET", "EPS", "PGD_STEPS", "FPRS", "FPR", "ScoreDetector", "center_distance", "detector_names",
-           "build_detectors", "detection_data", "lgm_diagnostics", "measure_network", "calibrated_detectors",
-           "transfer_check"]
+           "build_detectors", "detection_data", "lgm_diagnostics", "measure_network", "measure_protocol",
+           "calibrated_detectors", "transfer_check"]
 
 HELDOUT_SET = "held-out classes"
 EPS = (0.1, 0.3)
@@ -256,8 +256,8 @@ def lgm_diagnostics(model, head, data: dict, f_fit: Tensor, y_fit: Tensor, feats
 
 
 def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | None = None, fprs=FPRS,
-                    adaptive: bool = True, adaptive_subset: int | None = None, protocol: dict | None = None,
-                    seed: int = 0, batch: int = 256, tick=None, extra=None, fpr: float | None = None) -> dict:
+                    adaptive: bool = True, adaptive_subset: int | None = None, seed: int = 0, batch: int = 256,
+                    tick=None, extra=None, fpr: float | None = None) -> dict:
     """Every detector of :func:`build_detectors` on one trained network, over ``data`` (a
     :func:`detection_data` dict).
 
@@ -268,10 +268,8 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
     at 95% TPR both ways, EER, rejected at each operating point); the realised false-rejection rates.  With
     ``adaptive``, on the first ``adaptive_subset`` of those images: the success (% misclassified and
     accepted) at each operating point of plain PGD-10 and of the selective adaptive PGD-10
-    (:class:`lgm_ext.attacks.AdaptivePGD`, same budget) and the no-detector ceiling.  ``protocol``
-    (``{"name", "eps", "subset"}``): the full adaptive protocol (:mod:`lgm_lab.adaptive_eval`) on the first
-    ``subset`` images per eps, with the feature-space bound.  An L-GM network also gets
-    :func:`lgm_diagnostics`.
+    (:class:`lgm_ext.attacks.AdaptivePGD`, same budget) and the no-detector ceiling (the full adaptive
+    protocol is :func:`measure_protocol`).  An L-GM network also gets :func:`lgm_diagnostics`.
 
     Returns ``{"network": {...}, "detectors": {name: {...}}, "roc": {name: {set: roc}}}``; ``tick(n)`` as n
     images are attacked.  ``extra`` (name -> a detector of this network, e.g. one saved by ``lgm detect fit``)
@@ -308,15 +306,6 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
         net["diagnostics"] = lgm_diagnostics(model, head, data, f_fit, fit[1],
                                              {k: v for k, v in feats.items() if k in data["abnormal"]}, batch)
     out = {"network": net, "detectors": {}, "roc": {}}
-    radii = {}  # the feature-space bound, per eps: as far as image-space PGD-10 moved each feature
-    if protocol:
-        prot = ATTACK_PROTOCOLS[protocol["name"]]
-        m = min(len(xa), protocol["subset"])
-        with torch.no_grad():
-            f0 = features(model, xa[:m], batch)
-            for e in protocol["eps"]:
-                adv = PGD(clf, eps=e, alpha=2.5 * e / PGD_STEPS, steps=PGD_STEPS, seed=seed)(xa[:m], ya[:m])
-                radii[e] = (features(model, adv, batch) - f0).norm(dim=1)
     for name, det in dets.items():
         th = _thresholds(det, f_cal, fprs)
         det.calibrate(f_cal, fprs[0])  # the primary operating point, for a caller that keeps the detector
@@ -339,12 +328,40 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
                     "pgd": {k: 100.0 * (plain >= t).double().mean().item() for k, t in th.items()},
                     "adaptive": {k: 100.0 * (best >= t).double().mean().item() for k, t in th.items()},
                     "ceiling": 100.0 * torch.isfinite(best).double().mean().item()}
-        if protocol:
-            r["protocol"] = {"name": protocol["name"], "n": m, "description": describe_protocol(prot, m), "eps": {}}
-            for e in protocol["eps"]:
-                best = adaptive_attack(model, head.logits, _AtThreshold(det, th[keys[0]]), xa[:m], ya[:m], e, prot,
-                                       num_classes=head.num_classes, seed=seed, batch=batch)
-                best["feature space"] = feature_space_attack(head.logits, det, f0, ya[:m], radii[e], seed=seed).cpu()
-                r["protocol"]["eps"][f"{e:g}"] = success_rates(best, th)
         out["detectors"][name] = r
+    return out
+
+
+def measure_protocol(model, head, data: dict, protocol: dict, *, attack_subset: int | None = None, fprs=FPRS,
+                     seed: int = 0, batch: int = 256) -> dict:
+    """The full adaptive protocol (:mod:`lgm_lab.adaptive_eval`; ``protocol`` = ``{"name", "eps", "subset"}``)
+    against every detector of :func:`calibrated_detectors` on one network (``data`` a :func:`detection_data`
+    dict): on the first ``subset`` of the first ``attack_subset`` clean images, at each eps, every variant of
+    the protocol at the first operating point's threshold, and the feature-space bound (each feature moved
+    within the distance image-space PGD-10 moved it).  Returns ``{detector: {"name", "n", "description",
+    "eps": {"<eps>": success % per variant and operating point, with the ceiling}}}``
+    (:func:`lgm_lab.adaptive_eval.success_rates`); measured apart from :func:`measure_network`, so that
+    another protocol re-measures only this."""
+    prot = ATTACK_PROTOCOLS[protocol["name"]]
+    dets = calibrated_detectors(model, head, data, fprs, batch)
+    x, y = data["clean"]
+    xa, ya = x[:attack_subset], y[:attack_subset]
+    m = min(len(xa), protocol["subset"])
+    clf = Classifier(model, head).eval()
+    radii = {}  # the feature-space bound, per eps: as far as image-space PGD-10 moved each feature
+    with torch.no_grad():
+        f0 = features(model, xa[:m], batch)
+        for e in protocol["eps"]:
+            adv = PGD(clf, eps=e, alpha=2.5 * e / PGD_STEPS, steps=PGD_STEPS, seed=seed)(xa[:m], ya[:m])
+            radii[e] = (features(model, adv, batch) - f0).norm(dim=1)
+    out = {}
+    for name, (det, th) in dets.items():
+        first = next(iter(th))
+        r = {"name": protocol["name"], "n": m, "description": describe_protocol(prot, m), "eps": {}}
+        for e in protocol["eps"]:
+            best = adaptive_attack(model, head.logits, _AtThreshold(det, th[first]), xa[:m], ya[:m], e, prot,
+                                   num_classes=head.num_classes, seed=seed, batch=batch)
+            best["feature space"] = feature_space_attack(head.logits, det, f0, ya[:m], radii[e], seed=seed).cpu()
+            r["eps"][f"{e:g}"] = success_rates(best, th)
+        out[name] = r
     return out

@@ -228,7 +228,8 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     res2 = D.detection_experiment(out, data_dir=src, progress=said.append)
     assert (out / "runs" / "lgm-a1-heldout-s0" / "checkpoint.pt").stat().st_mtime_ns == before
     assert res2["models_reused"] == res2["models"] == 8
-    assert sum("reused" in m for m in said) == 8 + 2  # every measurement, and both transfer checks
+    # every measurement, both networks' full protocol (cached apart) and both transfer checks
+    assert sum("reused" in m for m in said) == 8 + 2 + 2 and "attack protocol tiny on center-s0: reused" in said
     assert json.loads(json.dumps(res2["runs"])) == json.loads(json.dumps(res["runs"]))
     # the same networks elsewhere (a report's own) are measured there; another config's folder is ignored
     ck_other = out / "runs" / "lgm-a1-s1" / "checkpoint.pt"
@@ -274,11 +275,13 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     res_none = D.detection_experiment(out, data_dir=src, progress=said.append, attack_protocol="none",
                                       on_stage=lambda d, t, w: stages.append((d, t)))
     total_none = D.detection_stages("quick", "none")
-    assert total_none == total - len(D.DETECTION_MODELS) and stages == [(i, total_none) for i in range(total_none)]
+    assert total_none == total - 2 * len(D.DETECTION_MODELS)  # no protocol, no transfer stage
+    assert stages == [(i, total_none) for i in range(total_none)]
     assert res_none["models_reused"] == 8 and res_none["attack_protocol"] == "none" and res_none["protocol"] is None
-    for name in ("center", "lgm-a1"):  # only the protocol seed's all-class networks are measured again
-        assert f"measuring {name}-s0" in said and f"measuring {name}-s1: reused" in said
-        assert f"measuring {name}-heldout-s0: reused" in said and f"measuring {name}-heldout-s1: reused" in said
+    # nothing is measured again: the protocol is cached apart from the rest
+    assert [m for m in said if m.startswith("measuring")] == [m for m in said if m.endswith(": reused")
+                                                              and m.startswith("measuring")]
+    assert not any("attack protocol" in m for m in said)
     for det, seeds in res_none["runs"].items():
         assert "protocol" not in seeds[0] and "transfer" not in seeds[0], det
         assert seeds[0]["adaptive"] == res["runs"][det][0]["adaptive"], det  # the rest is measured as before
@@ -288,14 +291,35 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     # another preset's protocol: its seeds (here seed 1, with the transfer check from seed 0) and its name
     monkeypatch.setitem(D.DETECTION_PRESETS, "standard", dict(
         D.DETECTION_PRESETS["quick"], protocol=dict(name="tiny", eps=(0.3,), subset=2, seeds=(1,))))
-    res_std = D.detection_experiment(out, data_dir=src, progress=lambda m: None, attack_protocol="standard")
+    said = []
+    res_std = D.detection_experiment(out, data_dir=src, progress=said.append, attack_protocol="standard")
     for det, seeds in res_std["runs"].items():
         assert "protocol" in seeds[1] and "protocol" not in seeds[0] and "transfer" not in seeds[0], det
         assert seeds[1]["transfer"]["source_seed"] == 0, det
+    for name in ("center", "lgm-a1"):  # only the protocol is measured, on the networks of its seed
+        assert f"measuring {name}-s1: reused" in said and f"attack protocol tiny on {name}-s1" in said
+        assert f"measuring {name}-s0: reused" in said
     assert "--detection --preset quick --attack-protocol standard`" in (out / "detection.md").read_text()
     with pytest.raises(ValueError, match="attack_protocol must be one of"):  # refused before anything is written
         D.detection_experiment(tmp_path / "not-made", data_dir=src, attack_protocol="paper")
     assert not (tmp_path / "not-made").exists()
+    # a measurement cached before the protocol was cached apart (protocol 3: one file, the protocol's results
+    # inside each detector's) is kept and split into today's two caches, not measured again
+    run = out / "runs" / "center-s0"
+    new_eval = json.loads((run / "detection_eval.json").read_text())
+    new_prot = json.loads((run / "protocol_tiny_eval.json").read_text())
+    legacy = json.loads(json.dumps(new_eval["eval"]))
+    for name, r in new_prot["eval"].items():
+        legacy["detectors"][name]["protocol"] = r
+    legacy_settings = dict(new_eval["settings"], protocol=3, attack_protocol=new_prot["settings"]["attack_protocol"])
+    (run / "detection_eval.json").write_text(json.dumps({"settings": legacy_settings, "eval": legacy}))
+    (run / "protocol_tiny_eval.json").unlink()
+    said = []
+    res_legacy = D.detection_experiment(out, data_dir=src, progress=said.append)
+    assert "measuring center-s0: reused" in said and "attack protocol tiny on center-s0: reused" in said
+    assert json.loads((run / "detection_eval.json").read_text()) == new_eval
+    assert json.loads((run / "protocol_tiny_eval.json").read_text()) == new_prot
+    assert json.loads(json.dumps(res_legacy["runs"])) == json.loads(json.dumps(res["runs"]))
     # a network that diverges is recorded and left out, the rest is still measured and reported
     from lgm_lab.train import TrainingDiverged
 
@@ -352,11 +376,11 @@ def test_attack_protocol_of_another_preset():
     assert D.DETECTION_PRESETS["standard"]["protocol"]["name"] == "standard"  # the preset itself is untouched
     assert D.detection_preset("standard")["protocol"] == std["protocol"]
     assert D.detection_preset("quick", "none")["protocol"] is None
-    # stages: one transfer check per protocol seed and network kind
+    # stages: the protocol and one transfer check per protocol seed and network kind
     n = len(D.DETECTION_MODELS)
     assert D.detection_stages("standard", "none") == 4 * 3 * n + 1
-    assert D.detection_stages("standard", "quick") == (4 * 3 + 1) * n + 1
-    assert D.detection_stages("standard") == (4 * 3 + 3) * n + 1
+    assert D.detection_stages("standard", "quick") == (4 * 3 + 2 * 1) * n + 1
+    assert D.detection_stages("standard") == (4 * 3 + 2 * 3) * n + 1
     with pytest.raises(ValueError, match="attack_protocol must be one of quick, standard, none .*got 'paper'"):
         D.detection_preset("standard", "paper")
     with pytest.raises(ValueError, match="unknown preset 'paper'"):

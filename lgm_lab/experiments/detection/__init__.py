@@ -1,22 +1,22 @@
-"""Out-of-distribution and adversarial detection, measured (issues 25 and 35; docs/SPEC.md section 8).
-
-Networks: LeNet++ 100-D with a softmax, a center-loss and an L-GM (alpha = 1) head, each seed trained twice
+"""Out-of-distribution and adversarial detection, measured (issues 25 and 35; docs/SPEC.md section 8). Networks:
+LeNet++ 100-D with a softmax, a center-loss and an L-GM (alpha = 1) head, each seed trained twice
 (:data:`DETECTION_MODELS`): on all ten Fashion-MNIST classes, and on classes 0-4 only (the held-out-classes
-protocol: the test images of classes 5-9 are its unknown inputs).  Each network is measured by
-:func:`lgm_lab.detection_protocol.measure_network` (its detectors: the field's post-hoc baselines on every
-network -- pytorch-ood's KNN, ViM, Energy, MaxLogit, max-softmax; Mahalanobis on raw and L2-normalised
-features --, the center distance, and an L-GM head's own likelihood and mixture score and Gaussians re-fitted
-to its features), cached beside its checkpoint.  Thresholds at the 5% and 1% operating points, metrics per
-abnormal set (rejections, AUROC, AUPR-in/out, FPR at 95% TPR both ways, EER), the adaptive PGD-10 attack on
-every detector and the full adaptive protocol on the protocol's seeds (the preset's own, or another preset's:
-:func:`detection_preset`), with the transfer attack from the next
-seed's network of the same kind as its check.  Over seeds: mean ± std,
-:func:`~lgm_lab.experiments.stats.compare`'s verdicts for "L-GM's likelihood detects X better", and per set
-the detector that rejects the most at the 5% point (:func:`preferred_detectors`; the report is rendered by
-:mod:`~lgm_lab.experiments.detection.report`).  Finished runs and measurements are reused.
+protocol: the test images of classes 5-9 are its unknown inputs). Each network is measured by
+:func:`lgm_lab.detection_protocol.measure_network` (its detectors: the field's post-hoc baselines on every network
+-- pytorch-ood's KNN, ViM, Energy, MaxLogit, max-softmax; Mahalanobis on raw and L2-normalised features --, the
+center distance, and an L-GM head's own likelihood and mixture score and Gaussians re-fitted to its features),
+cached beside its checkpoint, the full adaptive protocol (:func:`~lgm_lab.detection_protocol.measure_protocol`)
+cached apart from the rest. Thresholds at the 5% and 1% operating points, metrics per abnormal set (rejections,
+AUROC, AUPR-in/out, FPR at 95% TPR both ways, EER), the adaptive PGD-10 attack on every detector and the full
+adaptive protocol on the protocol's seeds (the preset's own, or another preset's: :func:`detection_preset`), with
+the transfer attack from the next seed's network of the same kind as its check. Over seeds: mean ± std,
+:func:`~lgm_lab.experiments.stats.compare`'s verdicts for "L-GM's likelihood detects X better", and per set the
+detector that rejects the most at the 5% point (:func:`preferred_detectors`; the report is rendered by
+:mod:`~lgm_lab.experiments.detection.report`). Finished runs and measurements are reused.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from ...detection_protocol import (
     detector_names,
     lgm_diagnostics,
     measure_network,
+    measure_protocol,
     transfer_check,
 )
 from ...figures import detection_roc_figure
@@ -70,7 +71,14 @@ DETECTION_PRESETS = {
                      fit_points=20000, attack_subset=1000, adaptive_subset=500,
                      protocol=dict(name="standard", eps=(0.03, 0.1, 0.3), subset=200, seeds=(0, 1, 2))),
 }
-_PROTOCOL = 3  # bump when the measurement changes: cached measurements of another protocol are redone
+_PROTOCOL = 4  # bump when the measurement changes: cached measurements of another protocol are redone
+# (4: the full attack protocol cached apart, one file per protocol; a 3's measurement is kept, see _from_legacy)
+EVAL_FILE = "detection_eval.json"
+
+
+def _protocol_file(name: str) -> str:
+    """The cache of the full attack protocol ``name`` beside a run's checkpoint."""
+    return f"protocol_{name}_eval.json"
 
 
 def _transfer_pairs(P: dict) -> list[tuple[int, int]]:
@@ -103,34 +111,86 @@ def detection_preset(preset: str, attack_protocol: str | None = None) -> dict:
 def detection_stages(preset: str, attack_protocol: str | None = None) -> int:
     """How many stages :func:`detection_experiment` reports for ``preset`` (for a progress bar)."""
     P = detection_preset(preset, attack_protocol)
-    return (4 * len(P["seeds"]) + len(_transfer_pairs(P))) * len(DETECTION_MODELS) + 1
+    attacked = 0 if P.get("protocol") is None else len([s for s in P["seeds"] if s in P["protocol"]["seeds"]])
+    return (4 * len(P["seeds"]) + attacked + len(_transfer_pairs(P))) * len(DETECTION_MODELS) + 1
+
+
+def _network_protocol(P: dict, seed: int, heldout: bool) -> dict | None:
+    """The full attack protocol a network of ``P`` gets (JSON-ready), or None: only the all-class networks of
+    the protocol's seeds are attacked with it."""
+    prot = P.get("protocol")
+    if heldout or prot is None or seed not in prot["seeds"]:
+        return None
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in prot.items() if k != "seeds"}
+
+
+def _from_legacy(run_dir: Path, settings: dict) -> tuple[dict, dict | None, dict | None] | None:
+    """A measurement cached by lgm-ext before the protocol was cached apart (``_PROTOCOL`` 3: the protocol's
+    results inside each detector's, its settings under "attack_protocol"), made with ``settings`` otherwise:
+    ``(measurement without the protocol, the protocol's settings or None, its results or None)``; None if
+    there is none."""
+    try:
+        cached = json.loads((run_dir / EVAL_FILE).read_text())
+        old = dict(cached["settings"])
+        prot = old.pop("attack_protocol")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if old != dict(settings, protocol=3):
+        return None
+    m = cached["eval"]
+    results = {name: r.pop("protocol") for name, r in m["detectors"].items() if "protocol" in r} or None
+    return m, prot, results
 
 
 def _measure_run(cfg, key: str, run_dir: Path, P: dict, data_dir, heldout: bool, stage) -> dict:
     """The measurement of run ``key`` (in ``run_dir``), cached beside its checkpoint (the same checkpoint
-    measured the same way)."""
+    measured the same way), and for an all-class network of the protocol's seeds the full attack protocol,
+    cached apart (``protocol_eval.json``): another ``attack_protocol`` measures only that again."""
     model, head, cfg, ck = load_trained(run_dir / "checkpoint.pt")
-    prot = P.get("protocol")
-    prot = None if heldout or prot is None or cfg.seed not in prot["seeds"] else \
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in prot.items() if k != "seeds"}
-    settings = {"protocol": _PROTOCOL, "sha256": checkpoint_digest(ck), "test_subset": P["train"].get("test_subset"),
-                "fit_points": P["fit_points"], "attack_subset": P["attack_subset"],
-                "adaptive_subset": P.get("adaptive_subset"), "eps": list(EPS), "fprs": list(FPRS),
-                "pgd_steps": PGD_STEPS, "heldout": heldout, "attack_protocol": prot,
-                "ood_sets": list(OOD_SETS)}
-    cached = load_cached(run_dir / "detection_eval.json", settings)
-    if cached is not None:
+    digest = checkpoint_digest(ck)
+    common = {"protocol": _PROTOCOL, "sha256": digest, "test_subset": P["train"].get("test_subset"),
+              "fit_points": P["fit_points"], "attack_subset": P["attack_subset"], "fprs": list(FPRS)}
+    settings = dict(common, adaptive_subset=P.get("adaptive_subset"), eps=list(EPS), pgd_steps=PGD_STEPS,
+                    heldout=heldout, ood_sets=list(OOD_SETS))
+    prot = _network_protocol(P, cfg.seed, heldout)
+    prot_settings = dict(common, attack_protocol=prot)
+    data = []
+
+    def network_data() -> dict:  # loaded once, only if something is measured
+        if not data:
+            data.append(detection_data(cfg, data_dir=data_dir, test_subset=P["train"].get("test_subset"),
+                                       test_seed=0, fit_points=P["fit_points"],
+                                       sets=(HELDOUT_SET,) if heldout else None, ood_seed=cfg.seed))
+        return data[0]
+
+    m = load_cached(run_dir / EVAL_FILE, settings)
+    if m is None and (legacy := _from_legacy(run_dir, settings)) is not None:
+        m, old_prot, old_results = legacy  # kept, in today's two caches
+        if old_prot is not None and old_results is not None:
+            save_cached(run_dir / _protocol_file(old_prot['name']), dict(common, attack_protocol=old_prot), old_results)
+        save_cached(run_dir / EVAL_FILE, settings, m)
+    if m is not None:
         stage(f"measuring {key}: reused")
-        return cached
-    stage(f"measuring {key}")
-    data = detection_data(cfg, data_dir=data_dir, test_subset=P["train"].get("test_subset"), test_seed=0,
-                          fit_points=P["fit_points"], sets=(HELDOUT_SET,) if heldout else None, ood_seed=cfg.seed)
-    res = measure_network(model, head, data, eps=() if heldout else EPS, attack_subset=P["attack_subset"],
-                          adaptive=not heldout, adaptive_subset=P.get("adaptive_subset"), protocol=prot,
-                          seed=cfg.seed)
-    res["network"]["label"] = head.label
-    save_cached(run_dir / "detection_eval.json", settings, res)
-    return res
+    else:
+        stage(f"measuring {key}")
+        m = measure_network(model, head, network_data(), eps=() if heldout else EPS,
+                            attack_subset=P["attack_subset"], adaptive=not heldout,
+                            adaptive_subset=P.get("adaptive_subset"), seed=cfg.seed)
+        m["network"]["label"] = head.label
+        save_cached(run_dir / EVAL_FILE, settings, m)
+    if prot is None:
+        return m
+    results = load_cached(run_dir / _protocol_file(prot['name']), prot_settings)
+    if results is not None:
+        stage(f"attack protocol {prot['name']} on {key}: reused")
+    else:
+        stage(f"attack protocol {prot['name']} on {key}")
+        results = measure_protocol(model, head, network_data(), prot, attack_subset=P["attack_subset"],
+                                   seed=cfg.seed)
+        save_cached(run_dir / _protocol_file(prot['name']), prot_settings, results)
+    for name, r in results.items():
+        m["detectors"][name]["protocol"] = r
+    return m
 
 
 def _transfer_run(cfgs: dict, dirs: dict, target: str, source: str, P: dict, data_dir, stage) -> dict:
