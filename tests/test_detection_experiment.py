@@ -206,8 +206,9 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
             p = r["protocol"]["eps"]["0.3"]
             assert set(p) == {"restarts", "step sweep", "multi-targeted", "long", "all", "feature space"}
             assert p["all"]["5"] >= max(p[v]["5"] for v in ("restarts", "step sweep", "multi-targeted"))
-    assert (out / "runs" / "center-s0" / "transfer_eval.json").exists()
-    assert not (out / "runs" / "center-s1" / "transfer_eval.json").exists()
+    assert (out / "runs" / "center-s0" / "transfer_tiny_eval.json").exists()
+    assert not (out / "runs" / "center-s1" / "transfer_tiny_eval.json").exists()
+    first_transfer = (out / "runs" / "center-s0" / "transfer_tiny_eval.json").read_text()
     diag = res["networks"]["lgm-a1"][0]["diagnostics"]
     assert set(diag["sets"]) == set(OOD_SETS) and diag["head_log_var_mean"] is not None
     assert len(res["verdicts"]) == (len(dets) - 1) * (len(sets) + 1)
@@ -314,9 +315,14 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     legacy_settings = dict(new_eval["settings"], protocol=3, attack_protocol=new_prot["settings"]["attack_protocol"])
     (run / "detection_eval.json").write_text(json.dumps({"settings": legacy_settings, "eval": legacy}))
     (run / "protocol_tiny_eval.json").unlink()
+    # and its transfer check, then one file per target (res4 above measured another source into this target's)
+    (run / "transfer_tiny_eval.json").unlink()
+    (run / "transfer_eval.json").write_text(first_transfer)
     said = []
     res_legacy = D.detection_experiment(out, data_dir=src, progress=said.append)
     assert "measuring center-s0: reused" in said and "attack protocol tiny on center-s0: reused" in said
+    assert "transfer center-s1 -> center-s0: reused" in said
+    assert json.loads((run / "transfer_tiny_eval.json").read_text()) == json.loads(first_transfer)
     assert json.loads((run / "detection_eval.json").read_text()) == new_eval
     assert json.loads((run / "protocol_tiny_eval.json").read_text()) == new_prot
     assert json.loads(json.dumps(res_legacy["runs"])) == json.loads(json.dumps(res["runs"]))

@@ -73,12 +73,19 @@ DETECTION_PRESETS = {
 }
 _PROTOCOL = 4  # bump when the measurement changes: cached measurements of another protocol are redone
 # (4: the full attack protocol cached apart, one file per protocol; a 3's measurement is kept, see _from_legacy)
+_TRANSFER = 3  # the same for the transfer check, which version 4 did not change
+LEGACY_TRANSFER_FILE = "transfer_eval.json"  # one per target before version 4: read, then kept per protocol
 EVAL_FILE = "detection_eval.json"
 
 
 def _protocol_file(name: str) -> str:
     """The cache of the full attack protocol ``name`` beside a run's checkpoint."""
     return f"protocol_{name}_eval.json"
+
+
+def _transfer_file(name: str) -> str:
+    """The cache of the transfer check of the full attack protocol ``name`` beside its target's checkpoint."""
+    return f"transfer_{name}_eval.json"
 
 
 def _transfer_pairs(P: dict) -> list[tuple[int, int]]:
@@ -198,12 +205,15 @@ def _transfer_run(cfgs: dict, dirs: dict, target: str, source: str, P: dict, dat
     prot = P["protocol"]
     steps = ATTACK_PROTOCOLS[prot["name"]].steps
     loaded = {k: load_trained(dirs[k] / "checkpoint.pt") for k in (target, source)}
-    settings = {"protocol": _PROTOCOL, "target_sha256": checkpoint_digest(loaded[target].checkpoint),
+    settings = {"protocol": _TRANSFER, "target_sha256": checkpoint_digest(loaded[target].checkpoint),
                 "source_sha256": checkpoint_digest(loaded[source].checkpoint), "source": source,
                 "test_subset": P["train"].get("test_subset"), "fit_points": P["fit_points"],
                 "attack_subset": P["attack_subset"], "eps": list(prot["eps"]), "subset": prot["subset"],
                 "steps": steps, "fprs": list(FPRS)}
-    cached = load_cached(dirs[target] / "transfer_eval.json", settings)
+    path = dirs[target] / _transfer_file(prot["name"])
+    cached = load_cached(path, settings)
+    if cached is None and (cached := load_cached(dirs[target] / LEGACY_TRANSFER_FILE, settings)) is not None:
+        save_cached(path, settings, cached)  # kept under today's name; the old file is left as it is
     if cached is not None:
         stage(f"transfer {source} -> {target}: reused")
         return cached
@@ -218,7 +228,7 @@ def _transfer_run(cfgs: dict, dirs: dict, target: str, source: str, P: dict, dat
             m = min(len(x), P["attack_subset"], prot["subset"])  # the white-box protocol's images
             x, y = x[:m], y[:m]
     res = transfer_check(nets[source], nets[target], x, y, eps=prot["eps"], steps=steps, seed=cfgs[target].seed)
-    save_cached(dirs[target] / "transfer_eval.json", settings, res)
+    save_cached(path, settings, res)
     return res
 
 
