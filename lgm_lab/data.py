@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import DATASETS, dataset_info
-from .run_folder import plain_file_mode
+from .run_folder import create_temporary
 
 __all__ = ["DATASETS", "DatasetUnavailable", "load_dataset", "dataset_info", "default_data_dir", "fingerprint",
            "cache_size", "clear_cache", "Cleared"]
@@ -81,10 +80,8 @@ def _stage_idx(src: Path, root: Path, folder: str) -> bool:
         path = _source_file(src, f)
         # a temporary of its own: two runs staging the same source at once each write theirs and rename
         # it into place (the same bytes; a rename is atomic), neither sees a half-written file
-        fd, tmp_name = tempfile.mkstemp(dir=raw, prefix=f".{f}.", suffix=".lgm-tmp")
-        tmp = Path(tmp_name)
+        fd, tmp = create_temporary(raw / f)  # as a plain copy would be: a shared data folder stays readable
         try:
-            os.fchmod(fd, plain_file_mode(raw / f))  # a shared data folder stays readable to its group
             with os.fdopen(fd, "wb") as fout:
                 if path.suffix != ".gz":
                     with open(path, "rb") as fin:

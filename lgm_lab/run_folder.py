@@ -7,15 +7,15 @@ import datetime
 import fcntl
 import json
 import os
+import secrets
 import socket
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
 __all__ = ["RunFolderBusy", "LOCK_NAME", "TMP_SUFFIX", "locked", "write_atomically", "save_json", "save_text",
            "remove_stale_temporaries", "is_own_temporary", "make_folder", "remove_if_empty", "same_file", "in_folder",
-           "plain_file_mode"]
+           "create_temporary"]
 
 LOCK_NAME = ".lgm-run.lock"
 TMP_SUFFIX = ".lgm-tmp"
@@ -98,31 +98,38 @@ def locked(folder: Path, *, shared: bool = False):
         _release(fd, path)
 
 
-def plain_file_mode(path: Path) -> int:
-    """The permission bits for a file written at ``path``: those of the regular file there, else what
-    ``open`` would create (``0o666`` less the process's umask)."""
-    try:
-        st = os.lstat(path)
-        if stat.S_ISREG(st.st_mode):
-            return stat.S_IMODE(st.st_mode)
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
-    os.umask(mask)
-    return 0o666 & ~mask
+def create_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary of its own beside ``path`` (``.NAME.XXXX.lgm-tmp``), open for writing: ``(fd, its
+    path)``.  Created as a plain ``open`` creates a file (mode ``0o666``, less what the umask or the folder's
+    default ACL takes away), not private as :func:`tempfile.mkstemp` makes it; where ``path`` is a regular
+    file, its permission bits are carried over (best effort: a filesystem that refuses it keeps the default)."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                os.fchmod(fd, st.st_mode & 0o777)
+        except OSError:
+            pass
+        return fd, tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def write_atomically(path: Path, write) -> None:
-    """``write(file)`` into a temporary of its own beside ``path`` (``.NAME.XXXX.lgm-tmp``), fsync, then
+    """``write(file)`` into a temporary of its own beside ``path`` (:func:`create_temporary`), fsync, then
     rename it over ``path``: a reader sees the old file or the new one, never a partial one, and two
     writers never share a temporary.  A symbolic link at ``path`` is replaced, not followed.  The file gets
-    the permissions a plain ``open`` would give it (``0o666`` less the umask; a regular file it replaces keeps
-    its own), not the temporary's private ``0o600``."""
+    the permissions a plain ``open`` would give it (a regular file it replaces keeps its own), not a
+    temporary's private ``0o600``."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    tmp = Path(tmp_name)
+    fd, tmp = create_temporary(path)
     try:
-        os.fchmod(fd, plain_file_mode(path))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -282,6 +282,7 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     # nothing is measured again: the protocol is cached apart from the rest
     assert [m for m in said if m.startswith("measuring")] == [m for m in said if m.endswith(": reused")
                                                               and m.startswith("measuring")]
+    assert "measuring center-s0: reused" in said and "measuring lgm-a1-heldout-s1: reused" in said
     assert not any("attack protocol" in m for m in said)
     for det, seeds in res_none["runs"].items():
         assert "protocol" not in seeds[0] and "transfer" not in seeds[0], det
@@ -345,6 +346,18 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert D.HELDOUT_SET not in res3["runs"][D.LGM_DETECTOR][0]["sets"]
     assert D.HELDOUT_SET in res3["sets"] and len(res3["verdicts"]) == (len(dets) - 1) * len(sets)  # no held-out
     assert "Diverged" in (out / "detection.md").read_text()
+    # a diverged network of the protocol's seed: its protocol stage is counted and reported too (the bar ends full)
+    def diverge_center_s0(cfg, run_dir, progress):
+        if run_dir.name == "center-s0":
+            raise TrainingDiverged("non-finite loss (nan) at epoch 1, step 1 (lr 0.005); training stopped.")
+        return True
+
+    monkeypatch.setattr(D, "train_or_reuse", diverge_center_s0)
+    stages, said = [], []
+    res6 = D.detection_experiment(out, data_dir=src, progress=said.append,
+                                  on_stage=lambda d, t, w: stages.append((d, t)))
+    assert stages == [(i, total) for i in range(total)]
+    assert "attack protocol tiny on center-s0: diverged, skipped" in said and set(res6["diverged"]) == {"center-s0"}
 
 
 def test_the_reports_networks_are_the_detection_networks():

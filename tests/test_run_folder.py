@@ -225,5 +225,14 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
         save_text(tmp_path / "report.md", "y")
         assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o600
         assert (tmp_path / "report.md").read_text() == "y"
+        assert os.umask(0o027) == 0o027  # the umask is the caller's, untouched
+        (tmp_path / "target.md").write_text("t")  # a link is replaced by a new file; its target keeps its mode
+        (tmp_path / "target.md").chmod(0o600)
+        (tmp_path / "link.md").symlink_to(tmp_path / "target.md")
+        save_text(tmp_path / "link.md", "z")
+        assert not (tmp_path / "link.md").is_symlink() and (tmp_path / "target.md").read_text() == "t"
+        assert stat.S_IMODE((tmp_path / "link.md").stat().st_mode) == 0o640
+        assert stat.S_IMODE((tmp_path / "target.md").stat().st_mode) == 0o600
+        assert not list(tmp_path.glob(".*.lgm-tmp"))
     finally:
         os.umask(old)

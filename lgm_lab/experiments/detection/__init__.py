@@ -16,6 +16,7 @@ detector that rejects the most at the 5% point (:func:`preferred_detectors`; the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -131,28 +132,40 @@ def _network_protocol(P: dict, seed: int, heldout: bool) -> dict | None:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in prot.items() if k != "seeds"}
 
 
+def _protocol_settings(common: dict, prot: dict) -> dict:
+    """What a cached full-protocol measurement must have been made with: the network's common settings, the
+    protocol (name, eps, images), its budget and PGD-10's (the feature-space bound's radii)."""
+    budget = json.loads(json.dumps(dataclasses.asdict(ATTACK_PROTOCOLS[prot["name"]])))  # as read back
+    return dict(common, attack_protocol=prot, pgd_steps=PGD_STEPS, budget=budget)
+
+
 def _from_legacy(run_dir: Path, settings: dict) -> tuple[dict, dict | None, dict | None] | None:
     """A measurement cached by lgm-ext before the protocol was cached apart (``_PROTOCOL`` 3: the protocol's
     results inside each detector's, its settings under "attack_protocol"), made with ``settings`` otherwise:
     ``(measurement without the protocol, the protocol's settings or None, its results or None)``; None if
-    there is none."""
+    there is none, or none that reads as one."""
     try:
         cached = json.loads((run_dir / EVAL_FILE).read_text())
         old = dict(cached["settings"])
         prot = old.pop("attack_protocol")
-    except (OSError, ValueError, KeyError, TypeError):
+        if old != dict(settings, protocol=3) or not (prot is None or prot.get("name") in ATTACK_PROTOCOLS):
+            return None
+        m = cached["eval"]
+        results = {name: r.pop("protocol") for name, r in m["detectors"].items() if "protocol" in r} or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if old != dict(settings, protocol=3):
-        return None
-    m = cached["eval"]
-    results = {name: r.pop("protocol") for name, r in m["detectors"].items() if "protocol" in r} or None
     return m, prot, results
+
+
+def _usable(results, m: dict) -> bool:
+    """A cached protocol measurement that fits measurement ``m``: one entry for each of its detectors."""
+    return isinstance(results, dict) and set(results) == set(m["detectors"])
 
 
 def _measure_run(cfg, key: str, run_dir: Path, P: dict, data_dir, heldout: bool, stage) -> dict:
     """The measurement of run ``key`` (in ``run_dir``), cached beside its checkpoint (the same checkpoint
     measured the same way), and for an all-class network of the protocol's seeds the full attack protocol,
-    cached apart (``protocol_eval.json``): another ``attack_protocol`` measures only that again."""
+    cached apart (``protocol_<name>_eval.json``): another ``attack_protocol`` measures only that again."""
     model, head, cfg, ck = load_trained(run_dir / "checkpoint.pt")
     digest = checkpoint_digest(ck)
     common = {"protocol": _PROTOCOL, "sha256": digest, "test_subset": P["train"].get("test_subset"),
@@ -160,41 +173,43 @@ def _measure_run(cfg, key: str, run_dir: Path, P: dict, data_dir, heldout: bool,
     settings = dict(common, adaptive_subset=P.get("adaptive_subset"), eps=list(EPS), pgd_steps=PGD_STEPS,
                     heldout=heldout, ood_sets=list(OOD_SETS))
     prot = _network_protocol(P, cfg.seed, heldout)
-    prot_settings = dict(common, attack_protocol=prot)
-    data = []
+    loaded = {}
 
-    def network_data() -> dict:  # loaded once, only if something is measured
-        if not data:
-            data.append(detection_data(cfg, data_dir=data_dir, test_subset=P["train"].get("test_subset"),
-                                       test_seed=0, fit_points=P["fit_points"],
-                                       sets=(HELDOUT_SET,) if heldout else None, ood_seed=cfg.seed))
-        return data[0]
+    def network_data(sets) -> dict:  # loaded once, only if something is measured
+        if sets == () and loaded:  # the protocol's images (clean, calibration, fit) are part of any load
+            return next(iter(loaded.values()))
+        if sets not in loaded:
+            loaded[sets] = detection_data(cfg, data_dir=data_dir, test_subset=P["train"].get("test_subset"),
+                                          test_seed=0, fit_points=P["fit_points"], sets=sets, ood_seed=cfg.seed)
+        return loaded[sets]
 
     m = load_cached(run_dir / EVAL_FILE, settings)
     if m is None and (legacy := _from_legacy(run_dir, settings)) is not None:
         m, old_prot, old_results = legacy  # kept, in today's two caches
         if old_prot is not None and old_results is not None:
-            save_cached(run_dir / _protocol_file(old_prot['name']), dict(common, attack_protocol=old_prot), old_results)
+            save_cached(run_dir / _protocol_file(old_prot["name"]), _protocol_settings(common, old_prot),
+                        old_results)
         save_cached(run_dir / EVAL_FILE, settings, m)
     if m is not None:
         stage(f"measuring {key}: reused")
     else:
         stage(f"measuring {key}")
-        m = measure_network(model, head, network_data(), eps=() if heldout else EPS,
-                            attack_subset=P["attack_subset"], adaptive=not heldout,
+        m = measure_network(model, head, network_data((HELDOUT_SET,) if heldout else None),
+                            eps=() if heldout else EPS, attack_subset=P["attack_subset"], adaptive=not heldout,
                             adaptive_subset=P.get("adaptive_subset"), seed=cfg.seed)
         m["network"]["label"] = head.label
         save_cached(run_dir / EVAL_FILE, settings, m)
     if prot is None:
         return m
-    results = load_cached(run_dir / _protocol_file(prot['name']), prot_settings)
-    if results is not None:
+    prot_settings = _protocol_settings(common, prot)
+    results = load_cached(run_dir / _protocol_file(prot["name"]), prot_settings)
+    if _usable(results, m):
         stage(f"attack protocol {prot['name']} on {key}: reused")
     else:
         stage(f"attack protocol {prot['name']} on {key}")
-        results = measure_protocol(model, head, network_data(), prot, attack_subset=P["attack_subset"],
+        results = measure_protocol(model, head, network_data(()), prot, attack_subset=P["attack_subset"],
                                    seed=cfg.seed)
-        save_cached(run_dir / _protocol_file(prot['name']), prot_settings, results)
+        save_cached(run_dir / _protocol_file(prot["name"]), prot_settings, results)
     for name, r in results.items():
         m["detectors"][name]["protocol"] = r
     return m
@@ -286,6 +301,8 @@ def detection_experiment(out_dir, *, preset: str = "quick", data_dir=None, progr
                 except TrainingDiverged as err:  # recorded and reported, not measured
                     res["diverged"][key] = str(err).split(";")[0]
                     stage(f"measuring {key}: diverged, skipped")
+                    if _network_protocol(P, seed, heldout) is not None:
+                        stage(f"attack protocol {P['protocol']['name']} on {key}: diverged, skipped")
                     continue
                 m = _measure_run(cfg, key, dirs[key], P, data_dir, heldout, stage)
                 net = res["networks"].setdefault(name, {}).setdefault(seed, {})
