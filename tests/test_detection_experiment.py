@@ -324,6 +324,7 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     assert "measuring center-s0: reused" in said and "attack protocol tiny on center-s0: reused" in said
     assert "transfer center-s1 -> center-s0: reused" in said
     assert json.loads((run / "transfer_tiny_eval.json").read_text()) == json.loads(first_transfer)
+    assert (run / "transfer_eval.json").read_text() == first_transfer  # the old file is read, never removed
     assert json.loads((run / "detection_eval.json").read_text()) == new_eval
     assert json.loads((run / "protocol_tiny_eval.json").read_text()) == new_prot
     assert json.loads(json.dumps(res_legacy["runs"])) == json.loads(json.dumps(res["runs"]))

@@ -119,7 +119,7 @@ def detection_preset(preset: str, attack_protocol: str | None = None) -> dict:
 def detection_stages(preset: str, attack_protocol: str | None = None) -> int:
     """How many stages :func:`detection_experiment` reports for ``preset`` (for a progress bar)."""
     P = detection_preset(preset, attack_protocol)
-    attacked = 0 if P.get("protocol") is None else len([s for s in P["seeds"] if s in P["protocol"]["seeds"]])
+    attacked = sum(_network_protocol(P, seed, False) is not None for seed in P["seeds"])  # the protocol stages
     return (4 * len(P["seeds"]) + attacked + len(_transfer_pairs(P))) * len(DETECTION_MODELS) + 1
 
 
