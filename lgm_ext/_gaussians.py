@@ -21,7 +21,7 @@ COVARIANCES = ("tied", "diag", "identity")
 SCORES = ("likelihood", "mixture", "max_posterior")
 FORMAT = "lgm_ext.LikelihoodDetector/1"
 _STATE_KEYS = ("format", "covariance", "score", "impl", "means", "log_var", "covariance_matrix", "threshold", "fpr",
-               "calibration_size")
+               "calibration_size", "calibration_min", "calibration_max", "normalize")
 _CHUNK_ELEMS = 1 << 22  # rows per chunk = _CHUNK_ELEMS // max(K, D): bounds the (rows, K) logits
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -133,6 +133,9 @@ def _score_rows(x: Tensor, kind: str, params_of, half_logdet: float, impl: str) 
     for float64) without autocast, in chunks of rows; ``params_of(device, dtype)`` gives the parameters."""
     x = x.to(_compute_dtype(x.dtype))
     params = params_of(x.device, x.dtype)
+    if torch.compiler.is_compiling():  # traced (torch.export, torch.compile): no branch on the batch size
+        with _no_autocast(x.device.type):
+            return _score_chunk(x, kind, params, half_logdet, impl)
     rows = max(1, _CHUNK_ELEMS // max(params[0].shape[0], x.shape[1]))
     if x.shape[0] == 0:  # the operators need rows; an empty result still depends on the features
         return x.new_zeros(0, dtype=torch.long) if kind == "predict" else x.sum(1)
@@ -283,6 +286,9 @@ def check_state(state_dict) -> dict:
             raise TypeError(f"state_dict['calibration_size'] must be an int, got {type(size).__name__}")
         if size < 1:
             raise ValueError(f"state_dict['calibration_size'] must be >= 1, got {size}")
+    normalize = sd.get("normalize", False)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"state_dict['normalize'] must be a bool, got {type(normalize).__name__}")
     return {"means": means, "log_var": sd.get("log_var"), "covariance_matrix": sd.get("covariance_matrix"),
             "score": sd["score"], "impl": sd["impl"], "threshold": threshold, "fpr": fpr,
-            "calibration_size": size}
+            "calibration_size": size, "normalize": normalize}

@@ -1,70 +1,102 @@
 """A classifier that says when it should not be trusted: network, head and calibrated detector as one module
 (docs/SPEC.md section 8).
 
-:class:`RejectingClassifier` is what to deploy once a :class:`lgm_ext.LikelihoodDetector` is calibrated:
-``forward(images) -> (logits, accepted)``, the detector's Gaussians and threshold held as buffers (in
-``state_dict``, moved by ``.to(device)``), exportable with ``torch.export.export``.
+:class:`RejectingClassifier` is what to deploy once a detector of the family (:mod:`lgm_ext.detectors`) is
+calibrated: ``forward(images) -> (logits, accepted)``, the detector's tensors and threshold held as float64
+buffers (in ``state_dict``, moved by ``.to(device)``), exportable with ``torch.export.export`` with a dynamic
+batch, and rebuilt from a saved state dict alone (:meth:`RejectingClassifier.from_state_dict`).
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ._gaussians import _check_threshold, _score_rows
-from .detector import LikelihoodDetector
+from ._gaussians import _check_threshold, _compute_dtype, _no_autocast
+from .detectors.base import Detector, flatten_tensors, nest_tensors
 from .modules import head_logits
 
 __all__ = ["RejectingClassifier"]
 
-_FORMAT = "lgm_ext.RejectingClassifier/1"
+_FORMAT = "lgm_ext.RejectingClassifier/2"
+_REF = "__buffer__"
+
+
+def _buffer_name(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def _strip(tree, buffers: Mapping[str, Tensor]):
+    """``tree`` (a detector's state dict) with each tensor equal to one of ``buffers`` replaced by a reference
+    to it (so that a RejectingClassifier's state holds each tensor once)."""
+    if isinstance(tree, Tensor):
+        for name, b in buffers.items():
+            if b.shape == tree.shape and b.dtype == tree.dtype and b.device == tree.device and torch.equal(b, tree):
+                return {_REF: name}
+        return tree
+    if isinstance(tree, Mapping):
+        return {k: _strip(v, buffers) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_strip(v, buffers) for v in tree)
+    return tree
+
+
+def _fill(tree, buffers: Mapping[str, Tensor]):
+    """The inverse of :func:`_strip`: references replaced by (copies of) the buffers they name."""
+    if isinstance(tree, Mapping):
+        if set(tree) == {_REF}:
+            name = tree[_REF]
+            if name not in buffers:
+                raise KeyError(name)
+            return buffers[name].detach().clone()
+        return {k: _fill(v, buffers) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_fill(v, buffers) for v in tree)
+    return tree
+
+
+def _describe(det: Detector) -> str:
+    cov = getattr(det, "covariance", None)
+    return f"{det.kind} detector" + (f" (covariance {cov!r})" if cov else "") + f" [{det.name}]"
 
 
 class _DetectorBuffers(nn.Module):
-    """The detector's tensors as float64 buffers that follow the module's device but keep float64 whatever
-    ``.to(dtype)``, ``.half()`` or ``.float()`` do to the network (scores are computed in the features' dtype
-    from them, as :class:`~lgm_ext.LikelihoodDetector` computes from its float64 parameters)."""
+    """A detector's stored and scoring tensors as float64 buffers that follow the module's device but keep
+    float64 whatever ``.to(dtype)``, ``.half()`` or ``.float()`` do to the network; the detector itself (its kind
+    and settings) is the extra state, its tensors referenced by buffer name."""
 
-    def __init__(self, det: LikelihoodDetector) -> None:
+    def __init__(self, det: Detector) -> None:
         super().__init__()
-        f64 = {"dtype": torch.float64, "device": det.device}
-        self.register_buffer("means", det.means.detach().to(**f64).clone())
-        if det.log_var is not None:
-            self.register_buffer("log_var", det.log_var.detach().to(**f64).clone())
-        if det.covariance_matrix is not None:
-            self.register_buffer("covariance_matrix", det.covariance_matrix.detach().to(**f64).clone())
-            self.register_buffer("white_means", det._white_means.to(**f64).clone())
-            self.register_buffer("whiten_t", det._whiten.T.to(**f64).contiguous())
-            self.register_buffer("center", det._center.to(**f64).clone())
-        self.register_buffer("half_logdet", torch.tensor(det._half_logdet, **f64))
-        self.register_buffer("threshold", torch.tensor(det.threshold, **f64))
-        self.num_classes, self.feat_dim, self.covariance = det.num_classes, det.feat_dim, det.covariance
-        self.score_name, self.impl = det.score_name, det.impl
-        self.fpr, self.calibration_size = det.fpr, det.calibration_size
+        self.det = det
+        self._scoring = det.scoring_tensors()
+        flat = {**flatten_tensors(det.stored_tensors()), **flatten_tensors(self._scoring)}
+        for path, t in flat.items():
+            self.register_buffer(_buffer_name(path), t.detach().to(torch.float64).clone())
+        self.register_buffer("threshold", torch.tensor(det.threshold, dtype=torch.float64, device=det.device))
+
+    def _named(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self._buffers.items() if v is not None and k != "threshold"}
 
     def get_extra_state(self) -> dict:
-        state = {"format": _FORMAT, "covariance": self.covariance, "score": self.score_name, "impl": self.impl}
-        if self.fpr is not None:
-            state["fpr"], state["calibration_size"] = self.fpr, self.calibration_size
-        return state
+        sd = self.det.state_dict()
+        sd.pop("threshold", None)  # the buffer is the threshold
+        return {"format": _FORMAT, "detector": _strip(sd, self._named())}
 
     def set_extra_state(self, state) -> None:
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"detector._extra_state is not a RejectingClassifier state (format {_FORMAT!r})")
-        if state.get("covariance") != self.covariance:
-            raise ValueError(f"detector._extra_state: covariance {state.get('covariance')!r} saved, this module's "
-                             f"detector has {self.covariance!r} (build it with a detector of that covariance)")
-        det = self.to_detector(state.get("score"), state.get("impl"))  # the loaded state, checked as a detector
-        self.score_name, self.impl = det.score_name, det.impl
-        self.fpr, self.calibration_size = state.get("fpr"), state.get("calibration_size")
+        det = rebuild_detector(state, self._named(), self.threshold)
+        want = sorted((p, tuple(t.shape)) for p, t in flatten_tensors(self._scoring).items())
+        got = sorted((p, tuple(t.shape)) for p, t in flatten_tensors(det.scoring_tensors()).items())
+        if det.kind != self.det.kind or want != got or det.inputs != self.det.inputs:
+            raise ValueError(f"detector._extra_state holds a {_describe(det)}, this module a {_describe(self.det)}: "
+                             f"build the module with a detector of that kind (RejectingClassifier.from_state_dict "
+                             f"does)")
+        self.det = det
 
-    def to_detector(self, score: str | None = None, impl: str | None = None) -> LikelihoodDetector:
-        det = LikelihoodDetector(self.means, log_var=getattr(self, "log_var", None),
-                                 covariance_matrix=getattr(self, "covariance_matrix", None),
-                                 score=self.score_name if score is None else score,
-                                 impl=self.impl if impl is None else impl,
-                                 threshold=_check_threshold("threshold", self.threshold))
-        det.fpr, det.calibration_size = self.fpr, self.calibration_size
-        return det
+    def params(self, device: torch.device, dtype: torch.dtype) -> dict:
+        flat = {p: self._buffers[_buffer_name(p)].to(device=device, dtype=dtype)
+                for p in flatten_tensors(self._scoring)}
+        return nest_tensors(self._scoring, flat)
 
     def _apply(self, fn, recurse=True):
         for name, b in self._buffers.items():
@@ -74,31 +106,52 @@ class _DetectorBuffers(nn.Module):
         return self
 
 
+def rebuild_detector(state, buffers: Mapping[str, Tensor], threshold) -> Detector:
+    """The detector a RejectingClassifier's ``detector._extra_state`` describes, its tensors taken from
+    ``buffers`` and its threshold from ``threshold``; ValueError naming what is wrong."""
+    if not isinstance(state, Mapping) or state.get("format") != _FORMAT or not isinstance(state.get("detector"),
+                                                                                             Mapping):
+        fmt = state.get("format") if isinstance(state, Mapping) else None
+        raise ValueError(f"detector._extra_state is not a RejectingClassifier state (format {_FORMAT!r}, got "
+                         f"{fmt!r})")
+    try:
+        sd = _fill(state["detector"], buffers)
+    except KeyError as e:
+        raise ValueError(f"detector._extra_state refers to a tensor {e.args[0]!r} this module does not hold: the "
+                         "saved detector is of another kind or covariance; build the module with a detector of that "
+                         "kind (RejectingClassifier.from_state_dict does)") from None
+    sd = dict(sd)
+    sd["threshold"] = _check_threshold("threshold", threshold)
+    return Detector.from_state_dict(sd)
+
+
 class RejectingClassifier(nn.Module):
-    """A feature network, its head and a calibrated :class:`~lgm_ext.LikelihoodDetector` as one module.
+    """A feature network, its head and a calibrated detector of the family (:mod:`lgm_ext.detectors`) as one
+    module.
 
-    ``forward(images)`` returns ``(logits, accepted)``: ``logits`` (N, K) as :class:`lgm_ext.Classifier`
-    computes them (``head.logits(features)``, else ``head(features)``), ``accepted`` (N,) bool, True where the
-    detector's score of ``features = backbone(images)`` is ``>= threshold`` (False for a NaN score): exactly
-    ``~detector.reject(features)``.  ``forward(images, return_score=True)`` also returns the (N,) scores
-    (higher = more normal; the threshold is :attr:`threshold`).
+    ``forward(images)`` returns ``(logits, accepted)``: ``logits`` (N, K) as :class:`lgm_ext.Classifier` computes
+    them (``head.logits(features)``, else ``head(features)``), ``accepted`` (N,) bool, True where the detector's
+    score is ``>= threshold`` (False for a NaN score): exactly ``~detector.reject(features, logits)``, the
+    detector given the backbone's features and the head's logits -- whichever it reads (a Gaussian, KNN or ViM
+    reads features; Energy, MaxLogit and max-softmax the logits; the center distance both; a combination what
+    its members read).  ``forward(images, return_score=True)`` also returns the (N,) scores.
 
-    The detector's Gaussians, derived whitening (tied covariance) and threshold are float64 buffers of the
-    submodule ``detector``: they are in ``state_dict()`` (with the score kind, impl and calibration as the
-    submodule's extra state), move with ``.to(device)`` and stay float64 under ``.to(dtype)`` / ``.half()``
-    (scores are computed in float32, float64 for float64 features, as the detector computes them).
-    :meth:`to_detector` gives the :class:`~lgm_ext.LikelihoodDetector` back.
+    The detector's tensors (and what its score derives from them, e.g. a tied covariance's whitening) and its
+    threshold are float64 buffers of the submodule ``detector``: in ``state_dict()`` with the detector's kind and
+    settings as the submodule's extra state, moved by ``.to(device)``, float64 under ``.to(dtype)`` /
+    ``.half()`` (scores are computed in float32, float64 for float64 features).  :meth:`to_detector` gives the
+    detector back; :meth:`from_state_dict` rebuilds a saved module from its state dict and the backbone and head
+    modules (whose architectures a state dict cannot hold), for every member.
 
-    Export: ``torch.export.export(model.eval(), (images,))`` is the supported path (tested: the exported
-    program gives the eager outputs); the fused operators have fake kernels, so the program holds
-    ``torch.ops.lgm_ext`` calls and needs ``import lgm_ext`` where it runs.  ``torch.jit.script`` is not
-    supported (the scoring goes through Python helpers that TorchScript does not compile).
+    Export: ``torch.export.export(model.eval(), (images,), dynamic_shapes=({0: torch.export.Dim("batch")},))``
+    gives a program for any batch size (tested against eager outputs); the fused operators have fake kernels,
+    so a program of a Gaussian detector holds ``torch.ops.lgm_ext`` calls and needs ``import lgm_ext`` where it
+    runs.  ``torch.jit.script`` is not supported.
 
     Args:
         backbone: an ``nn.Module`` mapping images to (N, D) features.
         head: an ``nn.Module`` mapping features to logits (an L-GM head, ``nn.Linear``, a lab head).
-        detector: a calibrated :class:`~lgm_ext.LikelihoodDetector` over D-dimensional features (one
-            without a threshold is refused: there would be nothing to accept or reject by).
+        detector: a calibrated detector of the family (one without a threshold is refused).
 
     Example::
 
@@ -109,59 +162,81 @@ class RejectingClassifier(nn.Module):
             det = lgm_ext.LikelihoodDetector.from_head(head).calibrate(backbone(x), fpr=0.05)
         model = lgm_ext.RejectingClassifier(backbone, head, det).eval()
         logits, accepted = model(x)                     # 95.3% accepted: at most 5% of x rejected
-        program = torch.export.export(model, (x,))
-        logits2, accepted2 = program.module()(x)        # the same
+        batch = torch.export.Dim("batch")
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+        logits2, accepted2 = program.module()(x[:7])    # any batch size
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, detector: LikelihoodDetector) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, detector: Detector) -> None:
         super().__init__()
         for name, m in (("backbone", backbone), ("head", head)):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
-        if not isinstance(detector, LikelihoodDetector):
-            raise TypeError(f"detector must be an lgm_ext.LikelihoodDetector, got {type(detector).__name__}")
+        if not isinstance(detector, Detector):
+            raise TypeError(f"detector must be a detector of lgm_ext.detectors (e.g. lgm_ext.LikelihoodDetector), got "
+                            f"{type(detector).__name__}")
         if detector.threshold is None:
-            raise ValueError("detector has no threshold: calibrate it first (detector.calibrate(clean_features, fpr))")
+            raise ValueError("detector has no threshold: calibrate it first (detector.calibrate(clean inputs, fpr))")
         d = getattr(head, "feat_dim", None)
-        if isinstance(d, int) and not isinstance(d, bool) and d != detector.feat_dim:
+        if "features" in detector.inputs and isinstance(d, int) and not isinstance(d, bool) \
+                and detector.feat_dim is not None and d != detector.feat_dim:
             raise ValueError(f"detector scores {detector.feat_dim}-dimensional features but head takes {d}")
+        k = getattr(head, "num_classes", None)
+        if "logits" in detector.inputs and isinstance(k, int) and not isinstance(k, bool) \
+                and detector.num_classes is not None and k != detector.num_classes:
+            raise ValueError(f"detector scores {detector.num_classes} logits but head has {k} classes")
         self.backbone, self.head = backbone, head
-        self.detector = _DetectorBuffers(detector)
+        self.detector = _DetectorBuffers(detector.copy())
+
+    @classmethod
+    def from_state_dict(cls, backbone: nn.Module, head: nn.Module, state_dict: Mapping) -> RejectingClassifier:
+        """A module saved with ``torch.save(model.state_dict(), path)``, rebuilt: ``backbone`` and ``head`` of the
+        saved architectures (their weights are loaded), the detector -- of whichever kind was saved -- from the
+        state dict alone.
+
+        Args:
+            backbone: the feature network (same architecture as saved).
+            head: the head (same architecture as saved).
+            state_dict: e.g. ``torch.load(path, weights_only=True)``.
+
+        Returns:
+            The module, its weights and detector as saved (call ``.eval()`` to deploy it).
+        """
+        if not isinstance(state_dict, Mapping) or "detector._extra_state" not in state_dict:
+            raise ValueError("state_dict is not a RejectingClassifier's state dict (no 'detector._extra_state')")
+        buffers = {k[len("detector."):]: v for k, v in state_dict.items()
+                   if k.startswith("detector.") and k not in ("detector._extra_state", "detector.threshold")}
+        if "detector.threshold" not in state_dict:
+            raise ValueError("state_dict has no 'detector.threshold'")
+        det = rebuild_detector(state_dict["detector._extra_state"], buffers, state_dict["detector.threshold"])
+        model = cls(backbone, head, det)
+        model.load_state_dict(state_dict)
+        return model
 
     # ------------------------------------------------------------------ state
-    num_classes = property(lambda self: self.detector.num_classes, doc="K, the detector's number of classes.")
-    feat_dim = property(lambda self: self.detector.feat_dim, doc="D, the features' dimension.")
-    covariance = property(lambda self: self.detector.covariance, doc="The detector's covariance kind.")
-    score_name = property(lambda self: self.detector.score_name, doc="The detector's score kind.")
-    impl = property(lambda self: self.detector.impl, doc="The operators' implementation selector.")
-    fpr = property(lambda self: self.detector.fpr, doc="The false-rejection rate it was calibrated at.")
+    num_classes = property(lambda self: self.detector.det.num_classes, doc="K, the detector's classes (or None).")
+    feat_dim = property(lambda self: self.detector.det.feat_dim, doc="D, the features' dimension (or None).")
+    covariance = property(lambda self: getattr(self.detector.det, "covariance", None),
+                          doc="A Gaussian detector's covariance kind (None for other members).")
+    score_name = property(lambda self: getattr(self.detector.det, "score_name", self.detector.det.kind),
+                          doc="A Gaussian detector's score kind (the member's kind for others).")
+    impl = property(lambda self: getattr(self.detector.det, "impl", None), doc="The operators' implementation.")
+    fpr = property(lambda self: self.detector.det.fpr, doc="The false-rejection rate it was calibrated at.")
 
     @property
     def threshold(self) -> float:
         """The detector's threshold: inputs scoring below it are rejected."""
         return float(self.detector.threshold)
 
-    def to_detector(self) -> LikelihoodDetector:
-        """The :class:`~lgm_ext.LikelihoodDetector` these buffers hold (a copy, on their device).
-
-        Returns:
-            A calibrated detector equal to the one given at construction (or loaded).
-        """
-        return self.detector.to_detector()
+    def to_detector(self) -> Detector:
+        """The detector these buffers hold (a copy, on their device, with their threshold)."""
+        det = rebuild_detector(self.detector.get_extra_state(), self.detector._named(), self.detector.threshold)
+        return det
 
     # ------------------------------------------------------------------ forward
-    def _params(self, device: torch.device, dtype: torch.dtype):
-        b, cast = self.detector, {"device": device, "dtype": dtype}
-        if self.covariance == "tied":
-            return b.white_means.to(**cast), None, b.whiten_t.to(**cast), b.center.to(**cast)
-        log_var = getattr(b, "log_var", None)
-        return b.means.to(**cast), None if log_var is None else log_var.to(**cast), None, None
-
-    def score_features(self, features: Tensor) -> Tensor:
-        """The detector's score of features (higher = more normal), from the buffers.
-
-        Args:
-            features: (N, D) floating features.
+    def score_features(self, features: Tensor, logits: Tensor | None = None) -> Tensor:
+        """The detector's score (higher = more normal) of features (and the head's logits, computed from them
+        when the detector reads logits and none are given), from the buffers.
 
         Returns:
             (N,) scores, float32 (float64 for float64 features).
@@ -169,11 +244,18 @@ class RejectingClassifier(nn.Module):
         if not isinstance(features, Tensor) or not features.is_floating_point():
             raise TypeError(f"features (backbone's output) must be a floating-point tensor, got "
                             f"{getattr(features, 'dtype', type(features).__name__)}")
-        if features.dim() != 2 or features.shape[1] != self.feat_dim:
-            raise ValueError(f"features (backbone's output) must have shape (N, {self.feat_dim}), got "
+        det = self.detector.det
+        if features.dim() != 2 or (det.feat_dim is not None and "features" in det.inputs
+                                   and features.shape[1] != det.feat_dim):
+            raise ValueError(f"features (backbone's output) must have shape (N, {det.feat_dim or 'D'}), got "
                              f"{tuple(features.shape)}")
-        half_logdet = self.detector.half_logdet if self.covariance == "tied" else 0.0
-        return _score_rows(features, self.score_name, self._params, half_logdet, self.impl)
+        if "logits" in det.inputs and logits is None:
+            logits = head_logits(self.head, features)
+        dt = _compute_dtype(features.dtype)
+        f = features.to(dt)
+        lg = None if logits is None or "logits" not in det.inputs else logits.to(dt)
+        with _no_autocast(features.device.type):
+            return det.score_with(self.detector.params(features.device, dt), f, lg)
 
     def forward(self, images: Tensor, return_score: bool = False):
         """Classify and accept or reject.
@@ -188,11 +270,9 @@ class RejectingClassifier(nn.Module):
         """
         features = self.backbone(images)
         logits = head_logits(self.head, features)
-        score = self.score_features(features)
+        score = self.score_features(features, logits)
         accepted = score >= self.detector.threshold.to(score.dtype)
         return (logits, accepted, score) if return_score else (logits, accepted)
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, covariance={self.covariance!r}, "
-                f"score={self.score_name!r}, threshold={self.threshold}, fpr={self.fpr}")
-
+        return f"detector={self.detector.det.name!r}, threshold={self.threshold}, fpr={self.fpr}"

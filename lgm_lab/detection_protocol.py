@@ -13,11 +13,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from lgm_ext import Classifier, LikelihoodDetector
+from lgm_ext import Classifier, LikelihoodDetector, detectors
 from lgm_ext.attacks import FGSM, PGD
 from lgm_ext.detector import calibrated_threshold
+from lgm_ext.detectors import OnFeatures
 
-from . import baselines as B
 from .adaptive_eval import (
     ATTACK_PROTOCOLS,
     adaptive_attack,
@@ -28,15 +28,13 @@ from .adaptive_eval import (
     transfer_images,
     transfer_success,
 )
-from .baselines import FeatureScore
 from .config import dataset_info
 from .data import load_dataset
-from .experiments.measure import attack_in_batches, detection_metrics, operating_point_key, rejection_rate
-from .heads import center_log_score
+from .metrics import attack_in_batches, detection_metrics, operating_point_key, rejection_rate
 from .ood_data import DIGITS_SIZE, OOD_SETS, ood_images, other_classes, restrict_classes, split_clean
 from .tensors import batches, features, stack_dataset
 
-__all__ = ["HELDOUT_SET", "EPS", "PGD_STEPS", "FPRS", "FPR", "ScoreDetector", "center_distance", "detector_names",
+__all__ = ["HELDOUT_SET", "EPS", "PGD_STEPS", "FPRS", "FPR", "COMBINATION", "report_detectors", "detector_names",
            "build_detectors", "detection_data", "lgm_diagnostics", "measure_network", "measure_protocol",
            "calibrated_detectors", "transfer_check"]
 
@@ -46,83 +44,56 @@ PGD_STEPS = 10  # PGD-10, step 2.5 eps / steps (Madry et al.)
 FPRS = (0.05, 0.01)  # the calibrated false-rejection rates: the operating points a user deploys
 FPR = FPRS[0]
 
+#: The combination measured on every network (issue 41): Mahalanobis on L2-normalised features, the best on far
+#: out-of-distribution inputs, with Mahalanobis on raw features, among the best on large perturbations.
+COMBINATION = "mahalanobis-l2+mahalanobis"
 
-class ScoreDetector(FeatureScore):
-    """A detector from a differentiable score of features (higher = more normal), thresholded as
-    :meth:`lgm_ext.LikelihoodDetector.calibrate` does: what :class:`~lgm_ext.attacks.AdaptivePGD` attacks
-    (:class:`lgm_lab.baselines.FeatureScore`; the name kept for its users)."""
-
-    def __init__(self, score_fn, name: str) -> None:
-        super().__init__(name, score_fn)
-
-
-def center_distance(head) -> ScoreDetector:
-    """-|f - c_ŷ|²/2 against the head's centers (center loss: its learned centers), ŷ the head's prediction."""
-    return ScoreDetector(lambda f: center_log_score(f, head.centers().detach(), head.predict(f)), "center distance")
+# The protocol's detectors, by registry name (lgm_ext.detectors.DETECTORS), in report order: on an L-GM network
+# its own scores first, and no MaxLogit or Energy (they rank as its likelihood and mixture score do).
+_LGM = ("lgm-likelihood", "lgm-mixture", "gaussian-diag", "mahalanobis", "mahalanobis-l2", "knn", "max-softmax")
+_OTHER = ("mahalanobis", "mahalanobis-l2", "knn", "energy", "max-logit", "max-softmax")
 
 
-_BASELINES = ("Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "Energy", "MaxLogit", "max-softmax")
-
-
-def _knn_k(n_fit: int | None) -> int:
-    return B.KNN_K if n_fit is None else max(1, min(B.KNN_K, n_fit))
+def report_detectors(head, feat_dim: int | None = None) -> dict[str, str]:
+    """``{report name: registry name}`` of the protocol's detectors for a network with ``head`` (features of
+    ``feat_dim``, default the head's): the field's post-hoc baselines on every network (Mahalanobis on raw and on
+    L2-normalised features, KNN, Energy, MaxLogit, max-softmax), ViM where the head has a linear classifier, the
+    center distance where it has learned centers, and on an L-GM network its own likelihood, its mixture score and
+    Gaussians re-fitted post hoc (diagonal covariances) -- there MaxLogit and Energy are left out: they rank as the
+    likelihood and the mixture score do; then :data:`COMBINATION`.  Every one is built from the registry of
+    :mod:`lgm_ext.detectors`; KNN's k is :data:`lgm_ext.detectors.KNN_K` (or the number of training features when
+    fewer), ViM's d :func:`lgm_ext.detectors.vim_dim` of the features."""
+    names = list(_LGM if head.kind == "lgm" else _OTHER)
+    fc = getattr(head, "fc", None)
+    d = feat_dim or getattr(fc, "in_features", 0)
+    if detectors.applies("vim", head) and d >= 2:
+        names.append("vim")
+    if head.kind != "lgm" and head.centers() is not None:
+        names.append("center-distance")
+    names.append(COMBINATION)
+    return {detectors.label(n): n for n in names}
 
 
 def detector_names(head, feat_dim: int | None = None) -> tuple[str, ...]:
-    """The protocol's detectors for a network with ``head`` (features of ``feat_dim``, default the head's):
-    the field's post-hoc baselines on every network (:mod:`lgm_lab.baselines`: Mahalanobis, on raw and on
-    L2-normalised features, KNN, Energy, MaxLogit, max-softmax), ViM where the head has a linear classifier,
-    the center distance where it has learned centers, and on an L-GM network its own likelihood, its mixture
-    score and Gaussians re-fitted post hoc (diagonal covariances) -- there MaxLogit and Energy are left out:
-    they rank as the likelihood and the mixture score do.  KNN's k is :data:`lgm_lab.baselines.KNN_K` (or the
-    number of training features when fewer), ViM's d :func:`lgm_lab.baselines.vim_dim` of the features."""
-    names = ()
-    if head.kind == "lgm":
-        # MaxLogit and Energy of an L-GM head's logits are its likelihood and mixture scores up to a constant
-        # (the same ranking, the same rejections): measured once, under the L-GM names.
-        names += ("L-GM likelihood", "L-GM mixture", "Gaussians re-fitted (diag)")
-        names += tuple(n for n in _BASELINES if n not in ("Energy", "MaxLogit"))
-    else:
-        names += _BASELINES
-    fc = getattr(head, "fc", None)
-    d = feat_dim or getattr(fc, "in_features", 0)
-    if isinstance(fc, torch.nn.Linear) and fc.bias is not None and d >= 2:  # ViM needs a residual subspace
-        names += ("ViM",)
-    if head.kind != "lgm" and head.centers() is not None:
-        names += ("center distance",)
-    return names
+    """The report names of :func:`report_detectors`, in order."""
+    return tuple(report_detectors(head, feat_dim))
 
 
 def build_detectors(head, fit_features: Tensor | None, fit_labels: Tensor | None) -> dict:
-    """The detectors of :func:`detector_names` by name, those that are fitted fitted to (``fit_features``,
-    ``fit_labels``), the training images' features."""
-    dets, k = {}, head.num_classes
-    n_fit = None if fit_features is None else len(fit_features)
-    for name in detector_names(head, None if fit_features is None else fit_features.shape[1]):
-        if name == "L-GM likelihood":
-            dets[name] = LikelihoodDetector.from_head(head)
-        elif name == "L-GM mixture":
-            dets[name] = LikelihoodDetector.from_head(head, score="mixture")
-        elif name == "max-softmax":
-            dets[name] = B.max_softmax(head)
-        elif name == "Energy":
-            dets[name] = B.energy(head)
-        elif name == "MaxLogit":
-            dets[name] = B.max_logit(head)
-        elif name == "center distance":
-            dets[name] = center_distance(head)
-        elif fit_features is None:
-            raise ValueError(f"the {name} detector is fitted on training features: give fit_features")
-        elif name == "Gaussians re-fitted (diag)":
-            dets[name] = B.likelihood(fit_features, fit_labels, k, "diag")
-        elif name == "Mahalanobis":
-            dets[name] = B.mahalanobis(fit_features, fit_labels, k)
-        elif name == "Mahalanobis (L2-normalised)":
-            dets[name] = B.mahalanobis_l2(fit_features, fit_labels, k)
-        elif name == "KNN":
-            dets[name] = B.knn(fit_features, fit_labels, k=_knn_k(n_fit))
-        elif name == "ViM":
-            dets[name] = B.vim(head, fit_features, fit_labels)
+    """The detectors of :func:`report_detectors` by report name, built from the registry and fitted to
+    (``fit_features``, ``fit_labels``), the training images' features; each seen as a score of features
+    (:class:`lgm_ext.detectors.OnFeatures`: the head's logits computed from them where a detector reads logits)."""
+    dets = {}
+    logits = None
+    for label, name in report_detectors(head, None if fit_features is None else fit_features.shape[1]).items():
+        if detectors.needs_fit(name) and fit_features is None:
+            raise ValueError(f"the {label} detector is fitted on training features: give fit_features")
+        if logits is None and fit_features is not None and "logits" in detectors.reads(name):
+            with torch.no_grad():
+                logits = head.logits(fit_features)
+        det = detectors.create(name, head, features=fit_features, labels=fit_labels,
+                               logits=logits if "logits" in detectors.reads(name) else None)
+        dets[label] = OnFeatures(det, head.logits)
     return dets
 
 
@@ -184,7 +155,9 @@ class _AtThreshold:
 
 def _thresholds(det, f_cal: Tensor, fprs) -> dict:
     """``{operating point key: threshold}``: ``det``'s threshold at each false-rejection rate of ``fprs`` on
-    the calibration features."""
+    the calibration features; ``det`` is calibrated at the first (a combination standardises its members on
+    those features there)."""
+    det.calibrate(f_cal, fprs[0])
     s_cal = _score_batches(det, f_cal)
     return {operating_point_key(p): calibrated_threshold(s_cal, p) for p in fprs}
 
@@ -287,7 +260,8 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
         fit = data.get("fit")
         f_fit = None if fit is None else features(model, fit[0], batch)
         dets = build_detectors(head, f_fit, None if fit is None else fit[1])
-        dets.update(extra or {})
+        for name, det in (extra or {}).items():
+            dets[name] = det if isinstance(det, OnFeatures) else OnFeatures(det, head.logits)
         net = {"clean_error": 100.0 * (head.predict(f_clean) != y).double().mean().item(), "n_clean": len(x),
                "n_attack": len(xa), "n_adaptive": n_ad, "attack_error": {}}
     clf = Classifier(model, head).eval()
@@ -307,10 +281,9 @@ def measure_network(model, head, data: dict, *, eps=EPS, attack_subset: int | No
                                              {k: v for k, v in feats.items() if k in data["abnormal"]}, batch)
     out = {"network": net, "detectors": {}, "roc": {}}
     for name, det in dets.items():
-        th = _thresholds(det, f_cal, fprs)
-        det.calibrate(f_cal, fprs[0])  # the primary operating point, for a caller that keeps the detector
+        th = _thresholds(det, f_cal, fprs)  # calibrated at the primary operating point, for a caller that keeps it
         s_clean = _score_batches(det, f_clean)
-        r = {"detector": getattr(det, "name", type(det).__name__),
+        r = {"detector": det.name,
              "thresholds": th, "false_rejection": {k: 100.0 * rejection_rate(s_clean, t) for k, t in th.items()},
              "n_calibration": len(f_cal), "n_attack": len(xa), "n_adaptive": n_ad, "sets": {}, "adaptive": {}}
         for key, fs in feats.items():

@@ -126,7 +126,7 @@ def test_score_detectors_follow_the_library_convention(tiny):
     """The baselines' thresholds are the LikelihoodDetector's for the same scores; each detector's score is
     the one named (L-GM: the head's own log-likelihood and mixture score)."""
     from lgm_ext import LikelihoodDetector
-    from lgm_lab import baselines as B
+    from lgm_ext.detectors import EnergyDetector, MaxLogitDetector, MaxSoftmaxDetector, OnFeatures
     from lgm_lab.checkpoints import load_trained
 
     torch.manual_seed(0)
@@ -144,7 +144,8 @@ def test_score_detectors_follow_the_library_convention(tiny):
             if key == "lgm":
                 torch.testing.assert_close(dets["L-GM likelihood"].score(x), head.log_likelihood(x))
                 # MaxLogit and Energy of the L-GM logits rank as the likelihood and the mixture score
-                for mine, theirs in (("L-GM likelihood", B.max_logit(head)), ("L-GM mixture", B.energy(head))):
+                for mine, theirs in (("L-GM likelihood", OnFeatures(MaxLogitDetector(), head.logits)),
+                                     ("L-GM mixture", OnFeatures(EnergyDetector(), head.logits))):
                     diff = dets[mine].score(x).double() - theirs.score(x).double()
                     torch.testing.assert_close(diff, diff[:1].expand(20))
                 continue
@@ -156,12 +157,13 @@ def test_score_detectors_follow_the_library_convention(tiny):
         ms = dets["max-softmax"].calibrate(f, 0.1)
         assert ms.reject(f).double().mean().item() <= 0.1
     base = ("Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "Energy", "MaxLogit", "max-softmax")
+    both = "Mahalanobis (L2-normalised) + Mahalanobis"
     assert D.build_detectors(head, f[:30], torch.arange(30) % head.num_classes)["KNN"].name == "KNN (k=30)"
-    assert names == {"softmax": base + ("ViM",), "center": base + ("ViM", "center distance"),
+    assert names == {"softmax": base + ("ViM", both), "center": base + ("ViM", "center distance", both),
                      "lgm": ("L-GM likelihood", "L-GM mixture", "Gaussians re-fitted (diag)", "Mahalanobis",
-                             "Mahalanobis (L2-normalised)", "KNN", "max-softmax")}
+                             "Mahalanobis (L2-normalised)", "KNN", "max-softmax", both)}
     with pytest.raises(ValueError, match="calibrate"):
-        B.max_softmax(head).reject(f)
+        OnFeatures(MaxSoftmaxDetector(), head.logits).reject(f)
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -178,10 +180,11 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
                                  on_stage=lambda d, t, w: stages.append((d, t)))
     total = D.detection_stages("quick")
     assert stages == [(i, total) for i in range(total)]
+    both = "Mahalanobis (L2-normalised) + Mahalanobis"
     dets = {f"{d} (center)" for d in ("Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "Energy",
-                                      "MaxLogit", "max-softmax", "ViM", "center distance")}
+                                      "MaxLogit", "max-softmax", "ViM", "center distance", both)}
     dets |= {f"{d} (lgm-a1)" for d in ("L-GM likelihood", "L-GM mixture", "Gaussians re-fitted (diag)",
-                                       "Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "max-softmax")}
+                                       "Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "max-softmax", both)}
     assert set(res["runs"]) == dets
     sets = {*OOD_SETS, D.HELDOUT_SET, "FGSM 0.3", "PGD-10 0.3"}
     assert set(res["sets"]) == sets and "photos" in sets
@@ -613,7 +616,7 @@ def test_ood_command(tiny, tmp_path):
     assert D.HELDOUT_SET in lgm5["sets"] and "PGD-10 0.3" in lgm5["sets"]
     assert set(res["results"]["center"]["detectors"]) == {
         "Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "Energy", "MaxLogit", "max-softmax", "ViM",
-        "center distance"}
+        "center distance", "Mahalanobis (L2-normalised) + Mahalanobis"}
     cd = res["results"]["center"]["detectors"]["center distance"]
     assert set(cd["adaptive"]) == {"0.3"} and set(cd["false_rejection"]) == {"5", "1"}
     assert res["fprs"] == [0.05, 0.01] and "photos" in cd["sets"]

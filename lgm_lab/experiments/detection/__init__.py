@@ -30,10 +30,8 @@ from ...detection_protocol import (
     FPRS,
     HELDOUT_SET,
     PGD_STEPS,
-    ScoreDetector,
     build_detectors,
     calibrated_detectors,
-    center_distance,
     detection_data,
     detector_names,
     lgm_diagnostics,
@@ -49,7 +47,7 @@ from ..runs import budget_words, load_cached, run_config, save_cached, train_or_
 from .report import LGM_DETECTOR, detection_markdown, detection_verdicts, preferred_detectors
 
 __all__ = ["DETECTION_MODELS", "DETECTION_PRESETS", "HELDOUT_CLASSES", "EPS", "PGD_STEPS", "FPR", "FPRS",
-           "LGM_DETECTOR", "ScoreDetector", "center_distance", "detector_names", "build_detectors", "HELDOUT_SET",
+           "LGM_DETECTOR", "detector_names", "build_detectors", "HELDOUT_SET",
            "detection_data", "lgm_diagnostics", "measure_network", "detection_experiment", "detection_stages",
            "detection_preset", "detection_verdicts", "preferred_detectors", "detection_markdown"]
 

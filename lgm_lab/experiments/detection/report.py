@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...baselines import KNN_K
+from lgm_ext.detectors import KNN_K
+
 from ..measure import operating_point_key
 from ..runs import budget_words
 from ..stats import compare, mean_std_text
@@ -138,13 +139,16 @@ def detection_markdown(res: dict) -> str:
          "sets: scikit-learn's digits (8x8 resized to 28x28, not inverted), uniform noise, Gaussian noise "
          "N(0.5, 1) clipped to [0, 1], inverted test images, natural-image patches (crops of scikit-learn's two "
          "sample photographs, grey, 28x28), the held-out classes, FGSM and PGD-10 (step 2.5 eps/10, random start) "
-         f"on {res['attack_subset']} test images. Detectors: the field's post-hoc baselines (pytorch-ood 0.4.0's "
-         f"KNN, k = {KNN_K} on L2-normalised features, ViM, d = half the feature dimension, Energy, MaxLogit "
-         "and max-softmax; Mahalanobis, tied covariance, on raw and L2-normalised "
-         f"features) fitted on {res['fit_points']} training images' features of each network, the center distance "
-         "on the center-loss network, and on the L-GM network its own likelihood, its mixture score and Gaussians "
-         "re-fitted post hoc (on the L-GM network MaxLogit and Energy are left out: they rank as its "
-         "likelihood and mixture score). Command: `lgm reproduce --detection --preset "
+         f"on {res['attack_subset']} test images. Detectors (lgm_ext.detectors, each the deployable module "
+         "`lgm detect fit --detector NAME` fits; KNN, ViM, Energy, MaxLogit and max-softmax tested against "
+         f"pytorch-ood's): the field's post-hoc baselines (KNN, k = {KNN_K} on L2-normalised features, ViM, "
+         "d = half the feature dimension, Energy, MaxLogit and max-softmax; Mahalanobis, tied covariance, on raw "
+         f"and L2-normalised features) fitted on {res['fit_points']} training images' features of each network, "
+         "the center distance on the center-loss network, on the L-GM network its own likelihood, its mixture "
+         "score and Gaussians re-fitted post hoc (on the L-GM network MaxLogit and Energy are left out: they rank "
+         "as its likelihood and mixture score), and on every network the combination of Mahalanobis on "
+         "L2-normalised and on raw features (rejects when either does; calibrated jointly). Command: "
+         "`lgm reproduce --detection --preset "
          f"{res['preset']}{_protocol_option(res)}`. This invocation took {res['seconds'] / 60:.1f} min "
          f"({res['models_reused']} of {res['models']} networks reused"
          + (f"; {len(res['shared_runs'])} of them the same runs of the report's own networks"
