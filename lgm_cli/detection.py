@@ -1,7 +1,7 @@
-"""The detection commands (issue 25): `lgm detect fit` (a likelihood detector for a trained model, calibrated
-at a false-rejection rate, saved with the model's fingerprint), `lgm detect score` (its rejection rates on
-clean and abnormal inputs) and `lgm ood` (every detector of the protocol on given models: tables, ROC
-figure; lgm_lab.experiments.detection)."""
+"""The detection commands (issues 25, 41): `lgm detect fit` (any detector of lgm_ext.detectors, by name, for a
+trained model, calibrated at a false-rejection rate, saved with the model's fingerprint), `lgm detect score` (its
+rejection rates on clean and abnormal inputs, a verdict per image of the user's own) and `lgm ood` (every
+detector of the protocol on given models: tables, ROC figure; lgm_lab.experiments.detection)."""
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +41,8 @@ Covariance = choices("DetectorCovariance", ("tied", "diag", "identity", "head"))
 Split = choices("CalibrationSplit", ("heldout", "train"))
 AttackKind = choices("AttackKind", ("fgsm", "pgd"))
 
-detect_app = typer.Typer(help="Reject abnormal inputs: fit a likelihood detector to a trained model (lgm detect "
-                              "fit) and measure what it rejects (lgm detect score).", no_args_is_help=True,
+detect_app = typer.Typer(help="Reject abnormal inputs: fit a detector to a trained model (lgm detect fit) and "
+                              "measure what it rejects (lgm detect score).", no_args_is_help=True,
                          rich_markup_mode=None)
 
 
@@ -79,14 +79,36 @@ def _features(model, x, batch: int, bar, task):
     return torch.cat(out) if out else model(x[:0])
 
 
+def _resolve_detector(detector: Optional[str], covariance) -> str:
+    """The registry name --detector (or the old --covariance) names; the default for every head otherwise."""
+    from lgm_ext import detectors
+    from lgm_lab.detector_file import V2_NAMES
+
+    if detector is not None and covariance is not None:
+        raise ValueError("give --detector or --covariance (its older spelling), not both")
+    if covariance is not None:
+        return V2_NAMES[covariance.value]
+    if detector is None:
+        return detectors.DEFAULT_DETECTOR
+    detectors.label(detector)  # ValueError naming an unknown name
+    return detector
+
+
 @detect_app.command("fit")
 def fit(
     checkpoint: Path = typer.Argument(..., help="a checkpoint.pt written by `lgm train`"),
-    covariance: Optional[Covariance] = typer.Option(None, help="head: an L-GM head's own Gaussians (the default for "
-                                                               "an L-GM checkpoint) | tied (one shared covariance: "
-                                                               "the Mahalanobis detector of Lee et al.; the default "
-                                                               "for other heads) | diag | identity, fitted to the "
-                                                               "training features"),
+    detector: Optional[str] = typer.Option(
+        None, "--detector", metavar="NAME",
+        help="the detector (lgm_ext.detectors): mahalanobis-l2 (the default for every head: Mahalanobis on "
+             "L2-normalised features, which the standard detection report recommends -- it rejects noise, inverted "
+             "images and digits at 87.5-100% in every seed at 5% false rejections, docs/detector.md) | mahalanobis "
+             "| gaussian-diag | gaussian-identity | lgm-likelihood | lgm-mixture (an L-GM head's own Gaussians) | "
+             "knn | vim (a head with a linear classifier) | energy | max-logit | max-softmax | center-distance; or "
+             "two or more joined by '+', e.g. mahalanobis-l2+mahalanobis (rejects when any rejects, calibrated "
+             "jointly)"),
+    covariance: Optional[Covariance] = typer.Option(None, help="the older spelling of --detector: head "
+                                                               "(lgm-likelihood) | tied (mahalanobis) | diag "
+                                                               "(gaussian-diag) | identity (gaussian-identity)"),
     fpr: float = typer.Option(0.05, help="false-rejection rate the threshold is calibrated for"),
     split: Split = typer.Option("heldout", help="clean images the threshold is calibrated on: heldout (the "
                                                 "test images at even indices; lgm detect score measures on the "
@@ -103,10 +125,11 @@ def fit(
     batch_size: int = batch_opt(),
     progress: bool = progress_opt(),
 ) -> None:
-    """Fit a likelihood detector (lgm_ext.LikelihoodDetector) to a trained model's features, calibrate its
-    threshold at --fpr on clean images and save it with the checkpoint's SHA-256 (lgm detect score checks it)."""
+    """Fit a detector (lgm_ext.detectors; --detector) to a trained model's features, calibrate its threshold at
+    --fpr on clean images and save it with the checkpoint's SHA-256 (lgm detect score checks it).  The file loads
+    in Python with lgm_lab.detector_file.load_detector_file and deploys as lgm_ext.RejectingClassifier."""
 
-    from lgm_ext import LikelihoodDetector
+    from lgm_ext import detectors
     from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_trained
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.detector_file import is_detector_file, save_detector_file
@@ -118,6 +141,7 @@ def fit(
         _check_fpr(fpr)
         check_positive(fit_subset, "--fit-subset")
         dev = check_common(device, batch_size, subset)
+        name = _resolve_detector(detector, covariance)
         if out.is_dir() or not out.parent.is_dir():
             raise ValueError(f"--out {out}: give a file name in an existing folder")
         check_not_input(out, [checkpoint], "--out")
@@ -128,19 +152,18 @@ def fit(
         # the folder's lock, as a run folder's: not while `lgm train` (or another `detect fit`) writes there
         lock.enter_context(locked(out.parent))
         model, head, cfg, ck = load_trained(checkpoint, dev)
-        if covariance is None:
-            covariance = Covariance("head" if head.kind == "lgm" else "tied")
-        if covariance.value == "head" and head.kind != "lgm":
-            raise ValueError(f"--covariance head needs an L-GM checkpoint ({checkpoint} has a {head.kind} head); "
-                             "use tied, diag or identity")
-        need_fit = covariance.value != "head" or split.value == "train"
+        if not detectors.applies(name, head):
+            raise ValueError(f"--detector {name} does not apply to this checkpoint's {head.kind} head "
+                             f"(lgm-likelihood and lgm-mixture need an L-GM head, vim a linear classifier); the "
+                             f"detectors for it: {', '.join(detectors.names_for(head))}")
+        need_fit = detectors.needs_fit(name) or split.value == "train"
         data = detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset if need_fit else 0,
                               sets=())
     except (CheckpointError, DatasetUnavailable, ValueError, OSError, RunFolderBusy) as err:
         lock.close()
         fail(err)
     with lock:  # held until the file is written
-        covariance, split = covariance.value, split.value
+        split = split.value
         xf, yf = data["fit"] if data["fit"] is not None else (None, None)
         x_cal = xf if split == "train" else data["calibration"]
         with progress_bar(progress) as bar:
@@ -148,25 +171,37 @@ def fit(
                                 + (len(x_cal) if split != "train" else 0))
             f_fit = _features(model, xf.to(dev), batch_size, bar, task) if xf is not None else None
             f_cal = f_fit if split == "train" else _features(model, x_cal.to(dev), batch_size, bar, task)
+        reads_logits = "logits" in detectors.reads(name)
         try:
-            if covariance == "head":
-                det = LikelihoodDetector.from_head(head)
-            else:
-                det = LikelihoodDetector.fit(f_fit, yf.to(dev), covariance, num_classes=head.num_classes)
-            det.calibrate(f_cal, fpr)
+            import torch
+
+            with torch.no_grad():
+                l_fit = head.logits(f_fit) if reads_logits and f_fit is not None else None
+                l_cal = head.logits(f_cal) if reads_logits else None
+            det = detectors.create(name, head, features=f_fit, labels=None if yf is None else yf.to(dev),
+                                   logits=l_fit)
+            det.calibrate(f_cal, fpr, logits=l_cal)
         except ValueError as err:
             fail(err)
         try:
             save_detector_file(out, det, checkpoint_sha256=checkpoint_digest(ck), checkpoint=str(checkpoint),
-                               dataset=cfg.dataset, classes=cfg.classes, head=head.label, covariance=covariance,
-                               split=split, fpr=float(fpr), fit_images=0 if xf is None else len(xf),
-                               calibration_images=len(f_cal))
+                               dataset=cfg.dataset, classes=cfg.classes, head=head.label, detector_name=name,
+                               split=split, fpr=float(fpr), fit_images=0 if f_fit is None else len(f_fit),
+                               calibration_images=len(f_cal), num_classes=head.num_classes, feat_dim=cfg.feat_dim)
         except (OSError, ValueError) as err:
             fail(err)
-        console.print(f"{covariance} detector for {head.label} ({cfg.dataset}): threshold {det.threshold:.4g}, "
-                      f"calibrated on {len(f_cal)} {split} images for {100 * fpr:g}% false rejections"
-                      + (f", fitted on {len(xf)} training images" if covariance != "head" else "")
+        console.print(f"{detectors.label(name)} detector for {head.label} ({cfg.dataset}): threshold "
+                      f"{det.threshold:.4g}, calibrated on {len(f_cal)} {split} images for {100 * fpr:g}% false "
+                      "rejections" + (f", fitted on {len(xf)} training images" if detectors.needs_fit(name) else "")
                       + f"; written to {out}", markup=False)
+
+
+def _score_inputs(det, head, f):
+    """What ``det`` reads of features ``f``: (features, logits)."""
+    import torch
+
+    with torch.no_grad():
+        return (f if "features" in det.inputs else None), (head.logits(f) if "logits" in det.inputs else None)
 
 
 @detect_app.command("score")
@@ -176,11 +211,16 @@ def score(
     data: str = typer.Option("fashion-mnist,digits,noise,gaussian,inverted",
                              help="comma-separated: the run's dataset (its clean test images not used to "
                                   "calibrate) | digits | noise | gaussian | inverted | photos (natural-image "
-                                  "patches) | heldout-classes (a run "
-                                  "trained on some classes: the test images of the others)"),
+                                  "patches) | heldout-classes (a run trained on some classes: the test images of "
+                                  "the others); none: score only --images (and --attack)"),
     images: Optional[Path] = typer.Option(None, "--images", help="also a folder of your own images (PNG, JPEG, ...; "
                                                                  "converted as the dataset is: grey or RGB, resized "
-                                                                 "to its size, scaled to [0, 1])"),
+                                                                 "to its size, scaled to [0, 1]): a line per image "
+                                                                 "(predicted class, score, threshold, margin, "
+                                                                 "accepted); a file that is not a readable image is "
+                                                                 "named and skipped"),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="write the per-image table of --images to this CSV "
+                                                               "file"),
     attack: Optional[AttackKind] = typer.Option(None, "--attack", help="also adversarial inputs: fgsm | pgd (PGD-10) "
                                                                       "on the clean measured images, at --eps"),
     eps: float = typer.Option(0.1, "--eps", help="the attack's L-inf magnitude (images in [0, 1])"),
@@ -191,41 +231,66 @@ def score(
     json_out: Optional[Path] = json_opt(),
     progress: bool = progress_opt(),
 ) -> None:
-    """The rejection rates of a detector on clean and abnormal images, your own images (--images) and
-    adversarial ones (--attack; with the attack's success: misclassified and accepted).  Refused for another
-    model's checkpoint.  "rejected %" on clean images is the false-rejection rate the detector was calibrated
-    for; on abnormal images, higher is better."""
+    """The rejection rates of a detector on clean and abnormal images, your own images (--images: also a verdict
+    per image) and adversarial ones (--attack; with the attack's success: misclassified and accepted).  Refused for
+    another model's checkpoint.  "rejected %" on clean images is the false-rejection rate the detector was
+    calibrated for; on abnormal images, higher is better."""
     import torch
 
+    from lgm_ext import detectors
     from lgm_lab.checkpoints import CheckpointError, load_trained
+    from lgm_lab.config import class_names, dataset_info
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.detector_file import load_detector_file
     from lgm_lab.experiments.detection import HELDOUT_SET, detection_data
-    from lgm_lab.ood_data import DIGITS_SIZE, image_folder, ood_images
+    from lgm_lab.ood_data import DIGITS_SIZE, image_folder_entries, ood_images
 
     try:
         dev = check_common(device, batch_size, subset, json_out, inputs=[detector, checkpoint])
+        if csv_out is not None:
+            if images is None:
+                raise ValueError("--csv writes the per-image table of --images: give --images DIR")
+            check_not_input(csv_out, [detector, checkpoint], "--csv")
+            if json_out is not None and csv_out.resolve() == json_out.resolve():
+                raise ValueError(f"--csv and --json name the same file {csv_out}")
         trained = load_trained(checkpoint, dev)
         model, head, cfg, ck = trained
         det, file = load_detector_file(detector, trained)  # checked before any work
+        det.to(dev)
         names = [n.strip() for n in data.split(",") if n.strip()]
+        if [n.lower() for n in names] == ["none"]:
+            names = []
         bad = [n for n in names if n not in (cfg.dataset, *OOD_NAMES)]
-        if not names or bad:
-            raise ValueError(f"--data takes {', '.join((cfg.dataset, *OOD_NAMES))} (comma-separated), got "
+        if bad or (not names and data.strip().lower() != "none"):
+            raise ValueError(f"--data takes {', '.join((cfg.dataset, *OOD_NAMES))} (comma-separated) or none, got "
                              f"{', '.join(bad) or repr(data)}")
+        if not names and images is None and attack is None:
+            raise ValueError("--data none scores only --images and --attack: give --images DIR (or --attack)")
         sets = [HELDOUT_SET if n == "heldout-classes" else n for n in names if n != cfg.dataset]
-        imgs = detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=0,
-                              sets=[s for s in sets if s == HELDOUT_SET])
-        x = imgs["clean"][0]
-        if file.get("split") == "train":  # none of the test images calibrated it
-            x = torch.cat([imgs["calibration"], x])
-        inputs = {cfg.dataset: x} if cfg.dataset in names else {}
-        for s in sets:
-            inputs[s] = imgs["abnormal"][s] if s == HELDOUT_SET else ood_images(
-                s, x, n=min(len(x), DIGITS_SIZE) if s == "digits" else None, seed=cfg.seed)
+        info = dataset_info(cfg.dataset)
+        shape = (info["channels"], info["image_size"])
+        inputs, x, imgs, labels = {}, None, None, None
+        if names or attack is not None:
+            imgs = detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=0,
+                                  sets=[s for s in sets if s == HELDOUT_SET])
+            x = imgs["clean"][0]
+            if file.get("split") == "train":  # none of the test images calibrated it
+                x = torch.cat([imgs["calibration"], x])
+            if cfg.dataset in names:
+                inputs[cfg.dataset] = x
+            for s in sets:
+                inputs[s] = imgs["abnormal"][s] if s == HELDOUT_SET else ood_images(
+                    s, x, n=min(len(x), DIGITS_SIZE) if s == "digits" else None, seed=cfg.seed)
+        mine = None
         if images is not None:
-            inputs[f"images in {images}"] = image_folder(images, channels=x.shape[1], size=x.shape[-1])
-        labels = None
+            files, own, skipped = image_folder_entries(images, channels=shape[0], size=shape[1])
+            if not files:
+                raise ValueError(f"--images {images} holds no readable image ("
+                                 + "; ".join(reason for _p, reason in skipped) + ")")
+            for _path, reason in skipped:  # one line each, on stderr; the other images are scored
+                typer.echo(f"skipped: {reason}", err=True)
+            mine = f"images in {images}"
+            inputs[mine] = own
         if attack is not None:
             check_eps([eps])
             labels = imgs["clean"][1][: len(imgs["clean"][0])]
@@ -234,7 +299,7 @@ def score(
     if attack is not None:  # the attack sees the classifier (images -> logits), not the detector
         from lgm_ext import Classifier
         from lgm_ext.attacks import FGSM, PGD
-        from lgm_lab.experiments.measure import attack_in_batches
+        from lgm_lab.metrics import attack_in_batches
 
         xc = imgs["clean"][0].to(dev)
         clf = Classifier(model, head).eval()
@@ -245,30 +310,51 @@ def score(
             adv_name = f"{'FGSM' if attack.value == 'fgsm' else 'PGD-10'} eps {eps:g}"
             inputs[adv_name] = attack_in_batches(atk, xc, labels.to(dev), batch_size,
                                                  lambda k: bar.update(task, advance=k))
-    res = {}
+    res, per_image = {}, []
+    t = det.threshold
     with progress_bar(progress) as bar:
         task = bar.add_task("scoring", total=sum(len(v) for v in inputs.values()))
         for name, batch in inputs.items():
             f = _features(model, batch.to(dev), batch_size, bar, task)
-            s = det.score(f).detach().cpu().double()
-            accepted = s >= det.threshold
+            with torch.no_grad():
+                s = det.score(*_score_inputs(det, head, f)).detach().cpu().double()
+            accepted = s >= t
             res[name] = {"images": len(s), "rejected_percent": 100.0 * (~accepted).double().mean().item(),
                          "score_mean": s.mean().item(), "score_median": s.median().item(),
-                         "score_minus_threshold_median": (s - det.threshold).median().item()}
+                         "score_minus_threshold_median": (s - t).median().item()}
+            if name == mine:
+                pred = head.predict(f).cpu()
+                cls = class_names(cfg.dataset)
+                keep = cfg.class_list or range(len(cls))
+                for path, p, v, ok in zip(files, pred.tolist(), s.tolist(), accepted.tolist()):
+                    per_image.append({"file": path.name, "predicted_class": int(keep[p]),
+                                      "class_name": cls[keep[p]], "score": v, "threshold": t, "margin": v - t,
+                                      "accepted": bool(ok)})
+                res[name]["per_image"] = per_image
+                res[name]["skipped"] = [{"file": p.name, "reason": r} for p, r in skipped]
             if attack is not None and name == adv_name:
                 wrong = (head.predict(f).cpu() != labels.cpu())
                 res[name]["misclassified_percent"] = 100.0 * wrong.double().mean().item()
                 res[name]["misclassified_and_accepted_percent"] = 100.0 * (wrong & accepted).double().mean().item()
-    t = Table(title=f"{file['covariance']} detector of {file['head']} (threshold {det.threshold:.4g}, calibrated "
-                    f"for {100 * file['fpr']:g}% false rejections on {file['split']} images)")
+    label = detectors.label(file["detector_name"])
+    if per_image:
+        table = Table(title=f"your images ({images}): {label} detector, threshold {t:.4g}")
+        for c in ("file", "predicted class", "score", "threshold", "margin", "accepted"):
+            table.add_column(c, justify="left" if c in ("file", "predicted class") else "right")
+        for r in per_image:
+            table.add_row(r["file"], f"{r['predicted_class']} {r['class_name']}", f"{r['score']:.4g}",
+                          f"{r['threshold']:.4g}", f"{r['margin']:+.4g}", "yes" if r["accepted"] else "REJECTED")
+        console.print(table)
+    tab = Table(title=f"{label} detector of {file['head']} (threshold {t:.4g}, calibrated for "
+                      f"{100 * file['fpr']:g}% false rejections on {file['split']} images)")
     for c in ("inputs", "images", "rejected %", "median score - threshold"):
-        t.add_column(c, justify="left" if c == "inputs" else "right")
+        tab.add_column(c, justify="left" if c == "inputs" else "right")
     for name, r in res.items():
-        t.add_row(name + (" (clean)" if name == cfg.dataset else ""), str(r["images"]),
-                  f"{r['rejected_percent']:.2f}", f"{r['score_minus_threshold_median']:+.4g}")
-    console.print(t)
+        tab.add_row(name + (" (clean)" if name == cfg.dataset else ""), str(r["images"]),
+                    f"{r['rejected_percent']:.2f}", f"{r['score_minus_threshold_median']:+.4g}")
+    console.print(tab)
     console.print("rejected % of clean images: the false rejections calibrated for; of the others, higher is better. "
-                  "Scores are log-likelihoods (higher = more normal); below the threshold is rejected.",
+                  "Scores: higher = more normal; below the threshold is rejected (margin = score - threshold).",
                   markup=False, highlight=False)
     if attack is not None:
         r = res[adv_name]
@@ -276,9 +362,30 @@ def score(
                       f"{r['misclassified_and_accepted_percent']:.1f}% misclassified and accepted with the detector on "
                       "(the attack does not know the detector: lgm ood measures an adaptive one)", markup=False,
                       highlight=False)
-    write_json(json_out, envelope("detect score", res, dataset=cfg.dataset, checkpoints=[checkpoint], device=dev,
-                                  n=len(x), detector=str(detector), threshold=det.threshold, fpr=file["fpr"],
-                                  split=file["split"], covariance=file["covariance"]))
+    try:
+        if csv_out is not None:
+            _write_csv(csv_out, per_image)
+        write_json(json_out, envelope("detect score", res, dataset=cfg.dataset, checkpoints=[checkpoint], device=dev,
+                                      n=0 if x is None else len(x), detector=str(detector), threshold=t,
+                                      fpr=file["fpr"], split=file["split"], detector_name=file["detector_name"]))
+    except OSError as err:
+        fail(err)
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    """The per-image table as CSV, written atomically."""
+    import csv
+    import io
+
+    from lgm_lab.run_folder import write_atomically
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["file", "predicted_class", "class_name", "score", "threshold", "margin",
+                                             "accepted"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    data = buf.getvalue().encode()
+    write_atomically(Path(path), lambda f: f.write(data))
 
 
 def ood(
@@ -349,9 +456,9 @@ def ood(
                     raise DetectorFileError(f"--detector {path} was fitted to none of the checkpoints given (it was "
                                             f"fitted to {info['checkpoint']})")
                 _m, head, cfg = runs[name]
-                if (det.num_classes, det.feat_dim) != (head.num_classes, cfg.feat_dim):
+                if (info["num_classes"], info["feat_dim"]) != (head.num_classes, cfg.feat_dim):
                     raise DetectorFileError(f"--detector {path} does not fit {name}'s classes and features")
-                extra[name][f"{path.name} ({info['covariance']})"] = det.to(dev)
+                extra[name][f"{path.name} ({info['detector_name']})"] = det.to(dev)
         data = {name: detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset)
                 for name, (_m, _h, cfg) in runs.items()}
         for spec in ood_data or []:

@@ -238,7 +238,9 @@ class AdaptivePGD(Attack):
     ``detector`` is any object with ``score(outputs) -> (N,)`` (higher = more normal,
     differentiable with respect to ``outputs``) and a numeric ``threshold`` (read at every call); an
     input passes iff ``score >= threshold`` (:class:`lgm_ext.LikelihoodDetector` rejects exactly the
-    others).  The classification loss is ``loss_fn(outputs, labels)`` (summed over the batch; default:
+    others).  A detector of :mod:`lgm_ext.detectors` that reads logits (Energy, the center distance, a
+    combination) is given the classifier's logits of the outputs too: ``score(outputs, logits)``.
+    The classification loss is ``loss_fn(outputs, labels)`` (summed over the batch; default:
     cross-entropy of the logits above); predictions are the argmax of the logits.
 
     Each step is the fused :func:`lgm_ext.pgd_step_` (a sign step of ``alpha``, projected on the
@@ -358,7 +360,11 @@ class AdaptivePGD(Attack):
         """(gradient of the per-sample objective with respect to the outputs, success mask)."""
         f = out.detach().requires_grad_(need_grad)
         with torch.enable_grad() if need_grad else torch.no_grad():
-            s = self.detector.score(f)
+            reads = getattr(self.detector, "inputs", ("features",))
+            if "logits" in reads:  # a detector of the family that reads the logits: the classifier's, of f
+                s = self.detector.score(f if "features" in reads else None, self._logits(f))
+            else:
+                s = self.detector.score(f)
             if not isinstance(s, Tensor) or s.shape != (f.shape[0],):
                 raise ValueError(f"detector.score must return a ({f.shape[0]},) tensor, got "
                                  f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__}")

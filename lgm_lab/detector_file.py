@@ -1,6 +1,8 @@
-"""Detector files: what ``lgm detect fit`` writes and ``lgm detect score`` / ``lgm ood`` read -- a
-:class:`lgm_ext.LikelihoodDetector` with the fingerprint of the checkpoint it was fitted to, how it was fitted
-and calibrated, and a SHA-256 of all of it (as checkpoints carry), checked on every load.
+"""Detector files: what ``lgm detect fit`` writes and ``lgm detect score`` / ``lgm ood`` read -- a calibrated
+detector of the family (:mod:`lgm_ext.detectors`: any member, a combination included) with the fingerprint of
+the checkpoint it was fitted to, how it was fitted and calibrated, and a SHA-256 of all of it (as checkpoints
+carry), checked on every load.  Format 3 holds any member (by its registry name, ``detector_name``) and the
+range of its calibration scores; format-2 files (Gaussians only, by ``covariance``) still load.
 
 Loading one in Python is one call::
 
@@ -27,34 +29,41 @@ from .run_folder import write_atomically
 __all__ = ["DETECTOR_FORMAT", "DetectorFileError", "save_detector_file", "load_detector_file", "is_detector_file"]
 
 # v2: the file carries "sha256", a digest of everything else in it (lgm-ext 0.2's v1 files carried none).
-DETECTOR_FORMAT = "lgm-detector-file/2"
+# v3: any detector of the family ("detector_name", its registry name, instead of v2's "covariance"), its state
+# with the range of its calibration scores.
+DETECTOR_FORMAT = "lgm-detector-file/3"
+_FORMAT_2 = "lgm-detector-file/2"
 
 # The keys of a detector file besides the detector's state and the digest, with their types.
-_FIELDS = {"checkpoint_sha256": str, "checkpoint": str, "dataset": str, "classes": (str, type(None)), "head": str,
-           "covariance": str, "split": str, "fpr": float, "fit_images": int, "calibration_images": int,
-           "num_classes": int, "feat_dim": int}
+_COMMON = {"checkpoint_sha256": str, "checkpoint": str, "dataset": str, "classes": (str, type(None)), "head": str,
+           "split": str, "fpr": float, "fit_images": int, "calibration_images": int, "num_classes": int,
+           "feat_dim": int}
+_FIELDS = {**_COMMON, "detector_name": str}
+_FIELDS_2 = {**_COMMON, "covariance": str}
+# A v2 file's covariance, as the registry names the detector.
+V2_NAMES = {"head": "lgm-likelihood", "tied": "mahalanobis", "diag": "gaussian-diag", "identity": "gaussian-identity"}
 
 
 class DetectorFileError(ValueError):
     """A detector file that cannot be used: not one, damaged, edited, crafted, or fitted to another model."""
 
 
-def save_detector_file(path: str | os.PathLike, detector, **info) -> None:
-    """Write ``detector`` (calibrated: it has a threshold) with ``info`` (the keys of ``_FIELDS`` but
-    ``num_classes``/``feat_dim``, which are the detector's) atomically, its SHA-256 added."""
-    if detector.threshold is None:
+def save_detector_file(path: str | os.PathLike, detector, *, num_classes: int, feat_dim: int, **info) -> None:
+    """Write ``detector`` (calibrated: it has a threshold and its calibration range) with ``info`` (the keys of
+    ``_FIELDS``; ``num_classes``/``feat_dim`` are the model's) atomically, its SHA-256 added."""
+    if detector.threshold is None or detector.calibration_range is None:
         raise ValueError("the detector has no threshold: calibrate it before saving")
     file = {"format": DETECTOR_FORMAT, "detector": detector.to("cpu").state_dict(),
-            "num_classes": int(detector.num_classes), "feat_dim": int(detector.feat_dim), **info}
-    _check_fields(file, Path(path))
+            "num_classes": int(num_classes), "feat_dim": int(feat_dim), **info}
+    _check_fields(file, Path(path), _FIELDS)
     file["sha256"] = content_digest(file)
     buf = io.BytesIO()
     torch.save(file, buf)
     write_atomically(Path(path), lambda f: f.write(buf.getbuffer()))
 
 
-def _check_fields(file: dict, path: Path) -> None:
-    for key, kind in _FIELDS.items():
+def _check_fields(file: dict, path: Path, fields: dict) -> None:
+    for key, kind in fields.items():
         if key not in file:
             raise DetectorFileError(f"{path} is not a valid detector file: it lacks {key!r}")
         value = file[key]
@@ -79,18 +88,20 @@ def is_detector_file(path: str | os.PathLike) -> bool:
 
 def load_detector_file(path: str | os.PathLike, trained=None):
     """The detector in a file ``lgm detect fit`` wrote, and the rest of the file (a dict: the checkpoint it
-    was fitted to and its SHA-256, dataset, head, covariance, split, fpr, image counts).  With ``trained``
-    (an :class:`lgm_lab.checkpoints.Trained`, e.g. ``load_trained(checkpoint)``) it must be that model's:
-    the same checkpoint (SHA-256), classes and feature dimension.
+    was fitted to and its SHA-256, dataset, head, ``detector_name`` (the registry's name of the detector), split,
+    fpr, image counts).  With ``trained`` (an :class:`lgm_lab.checkpoints.Trained`, e.g.
+    ``load_trained(checkpoint)``) it must be that model's: the same checkpoint (SHA-256), classes and feature
+    dimension.  A format-2 file (Gaussians only) loads too; its ``detector_name`` is read from its covariance.
 
     Returns:
-        ``(detector, info)``: a calibrated :class:`lgm_ext.LikelihoodDetector` on the CPU and a dict.
+        ``(detector, info)``: a calibrated detector of :mod:`lgm_ext.detectors` on the CPU and a dict.
 
     Raises:
         DetectorFileError: the file is missing, not a detector file, damaged or edited (its SHA-256), crafted
-            (missing keys, wrong types, a non-finite threshold), or fitted to another model.
+            (missing keys, wrong types, a non-finite threshold, a threshold outside the range of the scores it was
+            calibrated on), or fitted to another model.
     """
-    from lgm_ext import LikelihoodDetector
+    from lgm_ext.detectors import Detector, LikelihoodDetector
 
     path = Path(path)
     if not path.is_file():
@@ -98,25 +109,39 @@ def load_detector_file(path: str | os.PathLike, trained=None):
     file = load_plain(path, DetectorFileError, "a detector file written by lgm detect fit")
     if not isinstance(file, dict) or not str(file.get("format", "")).startswith("lgm-detector-file/"):
         raise DetectorFileError(f"{path} is not a detector file written by lgm detect fit")
-    if file["format"] != DETECTOR_FORMAT:
-        raise DetectorFileError(f"{path} is a detector file of an older lgm-ext ({file['format']}, without a content "
-                                "digest): fit it again with lgm detect fit")
+    if file["format"] not in (DETECTOR_FORMAT, _FORMAT_2):
+        raise DetectorFileError(f"{path} is a detector file of another lgm-ext ({file['format']}; this one reads "
+                                f"{DETECTOR_FORMAT} and {_FORMAT_2}): fit it again with lgm detect fit")
     stored = file.pop("sha256", None)
     if stored != content_digest(file):
         raise DetectorFileError(f"refusing to load {path}: its content does not match its SHA-256 (the file is "
                                 "corrupted or was modified)")
-    _check_fields(file, path)
+    v2 = file["format"] == _FORMAT_2
+    _check_fields(file, path, _FIELDS_2 if v2 else _FIELDS)
     try:
-        det = LikelihoodDetector.from_state_dict(file["detector"])
+        det = LikelihoodDetector.from_state_dict(file["detector"]) if v2 else \
+            Detector.from_state_dict(file["detector"])
     except (ValueError, TypeError, KeyError, RuntimeError, AttributeError, IndexError) as err:
         raise DetectorFileError(f"{path} holds an invalid detector: {' '.join(str(err).split())}") from err
     threshold = det.threshold
     if threshold is None or not math.isfinite(threshold):
         raise DetectorFileError(f"{path} holds a detector without a finite threshold ({threshold})")
-    if (det.num_classes, det.feat_dim) != (file["num_classes"], file["feat_dim"]):
-        raise DetectorFileError(f"{path} is not consistent: its detector has {det.num_classes} classes of "
-                                f"{det.feat_dim}-D features, the file says {file['num_classes']} of {file['feat_dim']}")
+    if not v2:
+        rng = det.calibration_range
+        if rng is None or not rng[0] <= threshold <= rng[1]:
+            raise DetectorFileError(f"{path} holds a threshold ({threshold:.6g}) that its calibration could not give: "
+                                    f"it must lie within the range of the clean scores it was calibrated on "
+                                    f"({'none recorded' if rng is None else f'{rng[0]:.6g} to {rng[1]:.6g}'})")
+    for key, have in (("num_classes", det.num_classes), ("feat_dim", det.feat_dim)):
+        if have is not None and have != file[key]:
+            raise DetectorFileError(f"{path} is not consistent: its detector has {key} {have}, the file says "
+                                    f"{file[key]}")
     info = {k: v for k, v in file.items() if k != "detector"}
+    if v2:
+        name = V2_NAMES.get(info["covariance"])
+        if name is None:
+            raise DetectorFileError(f"{path}: unknown covariance {info['covariance']!r}")
+        info["detector_name"] = name
     if trained is not None:
         check_detector_matches(info, det, trained, path)
     return det, info
@@ -127,9 +152,9 @@ def check_detector_matches(info: dict, det, trained, path: Path) -> None:
     feature dimension (a detector crafted for another model has another digest, and other shapes)."""
     digest = checkpoint_digest(trained.checkpoint)
     k, d = trained.head.num_classes, trained.config.feat_dim
-    if (det.num_classes, det.feat_dim) != (k, d):
-        raise DetectorFileError(f"{path} is a detector for {det.num_classes} classes of {det.feat_dim}-D features; "
-                                f"this model has {k} classes of {d}-D features")
+    if (info["num_classes"], info["feat_dim"]) != (k, d):
+        raise DetectorFileError(f"{path} is a detector for {info['num_classes']} classes of {info['feat_dim']}-D "
+                                f"features; this model has {k} classes of {d}-D features")
     if info["checkpoint_sha256"] != digest:
         raise DetectorFileError(f"{path} was fitted to another model (checkpoint SHA-256 "
                                 f"{info['checkpoint_sha256'][:12]}..., this one has {digest[:12]}...); fit it "

@@ -33,7 +33,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 __all__ = ["external_ood_set", "parse_ood_data", "conform_images", "OOD_SETS", "DIGITS_SIZE", "PHOTO_CROP_SIDES",
            "digits_images", "photo_patches", "ood_images", "ClassSubset", "restrict_classes", "other_classes",
-           "dataset_labels", "base_indices", "split_clean", "image_folder", "IMAGE_SUFFIXES"]
+           "dataset_labels", "base_indices", "split_clean", "image_folder", "image_folder_entries",
+           "image_folder_file", "IMAGE_SUFFIXES"]
 
 OOD_SETS = ("digits", "noise", "gaussian", "inverted", "photos")
 PHOTO_CROP_SIDES = (32, 160)  # the crops' side in pixels, inclusive
@@ -173,15 +174,10 @@ def split_clean(dataset: Dataset) -> tuple[Subset, Subset]:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def image_folder(folder, *, channels: int, size: int, limit: int | None = None) -> Tensor:
-    """The images in ``folder`` (PNG, JPEG, ... -- files only, sorted by name, not recursive) as the dataset's
-    tensors are: converted to grey (``channels`` 1) or RGB (3), resized to ``size`` x ``size`` (bilinear),
-    scaled to [0, 1]; (N, channels, size, size) float32.  A folder with no image, or a file that is not a
-    readable image, raises :class:`ValueError` naming it."""
+def _image_files(folder) -> list:
+    """The image files of ``folder`` (by suffix, sorted, not recursive); ValueError naming a folder that is not
+    one or holds none."""
     from pathlib import Path
-
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -189,18 +185,56 @@ def image_folder(folder, *, channels: int, size: int, limit: int | None = None) 
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"--images {folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def image_folder(folder, *, channels: int, size: int, limit: int | None = None) -> Tensor:
+    """The images in ``folder`` (PNG, JPEG, ... -- files only, sorted by name, not recursive) as the dataset's
+    tensors are: converted to grey (``channels`` 1) or RGB (3), resized to ``size`` x ``size`` (bilinear),
+    scaled to [0, 1]; (N, channels, size, size) float32.  A folder with no image, or a file that is not a
+    readable image, raises :class:`ValueError` naming it."""
+    files = _image_files(folder)
     files = files[:limit] if limit else files
     out = []
     for p in files:
         try:
-            with Image.open(p) as im:
-                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise ValueError(f"--images: {p} is not a readable image ({type(err).__name__})") from err
-        t = torch.from_numpy(a.copy())
-        out.append(t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1))
+            out.append(image_folder_file(p, channels=channels, size=size))
+        except ValueError as err:
+            raise ValueError(f"--images: {err}") from err
     return torch.stack(out)
+
+
+def image_folder_entries(folder, *, channels: int, size: int) -> tuple[list, Tensor, list]:
+    """Each image in ``folder`` read as :func:`image_folder` reads it, one at a time, so that a file that is not a
+    readable image is named and skipped rather than failing the folder: ``(files, images, skipped)`` -- the
+    readable files (sorted by name) with their (N, channels, size, size) tensor, and ``[(file, reason)]`` of the
+    others.  A folder that is not one, or that holds no image file, raises ValueError naming it."""
+    files = _image_files(folder)
+    good, out, skipped = [], [], []
+    for p in files:
+        try:
+            out.append(image_folder_file(p, channels=channels, size=size))
+            good.append(p)
+        except ValueError as err:
+            skipped.append((p, str(err)))
+    empty = torch.zeros(0, channels, size, size)
+    return good, torch.stack(out) if out else empty, skipped
+
+
+def image_folder_file(path, *, channels: int, size: int) -> Tensor:
+    """One image file as :func:`image_folder` converts it: (channels, size, size) float32 in [0, 1]; a file that
+    is not a readable image raises ValueError naming it."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+            a = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path} is not a readable image ({type(err).__name__})") from err
+    t = torch.from_numpy(a.copy())
+    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1)
 
 
 def conform_images(x: Tensor, shape) -> Tensor:

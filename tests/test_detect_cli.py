@@ -38,16 +38,6 @@ def _lgm(*args):
                           env=dict(os.environ), timeout=600)
 
 
-def test_detect_fit_defaults_to_the_heads_gaussians_for_lgm_and_tied_otherwise(runs, tmp_path):
-    from lgm_lab.detector_file import load_detector_file
-
-    for head, kind in (("lgm", "head"), ("softmax", "tied")):
-        r = _lgm("detect", "fit", runs / head / "checkpoint.pt", "--out", tmp_path / f"{head}.pt", "--no-progress")
-        assert r.returncode == 0, r.stderr[-2000:]
-        _det, info = load_detector_file(tmp_path / f"{head}.pt")
-        assert info["covariance"] == kind
-
-
 def test_detect_score_takes_the_users_images_and_adversarial_inputs(runs, tmp_path):
     det = tmp_path / "det.pt"
     assert _lgm("detect", "fit", runs / "lgm" / "checkpoint.pt", "--out", det, "--no-progress").returncode == 0
@@ -73,7 +63,7 @@ def test_detect_score_takes_the_users_images_and_adversarial_inputs(runs, tmp_pa
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"not a png")
-    for folder, word in ((bad, "not a readable image"), (tmp_path / "none", "not a folder"), (tmp_path, "no image")):
+    for folder, word in ((bad, "no readable image"), (tmp_path / "none", "not a folder"), (tmp_path, "no image")):
         r = _lgm("detect", "score", det, runs / "lgm" / "checkpoint.pt", "--images", folder, "--no-progress")
         assert r.returncode == 2 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -86,11 +76,109 @@ def test_ood_measures_saved_detector_files_of_its_checkpoints(runs, tmp_path):
              tmp_path / "o", "--no-adaptive", *tiny)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
-    assert "maha.pt (tied)" in res["softmax"]["detectors"] and "maha.pt (tied)" not in res["lgm-a1"]["detectors"]
-    # a saved tied detector fitted to the same 64 training images ranks as the protocol's own Mahalanobis
-    ours, saved = (res["softmax"]["detectors"][k]["sets"]["noise"]["auroc"] for k in ("Mahalanobis", "maha.pt (tied)"))
+    saved_name = "maha.pt (mahalanobis-l2)"
+    assert saved_name in res["softmax"]["detectors"] and saved_name not in res["lgm-a1"]["detectors"]
+    # the saved default detector fitted to the same 64 training images ranks as the protocol's own Mahalanobis-L2
+    ours, saved = (res["softmax"]["detectors"][k]["sets"]["noise"]["auroc"]
+                   for k in ("Mahalanobis (L2-normalised)", saved_name))
     assert abs(ours - saved) < 1e-6
     r = _lgm("ood", runs / "lgm" / "checkpoint.pt", "--detector", maha, "--out", tmp_path / "o2", "--no-adaptive",
              *tiny)
     assert r.returncode == 2 and "fitted to none of the checkpoints" in r.stderr, r.stderr
     assert not (tmp_path / "o2").exists()
+
+
+# ----------------------------------------------------------------------------- issue 41: every detector, deployed
+def _images(folder, n=4, broken=True):
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(10 + i).integers(0, 256, (30, 20), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+    if broken:
+        (folder / "z-broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_detect_fit_names_every_detector_and_the_deployed_module_scores_as_the_command(runs, tmp_path):
+    """Each registry detector that applies is fitted and saved by `lgm detect fit --detector NAME`, scored per
+    image by `lgm detect score --images`, loaded from its file into a RejectingClassifier that gives the same
+    scores and verdicts, and exported with a dynamic batch."""
+    from lgm_ext import RejectingClassifier, detectors
+    from lgm_lab.checkpoints import load_trained
+    from lgm_lab.detector_file import load_detector_file
+    from lgm_lab.ood_data import image_folder_entries
+
+    folder = _images(tmp_path / "mine", broken=False)
+    for run in ("lgm", "softmax"):
+        model, head, cfg, _ck = load_trained(runs / run / "checkpoint.pt")
+        files, x, _ = image_folder_entries(folder, channels=1, size=28)
+        for name in [*detectors.names_for(head), "mahalanobis-l2+mahalanobis"]:
+            out = tmp_path / f"{run}-{name}.pt"
+            r = _lgm("detect", "fit", runs / run / "checkpoint.pt", "--detector", name, "--out", out, "--fpr", "0.1",
+                     "--no-progress")
+            assert r.returncode == 0, (name, r.stderr[-2000:])
+            js = tmp_path / f"{run}-{name}.json"
+            r = _lgm("detect", "score", out, runs / run / "checkpoint.pt", "--data", "none", "--images", folder,
+                     "--json", js, "--no-progress")
+            assert r.returncode == 0, (name, r.stderr[-2000:])
+            rows = json.loads(js.read_text())["results"][f"images in {folder}"]["per_image"]
+            det, info = load_detector_file(out)
+            assert info["detector_name"] == name and type(det).__name__ == type(
+                detectors.create(name, head, features=torch.randn(60, 2), labels=torch.arange(60) % 10,
+                                 logits=torch.randn(60, 10))).__name__
+            deployed = RejectingClassifier(model, head, det).eval()
+            with torch.no_grad():
+                logits, accepted, s = deployed(x, return_score=True)
+            assert [r_["file"] for r_ in rows] == [p.name for p in files]
+            # (float32 features from another process: the same up to rounding)
+            torch.testing.assert_close(s.double(), torch.tensor([r_["score"] for r_ in rows], dtype=torch.float64),
+                                       rtol=1e-4, atol=1e-4)
+            assert accepted.tolist() == [r_["accepted"] for r_ in rows], name
+            assert logits.argmax(1).tolist() == [r_["predicted_class"] for r_ in rows]
+            program = torch.export.export(deployed, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            with torch.no_grad():
+                assert torch.equal(program.module()(x[:1])[1], deployed(x[:1])[1])
+
+
+def test_detect_fit_defaults_to_the_recommended_detector_and_keeps_the_old_covariance_values(runs, tmp_path):
+    from lgm_lab.detector_file import load_detector_file
+
+    for head in ("lgm", "softmax"):
+        r = _lgm("detect", "fit", runs / head / "checkpoint.pt", "--out", tmp_path / f"{head}.pt", "--no-progress")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert load_detector_file(tmp_path / f"{head}.pt")[1]["detector_name"] == "mahalanobis-l2"
+    for cov, name in (("head", "lgm-likelihood"), ("tied", "mahalanobis"), ("diag", "gaussian-diag")):
+        r = _lgm("detect", "fit", runs / "lgm" / "checkpoint.pt", "--covariance", cov, "--out", tmp_path / "c.pt",
+                 "--no-progress")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert load_detector_file(tmp_path / "c.pt")[1]["detector_name"] == name
+    for args, word in ((("--detector", "vim"), "does not apply"), (("--detector", "maha"), "unknown detector"),
+                       (("--detector", "knn", "--covariance", "tied"), "not both")):
+        r = _lgm("detect", "fit", runs / "lgm" / "checkpoint.pt", *args, "--out", tmp_path / "x.pt", "--no-progress")
+        assert r.returncode == 2 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "x.pt").exists()
+
+
+def test_detect_score_gives_a_verdict_per_image_and_names_an_unreadable_one(runs, tmp_path):
+    det = tmp_path / "det.pt"
+    assert _lgm("detect", "fit", runs / "lgm" / "checkpoint.pt", "--out", det, "--no-progress").returncode == 0
+    folder = _images(tmp_path / "mixed", n=3)
+    r = _lgm("detect", "score", det, runs / "lgm" / "checkpoint.pt", "--data", "none", "--images", folder, "--csv",
+             tmp_path / "t.csv", "--json", tmp_path / "t.json", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"skipped: {folder / 'z-broken.png'} is not a readable image "
+                                             "(UnidentifiedImageError)"]
+    res = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert list(res) == [f"images in {folder}"]  # --data none: the user's images only
+    rows = res[f"images in {folder}"]["per_image"]
+    assert [x["file"] for x in rows] == ["0.png", "1.png", "2.png"]
+    assert res[f"images in {folder}"]["skipped"][0]["file"] == "z-broken.png"
+    for row in rows:
+        assert row["margin"] == pytest.approx(row["score"] - row["threshold"])
+        assert row["accepted"] == (row["margin"] >= 0)
+    for name in ("0.png", "1.png", "2.png"):
+        assert name in r.stdout
+    csv_lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert csv_lines[0] == "file,predicted_class,class_name,score,threshold,margin,accepted" and len(csv_lines) == 4
+    r = _lgm("detect", "score", det, runs / "lgm" / "checkpoint.pt", "--data", "none", "--no-progress")
+    assert r.returncode == 2 and "--images" in r.stderr

@@ -351,3 +351,66 @@ def test_a_state_dict_of_another_member_is_refused_on_load():
                                .calibrate(f))
     with pytest.raises((RuntimeError, ValueError), match="kind|bank|Missing"):
         maha.load_state_dict(knn.state_dict())
+
+
+@pytest.mark.parametrize("name", ["energy", "center-distance", "mahalanobis-l2+max-softmax", "knn"])
+def test_adaptive_pgd_attacks_every_member(name):
+    """AdaptivePGD gives a member that reads logits the classifier's logits of the features; the attack raises
+    the score of the misclassified inputs it finds (selective mode), for a member of every kind."""
+    from lgm_ext.attacks import AdaptivePGD
+
+    backbone, head = _backbone(), _Head()
+    x = torch.rand(120, IN)
+    with torch.no_grad():
+        f = backbone(x)
+        lg = head.logits(f)
+    y = lg.argmax(1)
+    det = detectors.create(name, head, features=f, labels=y, logits=lg).calibrate(f, 0.05, logits=lg)
+    atk = AdaptivePGD(lgm_ext.Classifier(backbone, head), det, eps=0.3, alpha=0.05, steps=8, seed=0)
+    adv, ok = atk(x, y, return_success=True)
+    with torch.no_grad():
+        fa = backbone(adv)
+        la = head.logits(fa)
+    accepted = ~det.reject(fa, la)
+    assert torch.equal(ok, ok & accepted & (la.argmax(1) != y))  # success = misclassified and accepted
+    assert ok.any()
+
+
+# ----------------------------------------------------------------------------- the report's numbers, deployed
+def test_the_reports_numbers_are_the_deployed_modules(tmp_path):
+    """On a small network, every detector the detection protocol measures (lgm_lab.detection_protocol) rejects
+    the same share of each abnormal set as that detector built from the registry, calibrated on the same images
+    and deployed in a RejectingClassifier -- and as the same module reloaded from its state dict."""
+    from lgm_lab.detection_protocol import measure_network, report_detectors
+    from lgm_lab.heads import build_head
+
+    g = torch.Generator().manual_seed(0)
+    for kind in ("center", "lgm"):
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, D)).eval()
+        head = build_head(kind, D, K).eval()
+        x = torch.rand(600, 1, 8, 8, generator=g)
+        with torch.no_grad():
+            y = head.predict(backbone(x))
+        data = {"fit": (x[:300], y[:300]), "calibration": x[300:450], "clean": (x[450:], y[450:]),
+                "abnormal": {"noise": torch.rand(100, 1, 8, 8, generator=g) * 3}}
+        res = measure_network(backbone, head, data, eps=(), adaptive=False, fprs=(0.05,))
+        names = report_detectors(head, D)
+        assert set(res["detectors"]) == set(names)
+        with torch.no_grad():
+            f_fit, f_cal = backbone(x[:300]), backbone(x[300:450])
+        for label, name in names.items():
+            lg = head.logits(f_fit).detach() if "logits" in detectors.reads(name) else None
+            lc = head.logits(f_cal).detach() if "logits" in detectors.reads(name) else None
+            det = detectors.create(name, head, features=f_fit, labels=y[:300], logits=lg).calibrate(f_cal, 0.05,
+                                                                                                  logits=lc)
+            r = res["detectors"][label]
+            assert det.threshold == pytest.approx(r["thresholds"]["5"], rel=1e-6, abs=1e-9), label
+            model = RejectingClassifier(backbone, head, det).eval()
+            torch.save(model.state_dict(), tmp_path / "m.pt")
+            back = RejectingClassifier.from_state_dict(backbone, head, torch.load(tmp_path / "m.pt", weights_only=True))
+            with torch.no_grad():
+                for m in (model, back):
+                    _logits, accepted = m(data["abnormal"]["noise"])
+                    assert 100.0 * (~accepted).double().mean().item() == pytest.approx(
+                        r["sets"]["noise"]["rejected"]["5"]), (kind, label)
