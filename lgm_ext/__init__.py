@@ -8,6 +8,7 @@ experiments, benchmarks) is the separate package ``lgm_lab``::
     import lgm_ext
     loss = lgm_ext.lgm_loss(features, means, log_var, labels, alpha=1.0, lambda_=0.1)
 """
+from . import detectors as detectors  # the detector family: lgm_ext.detectors.create(name, head, ...)
 from ._ops import DIRECT_MAX_KD, IMPLS, has_cuda_kernels, has_fused_kernels
 from ._version import __version__
 from .deploy import RejectingClassifier
