@@ -292,3 +292,35 @@ def check_state(state_dict) -> dict:
     return {"means": means, "log_var": sd.get("log_var"), "covariance_matrix": sd.get("covariance_matrix"),
             "score": sd["score"], "impl": sd["impl"], "threshold": threshold, "fpr": fpr,
             "calibration_size": size, "normalize": normalize}
+
+
+def head_gaussians(head) -> tuple[Tensor, Tensor | None]:
+    """An L-GM head's means and clamped log-variances, gathered over a sharded head's group (what
+    :meth:`lgm_ext.LikelihoodDetector.from_head` documents); TypeError for anything else."""
+    from .distributed import ShardedLGMLoss
+    from .modules import LGMLoss
+
+    if not isinstance(head, (LGMLoss, ShardedLGMLoss)) and (
+            getattr(head, "means", None) is None or getattr(head, "log_var", None) is None):
+        raise TypeError(f"head must be an L-GM head (lgm_ext.LGMLoss, lgm_ext.distributed.ShardedLGMLoss) or "
+                        f"expose both means and log_var, got {type(head).__name__}; for other features or "
+                        f"centers use LikelihoodDetector.fit(features, labels, covariance=...)")
+    for name in ("means", "log_var"):
+        value = getattr(head, name, None)
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"head.{name} must be a torch.Tensor, got {type(value).__name__}")
+    with torch.no_grad():
+        means = head.means.detach()
+        if callable(getattr(head, "clamped_log_var", None)):
+            log_var = head.clamped_log_var()
+        else:
+            raw = getattr(head, "log_var", None)
+            bound = float(getattr(head, "log_var_bound", 6.0))
+            log_var = None if raw is None else raw.detach().clamp(-bound, bound)
+        log_var = None if log_var is None else log_var.detach()
+        if hasattr(head, "class_range") and hasattr(head, "group"):
+            from .distributed import gather_rows
+
+            means = gather_rows(means, head.group)
+            log_var = None if log_var is None else gather_rows(log_var, head.group)
+    return means, log_var

@@ -35,13 +35,14 @@ from typing import Callable
 from torch import Tensor
 
 from .any_of import AnyOfDetector
-from .base import DETECTOR_KINDS, Detector, OnFeatures
+from .base import DETECTOR_KINDS, Detector
 from .center import CenterDistanceDetector
 from .energy import EnergyDetector
 from .gaussian import LikelihoodDetector, l2_normalised
 from .knn import KNN_BANK, KNN_K, KNNDetector
 from .max_logit import MaxLogitDetector
 from .max_softmax import MaxSoftmaxDetector
+from .on_features import OnFeatures
 from .vim import ViMDetector, vim_dim
 
 __all__ = ["Detector", "OnFeatures", "LikelihoodDetector", "KNNDetector", "ViMDetector", "EnergyDetector",

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._gaussians import _check_threshold, _compute_dtype, _finite, _no_autocast, _real, calibrated_threshold, check_fpr
 
-__all__ = ["Detector", "OnFeatures", "DETECTOR_KINDS", "FAMILY_FORMAT", "flatten_tensors", "nest_tensors"]
+__all__ = ["Detector", "check_device", "DETECTOR_KINDS", "FAMILY_FORMAT", "flatten_tensors", "nest_tensors"]
 
 FAMILY_FORMAT = "lgm_ext.detectors/1"
 #: kind -> class, filled by :meth:`Detector.__init_subclass__`: what :meth:`Detector.from_state_dict` dispatches on.
@@ -82,6 +82,22 @@ def check_range(sd: Mapping) -> tuple[float, float] | None:
     if lo > hi:
         raise ValueError(f"state_dict['calibration_min'] ({lo}) exceeds state_dict['calibration_max'] ({hi})")
     return float(lo), float(hi)
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device for :meth:`Detector.to`: a dtype (parameters stay float64; scores follow the
+    inputs' dtype), something that is no device, or the meta device (parameters need values) is a ValueError."""
+    if isinstance(device, torch.dtype):
+        raise ValueError(f"to() takes a device, got the dtype {device}: a detector stores float64 and scores in the "
+                         "inputs' dtype (float32, or float64 for float64 inputs), so there is nothing to convert")
+    try:
+        dev = torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"to() takes a device such as 'cpu' or 'cuda', got {device!r}") from e
+    if dev.type == "meta":
+        raise ValueError("device 'meta' is refused: a detector's parameters need values (score() accepts meta "
+                         "inputs and gives meta scores, for shape inference)")
+    return dev
 
 
 class Detector:
@@ -336,7 +352,7 @@ class Detector:
 
     def _need_threshold(self) -> float:
         if self._threshold is None:
-            raise ValueError("threshold is not set: call calibrate(clean inputs, fpr) first (score() works without "
+            raise ValueError("threshold is not set: call calibrate(clean_features, fpr) first (score() works without "
                              "a threshold)")
         return self._threshold
 
@@ -347,9 +363,9 @@ class Detector:
 
     def reject(self, features: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
         """(N,) bool, True (rejected) where ``not score >= threshold`` (NaN is rejected).  Needs a threshold."""
-        t = self._need_threshold()
         with torch.no_grad():
-            return ~(self.score(features, logits) >= t)
+            s = self.score(features, logits)  # the inputs checked first: an error names what is wrong with them
+        return ~(s >= self._need_threshold())
 
     # ------------------------------------------------------------------ device and state
     @property
@@ -360,17 +376,7 @@ class Detector:
     def to(self, device) -> Detector:
         """Move the stored tensors to ``device`` (in place; returns self).  They stay float64 (scores are
         computed in the inputs' dtype), so a dtype is refused with ValueError, as is the meta device."""
-        if isinstance(device, torch.dtype):
-            raise ValueError(f"to() takes a device, got the dtype {device}: a detector stores float64 and scores in "
-                             "the inputs' dtype (float32, or float64 for float64 inputs), so there is nothing to "
-                             "convert")
-        try:
-            dev = torch.device(device)
-        except (TypeError, RuntimeError) as e:
-            raise ValueError(f"to() takes a device such as 'cpu' or 'cuda', got {device!r}") from e
-        if dev.type == "meta":
-            raise ValueError("device 'meta' is refused: a detector's parameters need values (score() accepts meta "
-                             "inputs and gives meta scores, for shape inference)")
+        dev = check_device(device)
         tree = self._tensors()
         self._set_tensors(nest_tensors(tree, {k: v.to(dev) for k, v in flatten_tensors(tree).items()}))
         self._cache = {}
@@ -451,63 +457,3 @@ class Detector:
     def __repr__(self) -> str:
         return f"{self.name}(threshold={self._threshold}, fpr={self.fpr})"
 
-
-class OnFeatures:
-    """A detector seen as a score of features alone: for a member that reads logits, ``classifier`` (the head's
-    features -> logits map, e.g. ``head.logits``) computes them from the features, differentiably.  What an
-    attack or a measurement that holds only features needs (``score(features)``, ``threshold``).
-
-    ``threshold`` reads and sets the detector's; :meth:`calibrate`, :meth:`reject`, :meth:`outlier_score` and
-    :meth:`relative_to_threshold` take features and pass the logits on.
-
-    Args:
-        detector: a detector of the family.
-        classifier: features -> logits (needed when the detector reads logits).
-    """
-
-    def __init__(self, detector: Detector, classifier=None) -> None:
-        if not isinstance(detector, Detector):
-            raise TypeError(f"detector must be a detector of lgm_ext.detectors, got {type(detector).__name__}")
-        if "logits" in detector.inputs and not callable(classifier):
-            raise ValueError(f"{detector.name} reads logits: give classifier (features -> logits, e.g. head.logits)")
-        self.detector, self.classifier = detector, classifier
-        self.inputs = ("features",)
-
-    name = property(lambda self: self.detector.name)
-    feat_dim = property(lambda self: self.detector.feat_dim if "features" in self.detector.inputs else None)
-    num_classes = property(lambda self: self.detector.num_classes)
-    fpr = property(lambda self: self.detector.fpr)
-
-    @property
-    def threshold(self) -> float | None:
-        return self.detector.threshold
-
-    @threshold.setter
-    def threshold(self, value) -> None:
-        self.detector.threshold = value
-
-    def _args(self, features: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        reads = self.detector.inputs
-        return (features if "features" in reads else None,
-                self.classifier(features) if "logits" in reads else None)
-
-    def score(self, features: Tensor) -> Tensor:
-        return self.detector.score(*self._args(features))
-
-    def outlier_score(self, features: Tensor) -> Tensor:
-        return -self.score(features)
-
-    def relative_to_threshold(self, features: Tensor) -> Tensor:
-        return self.detector.relative_to_threshold(*self._args(features))
-
-    def reject(self, features: Tensor) -> Tensor:
-        return self.detector.reject(*self._args(features))
-
-    def calibrate(self, features: Tensor, fpr: float = 0.05) -> OnFeatures:
-        with torch.no_grad():
-            f, lg = self._args(features)
-        self.detector.calibrate(f, fpr, logits=lg)
-        return self
-
-    def __repr__(self) -> str:
-        return f"OnFeatures({self.detector!r})"

@@ -31,7 +31,6 @@ from .._gaussians import (
     FORMAT,
     IMPLS,
     SCORES,
-    _check_threshold,
     _choice,
     _ClassOrInstanceMethod,
     _finite,
@@ -42,8 +41,9 @@ from .._gaussians import (
     check_fpr,
     check_state,
     fit_gaussians,
+    head_gaussians,
 )
-from .base import Detector, check_range
+from .base import Detector, check_device, check_range
 
 __all__ = ["COVARIANCES", "SCORES", "LikelihoodDetector", "calibrated_threshold", "check_fpr", "l2_normalised"]
 
@@ -207,32 +207,7 @@ class LikelihoodDetector(Detector):
         Returns:
             A new, uncalibrated detector.
         """
-        from ..distributed import ShardedLGMLoss
-        from ..modules import LGMLoss
-
-        if not isinstance(head, (LGMLoss, ShardedLGMLoss)) and (
-                getattr(head, "means", None) is None or getattr(head, "log_var", None) is None):
-            raise TypeError(f"head must be an L-GM head (lgm_ext.LGMLoss, lgm_ext.distributed.ShardedLGMLoss) or "
-                            f"expose both means and log_var, got {type(head).__name__}; for other features or "
-                            f"centers use LikelihoodDetector.fit(features, labels, covariance=...)")
-        for name in ("means", "log_var"):
-            value = getattr(head, name, None)
-            if value is not None and not isinstance(value, Tensor):
-                raise TypeError(f"head.{name} must be a torch.Tensor, got {type(value).__name__}")
-        with torch.no_grad():
-            means = head.means.detach()
-            if callable(getattr(head, "clamped_log_var", None)):
-                log_var = head.clamped_log_var()
-            else:
-                raw = getattr(head, "log_var", None)
-                bound = float(getattr(head, "log_var_bound", 6.0))
-                log_var = None if raw is None else raw.detach().clamp(-bound, bound)
-            log_var = None if log_var is None else log_var.detach()
-            if hasattr(head, "class_range") and hasattr(head, "group"):
-                from ..distributed import gather_rows
-
-                means = gather_rows(means, head.group)
-                log_var = None if log_var is None else gather_rows(log_var, head.group)
+        means, log_var = head_gaussians(head)
         if impl is None:
             impl = getattr(head, "impl", "auto")
             impl = impl if impl in IMPLS else "auto"
@@ -314,17 +289,6 @@ class LikelihoodDetector(Detector):
                 f"{self.score_name})")
 
     # ------------------------------------------------------------------ threshold
-    @property
-    def threshold(self) -> float | None:
-        """Inputs with ``score < threshold`` are rejected (None: not calibrated).  Set it to a finite number
-        (or None); NaN and +-inf are refused with ValueError (an infinite threshold accepts or rejects
-        everything, silently)."""
-        return self._threshold
-
-    @threshold.setter
-    def threshold(self, value) -> None:
-        self._threshold = None if value is None else _check_threshold("threshold", value)
-
     def calibrate(self, clean_features: Tensor, fpr: float = 0.05, *, logits: Tensor | None = None
                   ) -> LikelihoodDetector:
         """Set the threshold so that a fraction ``fpr`` of ``clean_features`` is rejected; returns self.
@@ -421,19 +385,6 @@ class LikelihoodDetector(Detector):
         """
         return self._apply(features, self.score_name)
 
-    def outlier_score(self, features: Tensor, logits: Tensor | None = None) -> Tensor:
-        """``-score(features)``: higher = more abnormal, the sign convention of pytorch-ood's and OpenOOD's
-        detectors (their ``predict`` returns outlier scores), for users and metrics written for them.
-
-        Args:
-            features: (N, D) floating features.
-
-        Returns:
-            (N,) outlier scores (dtype and gradient as :meth:`score`); an input is rejected iff
-            ``not outlier_score <= -threshold``.
-        """
-        return -self.score(features)
-
     def relative_to_threshold(self, features: Tensor, logits: Tensor | None = None) -> Tensor:
         """``score(features) - threshold``: >= 0 for accepted inputs, < 0 (or NaN) for rejected ones, in the
         score's units (nats for the log-densities).
@@ -460,42 +411,13 @@ class LikelihoodDetector(Detector):
         with torch.no_grad():
             return self._apply(features, "predict")
 
-    def reject(self, features: Tensor, logits: Tensor | None = None) -> Tensor:
-        """Which inputs the detector rejects.  Needs :meth:`calibrate` (or a threshold set by hand) first.
-
-        Args:
-            features: (N, D) floating features.
-
-        Returns:
-            (N,) bool, True (rejected) where ``not score >= threshold`` (so a NaN score is rejected).
-        """
-        if self._threshold is None:
-            raise ValueError("threshold is not set: call calibrate(clean_features, fpr) first "
-                             "(score() works without a threshold)")
-        with torch.no_grad():
-            return ~(self.score(features) >= self._threshold)
-
     # ------------------------------------------------------------------ device and state
-    @property
-    def device(self) -> torch.device:
-        return self.means.device
-
     def to(self, device) -> LikelihoodDetector:
         """Move the stored parameters to ``device`` (in place; returns self).  Scoring works on any
         device without it (the parameters are copied to the features' device and cached).  The meta
         device is refused (ValueError): the parameters need values; so is a dtype (they stay float64;
         scores follow the features' dtype)."""
-        if isinstance(device, torch.dtype):
-            raise ValueError(f"to() takes a device, got the dtype {device}: a detector stores float64 and scores in "
-                             "the features' dtype (float32, or float64 for float64 features), so there is nothing to "
-                             "convert")
-        try:
-            device = torch.device(device)
-        except (TypeError, RuntimeError) as e:
-            raise ValueError(f"to() takes a device such as 'cpu' or 'cuda', got {device!r}") from e
-        if device.type == "meta":
-            raise ValueError("device 'meta' is refused: a detector's parameters need values (score() accepts "
-                             "meta features and gives meta scores, for shape inference)")
+        device = check_device(device)
         self.means = self.means.to(device)
         self.log_var = None if self.log_var is None else self.log_var.to(device)
         if self.covariance_matrix is not None:
