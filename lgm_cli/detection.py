@@ -17,6 +17,7 @@ from .options import (
     check_common,
     check_eps,
     check_not_input,
+    check_output_file,
     check_positive,
     check_writable_folder,
     choices,
@@ -121,6 +122,7 @@ def fit(
         if out.is_dir() or not out.parent.is_dir():
             raise ValueError(f"--out {out}: give a file name in an existing folder")
         check_not_input(out, [checkpoint], "--out")
+        check_output_file(out, "--out")  # a FIFO there would block (issue 42)
         if out.exists() and not is_detector_file(out):
             raise ValueError(f"--out {out} exists and is not a detector file; --out replaces only a detector file "
                              "(a checkpoint or any other file is never written over): give another name")

@@ -102,8 +102,10 @@ def bench(
     else:  # piped: plain markdown, never wrapped to the console's width
         print(text)
     if json_out:
+        from lgm_lab.run_folder import save_text
+
         try:
-            json_out.write_text(benchmarks.to_json(rows))
+            save_text(json_out, benchmarks.to_json(rows))  # atomically: a link there is replaced, not followed
         except OSError as err:
             fail(err)
 

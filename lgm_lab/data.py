@@ -89,7 +89,8 @@ def _stage_idx(src: Path, root: Path, folder: str) -> bool:
                 else:
                     with gzip.open(path, "rb") as fin:
                         shutil.copyfileobj(fin, fout)
-            os.replace(tmp, raw / f)
+                fout.flush()
+                os.replace(tmp, raw / f)  # while open, and so locked (run_folder.create_temporary)
         except (EOFError, OSError, gzip.BadGzipFile) as err:
             tmp.unlink(missing_ok=True)
             raise DatasetUnavailable(f"cannot read {path}: {err} (a truncated or damaged file? fetch it "

@@ -1,0 +1,176 @@
+"""Files you can trust (issue 42): outputs never replace a user's files or a run's, outputs are regular files,
+a killed writer's temporaries are cleaned up, the cache removes and reports only what it can prove it wrote,
+edited or unsigned files are refused, images are read as they are, and each failure is one line naming the
+file.  CLI items run the real `lgm` command."""
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from helpers import tiny_config, write_idx
+
+from lgm_lab.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_env(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:  # the module's runs stage into a cache of their own
+        mp.setenv("LGM_DATA_DIR", str(tmp_path_factory.mktemp("module-cache")))
+        mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        for name in ("LGM_SIGNING_KEY", "LGM_SIGNING_KEY_FILE"):
+            mp.delenv(name, raising=False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGM_DATA_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return write_idx(tmp_path_factory.mktemp("idx"), n_train=96, n_test=64)
+
+
+@pytest.fixture(scope="module")
+def run(src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "a"
+    train(tiny_config(src), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def detector(run, tmp_path_factory):
+    path = tmp_path_factory.mktemp("det") / "det.pt"
+    r = _lgm("detect", "fit", run / "checkpoint.pt", "--out", path, "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return path
+
+
+def _lgm(*args, cwd=None, env=None, timeout=600, preexec_fn=None):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lgm_cli.app", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout, preexec_fn=preexec_fn)
+
+
+def _one_line(r, *words):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    for w in words:
+        assert w in r.stderr, r.stderr
+    return r.stderr
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- 3. a run's files are no output
+@pytest.mark.parametrize("name", ["metrics.json", "config.json"])
+def test_no_output_is_a_file_of_a_run_folder(run, detector, name):
+    """`lgm eval CK --json runs/a/metrics.json` and `detect score ... --json runs/a/config.json` replaced the
+    run's own files (exit 0)."""
+    ck, target = run / "checkpoint.pt", run / name
+    before = _digest(target)
+    _one_line(_lgm("eval", ck, "--json", target, "--no-progress"), "run folder")
+    _one_line(_lgm("detect", "score", detector, ck, "--json", target, "--no-progress"), "run folder")
+    assert _digest(target) == before
+
+
+def test_json_in_a_run_folder_replaces_only_a_commands_json(run, tmp_path):
+    """A file of the user's (or a measurement cached) in a run folder stays; a command's own --json output
+    there may be written again."""
+    ck = run / "checkpoint.pt"
+    notes = run / "notes.json"
+    notes.write_text('{"mine": 1}')
+    try:
+        _one_line(_lgm("eval", ck, "--json", notes, "--no-progress"), "run folder")
+        assert notes.read_text() == '{"mine": 1}'
+        mine = run / "eval-mine.json"
+        for _ in range(2):
+            r = _lgm("eval", ck, "--json", mine, "--no-progress")
+            assert r.returncode == 0, r.stderr
+        assert json.loads(mine.read_text())["command"] == "eval"
+    finally:
+        notes.unlink(missing_ok=True)
+        (run / "eval-mine.json").unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- 7. outputs are regular files
+def test_a_fifo_as_output_is_refused_at_once(run, tmp_path):
+    """`mkfifo x.pt; lgm detect fit CK --out x.pt` and `lgm eval CK --json fifo.json` hung until killed."""
+    ck = run / "checkpoint.pt"
+    for name, args in (("x.pt", ("detect", "fit", ck, "--out")), ("fifo.json", ("eval", ck, "--json"))):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        t0 = time.monotonic()
+        _one_line(_lgm(*args, fifo, "--no-progress", timeout=120), "named pipe")
+        assert time.monotonic() - t0 < 60
+        assert fifo.exists() and not fifo.is_file()  # left as it was
+
+
+# ----------------------------------------------------------------------------- 9. a killed writer's temporaries
+_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from lgm_lab.run_folder import write_atomically
+
+    def write(f):
+        f.write(b"half a detector")
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(600)
+
+    write_atomically(Path(sys.argv[1]), write)
+""")
+
+
+def _start_writer(path: Path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    return p
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(run, tmp_path):
+    """`kill -9` during a detector write left `.prev.pt.XXXX.lgm-tmp` beside the output, and later writes never
+    removed it; a live writer's temporary stays."""
+    out = tmp_path / "prev.pt"
+    killed = _start_writer(out)
+    (stale,) = tmp_path.glob(".prev.pt.*.lgm-tmp")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    live = _start_writer(out)
+    try:
+        (held,) = set(tmp_path.glob(".prev.pt.*.lgm-tmp")) - {stale}
+        mine = tmp_path / ".prev.pt.notes.lgm-tmp"  # not a name of ours (nor 8 characters): a user's file
+        mine.write_text("mine")
+        r = _lgm("detect", "fit", run / "checkpoint.pt", "--out", out, "--no-progress")
+        assert r.returncode == 0, r.stderr
+        assert not stale.exists() and held.exists() and mine.read_text() == "mine"
+        assert out.is_file()
+    finally:
+        live.kill()
+        live.wait()
+
+
+# ----------------------------------------------------------------------------- 12. a failing write names its file
+def _small_files():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # writes beyond 64 bytes fail (EFBIG), as on a full disk
+
+
+def test_a_failing_write_names_the_file(run, tmp_path):
+    """A full disk said only `No space left on device`: which file could not be written?"""
+    target = tmp_path / "eval.json"
+    assert _lgm("eval", run / "checkpoint.pt", "--no-progress").returncode == 0  # the data staged into the cache
+    err = _one_line(_lgm("eval", run / "checkpoint.pt", "--json", target, "--no-progress", preexec_fn=_small_files),
+                    "File too large")
+    assert str(target) in err and not target.exists() and not list(tmp_path.glob(".*.lgm-tmp"))
