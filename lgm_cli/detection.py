@@ -17,6 +17,7 @@ from .options import (
     check_common,
     check_eps,
     check_not_input,
+    check_out_folder,
     check_output_file,
     check_positive,
     check_writable_folder,
@@ -24,8 +25,10 @@ from .options import (
     console,
     device_opt,
     envelope,
+    err_console,
     fail,
     format_opt,
+    is_command_output,
     json_opt,
     load_runs,
     out_folder,
@@ -181,8 +184,11 @@ def score(
                                   "patches) | heldout-classes (a run "
                                   "trained on some classes: the test images of the others)"),
     images: Optional[Path] = typer.Option(None, "--images", help="also a folder of your own images (PNG, JPEG, ...; "
-                                                                 "converted as the dataset is: grey or RGB, resized "
-                                                                 "to its size, scaled to [0, 1])"),
+                                                                 "or one image file), converted as the dataset is: "
+                                                                 "grey or RGB, resized to its size (bilinear), "
+                                                                 "scaled to [0, 1] by their bit depth (8-bit / 255, "
+                                                                 "16-bit / 65535; float images must lie in [0, 1]); "
+                                                                 "a file that cannot be read is skipped and named"),
     attack: Optional[AttackKind] = typer.Option(None, "--attack", help="also adversarial inputs: fgsm | pgd (PGD-10) "
                                                                       "on the clean measured images, at --eps"),
     eps: float = typer.Option(0.1, "--eps", help="the attack's L-inf magnitude (images in [0, 1])"),
@@ -226,7 +232,10 @@ def score(
             inputs[s] = imgs["abnormal"][s] if s == HELDOUT_SET else ood_images(
                 s, x, n=min(len(x), DIGITS_SIZE) if s == "digits" else None, seed=cfg.seed)
         if images is not None:
-            inputs[f"images in {images}"] = image_folder(images, channels=x.shape[1], size=x.shape[-1])
+            found = image_folder(images, channels=x.shape[1], size=x.shape[-1])
+            for path, why in found.skipped:  # the others are scored
+                err_console.print(f"--images: skipped {path}: {why}", markup=False, highlight=False, soft_wrap=True)
+            inputs[f"images in {images}"] = found.images
         labels = None
         if attack is not None:
             check_eps([eps])
@@ -283,6 +292,24 @@ def score(
                                   split=file["split"], covariance=file["covariance"]))
 
 
+def _check_not_own_data(spec: str, found, name: str, cfg, data: dict) -> None:
+    """Refuse an --ood-data set that is the model's own data: its dataset by name, or images identical to its
+    own test images (its dataset under another name or in a folder): they are not abnormal inputs."""
+    import torch
+
+    from lgm_lab.ood_data import parse_ood_data
+
+    held = " (the classes it was not trained on are measured already, as held-out classes)" if cfg.classes else ""
+    if parse_ood_data(spec)[0] == cfg.dataset:
+        raise ValueError(f"--ood-data {spec}: {cfg.dataset} is the dataset {name} was trained on; its test images "
+                         f"are the model's own inputs, not abnormal ones{held}")
+    own = {row.numpy().tobytes() for row in torch.cat([data["clean"][0], data["calibration"]]).flatten(1).cpu()}
+    same = sum(row.numpy().tobytes() in own for row in found.images.to(data["clean"][0].dtype).flatten(1).cpu())
+    if same:
+        raise ValueError(f"--ood-data {spec}: {same} of its {len(found.images)} images are test images of "
+                         f"{cfg.dataset}, the data {name} was trained on: not abnormal inputs{held}")
+
+
 def ood(
     checkpoints: list[Path] = typer.Argument(..., help="checkpoint.pt files of trained models (any heads)"),
     out: Path = typer.Option(Path("runs/ood"), "--out", help="folder for the ROC figure and results.json"),
@@ -292,9 +319,17 @@ def ood(
     adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive", help="attack each detector adaptively "
                                                                           "(AdaptivePGD, the PGD-10 budget)"),
     ood_data: Optional[list[str]] = typer.Option(None, "--ood-data", help="also measure these abnormal inputs "
-                                                                          "(repeatable): DIR, a folder of images, or "
-                                                                          "DATASET or DATASET:DIR, the test images "
-                                                                          "of mnist, fashion-mnist or cifar10"),
+                                                                          "(repeatable): DIR, a folder of images "
+                                                                          "(or one image FILE), or DATASET, "
+                                                                          "DATASET: or DATASET:DIR, the test images "
+                                                                          "of mnist, fashion-mnist or cifar10 (not "
+                                                                          "the models' own). Images are converted "
+                                                                          "as the dataset is: grey or RGB, resized "
+                                                                          "(bilinear), scaled to [0, 1] by their "
+                                                                          "bit depth (8-bit / 255, 16-bit / 65535; "
+                                                                          "float images must lie in [0, 1]); a "
+                                                                          "file that cannot be read is skipped and "
+                                                                          "named"),
     subset: Optional[int] = typer.Option(None, "--subset", help="use N test images (the seeded selection of `lgm "
                                                                 "train --test-subset N`): half calibrate, half "
                                                                 "are measured (default: all)"),
@@ -310,6 +345,10 @@ def ood(
     device: Optional[str] = device_opt(),
     batch_size: int = batch_opt(),
     json_out: Optional[Path] = json_opt(),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that holds files: "
+                                                              "results.json and detection_roc.FORMAT (of an "
+                                                              "earlier lgm ood) are replaced, nothing else is "
+                                                              "touched"),
     progress: bool = progress_opt(),
 ) -> None:
     """Out-of-distribution and adversarial detection of given models, without training: each detector (L-GM
@@ -339,6 +378,9 @@ def ood(
             if folder is not None and same_file(out, folder):
                 raise ValueError(f"--out {out} is the --ood-data folder {spec}, which this command reads: give "
                                  "another output folder")
+        # a folder of the user's files is not taken for ood's (issue 42): its own files only, with --overwrite
+        check_out_folder(out, {"results.json": lambda p: is_command_output(p, "ood"),
+                               f"detection_roc.{fmt}": None}, overwrite, "lgm ood")
         out_folder(out)
         runs = load_runs(checkpoints, dev)
         extra = {name: {} for name in runs}
@@ -357,12 +399,16 @@ def ood(
         data = {name: detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset)
                 for name, (_m, _h, cfg) in runs.items()}
         for spec in ood_data or []:
-            for d in data.values():
+            for name, d in data.items():
                 x0 = d["clean"][0]
-                set_name, imgs = external_ood_set(spec, tuple(x0.shape[1:]), n=len(x0))
-                if set_name in d["abnormal"]:
-                    raise ValueError(f"--ood-data {spec}: a set named {set_name!r} is measured already")
-                d["abnormal"][set_name] = imgs.to(x0.dtype)
+                found = external_ood_set(spec, tuple(x0.shape[1:]), n=len(x0))
+                _check_not_own_data(spec, found, name, runs[name][2], d)
+                if found.name in d["abnormal"]:
+                    raise ValueError(f"--ood-data {spec}: a set named {found.name!r} is measured already")
+                d["abnormal"][found.name] = found.images.to(x0.dtype)
+            for path, why in found.skipped:  # the others are measured
+                err_console.print(f"--ood-data {spec}: skipped {path}: {why}", markup=False, highlight=False,
+                                  soft_wrap=True)
     except (CheckpointError, DatasetUnavailable, ValueError, OSError) as err:
         fail(err)
     results, curves = {}, {}

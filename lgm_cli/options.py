@@ -279,6 +279,38 @@ def out_folder(out: Path) -> Path:
     return out
 
 
+def check_out_folder(out: Path, own: dict, overwrite: bool, command: str) -> None:
+    """The rule of `lgm train --out` for a command that writes a few files into a folder: a folder that holds
+    anything (but the lock and this project's temporaries) is refused unless ``overwrite``, which replaces only
+    the command's own files -- ``own`` maps each of their names to a check that the file there is the command's
+    (None: by its name) -- and touches nothing else.  A file of those names that the command did not write, or
+    that is not a regular file, is refused even then.  Call it before :func:`out_folder`."""
+    from lgm_lab.run_folder import LOCK_NAME, is_own_temporary
+
+    if not out.is_dir():
+        return
+    there = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not is_own_temporary(p))
+    if there and not overwrite:
+        shown = ", ".join(there[:5]) + (f" and {len(there) - 5} more" if len(there) > 5 else "")
+        raise ValueError(f"--out {out} holds files ({shown}); give a new or empty folder, or --overwrite to replace "
+                         f"{command}'s own {', '.join(own)} there (nothing else is touched)")
+    for name, is_own in own.items():
+        path = out / name
+        check_output_file(path, "--out")
+        if path.exists() and is_own is not None and not is_own(path):
+            raise ValueError(f"--out {out}: {path} is not a file {command} wrote; it is never written over, even with "
+                             "--overwrite: give another folder")
+
+
+def is_command_output(path: Path, command: str) -> bool:
+    """Whether ``path`` is the JSON that ``command`` (e.g. ``"ood"``) writes (:func:`envelope`)."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get("command") == command and "results" in obj
+
+
 def check_seed(value: int, option: str = "--seed") -> int:
     """Seeds are integers in [0, 2**32 - 1] everywhere (what torch, numpy and Python's random all take)."""
     from lgm_lab.config import MAX_SEED

@@ -68,7 +68,7 @@ def test_detect_score_takes_the_users_images_and_adversarial_inputs(runs, tmp_pa
     # the user's images exactly as the dataset's: grey, 28x28, in [0, 1]
     from lgm_lab.ood_data import image_folder
 
-    x = image_folder(mine, channels=1, size=28)
+    x = image_folder(mine, channels=1, size=28).images
     assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     bad = tmp_path / "bad"
     bad.mkdir()

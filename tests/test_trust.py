@@ -174,3 +174,105 @@ def test_a_failing_write_names_the_file(run, tmp_path):
     err = _one_line(_lgm("eval", run / "checkpoint.pt", "--json", target, "--no-progress", preexec_fn=_small_files),
                     "File too large")
     assert str(target) in err and not target.exists() and not list(tmp_path.glob(".*.lgm-tmp"))
+
+
+# ----------------------------------------------------------------------------- 1. ood's --out
+_OOD = ("--eps", "0.1", "--no-adaptive", "--attack-subset", "8", "--fit-subset", "64", "--fpr", "0.05", "--no-progress")
+
+
+def _png16(path: Path, value: int = 40000) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((28, 28), value, np.uint16)).save(path)
+
+
+def _bomb(path: Path, side: int = 20000) -> None:
+    """A PNG declaring side x side pixels (a decompression bomb's header, a few hundred bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+
+def test_ood_never_replaces_a_users_files_in_its_out_folder(run, tmp_path):
+    """`lgm ood CK --out d` replaced a user's own d/results.json and d/detection_roc.png (exit 0)."""
+    ck, d = run / "checkpoint.pt", tmp_path / "d"
+    d.mkdir()
+    (d / "results.json").write_text('{"my": "results"}')
+    (d / "detection_roc.png").write_bytes(b"my figure")
+    _one_line(_lgm("ood", ck, "--out", d, *_OOD), "holds files", "--overwrite")
+    _one_line(_lgm("ood", ck, "--out", d, "--overwrite", *_OOD), "not a file lgm ood wrote")
+    assert (d / "results.json").read_text() == '{"my": "results"}' and (d / "detection_roc.png").read_bytes() == \
+        b"my figure"
+    # --overwrite replaces ood's own files only; a folder of images with one bomb: the others measured, it named
+    (d / "results.json").unlink()
+    (d / "notes.txt").write_text("mine")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    _png16(imgs / "a16.png")
+    _bomb(imgs / "bomb.png")
+    r = _lgm("ood", ck, "--out", d, "--overwrite", "--ood-data", imgs, *_OOD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipped {imgs / 'bomb.png'}" in r.stderr and "decompression bomb" in r.stderr and "Traceback" not in \
+        r.stderr
+    res = json.loads((d / "results.json").read_text())
+    assert res["command"] == "ood" and (d / "notes.txt").read_text() == "mine"
+    assert (d / "detection_roc.png").read_bytes() != b"my figure"
+    det = next(iter(res["results"].values()))["detectors"]
+    assert all("imgs" in v["sets"] for v in det.values())
+    # ... and again: its own results.json is replaced
+    r = _lgm("ood", ck, "--out", d, "--overwrite", *_OOD)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- 4, 6. images as they are
+def test_detect_score_reads_images_by_bit_depth_and_names_a_bomb(run, detector, tmp_path):
+    """A 16-bit grey PNG was clipped (99.5% of pixels 1.0); a 20000x20000 PNG was a traceback (exit 1)."""
+    import numpy as np
+    from PIL import Image
+
+    ck = run / "checkpoint.pt"
+    medians = {}
+    for depth in (8, 16):
+        folder = tmp_path / f"d{depth}"
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(4):
+            v = rng.integers(0, 256, (28, 28))
+            Image.fromarray(v.astype(np.uint8) if depth == 8 else (v * 257).astype(np.uint16)).save(folder / f"{i}.png")
+        if depth == 16:
+            _bomb(folder / "z-bomb.png")
+        r = _lgm("detect", "score", detector, ck, "--data", "noise", "--images", folder, "--json",
+                 tmp_path / f"{depth}.json", "--no-progress")
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads((tmp_path / f"{depth}.json").read_text())["results"][f"images in {folder}"]
+        assert res["images"] == 4
+        medians[depth] = res["score_median"]
+    assert medians[16] == pytest.approx(medians[8], abs=1e-3)  # the same pictures, at 8 and at 16 bits
+    assert f"skipped {tmp_path / 'd16' / 'z-bomb.png'}" in r.stderr and "decompression bomb" in r.stderr
+    _one_line(_lgm("detect", "score", detector, ck, "--images", tmp_path / "d16" / "z-bomb.png", "--no-progress"),
+              str(tmp_path / "d16" / "z-bomb.png"), "decompression bomb")
+
+
+# ----------------------------------------------------------------------------- 6, 11. --ood-data
+def test_ood_data_is_one_clear_line_naming_its_option(run, src, tmp_path):
+    """`--ood-data ''` said `--images . holds no image`; `--ood-data runs/a` said `--images runs/a ...`; the model's
+    own dataset was measured as abnormal; `--ood-data mnist` beside a ./mnist folder went to download MNIST; a bomb
+    given alone was a traceback and left its empty --out folder."""
+    ck, out = run / "checkpoint.pt", tmp_path / "o"
+    work = tmp_path / "work"
+    (work / "mnist").mkdir(parents=True)
+    _bomb(tmp_path / "bomb.png")
+    for spec, words in (("", ["--ood-data is empty"]), (str(run), ["--ood-data", "holds no image"]),
+                        (f"fashion-mnist:{src}", ["the dataset", "was trained on"]),
+                        (f"mnist:{src}", ["test images of fashion-mnist"]),
+                        ("mnist", ["./mnist", "mnist:"]),
+                        (str(tmp_path / "bomb.png"), [str(tmp_path / "bomb.png"), "decompression bomb"])):
+        err = _one_line(_lgm("ood", ck, "--out", out, "--ood-data", spec, *_OOD, cwd=work), *words)
+        assert "--images" not in err
+        assert not out.exists()
