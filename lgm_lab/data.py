@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import DATASETS, dataset_info
-from .run_folder import create_temporary
+from .run_folder import create_temporary, save_json
 
 __all__ = ["DATASETS", "DatasetUnavailable", "load_dataset", "dataset_info", "default_data_dir", "fingerprint",
            "cache_size", "clear_cache", "Cleared"]
@@ -40,13 +41,31 @@ def default_data_dir() -> Path:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "lgm-ext" / "data"
 
 
-# What the cache writes, so that `lgm cache --clear` removes that and nothing else: the cache folder itself
-# when lgm-ext created it (ROOT_MARK in it), each staged copy (STAGED_MARK in it, also the copy's in-use
-# lock) and each download folder lgm-ext created (DOWNLOAD_MARK in it, naming any files the download put
-# beside it).  A folder without its mark is never removed.
+# What the cache writes, so that `lgm cache` counts that and `lgm cache --clear` removes that and nothing else
+# (issue 42: only what it can prove it wrote, never a path a mark merely names):
+# - the cache folder itself when lgm-ext created it: ROOT_MARK in it, holding the folder's identity (device,
+#   inode), removed only when nothing else is left;
+# - each staged copy: the layout only staging writes (staged/<source>/<16 hex digits>/<FashionMNIST|MNIST>/raw/
+#   <IDX files>), with STAGED_MARK in it (also the copy's in-use lock);
+# - each download folder lgm-ext created: DOWNLOAD_MARK in it, owned by the user, bound to the cache folder and
+#   to the download folder (their device and inode) and listing each file the download wrote (in the folder, and
+#   beside it among DOWNLOAD_BESIDE) by device, inode, size and modification time.  A copied mark (another
+#   folder, another cache), an edited file, a file that replaced one of them, or a mark of lgm-ext 0.2 (names
+#   only) proves nothing: what it names stays.
 ROOT_MARK = ".lgm-ext-cache"
 STAGED_MARK = ".lgm-ext-staged"
 DOWNLOAD_MARK = ".lgm-ext-download"
+DOWNLOAD_MARK_VERSION = 2
+# files a download puts beside its folder (torchvision's archives), the only names a mark may list there
+DOWNLOAD_BESIDE = ("cifar-10-python.tar.gz",)
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino]
+
+
+def _file_identity(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _cache_root() -> Path:
@@ -56,7 +75,7 @@ def _cache_root() -> Path:
         raise DatasetUnavailable(f"the data cache {root} (LGM_DATA_DIR) is not a folder")
     if not root.exists():
         root.mkdir(parents=True, exist_ok=True)
-        (root / ROOT_MARK).touch()
+        (root / ROOT_MARK).write_text(json.dumps({"root": _identity(os.stat(root))}))
     return root
 
 
@@ -156,20 +175,25 @@ def _staged_copies(staged: Path) -> list[Path]:
 
 
 def _is_staged_copy(copy: Path) -> bool:
-    """A copy the cache staged: its mark, or (lgm-ext 0.2, before marks) the layout only staging writes:
-    ``staged/<source>/<16 hex digits>/<FashionMNIST|MNIST>/raw/<IDX files>``."""
+    """A copy the cache staged: the layout only staging writes, ``staged/<source>/<16 hex digits>/<FashionMNIST|
+    MNIST>/raw/<IDX files>`` (plain files; staging's temporaries) with its mark (lgm-ext 0.2's copies have none):
+    a mark alone proves nothing -- a folder of anything else is never taken for a copy."""
     try:
-        if not copy.is_dir() or copy.is_symlink():
+        if not copy.is_dir() or copy.is_symlink() or not re.fullmatch(r"[0-9a-f]{16}", copy.name):
             return False
-        if (copy / STAGED_MARK).is_file():
-            return True
-        if not re.fullmatch(r"[0-9a-f]{16}", copy.name):
+        inside = [p for p in copy.iterdir() if p.name != STAGED_MARK]
+        if (copy / STAGED_MARK).is_symlink() or (copy / STAGED_MARK).exists() and not (copy / STAGED_MARK).is_file():
             return False
-        inside = list(copy.iterdir())
-        names = {DATASETS[n][0] for n in ("fashion-mnist", "mnist")}
-        return len(inside) == 1 and inside[0].name in names and all(
-            p.name in IDX_FILES or p.name.endswith(".lgm-tmp") for p in (inside[0] / "raw").iterdir()) \
-            and {p.name for p in inside[0].iterdir()} <= {"raw"}
+        names = {DATASETS[n][0] for n in ("fashion-mnist", "mnist")}  # a source staged as either, or both
+        if not inside or any(d.name not in names or d.is_symlink() or not d.is_dir() for d in inside):
+            return False
+        for d in inside:
+            raw = d / "raw"
+            if not {p.name for p in d.iterdir()} <= {"raw"} or raw.is_symlink() or not all(
+                    (p.name in IDX_FILES or p.name.endswith(".lgm-tmp")) and p.is_file() and not p.is_symlink()
+                    for p in (raw.iterdir() if raw.is_dir() else ())):
+                return False
+        return True
     except OSError:  # removed meanwhile by another process
         return False
 
@@ -240,9 +264,69 @@ def _marked_download(root: Path, folder: str, files: tuple[str, ...] = ()):
     try:
         yield
     finally:
-        if new and (root / folder).is_dir():
-            (root / folder / DOWNLOAD_MARK).write_text(json.dumps({"files": [f for f in new_files
-                                                                            if (root / f).exists()]}))
+        if new and (root / folder).is_dir() and not (root / folder).is_symlink():
+            _write_download_mark(root, root / folder, new_files)
+
+
+def _write_download_mark(root: Path, folder: Path, beside) -> None:
+    """Mark ``folder`` as a download of the cache ``root``: their identities and each file the download wrote
+    (in ``folder``, and the ``beside`` files it put in ``root``) with its identity, size and modification time."""
+    files = {}
+    for dirpath, _dirs, names in os.walk(folder):  # links are not followed
+        for name in names:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and name != DOWNLOAD_MARK:
+                files[p.relative_to(folder).as_posix()] = _file_identity(st)
+    near = {}
+    for name in beside:
+        with contextlib.suppress(OSError):
+            st = os.lstat(root / name)
+            if stat.S_ISREG(st.st_mode):
+                near[name] = _file_identity(st)
+    save_json(folder / DOWNLOAD_MARK, {"lgm-ext-download": DOWNLOAD_MARK_VERSION, "root": _identity(os.stat(root)),
+                                       "folder": _identity(os.lstat(folder)), "files": files, "beside": near})
+
+
+def _proven_download(root: Path, folder: Path) -> tuple[dict, str]:
+    """The files that ``folder``'s download mark proves the cache ``root`` wrote, ``{path: size}`` (those still
+    as written), and ``""``; or ``({}, reason)`` when the mark proves nothing (not the user's, copied from another
+    folder or cache, forged, of lgm-ext 0.2)."""
+    mark = folder / DOWNLOAD_MARK
+    try:
+        st = os.lstat(mark)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return {}, "its download mark is not a file of yours"
+        saved = json.loads(mark.read_text())
+        if not isinstance(saved, dict) or saved.get("lgm-ext-download") != DOWNLOAD_MARK_VERSION:
+            return {}, "its download mark names files but proves nothing (an older lgm-ext, or not lgm-ext's)"
+        if saved.get("root") != _identity(os.stat(root)) or saved.get("folder") != _identity(os.lstat(folder)):
+            return {}, "its download mark was made for another folder or cache (copied or forged)"
+        files, near = saved.get("files"), saved.get("beside")
+        if not isinstance(files, dict) or not isinstance(near, dict):
+            return {}, "its download mark is malformed"
+    except (OSError, ValueError):
+        return {}, "its download mark cannot be read"
+    proven = {}
+    candidates = [(folder / rel, ident) for rel, ident in files.items()
+                  if isinstance(rel, str) and rel and not rel.startswith("/") and ".." not in rel.split("/")]
+    candidates += [(root / name, ident) for name, ident in near.items() if name in DOWNLOAD_BESIDE]
+    for path, ident in candidates:
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and _file_identity(st) == ident:
+                proven[path] = st.st_size
+    return proven, ""
+
+
+def _download_folders(root: Path) -> list[Path]:
+    """The folders in ``root`` that hold a download mark (proven or not); unreadable entries are skipped."""
+    out = []
+    for folder in _listdir(root):
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and not folder.is_symlink() and os.path.lexists(folder / DOWNLOAD_MARK):
+                out.append(folder)
+    return sorted(out)
 
 
 def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, download: bool) -> Dataset:
@@ -397,27 +481,55 @@ def fingerprint(ds: Dataset) -> str:
 
 
 def cache_size() -> int:
-    """Bytes under the data cache (:func:`default_data_dir`): downloads and staged copies (0 when it does not
-    exist)."""
+    """Bytes the data cache (:func:`default_data_dir`) wrote and :func:`clear_cache` would remove: its staged
+    copies and the files its download marks prove it wrote (0 when it does not exist).  Nothing else under
+    ``LGM_DATA_DIR`` is counted, or even walked (a cache folder that is ``/`` or a home folder is not)."""
     root = default_data_dir()
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) \
-        if root.is_dir() else 0
+    if not root.is_dir():
+        return 0
+    total = sum(_size(c) for c in _staged_copies(root / "staged") if _is_staged_copy(c)) \
+        if (root / "staged").is_dir() and not (root / "staged").is_symlink() else 0
+    for folder in _download_folders(root):
+        total += sum(_proven_download(root, folder)[0].values())
+    return total
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    total = 0
+    with contextlib.suppress(OSError):
+        if path.is_file():
+            return path.stat().st_size
+        for dirpath, _dirs, names in os.walk(path):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(dirpath, name))
+                    total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+def _own_root(root: Path) -> bool:
+    """Whether the cache folder ``root`` was created by lgm-ext: its mark holds its identity (lgm-ext 0.2's empty
+    mark is taken as such too: it removes only an empty folder)."""
+    try:
+        text = (root / ROOT_MARK).read_text() if (root / ROOT_MARK).is_file() else None
+        if text is None:
+            return False
+        return not text.strip() or json.loads(text).get("root") == _identity(os.stat(root))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @dataclass
 class Cleared:
     """What :func:`clear_cache` did: the paths it ``removed``, the bytes ``freed``, the staged copies it
-    ``kept`` because another process was reading them, and a ``note`` when there was nothing to clear."""
+    ``kept`` because another process was reading them, the folders with a download mark it left as they are
+    because the mark proves nothing or they hold files the download did not write (``unproven``: ``(folder,
+    reason)``), and a ``note`` when there was nothing to clear."""
 
     removed: list = field(default_factory=list)
     freed: int = 0
     kept: list = field(default_factory=list)
+    unproven: list = field(default_factory=list)
     note: str = ""
 
 
@@ -447,26 +559,34 @@ def clear_cache() -> Cleared:
         for folder in [*sorted({c.parent for c in out.removed}), *([staged] if out.removed else [])]:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
-    for folder in sorted(root.iterdir()):
-        mark = folder / DOWNLOAD_MARK
-        if folder.is_dir() and not folder.is_symlink() and mark.is_file():
-            try:
-                files = json.loads(mark.read_text()).get("files", [])
-            except (OSError, ValueError, AttributeError):
-                files = []
-            for name in files:
-                extra = root / str(name)
-                if extra.parent == root and extra.is_file() and not extra.is_symlink():
-                    out.freed += _size(extra)
-                    extra.unlink()
-                    out.removed.append(extra)
-            out.freed += _size(folder)
-            shutil.rmtree(folder)
+    for folder in _download_folders(root):
+        proven, reason = _proven_download(root, folder)
+        if reason:
+            out.unproven.append((folder, reason + "; left as it is"))
+            continue
+        for path, size in sorted(proven.items()):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                out.freed += size
+                if path.parent == root:
+                    out.removed.append(path)
+        # the folders the download made, now empty (innermost first), its mark, and the folder itself if empty
+        for dirpath, _dirs, _names in sorted(os.walk(folder), key=lambda w: -len(w[0])):
+            if Path(dirpath) != folder:
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+        if {p.name for p in folder.iterdir()} == {DOWNLOAD_MARK}:
+            (folder / DOWNLOAD_MARK).unlink()
+            folder.rmdir()
             out.removed.append(folder)
-    if (root / ROOT_MARK).is_file() and {p.name for p in root.iterdir()} == {ROOT_MARK}:
+        else:
+            out.removed.extend(p for p in sorted(proven) if p.parent != root)
+            out.unproven.append((folder, "holds files the download did not write (or that changed since); they "
+                                         "stay"))
+    if _own_root(root) and {p.name for p in root.iterdir()} == {ROOT_MARK}:
         (root / ROOT_MARK).unlink()
         root.rmdir()
         out.removed.append(root)
-    if not out.removed and not out.kept:
+    if not out.removed and not out.kept and not out.unproven:
         out.note = f"nothing in {root} was written by lgm-ext's cache: nothing removed"
     return out

@@ -276,3 +276,69 @@ def test_ood_data_is_one_clear_line_naming_its_option(run, src, tmp_path):
         err = _one_line(_lgm("ood", ck, "--out", out, "--ood-data", spec, *_OOD, cwd=work), *words)
         assert "--images" not in err
         assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 2, 8. the cache: only what it wrote
+def _download(root: Path, folder: str = "MNIST") -> Path:
+    """A download into the cache as torchvision makes one (files in ``folder``, an archive beside it), through
+    the cache's own marking."""
+    from lgm_lab.data import _marked_download
+
+    root.mkdir(parents=True, exist_ok=True)
+    with _marked_download(root, folder, ("cifar-10-python.tar.gz",)):
+        (root / folder / "raw").mkdir(parents=True)
+        (root / folder / "raw" / "train-images-idx3-ubyte").write_bytes(b"\1" * 300_000)
+        (root / "cifar-10-python.tar.gz").write_bytes(b"\2" * 100_000)
+    return root / folder
+
+
+def test_clear_never_removes_what_a_forged_or_copied_mark_names(tmp_path, monkeypatch):
+    """A one-line `photos/.lgm-ext-download` holding {"files": ["thesis.pdf"]} made `lgm cache --clear` remove
+    the user's thesis.pdf and photos/."""
+    root = tmp_path / "data"
+    monkeypatch.setenv("LGM_DATA_DIR", str(root))
+    env = {"LGM_DATA_DIR": str(root)}
+    mnist = _download(root)
+    (root / "thesis.pdf").write_text("years of work")
+    photos = root / "photos"
+    photos.mkdir()
+    (photos / "cat.png").write_text("a photo")
+    (photos / ".lgm-ext-download").write_text('{"files": ["thesis.pdf"]}')  # forged
+    copied = root / "copied"
+    copied.mkdir()
+    (copied / "raw").mkdir()
+    (copied / "raw" / "train-images-idx3-ubyte").write_text("the user's own file of that name")
+    (copied / ".lgm-ext-download").write_bytes((mnist / ".lgm-ext-download").read_bytes())  # copied
+    r = _lgm("cache", env=env)
+    assert r.returncode == 0 and f"{root}: 0.4 MiB" in r.stdout, r.stdout  # the download: 300 + 100 kB, no more
+    r = _lgm("cache", "--clear", env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"removed {mnist}" in r.stdout and f"removed {root / 'cifar-10-python.tar.gz'}" in r.stdout
+    assert f"kept {photos}" in r.stdout and f"kept {copied}" in r.stdout and "thesis" not in r.stdout
+    assert (root / "thesis.pdf").read_text() == "years of work" and (photos / "cat.png").read_text() == "a photo"
+    assert (copied / "raw" / "train-images-idx3-ubyte").read_text() == "the user's own file of that name"
+    assert not mnist.exists() and not (root / "cifar-10-python.tar.gz").exists()
+
+
+def test_a_download_keeps_a_file_that_changed_or_was_added(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    monkeypatch.setenv("LGM_DATA_DIR", str(root))
+    mnist = _download(root)
+    (mnist / "raw" / "my-notes.txt").write_text("mine")
+    r = _lgm("cache", "--clear", env={"LGM_DATA_DIR": str(root)})
+    assert r.returncode == 0 and f"kept {mnist}: holds files the download did not write" in r.stdout, r.stdout
+    assert (mnist / "raw" / "my-notes.txt").read_text() == "mine"
+    assert not (mnist / "raw" / "train-images-idx3-ubyte").exists()
+
+
+def test_the_cache_reports_only_what_it_wrote(src, tmp_path):
+    """`LGM_DATA_DIR=$HOME lgm cache` reported every file of the home folder as the cache (5,352.6 MiB) while
+    --clear removed nothing there; `LGM_DATA_DIR=/` walked the whole filesystem."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "video.mp4").write_bytes(b"\0" * (3 << 20))
+    env = {"LGM_DATA_DIR": str(home)}
+    r = _lgm("cache", env=env)
+    assert r.returncode == 0 and f"{home}: 0.0 MiB" in r.stdout, r.stdout
+    r = _lgm("cache", env={"LGM_DATA_DIR": "/"}, timeout=120)
+    assert r.returncode == 0 and "/: 0.0 MiB" in r.stdout and not r.stderr, (r.stdout, r.stderr[-2000:])
