@@ -18,14 +18,18 @@ from .config import TrainConfig
 from .devices import resolve_device
 from .recipe import build_model_and_head
 from .run_folder import write_atomically
+from .signing import add_signature, check_signature
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "Trained", "content_digest",
+           "check_written_by_training",
            "checkpoint_digest", "save_checkpoint", "load_checkpoint", "load_plain", "run_config_file", "config_of",
            "resume_config", "config_differences", "check_resumable", "load_trained"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
-# verified on every load.
+# verified on every load; where a signing key is set (lgm_lab.signing), also "signature", an HMAC of the digest
+# of the rest (the sha256 covers it, so that readers without a key see a consistent file).
 CHECKPOINT_FORMAT = "lgm-ext-checkpoint-v3"
+SIGNING_PURPOSE = "lgm-ext checkpoint"
 
 # Options that `train(..., resume=True)` accepts with a value other than the checkpoint's: where the run
 # executes, where its data lie (the same data by content: the checkpoint's fingerprint is checked, so another
@@ -67,10 +71,10 @@ def content_digest(obj, h=None) -> str:
 
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write ``ckpt`` (with ``"format"`` and everything but the hash) atomically, its SHA-256 added.
-    Serialized in memory first, so a failing write (a full disk) is the OSError of the file write, and the
-    previous checkpoint stays."""
-    ckpt = dict(ckpt, format=CHECKPOINT_FORMAT)
+    """Write ``ckpt`` (with ``"format"`` and everything but the hash) atomically, its SHA-256 added, and its
+    signature where a signing key is set (:mod:`lgm_lab.signing`).  Serialized in memory first, so a failing
+    write (a full disk) is the OSError of the file write, and the previous checkpoint stays."""
+    ckpt = add_signature(dict(ckpt, format=CHECKPOINT_FORMAT), purpose=SIGNING_PURPOSE)
     ckpt["sha256"] = content_digest(ckpt)
     buf = io.BytesIO()
     torch.save(ckpt, buf)
@@ -81,7 +85,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers
     only.  Anything else (a pickled object or function, a truncated file, content
     that does not match its SHA-256) is refused with :class:`CheckpointError`;
-    nothing in the file is executed."""
+    nothing in the file is executed.  Where a signing key is set (:mod:`lgm_lab.signing`), a checkpoint
+    without a signature, or with one that does not match, is refused too.  What no training writes -- weights
+    that are not finite, negative BatchNorm variances or counts -- is refused whatever its digest: the SHA-256
+    catches damage, not an edit whose digest was recomputed (docs/lab.md)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -94,9 +101,39 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if stored != content_digest(ck):
         raise CheckpointError(f"refusing to load {path}: its content does not match its SHA-256 "
                               "(the file is corrupted or was modified)")
+    check_signature(ck, purpose=SIGNING_PURPOSE, path=path, error=CheckpointError)
     if not isinstance(ck.get("config"), dict):
         raise CheckpointError(f"refusing to load {path}: no configuration in it")
+    check_written_by_training(ck, path)
     return ck
+
+
+def _tensors(obj, prefix: str):
+    """``(name, tensor)`` of every tensor in nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def check_written_by_training(ck: dict, path) -> None:
+    """Refuse a checkpoint holding what no training writes (a diverged run stops before its checkpoint,
+    lgm_lab.train): a non-finite tensor in its weights or optimizer state, a negative BatchNorm variance or batch
+    count -- an edited file, whatever its SHA-256 (which anyone can recompute) says."""
+    for part in ("model", "head", "optimizer"):
+        for name, t in _tensors(ck.get(part), part):
+            if t.is_floating_point() or t.is_complex():
+                if not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"refusing to load {path}: {name} holds non-finite values (NaN or "
+                                          "infinity), which no training writes (a diverged run stops before its "
+                                          "checkpoint): the file was edited")
+            if name.endswith(("running_var", "num_batches_tracked")) and t.numel() and bool((t < 0).any()):
+                raise CheckpointError(f"refusing to load {path}: {name} is negative, which no training writes: the "
+                                      "file was edited")
 
 
 def load_plain(path: Path, error: type[Exception], what: str):

@@ -23,6 +23,7 @@ import torch
 
 from .checkpoints import checkpoint_digest, content_digest, load_plain
 from .run_folder import write_atomically
+from .signing import add_signature, check_signature
 
 __all__ = ["DETECTOR_FORMAT", "DetectorFileError", "save_detector_file", "load_detector_file", "is_detector_file"]
 
@@ -47,6 +48,7 @@ def save_detector_file(path: str | os.PathLike, detector, **info) -> None:
     file = {"format": DETECTOR_FORMAT, "detector": detector.to("cpu").state_dict(),
             "num_classes": int(detector.num_classes), "feat_dim": int(detector.feat_dim), **info}
     _check_fields(file, Path(path))
+    add_signature(file, purpose="lgm-ext detector file")  # where a signing key is set (lgm_lab.signing)
     file["sha256"] = content_digest(file)
     buf = io.BytesIO()
     torch.save(file, buf)
@@ -105,6 +107,7 @@ def load_detector_file(path: str | os.PathLike, trained=None):
     if stored != content_digest(file):
         raise DetectorFileError(f"refusing to load {path}: its content does not match its SHA-256 (the file is "
                                 "corrupted or was modified)")
+    check_signature(file, purpose="lgm-ext detector file", path=path, error=DetectorFileError)
     _check_fields(file, path)
     try:
         det = LikelihoodDetector.from_state_dict(file["detector"])

@@ -342,3 +342,55 @@ def test_the_cache_reports_only_what_it_wrote(src, tmp_path):
     assert r.returncode == 0 and f"{home}: 0.0 MiB" in r.stdout, r.stdout
     r = _lgm("cache", env={"LGM_DATA_DIR": "/"}, timeout=120)
     assert r.returncode == 0 and "/: 0.0 MiB" in r.stdout and not r.stderr, (r.stdout, r.stderr[-2000:])
+
+
+# ----------------------------------------------------------------------------- 5. edited files, signatures
+def _edit(path: Path, change, to: Path) -> Path:
+    """What anyone can do to a file without a key: edit its content and recompute its SHA-256."""
+    import torch
+
+    from lgm_lab.checkpoints import content_digest
+
+    ck = torch.load(path, weights_only=True)
+    ck.pop("sha256")
+    change(ck)
+    ck["sha256"] = content_digest(ck)
+    torch.save(ck, to)
+    return to
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_whatever_its_digest(run, tmp_path):
+    """A checkpoint whose weights were set to NaN, its digest recomputed, evaluated (error 90.6%, exit 0)."""
+    def nan(ck):
+        name = next(k for k, v in ck["model"].items() if v.is_floating_point())
+        ck["model"][name].fill_(float("nan"))
+
+    bad = _edit(run / "checkpoint.pt", nan, tmp_path / "checkpoint.pt")
+    _one_line(_lgm("eval", bad, "--no-progress"), "non-finite", str(bad))
+
+
+def test_signed_files_are_checked_on_every_load(src, run, tmp_path):
+    """With a key set, `lgm train` and `lgm detect fit` sign; a file edited and re-hashed by someone without the
+    key, an unsigned file, or one signed with another key is refused, naming it."""
+    key = {"LGM_SIGNING_KEY": "a key of mine, 32 bytes long...."}
+    other = {"LGM_SIGNING_KEY": "someone else's key, 32 bytes...."}
+    out = tmp_path / "signed"
+    r = _lgm("train", "--out", out, "--epochs", "1", "--subset", "64", "--test-subset", "32", "--batch-size", "32",
+             "--feat-dim", "2", "--data-dir", src, "--no-progress", env=key)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = out / "checkpoint.pt"
+    det = tmp_path / "det.pt"
+    assert _lgm("detect", "fit", ck, "--out", det, "--no-progress", env=key).returncode == 0
+    r = _lgm("detect", "score", det, ck, "--data", "noise", "--no-progress", env=key)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _lgm("eval", ck, "--no-progress").returncode == 0  # without a key: the digest alone
+    _one_line(_lgm("eval", ck, "--no-progress", env=other), str(ck), "signature does not match")
+    _one_line(_lgm("eval", run / "checkpoint.pt", "--no-progress", env=key), "it is not signed")
+
+    def moved(c):
+        c["detector"]["means"] += 100.0
+
+    edited = _edit(det, moved, tmp_path / "edited.pt")
+    _one_line(_lgm("detect", "score", edited, ck, "--data", "noise", "--no-progress", env=key), str(edited),
+              "signature does not match")
+    _one_line(_lgm("eval", ck, "--no-progress", env={"LGM_SIGNING_KEY": "short"}), "at least 16")
