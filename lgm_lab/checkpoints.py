@@ -150,9 +150,23 @@ def load_plain(path: Path, error: type[Exception], what: str):
     except OSError as err:
         raise error(f"cannot read {path}: {err.strerror or err}") from err
     except Exception as err:  # noqa: BLE001 -- whatever a damaged file makes the unpickler raise
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise error(f"refusing to load {path}: not {what} ({type(err).__name__}"
-                    + (f": {first[:200]}" if first else "") + ")") from err
+        raise error(f"refusing to load {path}: not {what} ({_load_failure(err)}); nothing in it was run") from err
+
+
+def _load_failure(err: Exception) -> str:
+    """Why torch.load refused a file, in a few words of ours: the pickled object it holds (torch's own text
+    advises ``weights_only=False``, which would run it, and carries terminal escape codes), else the exception
+    and the first line of its text that is not torch's advice."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a pickled {found.group(1)}, not only tensors and plain containers"
+    lines = [" ".join(ln.split()) for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and "weights_only" not in ln.lower() and "torch.load" not in ln
+             and "weights only" not in ln.lower() and "pytorch.org" not in ln]
+    return type(err).__name__ + (f": {lines[0][:120]}" if lines else "")
 
 
 def run_config_file(path: Path) -> TrainConfig:

@@ -394,3 +394,29 @@ def test_signed_files_are_checked_on_every_load(src, run, tmp_path):
     _one_line(_lgm("detect", "score", edited, ck, "--data", "noise", "--no-progress", env=key), str(edited),
               "signature does not match")
     _one_line(_lgm("eval", ck, "--no-progress", env={"LGM_SIGNING_KEY": "short"}), "at least 16")
+
+
+# ----------------------------------------------------------------------------- 12. a refused pickle: our line
+_PAYLOADS = textwrap.dedent("""
+    import argparse, os, sys, torch
+
+    class Run:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"format": "lgm-ext-checkpoint-v3", "x": Run()}, sys.argv[1])
+    torch.save({"format": "lgm-ext-checkpoint-v3", "x": argparse.Namespace(a=1)}, sys.argv[2])
+""")
+
+
+def test_a_refused_pickle_is_one_line_of_ours(run, detector, tmp_path):
+    """A refused pickle payload printed torch's text cut at 200 characters, with raw ANSI codes and half of its
+    "weights_only=False" advice, which a user must not follow here."""
+    evil, other = tmp_path / "evil.pt", tmp_path / "namespace.pt"
+    subprocess.run([sys.executable, "-c", _PAYLOADS, str(evil), str(other)], check=True)
+    for path, name in ((evil, "posix.system"), (other, "argparse.Namespace")):
+        for args in (("eval", path), ("detect", "score", path, run / "checkpoint.pt"),
+                     ("detect", "score", detector, path)):
+            err = _one_line(_lgm(*args, "--no-progress"), str(path), name)
+            assert "\x1b" not in err and "weights_only" not in err, err
+            assert "pwned" not in err
