@@ -420,3 +420,14 @@ def test_a_refused_pickle_is_one_line_of_ours(run, detector, tmp_path):
             err = _one_line(_lgm(*args, "--no-progress"), str(path), name)
             assert "\x1b" not in err and "weights_only" not in err, err
             assert "pwned" not in err
+
+
+# ----------------------------------------------------------------------------- 10. bounds no network can meet
+@pytest.mark.parametrize("c", ["1e-300", "1e-45"])
+def test_a_spectral_norm_no_network_can_meet_is_refused_naming_the_range(src, tmp_path, c):
+    """`--spectral-norm 1e-300` failed later as a "non-finite gradient ... try a lower --lr"; `1e-45` trained to
+    chance (90.6% error)."""
+    out = tmp_path / "run"
+    _one_line(_lgm("train", "--out", out, "--epochs", "1", "--subset", "64", "--data-dir", src, "--spectral-norm", c,
+                   "--no-progress"), "spectral_norm must be 0 (off) or in [0.093, 3.4e+38] for lenetpp")
+    assert not out.exists()
