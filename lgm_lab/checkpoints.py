@@ -18,10 +18,10 @@ from .config import TrainConfig
 from .devices import resolve_device
 from .recipe import build_model_and_head
 from .run_folder import write_atomically
-from .signing import add_signature, check_signature
+from .signing import SIGNATURE_KEY, sign, verify
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "Trained", "content_digest",
-           "check_written_by_training",
+           "check_written_by_training", "add_signature", "check_signature",
            "checkpoint_digest", "save_checkpoint", "load_checkpoint", "load_plain", "run_config_file", "config_of",
            "resume_config", "config_differences", "check_resumable", "load_trained"]
 
@@ -68,6 +68,24 @@ def content_digest(obj, h=None) -> str:
     else:
         h.update(repr(obj).encode())
     return h.hexdigest() if top else ""
+
+
+def add_signature(content: dict, *, purpose: str) -> dict:
+    """``content`` with ``"signature"`` (:func:`lgm_lab.signing.sign` of its content digest) when a signing key
+    is set; unchanged (and without one) otherwise.  Call it before the file's own SHA-256 is computed: the SHA-256
+    then covers the signature too, so that any reader (older ones included) sees a consistent file."""
+    content.pop(SIGNATURE_KEY, None)
+    signature = sign(content_digest(content), purpose=purpose)
+    if signature is not None:
+        content[SIGNATURE_KEY] = signature
+    return content
+
+
+def check_signature(content: dict, *, purpose: str, path, error: type[Exception]) -> bool:
+    """Verify the signature :func:`add_signature` put in ``content`` (its SHA-256 removed) when a key is set
+    (:func:`lgm_lab.signing.verify`); ``content`` is left as it is."""
+    return verify(content_digest({k: v for k, v in content.items() if k != SIGNATURE_KEY}),
+                  content.get(SIGNATURE_KEY), purpose=purpose, path=path, error=error)
 
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:

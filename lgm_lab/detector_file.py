@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import checkpoint_digest, content_digest, load_plain
+from .checkpoints import add_signature, check_signature, checkpoint_digest, content_digest, load_plain
 from .run_folder import write_atomically
-from .signing import add_signature, check_signature
 
 __all__ = ["DETECTOR_FORMAT", "DetectorFileError", "save_detector_file", "load_detector_file", "is_detector_file"]
 

@@ -19,7 +19,8 @@ In Python (``digest``: any ``str`` or ``bytes``, normally a file's SHA-256)::
     sig = sign(digest, purpose="lgm-ext checkpoint")
     verify(digest, sig, purpose="lgm-ext checkpoint", path=path, error=CheckpointError)
 
-and for a dict of content (as checkpoints and detector files are): :func:`add_signature`, :func:`check_signature`.
+and for a dict of content (as checkpoints and detector files are): :func:`lgm_lab.checkpoints.add_signature`,
+:func:`lgm_lab.checkpoints.check_signature`.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ import hmac
 import os
 from pathlib import Path
 
-__all__ = ["KEY_VARIABLE", "KEY_FILE_VARIABLE", "MIN_KEY_BYTES", "SigningKeyError", "signing_key", "sign", "verify",
-           "add_signature", "check_signature"]
+__all__ = ["KEY_VARIABLE", "KEY_FILE_VARIABLE", "MIN_KEY_BYTES", "SIGNATURE_KEY", "SigningKeyError", "signing_key",
+           "sign", "verify"]
 
 KEY_VARIABLE = "LGM_SIGNING_KEY"
 KEY_FILE_VARIABLE = "LGM_SIGNING_KEY_FILE"
@@ -100,25 +101,3 @@ def verify(data, signature, *, purpose: str, path, error: type[Exception] = Valu
         raise error(f"refusing to load {path}: its signature does not match your signing key (signed with another "
                     "key, or edited after it was signed)")
     return True
-
-
-def add_signature(content: dict, *, purpose: str) -> dict:
-    """``content`` with ``"signature"`` (:func:`sign` of its content digest) when a key is set; unchanged (and
-    without one) otherwise.  Call it before the file's own SHA-256 is computed: the SHA-256 then covers the
-    signature too, so that any reader (older ones included) sees a consistent file."""
-    from .checkpoints import content_digest
-
-    content.pop(SIGNATURE_KEY, None)
-    signature = sign(content_digest(content), purpose=purpose)
-    if signature is not None:
-        content[SIGNATURE_KEY] = signature
-    return content
-
-
-def check_signature(content: dict, *, purpose: str, path, error: type[Exception]) -> bool:
-    """Verify the signature :func:`add_signature` put in ``content`` (its SHA-256 removed) when a key is set
-    (:func:`verify`); ``content`` is left as it is."""
-    from .checkpoints import content_digest
-
-    return verify(content_digest({k: v for k, v in content.items() if k != SIGNATURE_KEY}),
-                  content.get(SIGNATURE_KEY), purpose=purpose, path=path, error=error)

@@ -282,10 +282,10 @@ def test_ood_data_is_one_clear_line_naming_its_option(run, src, tmp_path):
 def _download(root: Path, folder: str = "MNIST") -> Path:
     """A download into the cache as torchvision makes one (files in ``folder``, an archive beside it), through
     the cache's own marking."""
-    from lgm_lab.data import _marked_download
+    from lgm_lab.data_cache import marked_download
 
     root.mkdir(parents=True, exist_ok=True)
-    with _marked_download(root, folder, ("cifar-10-python.tar.gz",)):
+    with marked_download(root, folder, ("cifar-10-python.tar.gz",)):
         (root / folder / "raw").mkdir(parents=True)
         (root / folder / "raw" / "train-images-idx3-ubyte").write_bytes(b"\1" * 300_000)
         (root / "cifar-10-python.tar.gz").write_bytes(b"\2" * 100_000)
