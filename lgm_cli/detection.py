@@ -17,14 +17,19 @@ from .options import (
     check_common,
     check_eps,
     check_not_input,
+    check_not_run_file,
+    check_out_folder,
+    check_output_file,
     check_positive,
     check_writable_folder,
     choices,
     console,
     device_opt,
     envelope,
+    err_console,
     fail,
     format_opt,
+    is_command_output,
     json_opt,
     load_runs,
     out_folder,
@@ -145,6 +150,7 @@ def fit(
         if out.is_dir() or not out.parent.is_dir():
             raise ValueError(f"--out {out}: give a file name in an existing folder")
         check_not_input(out, [checkpoint], "--out")
+        check_output_file(out, "--out")  # a FIFO there would block (issue 42)
         if out.exists() and not is_detector_file(out):
             raise ValueError(f"--out {out} exists and is not a detector file; --out replaces only a detector file "
                              "(a checkpoint or any other file is never written over): give another name")
@@ -214,11 +220,13 @@ def score(
                                   "patches) | heldout-classes (a run trained on some classes: the test images of "
                                   "the others); none: score only --images (and --attack)"),
     images: Optional[Path] = typer.Option(None, "--images", help="also a folder of your own images (PNG, JPEG, ...; "
-                                                                 "converted as the dataset is: grey or RGB, resized "
-                                                                 "to its size, scaled to [0, 1]): a line per image "
-                                                                 "(predicted class, score, threshold, margin, "
-                                                                 "accepted); a file that is not a readable image is "
-                                                                 "named and skipped"),
+                                                                 "or one image file), converted as the dataset is: "
+                                                                 "grey or RGB, resized to its size (bilinear), "
+                                                                 "scaled to [0, 1] by their bit depth (8-bit / 255, "
+                                                                 "16-bit / 65535; float images must lie in [0, 1]): a "
+                                                                 "line per image (predicted class, score, threshold, "
+                                                                 "margin, accepted); a file that cannot be read is "
+                                                                 "skipped and named"),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="write the per-image table of --images to this CSV "
                                                                "file"),
     attack: Optional[AttackKind] = typer.Option(None, "--attack", help="also adversarial inputs: fgsm | pgd (PGD-10) "
@@ -243,14 +251,14 @@ def score(
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.detector_file import load_detector_file
     from lgm_lab.experiments.detection import HELDOUT_SET, detection_data
-    from lgm_lab.ood_data import DIGITS_SIZE, image_folder_entries, ood_images
+    from lgm_lab.ood_data import DIGITS_SIZE, image_folder, ood_images
 
     try:
         dev = check_common(device, batch_size, subset, json_out, inputs=[detector, checkpoint])
         if csv_out is not None:
             if images is None:
                 raise ValueError("--csv writes the per-image table of --images: give --images DIR")
-            check_not_input(csv_out, [detector, checkpoint], "--csv")
+            _check_csv_target(csv_out, [detector, checkpoint, images])
             if json_out is not None and csv_out.resolve() == json_out.resolve():
                 raise ValueError(f"--csv and --json name the same file {csv_out}")
         trained = load_trained(checkpoint, dev)
@@ -283,14 +291,12 @@ def score(
                     s, x, n=min(len(x), DIGITS_SIZE) if s == "digits" else None, seed=cfg.seed)
         mine = None
         if images is not None:
-            files, own, skipped = image_folder_entries(images, channels=shape[0], size=shape[1])
-            if not files:
-                raise ValueError(f"--images {images} holds no readable image ("
-                                 + "; ".join(reason for _p, reason in skipped) + ")")
-            for _path, reason in skipped:  # one line each, on stderr; the other images are scored
-                typer.echo(f"skipped: {reason}", err=True)
+            found = image_folder(images, channels=shape[0], size=shape[1])
+            for path, why in found.skipped:  # one line each, on stderr; the others are scored
+                err_console.print(f"--images: skipped {path}: {why}", markup=False, highlight=False, soft_wrap=True)
+            files, skipped = found.files, found.skipped
             mine = f"images in {images}"
-            inputs[mine] = own
+            inputs[mine] = found.images
         if attack is not None:
             check_eps([eps])
             labels = imgs["clean"][1][: len(imgs["clean"][0])]
@@ -372,6 +378,31 @@ def score(
         fail(err)
 
 
+_CSV_FIELDS = ("file", "predicted_class", "class_name", "score", "threshold", "margin", "accepted")
+
+
+def _is_our_csv(path: Path) -> bool:
+    """Whether ``path`` is a per-image table `lgm detect score --csv` wrote (its header line)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\r\n") == ",".join(_CSV_FIELDS)
+    except OSError:
+        return False
+
+
+def _check_csv_target(path: Path, inputs) -> None:
+    """--csv: a file name in an existing folder, none of the command's inputs, not a FIFO or device, not a file
+    of a run folder, and, if it is there, a table this command wrote (--csv replaces nothing else)."""
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(f"--csv {path}: give a file name in an existing folder")
+    check_not_input(path, inputs, "--csv")
+    check_output_file(path, "--csv")
+    check_not_run_file(path, "--csv", replaceable=_is_our_csv)
+    if path.exists() and not _is_our_csv(path):
+        raise ValueError(f"--csv {path} exists and is not a table lgm detect score wrote; --csv replaces only such a "
+                         "table (a file of yours is never written over): give another name")
+
+
 def _write_csv(path: Path, rows: list) -> None:
     """The per-image table as CSV, written atomically."""
     import csv
@@ -380,12 +411,29 @@ def _write_csv(path: Path, rows: list) -> None:
     from lgm_lab.run_folder import write_atomically
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["file", "predicted_class", "class_name", "score", "threshold", "margin",
-                                             "accepted"], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(_CSV_FIELDS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     data = buf.getvalue().encode()
     write_atomically(Path(path), lambda f: f.write(data))
+
+
+def _check_not_own_data(spec: str, found, name: str, cfg, data: dict) -> None:
+    """Refuse an --ood-data set that is the model's own data: its dataset by name, or images identical to its
+    own test images (its dataset under another name or in a folder): they are not abnormal inputs."""
+    import torch
+
+    from lgm_lab.ood_data import parse_ood_data
+
+    held = " (the classes it was not trained on are measured already, as held-out classes)" if cfg.classes else ""
+    if parse_ood_data(spec)[0] == cfg.dataset:
+        raise ValueError(f"--ood-data {spec}: {cfg.dataset} is the dataset {name} was trained on; its test images "
+                         f"are the model's own inputs, not abnormal ones{held}")
+    own = {row.numpy().tobytes() for row in torch.cat([data["clean"][0], data["calibration"]]).flatten(1).cpu()}
+    same = sum(row.numpy().tobytes() in own for row in found.images.to(data["clean"][0].dtype).flatten(1).cpu())
+    if same:
+        raise ValueError(f"--ood-data {spec}: {same} of its {len(found.images)} images are test images of "
+                         f"{cfg.dataset}, the data {name} was trained on: not abnormal inputs{held}")
 
 
 def ood(
@@ -397,9 +445,17 @@ def ood(
     adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive", help="attack each detector adaptively "
                                                                           "(AdaptivePGD, the PGD-10 budget)"),
     ood_data: Optional[list[str]] = typer.Option(None, "--ood-data", help="also measure these abnormal inputs "
-                                                                          "(repeatable): DIR, a folder of images, or "
-                                                                          "DATASET or DATASET:DIR, the test images "
-                                                                          "of mnist, fashion-mnist or cifar10"),
+                                                                          "(repeatable): DIR, a folder of images "
+                                                                          "(or one image FILE), or DATASET, "
+                                                                          "DATASET: or DATASET:DIR, the test images "
+                                                                          "of mnist, fashion-mnist or cifar10 (not "
+                                                                          "the models' own). Images are converted "
+                                                                          "as the dataset is: grey or RGB, resized "
+                                                                          "(bilinear), scaled to [0, 1] by their "
+                                                                          "bit depth (8-bit / 255, 16-bit / 65535; "
+                                                                          "float images must lie in [0, 1]); a "
+                                                                          "file that cannot be read is skipped and "
+                                                                          "named"),
     subset: Optional[int] = typer.Option(None, "--subset", help="use N test images (the seeded selection of `lgm "
                                                                 "train --test-subset N`): half calibrate, half "
                                                                 "are measured (default: all)"),
@@ -415,6 +471,10 @@ def ood(
     device: Optional[str] = device_opt(),
     batch_size: int = batch_opt(),
     json_out: Optional[Path] = json_opt(),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into an --out folder that holds files: "
+                                                              "results.json and detection_roc.FORMAT (of an "
+                                                              "earlier lgm ood) are replaced, nothing else is "
+                                                              "touched"),
     progress: bool = progress_opt(),
 ) -> None:
     """Out-of-distribution and adversarial detection of given models, without training: each detector (L-GM
@@ -444,6 +504,9 @@ def ood(
             if folder is not None and same_file(out, folder):
                 raise ValueError(f"--out {out} is the --ood-data folder {spec}, which this command reads: give "
                                  "another output folder")
+        # a folder of the user's files is not taken for ood's (issue 42): its own files only, with --overwrite
+        check_out_folder(out, {"results.json": lambda p: is_command_output(p, "ood"),
+                               f"detection_roc.{fmt}": None}, overwrite, "lgm ood")
         out_folder(out)
         runs = load_runs(checkpoints, dev)
         extra = {name: {} for name in runs}
@@ -462,12 +525,16 @@ def ood(
         data = {name: detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset)
                 for name, (_m, _h, cfg) in runs.items()}
         for spec in ood_data or []:
-            for d in data.values():
+            for name, d in data.items():
                 x0 = d["clean"][0]
-                set_name, imgs = external_ood_set(spec, tuple(x0.shape[1:]), n=len(x0))
-                if set_name in d["abnormal"]:
-                    raise ValueError(f"--ood-data {spec}: a set named {set_name!r} is measured already")
-                d["abnormal"][set_name] = imgs.to(x0.dtype)
+                found = external_ood_set(spec, tuple(x0.shape[1:]), n=len(x0))
+                _check_not_own_data(spec, found, name, runs[name][2], d)
+                if found.name in d["abnormal"]:
+                    raise ValueError(f"--ood-data {spec}: a set named {found.name!r} is measured already")
+                d["abnormal"][found.name] = found.images.to(x0.dtype)
+            for path, why in found.skipped:  # the others are measured
+                err_console.print(f"--ood-data {spec}: skipped {path}: {why}", markup=False, highlight=False,
+                                  soft_wrap=True)
     except (CheckpointError, DatasetUnavailable, ValueError, OSError) as err:
         fail(err)
     results, curves = {}, {}

@@ -146,9 +146,76 @@ def check_not_input(target: Optional[Path], inputs, what: str) -> None:
                              "another file name")
 
 
+def check_output_file(path: Optional[Path], what: str) -> None:
+    """Refuse at once an output path that is there but is not a regular file: a named pipe (FIFO), a device or a
+    socket would block the command (reading or writing it waits for a peer) or send the output elsewhere.  A
+    symbolic link is judged by what it points to (it is replaced, not followed, when written); a new name is
+    fine."""
+    import stat
+
+    if path is None:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # a new name, or a dangling link (replaced)
+        return
+    except OSError as err:
+        raise ValueError(f"{what} {path}: {err.strerror or err}") from err
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+            or stat.S_ISBLK(st.st_mode) else "not a regular file")
+    raise ValueError(f"{what} {path} is {kind}; outputs are regular files (or new names): give another name")
+
+
+def run_folder_of(path: Path) -> Optional[Path]:
+    """The run folder ``path`` lies in (its folder holds a run: a checkpoint.pt, or a run's config.json), else
+    None."""
+    from lgm_lab.checkpoints import CheckpointError, run_config_file
+
+    folder = Path(path).parent
+    if (folder / "checkpoint.pt").is_file():
+        return folder
+    try:
+        if (folder / "config.json").is_file():
+            run_config_file(folder / "config.json")
+            return folder
+    except (CheckpointError, OSError):
+        pass
+    return None
+
+
+def _is_command_json(path: Path) -> bool:
+    """A file some command wrote with --json (its envelope: "command" and "results")."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("command"), str) and "results" in obj
+
+
+def check_not_run_file(path: Optional[Path], what: str, replaceable=_is_command_json) -> None:
+    """Refuse an output that is a file of a run folder: the run's own files (checkpoint.pt, metrics.json,
+    metrics.csv, config.json, there or not yet) and any file already in it (the measurements cached beside a
+    checkpoint, a user's notes) but one ``replaceable`` says this kind of output wrote (by default a command's
+    --json file)."""
+    from lgm_lab.train import RUN_FILES
+
+    if path is None:
+        return
+    folder = run_folder_of(path)
+    if folder is None:
+        return
+    if path.name in RUN_FILES or (path.exists() or path.is_symlink()) and not replaceable(path):
+        raise ValueError(f"{what} {path} is a file of the run folder {folder} (a run's files and the "
+                         "measurements cached beside it are never written over): give another name")
+
+
 def check_json_target(path: Optional[Path], inputs=()) -> None:
     """Refuse a --json target that cannot be written, or must not be, before any work is done: a folder, a
-    missing or unwritable folder, one of the command's ``inputs``, or an existing file that is not JSON (a
+    missing or unwritable folder, one of the command's ``inputs``, anything there but a regular file (a FIFO
+    would block), a file of a run folder (:func:`check_not_run_file`), or an existing file that is not JSON (a
     checkpoint, a detector file, a user's file: --json replaces only a JSON file)."""
     if path is None:
         return
@@ -157,6 +224,8 @@ def check_json_target(path: Optional[Path], inputs=()) -> None:
     if not path.parent.is_dir():
         raise ValueError(f"--json {path}: the folder {path.parent} does not exist")
     check_not_input(path, inputs, "--json")
+    check_output_file(path, "--json")
+    check_not_run_file(path, "--json")
     if path.exists():
         try:
             json.loads(path.read_bytes() or b"null")
@@ -208,6 +277,38 @@ def out_folder(out: Path) -> Path:
         raise ValueError(f"cannot create the output folder {out}: {err.strerror or err}") from err
     check_writable_folder(out, "--out")
     return out
+
+
+def check_out_folder(out: Path, own: dict, overwrite: bool, command: str) -> None:
+    """The rule of `lgm train --out` for a command that writes a few files into a folder: a folder that holds
+    anything (but the lock and this project's temporaries) is refused unless ``overwrite``, which replaces only
+    the command's own files -- ``own`` maps each of their names to a check that the file there is the command's
+    (None: by its name) -- and touches nothing else.  A file of those names that the command did not write, or
+    that is not a regular file, is refused even then.  Call it before :func:`out_folder`."""
+    from lgm_lab.run_folder import LOCK_NAME, is_own_temporary
+
+    if not out.is_dir():
+        return
+    there = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not is_own_temporary(p))
+    if there and not overwrite:
+        shown = ", ".join(there[:5]) + (f" and {len(there) - 5} more" if len(there) > 5 else "")
+        raise ValueError(f"--out {out} holds files ({shown}); give a new or empty folder, or --overwrite to replace "
+                         f"{command}'s own {', '.join(own)} there (nothing else is touched)")
+    for name, is_own in own.items():
+        path = out / name
+        check_output_file(path, "--out")
+        if path.exists() and is_own is not None and not is_own(path):
+            raise ValueError(f"--out {out}: {path} is not a file {command} wrote; it is never written over, even with "
+                             "--overwrite: give another folder")
+
+
+def is_command_output(path: Path, command: str) -> bool:
+    """Whether ``path`` is the JSON that ``command`` (e.g. ``"ood"``) writes (:func:`envelope`)."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get("command") == command and "results" in obj
 
 
 def check_seed(value: int, option: str = "--seed") -> int:

@@ -102,8 +102,10 @@ def bench(
     else:  # piped: plain markdown, never wrapped to the console's width
         print(text)
     if json_out:
+        from lgm_lab.run_folder import save_text
+
         try:
-            json_out.write_text(benchmarks.to_json(rows))
+            save_text(json_out, benchmarks.to_json(rows))  # atomically: a link there is replaced, not followed
         except OSError as err:
             fail(err)
 
@@ -113,8 +115,9 @@ def cache(
                                                       "copy another process is reading stays); nothing else in "
                                                       "LGM_DATA_DIR, and no dataset folder of yours, is touched"),
 ) -> None:
-    """The data cache (LGM_DATA_DIR, default ~/.cache/lgm-ext/data): where it is and its size; --clear removes
-    what the cache itself wrote and says what.
+    """The data cache (LGM_DATA_DIR, default ~/.cache/lgm-ext/data): where it is and the size of what the cache
+    wrote there; --clear removes what the cache can prove it wrote (its marks, bound to the cache folder and to
+    the files it created) and says what.
 
     Datasets found in a folder (--data-dir, Debian's Fashion-MNIST) are staged there, at most the three most
     recently used sources; downloads (MNIST, CIFAR-10 where the network allows) land there too."""
@@ -128,11 +131,14 @@ def cache(
                 console.print(f"removed {path}", markup=False, soft_wrap=True)
             for path in done.kept:
                 console.print(f"kept {path}: in use by another process", markup=False, soft_wrap=True)
+            for path, reason in done.unproven:
+                console.print(f"kept {path}: {reason}", markup=False, soft_wrap=True)
             console.print(done.note or f"freed {done.freed / 2**20:.1f} MiB", markup=False, soft_wrap=True)
         elif root.exists() and not root.is_dir():
             raise ValueError(f"the data cache {root} (LGM_DATA_DIR) is not a folder")
         else:
-            console.print(f"{root}: {cache_size() / 2**20:.1f} MiB" + ("" if root.exists() else " (does not exist)"),
+            console.print(f"{root}: {cache_size() / 2**20:.1f} MiB written by the cache (staged copies and "
+                          "downloads; nothing else there is counted)" + ("" if root.exists() else " (does not exist)"),
                           markup=False, soft_wrap=True)
     except (OSError, ValueError) as err:
         fail(err)

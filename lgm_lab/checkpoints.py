@@ -18,14 +18,18 @@ from .config import TrainConfig
 from .devices import resolve_device
 from .recipe import build_model_and_head
 from .run_folder import write_atomically
+from .signing import SIGNATURE_KEY, sign, verify
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE_CHANGES", "CheckpointError", "Trained", "content_digest",
+           "check_written_by_training", "add_signature", "check_signature",
            "checkpoint_digest", "save_checkpoint", "load_checkpoint", "load_plain", "run_config_file", "config_of",
            "resume_config", "config_differences", "check_resumable", "load_trained"]
 
 # v3: the checkpoint carries "sha256", a digest of everything else in it (tensors by dtype, shape and bytes),
-# verified on every load.
+# verified on every load; where a signing key is set (lgm_lab.signing), also "signature", an HMAC of the digest
+# of the rest (the sha256 covers it, so that readers without a key see a consistent file).
 CHECKPOINT_FORMAT = "lgm-ext-checkpoint-v3"
+SIGNING_PURPOSE = "lgm-ext checkpoint"
 
 # Options that `train(..., resume=True)` accepts with a value other than the checkpoint's: where the run
 # executes, where its data lie (the same data by content: the checkpoint's fingerprint is checked, so another
@@ -66,11 +70,29 @@ def content_digest(obj, h=None) -> str:
     return h.hexdigest() if top else ""
 
 
+def add_signature(content: dict, *, purpose: str) -> dict:
+    """``content`` with ``"signature"`` (:func:`lgm_lab.signing.sign` of its content digest) when a signing key
+    is set; unchanged (and without one) otherwise.  Call it before the file's own SHA-256 is computed: the SHA-256
+    then covers the signature too, so that any reader (older ones included) sees a consistent file."""
+    content.pop(SIGNATURE_KEY, None)
+    signature = sign(content_digest(content), purpose=purpose)
+    if signature is not None:
+        content[SIGNATURE_KEY] = signature
+    return content
+
+
+def check_signature(content: dict, *, purpose: str, path, error: type[Exception]) -> bool:
+    """Verify the signature :func:`add_signature` put in ``content`` (its SHA-256 removed) when a key is set
+    (:func:`lgm_lab.signing.verify`); ``content`` is left as it is."""
+    return verify(content_digest({k: v for k, v in content.items() if k != SIGNATURE_KEY}),
+                  content.get(SIGNATURE_KEY), purpose=purpose, path=path, error=error)
+
+
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write ``ckpt`` (with ``"format"`` and everything but the hash) atomically, its SHA-256 added.
-    Serialized in memory first, so a failing write (a full disk) is the OSError of the file write, and the
-    previous checkpoint stays."""
-    ckpt = dict(ckpt, format=CHECKPOINT_FORMAT)
+    """Write ``ckpt`` (with ``"format"`` and everything but the hash) atomically, its SHA-256 added, and its
+    signature where a signing key is set (:mod:`lgm_lab.signing`).  Serialized in memory first, so a failing
+    write (a full disk) is the OSError of the file write, and the previous checkpoint stays."""
+    ckpt = add_signature(dict(ckpt, format=CHECKPOINT_FORMAT), purpose=SIGNING_PURPOSE)
     ckpt["sha256"] = content_digest(ckpt)
     buf = io.BytesIO()
     torch.save(ckpt, buf)
@@ -81,7 +103,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers
     only.  Anything else (a pickled object or function, a truncated file, content
     that does not match its SHA-256) is refused with :class:`CheckpointError`;
-    nothing in the file is executed."""
+    nothing in the file is executed.  Where a signing key is set (:mod:`lgm_lab.signing`), a checkpoint
+    without a signature, or with one that does not match, is refused too.  What no training writes -- weights
+    that are not finite, negative BatchNorm variances or counts -- is refused whatever its digest: the SHA-256
+    catches damage, not an edit whose digest was recomputed (docs/lab.md)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -94,9 +119,39 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if stored != content_digest(ck):
         raise CheckpointError(f"refusing to load {path}: its content does not match its SHA-256 "
                               "(the file is corrupted or was modified)")
+    check_signature(ck, purpose=SIGNING_PURPOSE, path=path, error=CheckpointError)
     if not isinstance(ck.get("config"), dict):
         raise CheckpointError(f"refusing to load {path}: no configuration in it")
+    check_written_by_training(ck, path)
     return ck
+
+
+def _tensors(obj, prefix: str):
+    """``(name, tensor)`` of every tensor in nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def check_written_by_training(ck: dict, path) -> None:
+    """Refuse a checkpoint holding what no training writes (a diverged run stops before its checkpoint,
+    lgm_lab.train): a non-finite tensor in its weights or optimizer state, a negative BatchNorm variance or batch
+    count -- an edited file, whatever its SHA-256 (which anyone can recompute) says."""
+    for part in ("model", "head", "optimizer"):
+        for name, t in _tensors(ck.get(part), part):
+            if t.is_floating_point() or t.is_complex():
+                if not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"refusing to load {path}: {name} holds non-finite values (NaN or "
+                                          "infinity), which no training writes (a diverged run stops before its "
+                                          "checkpoint): the file was edited")
+            if name.endswith(("running_var", "num_batches_tracked")) and t.numel() and bool((t < 0).any()):
+                raise CheckpointError(f"refusing to load {path}: {name} is negative, which no training writes: the "
+                                      "file was edited")
 
 
 def load_plain(path: Path, error: type[Exception], what: str):
@@ -113,9 +168,23 @@ def load_plain(path: Path, error: type[Exception], what: str):
     except OSError as err:
         raise error(f"cannot read {path}: {err.strerror or err}") from err
     except Exception as err:  # noqa: BLE001 -- whatever a damaged file makes the unpickler raise
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise error(f"refusing to load {path}: not {what} ({type(err).__name__}"
-                    + (f": {first[:200]}" if first else "") + ")") from err
+        raise error(f"refusing to load {path}: not {what} ({_load_failure(err)}); nothing in it was run") from err
+
+
+def _load_failure(err: Exception) -> str:
+    """Why torch.load refused a file, in a few words of ours: the pickled object it holds (torch's own text
+    advises ``weights_only=False``, which would run it, and carries terminal escape codes), else the exception
+    and the first line of its text that is not torch's advice."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a pickled {found.group(1)}, not only tensors and plain containers"
+    lines = [" ".join(ln.split()) for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and "weights_only" not in ln.lower() and "torch.load" not in ln
+             and "weights only" not in ln.lower() and "pytorch.org" not in ln]
+    return type(err).__name__ + (f": {lines[0][:120]}" if lines else "")
 
 
 def run_config_file(path: Path) -> TrainConfig:

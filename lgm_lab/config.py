@@ -62,6 +62,18 @@ MAX_BATCH_SIZE = 1 << 20
 MAX_EPOCHS = 100_000
 MAX_LSOFTMAX_M = 10  # cos(m theta) by its binomial expansion: exact in float32 well past the paper's m <= 4
 MAX_SEED = 2**32 - 1  # what torch, numpy and Python's random all accept
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def spectral_norm_range(model: str) -> tuple[float, float]:
+    """The spectral-norm bounds ``c`` a network ``model`` can meet and still compute in float32 (issue 42).
+    Below: LeNet++ has seven bounded layers with no normalisation between them, which scale an image's part of
+    the features by at most c**7 (PReLU slopes <= 1): under float32's relative precision 2**-24 the features no
+    longer depend on the image, so c >= 2**(-24/7) ~ 0.093; the ResNets normalise every conv's output
+    (BatchNorm, eps 1e-5): a conv bounded below sqrt(1e-5) ~ 0.0032 gives a normalised input an output whose
+    variance is under BatchNorm's eps, which then shrinks it instead of normalising it, layer after layer.  Above:
+    float32's largest number (a larger bound overflows to infinity: no bound at all)."""
+    return (2.0 ** (-24 / 7) if model == "lenetpp" else math.sqrt(1e-5)), FLOAT32_MAX
 
 
 CLASS_NAMES = {
@@ -133,7 +145,8 @@ class TrainConfig:
                                      "none, and it hurts L-GM: docs/SPEC.md section 5)")
     spectral_norm: float = _opt(0.0, "bound the spectral norm of every conv and linear weight of the feature network "
                                      "(reshaped to a matrix, as Miyato et al.) to this (0: off); DDU (Mukhoti et "
-                                     "al.) uses 3 (docs/SPEC.md section 8)")
+                                     "al.) uses 3; at least 0.093 for lenetpp and 0.0032 for the ResNets (below, "
+                                     "no network can meet it in float32: docs/SPEC.md section 8)")
     head: str = _opt("lgm", "classification head", choices=HEAD_NAMES)
     alpha: float = _opt(_D["LGM_ALPHA"], "L-GM margin")
     lambda_: float = _opt(_D["LGM_LAMBDA"], "L-GM likelihood weight", flag="lambda")
@@ -207,6 +220,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if isinstance(self.spectral_norm, bool):
             raise ValueError(f"spectral_norm must be a number >= 0 (0: off), got {self.spectral_norm!r}")
+        low, high = spectral_norm_range(self.model)
+        if self.spectral_norm and not low <= self.spectral_norm <= high:
+            why = ("it overflows float32 (no bound at all)" if self.spectral_norm > high else
+                   "it underflows float32" if self.spectral_norm < 2.0 ** -126 else
+                   "no network of this kind can meet it in float32: the features would no longer depend on the "
+                   "image" if self.model == "lenetpp" else
+                   "no network of this kind can meet it in float32: BatchNorm would shrink every layer's output")
+            raise ValueError(f"spectral_norm must be 0 (off) or in [{low:.2g}, {high:.3g}] for {self.model}, got "
+                             f"{self.spectral_norm!r}: {why} (docs/SPEC.md section 8)")
         for name in ("inverse_eps", "inverse_step"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1):

@@ -8,56 +8,40 @@ CIFAR-10 keeps torchvision's transforms (pad-4 crop and flip when training).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import hashlib
-import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import DATASETS, dataset_info
+from .data_cache import (  # the cache (staging, downloads, lgm cache); re-exported where callers found them
+    DOWNLOAD_MARK,  # noqa: F401
+    IDX_FILES,
+    ROOT_MARK,  # noqa: F401
+    STAGED_KEEP,  # noqa: F401
+    STAGED_MARK,  # noqa: F401
+    Cleared,
+    DatasetUnavailable,
+    cache_root,
+    cache_size,
+    clear_cache,
+    default_data_dir,
+    drop_copy,
+    marked_download,
+    prune_staged,
+    using_copy,
+)
 from .run_folder import create_temporary
 
 __all__ = ["DATASETS", "DatasetUnavailable", "load_dataset", "dataset_info", "default_data_dir", "fingerprint",
            "cache_size", "clear_cache", "Cleared"]
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-
-class DatasetUnavailable(RuntimeError):
-    """The dataset is neither on disk nor downloadable here."""
-
-
-def default_data_dir() -> Path:
-    """The data cache: ``LGM_DATA_DIR`` when set and not empty, else ``~/.cache/lgm-ext/data``."""
-    value = os.environ.get("LGM_DATA_DIR", "").strip()
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "lgm-ext" / "data"
-
-
-# What the cache writes, so that `lgm cache --clear` removes that and nothing else: the cache folder itself
-# when lgm-ext created it (ROOT_MARK in it), each staged copy (STAGED_MARK in it, also the copy's in-use
-# lock) and each download folder lgm-ext created (DOWNLOAD_MARK in it, naming any files the download put
-# beside it).  A folder without its mark is never removed.
-ROOT_MARK = ".lgm-ext-cache"
-STAGED_MARK = ".lgm-ext-staged"
-DOWNLOAD_MARK = ".lgm-ext-download"
-
-
-def _cache_root() -> Path:
-    """The cache folder, created (with its mark) when missing; a file there is refused."""
-    root = default_data_dir()
-    if root.exists() and not root.is_dir():
-        raise DatasetUnavailable(f"the data cache {root} (LGM_DATA_DIR) is not a folder")
-    if not root.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        (root / ROOT_MARK).touch()
-    return root
 
 
 def _source_file(src: Path, f: str) -> Path | None:
@@ -89,7 +73,8 @@ def _stage_idx(src: Path, root: Path, folder: str) -> bool:
                 else:
                     with gzip.open(path, "rb") as fin:
                         shutil.copyfileobj(fin, fout)
-            os.replace(tmp, raw / f)
+                fout.flush()
+                os.replace(tmp, raw / f)  # while open, and so locked (run_folder.create_temporary)
         except (EOFError, OSError, gzip.BadGzipFile) as err:
             tmp.unlink(missing_ok=True)
             raise DatasetUnavailable(f"cannot read {path}: {err} (a truncated or damaged file? fetch it "
@@ -107,141 +92,7 @@ def _staging_root(src: Path) -> Path:
         p = _source_file(src, f)
         st = p.stat()
         sig.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return _cache_root() / "staged" / key / sig.hexdigest()[:16]
-
-
-# The staging cache keeps the copies of this many sources (the most recently used); `lgm cache --clear`
-# removes them all.
-STAGED_KEEP = 3
-
-
-@contextlib.contextmanager
-def _using(copy: Path):
-    """Hold a shared lock on the staged copy ``copy`` (on its mark) while it is staged and read: pruning and
-    `lgm cache --clear` (an exclusive lock) never remove a copy in use.  A copy removed while this waited
-    for the lock is staged anew."""
-    mark = copy / STAGED_MARK
-    while True:
-        try:
-            copy.mkdir(parents=True, exist_ok=True)
-            fd = os.open(mark, os.O_RDWR | os.O_CREAT, 0o644)
-        except (FileNotFoundError, FileExistsError):  # a pruner removed the source folder or the copy meanwhile
-            continue
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        try:
-            if os.stat(mark).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _listdir(folder: Path) -> list[Path]:
-    """The entries of ``folder``; none when it is gone (another process may remove it while we look)."""
-    try:
-        return [folder / name for name in os.listdir(folder)]
-    except OSError:
-        return []
-
-
-def _staged_copies(staged: Path) -> list[Path]:
-    """``staged/<source>/<copy>`` folders, listed safely while other processes add and remove them."""
-    return [c for folder in _listdir(staged) for c in _listdir(folder)]
-
-
-def _is_staged_copy(copy: Path) -> bool:
-    """A copy the cache staged: its mark, or (lgm-ext 0.2, before marks) the layout only staging writes:
-    ``staged/<source>/<16 hex digits>/<FashionMNIST|MNIST>/raw/<IDX files>``."""
-    try:
-        if not copy.is_dir() or copy.is_symlink():
-            return False
-        if (copy / STAGED_MARK).is_file():
-            return True
-        if not re.fullmatch(r"[0-9a-f]{16}", copy.name):
-            return False
-        inside = list(copy.iterdir())
-        names = {DATASETS[n][0] for n in ("fashion-mnist", "mnist")}
-        return len(inside) == 1 and inside[0].name in names and all(
-            p.name in IDX_FILES or p.name.endswith(".lgm-tmp") for p in (inside[0] / "raw").iterdir()) \
-            and {p.name for p in inside[0].iterdir()} <= {"raw"}
-    except OSError:  # removed meanwhile by another process
-        return False
-
-
-def _remove_copy(copy: Path) -> bool:
-    """Remove a staged copy unless it is in use (its mark's lock held): False if it is, or if it is gone.
-
-    The mark is opened with O_CREAT (a copy staged before marks gets one) and locked exclusively before
-    anything is removed, and it must still be the copy's mark once locked: a removal never skips the lock,
-    even while another process is creating the mark of a copy it re-staged at the same path (before, a copy
-    whose mark was not there yet was renamed away unlocked, under a reader that created and locked it
-    meanwhile).  The copy is renamed away while locked, so that a process that waited for it stages a new
-    one."""
-    mark = copy / STAGED_MARK
-    try:
-        fd = os.open(mark, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # removed meanwhile by another process
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.stat(mark).st_ino != os.fstat(fd).st_ino:  # renamed away and staged anew meanwhile
-            return False
-        trash = copy.with_name(f".{copy.name}.{os.getpid()}.lgm-removing")
-        os.rename(copy, trash)
-    except OSError:  # in use (the lock is held), or gone
-        return False
-    finally:
-        os.close(fd)
-    shutil.rmtree(trash, ignore_errors=True)
-    return True
-
-
-def _prune_staged(current: Path, keep: int = STAGED_KEEP) -> None:
-    """Drop staged copies beyond the ``keep`` most recently used (``current`` always stays; a copy in use by
-    another process stays too)."""
-    staged = default_data_dir() / "staged"
-    copies = {}
-    for c in _staged_copies(staged):
-        with contextlib.suppress(OSError):  # another process may be removing it
-            if _is_staged_copy(c):
-                copies[c] = c.stat().st_mtime_ns
-    copies = sorted(copies, key=copies.get, reverse=True)
-    for old in [c for c in copies if c != current][max(0, keep - 1):]:
-        with contextlib.suppress(OSError):
-            if _remove_copy(old):
-                old.parent.rmdir()  # its source folder, once its last copy is gone (only when empty)
-
-
-def _drop_copy(copy: Path) -> None:
-    """Remove a copy this process staged and could not read (unless another process is using it), and its
-    source folder if that is then empty."""
-    if _remove_copy(copy):
-        with contextlib.suppress(OSError):
-            copy.parent.rmdir()
-
-
-@contextlib.contextmanager
-def _marked_download(root: Path, folder: str, files: tuple[str, ...] = ()):
-    """A download into the cache ``root`` that creates ``folder`` (and ``files`` beside it): marked as the
-    cache's (DOWNLOAD_MARK, naming the files), so that `lgm cache --clear` removes it; a folder that was
-    there before is the user's and stays unmarked."""
-    if root.exists() and not root.is_dir():
-        raise DatasetUnavailable(f"the data cache {root} (LGM_DATA_DIR) is not a folder")
-    if root == default_data_dir():
-        _cache_root()
-    new = not (root / folder).exists()
-    new_files = [f for f in files if not (root / f).exists()]
-    try:
-        yield
-    finally:
-        if new and (root / folder).is_dir():
-            (root / folder / DOWNLOAD_MARK).write_text(json.dumps({"files": [f for f in new_files
-                                                                            if (root / f).exists()]}))
+    return cache_root() / "staged" / key / sig.hexdigest()[:16]
 
 
 def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, download: bool) -> Dataset:
@@ -257,15 +108,15 @@ def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, downl
         for src in sources:
             if src.is_dir() and all(_source_file(src, f) for f in IDX_FILES):
                 root = _staging_root(src)
-                hold.enter_context(_using(root))
+                hold.enter_context(using_copy(root))
                 try:
                     _stage_idx(src, root, cls_name)
                 except DatasetUnavailable:
                     hold.close()
-                    _drop_copy(root)  # a damaged source leaves no copy behind
+                    drop_copy(root)  # a damaged source leaves no copy behind
                     raise
                 os.utime(root)  # most recently used
-                _prune_staged(root)
+                prune_staged(root)
                 staged_from = src
                 break
         else:
@@ -280,13 +131,13 @@ def _mnist_like(name: str, train: bool, root: Path, data_dir: Path | None, downl
         # a named data_dir is only read: never created into, never downloaded into (downloads go to the cache)
         with hold:
             if download:
-                with _marked_download(root, cls_name):
+                with marked_download(root, cls_name):
                     ds = cls(str(root), train=train, download=True)
             else:
                 ds = cls(str(root), train=train, download=False)
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError when absent and offline
         if staged_from is not None:
-            _drop_copy(root)  # an unreadable copy is not kept in the cache
+            drop_copy(root)  # an unreadable copy is not kept in the cache
             raise DatasetUnavailable(f"cannot read the {name} files in {staged_from}: "
                                      f"{type(err).__name__}: {' '.join(str(err).split())}") from err
         if data_dir is not None:
@@ -331,7 +182,7 @@ def _cifar10(train: bool, root: Path, download: bool, augment: bool) -> Dataset:
     try:
         if not download:
             return torchvision.datasets.CIFAR10(str(root), train=train, download=False, transform=v2.Compose(steps))
-        with _marked_download(root, "cifar-10-batches-py", ("cifar-10-python.tar.gz",)):
+        with marked_download(root, "cifar-10-batches-py", ("cifar-10-python.tar.gz",)):
             return torchvision.datasets.CIFAR10(str(root), train=train, download=True, transform=v2.Compose(steps))
     except Exception as err:
         raise DatasetUnavailable(
@@ -395,77 +246,3 @@ def fingerprint(ds: Dataset) -> str:
     return h.hexdigest()
 
 
-def cache_size() -> int:
-    """Bytes under the data cache (:func:`default_data_dir`): downloads and staged copies (0 when it does not
-    exist)."""
-    root = default_data_dir()
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) \
-        if root.is_dir() else 0
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-@dataclass
-class Cleared:
-    """What :func:`clear_cache` did: the paths it ``removed``, the bytes ``freed``, the staged copies it
-    ``kept`` because another process was reading them, and a ``note`` when there was nothing to clear."""
-
-    removed: list = field(default_factory=list)
-    freed: int = 0
-    kept: list = field(default_factory=list)
-    note: str = ""
-
-
-def clear_cache() -> Cleared:
-    """Remove what the data cache wrote, and nothing else: the staged copies (not one in use by another
-    process), the downloads lgm-ext made, and the cache folder itself when lgm-ext created it and it is then
-    empty.  A user's files in ``LGM_DATA_DIR`` (and any dataset folder) are never touched.  A missing cache is
-    no error (nothing to remove); an ``LGM_DATA_DIR`` that is a file raises :class:`ValueError`."""
-    root = default_data_dir()
-    out = Cleared()
-    if not root.exists():
-        out.note = f"{root} does not exist: nothing to remove"
-        return out
-    if not root.is_dir():
-        raise ValueError(f"the data cache {root} (LGM_DATA_DIR) is not a folder: nothing removed")
-    staged = root / "staged"
-    if staged.is_dir() and not staged.is_symlink():
-        for copy in sorted(_staged_copies(staged)):
-            if _is_staged_copy(copy):
-                size = _size(copy)
-                if _remove_copy(copy):
-                    out.removed.append(copy)
-                    out.freed += size
-                else:
-                    out.kept.append(copy)
-        # the source folders (and `staged`) the removed copies leave empty; no other folder
-        for folder in [*sorted({c.parent for c in out.removed}), *([staged] if out.removed else [])]:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty
-    for folder in sorted(root.iterdir()):
-        mark = folder / DOWNLOAD_MARK
-        if folder.is_dir() and not folder.is_symlink() and mark.is_file():
-            try:
-                files = json.loads(mark.read_text()).get("files", [])
-            except (OSError, ValueError, AttributeError):
-                files = []
-            for name in files:
-                extra = root / str(name)
-                if extra.parent == root and extra.is_file() and not extra.is_symlink():
-                    out.freed += _size(extra)
-                    extra.unlink()
-                    out.removed.append(extra)
-            out.freed += _size(folder)
-            shutil.rmtree(folder)
-            out.removed.append(folder)
-    if (root / ROOT_MARK).is_file() and {p.name for p in root.iterdir()} == {ROOT_MARK}:
-        (root / ROOT_MARK).unlink()
-        root.rmdir()
-        out.removed.append(root)
-    if not out.removed and not out.kept:
-        out.note = f"nothing in {root} was written by lgm-ext's cache: nothing removed"
-    return out

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import checkpoint_digest, content_digest, load_plain
+from .checkpoints import add_signature, check_signature, checkpoint_digest, content_digest, load_plain
 from .run_folder import write_atomically
 
 __all__ = ["DETECTOR_FORMAT", "DetectorFileError", "save_detector_file", "load_detector_file", "is_detector_file"]
@@ -56,6 +56,7 @@ def save_detector_file(path: str | os.PathLike, detector, *, num_classes: int, f
     file = {"format": DETECTOR_FORMAT, "detector": detector.to("cpu").state_dict(),
             "num_classes": int(num_classes), "feat_dim": int(feat_dim), **info}
     _check_fields(file, Path(path), _FIELDS)
+    add_signature(file, purpose="lgm-ext detector file")  # where a signing key is set (lgm_lab.signing)
     file["sha256"] = content_digest(file)
     buf = io.BytesIO()
     torch.save(file, buf)
@@ -116,6 +117,7 @@ def load_detector_file(path: str | os.PathLike, trained=None):
     if stored != content_digest(file):
         raise DetectorFileError(f"refusing to load {path}: its content does not match its SHA-256 (the file is "
                                 "corrupted or was modified)")
+    check_signature(file, purpose="lgm-ext detector file", path=path, error=DetectorFileError)
     v2 = file["format"] == _FORMAT_2
     _check_fields(file, path, _FIELDS_2 if v2 else _FIELDS)
     try:

@@ -14,7 +14,9 @@ Out-of-distribution images for a Fashion-MNIST model (:data:`OOD_SETS`, :func:`o
   :data:`PHOTO_CROP_SIDES` pixels at a uniform position, converted to grey (ITU-R 601 luma) for
   one-channel data, resized to the model's image size (bilinear, antialiased).
 
-Any other images a user has: :func:`image_folder` (``lgm ood --ood-data DIR``).
+Any other images a user has: :func:`image_folder` (``lgm ood --ood-data DIR``, ``lgm detect score --images``),
+read as :data:`IMAGE_CONVERSION` says (scaled by bit depth; an unreadable file or a decompression bomb skipped
+and named).
 
 Held-out classes: a model trained on some classes only (``TrainConfig.classes``) sees
 :func:`restrict_classes` of its data (the chosen classes, renumbered 0..k-1); the images of the other
@@ -26,15 +28,17 @@ in the full test set, so the two never overlap whatever ``subset`` selected.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["external_ood_set", "parse_ood_data", "conform_images", "OOD_SETS", "DIGITS_SIZE", "PHOTO_CROP_SIDES",
-           "digits_images", "photo_patches", "ood_images", "ClassSubset", "restrict_classes", "other_classes",
-           "dataset_labels", "base_indices", "split_clean", "image_folder", "image_folder_entries",
-           "image_folder_file", "IMAGE_SUFFIXES"]
+__all__ = ["external_ood_set", "OODSet", "parse_ood_data", "conform_images", "OOD_SETS", "DIGITS_SIZE",
+           "PHOTO_CROP_SIDES", "digits_images", "photo_patches", "ood_images", "ClassSubset", "restrict_classes",
+           "other_classes", "dataset_labels", "base_indices", "split_clean", "image_folder", "read_image",
+           "ImageFolder", "IMAGE_SUFFIXES", "IMAGE_CONVERSION"]
 
 OOD_SETS = ("digits", "noise", "gaussian", "inverted", "photos")
 PHOTO_CROP_SIDES = (32, 160)  # the crops' side in pixels, inclusive
@@ -173,68 +177,132 @@ def split_clean(dataset: Dataset) -> tuple[Subset, Subset]:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
-
-def _image_files(folder) -> list:
-    """The image files of ``folder`` (by suffix, sorted, not recursive); ValueError naming a folder that is not
-    one or holds none."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"--images {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"--images {folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+# How a user's image becomes the model's input (said in `lgm detect score --images` and `lgm ood --ood-data`).
+IMAGE_CONVERSION = ("converted as the dataset is: grey or RGB, resized to its size (bilinear), scaled to [0, 1] by "
+                    "the image's bit depth (8-bit / 255, 16-bit / 65535; float images must already lie in [0, 1])")
 
 
-def image_folder(folder, *, channels: int, size: int, limit: int | None = None) -> Tensor:
-    """The images in ``folder`` (PNG, JPEG, ... -- files only, sorted by name, not recursive) as the dataset's
-    tensors are: converted to grey (``channels`` 1) or RGB (3), resized to ``size`` x ``size`` (bilinear),
-    scaled to [0, 1]; (N, channels, size, size) float32.  A folder with no image, or a file that is not a
-    readable image, raises :class:`ValueError` naming it."""
-    files = _image_files(folder)
-    files = files[:limit] if limit else files
-    out = []
-    for p in files:
-        try:
-            out.append(image_folder_file(p, channels=channels, size=size))
-        except ValueError as err:
-            raise ValueError(f"--images: {err}") from err
-    return torch.stack(out)
+class ImageFolder(NamedTuple):
+    """What :func:`image_folder` read: ``images`` (N, C, size, size) float32 in [0, 1], ``files`` (the file of
+    each image, in order) and ``skipped`` (``(file, reason)`` for each file that could not be read: damaged, a
+    decompression bomb, values out of range; ``reason`` is one line)."""
+
+    images: Tensor
+    files: list
+    skipped: list
 
 
-def image_folder_entries(folder, *, channels: int, size: int) -> tuple[list, Tensor, list]:
-    """Each image in ``folder`` read as :func:`image_folder` reads it, one at a time, so that a file that is not a
-    readable image is named and skipped rather than failing the folder: ``(files, images, skipped)`` -- the
-    readable files (sorted by name) with their (N, channels, size, size) tensor, and ``[(file, reason)]`` of the
-    others.  A folder that is not one, or that holds no image file, raises ValueError naming it."""
-    files = _image_files(folder)
-    good, out, skipped = [], [], []
-    for p in files:
-        try:
-            out.append(image_folder_file(p, channels=channels, size=size))
-            good.append(p)
-        except ValueError as err:
-            skipped.append((p, str(err)))
-    empty = torch.zeros(0, channels, size, size)
-    return good, torch.stack(out) if out else empty, skipped
+class _BadPixels(ValueError):
+    """An image read but refused: its pixels are not what its bit depth allows."""
 
 
-def image_folder_file(path, *, channels: int, size: int) -> Tensor:
-    """One image file as :func:`image_folder` converts it: (channels, size, size) float32 in [0, 1]; a file that
-    is not a readable image raises ValueError naming it."""
+def _depth_scaled(im, channels: int, size: int):
+    """A high-depth single-channel image (16-bit, 32-bit integer, float) as float32 in [0, 1], resized: scaled
+    by its bit depth, never clipped (an 8-bit conversion would clip all but the darkest 16-bit values to 1)."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise _BadPixels("a float image with non-finite pixels")
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise _BadPixels(f"a float image with pixels in [{a.min():.4g}, {a.max():.4g}], not in [0, 1] (a float "
+                             "image is read as it is, never rescaled)")
+    else:
+        tag = getattr(im, "tag_v2", None)
+        bits = int((tag.get(258) or (32,))[0]) if tag is not None and im.mode == "I" else 16
+        top = float(2 ** bits - 1)
+        a = a.astype(np.float64)
+        if a.size and (a.min() < 0 or a.max() > top):
+            raise _BadPixels(f"pixels in [{a.min():.0f}, {a.max():.0f}], outside the {bits}-bit range [0, {top:.0f}]")
+        a = (a / top).astype(np.float32)
+    a = np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
+    a = np.clip(a, 0.0, 1.0)  # bilinear weights sum to 1: only rounding can step out
+    return np.repeat(a[:, :, None], 3, axis=2) if channels == 3 else a
+
+
+def _bomb_reason(err: Exception) -> str:
+    import re
+
+    from PIL import Image
+
+    m = re.search(r"\((\d+) pixels\)", str(err))
+    pixels = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+    return (f"{pixels}, more than the {Image.MAX_IMAGE_PIXELS:,} read safely (a decompression bomb?); make it "
+            "smaller")
+
+
+def read_image(path, *, channels: int, size: int) -> Tensor:
+    """One image file as the dataset's tensors are (:data:`IMAGE_CONVERSION`): (channels, size, size) float32
+    in [0, 1].  A file that cannot be read -- damaged, not an image, a decompression bomb (more pixels than
+    PIL's ``MAX_IMAGE_PIXELS``: refused before it is decoded), pixels out of their range -- raises
+    :class:`ValueError` whose text is the one-line reason."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path} is not a readable image ({type(err).__name__})") from err
-    t = torch.from_numpy(a.copy())
-    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1)
+        with warnings.catch_warnings():  # a damaged file's warnings are the reason, not lines of their own
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                    a = _depth_scaled(im, channels, size)
+                else:
+                    im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+                    a = np.asarray(im, dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(_bomb_reason(err)) from err
+    except MemoryError as err:
+        raise ValueError("too large to read into memory") from err
+    except _BadPixels:
+        raise
+    except Exception as err:  # noqa: BLE001 -- whatever a damaged file makes a decoder raise (OSError, SyntaxError,
+        # struct.error, IndexError, ZeroDivisionError, ...)
+        first = " ".join(str(err).split())[:120]
+        raise ValueError(f"not a readable image ({type(err).__name__}" + (f": {first}" if first else "") + ")") \
+            from err
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+
+
+def image_folder(path, *, channels: int, size: int, limit: int | None = None, what: str = "--images") -> ImageFolder:
+    """The images in a folder (PNG, JPEG, ... -- files only, sorted by name, not recursive) or one image file, as
+    the dataset's tensors are: converted to grey (``channels`` 1) or RGB (3), resized to ``size`` x ``size``
+    (bilinear), scaled to [0, 1] by their bit depth (:func:`read_image`).  In a folder a file that cannot be read
+    is skipped and named in ``skipped``; the others are read.  Raises :class:`ValueError` naming ``what`` (the
+    option) and the path: no such folder or file, a folder with no image or none readable, an image file given
+    alone that cannot be read."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        try:
+            image = read_image(path, channels=channels, size=size)
+        except ValueError as err:
+            raise ValueError(f"{what} {path}: {err}") from err
+        return ImageFolder(image.unsqueeze(0), [path], [])
+    if not path.is_dir():
+        raise ValueError(f"{what} {path} is not a folder or an image file")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{what} {path} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    files = files[:limit] if limit else files
+    out, read, skipped = [], [], []
+    for p in files:
+        try:
+            out.append(read_image(p, channels=channels, size=size))
+            read.append(p)
+        except ValueError as err:
+            skipped.append((p, str(err)))
+    if not out:
+        first, reason = skipped[0]
+        raise ValueError(f"{what} {path}: none of its {len(files)} images could be read ({first.name}: {reason}"
+                         + (f"; and {len(skipped) - 1} more" if len(skipped) > 1 else "") + ")")
+    return ImageFolder(torch.stack(out), read, skipped)
 
 
 def conform_images(x: Tensor, shape) -> Tensor:
@@ -255,25 +323,45 @@ def conform_images(x: Tensor, shape) -> Tensor:
 
 def parse_ood_data(spec: str):
     """``(dataset, folder)`` of an ``--ood-data`` spec (:func:`external_ood_set`): ``(name, Path or None)`` for
-    ``DATASET`` / ``DATASET:DIR``, ``(None, Path)`` for a folder of images -- the folder it reads, if any."""
+    ``DATASET`` / ``DATASET:`` / ``DATASET:DIR``, ``(None, Path)`` for a folder of images or an image file -- the
+    folder it reads, if any.  An empty spec, and a bare ``DATASET`` while a folder of that name is in the working
+    directory (which one is meant?), raise :class:`ValueError`."""
     from pathlib import Path
 
     from .config import DATASETS
 
-    name, _sep, folder = spec.partition(":")
+    if not spec.strip():
+        raise ValueError("--ood-data is empty: give a folder of images, an image file, or DATASET[:DIR] "
+                         f"({', '.join(DATASETS)})")
+    name, sep, folder = spec.partition(":")
     if name in DATASETS:
+        if not sep and Path(spec).exists():
+            raise ValueError(f"--ood-data {spec} names both the dataset {name} and ./{spec} here: give ./{spec} for "
+                             f"the images in that folder, or {name}: for the dataset (its default folder, downloaded "
+                             f"where there is a network) or {name}:DIR")
         return name, Path(folder) if folder else None
     return None, Path(spec)
 
 
-def external_ood_set(spec: str, shape, *, n: int | None = None, seed: int = 0) -> tuple[str, Tensor]:
-    """A user's out-of-distribution images (``lgm ood --ood-data SPEC``), as ``(name, (N, C, H, W) images)``
-    conformed to ``shape`` (:func:`conform_images`), at most ``n`` of them (a seeded choice):
+class OODSet(NamedTuple):
+    """A user's abnormal inputs (:func:`external_ood_set`): its ``name``, the ``images`` (N, C, H, W) and the
+    image files ``skipped`` as unreadable (``(file, reason)``, :class:`ImageFolder`; none for a dataset)."""
 
-    - ``DIR``: the images in a folder (:func:`image_folder`); the set is named after the folder;
-    - ``DATASET`` or ``DATASET:DIR``: the test split of a dataset the lab knows (``mnist``, ``fashion-mnist``,
-      ``cifar10``), from its default folder (downloaded where there is a network) or from ``DIR`` (as
-      ``--data-dir``); named after the dataset."""
+    name: str
+    images: Tensor
+    skipped: list
+
+
+def external_ood_set(spec: str, shape, *, n: int | None = None, seed: int = 0) -> OODSet:
+    """A user's out-of-distribution images (``lgm ood --ood-data SPEC``), as an :class:`OODSet` (name, (N, C, H,
+    W) images conformed to ``shape`` (:func:`conform_images`), the files skipped), at most ``n`` of them (a
+    seeded choice):
+
+    - ``DIR``: the images in a folder (:func:`image_folder`: a file that cannot be read is skipped and named),
+      or one image ``FILE``; the set is named after it;
+    - ``DATASET``, ``DATASET:`` or ``DATASET:DIR``: the test split of a dataset the lab knows (``mnist``,
+      ``fashion-mnist``, ``cifar10``), from its default folder (downloaded where there is a network) or from
+      ``DIR`` (as ``--data-dir``); named after the dataset."""
     from .config import DATASETS
     from .data import load_dataset
     from .tensors import stack_dataset
@@ -281,12 +369,13 @@ def external_ood_set(spec: str, shape, *, n: int | None = None, seed: int = 0) -
     name, path = parse_ood_data(spec)
     if name is not None:
         ds = load_dataset(name, False, data_dir=str(path) if path else None, subset=n, seed=seed)
-        return name, conform_images(stack_dataset(ds)[0], shape)
-    if not path.is_dir():
-        raise ValueError(f"--ood-data {spec}: neither a folder of images nor one of the datasets "
+        return OODSet(name, conform_images(stack_dataset(ds)[0], shape), [])
+    if not path.exists():
+        raise ValueError(f"--ood-data {spec}: neither a folder of images, an image file nor one of the datasets "
                          f"{', '.join(DATASETS)} (DATASET or DATASET:DIR)")
     c, h, w = shape
-    x = image_folder(path, channels=3 if c == 3 else 1, size=h)
+    found = image_folder(path, channels=3 if c == 3 else 1, size=h, what="--ood-data")
+    x = found.images
     if n is not None and len(x) > n:
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
-    return path.resolve().name or str(path), conform_images(x, shape)
+    return OODSet(path.resolve().name or str(path), conform_images(x, shape), found.skipped)

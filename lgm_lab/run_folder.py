@@ -7,6 +7,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import secrets
 import socket
 import stat
@@ -102,7 +103,11 @@ def create_temporary(path: Path) -> tuple[int, Path]:
     """A new temporary of its own beside ``path`` (``.NAME.XXXX.lgm-tmp``), open for writing: ``(fd, its
     path)``.  Created as a plain ``open`` creates a file (mode ``0o666``, less what the umask or the folder's
     default ACL takes away), not private as :func:`tempfile.mkstemp` makes it; where ``path`` is a regular
-    file, its permission bits are carried over (best effort: a filesystem that refuses it keeps the default)."""
+    file, its permission bits are carried over (best effort: a filesystem that refuses it keeps the default).
+
+    The temporary is locked (``flock``, exclusive) through ``fd`` for as long as it is open: a writer renames it
+    into place (or removes it) before closing it, so that :func:`remove_stale_temporaries` tells a live writer's
+    temporary (locked) from one a killed writer left (the lock goes with its process)."""
     path = Path(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
@@ -110,6 +115,14 @@ def create_temporary(path: Path) -> tuple[int, Path]:
         try:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.stat(tmp).st_ino == os.fstat(fd).st_ino  # not removed by a sweep before it was locked
+        except OSError:
+            held = False
+        if not held:  # a sweep took it for a killed writer's between its creation and the lock: another name
+            os.close(fd)
             continue
         try:
             st = os.lstat(path)
@@ -121,23 +134,39 @@ def create_temporary(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` with ``path`` as its file name where it names none (a full disk fails in ``write``, whose error
+    names no file: "No space left on device" alone does not say which write failed)."""
+    if err.filename is None and err.errno is not None:
+        return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+    return err
+
+
 def write_atomically(path: Path, write) -> None:
     """``write(file)`` into a temporary of its own beside ``path`` (:func:`create_temporary`), fsync, then
     rename it over ``path``: a reader sees the old file or the new one, never a partial one, and two
     writers never share a temporary.  A symbolic link at ``path`` is replaced, not followed.  The file gets
     the permissions a plain ``open`` would give it (a regular file it replaces keeps its own), not a
-    temporary's private ``0o600``."""
+    temporary's private ``0o600``.  Temporaries of ``path`` that a killed writer left are removed afterwards
+    (:func:`remove_stale_temporaries`; a live writer's stay).  An :class:`OSError` (a full disk) names ``path``."""
     path = Path(path)
-    fd, tmp = create_temporary(path)
+    try:
+        fd, tmp = create_temporary(path)
+    except OSError as err:
+        raise _naming(err, path) from err
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: the previous file stays, no partial temporary is left
+            os.replace(tmp, path)  # while the temporary is open, and so locked: a sweep never takes it
+    except OSError as err:  # a full disk: the previous file stays, no partial temporary is left
+        tmp.unlink(missing_ok=True)
+        raise _naming(err, path) from err
+    except BaseException:  # an interrupt, a failing writer
         tmp.unlink(missing_ok=True)
         raise
+    remove_stale_temporaries(path.parent, [path.name])
 
 
 def save_json(path: Path, obj, indent: int = 2, **kwargs) -> None:
@@ -159,18 +188,54 @@ def save_text(path: Path, text: str) -> None:
     write_atomically(path, lambda f: f.write(text.encode()))
 
 
+def _temporary_pattern(name: str) -> re.Pattern:
+    # 8 hex digits (create_temporary); 8 of [a-z0-9_] as tempfile.mkstemp named them (lgm-ext 0.2)
+    return re.compile(rf"\.{re.escape(name)}\.[0-9a-z_]{{8}}{re.escape(TMP_SUFFIX)}")
+
+
+def _remove_if_unheld(path: Path) -> bool:
+    """Remove the temporary ``path`` unless a live writer holds it (its lock, :func:`create_temporary`): locked
+    here exclusively before it is removed, and still the file locked.  Anything but a regular file stays."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:  # held by a live writer, or gone
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temporaries(folder: Path, names, *, legacy: bool = False) -> list[Path]:
-    """Remove the temporaries a killed writer of ``names`` left in ``folder`` (call it holding the lock):
-    ``.NAME.*.lgm-tmp``, a name only :func:`write_atomically` gives; with ``legacy`` (a run folder being
-    resumed, whose checkpoint is ours) also ``NAME.tmp`` as lgm-ext 0.2 named them -- in any other folder such
-    a file may be a user's and stays.  Any other file stays."""
+    """Remove the temporaries a killed writer of ``names`` left in ``folder``: ``.NAME.XXXXXXXX.lgm-tmp`` (8
+    characters), a name only :func:`create_temporary` gives, and only one that no live writer holds (its lock);
+    with ``legacy`` (a run folder being resumed, whose checkpoint is ours; call it holding the folder's lock)
+    also ``NAME.tmp`` as lgm-ext 0.2 named them -- in any other folder such a file may be a user's and stays.
+    Any other file stays."""
     removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
     for name in names:
-        stale = [*Path(folder).glob(f".{name}.*{TMP_SUFFIX}"), *([Path(folder) / f"{name}.tmp"] if legacy else [])]
-        for path in stale:
-            if path.is_file() and not path.is_symlink():
-                path.unlink(missing_ok=True)
-                removed.append(path)
+        pattern = _temporary_pattern(name)
+        for entry in entries:
+            if pattern.fullmatch(entry) and _remove_if_unheld(Path(folder) / entry):
+                removed.append(Path(folder) / entry)
+        old = Path(folder) / f"{name}.tmp"
+        if legacy and old.is_file() and not old.is_symlink():
+            old.unlink(missing_ok=True)
+            removed.append(old)
     return removed
 
 

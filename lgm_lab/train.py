@@ -45,6 +45,7 @@ from .run_folder import (
     save_json,
     write_atomically,
 )
+from .signing import signing_key
 
 __all__ = ["train", "finished_run", "TrainResult", "TrainingDiverged", "METRIC_FIELDS", "epoch_batches",
            "tensorboard_writer", "log_var_stats"]
@@ -335,6 +336,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     this call (as if killed there); ``datasets`` overrides (train, test)."""
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
+    signing_key()  # a signing key that cannot be used is refused before any work, not at the first checkpoint
     cfg = replace(cfg, device=resolve_device(cfg.device))
     rank, world = _dist()
     main = rank == 0

@@ -56,7 +56,7 @@ def _seed():
 SLOW_MODULES = {
     "test_budget", "test_data", "test_detect_cli", "test_detection_experiment", "test_distributed", "test_docs",
     "test_experiments", "test_first_hour", "test_inverse", "test_launch", "test_no_build", "test_no_loss",
-    "test_packaging", "test_partial_fc", "test_run_folder", "test_runs", "test_train",
+    "test_packaging", "test_partial_fc", "test_run_folder", "test_runs", "test_train", "test_trust",
 }
 
 

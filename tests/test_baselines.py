@@ -232,8 +232,8 @@ def test_external_sets_are_conformed_to_the_model(tmp_path):
     folder.mkdir()
     for i in range(4):
         Image.fromarray((torch.rand(20, 25, 3) * 255).to(torch.uint8).numpy()).save(folder / f"{i}.png")
-    name, x = external_ood_set(str(folder), (1, 28, 28), n=3, seed=0)
-    assert name == "shots" and x.shape == (3, 1, 28, 28)
+    name, x, skipped = external_ood_set(str(folder), (1, 28, 28), n=3, seed=0)
+    assert name == "shots" and x.shape == (3, 1, 28, 28) and skipped == []
     with pytest.raises(ValueError, match="--ood-data"):
         external_ood_set(str(tmp_path / "nowhere"), (1, 28, 28))
 

@@ -1,6 +1,7 @@
 """The heads and the recipe around them (issue 10): linear feature layer by default, the head's own learning
 rate, verification scores, L-Softmax; the L-GM head as a library module (issue 22)."""
 import math
+import re
 
 import pytest
 import torch
@@ -211,3 +212,18 @@ def load_dataset_for(cfg):
     from lgm_lab.data import load_dataset
 
     return load_dataset(cfg.dataset, False, data_dir=cfg.data_dir, subset=cfg.test_subset, seed=cfg.seed)
+
+
+@pytest.mark.parametrize("model, bad, good", [("lenetpp", (1e-300, 1e-45, 1e-3, 0.09, 1e39), (0.1, 3.0, 1e30)),
+                                              ("resnet20", (1e-300, 1e-45, 1e-3), (0.004, 1.0))])
+def test_spectral_norm_bounds_no_network_can_meet_are_refused(model, bad, good):
+    """--spectral-norm 1e-300 failed later as a "non-finite gradient ... try a lower --lr"; 1e-45 trained to
+    chance (90.6% error)."""
+    from lgm_lab.config import spectral_norm_range
+
+    low, high = spectral_norm_range(model)
+    for c in bad:
+        with pytest.raises(ValueError, match=re.escape(f"spectral_norm must be 0 (off) or in [{low:.2g}, {high:.3g}]")):
+            config_from_preset(None, model=model, spectral_norm=c)
+    for c in good:
+        assert config_from_preset(None, model=model, spectral_norm=c).spectral_norm == c

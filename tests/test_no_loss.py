@@ -204,6 +204,7 @@ def test_a_removal_never_skips_the_lock(tmp_path, monkeypatch):
     from pathlib import Path
 
     from lgm_lab import data as D
+    from lgm_lab import data_cache as C
 
     copy = tmp_path / "staged" / "src" / "0123456789abcdef"
     (copy / "FashionMNIST" / "raw").mkdir(parents=True)
@@ -212,14 +213,14 @@ def test_a_removal_never_skips_the_lock(tmp_path, monkeypatch):
     real_is_file = Path.is_file
     monkeypatch.setattr(Path, "is_file", lambda p: False if p.name == D.STAGED_MARK else real_is_file(p))
     try:
-        assert D._remove_copy(copy) is False and (copy / "FashionMNIST" / "raw").is_dir()
-        D._drop_copy(copy)  # nor does dropping a copy this process could not read remove it from under a reader
+        assert C.remove_copy(copy) is False and (copy / "FashionMNIST" / "raw").is_dir()
+        C.drop_copy(copy)  # nor does dropping a copy this process could not read remove it from under a reader
         assert (copy / "FashionMNIST" / "raw").is_dir()
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-    assert D._remove_copy(copy) is True and not copy.exists()  # free: removed
-    assert D._remove_copy(copy) is False  # gone: nothing to remove
+    assert C.remove_copy(copy) is True and not copy.exists()  # free: removed
+    assert C.remove_copy(copy) is False  # gone: nothing to remove
 
 
 # ----------------------------------------------------------------------------- 4, 12. reuse
