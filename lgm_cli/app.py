@@ -5,7 +5,7 @@
 - :mod:`lgm_cli.adversarial`: ``lgm attack``, ``lgm verify``, ``lgm centers``;
 - :mod:`lgm_cli.figures`: ``lgm embed``, ``lgm curves``;
 - :mod:`lgm_cli.experiments`: ``lgm reproduce``, ``lgm inverse-centers``, ``lgm ablation``;
-- :mod:`lgm_cli.detection`: ``lgm detect fit``, ``lgm detect score``, ``lgm ood``;
+- :mod:`lgm_cli.detection`: ``lgm detect fit``, ``lgm detect score``; :mod:`lgm_cli.ood`: ``lgm ood``;
 - :mod:`lgm_cli.system`: ``lgm info``, ``lgm bench``, ``lgm cache``;
 - :mod:`lgm_cli.options`: what they share (options, checks, one-line errors, JSON).
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from . import adversarial, detection, evaluate, experiments, figures, system, train
+from . import adversarial, detection, evaluate, experiments, figures, ood, system, train
 
 app = typer.Typer(help="lgm-ext: fused L-GM loss and attack operators for PyTorch; training and evaluation of "
                        "softmax, center-loss and L-GM heads.", no_args_is_help=True,
@@ -59,7 +59,7 @@ app.command("inverse-centers")(experiments.inverse_centers)
 app.command("ablation")(experiments.ablation)
 app.command("budget")(experiments.budget)
 app.add_typer(detection.detect_app, name="detect")
-app.command("ood")(detection.ood)
+app.command("ood")(ood.ood)
 
 
 def main() -> None:

@@ -247,6 +247,14 @@ def write_json(path: Optional[Path], obj) -> None:
             fail(err)
 
 
+def check_fpr_option(fpr: float) -> None:
+    """``--fpr``: a false-rejection rate in (0, 1), else ValueError naming the option."""
+    import math
+
+    if not (math.isfinite(fpr) and 0.0 < fpr < 1.0):
+        raise ValueError(f"--fpr must lie in (0, 1), got {fpr}")
+
+
 def check_common(device: Optional[str], batch_size: int, subset: Optional[int], json_out: Optional[Path] = None,
                  fmt: Optional[str] = None, inputs=()) -> str:
     """Check the shared options before any work (``inputs``: the files the command reads, which --json
