@@ -108,8 +108,8 @@ def ood(
     progress: bool = progress_opt(),
 ) -> None:
     """Out-of-distribution and adversarial detection of given models, without training: each detector (L-GM
-    likelihood and mixture; Mahalanobis, KNN, ViM, Energy, MaxLogit, max-softmax, center distance) calibrated at
-    each --fpr, then rejections, AUROC, AUPR, FPR at 95% TPR (both conventions) and EER on digits, noise,
+    likelihood and mixture; Mahalanobis, KNN, ViM, Energy, MaxLogit, max-softmax, center distance; Mahalanobis-L2
+    and Mahalanobis combined) calibrated at each --fpr, then rejections, AUROC, AUPR, FPR at 95% TPR (both conventions) and EER on digits, noise,
     Gaussian noise, inverted images, natural-image patches, held-out classes (runs trained with --classes),
     --ood-data, FGSM and PGD-10; the adaptive attack's success with each detector on."""
     from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint
