@@ -109,9 +109,10 @@ def ood(
 ) -> None:
     """Out-of-distribution and adversarial detection of given models, without training: each detector (L-GM
     likelihood and mixture; Mahalanobis, KNN, ViM, Energy, MaxLogit, max-softmax, center distance; Mahalanobis-L2
-    and Mahalanobis combined) calibrated at each --fpr, then rejections, AUROC, AUPR, FPR at 95% TPR (both conventions) and EER on digits, noise,
-    Gaussian noise, inverted images, natural-image patches, held-out classes (runs trained with --classes),
-    --ood-data, FGSM and PGD-10; the adaptive attack's success with each detector on."""
+    and Mahalanobis combined) calibrated at each --fpr, then rejections, AUROC, AUPR, FPR at 95% TPR (both
+    conventions) and EER on digits, noise, Gaussian noise, inverted images, natural-image patches, held-out classes
+    (runs trained with --classes), --ood-data, FGSM and PGD-10; the adaptive attack's success with each detector
+    on."""
     from lgm_lab.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint
     from lgm_lab.data import DatasetUnavailable
     from lgm_lab.detection_protocol import detection_data, detector_names, measure_network

@@ -16,6 +16,7 @@ from lgm_ext.detectors import (
     Detector,
     EnergyDetector,
     KNNDetector,
+    LikelihoodDetector,
     MaxLogitDetector,
     MaxSoftmaxDetector,
     ViMDetector,
@@ -414,3 +415,49 @@ def test_the_reports_numbers_are_the_deployed_modules(tmp_path):
                     _logits, accepted = m(data["abnormal"]["noise"])
                     assert 100.0 * (~accepted).double().mean().item() == pytest.approx(
                         r["sets"]["noise"]["rejected"]["5"]), (kind, label)
+
+
+# ----------------------------------------------------------------------------- detector files
+def _file_info():
+    return dict(checkpoint_sha256="0" * 64, checkpoint="runs/x/checkpoint.pt", dataset="fashion-mnist", classes=None,
+                head="softmax", split="heldout", fpr=0.05, fit_images=400, calibration_images=400)
+
+
+@pytest.mark.parametrize("name", ["mahalanobis-l2", "knn", "energy", "mahalanobis-l2+center-distance"])
+def test_detector_files_hold_any_member_and_refuse_a_threshold_their_calibration_could_not_give(tmp_path, name):
+    from lgm_lab.checkpoints import content_digest
+    from lgm_lab.detector_file import DetectorFileError, load_detector_file, save_detector_file
+
+    det, head, f, y, lg = _built(name)
+    det.calibrate(f, 0.05, logits=lg)
+    path = tmp_path / "det.pt"
+    save_detector_file(path, det, detector_name=name, num_classes=K, feat_dim=D, **_file_info())
+    back, info = load_detector_file(path)
+    assert info["detector_name"] == name and type(back) is type(det) and back.threshold == det.threshold
+    assert torch.equal(back.score(f, lg), det.score(f, lg))
+    # an edit with the digest recomputed: a threshold no calibration of this detector could give
+    file = torch.load(path, weights_only=True)
+    file.pop("sha256")
+    file["detector"]["threshold"] = file["detector"]["calibration_max"] + 1.0
+    file["sha256"] = content_digest(file)
+    torch.save(file, path)
+    with pytest.raises(DetectorFileError, match="calibrat"):
+        load_detector_file(path)
+
+
+def test_format_2_detector_files_still_load(tmp_path):
+    """A file lgm detect fit wrote before the family (format 2: Gaussians, 'covariance' instead of a name)."""
+    from lgm_lab.checkpoints import content_digest
+    from lgm_lab.detector_file import load_detector_file
+
+    f, y = _data()
+    for cov, name in (("tied", "mahalanobis"), ("diag", "gaussian-diag")):
+        det = LikelihoodDetector.fit(f, y, cov).calibrate(f, 0.05)
+        sd = {k: v for k, v in det.state_dict().items() if not k.startswith("calibration_m")}  # as format 2 wrote
+        file = {"format": "lgm-detector-file/2", "detector": sd, "num_classes": K, "feat_dim": D, "covariance": cov,
+                **_file_info()}
+        file["sha256"] = content_digest(file)
+        torch.save(file, tmp_path / f"{cov}.pt")
+        back, info = load_detector_file(tmp_path / f"{cov}.pt")
+        assert info["detector_name"] == name and back.covariance == cov and back.threshold == det.threshold
+        assert torch.equal(back.score(f), det.score(f))
