@@ -66,16 +66,22 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = ap.parse_args()
     times = {"fused": [], "fallback": []}
+    ratios = []  # per round: the fallback's median over the fused median (the spread a shared machine gives)
     for _ in range(args.rounds):
-        times["fused"] += run_side(False, args.calls)
-        times["fallback"] += run_side(True, args.calls)
+        fused, fallback = run_side(False, args.calls), run_side(True, args.calls)
+        times["fused"] += fused
+        times["fallback"] += fallback
+        ratios.append(statistics.median(fallback) / statistics.median(fused))
     med = {side: 1e3 * statistics.median(t) for side, t in times.items()}
     ratio = med["fallback"] / med["fused"]
+    load = os.getloadavg()[0]
     import torch
     body = (f"Command: `python benchmarks/bench_fallback.py --rounds {args.rounds} --calls {args.calls} --write` "
             f"(the L-GM loss's forward+backward, N={N}, K={K}, D={D}, float32, alpha=1, lambda_=0.1, CPU, one torch "
             f"thread; the sides alternate in their own subprocesses, the fallback with LGM_EXT_DISABLE_KERNELS=1; "
-            f"medians of {args.rounds} x {args.calls} calls; torch {torch.__version__}).\n\n"
+            f"medians of {args.rounds} x {args.calls} calls; torch {torch.__version__}; load average {load:.1f} on "
+            f"{os.cpu_count()} cores). Per round the ratio ranged {min(ratios):.1f}-{max(ratios):.1f}x (on a shared "
+            "machine it moves with the load).\n\n"
             "| path | ms per step (median) | vs fused |\n|---|---|---|\n"
             f"| fused kernels | {med['fused']:.3f} | 1.0x |\n"
             f"| pure-PyTorch path (no compiled extension) | {med['fallback']:.3f} | **{ratio:.1f}x** |\n")

@@ -21,9 +21,9 @@ DISABLE_ENV = "LGM_EXT_DISABLE_KERNELS"
 
 # The pure-PyTorch path's cost, measured (benchmarks/bench_fallback.py, docs/library.md): the L-GM loss's
 # forward+backward at N=256, K=10, D=100, float32, CPU.
-FALLBACK_SLOWDOWN = 14  # 0.148 vs 2.099 ms, benchmarks/RESULTS.md (section fallback-cpu)
+FALLBACK_SLOWDOWN = 25  # 0.109 vs 2.682 ms (24.5x; 14-30x per round), benchmarks/RESULTS.md section fallback-cpu
 FALLBACK_COST = (f"~{FALLBACK_SLOWDOWN}x slower than the fused kernels for the loss's forward+backward at N=256, K=10, "
-                 "D=100")
+                 "D=100 (14-30x measured)")
 
 
 def _extension_files() -> list[Path]:
