@@ -35,18 +35,18 @@ if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
     sys.modules[__package__ + "._C"] = None  # unimportable, as where it is absent (an import raises ImportError)
     BUILD_ERROR = f"{DISABLE_ENV}={os.environ[DISABLE_ENV].strip()} is set"
     WHY_NO_KERNELS = f"{DISABLE_ENV} is set"
-elif not _extension_files():  # installed with LGM_EXT_NO_BUILD=1, or the compile failed: nothing to load
-    _C = None
-    BUILD_ERROR = "the package was installed without its compiled extension (LGM_EXT_NO_BUILD=1, or no compiler)"
-    WHY_NO_KERNELS = "it was installed without its compiled extension (LGM_EXT_NO_BUILD=1, or no C++ compiler)"
 else:
     try:
         from . import _C  # loads the operator library (schemas + kernels)
-    except ImportError as _err:  # built for another torch, or a library it links is missing
+    except ImportError as _err:
         _C = None
         BUILD_ERROR = f"{type(_err).__name__}: {str(_err).splitlines()[0][:200]}"
-        WHY_NO_KERNELS = (f"its compiled extension did not load ({BUILD_ERROR}; built for another torch? reinstall "
-                "to rebuild it)")
+        if not _extension_files():  # installed with LGM_EXT_NO_BUILD=1, or the compile failed: nothing to load
+            WHY_NO_KERNELS = "it was installed without its compiled extension (LGM_EXT_NO_BUILD=1, or no C++ compiler)"
+            BUILD_ERROR = "the package " + WHY_NO_KERNELS[3:]
+        else:  # built for another torch, or a library it links is missing
+            WHY_NO_KERNELS = (f"its compiled extension did not load ({BUILD_ERROR}; built for another torch? "
+                              "reinstall to rebuild it)")
     else:
         BUILD_ERROR = WHY_NO_KERNELS = None
 
