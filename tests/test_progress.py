@@ -27,11 +27,10 @@ def test_a_log_gets_a_plain_line_at_a_steady_interval():
             clock.now += 1.0  # one step a second
             bar.update(task, advance=1, description=f"epoch 1/1 loss {2.0 - step / 100:.4f}")
     lines = out.getvalue().splitlines()
-    # the start, then every 30 s (steps 30, 60, 90), then the end; never wrapped at the console's width
-    assert [line.split(":")[0] for line in lines] == ["train"] + ["epoch 1/1 loss 1.7100", "epoch 1/1 loss 1.4100",
-                                                                  "epoch 1/1 loss 1.1100", "epoch 1/1 loss 1.0100"]
-    assert lines[0].startswith("train: 0/100 (0%)")
-    assert lines[1].startswith("epoch 1/1 loss 1.7100: 30/100 (30%), 64 images/s, elapsed 0:00:30, ETA 0:01:10")
+    # every 30 s (steps 30, 60, 90), then the end; never wrapped at the console's width
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/1 loss 1.7100", "epoch 1/1 loss 1.4100",
+                                                      "epoch 1/1 loss 1.1100", "epoch 1/1 loss 1.0100"]
+    assert lines[0].startswith("epoch 1/1 loss 1.7100: 30/100 (30%), 64 images/s, elapsed 0:00:30, ETA 0:01:10")
     assert lines[-1].startswith("epoch 1/1 loss 1.0100: 100/100 (100%), 64 images/s, elapsed 0:01:40")
     assert "ETA" not in lines[-1] and "\x1b" not in out.getvalue()  # plain text: no escape codes
 
@@ -39,14 +38,16 @@ def test_a_log_gets_a_plain_line_at_a_steady_interval():
 def test_a_task_without_images_per_step_counts_its_own_unit_and_an_unfinished_task_ends_with_a_line():
     out = io.StringIO()
     clock = Clock()
-    with LogProgress(Console(file=out, width=200), interval=10.0, get_time=clock) as bar:
+    with LogProgress(Console(file=out, width=200), interval=5.0, get_time=clock) as bar:
         task = bar.add_task("scoring", total=1000, unit="images")
-        for _ in range(3):
+        for _ in range(4):
             clock.now += 2.0
             bar.update(task, advance=100)
+        quick = bar.add_task("quick", total=10)  # done within the interval: prints nothing
+        bar.update(quick, advance=10)
     lines = out.getvalue().splitlines()
-    assert lines == ["scoring: 0/1000 (0%), elapsed 0:00:00, ETA -:--:--",
-                     "scoring: 300/1000 (30%), 50 images/s, elapsed 0:00:06, ETA 0:00:14"]
+    assert lines == ["scoring: 300/1000 (30%), 50 images/s, elapsed 0:00:06, ETA 0:00:14",
+                     "scoring: 400/1000 (40%), 50 images/s, elapsed 0:00:08, ETA 0:00:12"]
 
 
 def test_a_terminal_gets_a_bar_and_no_progress_prints_nothing(monkeypatch):
@@ -70,3 +71,17 @@ def test_a_terminal_gets_a_bar_and_no_progress_prints_nothing(monkeypatch):
         monkeypatch.setenv(INTERVAL_ENV, bad)
         with pytest.raises(ValueError, match=INTERVAL_ENV):
             interval_from_env()
+
+
+def test_a_long_stage_without_updates_still_prints_at_the_interval():
+    """A task that does not advance for a while (one long stage of lgm reproduce) still gets its line every
+    interval, from the timer thread; the thread ends with the display."""
+    import threading
+    import time
+
+    out = io.StringIO()
+    with LogProgress(Console(file=out, width=200), interval=0.05) as bar:
+        bar.add_task("reproduce", total=3)
+        time.sleep(0.3)
+    assert out.getvalue().count("reproduce: 0/3 (0%)") >= 2
+    assert not [t for t in threading.enumerate() if t.name == "lgm-progress"]

@@ -288,7 +288,6 @@ def test_lgm_train_into_a_log_prints_progress_lines(tmp_path, fmnist_dir):
     r = subprocess.run([*args, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if "/4 (" in line]
-    assert lines[0].startswith("train: 0/4 (0%)"), r.stdout
     step = [line for line in lines if line.startswith("epoch 1/1 loss ") and ": 2/4 (50%)" in line]
     assert step and "images/s" in step[0] and "ETA" in step[0], r.stdout
     assert len(max(r.stdout.splitlines(), key=len)) > 60  # a log line is not wrapped at the console's width
