@@ -32,7 +32,14 @@ def clamp_log_var(log_var: Tensor | None, bound: float) -> Tensor | None:
 
 class NonFiniteLossError(FloatingPointError):
     """Raised by :class:`LGMLoss` when training has gone wrong: its loss (or the features it was given) became NaN
-    or infinite.  The message names the training step and the usual causes."""
+    or infinite.  The message names the training step and the usual causes.
+
+    Args:
+        message: what became non-finite, at which training step, and the usual causes.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 # What usually makes an L-GM run diverge, and what to do (benchmarks/RECIPE.md measured them).
