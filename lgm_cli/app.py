@@ -38,7 +38,9 @@ def _list_shown_as_repeated(display_type):
     return shown
 
 
-typer.core._TyperParameter.display_type = _list_shown_as_repeated(typer.core._TyperParameter.display_type)
+_PARAM = getattr(typer.core, "_TyperParameter", None)  # typer >= 0.20's parameter base (absent: help as typer has it)
+if _PARAM is not None and hasattr(_PARAM, "display_type"):
+    _PARAM.display_type = _list_shown_as_repeated(_PARAM.display_type)
 
 
 def _version() -> str:
