@@ -8,7 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 JOBS   ?= 2
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test test-slow test-all lint docs bench build-cpu clean gpu-check test-sanitize
+.PHONY: install demo test test-reference test-slow test-all lint docs bench build-cpu clean gpu-check test-sanitize
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The fast tier against the pure-PyTorch path, as a user without a compiler has it (LGM_EXT_NO_BUILD=1): with
+# LGM_EXT_DISABLE_KERNELS=1 the package does not load its compiled extension and runs exactly the code of an
+# installation without it; the tests that need the kernels (marker `kernels`) skip, saying so.  CI runs it.
+test-reference: install
+	LGM_EXT_DISABLE_KERNELS=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
 test-all: install
 	$(PY) -m pytest -q

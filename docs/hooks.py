@@ -2,12 +2,16 @@
 
 - ``cli-reference.md``: every ``lgm`` command's ``--help``, rendered from the Typer app (``lgm_cli.app``) at
   80 columns, as a terminal shows it;
-- ``benchmark-results.md``: ``benchmarks/RESULTS.md``, which lives beside the benchmarks that write it.
+- ``benchmark-results.md``: ``benchmarks/RESULTS.md``, which lives beside the benchmarks that write it;
+
+and ``404.html`` with links relative to the site's root (mkdocs writes them root-absolute, ``/assets/...``, which
+break when the site is opened from disk or served under a sub-path).
 
 Both are built from this checkout (its root goes first on ``sys.path``); nothing is fetched.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -56,3 +60,16 @@ def on_files(files, config):
     results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     files.append(File.generated(config, "benchmark-results.md", content=results))
     return files
+
+
+def relative_404(html: str) -> str:
+    """404.html (at the site's root) with its root-absolute links (``href="/x"``, ``src="/x"``, the theme's
+    ``"base": "/"``) made relative to that root."""
+    html = re.sub(r'\b(href|src|action)="/(?!/)', r'\1="./', html)
+    return html.replace('"base": "/"', '"base": "."')
+
+
+def on_post_build(config):
+    page = Path(config["site_dir"]) / "404.html"
+    if page.exists():
+        page.write_text(relative_404(page.read_text()))

@@ -14,13 +14,33 @@ Each command is a thin layer over a library function.  Nothing here imports torc
 """
 from __future__ import annotations
 
+import re
+
 import typer
+import typer.core
 
 from . import adversarial, detection, evaluate, experiments, figures, ood, system, train
 
 app = typer.Typer(help="lgm-ext: fused L-GM loss and attack operators for PyTorch; training and evaluation of "
                        "softmax, center-loss and L-GM heads.", no_args_is_help=True,
                   rich_markup_mode=None)  # click's plain help: readable at 80 columns (rich's panels squeeze it)
+
+
+def _list_shown_as_repeated(display_type):
+    """Typer shows a list-valued parameter's type as a Python type (``<list[Path]>``); --help shows the
+    element's type, repeated (``<path>...``), as it shows every other type."""
+
+    def shown(self, ctx) -> str:
+        text = display_type(self, ctx)
+        m = re.fullmatch(r"<list\[(.+)\]>", text)
+        return f"<{m.group(1).lower()}>..." if m else text
+
+    return shown
+
+
+_PARAM = getattr(typer.core, "_TyperParameter", None)  # typer >= 0.20's parameter base (absent: help as typer has it)
+if _PARAM is not None and hasattr(_PARAM, "display_type"):
+    _PARAM.display_type = _list_shown_as_repeated(_PARAM.display_type)
 
 
 def _version() -> str:

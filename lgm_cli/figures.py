@@ -34,7 +34,7 @@ def embed(
     batch_size: int = batch_opt(),
     progress: bool = progress_opt(),
 ) -> None:
-    """Paper Fig. 1: the 2-D feature embedding of the training set (legend: class names).
+    """The paper's Figure 1: the 2-D feature embedding of the training set (legend: class names).
 
     For an L-GM head, also its likelihood map and FGSM examples."""
     from lgm_ext import Classifier

@@ -17,7 +17,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn
 
 console = Console()
 err_console = Console(stderr=True)
@@ -26,7 +25,8 @@ DEVICE_HELP = "auto | cpu | cuda | cuda:N (default auto: cuda when available, el
 SUBSET_HELP = ("use N test images: the seeded selection `lgm train --test-subset N` evaluates on "
                "(default: the whole test set)")
 BATCH_HELP = "images per forward/backward pass"
-PROGRESS_HELP = "show progress bars (--no-progress for logs)"
+PROGRESS_HELP = ("show progress: a bar on a terminal, a plain line every 30 s in a log "
+                 "(LGM_PROGRESS_INTERVAL=seconds); --no-progress: none")
 FORMAT_HELP = "figure format: png | pdf | svg (vector, for papers)"
 JSON_HELP = "also write the numbers as JSON to this file (with the dataset and checkpoints)"
 
@@ -61,11 +61,11 @@ def json_opt():
 
 
 def progress_bar(enabled: bool):
-    """A rich progress display (bar, count, elapsed, remaining) on stderr, off with --no-progress."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
+    """Progress on stderr, off with --no-progress: a rich bar (count, elapsed, remaining) on a terminal, a plain
+    line every 30 s (LGM_PROGRESS_INTERVAL) when stderr is not a terminal (lgm_lab.progress)."""
+    from lgm_lab.progress import progress
 
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled)
+    return progress(enabled, err_console)
 
 
 # Folders this command created (out_folder), removed again if it fails while they are still empty: a refused

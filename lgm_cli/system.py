@@ -25,9 +25,11 @@ def info() -> None:
     t = Table(show_header=False)
     t.add_row("lgm_ext", lgm_ext.__version__)
     t.add_row("torch", torch.__version__)
+    from lgm_ext._ops import FALLBACK_COST, WHY_NO_KERNELS
+
     fused = lgm_ext.has_fused_kernels()
-    t.add_row("operators", "fused C++ kernels" if fused else "pure PyTorch (lgm_ext.reference): the extension is "
-              "not built; reinstall with a C++ compiler for the fused kernels")
+    t.add_row("operators", "fused C++ kernels" if fused else f"pure PyTorch (lgm_ext.reference), because "
+              f"{WHY_NO_KERNELS}; {FALLBACK_COST}")
     t.add_row("CUDA kernels compiled", "yes" if lgm_ext.has_cuda_kernels() else "no")
     t.add_row("GPU available", torch.cuda.get_device_name() if torch.cuda.is_available() else "no")
     console.print(t)

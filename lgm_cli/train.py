@@ -12,10 +12,31 @@ import typer
 
 from lgm_lab import config
 
-from .options import check_positive, choices, console, err_console, fail
+from .options import PROGRESS_HELP, check_positive, choices, console, err_console, fail
 
 Preset = choices("Preset", (*config.PRESETS, *config.RENAMED_PRESETS))
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def shown_default(value) -> str:
+    """A default as a reader wants it: a multiple of 1/255 (a pixel step) as ``4/255``, other floats in their
+    shortest form (``%g``), None as ``none``."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        steps = value * 255
+        if value and abs(steps - round(steps)) < 1e-9 and round(steps) % 255:
+            return f"{round(steps)}/255"
+        return f"{value:g}"
+    return str(value)
+
+
+def _help_with_default(text: str, default) -> str:
+    """``text`` with its default and that a preset may change it, said once: a help that names its default
+    ("(default: all)") gets ", or the preset's" inside it."""
+    if text.endswith(")") and "(default: " in text:
+        return text[:-1] + ", or the preset's)"
+    return f"{text} (default: {shown_default(default)}, or the preset's)"
 
 
 def _config_parameters() -> list[inspect.Parameter]:
@@ -25,13 +46,14 @@ def _config_parameters() -> list[inspect.Parameter]:
     for f in config.config_fields():
         base = _TYPES[str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")]
         flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
-        help_ = f"{f.metadata['help']} (default: {f.default}, or the preset's)"
+        help_ = _help_with_default(f.metadata["help"], f.default)
         values = f.metadata.get("choices")
         if values is not None:
             base = choices(f.name.title().replace("_", ""), values)
         decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base],
-                                        default=typer.Option(None, *decls, help=help_)))
+                                        default=typer.Option(None, *decls, help=help_,
+                                                             metavar=f.metadata.get("metavar"))))
     return params
 
 
@@ -95,16 +117,16 @@ _PARAMS = [
     inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Option(
         Path("runs/train"), "--out", "-o", help="run folder: checkpoint.pt, metrics.json, metrics.csv, config.json")),
     inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Preset], default=typer.Option(
-        None, help="small (4 epochs of 10,000 images: a few minutes on 2 cores; formerly quick) | report (the "
-                   "inverse-adversary report's recipe) | paper (the L-GM paper's LeNet++ setting); explicit options "
-                   "win")),
+        None, metavar="<" + "|".join(config.PRESETS) + ">",  # quick, small's old name, works but is not offered
+        help="small (4 epochs of 10,000 images: a few minutes on 2 cores; formerly quick) | report (the "
+             "inverse-adversary report's recipe) | paper (the L-GM paper's LeNet++ setting); explicit options win")),
     *_config_parameters(),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, help="continue the run in --out from its last completed epoch")),
     inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, help="replace a run already in --out (without it, or --resume, such a folder is refused)")),
     inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        True, help="show progress bars")),
+        True, help=PROGRESS_HELP)),
     inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
         1, help="data-parallel processes (DistributedDataParallel; gloo on CPU, one GPU each with NCCL); "
                 "--batch-size is the global batch")),

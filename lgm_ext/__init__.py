@@ -15,7 +15,7 @@ from .deploy import RejectingClassifier
 from .detector import LikelihoodDetector
 from .functional import lgm_log_likelihood, lgm_logits, lgm_loss, lgm_loss_and_logits, pgd_step, pgd_step_
 from .inverse import InverseAdversaryCenterLoss, inverse_adversary_features
-from .modules import CenterLoss, Classifier, LGMLoss, param_groups
+from .modules import CenterLoss, Classifier, LGMLoss, NonFiniteLossError, param_groups
 
 __all__ = [
     "lgm_loss",
@@ -25,6 +25,7 @@ __all__ = [
     "pgd_step",
     "pgd_step_",
     "LGMLoss",
+    "NonFiniteLossError",
     "CenterLoss",
     "Classifier",
     "InverseAdversaryCenterLoss",

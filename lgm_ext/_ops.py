@@ -8,26 +8,54 @@ the modules, attacks and detector run the pure-PyTorch path (:mod:`lgm_ext.refer
 and gradients; only the class-sharded head and the private test hooks need the kernels."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-try:
-    from . import _C  # loads the operator library (schemas + kernels)
-except ImportError as _err:  # not built, or built for another torch
+#: Set to 1, the package ignores its compiled extension and runs the pure-PyTorch path, exactly what an
+#: installation without the extension (``LGM_EXT_NO_BUILD=1``, no compiler) runs (``make test-reference``).
+DISABLE_ENV = "LGM_EXT_DISABLE_KERNELS"
+
+# The pure-PyTorch path's cost, measured (benchmarks/bench_fallback.py, docs/library.md): the L-GM loss's
+# forward+backward at N=256, K=10, D=100, float32, CPU.
+FALLBACK_SLOWDOWN = 25  # 0.109 vs 2.682 ms (24.5x; 14-30x per round), benchmarks/RESULTS.md section fallback-cpu
+FALLBACK_COST = (f"~{FALLBACK_SLOWDOWN}x slower than the fused kernels for the loss's forward+backward at N=256, K=10, "
+                 "D=100 (14-30x measured)")
+
+
+def _extension_files() -> list[Path]:
+    return sorted(Path(__file__).parent.glob("_C.*"))
+
+
+if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
     _C = None
-    BUILD_ERROR = f"{type(_err).__name__}: {_err}"
+    sys.modules[__package__ + "._C"] = None  # unimportable, as where it is absent (an import raises ImportError)
+    BUILD_ERROR = f"{DISABLE_ENV}={os.environ[DISABLE_ENV].strip()} is set"
+    WHY_NO_KERNELS = f"{DISABLE_ENV} is set"
 else:
-    BUILD_ERROR = None
+    try:
+        from . import _C  # loads the operator library (schemas + kernels)
+    except ImportError as _err:
+        _C = None
+        BUILD_ERROR = f"{type(_err).__name__}: {str(_err).splitlines()[0][:200]}"
+        if not _extension_files():  # installed with LGM_EXT_NO_BUILD=1, or the compile failed: nothing to load
+            WHY_NO_KERNELS = "it was installed without its compiled extension (LGM_EXT_NO_BUILD=1, or no C++ compiler)"
+            BUILD_ERROR = "the package " + WHY_NO_KERNELS[3:]
+        else:  # built for another torch, or a library it links is missing
+            WHY_NO_KERNELS = (f"its compiled extension did not load ({BUILD_ERROR}; built for another torch? "
+                              "reinstall to rebuild it)")
+    else:
+        BUILD_ERROR = WHY_NO_KERNELS = None
 
 #: Whether the fused C++/CUDA kernels are loaded (False: the pure-PyTorch path runs).
 HAVE_KERNELS = _C is not None
 
 if not HAVE_KERNELS:
-    warnings.warn("lgm_ext: the fused C++/CUDA kernels are not available (" + str(BUILD_ERROR).splitlines()[0][:200]
-                  + "); the operators run the pure-PyTorch path (lgm_ext.reference): the same API, checks and "
-                  "gradients, slower. Reinstall with a C++ compiler for the fused kernels (`lgm info` says which "
-                  "path is active).", RuntimeWarning, stacklevel=2)
+    warnings.warn(f"lgm_ext runs the pure-PyTorch path (lgm_ext.reference: the same API, checks and gradients), "
+                  f"because {WHY_NO_KERNELS}; it is {FALLBACK_COST}.", RuntimeWarning, stacklevel=2)
 
 ops = torch.ops.lgm_ext
 
@@ -61,7 +89,7 @@ def has_cuda_kernels() -> bool:
         False for a CPU-only build (``LGM_EXT_CPU_ONLY=1``, or no CUDA toolkit at build time) and for an
         installation without the compiled kernels (:func:`has_fused_kernels`).
     """
-    return HAVE_KERNELS and torch._C._dispatch_has_kernel_for_dispatch_key("lgm_ext::lgm_loss_forward", "CUDA")
+    return HAVE_KERNELS and ops.lgm_loss_forward.default.has_kernel_for_dispatch_key("CUDA")
 
 
 def require_kernels(what: str) -> None:

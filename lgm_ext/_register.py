@@ -176,5 +176,5 @@ for _op in ("lgm_loss_backward", "lgm_logits_backward"):
 AUTOCAST_OPS = ("lgm_loss_forward", "lgm_logits", "lgm_log_likelihood")
 for _op in AUTOCAST_OPS:
     for _device in ("cpu", "cuda"):
-        if torch._C._is_autocast_available(_device):
+        if torch.amp.is_autocast_available(_device):
             torch.library.register_autocast(f"lgm_ext::{_op}", _device, torch.float32)

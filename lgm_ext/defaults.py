@@ -20,3 +20,7 @@ CENTER_RATE = 0.5
 
 # The head's learning-rate multiplier (the L-GM means and log-variances follow the feature clusters).
 HEAD_LR_MULT = 10.0
+
+# LGMLoss reads its divergence record (a NaN or infinite loss or features) every this many training steps: one host
+# sync per that many steps (its cost: benchmarks/RECIPE.md).
+CHECK_FINITE_EVERY = 50

@@ -71,7 +71,8 @@ def check_labels(labels: Tensor, n: int, k: int) -> None:
         raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
+    if n and labels.device.type != "meta" and not torch.compiler.is_compiling() \
+            and (int(labels.min()) < 0 or int(labels.max()) >= k):  # (compiled: the gather refuses them)
         raise ValueError(f"labels must lie in [0, K) = [0, {k})")
 
 
@@ -97,7 +98,8 @@ def _check_inputs(op: str, features: Tensor, means: Tensor, log_var: Tensor | No
                          f"D={features.shape[1]}")
     for name, t in (("means", means), ("log_var", log_var)):
         if t is not None and t.dtype != features.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but features has dtype {features.dtype}")
+            raise TypeError(f"{op}: {name} has dtype {_dtype_name(t)} but features has dtype {_dtype_name(features)}"
+                            f"{_MIXED}")
         if t is not None and t.device != features.device:
             raise ValueError(f"{op}: {name} is on {t.device} but features is on {features.device}")
     if log_var is not None and log_var.shape != means.shape:
@@ -110,6 +112,26 @@ def _check_inputs(op: str, features: Tensor, means: Tensor, log_var: Tensor | No
     check_labels(labels, features.shape[0], means.shape[0])
     if labels.device != features.device:
         raise ValueError(f"{op}: labels is on {labels.device} but features is on {features.device}")
+
+
+# as csrc/host.cpp check_same
+_MIXED = ("; mixed dtypes are not supported (under torch.autocast the operators cast to float32; otherwise "
+          "convert, e.g. the module with .to(dtype))")
+
+
+def _dtype_name(t: Tensor) -> str:
+    return {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+            torch.float16: "Half"}.get(t.dtype, str(t.dtype))
+
+
+def _autocast(*tensors):
+    """The operators' autocast policy (lgm_ext._register), for the pure-PyTorch path: inside torch.autocast,
+    bfloat16/float16/float32 inputs are computed in float32 (float64 stays float64)."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return tensors
+    cast = (torch.bfloat16, torch.float16, torch.float32)
+    return tuple(t.float() if t is not None and t.dtype in cast else t for t in tensors)
 
 
 def _in_acc(*tensors):
@@ -161,6 +183,7 @@ def lgm_loss_and_logits(
             _tensor("labels", labels))
     a, lam, red, impl = _nonneg("alpha", alpha), _nonneg("lambda_", lambda_), _reduction(reduction), _impl(impl)
     if not HAVE_KERNELS:  # installed without the compiled kernels: the reference, with the kernels' checks
+        args = (*_autocast(*args[:3]), args[3])
         _check_inputs("lgm_loss", *args, labels_required=True)
         args = (*_in_acc(*args[:3]), args[3].long())
         impl = "reference"
@@ -235,6 +258,7 @@ def lgm_logits(
             _tensor("labels", labels, optional=True))
     a, impl = _nonneg("alpha", alpha), _impl(impl)
     if not HAVE_KERNELS:
+        args = (*_autocast(*args[:3]), args[3])
         _check_inputs("lgm_logits", *args, labels_required=False)
         args = (*_in_acc(*args[:3]), None if labels is None else args[3].long())
         impl = "reference"
@@ -261,6 +285,7 @@ def lgm_log_likelihood(features: Tensor, means: Tensor, log_var: Tensor | None =
     """
     args = (_tensor("features", features), _tensor("means", means), _tensor("log_var", log_var, optional=True))
     if not HAVE_KERNELS:
+        args = _autocast(*args)
         _check_inputs("lgm_log_likelihood", *args, None, labels_required=False)
         return reference.lgm_log_likelihood(*_in_acc(*args))
     if _impl(impl) == "reference":
@@ -336,21 +361,47 @@ def pgd_step_(
     with torch.no_grad():
         if not HAVE_KERNELS:
             _check_pgd("pgd_step_", x, grad, x_orig, a)
-            if torch._C._debug_has_internal_overlap(x) == 1:  # MemOverlap::Yes
-                raise ValueError("pgd_step_: x has elements that share memory (an expanded tensor)")
+            # as torch's in-place ops (csrc/host.cpp check_pgd_inplace)
+            if any(size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride())):
+                raise ValueError("pgd_step_: x has elements that share memory (an expanded or stride-0 tensor) and "
+                                 "cannot be written in place; pass x.clone()")
             for name, t in (("grad", grad), ("x_orig", x_orig)):
-                if t is not x and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-                    raise ValueError(f"pgd_step_: {name} shares memory with x")
+                if _partly_overlaps(x, t):
+                    raise ValueError(f"pgd_step_: {name} partly overlaps x (some of their elements share memory), so "
+                                     f"writing x would change {name} while it is read; torch's in-place ops refuse "
+                                     f"this too -- pass {name}.clone()")
             x.copy_(reference.pgd_step(*_in_acc(x, grad, x_orig), alpha=a, eps=e, lower=lo, upper=hi))
             return x
         ops.pgd_step_(x, grad, x_orig, a, e, lo, hi)
     return x
 
 
+def _byte_span(t: Tensor) -> tuple[int, int]:
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def _partly_overlaps(x: Tensor, t: Tensor) -> bool:
+    """torch's MemOverlapStatus::Partial (at::get_overlap_status) from public attributes: ``t`` and ``x`` share
+    some memory but are not the same elements.  Tensors that are not contiguous are not judged (torch's
+    TooHard: allowed)."""
+    if t.numel() == 0 or x.numel() == 0 or t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        return False
+    if t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.stride() == x.stride():
+        return False  # the same elements (full overlap): each is read before it is written
+    if not (x.is_contiguous() and t.is_contiguous()):
+        return False
+    (a0, a1), (b0, b1) = _byte_span(x), _byte_span(t)
+    return a0 < b1 and b0 < a1
+
+
 def _check_pgd(op: str, x: Tensor, grad: Tensor, x_orig: Tensor, alpha: float) -> None:
     """The fused step's checks (csrc/host.cpp), for the pure-PyTorch path."""
     if x.dtype not in _STORAGE:
         raise TypeError(f"{op}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    for name, t in (("grad", grad), ("x_orig", x_orig)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"pgd_step: {name} has dtype {_dtype_name(t)} but x has dtype {_dtype_name(x)}{_MIXED}")
     for name, t in (("grad", grad), ("x_orig", x_orig)):
         if t.shape != x.shape:
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}")

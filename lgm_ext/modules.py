@@ -5,10 +5,10 @@ import torch
 from torch import Tensor, nn
 
 from ._ops import IMPLS
-from .defaults import CENTER_RATE, HEAD_LR_MULT, LGM_ALPHA, LGM_LAMBDA, LOG_VAR_BOUND
+from .defaults import CENTER_RATE, CHECK_FINITE_EVERY, HEAD_LR_MULT, LGM_ALPHA, LGM_LAMBDA, LOG_VAR_BOUND
 from .functional import _nonneg, check_labels, lgm_log_likelihood, lgm_logits, lgm_loss_and_logits
 
-__all__ = ["LGMLoss", "CenterLoss", "Classifier", "head_logits", "param_groups", "LIKELIHOODS"]
+__all__ = ["LGMLoss", "CenterLoss", "Classifier", "head_logits", "param_groups", "LIKELIHOODS", "NonFiniteLossError"]
 
 # The likelihood terms LGMLoss can add (lambda_ times, per sample n with label y):
 #   "full"      d[n, y] + 0.5 * sum_j log_var[y, j]   -- Eq. 17 / docs/SPEC.md section 1 (the default)
@@ -28,6 +28,26 @@ def clamp_log_var(log_var: Tensor | None, bound: float) -> Tensor | None:
     """The one log-variance rule of every L-GM head: ``log_var`` clamped to ``[-bound, bound]`` (beyond the
     bound the gradient is 0; NaN stays NaN)."""
     return None if log_var is None else log_var.clamp(-bound, bound)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised by :class:`LGMLoss` when training has gone wrong: its loss (or the features it was given) became NaN
+    or infinite.  The message names the training step and the usual causes.
+
+    Args:
+        message: what became non-finite, at which training step, and the usual causes.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+# What usually makes an L-GM run diverge, and what to do (benchmarks/RECIPE.md measured them).
+_DIVERGENCE_CAUSES = (
+    "Usual causes: a learning rate too high for this network (the head's is lr * head_lr_mult), no gradient "
+    "clipping (torch.nn.utils.clip_grad_norm_(params, 10.0) before optimizer.step()), or no warm-up "
+    "(warmup_steps); the features of a diverged network stay non-finite, so restart from a checkpoint "
+    "taken before that step with a lower lr, a clip or a longer warm-up.")
 
 
 class LGMLoss(nn.Module):
@@ -51,6 +71,16 @@ class LGMLoss(nn.Module):
     within ~15 SGD steps (docs/SPEC.md section 5); about one epoch of ramp
     avoids it.  ``warmup_steps=0`` (default) disables the ramp.
     :attr:`current_alpha` and :attr:`current_lambda` are the values in force.
+    Under ``torch.compile`` the ramp is computed from the ``step`` buffer as a tensor, so a compiled head
+    with a warm-up has no graph break and does not recompile as the step advances.
+
+    Divergence check: in training mode the head records, on the device and without waiting for it, the first
+    training step whose loss or features are NaN or infinite; every ``check_finite_every`` training forwards
+    (and whenever :meth:`check_finite` is called) it reads that record -- one host sync per that many steps,
+    not one per step -- and raises :class:`NonFiniteLossError` naming the step and the usual causes.  The
+    read happens at the start of a forward, so it reports a step up to ``check_finite_every`` steps back.
+    ``check_finite_every=0`` turns the check off.  Under ``torch.compile`` the record is kept but read only
+    by :meth:`check_finite` (call it where you read the loss).
 
     Initialisation: means Xavier-uniform, log-variances 0.  ``log_var`` is
     clamped to ``[-log_var_bound, log_var_bound]`` in every forward: a
@@ -78,6 +108,7 @@ class LGMLoss(nn.Module):
         warmup_steps: training forwards over which ``alpha`` and ``lambda_`` ramp from 0 (0: no ramp).
         impl: ``"auto"``, ``"direct"``, ``"gemm"`` or ``"reference"`` (:data:`lgm_ext.IMPLS`).
         likelihood: ``"full"``, ``"no-logdet"`` or ``"identity"`` (above).
+        check_finite_every: read the divergence record every this many training forwards (0: never; above).
 
     ``forward(features, labels)`` takes (N, D) features and (N,) integer labels and returns
     ``(loss, logits)``: the loss (reduced as ``reduction`` says) and the (N, K) margin-free logits.
@@ -96,6 +127,7 @@ class LGMLoss(nn.Module):
         warmup_steps: int = 0,
         impl: str = "auto",
         likelihood: str = "full",
+        check_finite_every: int = CHECK_FINITE_EVERY,
     ) -> None:
         super().__init__()
         if num_classes < 1 or feat_dim < 1:
@@ -109,6 +141,10 @@ class LGMLoss(nn.Module):
         _nonneg("alpha", alpha), _nonneg("lambda_", lambda_)
         if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps}")
+        if isinstance(check_finite_every, bool) or not isinstance(check_finite_every, int) or check_finite_every < 0:
+            raise ValueError(f"check_finite_every must be an integer >= 0 (0: no check), got {check_finite_every!r}")
+        self.check_finite_every = check_finite_every
+        self._forwards = 0  # training forwards in this process (host side: when to read the record)
         self.num_classes, self.feat_dim = num_classes, feat_dim
         self.alpha, self.lambda_ = float(alpha), float(lambda_)
         self.covariance, self.impl, self.reduction = covariance, impl, reduction
@@ -121,6 +157,10 @@ class LGMLoss(nn.Module):
         else:
             self.register_parameter("log_var", None)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # the first training step whose loss or features were non-finite (-1: none), and whether its features were;
+        # not saved in the state dict
+        self.register_buffer("_nonfinite_step", torch.full((), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("_nonfinite_features", torch.zeros((), dtype=torch.bool), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,6 +168,8 @@ class LGMLoss(nn.Module):
         if self.log_var is not None:
             nn.init.zeros_(self.log_var)
         self.step.zero_()
+        self._nonfinite_step.fill_(-1)
+        self._nonfinite_features.fill_(False)
 
     def extra_repr(self) -> str:
         return (
@@ -156,24 +198,89 @@ class LGMLoss(nn.Module):
         return clamp_log_var(self.log_var, self.log_var_bound)
 
     def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        ramp = self._ramp()
-        lam, log_var = ramp * self.lambda_, self.clamped_log_var()
-        if self.likelihood == "full" or lam == 0.0:
-            out = lgm_loss_and_logits(features, self.means, log_var, labels, alpha=ramp * self.alpha, lambda_=lam,
-                                      reduction=self.reduction, impl=self.impl)
+        compiling = torch.compiler.is_compiling()
+        if self.training and not compiling and self.check_finite_every:
+            if self._forwards and self._forwards % self.check_finite_every == 0:
+                self.check_finite()
+            self._forwards += 1
+        if compiling and self.warmup_steps > 0:
+            out = self._ramped_forward(features, labels)
         else:
-            loss, logits = lgm_loss_and_logits(features, self.means, log_var, labels, alpha=ramp * self.alpha,
-                                               lambda_=0.0, reduction="none", impl=self.impl)
-            diff = features.to(loss.dtype) - self.means.to(loss.dtype).index_select(0, labels)
-            sq = diff * diff
-            if self.likelihood == "no-logdet" and log_var is not None:
-                sq = sq * torch.exp(-log_var.to(loss.dtype).index_select(0, labels))
-            loss = loss + lam * 0.5 * sq.sum(1)
-            out = (loss.mean() if self.reduction == "mean" else loss.sum() if self.reduction == "sum" else loss,
-                   logits)
+            out = self._forward(features, labels, self._ramp())
         if self.training:
+            if self.check_finite_every:
+                self._record_nonfinite(out[0], features)
             self.step.add_(1)
         return out
+
+    def _forward(self, features: Tensor, labels: Tensor, ramp: float) -> tuple[Tensor, Tensor]:
+        lam, log_var = ramp * self.lambda_, self.clamped_log_var()
+        if self.likelihood == "full" or lam == 0.0:
+            return lgm_loss_and_logits(features, self.means, log_var, labels, alpha=ramp * self.alpha, lambda_=lam,
+                                       reduction=self.reduction, impl=self.impl)
+        loss, logits = lgm_loss_and_logits(features, self.means, log_var, labels, alpha=ramp * self.alpha,
+                                           lambda_=0.0, reduction="none", impl=self.impl)
+        loss = loss + lam * self._likelihood_term(features, labels, log_var, loss.dtype)[1]
+        return self._reduce(loss), logits
+
+    def _likelihood_term(self, features: Tensor, labels: Tensor, log_var: Tensor | None, dtype: torch.dtype):
+        """The labelled class's distance ``d[n, y]`` and the likelihood term of :attr:`likelihood`, from the
+        labelled rows only (N x D), in ``dtype``."""
+        diff = features.to(dtype) - self.means.to(dtype).index_select(0, labels)
+        sq = diff * diff
+        lv = None if log_var is None else log_var.to(dtype).index_select(0, labels)
+        d = 0.5 * (sq if lv is None else sq * torch.exp(-lv)).sum(1)
+        if self.likelihood == "full":
+            term = d if lv is None else d + 0.5 * lv.sum(1)
+        elif self.likelihood == "no-logdet":
+            term = d
+        else:  # identity
+            term = 0.5 * sq.sum(1)
+        return d, term
+
+    def _reduce(self, loss: Tensor) -> Tensor:
+        return loss.mean() if self.reduction == "mean" else loss.sum() if self.reduction == "sum" else loss
+
+    def _ramped_forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss with the warm-up ramp as a tensor (``torch.compile``): the fused margin-free logits, the
+        margin and the likelihood term added from the labelled rows -- the same loss as :meth:`_forward`
+        without reading the step on the host (a graph break, and a recompile per step)."""
+        log_var = self.clamped_log_var()
+        logits = lgm_logits(features, self.means, log_var, impl=self.impl)  # (N, K), margin-free
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() \
+                or labels.dtype == torch.bool or labels.shape != (features.shape[0],):  # (the range: cross_entropy)
+            raise TypeError(f"labels must be an integer tensor of shape ({features.shape[0]},)")
+        labels = labels.long()
+        d, term = self._likelihood_term(features, labels, log_var, logits.dtype)
+        ramp = (self.step.to(logits.dtype) / self.warmup_steps).clamp(max=1.0)
+        margin = torch.zeros_like(logits).scatter(1, labels[:, None], (ramp * self.alpha * d)[:, None])
+        loss = nn.functional.cross_entropy(logits - margin, labels, reduction="none") \
+            + ramp * self.lambda_ * term
+        return self._reduce(loss), logits
+
+    @torch.no_grad()
+    def _record_nonfinite(self, loss: Tensor, features: Tensor) -> None:
+        """Record (on the device, no host sync) the first step whose loss or features are non-finite."""
+        bad_features = ~torch.isfinite(features).all()
+        bad = (~torch.isfinite(loss).all() | bad_features) & (self._nonfinite_step < 0)
+        self._nonfinite_step.copy_(torch.where(bad, self.step, self._nonfinite_step))
+        self._nonfinite_features.logical_or_(bad & bad_features)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a training step's loss or features were NaN or infinite (one host
+        sync).  Forward calls it every ``check_finite_every`` training steps; call it yourself where you read the
+        loss, or under ``torch.compile``.
+
+        Raises:
+            NonFiniteLossError: naming the first such step (the head's ``step`` counter) and the usual causes.
+        """
+        step = int(self._nonfinite_step)
+        if step < 0:
+            return
+        what = "features (the network's output) and loss" if bool(self._nonfinite_features) else "loss"
+        raise NonFiniteLossError(
+            f"LGMLoss: training has diverged: the {what} became NaN or infinite at training step {step} (the "
+            f"head's step counter; checked every {self.check_finite_every} steps). {_DIVERGENCE_CAUSES}")
 
     def logits(self, features: Tensor, labels: Tensor | None = None, *, alpha: float = 0.0) -> Tensor:
         return lgm_logits(features, self.means, self.clamped_log_var(), labels, alpha=alpha, impl=self.impl)

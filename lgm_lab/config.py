@@ -117,9 +117,12 @@ def parse_classes(text, num_classes: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _opt(default, help: str, *, choices=None, flag: str | None = None):
-    """A config field with its CLI help (and choices, and the option's name when it differs)."""
+def _opt(default, help: str, *, choices=None, flag: str | None = None, metavar: str | None = None):
+    """A config field with its CLI help (and choices, the option's name when it differs, and the value's name in
+    --help when its type's would not do)."""
     meta = {"help": help}
+    if metavar is not None:
+        meta["metavar"] = metavar
     if choices is not None:
         meta["choices"] = tuple(choices)
     if flag is not None:
@@ -133,7 +136,7 @@ class TrainConfig:
 
     dataset: str = _opt("fashion-mnist", "dataset", choices=DATASETS)
     data_dir: str | None = _opt(None, "folder with the dataset files (else ~/.cache/lgm-ext/data; Fashion-MNIST "
-                                      "also from /usr/share/datasets/fashion-mnist)")
+                                      "also from /usr/share/datasets/fashion-mnist)", metavar="<path>")
     subset: int | None = _opt(None, "use N training images, a seeded choice (default: all)")
     test_subset: int | None = _opt(None, "use N test images (default: all)")
     classes: str | None = _opt(None, "train and test on these classes only, e.g. 0-4 or 0,2,5: labels renumbered "

@@ -178,10 +178,9 @@ def tensorboard_writer(log_dir):
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from .progress import progress
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled)
+    return progress(enabled)  # a bar on a terminal, a plain line every 30 s in a log
 
 
 def _make_folder(out: Path) -> list[Path]:
@@ -416,7 +415,8 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
                                 f"Last good checkpoint: {last}. {hint}")
 
     with bar:
-        task = bar.add_task("train", total=n_steps - min(n_steps, start_epoch * steps_per_epoch))
+        task = bar.add_task("train", total=n_steps - min(n_steps, start_epoch * steps_per_epoch),
+                            images_per_step=cfg.batch_size)
         for epoch in range(start_epoch, n_epochs):
             epoch_steps = min(steps_per_epoch, n_steps - epoch * steps_per_epoch)  # the last may be cut short
             model.train(), head.train()

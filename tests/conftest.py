@@ -60,7 +60,17 @@ SLOW_MODULES = {
 }
 
 
+# Tests of the compiled kernels themselves (marker ``kernels``) skip, saying so, where the package runs the
+# pure-PyTorch path: an installation without a compiler, and `make test-reference` (LGM_EXT_DISABLE_KERNELS=1),
+# which runs the fast tier as such a user has it.
+NO_KERNELS = None if lgm_ext.has_fused_kernels() else pytest.mark.skip(
+    reason="needs lgm-ext's compiled kernels; this run uses the pure-PyTorch path "
+           f"({lgm_ext._ops.WHY_NO_KERNELS})")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if NO_KERNELS is not None and item.get_closest_marker("kernels"):
+            item.add_marker(NO_KERNELS)

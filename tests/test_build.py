@@ -9,6 +9,7 @@ OPS = ["lgm_loss_forward", "lgm_loss_backward", "lgm_logits", "lgm_logits_backwa
        "pgd_step", "pgd_step_"]
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("op", OPS)
 def test_cpu_kernel_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lgm_ext::{op}", "CPU")
@@ -30,6 +31,7 @@ def test_ci_builds_cuda():
         pytest.skip("not a CI run with a CUDA toolkit")
 
 
+@pytest.mark.kernels
 def test_emulation_switch_restores():
     old = torch.ops.lgm_ext._set_cuda_emulation(True)
     assert torch.ops.lgm_ext._set_cuda_emulation(old) is True
@@ -38,6 +40,7 @@ def test_emulation_switch_restores():
     assert torch.ops.lgm_ext._set_cuda_emulation(old) is old
 
 
+@pytest.mark.kernels
 def test_emulation_matches_cpu_loops_bitwise_where_order_agrees():
     """The emulated CUDA decomposition and the CPU loops agree to rounding on a GEMM-path and a direct-path case."""
     from helpers import lgm_inputs

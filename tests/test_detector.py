@@ -415,6 +415,7 @@ def _shard_worker(rank, world, port, out_dir):
         leave_process_group()
 
 
+@pytest.mark.kernels
 def test_from_sharded_head_equals_the_single_device_detector(tmp_path):
     mp.spawn(_shard_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -132,6 +132,10 @@ def test_site_builds_offline_with_warnings_as_errors(tmp_path):
     missing = [n for n in lgm_ext.__all__ if f'id="lgm_ext.{n}"' not in api]
     assert not missing, f"the API reference lacks {missing}"
     assert "fonts.googleapis" not in (site / "index.html").read_text()  # offline: no web fonts
+    # issue 43: the 404 page's links are relative, so it works opened from disk or under a sub-path
+    page = (site / "404.html").read_text()
+    assert not re.search(r'(href|src)="/(?!/)', page) and '"base": "/"' not in page
+    assert 'href="./assets/' in page
 
 
 def test_example_core_loop_trains_and_rejects_noise():
@@ -284,3 +288,21 @@ def test_every_public_name_has_a_docstring():
             if not defining or not _attribute_docstring(defining[0], name):
                 problems.append(f"{name}: no attribute docstring")
     assert not problems, problems
+
+
+@pytest.mark.parametrize("report", sorted((ROOT / "docs").rglob("detection/detection.md")), ids=_name)
+def test_committed_detection_reports_open_with_their_verdicts(report):
+    """Issue 43: each detection report (~14,000 words) opens with its verdicts in a short table, and no paragraph
+    of it or of docs/detector.md runs on (a reader finds the answer first).  The committed report is what the
+    generator writes from its detection.json."""
+    from lgm_lab.experiments.detection import detection_markdown
+
+    text = report.read_text()
+    import json
+
+    assert text == detection_markdown(json.loads((report.parent / "detection.json").read_text()))
+    first_section = text.split("\n## ", 2)[1]
+    assert first_section.startswith("Which detector rejects what") and "| set | best detector |" in first_section
+    for page in (report, ROOT / "docs" / "detector.md"):
+        paragraphs = [p for p in re.split(r"\n\s*\n", page.read_text()) if not p.lstrip().startswith(("|", "```"))]
+        assert max(len(p.split()) for p in paragraphs) <= 300, page

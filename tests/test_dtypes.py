@@ -84,6 +84,7 @@ def _check_low_precision(device, dtype, impl, shape, identity):
     torch.testing.assert_close(ll.double(), R.lgm_log_likelihood(*wide).detach(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", LOW)
 def test_low_precision_class_sharded_partials(device, dtype):
     """class_offset (issue 14) takes the 16-bit path too."""
@@ -134,6 +135,7 @@ def test_autocast_cpu(dtype):
     torch.testing.assert_close(head.log_var.grad, head2.log_var.grad)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", LOW)
 def test_opcheck_low_precision(device, dtype):
     low, _, y = _low_inputs((9, 6, 5), dtype, device)
@@ -225,6 +227,7 @@ def _step(dtype, device, impl="gemm", shape=(20, 300, 32)):
     return lambda: lgm_ext.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1, impl=impl).backward()
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("backend", ["cpu"] + GPU_BACKENDS)
 def test_tensor_core_gemms_run_where_they_should(backend):
     """Switched on, the GEMM path's GEMMs run as 16-bit tensor-core GEMMs on CUDA (and in its emulation) for
@@ -241,6 +244,7 @@ def test_tensor_core_gemms_run_where_they_should(backend):
         assert _mm16_used(_step(torch.float64, device)) == 0
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("shape", [(33, 12, 40), (20, 300, 32)])
@@ -253,6 +257,7 @@ def test_tensor_core_low_precision_matches_float64_reference(backend, dtype, sha
         assert mm16_calls() > before
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("identity", [False, True])
@@ -289,6 +294,7 @@ def test_tensor_core_gemms_stay_accurate_near_the_means(backend, dtype, identity
         assert err <= 2 * native_err + 2.0 ** -20 * want.abs().max().item(), (err, native_err)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(32, 300, 64), (8, 1000, 16), (64, 40, 256)])
 def test_tensor_core_float32_keeps_float32_accuracy(backend, shape):

@@ -230,6 +230,7 @@ def test_measure_respects_its_budget_and_fixed_counts():
     assert t["x"].calls == 7 and t["x"].rounds == 5
 
 
+@pytest.mark.kernels
 def test_bench_worker_dry_run_on_the_cpu(tmp_path):
     """The GPU benchmark script, run on the CPU at toy sizes (--quick), writes every section the summary reads
     (the torch.compile side is left out: its compile alone takes a minute here)."""

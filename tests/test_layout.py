@@ -171,6 +171,7 @@ def test_impl_is_the_one_selector():
     assert "impl" in inspect.signature(lgm_ext.LGMLoss).parameters
 
 
+@pytest.mark.kernels
 def test_constants_are_read_from_the_extension():
     from lgm_ext import _C, _ops
 
@@ -179,6 +180,7 @@ def test_constants_are_read_from_the_extension():
     assert lgm_ext.IMPLS == ("auto", "direct", "gemm", "reference")
 
 
+@pytest.mark.kernels
 def test_test_hooks_are_private():
     documented = {"lgm_loss_forward", "lgm_loss_backward", "lgm_logits", "lgm_logits_backward",
                   "lgm_log_likelihood", "pgd_step", "pgd_step_"}
@@ -338,3 +340,16 @@ def test_ruff_is_clean():
     assert ruff.exists(), "ruff is not installed next to this Python: pip install 'lgm-ext[test]' (make install does)"
     r = subprocess.run([str(ruff), "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_no_private_torch_c_name_in_the_package():
+    """Issue 43: `pgd_step_` called torch._C._debug_has_internal_overlap, which torch 2.14.1 no longer has, so the
+    compiler-free install's PGD failed with an AttributeError.  The package uses torch's public API only: no
+    `torch._C` name anywhere in lgm_ext, lgm_lab or lgm_cli."""
+    import re
+
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+             for p in _project_python_files("lgm_ext", "lgm_lab", "lgm_cli")
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"\btorch\._C\b|from torch import _C\b", line)]
+    assert not found, "private torch._C names:\n" + "\n".join(found)

@@ -207,6 +207,7 @@ def _opcheck_samples(device):
     return x, mu, s, y, loss, logits, stats, g
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("impl", [1, 2])
 def test_opcheck(device, impl):
     x, mu, s, y, _loss, logits, stats, g = _opcheck_samples(device)
@@ -305,6 +306,7 @@ def test_malformed_scalars(device):
         lgm_ext.lgm_loss(x.numpy() if device == "cpu" else [1.0], mu, s, y)
 
 
+@pytest.mark.kernels
 def test_raw_op_validates_scalars(device):
     x, mu, s, y = lgm_inputs(4, 3, 2, device=device, requires_grad=False)
     with pytest.raises(ValueError, match="alpha"):
@@ -363,6 +365,7 @@ def test_torch_compile_dynamic_batch_does_not_recompile(device):
 GPU_BACKENDS = ["cuda-emulated"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_class_gradient_launch_splits_grid_z(backend):
     """The direct path's class-gradient kernel put ceil(N / 256) row chunks in grid.z, which CUDA caps at 65,535:
@@ -386,6 +389,7 @@ def test_class_gradient_launch_splits_grid_z(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_direct_path_refuses_a_d_beyond_its_grid(backend):
     """grid.y of the same kernel spans D in blocks of 128 (at most 65,535): a D beyond 8,388,480 with impl='direct'

@@ -149,6 +149,7 @@ def test_one_class_gradient_is_exactly_the_likelihood_term(device):
 
 
 # --------------------------------------------------------------------------- defect 3: backward ops validate
+@pytest.mark.kernels
 def test_backward_ops_validate_labels(device):
     bad = torch.tensor([0, 1, 2, 1 << 40], device=device)
     with pytest.raises(ValueError, match="labels"):
@@ -164,6 +165,7 @@ def test_backward_ops_validate_labels(device):
             ops.lgm_loss_backward(g, None, x, mu, s, -bad, None, stats, 1.0, 0.1, 1, impl)
 
 
+@pytest.mark.kernels
 def test_backward_ops_validate_saved_tensors(device):
     x, mu, s, y = lgm_inputs(4, 3, 2, device=device, requires_grad=False)
     _loss, logits, stats = ops.lgm_loss_forward(x, mu, s, y, 1.0, 0.1, 1, 0)
@@ -186,6 +188,7 @@ def test_backward_ops_validate_saved_tensors(device):
 
 
 # --------------------------------------------------------------------------- defect 4: mixed real + meta tensors
+@pytest.mark.kernels
 def test_mixed_meta_and_real_tensors_raise(device):
     x, mu, s, y = lgm_inputs(4, 3, 2, device=device, requires_grad=False)
     meta = lambda t: t.to("meta")  # noqa: E731
@@ -208,6 +211,7 @@ def test_mixed_meta_and_real_tensors_raise(device):
             pytest.fail(f"call {i} returned")
 
 
+@pytest.mark.kernels
 def test_all_meta_still_gives_shapes():
     x, mu, s, y = (t.to("meta") for t in lgm_inputs(4, 3, 2, requires_grad=False))
     loss, logits, stats = ops.lgm_loss_forward(x, mu, s, y, 1.0, 0.1, 0, 0)
@@ -215,6 +219,7 @@ def test_all_meta_still_gives_shapes():
 
 
 # --------------------------------------------------------------------------- defect 5: double backward
+@pytest.mark.kernels
 def test_double_backward_raises_clear_error(device):
     x, mu, s, y = lgm_inputs(5, 4, 3, device=device, seed=26)
     fns = [
@@ -234,6 +239,7 @@ def test_double_backward_raises_clear_error(device):
 
 
 # --------------------------------------------------------------------------- defect 6: log_var beyond +-87
+@pytest.mark.kernels
 @pytest.mark.parametrize("impl", IMPLS)
 def test_float32_log_var_beyond_exp_range_is_not_clamped(device, impl):
     """The documented bound: |log_var| <= 87 keeps w = exp(-log_var) a normal float32 (full precision);
@@ -263,6 +269,7 @@ def _backward(x, mu, s, y, logits, stats, gl=None, impl=2, mask=(True, True, Tru
     return ops.lgm_loss_backward(g, gl, x, mu, s, y, logits, stats, 1.0, 0.1, reduction, impl, list(mask))
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("identity", [False, True])
 @pytest.mark.parametrize("impl", [1, 2])
 def test_recompute_backward_matches_saved_logits_over_many_tiles(device, identity, impl):
@@ -287,6 +294,7 @@ def test_recompute_backward_matches_saved_logits_over_many_tiles(device, identit
         torch.testing.assert_close(p, q)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("impl", [1, 2])
 def test_output_mask_skips_unneeded_gradients(device, impl):
     x, mu, s, y = lgm_inputs(7, 40, 300, device=device, seed=28, requires_grad=False)
@@ -304,6 +312,7 @@ def test_output_mask_skips_unneeded_gradients(device, impl):
     torch.testing.assert_close(got[0], ops.lgm_logits_backward(torch.ones_like(logits), x, mu, s, y, 0.5, impl)[0])
 
 
+@pytest.mark.kernels
 def test_attack_style_backward_needs_only_features(device):
     """Only x requires grad (as in FGSM/PGD): the backward asks for dL/dx alone and gets the right one."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -325,6 +334,7 @@ def test_attack_style_backward_needs_only_features(device):
     torch.testing.assert_close(gx, torch.autograd.grad(R.lgm_loss(x, mu, s, y, alpha=1.0, lambda_=0.1), x)[0])
 
 
+@pytest.mark.kernels
 def test_which_path_keeps_logits():
     from lgm_ext._ops import keep_logits_for_backward
 

@@ -186,3 +186,72 @@ def test_center_loss_bad_input():
         c(torch.randn(3, 2), torch.tensor([0.0, 1.0, 1.0]))
     with pytest.raises(ValueError):
         c(torch.randn(3, 5), torch.tensor([0, 1, 1]))
+
+
+def test_lgm_module_raises_on_a_non_finite_loss_without_a_sync_per_step(monkeypatch):
+    """A diverged run (NaN features, an infinite loss) raises NonFiniteLossError naming the step and the causes;
+    the record is read on the host only every check_finite_every training forwards (issue 43)."""
+    head = lgm_ext.LGMLoss(3, 2, check_finite_every=4)
+    x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    reads = []
+    real = head.check_finite
+    monkeypatch.setattr(head, "check_finite", lambda: (reads.append(int(head.step)), real())[1])
+    for _ in range(3):
+        head(x, y)
+    head(x * float("nan"), y)  # training step 3 diverges; nothing is read yet
+    assert reads == []
+    with pytest.raises(lgm_ext.NonFiniteLossError, match=r"features.*at training step 3.*learning rate"):
+        head(x, y)  # the 5th forward reads the record of the 4 before it
+    assert reads == [4]
+    head.eval()(x * float("inf"), y)  # evaluation records nothing: a fresh head, then an infinite loss only
+    fresh = lgm_ext.LGMLoss(3, 2, check_finite_every=1000)  # read only when asked below
+    for _ in range(10):
+        fresh(x, y)
+    with torch.no_grad():
+        fresh.means.fill_(float("inf"))  # the loss alone becomes non-finite
+    fresh(x, y)
+    with pytest.raises(lgm_ext.NonFiniteLossError, match=r"the loss became NaN or infinite at training step 10"):
+        fresh.check_finite()
+    lgm_ext.LGMLoss(3, 2).eval()(x * float("nan"), y)  # eval mode: no record, no error
+    fresh.reset_parameters()
+    fresh.check_finite()  # reset clears the record
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="check_finite_every"):
+            lgm_ext.LGMLoss(3, 2, check_finite_every=bad)
+
+
+def test_lgm_module_with_warmup_compiles_without_a_graph_break_or_recompile():
+    """torch.compile(head) with warmup_steps: one graph (fullgraph: no break) across the ramp, the same loss and
+    gradients as eager (issue 43: int(self.step) broke the graph and recompiled every step)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    head = lgm_ext.LGMLoss(5, 4, warmup_steps=3, likelihood="full")
+    eager = lgm_ext.LGMLoss(5, 4, warmup_steps=3)
+    eager.load_state_dict(head.state_dict())
+    compiled = torch.compile(head, backend="eager", fullgraph=True)
+    x, y = torch.randn(8, 4), torch.randint(0, 5, (8,))
+    for _ in range(6):  # through the ramp and past it
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        lc, lgc = compiled(xc, y)
+        le, lge = eager(xe, y)
+        torch.testing.assert_close(lc, le)
+        torch.testing.assert_close(lgc, lge)
+        lc.backward()
+        le.backward()
+        torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(head.means.grad, eager.means.grad)
+    assert int(head.step) == int(eager.step) == 6
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # every likelihood variant and reduction: the ramped form equals the eager one at every point of the ramp
+    for kind in ("full", "no-logdet", "identity"):
+        for reduction in ("mean", "none"):
+            h = lgm_ext.LGMLoss(5, 4, warmup_steps=7, likelihood=kind, reduction=reduction).double()
+            with torch.no_grad():
+                h.log_var.normal_(0, 0.3)
+            xd = torch.randn(9, 4, dtype=torch.float64)
+            for step in (0, 3, 7, 20):
+                h.step.fill_(step)
+                for a, b in zip(h._forward(xd, y.repeat(2)[:9], h._ramp()), h._ramped_forward(xd, y.repeat(2)[:9])):
+                    torch.testing.assert_close(a, b)

@@ -72,6 +72,16 @@ _CHECKS = _HIDE_BUILD + textwrap.dedent('''
     clf = lgm_ext.Classifier(torch.nn.Linear(4, 4), lgm_ext.LGMLoss(3, 4))
     adv = FGSM(clf, eps=0.1)(torch.rand(6, 4), y[:6])
     assert adv.shape == (6, 4)
+    # issue 43: the in-place step and the attacks built on it (they called a private torch._C function that
+    # torch 2.14.1 lacks)
+    from lgm_ext.attacks import PGD, InversePGD
+    z = x.detach().clone()
+    assert lgm_ext.pgd_step_(z, x.grad, x.detach() * 0, alpha=0.1, eps=0.05) is z
+    torch.testing.assert_close(z, expected["pgd"])
+    clean = torch.rand(6, 4)
+    for attack in (PGD(clf, eps=0.1, alpha=0.02, steps=3, seed=0), InversePGD(clf)):
+        out = attack(clean, y[:6])
+        assert out.shape == (6, 4) and (out - clean).abs().max() <= 0.1 + 1e-6
     try:
         import lgm_ext.distributed
         lgm_ext.distributed.ShardedLGMLoss(3, 4)

@@ -7,7 +7,11 @@ import torch
 
 import lgm_ext  # noqa: F401  (loads the operators)
 
-fault = torch.ops.lgm_ext._simt_fault
+pytestmark = pytest.mark.kernels  # the executor is part of the compiled extension
+
+
+def fault(kind):
+    return torch.ops.lgm_ext._simt_fault(kind)
 
 
 def test_a_correct_kernel_runs():

@@ -273,3 +273,24 @@ def test_the_documented_small_lgm_runs_train_to_a_finite_loss(tmp_path, fmnist_d
     if fmnist_dir == D.SYSTEM_FASHION_MNIST and line.get("subset") == 400:
         with pytest.raises(TrainingDiverged):
             train(dataclasses.replace(cfg, grad_clip=0.0), tmp_path / "no-clip", progress=False)
+
+
+def test_lgm_train_into_a_log_prints_progress_lines(tmp_path, fmnist_dir):
+    """Issue 43: `lgm train ... > log` printed nothing until the end (a rich bar, not a terminal); now a log gets
+    a plain line per interval -- step/total, the epoch's loss, images/s, ETA -- and --no-progress none."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "LGM_PROGRESS_INTERVAL": "0", "COLUMNS": "60"}
+    args = [sys.executable, "-m", "lgm_cli.app", "train", "--head", "lgm", "--epochs", "1", "--subset", "128",
+            "--test-subset", "32", "--batch-size", "32", "--data-dir", str(fmnist_dir), "--feat-dim", "2"]
+    r = subprocess.run([*args, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if "/4 (" in line]
+    step = [line for line in lines if line.startswith("epoch 1/1 loss ") and ": 2/4 (50%)" in line]
+    assert step and "images/s" in step[0] and "ETA" in step[0], r.stdout
+    assert len(max(r.stdout.splitlines(), key=len)) > 60  # a log line is not wrapped at the console's width
+    r = subprocess.run([*args, "--out", str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0 and "/4 (" not in r.stdout + r.stderr, r.stdout

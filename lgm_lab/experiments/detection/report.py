@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lgm_ext import detectors
 from lgm_ext.detectors import KNN_K
 
+from ...detection_protocol import COMBINATION
 from ..measure import operating_point_key
 from ..runs import budget_words
 from ..stats import compare, mean_std_text
@@ -117,6 +119,28 @@ def _diagnostics_section(res: dict) -> list[str]:
     return L + [""]
 
 
+COMBINATION_LABEL = detectors.label(COMBINATION)
+
+
+def _detectors_paragraph(res: dict) -> str:
+    """How the report's detectors were built: by the pytorch-ood baselines (reports measured before issue 41) or
+    from the registry of lgm_ext.detectors, with the combination (those after)."""
+    family = any(k.startswith(f"{COMBINATION_LABEL} (") for k in res["runs"])
+    where = ("each a member of lgm_ext.detectors, the deployable module `lgm detect fit --detector NAME` fits, "
+             "KNN, ViM, Energy, MaxLogit and max-softmax tested against pytorch-ood's:" if family else
+             "pytorch-ood 0.4.0's")
+    text = (f"Detectors: the field's post-hoc baselines ({where} KNN, k = {KNN_K} on L2-normalised features, ViM, "
+            "d = half the feature dimension, Energy, MaxLogit and max-softmax; Mahalanobis, tied covariance, on raw "
+            f"and L2-normalised features) fitted on {res['fit_points']} training images' features of each network, "
+            "the center distance on the center-loss network, and on the L-GM network its own likelihood, its "
+            "mixture score and Gaussians re-fitted post hoc (on the L-GM network MaxLogit and Energy are left out: "
+            "they rank as its likelihood and mixture score).")
+    if family:
+        text += (f" On every network, {COMBINATION_LABEL}: rejects when either does, calibrated jointly so that "
+                 "the combination rejects the operating point's share of clean inputs.")
+    return text
+
+
 def _protocol_option(res: dict) -> str:
     """The command line's --attack-protocol, where the report used another preset's protocol."""
     return f" --attack-protocol {res['attack_protocol']}" if res.get("attack_protocol") else ""
@@ -128,33 +152,40 @@ def detection_markdown(res: dict) -> str:
     attacks = list(dict.fromkeys(k for runs in res["networks"].values() for v in runs.values()
                                  for k in v.get("attack_error", {})))
     seeds = ", ".join(map(str, res["seeds"]))
+    pref = preferred_detectors(res)
+    # the answer first: the verdicts per abnormal set, then how they were measured (short paragraphs)
     L = [f"# Out-of-distribution and adversarial detection ({res['preset']} budget, {res['dataset']})", "",
-         f"LeNet++ 100-D (linear feature layer), {t.get('subset') or 'all'} training images, "
-         f"{budget_words(t)}, the report recipe; seeds {seeds} (mean ± std). Held-out-classes networks train on "
-         "classes "
-         f"{res['heldout_classes']} only; the test images of the other classes are their unknown inputs. Each "
-         "detector's thresholds are calibrated at "
-         + " and ".join(f"{o}%" for o in ops) + " false rejections (the operating points) on one half of the "
-         f"{t.get('test_subset') or 'full'} test images; everything is measured on the other half. Abnormal "
-         "sets: scikit-learn's digits (8x8 resized to 28x28, not inverted), uniform noise, Gaussian noise "
-         "N(0.5, 1) clipped to [0, 1], inverted test images, natural-image patches (crops of scikit-learn's two "
-         "sample photographs, grey, 28x28), the held-out classes, FGSM and PGD-10 (step 2.5 eps/10, random start) "
-         f"on {res['attack_subset']} test images. Detectors (lgm_ext.detectors, each the deployable module "
-         "`lgm detect fit --detector NAME` fits; KNN, ViM, Energy, MaxLogit and max-softmax tested against "
-         f"pytorch-ood's): the field's post-hoc baselines (KNN, k = {KNN_K} on L2-normalised features, ViM, "
-         "d = half the feature dimension, Energy, MaxLogit and max-softmax; Mahalanobis, tied covariance, on raw "
-         f"and L2-normalised features) fitted on {res['fit_points']} training images' features of each network, "
-         "the center distance on the center-loss network, on the L-GM network its own likelihood, its mixture "
-         "score and Gaussians re-fitted post hoc (on the L-GM network MaxLogit and Energy are left out: they rank "
-         "as its likelihood and mixture score), and on every network the combination of Mahalanobis on "
-         "L2-normalised and on raw features (rejects when either does; calibrated jointly). Command: "
-         "`lgm reproduce --detection --preset "
-         f"{res['preset']}{_protocol_option(res)}`. This invocation took {res['seconds'] / 60:.1f} min "
-         f"({res['models_reused']} of {res['models']} networks reused"
-         + (f"; {len(res['shared_runs'])} of them the same runs of the report's own networks"
-            if res.get("shared_runs") else "") + ").", "",
-         "## Networks", "", "| network | clean error % | classes 0-4 network error % | "
-         + " | ".join(f"{k} error %" for k in attacks) + " |", "|---|---|---|" + "---|" * len(attacks)]
+         "## Which detector rejects what, at the 5% operating point", "",
+         f"Per abnormal set, the detector that rejects the most of it at the threshold calibrated for {ops[0]}% "
+         "false rejections (mean over seeds), the runner-up, and whether the difference is beyond noise "
+         "(z-test of the non-rejection rates, binomial on the abnormal images with the seed spread). How it was "
+         "measured follows the table; the L-GM likelihood's verdicts against every detector close the report.", "",
+         "| set | best detector | rejected % | runner-up | rejected % | best vs runner-up |",
+         "|---|---|---|---|---|---|"]
+    for s, p in pref.items():
+        word = {"holds": "better", "fails": "worse"}.get(p["verdict"], p["verdict"])
+        L.append(f"| {s} | {p['best']} | {p['rejected']:.1f} | {p['runner_up']} | {p['runner_up_rejected']:.1f} | "
+                 f"{word} ({p['z']:.1f}) |")
+    L += ["", "## How it was measured", "",
+          f"LeNet++ 100-D (linear feature layer), {t.get('subset') or 'all'} training images, "
+          f"{budget_words(t)}, the report recipe; seeds {seeds} (mean ± std). Held-out-classes networks train on "
+          "classes "
+          f"{res['heldout_classes']} only; the test images of the other classes are their unknown inputs. Each "
+          "detector's thresholds are calibrated at "
+          + " and ".join(f"{o}%" for o in ops) + " false rejections (the operating points) on one half of the "
+          f"{t.get('test_subset') or 'full'} test images; everything is measured on the other half.", "",
+          "Abnormal sets: scikit-learn's digits (8x8 resized to 28x28, not inverted), uniform noise, Gaussian noise "
+          "N(0.5, 1) clipped to [0, 1], inverted test images, natural-image patches (crops of scikit-learn's two "
+          "sample photographs, grey, 28x28), the held-out classes, FGSM and PGD-10 (step 2.5 eps/10, random start) "
+          f"on {res['attack_subset']} test images.", "",
+          _detectors_paragraph(res), "",
+          "Command: `lgm reproduce --detection --preset "
+          f"{res['preset']}{_protocol_option(res)}`. This invocation took {res['seconds'] / 60:.1f} min "
+          f"({res['models_reused']} of {res['models']} networks reused"
+          + (f"; {len(res['shared_runs'])} of them the same runs of the report's own networks"
+             if res.get("shared_runs") else "") + ").", "",
+          "## Networks", "", "| network | clean error % | classes 0-4 network error % | "
+          + " | ".join(f"{k} error %" for k in attacks) + " |", "|---|---|---|" + "---|" * len(attacks)]
     for name, runs in res["networks"].items():
         r = list(runs.values())
         L.append(f"| {name} | {ms([v['clean_error'] for v in r if 'clean_error' in v])} | "
@@ -164,17 +195,6 @@ def detection_markdown(res: dict) -> str:
     if res.get("diverged"):
         L += ["", "Diverged (non-finite loss; not measured, left out of the means): "
               + "; ".join(f"{k}: {v}" for k, v in res["diverged"].items()) + "."]
-    pref = preferred_detectors(res)
-    L += ["", "## Which detector rejects what, at the 5% operating point", "",
-          f"Per abnormal set, the detector that rejects the most of it at the threshold calibrated for {ops[0]}% "
-          "false rejections (mean over seeds), the runner-up, and whether the difference is beyond noise "
-          "(z-test of the non-rejection rates, binomial on the abnormal images with the seed spread).", "",
-          "| set | best detector | rejected % | runner-up | rejected % | best vs runner-up |",
-          "|---|---|---|---|---|---|"]
-    for s, p in pref.items():
-        word = {"holds": "better", "fails": "worse"}.get(p["verdict"], p["verdict"])
-        L.append(f"| {s} | {p['best']} | {p['rejected']:.1f} | {p['runner_up']} | {p['runner_up_rejected']:.1f} | "
-                 f"{word} ({p['z']:.1f}) |")
     L += ["", "## Detection", ""]
     for o in ops:
         L += _table(res, f"Rejected % at the threshold calibrated for {o}% false rejections",
