@@ -1,7 +1,10 @@
 import datetime
 import gzip
+import os
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -76,3 +79,38 @@ def leave_process_group() -> None:
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
     finally:
         dist.destroy_process_group()
+
+
+def lgm_cli(*args, cwd=None, env=None, timeout=600, preexec_fn=None):
+    """The real `lgm` command (this interpreter's lgm_cli), its output captured; ``env`` is added to the
+    environment."""
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lgm_cli.app", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout, preexec_fn=preexec_fn)
+
+
+def one_line(r, *words):
+    """``r`` (a :func:`lgm_cli` result) failed as the CLI must: exit 2, one line on stderr naming ``words``, no
+    traceback; returns that stderr."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    for w in words:
+        assert w in r.stderr, r.stderr
+    return r.stderr
+
+
+def tiny_run(src, tmp_path_factory):
+    """A tiny run trained on the IDX data ``src`` (:func:`tiny_config`) in a new folder: its path."""
+    from lgm_lab.train import train
+
+    out = tmp_path_factory.mktemp("run") / "a"
+    train(tiny_config(src), out, progress=False)
+    return out
+
+
+def fitted_detector(run, tmp_path_factory):
+    """A detector file `lgm detect fit` wrote for the run folder ``run``: its path."""
+    path = tmp_path_factory.mktemp("det") / "det.pt"
+    r = lgm_cli("detect", "fit", run / "checkpoint.pt", "--out", path, "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return path

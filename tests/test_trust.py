@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config, write_idx
-
-from lgm_lab.train import train
+from helpers import fitted_detector, lgm_cli, one_line, tiny_run, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,31 +41,18 @@ def src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(src, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "a"
-    train(tiny_config(src), out, progress=False)
-    return out
+    return tiny_run(src, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def detector(run, tmp_path_factory):
-    path = tmp_path_factory.mktemp("det") / "det.pt"
-    r = _lgm("detect", "fit", run / "checkpoint.pt", "--out", path, "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
-    return path
+    return fitted_detector(run, tmp_path_factory)
 
 
-def _lgm(*args, cwd=None, env=None, timeout=600, preexec_fn=None):
-    env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lgm_cli.app", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout, preexec_fn=preexec_fn)
+_lgm = lgm_cli
 
 
-def _one_line(r, *words):
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
-    for w in words:
-        assert w in r.stderr, r.stderr
-    return r.stderr
+_one_line = one_line
 
 
 def _digest(path: Path) -> str:

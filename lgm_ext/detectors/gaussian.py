@@ -436,12 +436,7 @@ class LikelihoodDetector(Detector):
             sd["log_var"] = self.log_var.clone()
         if self.covariance_matrix is not None:
             sd["covariance_matrix"] = self.covariance_matrix.clone()
-        if self._threshold is not None:
-            sd["threshold"] = self._threshold
-        if self.fpr is not None:
-            sd["fpr"], sd["calibration_size"] = self.fpr, self.calibration_size
-        if self.calibration_range is not None:
-            sd["calibration_min"], sd["calibration_max"] = self.calibration_range
+        sd.update(self._calibration_state())
         if self.normalize:
             sd["normalize"] = True
         return sd
