@@ -21,7 +21,7 @@ COVARIANCES = ("tied", "diag", "identity")
 SCORES = ("likelihood", "mixture", "max_posterior")
 FORMAT = "lgm_ext.LikelihoodDetector/1"
 _STATE_KEYS = ("format", "covariance", "score", "impl", "means", "log_var", "covariance_matrix", "threshold", "fpr",
-               "calibration_size", "calibration_min", "calibration_max", "normalize")
+               "calibration_size", "calibration_min", "calibration_max", "normalize", "given")
 _CHUNK_ELEMS = 1 << 22  # rows per chunk = _CHUNK_ELEMS // max(K, D): bounds the (rows, K) logits
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -286,12 +286,14 @@ def check_state(state_dict) -> dict:
             raise TypeError(f"state_dict['calibration_size'] must be an int, got {type(size).__name__}")
         if size < 1:
             raise ValueError(f"state_dict['calibration_size'] must be >= 1, got {size}")
-    normalize = sd.get("normalize", False)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"state_dict['normalize'] must be a bool, got {type(normalize).__name__}")
+    normalize, given = sd.get("normalize", False), sd.get("given", False)
+    for key, flag in (("normalize", normalize), ("given", given)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"state_dict[{key!r}] must be a bool, got {type(flag).__name__}")
     return {"means": means, "log_var": sd.get("log_var"), "covariance_matrix": sd.get("covariance_matrix"),
             "score": sd["score"], "impl": sd["impl"], "threshold": threshold, "fpr": fpr,
-            "calibration_size": size, "normalize": normalize}
+            "calibration_size": size, "normalize": normalize,
+            "given": given}
 
 
 def head_gaussians(head) -> tuple[Tensor, Tensor | None]:

@@ -175,6 +175,8 @@ class RejectingClassifier(nn.Module):
         if not isinstance(detector, Detector):
             raise TypeError(f"detector must be a detector of lgm_ext.detectors (e.g. lgm_ext.LikelihoodDetector), got "
                             f"{type(detector).__name__}")
+        if not detector.fitted:
+            raise ValueError(f"detector ({detector.name}) is not fitted: fit and calibrate it first")
         if detector.threshold is None:
             raise ValueError("detector has no threshold: calibrate it first (detector.calibrate(clean inputs, fpr))")
         d = getattr(head, "feat_dim", None)

@@ -32,12 +32,14 @@ def distances(features: Tensor, means: Tensor, log_var: Tensor | None = None) ->
 
     Evaluated in blocks of classes of at most ``_BLOCK_ELEMS`` N*c*D elements;
     with several blocks under autograd each block is checkpointed (recomputed in
-    backward), so memory stays bounded by one block in backward too."""
+    backward), so memory stays bounded by one block in backward too.  Traced by
+    torch.export or torch.compile it is one block (the block size would depend on N:
+    a guard on the batch size)."""
     n, dim = features.shape
     k = means.shape[0]
     step = max(1, _BLOCK_ELEMS // max(1, n * dim))
     w = None if log_var is None else torch.exp(-log_var)
-    if step >= k:
+    if torch.compiler.is_compiling() or step >= k:  # traced (export, compile): one block, no branch on N
         return _block_distances(features, means, w)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, means, w))
     blocks = []

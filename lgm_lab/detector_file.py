@@ -139,6 +139,8 @@ def load_detector_file(path: str | os.PathLike, trained=None):
             raise DetectorFileError(f"{path} is not consistent: its detector has {key} {have}, the file says "
                                     f"{file[key]}")
     info = {k: v for k, v in file.items() if k != "detector"}
+    if not v2:
+        _check_name(info["detector_name"], det, path)
     if v2:
         name = V2_NAMES.get(info["covariance"])
         if name is None:
@@ -147,6 +149,21 @@ def load_detector_file(path: str | os.PathLike, trained=None):
     if trained is not None:
         check_detector_matches(info, det, trained, path)
     return det, info
+
+
+def _check_name(name: str, det, path: Path) -> None:
+    """A format-3 file's ``detector_name`` is a registry name whose detector is of the kind the state holds."""
+    from lgm_ext import detectors
+
+    try:
+        detectors.label(name)
+    except ValueError as err:
+        raise DetectorFileError(f"{path}: its detector_name is not a detector of this lgm-ext ({err})") from None
+    parts = name.split("+")
+    members = getattr(det, "members", None)
+    if (len(parts) > 1) != (members is not None) or (members is not None and len(members) != len(parts)):
+        raise DetectorFileError(f"{path} is not consistent: its detector_name {name!r} does not name the detector it "
+                                f"holds ({det.name})")
 
 
 def check_detector_matches(info: dict, det, trained, path: Path) -> None:

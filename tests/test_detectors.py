@@ -461,3 +461,95 @@ def test_format_2_detector_files_still_load(tmp_path):
         back, info = load_detector_file(tmp_path / f"{cov}.pt")
         assert info["detector_name"] == name and back.covariance == cov and back.threshold == det.threshold
         assert torch.equal(back.score(f), det.score(f))
+
+
+# ----------------------------------------------------------------------------- review findings (each failed before)
+@pytest.mark.parametrize("seed", range(6))
+def test_the_combination_never_rejects_more_than_fpr_of_its_calibration_inputs(seed):
+    """The threshold is set from the scores as score() computes them (float32), so the combination, its
+    rejected_by and the deployed module reject the same inputs, never more than floor(fpr N)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 997 + 13 * seed
+    y = torch.randint(0, K, (n,), generator=g)
+    f = torch.randn(n, D, generator=g) + 3.0 * nn.functional.one_hot(y, D).float()
+    fc = torch.randn(n, D, generator=g) + 3.0 * nn.functional.one_hot(y, D).float()
+    comb = detectors.create("mahalanobis-l2+mahalanobis", features=f, labels=y).calibrate(fc, 0.05)
+    rej = comb.reject(fc)
+    assert int(rej.sum()) <= math.floor(0.05 * n)
+    assert torch.equal(comb.rejected_by(fc).any(1), rej)
+    model = RejectingClassifier(nn.Identity(), nn.Linear(D, K), comb).eval()
+    assert torch.equal(~model(fc)[1], rej)
+
+
+def test_logit_scores_reject_infinite_logits():
+    lg = torch.tensor([[float("inf"), 0.0, 1.0], [float("nan"), 0.0, 1.0], [0.5, 0.0, 1.0]])
+    for det in (EnergyDetector(), MaxLogitDetector(), MaxSoftmaxDetector()):
+        det.threshold = -100.0
+        assert det.reject(logits=lg).tolist() == [True, True, False], det.name
+
+
+def test_a_combination_keeps_an_lgm_heads_own_gaussians_when_fitted():
+    head = _lgm_head()
+    f, y = _data()
+    comb = detectors.create("lgm-likelihood+mahalanobis", head, features=f, labels=y)
+    comb.fit(f, y)
+    assert torch.equal(comb.members[0].means, head.means.detach().double())
+    back = Detector.from_state_dict(comb.state_dict())
+    back.fit(f * 2, y)
+    assert torch.equal(back.members[0].means, head.means.detach().double())
+    own = LikelihoodDetector.from_head(head)
+    own.fit(f, y)  # an explicit refit of the member itself still refits it (and it is then a fitted detector)
+    assert not torch.equal(own.means, head.means.detach().double()) and own.requires_fit
+
+
+def test_failed_calibration_and_fit_leave_a_combination_as_it_was():
+    f, y = _data()
+    comb = detectors.create("mahalanobis+knn", features=f, labels=y).calibrate(f, 0.05)
+    before = comb.state_dict()
+    bad = f.clone()
+    bad[0] = 1e19
+    with pytest.raises(ValueError, match="non-finite score"):
+        comb.calibrate(bad, 0.05)
+    after = comb.state_dict()
+    assert after["threshold"] == before["threshold"]
+    assert torch.equal(after["tensors"]["center"], before["tensors"]["center"])
+    lin = nn.Linear(D, K)
+    both = detectors.create("mahalanobis+vim", lin, features=f, labels=y)
+    means = both.members[0].means.clone()
+    with pytest.raises(ValueError, match="num_classes"):
+        both.fit(f[y < 3], y[y < 3])  # 3 classes for the Gaussians, 4 for ViM's classifier
+    assert torch.equal(both.members[0].means, means)
+
+
+def test_interface_edges():
+    f, y = _data()
+    with torch.no_grad():
+        lg = _Head().logits(f)
+    g = LikelihoodDetector.fit(f, y, "diag")
+    assert g.fit(f, y, lg) is g and g.covariance == "diag"  # the family's fit(features, labels, logits)
+    with pytest.raises(ValueError, match="LikelihoodDetector.state_dict"):
+        Detector.from_state_dict({"format": "lgm_ext.detectors/1", "kind": "gaussian", "config": {}, "tensors": {}})
+    unfitted = KNNDetector(5)
+    unfitted.threshold = 0.0
+    with pytest.raises(ValueError, match="not fitted"):
+        RejectingClassifier(nn.Identity(), nn.Linear(D, K), unfitted)
+    with pytest.raises(TypeError, match="center-distance"):
+        detectors.create("center-distance", _Head(), k=3)
+
+
+def test_a_detector_file_whose_name_is_not_its_detector_is_refused(tmp_path):
+    from lgm_lab.checkpoints import content_digest
+    from lgm_lab.detector_file import DetectorFileError, load_detector_file, save_detector_file
+
+    det, _head, f, y, lg = _built("knn")
+    det.calibrate(f, 0.05)
+    path = tmp_path / "det.pt"
+    for name, word in (("no-such-detector", "not a detector"), ("knn+energy", "not consistent")):
+        save_detector_file(path, det, detector_name="knn", num_classes=K, feat_dim=D, **_file_info())
+        file = torch.load(path, weights_only=True)
+        file.pop("sha256")
+        file["detector_name"] = name
+        file["sha256"] = content_digest(file)
+        torch.save(file, path)
+        with pytest.raises(DetectorFileError, match=word):
+            load_detector_file(path)

@@ -206,5 +206,10 @@ def create(name: str, head=None, *, features: Tensor | None = None, labels: Tens
             raise ValueError(f"the {p} detector is built from a head: give head")
         if entry.fitted and (labels is None or (features is None and "features" in reads(p))):
             raise ValueError(f"the {p} detector is fitted to training inputs: give features and labels")
-        members.append(entry.create(head, features, labels, logits, **options))
+        try:
+            members.append(entry.create(head, features, labels, logits, **options))
+        except TypeError as e:
+            if options and "argument" in str(e):
+                raise TypeError(f"options {sorted(options)} do not apply to the {p} detector") from None
+            raise
     return members[0] if len(members) == 1 else AnyOfDetector(members)

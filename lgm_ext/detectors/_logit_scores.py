@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._util import positive_float
+from ._util import nan_rows, positive_float
 from .base import Detector
 
 __all__ = ["LogitScore"]
@@ -35,7 +35,8 @@ class LogitScore(Detector):
         return cls(config.get("temperature", 1.0))
 
     def score_with(self, params: dict, features: Tensor | None, logits: Tensor | None) -> Tensor:
-        return self._of_logits(logits / self.temperature if self.temperature != 1.0 else logits)
+        # + nan_rows: a row with an infinite or NaN logit scores NaN (rejected), not +inf (accepted)
+        return self._of_logits(logits / self.temperature if self.temperature != 1.0 else logits) + nan_rows(logits)
 
     def _of_logits(self, logits: Tensor) -> Tensor:
         raise NotImplementedError

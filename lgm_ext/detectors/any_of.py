@@ -75,8 +75,11 @@ class AnyOfDetector(Detector):
     def _fit(self, features, labels, logits) -> None:
         fitted = [m.copy() for m in self.members]  # a member that raises leaves every member as it was
         for m in fitted:
+            if not m.requires_fit:  # given (an L-GM head's own Gaussians, a head's centers): kept as it is
+                continue
             f_m, lg_m = self._member_inputs(m, features, logits)
             m.fit(f_m, labels, logits=lg_m)
+        AnyOfDetector(fitted)  # the refitted members agree on their widths, checked before any member changes
         for m, new in zip(self.members, fitted):
             m.__dict__.clear()
             m.__dict__.update(new.__dict__)
@@ -92,16 +95,19 @@ class AnyOfDetector(Detector):
         return torch.stack([m.score(*self._member_inputs(m, f, lg)) for m in self.members], dim=1)
 
     def _prepare_calibration(self, features, logits) -> Tensor:
+        """Standardise the members on these clean inputs (the new center and scale are kept only if the
+        calibration then succeeds: :meth:`Detector.calibrate` restores the detector otherwise) and return the
+        combined scores, computed as :meth:`score` computes them, so that the threshold set from them rejects
+        exactly what :meth:`reject` and a RejectingClassifier reject."""
         s = self.member_scores(features, logits).to(torch.float64)
         center = s.median(dim=0).values
         low = torch.quantile(s, STANDARD_QUANTILE, dim=0)
         spread = center - low
         tiny = 1e-12 * center.abs().clamp(min=1.0)
-        self.center, self.scale = center.cpu(), torch.where(spread > tiny, spread, tiny).cpu()
         dev = self.members[0].device
-        self.center, self.scale = self.center.to(dev), self.scale.to(dev)
+        self.center, self.scale = center.to(dev), torch.where(spread > tiny, spread, tiny).to(dev)
         self._cache = {}
-        return ((s - self.center.to(s.device)) / self.scale.to(s.device)).amin(dim=1)
+        return self.score(features, logits)
 
     def calibrate(self, features: Tensor | None = None, fpr: float = 0.05, *, logits: Tensor | None = None
                   ) -> AnyOfDetector:
@@ -110,12 +116,23 @@ class AnyOfDetector(Detector):
             m.threshold = float(self.center[i] + self._threshold * self.scale[i])
         return self
 
+    def _standardised(self, params: dict, features: Tensor | None, logits: Tensor | None) -> Tensor:
+        """(N, M) each member's standardised score ``(s_i - m_i) / r_i``."""
+        return torch.stack([(m.score_with(p, *self._member_inputs(m, features, logits)) - params["center"][i])
+                            / params["scale"][i] for i, (m, p) in enumerate(zip(self.members, params["members"]))],
+                           dim=1)
+
     def rejected_by(self, features: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
-        """(N, M) bool: which members reject each input at the combination's threshold (an input is rejected
-        when any is; a NaN score counts as rejected)."""
+        """(N, M) bool: which members reject each input at the combination's threshold (computed as :meth:`score`
+        computes the standardised scores: an input is rejected exactly when any is; NaN counts as rejected)."""
         t = self._need_threshold()
-        s = self.member_scores(features, logits).to(torch.float64)
-        z = (s - self.center.to(s.device)) / self.scale.to(s.device)
+        f, lg = self._inputs(features, logits, "score")
+        ref = f if f is not None else lg
+        dt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        f = None if f is None else f.to(dt)
+        lg = None if lg is None else lg.to(dt)
+        with torch.no_grad():
+            z = self._standardised(self.params(ref.device, dt), f, lg)
         return ~(z >= t)
 
     def scoring_tensors(self) -> dict:
@@ -125,9 +142,7 @@ class AnyOfDetector(Detector):
         return {"members": [m.scoring_tensors() for m in self.members], "center": self.center, "scale": self.scale}
 
     def score_with(self, params: dict, features: Tensor | None, logits: Tensor | None) -> Tensor:
-        parts = [(m.score_with(p, *self._member_inputs(m, features, logits)) - params["center"][i])
-                 / params["scale"][i] for i, (m, p) in enumerate(zip(self.members, params["members"]))]
-        return torch.stack(parts, dim=1).amin(dim=1)
+        return self._standardised(params, features, logits).amin(dim=1)
 
     def score(self, features: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
         if self.center is None:

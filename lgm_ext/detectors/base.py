@@ -288,9 +288,19 @@ class Detector:
         n = (f if f is not None else lg).shape[0]
         if n == 0:
             raise ValueError("calibrate needs at least one clean input")
-        with torch.no_grad():
-            s = self._prepare_calibration(f, lg)
-        t = calibrated_threshold(s.detach().double().cpu(), p)
+        saved = copy.copy(self.__dict__)
+        try:
+            with torch.no_grad():
+                s = self._prepare_calibration(f, lg)
+            if not bool(torch.isfinite(s).all()):
+                raise ValueError(f"{self.name}: the clean inputs give {int((~torch.isfinite(s)).sum())} non-finite "
+                                 "score(s) (features or logits too large for the scoring dtype?): calibrate on inputs "
+                                 "it scores")
+            t = calibrated_threshold(s.detach().double().cpu(), p)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
         self.threshold = t
         self.fpr, self.calibration_size = p, int(n)
         self.calibration_range = (float(s.min()), float(s.max()))

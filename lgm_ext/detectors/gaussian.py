@@ -211,7 +211,14 @@ class LikelihoodDetector(Detector):
         if impl is None:
             impl = getattr(head, "impl", "auto")
             impl = impl if impl in IMPLS else "auto"
-        return cls(means, log_var=log_var, score=score, impl=impl)
+        det = cls(means, log_var=log_var, score=score, impl=impl)
+        det.requires_fit = False  # the head's Gaussians: a combination's fit keeps them (det.fit still refits)
+        return det
+
+    @classmethod
+    def _from_parts(cls, config: dict, tensors: dict) -> LikelihoodDetector:
+        raise ValueError("a Gaussian detector's state is LikelihoodDetector.state_dict()'s own (format "
+                         f"{FORMAT!r}), not the family's 'config'/'tensors' layout")
 
     @_ClassOrInstanceMethod
     def fit(self_or_cls, features: Tensor, labels: Tensor, covariance: str | None = None, *, ridge: float = 1e-6,
@@ -236,7 +243,8 @@ class LikelihoodDetector(Detector):
             score: the score kind (:data:`SCORES`); None: the default above.
             impl: the operators' implementation selector; None: the default above.
             normalize: fit (and later score) L2-normalised features; None: False (class form) or ``det``'s.
-            logits: ignored (the family's ``fit(features, labels, logits)`` signature; Gaussians read features).
+            logits: ignored (the family's ``fit(features, labels, logits)`` signature; Gaussians read features; a
+                tensor given as the third positional argument is taken as these logits, not as ``covariance``).
 
         Returns:
             The fitted detector: a new one (class form) or ``det`` itself (instance form).
@@ -254,6 +262,8 @@ class LikelihoodDetector(Detector):
         (a class with one sample, a dead unit).  ``num_classes`` defaults to ``labels.max() + 1``;
         every class must have a sample.
         """
+        if isinstance(covariance, Tensor):  # fit(features, labels, logits): the family's signature
+            covariance = None
         if isinstance(self_or_cls, type):
             return self_or_cls._fitted(features, labels, "tied" if covariance is None else covariance, ridge=ridge,
                                        num_classes=num_classes, score="likelihood" if score is None else score,
@@ -265,6 +275,7 @@ class LikelihoodDetector(Detector):
                                 impl=det.impl if impl is None else impl,
                                 normalize=det.normalize if normalize is None else normalize)
         det.__dict__.update(new.__dict__)
+        det.__dict__.pop("requires_fit", None)  # fitted now, not a head's given Gaussians
         return det
 
     @classmethod
@@ -439,6 +450,8 @@ class LikelihoodDetector(Detector):
         sd.update(self._calibration_state())
         if self.normalize:
             sd["normalize"] = True
+        if not self.requires_fit:
+            sd["given"] = True
         return sd
 
     @classmethod
@@ -458,10 +471,11 @@ class LikelihoodDetector(Detector):
             A new detector.
         """
         kw = check_state(state_dict)
-        fpr, size = kw.pop("fpr"), kw.pop("calibration_size")
+        fpr, size, given = kw.pop("fpr"), kw.pop("calibration_size"), kw.pop("given")
         det = cls(kw.pop("means"), **kw)
         det.fpr, det.calibration_size = fpr, size
         det.calibration_range = check_range(state_dict)
+        det.requires_fit = not given
         return det
 
     @classmethod
