@@ -552,7 +552,7 @@ def test_detect_fit_and_score(tiny, tmp_path):
     det_file = tmp_path / "det.pt"
     _cli("detect", "fit", runs["softmax"], "--covariance", "tied", "--fpr", 0.1, "--out", det_file, "--no-progress")
     saved = torch.load(det_file, weights_only=True)  # plain tensors, numbers and strings
-    assert saved["split"] == "heldout" and saved["covariance"] == "tied" and saved["fit_images"] == 160
+    assert saved["split"] == "heldout" and saved["detector_name"] == "mahalanobis" and saved["fit_images"] == 160
     assert saved["detector"]["covariance"] == "tied" and saved["detector"]["fpr"] == 0.1
     out = tmp_path / "score.json"
     _cli("detect", "score", det_file, runs["softmax"], "--data", "fashion-mnist,noise,inverted,digits,photos",
@@ -585,7 +585,7 @@ def test_detect_refuses_bad_inputs_in_one_line(tiny, tmp_path):
     # a detector fitted to one model refuses another model's features
     _one_line_error("detect", "score", det_file, runs["center"], match="fitted to another model")
     _one_line_error("detect", "fit", runs["softmax"], "--covariance", "head", "--out", det_file,
-                    match="needs an L-GM checkpoint")
+                    match="does not apply")
     for fpr in ("0", "1", "nan"):
         _one_line_error("detect", "fit", runs["softmax"], "--fpr", fpr, "--out", det_file, match="--fpr")
     _one_line_error("detect", "fit", runs["softmax"], "--out", tmp_path, match="--out")
@@ -622,7 +622,7 @@ def test_ood_command(tiny, tmp_path):
     assert res["fprs"] == [0.05, 0.01] and "photos" in cd["sets"]
     assert (out / "detection_roc.png").stat().st_size > 1000 and (out / "results.json").exists()
     _cli("ood", runs["lgm"], "--no-adaptive", "--eps", "0.1", "--attack-subset", 2, "--subset", 20, "--out", out,
-         "--format", "svg", "--no-progress")
+         "--format", "svg", "--overwrite", "--no-progress")  # its own results replaced (issue 42)
     assert (out / "detection_roc.svg").exists()
 
 
@@ -640,18 +640,18 @@ def test_ood_data_folders_and_datasets(tiny, tmp_path):
         Image.fromarray(arr).save(photos / f"p{i}.png")
     other = write_idx(tmp_path / "other", n_train=8, n_test=12, seed=5)
     _cli("ood", runs["softmax"], "--no-adaptive", "--eps", "0.1", "--attack-subset", 2, "--subset", 20,
-         "--fpr", "0.1", "--ood-data", photos, "--ood-data", f"fashion-mnist:{other}", "--out", tmp_path / "o",
+         "--fpr", "0.1", "--ood-data", photos, "--ood-data", f"mnist:{other}", "--out", tmp_path / "o",
          "--json", tmp_path / "o.json", "--no-progress")
     res = json.loads((tmp_path / "o.json").read_text())
     sets = res["results"]["softmax"]["detectors"]["KNN"]["sets"]
-    assert sets["my-photos"]["n_abnormal"] == 5 and sets["fashion-mnist"]["n_abnormal"] == 10  # as many as clean
+    assert sets["my-photos"]["n_abnormal"] == 5 and sets["mnist"]["n_abnormal"] == 10  # as many as clean
     assert set(sets["my-photos"]["rejected"]) == {"10"}
     _one_line_error("ood", runs["softmax"], "--ood-data", tmp_path / "nowhere", "--out", tmp_path / "o2",
                     match="--ood-data")
     _one_line_error("ood", runs["softmax"], "--fpr", "0.05,0.05", "--out", tmp_path / "o2", match="--fpr")
     before = sorted(p.name for p in photos.iterdir())
     _one_line_error("ood", runs["softmax"], "--ood-data", photos, "--out", photos, match="reads")  # no output
-    _one_line_error("ood", runs["softmax"], "--ood-data", f"fashion-mnist:{other}", "--out", other,
+    _one_line_error("ood", runs["softmax"], "--ood-data", f"mnist:{other}", "--out", other,
                     match="reads")  # among the user's images or data
     assert sorted(p.name for p in photos.iterdir()) == before
     _one_line_error("ood", runs["softmax"], "--ood-data", photos, "--ood-data", photos, "--out", tmp_path / "o2",
