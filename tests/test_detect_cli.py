@@ -183,3 +183,28 @@ def test_detect_score_gives_a_verdict_per_image_and_names_an_unreadable_one(runs
     assert csv_lines[0] == "file,predicted_class,class_name,score,threshold,margin,accepted" and len(csv_lines) == 4
     r = _lgm("detect", "score", det, runs / "lgm" / "checkpoint.pt", "--data", "none", "--no-progress")
     assert r.returncode == 2 and "--images" in r.stderr
+
+
+def test_detect_score_csv_never_replaces_a_users_file(runs, tmp_path):
+    """--csv replaces only a table lgm detect score wrote: a user's file, one of the images it reads and a FIFO are
+    refused before any work, and left as they were."""
+    det = tmp_path / "det.pt"
+    assert _lgm("detect", "fit", runs / "lgm" / "checkpoint.pt", "--out", det, "--no-progress").returncode == 0
+    folder = _images(tmp_path / "mine", n=2, broken=False)
+    mine = tmp_path / "notes.csv"
+    mine.write_text("my own,table\n")
+    image = folder / "0.png"
+    before = image.read_bytes()
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    for target, word in ((mine, "not a table"), (image, "not a table"), (fifo, "--csv")):
+        r = _lgm("detect", "score", det, runs / "lgm" / "checkpoint.pt", "--data", "none", "--images", folder,
+                 "--csv", target, "--no-progress")
+        assert r.returncode == 2 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert mine.read_text() == "my own,table\n" and image.read_bytes() == before
+    ours = tmp_path / "t.csv"
+    for _ in range(2):  # its own table is replaced
+        r = _lgm("detect", "score", det, runs / "lgm" / "checkpoint.pt", "--data", "none", "--images", folder,
+                 "--csv", ours, "--no-progress")
+        assert r.returncode == 0, r.stderr
+    assert len(ours.read_text().splitlines()) == 3

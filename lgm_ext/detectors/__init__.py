@@ -102,13 +102,15 @@ def _center(head, f, y, lg):
 class Entry:
     """A registry line: the name reports print (``label``), how to build the detector for a head from
     training inputs (``create(head, features, labels, logits, **options)``: fitted, uncalibrated), which
-    heads it applies to, and whether it is fitted to training inputs (``fitted``)."""
+    heads it applies to, whether it is fitted to training inputs (``fitted``) and the member it builds
+    (``member``: what it reads is that class's ``inputs``)."""
 
     label: str
     create: Callable
     applies: Callable = lambda head: True
     fitted: bool = True
     summary: str = ""
+    member: type = LikelihoodDetector
 
 
 DETECTORS: dict[str, Entry] = {
@@ -124,17 +126,19 @@ DETECTORS: dict[str, Entry] = {
                            summary="diagonal-covariance Gaussians fitted to the features"),
     "gaussian-identity": Entry("Gaussians re-fitted (identity)", _gaussian("identity"),
                                summary="class means with identity covariance"),
-    "knn": Entry("KNN", _knn, summary=f"distance to the k-th nearest normalised training feature (k = {KNN_K})"),
+    "knn": Entry("KNN", _knn, summary=f"distance to the k-th nearest normalised training feature (k = {KNN_K})",
+                 member=KNNDetector),
     "vim": Entry("ViM", lambda h, f, y, lg, d=None: ViMDetector.for_classifier(h, d).fit(f, y), _has_fc,
-                 summary="virtual-logit matching (needs a linear classifier)"),
+                 summary="virtual-logit matching (needs a linear classifier)", member=ViMDetector),
     "energy": Entry("Energy", lambda h, f, y, lg, **kw: EnergyDetector(**kw), fitted=False,
-                    summary="logsumexp of the logits"),
+                    summary="logsumexp of the logits", member=EnergyDetector),
     "max-logit": Entry("MaxLogit", lambda h, f, y, lg, **kw: MaxLogitDetector(**kw), fitted=False,
-                       summary="the largest logit"),
+                       summary="the largest logit", member=MaxLogitDetector),
     "max-softmax": Entry("max-softmax", lambda h, f, y, lg, **kw: MaxSoftmaxDetector(**kw), fitted=False,
-                         summary="the largest softmax probability"),
+                         summary="the largest softmax probability", member=MaxSoftmaxDetector),
     "center-distance": Entry("center distance", _center, lambda h: _centers(h) is not None, False,
-                             summary="distance to the predicted class's center (the head's centers or means)"),
+                             summary="distance to the predicted class's center (the head's centers or means)",
+                             member=CenterDistanceDetector),
 }
 
 
@@ -169,11 +173,7 @@ def needs_fit(name: str) -> bool:
 
 def reads(name: str) -> tuple[str, ...]:
     """What the built detector reads ("features", "logits")."""
-    kinds = {"energy", "max-logit", "max-softmax"}
-    both = {"center-distance"}
-    out = set()
-    for p in _parts(name):
-        out |= {"logits"} if p in kinds else {"features", "logits"} if p in both else {"features"}
+    out = {i for p in _parts(name) for i in DETECTORS[p].member.inputs}
     return tuple(i for i in ("features", "logits") if i in out)
 
 

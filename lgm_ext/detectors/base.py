@@ -18,25 +18,29 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._gaussians import _check_threshold, _compute_dtype, _finite, _no_autocast, _real, calibrated_threshold, check_fpr
+from .._gaussians import (
+    _check_threshold,
+    _compute_dtype,
+    _finite,
+    _matrix,
+    _no_autocast,
+    _real,
+    calibrated_threshold,
+    check_fpr,
+)
 
 __all__ = ["Detector", "check_device", "DETECTOR_KINDS", "FAMILY_FORMAT", "flatten_tensors", "nest_tensors"]
 
 FAMILY_FORMAT = "lgm_ext.detectors/1"
 #: kind -> class, filled by :meth:`Detector.__init_subclass__`: what :meth:`Detector.from_state_dict` dispatches on.
 DETECTOR_KINDS: dict[str, type[Detector]] = {}
-INPUTS = ("features", "logits")
 _CALIBRATION_KEYS = ("threshold", "fpr", "calibration_size", "calibration_min", "calibration_max")
 
 
 def _input(name: str, x, width: int | None, n: int | None = None) -> Tensor:
-    """A floating (N, width) tensor, else TypeError/ValueError naming ``name``."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.dim() != 2 or (width is not None and x.shape[1] != width):
-        raise ValueError(f"{name} must have shape (N, {'D' if width is None else width}), got {tuple(x.shape)}")
+    """A floating (N, width) tensor (:func:`lgm_ext._gaussians._matrix`) with ``n`` rows when given, else
+    TypeError/ValueError naming ``name``."""
+    x = _matrix(name, x, width)
     if n is not None and x.shape[0] != n:
         raise ValueError(f"{name} has {x.shape[0]} rows, the features {n}: give both for the same inputs")
     return x
