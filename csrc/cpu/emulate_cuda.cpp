@@ -38,6 +38,108 @@ namespace {
 
 bool set_cuda_emulation(bool on) { return g_emulate.exchange(on); }
 
+// The emulated backend's hooks: each runs the kernels' own hook under a simt::CallCheck, which poisons the
+// outputs the hook must fill (signalling NaN, where they do not overlap an input) and then requires every
+// element of them to have been written by one of its launches.
+#define LGM_EMU_INPUTS in.x, in.mu, in.s, in.w, in.hl, in.labels
+
+template <typename T>
+void emu_direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
+                     Tensor& row_loss) {
+  simt::CallCheck check("direct_rows");
+  check.output(logits, "logits", {LGM_EMU_INPUTS});
+  check.output(stats, "row_stats", {LGM_EMU_INPUTS});
+  check.output(row_loss, "row_loss", {LGM_EMU_INPUTS});
+  direct_rows<T>(in, alpha, lambda, margin_out, logits, stats, row_loss);
+  check.verify();
+}
+
+template <typename T>
+void emu_gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
+                   Tensor& stats, Tensor& row_loss) {
+  simt::CallCheck check("gemm_rows");
+  check.output(m, "logits (from the expansion m, in place)", {m});
+  check.output(stats, "row_stats", {LGM_EMU_INPUTS, m, c});
+  check.output(row_loss, "row_loss", {LGM_EMU_INPUTS, m, c});
+  gemm_rows<T>(in, m, c, alpha, lambda, margin_out, stats, row_loss);
+  check.verify();
+}
+
+template <typename T>
+void emu_coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
+  simt::CallCheck check("coefficients");
+  check.output(g, "coef", {LGM_EMU_INPUTS, cf.logits, cf.c, cf.stats, cf.scale, cf.grad_logits});
+  if (in.labels.defined()) {  // r: the rows whose label lies in the tile [k0, k0 + kt), the others left as they are
+    const Tensor y = in.labels.cpu();
+    const int64_t* yp = y.data_ptr<int64_t>();
+    std::vector<bool> rows(in.N);
+    for (int64_t n = 0; n < in.N; ++n) rows[n] = yp[n] >= cf.k0 && yp[n] < cf.k0 + cf.kt;
+    check.output_rows(r, "label_coef", std::move(rows));
+  }
+  coefficients<T>(in, cf, g, r);
+  check.verify();
+}
+
+template <typename T>
+void emu_direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
+                      Tensor& grad_s) {
+  simt::CallCheck check("direct_grads");
+  check.output(grad_x, "grad_features", {LGM_EMU_INPUTS, g, r});
+  check.output(grad_mu, "grad_means", {LGM_EMU_INPUTS, g, r});
+  check.output(grad_s, "grad_log_var", {LGM_EMU_INPUTS, g, r});
+  direct_grads<T>(in, g, r, grad_x, grad_mu, grad_s);
+  check.verify();
+}
+
+template <typename T>
+void emu_class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
+  simt::CallCheck check("class_tables");
+  check.output(w, "inv_var", {s});
+  check.output(hl, "half_logdet", {s});
+  class_tables<T>(s, w, hl);
+  check.verify();
+}
+
+template <typename T>
+void emu_gemm_operands(const Inputs& in, Tensor& a, int64_t k0, int64_t kt, Tensor& b1, Tensor& b2, Tensor& c) {
+  simt::CallCheck check("gemm_operands");
+  check.output(a, "operand_a", {LGM_EMU_INPUTS});
+  check.output(b1, "operand_b (first half)", {LGM_EMU_INPUTS});
+  check.output(b2, "operand_b (second half)", {LGM_EMU_INPUTS});
+  if (b1.defined()) check.output(c, "operand_c", {LGM_EMU_INPUTS});
+  gemm_operands<T>(in, a, k0, kt, b1, b2, c);
+  check.verify();
+}
+
+template <typename T>
+void emu_gemm_grad_x(const Inputs& in, const Tensor& t1, const Tensor& t2, Tensor& grad_x) {
+  simt::CallCheck check("gemm_grad_x");
+  check.output(grad_x, "grad_features", {LGM_EMU_INPUTS, t1, t2});
+  gemm_grad_x<T>(in, t1, t2, grad_x);
+  check.verify();
+}
+
+template <typename T>
+void emu_gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1, const Tensor& s2,
+                          const Tensor& g, const Tensor& r, Tensor& grad_mu, Tensor& grad_s) {
+  simt::CallCheck check("gemm_class_grads");
+  if (grad_mu.defined()) check.output(grad_mu.narrow(0, k0, kt), "grad_means (the tile's rows)", {LGM_EMU_INPUTS, s1, s2, g, r});
+  if (grad_s.defined()) check.output(grad_s.narrow(0, k0, kt), "grad_log_var (the tile's rows)", {LGM_EMU_INPUTS, s1, s2, g, r});
+  gemm_class_grads<T>(in, k0, kt, s1, s2, g, r, grad_mu, grad_s);
+  check.verify();
+}
+
+#undef LGM_EMU_INPUTS
+
+template <typename T>
+const Backend& emulated_backend_for() {
+  static const Backend be{&emu_direct_rows<T>,   &emu_gemm_rows<T>,      &emu_coefficients<T>,
+                          &emu_direct_grads<T>,  &check_labels_aminmax,  &emu_class_tables<T>,
+                          &emu_gemm_operands<T>, &emu_gemm_grad_x<T>,    &emu_gemm_class_grads<T>,
+                          kernel_mm16()};
+  return be;
+}
+
 }  // namespace
 
 // launch.h: the z extent of one launch, for the CUDA kernels and the executor.
@@ -49,11 +151,16 @@ int64_t launch::set_max_grid_z(int64_t z) {
 
 bool cuda_emulation_enabled() { return g_emulate.load(std::memory_order_relaxed); }
 
-const Backend& emulated_cuda_backend(at::ScalarType acc) { return kernel_backend(acc); }
+const Backend& emulated_cuda_backend(at::ScalarType acc) {
+  return acc == at::kDouble ? emulated_backend_for<double>() : emulated_backend_for<float>();
+}
 
 void emulated_pgd_step(Tensor& out, const Tensor& x, const Tensor& g, const Tensor& x0, double alpha, double eps,
                        double lower, double upper) {
+  simt::CallCheck check("pgd_step");
+  check.output(out, "out", {x, g, x0});
   pgd_step_into(out, x, g, x0, alpha, eps, lower, upper);
+  check.verify();
 }
 
 TORCH_LIBRARY_FRAGMENT(lgm_ext, m) {

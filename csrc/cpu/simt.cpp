@@ -11,8 +11,13 @@
 // address with its writer and the writer's barrier epoch: a second writer before a barrier orders them is a race.
 #include <ucontext.h>
 
+#include <ATen/MemoryOverlap.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <numeric>
+#include <random>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -158,11 +163,30 @@ struct Fiber {
   void* fake_stack = nullptr;  // AddressSanitizer's fake stack of this fiber while it is switched out
 };
 
-struct Writer {
+// One access by a thread: its block, its index in the block and the barrier epochs it had reached.
+struct Access {
   int64_t block;
   int32_t thread;
   uint32_t block_epoch, warp_epoch;
   bool atomic;
+};
+
+// The reads of one address by one warp in the current barrier interval: its lanes, and the warp epoch of the
+// newest (a lane's read at an older warp epoch is ordered before that warp's later operations).
+struct WarpReads {
+  int32_t warp;
+  uint32_t lanes;
+  uint32_t epoch;
+};
+
+// What a launch did to one address: its last write, and its reads since the block's last barrier.
+struct AddrState {
+  bool written = false;
+  Access writer{};
+  int64_t read_block = -1;        // the block of `reads` (-1: none yet)
+  uint32_t read_epoch = 0;        // and its block epoch
+  int64_t other_block_read = -1;  // another block that read it in this launch (-1: none)
+  std::vector<WarpReads> reads;
 };
 
 size_t stack_bytes() {
@@ -172,6 +196,13 @@ size_t stack_bytes() {
   return 128 * 1024;
 #endif
 }
+
+// A global address's bytes before a launch's first write to it, and which tensor element it is.
+struct Undo {
+  std::vector<unsigned char> bytes;
+  const char* name = "?";
+  std::ptrdiff_t element = 0;
+};
 
 // One launch in progress on this OS thread.
 struct Exec {
@@ -186,7 +217,12 @@ struct Exec {
   Context sched;
   std::exception_ptr error;  // the fault of thread error_thread
   int error_thread = -1;
-  std::unordered_map<const void*, Writer> global_writes, shared_writes;
+  std::unordered_map<const void*, AddrState> global_acc, shared_acc;
+  // The schedule: threads are resumed in `order` (pos_of inverts it); `order_name` says which.
+  std::vector<int> order, pos_of;
+  const char* order_name = "index order";
+  // Global memory the launch wrote: each address's bytes before its first write (restored between schedules).
+  std::unordered_map<void*, Undo> undo;
 #if defined(LGM_SIMT_ASAN)
   void* sched_fake_stack = nullptr;
   const void* sched_stack_bottom = nullptr;
@@ -208,6 +244,7 @@ std::string dim_str(const uint3& d) {
 std::string where(const Exec& e, int t) {
   std::ostringstream s;
   s << "kernel " << e.spec->kernel << ", block " << dim_str(e.block) << ", thread " << dim_str(e.fibers[t].tid);
+  if (e.order.size() > 0 && std::strcmp(e.order_name, "index order") != 0) s << " (threads run in " << e.order_name << ")";
   return s.str();
 }
 
@@ -226,9 +263,9 @@ struct FaultError : std::exception {
 void yield_fiber(Exec& e, Fiber& f, bool finishing) {
   int next = -1;
   if (!e.error)
-    for (int t = e.current + 1; t < e.nthreads; ++t)
-      if (e.fibers[t].state == State::ready) {
-        next = t;
+    for (int p = e.pos_of[e.current] + 1; p < e.nthreads; ++p)
+      if (e.fibers[e.order[p]].state == State::ready) {
+        next = e.order[p];
         break;
       }
   Context* to = &e.sched;
@@ -399,7 +436,7 @@ void run_block(Exec& e) {
   while (t_stacks.size() < static_cast<size_t>(n)) t_stacks.emplace_back(new char[sb]);
   e.fibers.assign(n, Fiber());  // (ucontext fallback: getcontext per fiber, one system call each)
   e.block_epoch = 0;
-  e.shared_writes.clear();
+  e.shared_acc.clear();
   for (int t = 0; t < n; ++t) {
     Fiber& f = e.fibers[t];
     f.tid = uint3(t % spec.block.x, t / spec.block.x % spec.block.y, t / (spec.block.x * spec.block.y));
@@ -412,8 +449,8 @@ void run_block(Exec& e) {
   }
   const int warps = (n + kWarp - 1) / kWarp;
   for (;;) {
-    for (int t = 0; t < n; ++t)
-      if (e.fibers[t].state == State::ready) resume(e, t);
+    for (int p = 0; p < n; ++p)
+      if (e.fibers[e.order[p]].state == State::ready) resume(e, e.order[p]);
     bool progressed = false;
     for (int w = 0; w < warps; ++w) progressed |= complete_warp_ops(e, w);
     if (progressed) continue;
@@ -440,6 +477,54 @@ void run_block(Exec& e) {
 
 }  // namespace
 
+namespace {
+
+std::atomic<int> g_orders{0};  // 0: LGM_SIMT_ORDERS not read yet
+
+int orders_setting() {
+  int o = g_orders.load(std::memory_order_relaxed);
+  if (o == 0) {
+    const char* v = std::getenv("LGM_SIMT_ORDERS");
+    o = v != nullptr && std::atoi(v) >= 1 ? std::atoi(v) : 2;
+    g_orders.store(o, std::memory_order_relaxed);
+  }
+  return o;
+}
+
+thread_local CallCheck* t_check = nullptr;  // the hook call in progress on this OS thread, if any
+
+// Schedule k of a launch: the order of its blocks and of the threads within each block.
+void set_schedule(Exec& e, int k, std::vector<int64_t>& blocks, std::string& name) {
+  const int n = e.nthreads;
+  e.order.resize(n);
+  e.pos_of.resize(n);
+  std::iota(e.order.begin(), e.order.end(), 0);
+  std::iota(blocks.begin(), blocks.end(), int64_t(0));
+  if (k == 1) {
+    std::reverse(e.order.begin(), e.order.end());
+    std::reverse(blocks.begin(), blocks.end());
+    name = "reverse order";
+  } else if (k >= 2) {
+    std::mt19937 rng(static_cast<unsigned>(k));
+    std::shuffle(e.order.begin(), e.order.end(), rng);
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+    name = "a shuffled order (seed " + std::to_string(k) + ")";
+  } else {
+    name = "index order";
+  }
+  for (int p = 0; p < n; ++p) e.pos_of[e.order[p]] = p;
+  e.order_name = name.c_str();
+}
+
+}  // namespace
+
+int set_orders(int orders) {
+  TORCH_CHECK_VALUE(orders >= 1, "SIMT executor: orders must be >= 1, got ", orders);
+  const int old = orders_setting();
+  g_orders.store(orders, std::memory_order_relaxed);
+  return old;
+}
+
 void run(const LaunchSpec& spec, const std::function<void()>& body) {
   static thread_local bool t_launching = false;
   TORCH_CHECK(!t_launching, "SIMT executor: a kernel launched ", spec.kernel, " from inside a kernel");
@@ -457,16 +542,69 @@ void run(const LaunchSpec& spec, const std::function<void()>& body) {
     }
   } guard;
   t_exec = &e;
+  if (t_check != nullptr) t_check->launched(spec.kernel);
   blockDim = spec.block;
   gridDim = spec.grid;
-  for (unsigned bz = 0; bz < spec.grid.z; ++bz)
-    for (unsigned by = 0; by < spec.grid.y; ++by)
-      for (unsigned bx = 0; bx < spec.grid.x; ++bx) {
-        e.block = uint3(bx, by, bz);
-        e.block_linear = (static_cast<int64_t>(bz) * spec.grid.y + by) * spec.grid.x + bx;
-        blockIdx = e.block;
-        run_block(e);
+  const int64_t nblocks = static_cast<int64_t>(spec.grid.x) * spec.grid.y * spec.grid.z;
+  std::vector<int64_t> blocks(nblocks);
+  std::string schedule;
+  const int orders = orders_setting();
+  // The global memory the first schedule left: address -> bytes (compared with every later schedule's).
+  std::unordered_map<void*, std::vector<unsigned char>> first;
+  for (int k = 0; k < orders; ++k) {
+    set_schedule(e, k, blocks, schedule);
+    e.global_acc.clear();
+    e.undo.clear();
+    for (const int64_t b : blocks) {
+      e.block_linear = b;
+      e.block = uint3(static_cast<unsigned>(b % spec.grid.x), static_cast<unsigned>(b / spec.grid.x % spec.grid.y),
+                      static_cast<unsigned>(b / (static_cast<int64_t>(spec.grid.x) * spec.grid.y)));
+      blockIdx = e.block;
+      run_block(e);
+    }
+    if (orders == 1) break;
+    if (k == 0) {
+      for (const auto& [addr, u] : e.undo) {
+        const auto* p = static_cast<const unsigned char*>(addr);
+        first.emplace(addr, std::vector<unsigned char>(p, p + u.bytes.size()));
       }
+    } else {
+      auto differs = [&](void* addr) {
+        const auto it = first.find(addr);
+        const auto u = e.undo.find(addr);
+        if (it == first.end() || u == e.undo.end()) return true;
+        return std::memcmp(addr, it->second.data(), it->second.size()) != 0;
+      };
+      const void* bad = nullptr;
+      for (const auto& [addr, u] : e.undo)
+        if (differs(addr)) {
+          bad = addr;
+          break;
+        }
+      if (bad == nullptr)
+        for (const auto& [addr, bytes] : first)
+          if (differs(addr)) {
+            bad = addr;
+            break;
+          }
+      if (bad != nullptr) {
+        std::ostringstream s;
+        const auto u = e.undo.find(const_cast<void*>(bad));
+        s << "SIMT executor: kernel " << spec.kernel << ": the result depends on the order the threads run in: ";
+        if (u != e.undo.end()) {
+          s << u->second.name << " element " << u->second.element;
+        } else {
+          s << "address " << bad;
+        }
+        s << (first.count(const_cast<void*>(bad)) && u != e.undo.end() ? " differs" : " is written under one order only")
+          << " between index order and " << schedule
+          << " (a race the access tracker cannot see, e.g. an order-dependent atomicAdd)";
+        TORCH_CHECK(false, s.str());
+      }
+    }
+    if (k + 1 < orders)
+      for (const auto& [addr, u] : e.undo) std::memcpy(addr, u.bytes.data(), u.bytes.size());
+  }
 }
 
 [[noreturn]] void fault(const std::string& what) { throw FaultError(what); }
@@ -485,33 +623,181 @@ void run(const LaunchSpec& spec, const std::function<void()>& body) {
   fault(s.str());
 }
 
-void note_write(const void* addr, bool shared, bool atomic) {
+namespace {
+
+bool ordered(const Access& p, const Access& me) {
+  if (p.block != me.block) return false;  // blocks of a launch are unordered
+  if (p.thread == me.thread || p.block_epoch != me.block_epoch) return true;
+  return p.thread / kWarp == me.thread / kWarp && p.warp_epoch != me.warp_epoch;
+}
+
+std::string place(const void* addr, const Region& r, size_t bytes) {
+  std::ostringstream s;
+  s << (r.space == Space::shared ? "shared array " : "") << r.name << " element "
+    << (static_cast<const char*>(addr) - r.lo) / static_cast<std::ptrdiff_t>(bytes);
+  return s.str();
+}
+
+std::string by_whom(const Exec& e, int64_t block, int thread, const char* did) {
+  std::ostringstream s;
+  if (block == e.block_linear) {
+    s << "thread " << dim_str(e.fibers[thread].tid) << " of this block " << did
+      << " it with no barrier between (__syncthreads, or __syncwarp within a warp)";
+  } else {
+    s << "a thread of block " << block << " (linear index) " << did << " it in this launch (blocks are unordered)";
+  }
+  return s.str();
+}
+
+Access me_now(const Exec& e, bool atomic) {
+  return Access{e.block_linear, e.current, e.block_epoch, e.fibers[e.current].warp_epoch, atomic};
+}
+
+}  // namespace
+
+void note_read(const void* addr, size_t bytes, const Region& r) {
   Exec* e = t_exec;
   if (e == nullptr || e->current < 0) return;
-  const Fiber& f = e->fibers[e->current];
-  const Writer me{e->block_linear, e->current, e->block_epoch, f.warp_epoch, atomic};
-  auto& writes = shared ? e->shared_writes : e->global_writes;
-  auto [it, fresh] = writes.try_emplace(addr, me);
-  if (fresh) return;
-  Writer& w = it->second;
-  if (w.thread != me.thread || w.block != me.block) {
-    const bool same_block = w.block == me.block;
-    const bool same_warp = same_block && w.thread / kWarp == me.thread / kWarp;
-    const bool ordered = same_block && (w.block_epoch != me.block_epoch ||
-                                        (same_warp && w.warp_epoch != me.warp_epoch));
-    if (!ordered && !(w.atomic && me.atomic)) {
-      std::ostringstream s;
-      s << "write-write race on " << (shared ? "shared" : "global") << " address " << addr << ": ";
-      if (same_block) {
-        const Fiber& o = e->fibers[w.thread];
-        s << "thread " << dim_str(o.tid) << " of this block wrote it since the last barrier";
+  const bool shared = r.space == Space::shared;
+  AddrState& st = (shared ? e->shared_acc : e->global_acc)[addr];
+  const Access me = me_now(*e, false);
+  if (st.written && !ordered(st.writer, me))
+    fault("read-after-write race on " + place(addr, r, bytes) + ": " +
+          by_whom(*e, st.writer.block, st.writer.thread, "wrote"));
+  if (st.read_block != me.block || st.read_epoch != me.block_epoch) {
+    if (st.read_block >= 0 && st.read_block != me.block) st.other_block_read = st.read_block;
+    st.reads.clear();
+    st.read_block = me.block;
+    st.read_epoch = me.block_epoch;
+  }
+  const int32_t w = me.thread / kWarp;
+  const uint32_t bit = 1u << (me.thread % kWarp);
+  for (WarpReads& wr : st.reads)
+    if (wr.warp == w) {
+      if (me.warp_epoch > wr.epoch) {  // the warp's older reads are ordered before its later operations
+        wr.lanes = bit;
+        wr.epoch = me.warp_epoch;
       } else {
-        s << "a thread of block " << w.block << " (linear index) wrote it in this launch";
+        wr.lanes |= bit;
       }
-      fault(s.str());
+      return;
+    }
+  st.reads.push_back({w, bit, me.warp_epoch});
+}
+
+void note_write(void* addr, size_t bytes, const Region& r, bool atomic) {
+  Exec* e = t_exec;
+  if (e == nullptr || e->current < 0) return;
+  const bool shared = r.space == Space::shared;
+  AddrState& st = (shared ? e->shared_acc : e->global_acc)[addr];
+  const Access me = me_now(*e, atomic);
+  if (st.written && !ordered(st.writer, me) && !(st.writer.atomic && atomic))
+    fault("write-write race on " + place(addr, r, bytes) + ": " +
+          by_whom(*e, st.writer.block, st.writer.thread, "wrote"));
+  // A write after reads by other threads that no barrier orders before it.
+  if (st.other_block_read >= 0 && st.other_block_read != me.block)
+    fault("write-after-read race on " + place(addr, r, bytes) + ": " +
+          by_whom(*e, st.other_block_read, 0, "read"));
+  if (st.read_block >= 0 && st.read_block != me.block)
+    fault("write-after-read race on " + place(addr, r, bytes) + ": " + by_whom(*e, st.read_block, 0, "read"));
+  if (st.read_block == me.block && st.read_epoch == me.block_epoch) {
+    const int32_t w = me.thread / kWarp;
+    const uint32_t bit = 1u << (me.thread % kWarp);
+    for (const WarpReads& wr : st.reads) {
+      const uint32_t others = wr.warp == w ? (wr.epoch >= me.warp_epoch ? wr.lanes & ~bit : 0u) : wr.lanes;
+      if (others != 0)
+        fault("write-after-read race on " + place(addr, r, bytes) + ": " +
+              by_whom(*e, me.block, wr.warp * kWarp + __builtin_ctz(others), "read"));
     }
   }
-  w = me;
+  st.written = true;
+  st.writer = me;
+  if (!shared) {
+    auto [it, fresh] = e->undo.try_emplace(addr);
+    if (fresh) {
+      const auto* p = static_cast<const unsigned char*>(addr);
+      it->second.bytes.assign(p, p + bytes);
+      it->second.name = r.name;
+      it->second.element = (static_cast<const char*>(addr) - r.lo) / static_cast<std::ptrdiff_t>(bytes);
+    }
+    if (t_check != nullptr) t_check->wrote(addr);
+  }
+}
+
+// ------------------------------------------------------------------ outputs a call must fill
+CallCheck::CallCheck(const char* call) : call_(call), prev_(t_check) { t_check = this; }
+CallCheck::~CallCheck() { t_check = prev_; }
+
+void CallCheck::launched(const char* kernel) {
+  if (kernels_.empty() || kernels_.back() != kernel) kernels_.emplace_back(kernel);
+}
+
+void CallCheck::wrote(const void* addr) { written_.insert(addr); }
+
+namespace {
+
+// f(pointer to the element, its index) for every element of t, in index order.
+template <typename F>
+void for_each_element(const at::Tensor& t, F f) {
+  const int64_t dim = t.dim(), elem = static_cast<int64_t>(t.element_size());
+  std::vector<int64_t> idx(dim, 0);
+  auto* base = static_cast<char*>(t.data_ptr());
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    int64_t off = 0;
+    for (int64_t d = 0; d < dim; ++d) off += idx[d] * t.stride(d);
+    f(base + off * elem, idx);
+    for (int64_t d = dim - 1; d >= 0; --d) {
+      if (++idx[d] < t.size(d)) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+}  // namespace
+
+void CallCheck::output(const at::Tensor& t, const char* name, std::initializer_list<at::Tensor> inputs) {
+  if (!t.defined() || t.numel() == 0) return;
+  bool overlaps = false;
+  for (const at::Tensor& in : inputs)
+    if (in.defined() && in.numel() > 0 && at::get_overlap_status(t, in) != at::MemOverlapStatus::No) overlaps = true;
+  if (!overlaps && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble)) {
+    // Signalling NaNs: an element no kernel writes reads as NaN wherever it goes.
+    const uint32_t f32 = 0x7fa00000u;
+    const uint64_t f64 = 0x7ff4000000000000ull;
+    const bool dbl = t.scalar_type() == at::kDouble;
+    for_each_element(t, [&](char* p, const std::vector<int64_t>&) {
+      dbl ? std::memcpy(p, &f64, 8) : std::memcpy(p, &f32, 4);
+    });
+  }
+  outs_.push_back({t, name, {}});
+}
+
+void CallCheck::output_rows(const at::Tensor& t, const char* name, std::vector<bool> rows) {
+  if (!t.defined() || t.numel() == 0) return;
+  outs_.push_back({t, name, std::move(rows)});
+}
+
+void CallCheck::verify() {
+  for (const Out& o : outs_) {
+    const std::vector<int64_t>* missing = nullptr;
+    std::vector<int64_t> first;
+    for_each_element(o.t, [&](char* p, const std::vector<int64_t>& idx) {
+      if (missing != nullptr || (!o.rows.empty() && !o.rows[idx[0]])) return;
+      if (written_.count(p) == 0) {
+        first = idx;
+        missing = &first;
+      }
+    });
+    if (missing == nullptr) continue;
+    std::ostringstream s;
+    s << "SIMT executor: " << call_ << " (kernels ";
+    for (size_t i = 0; i < kernels_.size(); ++i) s << (i ? ", " : "") << kernels_[i];
+    if (kernels_.empty()) s << "none";
+    s << ") left " << o.name << " element [";
+    for (size_t i = 0; i < first.size(); ++i) s << (i ? ", " : "") << first[i];
+    s << "] of " << o.t.sizes() << " unwritten";
+    TORCH_CHECK(false, s.str());
+  }
 }
 
 void syncthreads() {

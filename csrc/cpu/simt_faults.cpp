@@ -65,6 +65,49 @@ __global__ void shuffle_outside_mask_kernel(KPtr<float> out) {
   out[threadIdx.x] = v;
 }
 
+// Read-write races: thread `writer` writes slot 0 and thread `reader` reads it in the same barrier interval
+// (lanes of one warp, or threads of two warps), in shared or in global memory; `sync` puts the barrier that
+// orders them (__syncwarp within a warp, __syncthreads across warps) between the two accesses.
+__global__ void read_write_kernel(KPtr<float> out, int writer, int reader, bool shared, bool sync) {
+  LGM_SHARED(float, buf, 64);
+  const int t = threadIdx.x;
+  if (shared) buf[t] = 0.0f;
+  __syncthreads();
+  const bool same_warp = writer / 32 == reader / 32;
+  const auto slot = shared ? buf : out + 32;  // global: out[32..63] is this kernel's scratch
+  float v = 0.0f;
+  if (writer < reader) {  // written first (in index order), then read: read-after-write
+    if (t == writer) slot[0] = 1.0f;
+    if (sync) same_warp ? __syncwarp() : __syncthreads();
+    if (t == reader) v = slot[0];
+  } else {  // read first, then written: write-after-read
+    if (t == reader) v = slot[0];
+    if (sync) same_warp ? __syncwarp() : __syncthreads();
+    if (t == writer) slot[0] = 1.0f;
+  }
+  __syncthreads();
+  if (t < 32) out[t] = v;
+}
+
+// Block 0 writes out[0], block 1 reads it: blocks of a launch are unordered.
+__global__ void read_across_blocks_kernel(KPtr<float> out) {
+  if (threadIdx.x != 0) return;
+  if (blockIdx.x == 0) out[0] = 1.0f;
+  if (blockIdx.x == 1) out[1] = out[0];
+}
+
+// Every element but the last written: an output left unwritten.
+__global__ void short_loop_kernel(KPtr<float> out, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n - 1; i += blockDim.x) out[i] = 1.0f;
+}
+
+// Threads 0-2 atomically add 1, 1e8, -1e8 to out[0]: float addition does not associate, so the sum depends
+// on the order the threads run in (1 in reverse order, 0 in index order).
+__global__ void order_dependent_sum_kernel(KPtr<float> out) {
+  const float v[3] = {1.0f, 1e8f, -1e8f};
+  if (threadIdx.x < 3) atomicAdd(out, v[threadIdx.x]);
+}
+
 // Correct: a block of 64 threads sums x (64 values) through shared memory, a barrier and a warp butterfly;
 // every thread writes the total to out[thread].
 __global__ void block_sum_kernel(KPtr<float> out, KPtr<const float> x) {
@@ -106,6 +149,26 @@ at::Tensor simt_fault(const std::string& kind) {
     LGM_LAUNCH(partial_shuffle_kernel, 1, 32, 0, stream, o);
   } else if (kind == "shuffle_outside_mask") {
     LGM_LAUNCH(shuffle_outside_mask_kernel, 1, 32, 0, stream, o);
+  } else if (kind.rfind("raw_", 0) == 0 || kind.rfind("war_", 0) == 0) {
+    // raw_/war_ + warp/block + _shared/_global, and "_ordered" with the barrier that makes it correct
+    const bool war = kind[0] == 'w', warp = kind.find("warp") != std::string::npos;
+    const bool shared = kind.find("shared") != std::string::npos, sync = kind.find("ordered") != std::string::npos;
+    const int a = 1, b = warp ? 2 : 33;  // two lanes of warp 0, or a lane of warp 0 and one of warp 1
+    LGM_LAUNCH(read_write_kernel, 1, 64, 0, stream, o, war ? b : a, war ? a : b, shared, sync);
+  } else if (kind == "read_across_blocks") {
+    LGM_LAUNCH(read_across_blocks_kernel, 2, 32, 0, stream, o);
+  } else if (kind == "unwritten_output") {
+    simt::CallCheck check("_simt_fault(unwritten_output)");
+    check.output(out, "out");
+    LGM_LAUNCH(short_loop_kernel, 1, 32, 0, stream, o, int64_t(64));
+    check.verify();
+  } else if (kind == "written_output") {
+    simt::CallCheck check("_simt_fault(written_output)");
+    check.output(out, "out");
+    LGM_LAUNCH(short_loop_kernel, 1, 32, 0, stream, o, int64_t(65));
+    check.verify();
+  } else if (kind == "order_dependent_sum") {
+    LGM_LAUNCH(order_dependent_sum_kernel, 1, 32, 0, stream, o);
   } else if (kind == "block_too_large") {
     LGM_LAUNCH(global_race_kernel, 1, 1025, 0, stream, o);
   } else if (kind == "grid_too_large") {
@@ -121,6 +184,9 @@ at::Tensor simt_fault(const std::string& kind) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lgm_ext, m) {
+  // Test-only: the number of thread orders (schedules) every launch runs under (simt.h set_orders); returns
+  // the previous value.
+  m.def("_simt_set_orders(int orders) -> int", [](int64_t n) { return int64_t(simt::set_orders(static_cast<int>(n))); });
   // Test-only: run one small kernel on the SIMT executor -- "ok" (a correct block sum of arange(64); returns
   // it in every element) or a deliberate fault the executor must report (tests/test_simt.py).
   m.def("_simt_fault(str kind) -> Tensor", &simt_fault);

@@ -20,13 +20,17 @@
 // every lane of its mask reaches (or that reads a lane outside the mask), and a launch beyond CUDA's limits.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <string>
+#include <unordered_set>
+#include <vector>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -107,9 +111,6 @@ inline dim3 blockDim, gridDim;
 
 [[noreturn]] void fault(const std::string& what);  // the running thread's error: the launch fails with it
 
-// Accesses: bounds are checked inline; writes go to the race tracker.
-void note_write(const void* addr, bool shared, bool atomic);
-
 enum class Space : uint8_t { global, shared };
 
 // Where a checked pointer may point: [lo, hi) bytes of one tensor (or shared array), and its name.
@@ -121,6 +122,11 @@ struct Region {
 };
 
 [[noreturn]] void out_of_bounds(const Region& r, const void* p, size_t size, bool write);
+
+// Accesses: bounds are checked inline; reads and writes of `bytes` at addr in r go to the race tracker
+// (simt.cpp), which also keeps what a launch wrote (for the thread-order replays and CallCheck below).
+void note_read(const void* addr, size_t bytes, const Region& r);
+void note_write(void* addr, size_t bytes, const Region& r, bool atomic);
 
 template <typename T>
 class Ref;
@@ -162,7 +168,9 @@ class Ptr {
   // const elements read as values; others give a reference that checks each read and write.
   decltype(auto) operator[](int64_t i) const {
     if constexpr (std::is_const_v<T>) {
-      return static_cast<std::remove_const_t<T>>(*at(i, false));
+      const T* q = at(i, false);
+      note_read(q, sizeof(T), r_);
+      return static_cast<std::remove_const_t<T>>(*q);
     } else {
       return Ref<T>(*this, i);
     }
@@ -178,10 +186,14 @@ template <typename T>
 class Ref {
  public:
   Ref(const Ptr<T>& p, int64_t i) : p_(p), i_(i) {}
-  operator T() const { return *p_.at(i_, false); }
+  operator T() const {
+    T* q = p_.at(i_, false);
+    note_read(q, sizeof(T), p_.region());
+    return *q;
+  }
   Ref& operator=(T v) {
     T* q = p_.at(i_, true);
-    note_write(q, p_.region().space == Space::shared, false);
+    note_write(q, sizeof(T), p_.region(), false);
     *q = v;
     return *this;
   }
@@ -235,6 +247,49 @@ T shfl_as(unsigned mask, T v, int mode, int arg, int width) {
   std::memcpy(&out, &bits, sizeof(T));
   return out;
 }
+
+// ---- thread orders
+// Each launch runs under `orders` schedules -- 1: threads and blocks in index order; 2: also in reverse order;
+// 3 and more: also seeded shuffles -- restoring what the launch wrote between them, and the global memory it
+// leaves must be the same bytes under every schedule (else the launch fails naming the first differing
+// address).  A race-free kernel is deterministic whatever the order (fibers switch only at barriers and
+// shuffles); this catches what the access tracker cannot see (e.g. an order-dependent float atomicAdd).
+// The default is LGM_SIMT_ORDERS (2 when unset); returns the previous value.
+int set_orders(int orders);
+
+// ---- outputs a call must fill
+// While a CallCheck is alive (one backend hook, or a test's launch), every element written through a kernel
+// pointer on this OS thread is recorded.  `output` poisons a tensor the call must fill (signalling NaN for
+// floating types; left as is where it overlaps one of `inputs`, e.g. an operation in place) and `verify`
+// reports the first element of it no launch wrote, naming the call, the kernels it launched and the index.
+class CallCheck {
+ public:
+  explicit CallCheck(const char* call);
+  ~CallCheck();
+  CallCheck(const CallCheck&) = delete;
+  CallCheck& operator=(const CallCheck&) = delete;
+  // t must be filled by the call; `inputs`: tensors it reads (no poisoning where t overlaps one).
+  void output(const at::Tensor& t, const char* name, std::initializer_list<at::Tensor> inputs = {});
+  // Only the elements where `rows` is true (a bool vector over t's first dimension) must be written (no poison).
+  void output_rows(const at::Tensor& t, const char* name, std::vector<bool> rows);
+  void verify();
+
+  // (the executor's record)
+  void launched(const char* kernel);
+  void wrote(const void* addr);
+
+ private:
+  struct Out {
+    at::Tensor t;
+    std::string name;
+    std::vector<bool> rows;  // empty: every element
+  };
+  std::string call_;
+  std::vector<std::string> kernels_;
+  std::vector<Out> outs_;
+  std::unordered_set<const void*> written_;
+  CallCheck* prev_ = nullptr;
+};
 
 // ---- launches
 struct LaunchSpec {
@@ -341,7 +396,7 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 template <typename T>
 T atomicAdd(simt::Ptr<T> p, T v) {
   T* q = p.at(0, true);
-  simt::note_write(q, p.region().space == simt::Space::shared, true);
+  simt::note_write(q, sizeof(T), p.region(), true);
   const T old = *q;
   *q = old + v;
   return old;
