@@ -167,8 +167,8 @@ def test_missing_pytest_degrades_clearly(tmp_path, monkeypatch):
 
 def test_kernels_grouped_beside_their_floors():
     floors = cuda_floors.kernels(256, 10575, 512, "bf16")
-    measured = {"void lgm_ext::(anonymous namespace)::gemm_rows_kernel<float>(lgm_ext::Args<float>)": 30.0,
-                "void lgm_ext::(anonymous namespace)::gemm_class_kernel<float>(lgm_ext::Args<float>)": 60.0,
+    measured = {"void lgm_ext::(anonymous namespace)::gemm_rows_kernel<float>(lgm_ext::RowArgs<float, lgm_ext::RawPtrs>)": 30.0,
+                "void lgm_ext::(anonymous namespace)::gemm_class_kernel<float>(lgm_ext::GemmClassArgs<float, lgm_ext::RawPtrs>)": 60.0,
                 "void lgm_ext::(anonymous namespace)::column_sums_kernel<float>(...)": 15.0,
                 "sm90_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize128x128x32": 600.0,
                 "void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>": 90.0,

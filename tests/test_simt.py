@@ -25,9 +25,9 @@ def test_a_correct_kernel_runs():
     "kind, where, what",
     [
         ("oob_read", r"oob_read_kernel, block \(1, 0, 0\), thread \(16, 0, 0\)",
-         r"out-of-bounds read through argument 2: byte offset 256 \(4 bytes\) of a 256-byte tensor"),
+         r"out-of-bounds read through x: byte offset 256 \(4 bytes\) of a 256-byte tensor"),
         ("oob_write", r"oob_write_kernel, block \(1, 0, 0\), thread \(31, 0, 0\)",
-         r"out-of-bounds write through argument 1: byte offset 256 \(4 bytes\) of a 256-byte tensor"),
+         r"out-of-bounds write through out: byte offset 256 \(4 bytes\) of a 256-byte tensor"),
         ("global_race", r"global_race_kernel, block \(0, 0, 0\), thread \(1, 0, 0\)",
          r"write-write race on global address .*: thread \(0, 0, 0\) of this block wrote it since the last barrier"),
         ("shared_race", r"shared_race_kernel, block \(0, 0, 0\), thread \(32, 0, 0\)",

@@ -25,14 +25,14 @@ using cpu::grain;
 // d_y is taken first).  The row is written (free logits, or margin logits when
 // margin_out), then lse and 1 - P[n,y] over the margin logits in two passes.
 template <typename T, typename Dist>
-LGM_ALWAYS_INLINE void row_pass(const Args<T>& a, int64_t n, Dist dist) {
+LGM_ALWAYS_INLINE void row_pass(const RowArgs<T>& a, int64_t n, Dist dist) {
   const int64_t K = a.K;
-  const int64_t y = label_column(a.y, n, K);
+  const int64_t y = label_column(a.labels, n, K);
   T* out = a.logits + n * K;
   const T d_y = y >= 0 ? dist(y) : T(0);
   dist.fill(out);
   if (a.stats == nullptr && (y < 0 || !a.margin_out)) return;
-  const T hl_y = y >= 0 && a.hl != nullptr ? a.hl[y] : T(0);
+  const T hl_y = y >= 0 && a.half_logdet != nullptr ? a.half_logdet[y] : T(0);
   const T l_y = labelled_logit(y, d_y, hl_y, a.alpha);
   if (a.margin_out && y >= 0) out[y] = l_y;
   if (a.stats == nullptr) return;
@@ -41,7 +41,7 @@ LGM_ALWAYS_INLINE void row_pass(const Args<T>& a, int64_t n, Dist dist) {
   row_stats(m, row_sumexp_others_partial(out, K, y, m, 0, 1), l_y, lse, q);
   a.stats[2 * n] = lse;
   a.stats[2 * n + 1] = q;
-  a.loss[n] = row_loss(y, lse, l_y, d_y, hl_y, a.lambda);
+  a.row_loss[n] = row_loss(y, lse, l_y, d_y, hl_y, a.lambda);
 }
 
 // The direct loops vectorise over kRows rows at a time: the block's features are
@@ -69,7 +69,7 @@ constexpr int64_t kSumChunk = 64;
 // (W false: identity covariance).  Plain arrays with an `omp simd` lane loop: the
 // compiler keeps them in registers and broadcasts the table entries from memory.
 template <typename T, int C, bool W>
-LGM_ALWAYS_INLINE void block_sqdist(const Args<T>& a, const T* xt, int64_t k, T (&sq)[C][kRows]) {
+LGM_ALWAYS_INLINE void block_sqdist(const RowArgs<T>& a, const T* xt, int64_t k, T (&sq)[C][kRows]) {
   const int64_t D = a.D;
   for (int c = 0; c < C; ++c)
     for (int r = 0; r < kRows; ++r) sq[c][r] = T(0);
@@ -81,7 +81,7 @@ LGM_ALWAYS_INLINE void block_sqdist(const Args<T>& a, const T* xt, int64_t k, T 
 #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) {
         const int64_t o = (k + c) * D + j;
-        const T m = a.mu[o], w = W ? a.w[o] : T(1);
+        const T m = a.mu[o], w = W ? a.inv_var[o] : T(1);
         LGM_SIMD
         for (int r = 0; r < kRows; ++r) acc[c][r] += sqdist_term(xj[r], m, w);
       }
@@ -93,9 +93,9 @@ LGM_ALWAYS_INLINE void block_sqdist(const Args<T>& a, const T* xt, int64_t k, T 
 
 // Distances d[n0 + r, k .. k + C) of a row block into dt[k][r] (dt: K x kRows).
 template <typename T, int C>
-LGM_ALWAYS_INLINE void block_dists(const Args<T>& a, const T* xt, int64_t k, T* dt) {
+LGM_ALWAYS_INLINE void block_dists(const RowArgs<T>& a, const T* xt, int64_t k, T* dt) {
   T sq[C][kRows];
-  if (a.w != nullptr)
+  if (a.inv_var != nullptr)
     block_sqdist<T, C, true>(a, xt, k, sq);
   else
     block_sqdist<T, C, false>(a, xt, k, sq);
@@ -108,21 +108,21 @@ LGM_ALWAYS_INLINE void block_dists(const Args<T>& a, const T* xt, int64_t k, T* 
 // the logits rows (margin in the labelled column when margin_out), and when stats
 // are wanted lse, 1 - P[n,y] and the row loss.
 template <typename T>
-LGM_ALWAYS_INLINE void block_rows(const Args<T>& a, int64_t n0, int64_t rows, T* dt) {
+LGM_ALWAYS_INLINE void block_rows(const RowArgs<T>& a, int64_t n0, int64_t rows, T* dt) {
   const int64_t K = a.K;
   int64_t y[kRows];
   T d_y[kRows], hl_y[kRows], l_y[kRows], m[kRows], others[kRows];
   for (int r = 0; r < kRows; ++r) {
-    y[r] = r < rows ? label_column(a.y, n0 + r, K) : -1;
+    y[r] = r < rows ? label_column(a.labels, n0 + r, K) : -1;
     d_y[r] = y[r] >= 0 ? dt[y[r] * kRows + r] : T(0);
-    hl_y[r] = y[r] >= 0 && a.hl != nullptr ? a.hl[y[r]] : T(0);
+    hl_y[r] = y[r] >= 0 && a.half_logdet != nullptr ? a.half_logdet[y[r]] : T(0);
     l_y[r] = labelled_logit(y[r], d_y[r], hl_y[r], a.alpha);
     m[r] = neg_inf<T>();
     others[r] = T(0);
   }
   for (int64_t k = 0; k < K; ++k) {
     T* lk = dt + k * kRows;
-    const T hl = a.hl != nullptr ? a.hl[k] : T(0);
+    const T hl = a.half_logdet != nullptr ? a.half_logdet[k] : T(0);
     LGM_SIMD
     for (int r = 0; r < kRows; ++r) {
       lk[r] = free_logit(lk[r], hl);
@@ -142,7 +142,7 @@ LGM_ALWAYS_INLINE void block_rows(const Args<T>& a, int64_t n0, int64_t rows, T*
       row_stats(m[r], others[r], l_y[r], lse, q);
       a.stats[2 * n] = lse;
       a.stats[2 * n + 1] = q;
-      a.loss[n] = row_loss(y[r], lse, l_y[r], d_y[r], hl_y[r], a.lambda);
+      a.row_loss[n] = row_loss(y[r], lse, l_y[r], d_y[r], hl_y[r], a.lambda);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -154,11 +154,11 @@ LGM_ALWAYS_INLINE void block_rows(const Args<T>& a, int64_t n0, int64_t rows, T*
 
 // Free logits of columns [0, kt) of a tile from the expansion row m (may alias
 // out): a vectorised pass, then the rare non-finite entries again by the direct
-// formula (math::dist_gemm).  Classes are k0 + k.
-template <typename T>
-LGM_ALWAYS_INLINE void logits_from_expansion(const Args<T>& a, int64_t n, const T* m, const T* c, int64_t k0,
+// formula (math::dist_gemm).  Classes are k0 + k; A: RowArgs or CoefArgs.
+template <typename T, typename A>
+LGM_ALWAYS_INLINE void logits_from_expansion(const A& a, int64_t n, const T* m, const T* c, int64_t k0,
                                              int64_t kt, T* out) {
-  const T* hl = a.hl != nullptr ? a.hl + k0 : nullptr;
+  const T* hl = a.half_logdet != nullptr ? a.half_logdet + k0 : nullptr;
   const T* xr = a.x + n * a.D;
   const T nan = std::numeric_limits<T>::quiet_NaN();
   int64_t bad = 0;
@@ -173,26 +173,27 @@ LGM_ALWAYS_INLINE void logits_from_expansion(const Args<T>& a, int64_t n, const 
   for (int64_t k = 0; k < kt; ++k) {
     if (out[k] == out[k]) continue;
     const int64_t kk = k0 + k;
-    const T d = dist_from_sqdist(sqdist_partial_logvar(xr, a.mu + kk * a.D, a.s != nullptr ? a.s + kk * a.D : nullptr,
-                                                       a.D, int64_t(0), int64_t(1)));
+    const T d = dist_from_sqdist(sqdist_partial_logvar(
+        xr, a.mu + kk * a.D, a.log_var != nullptr ? a.log_var + kk * a.D : nullptr, a.D, int64_t(0), int64_t(1)));
     out[k] = free_logit(d, hl != nullptr ? hl[k] : T(0));
   }
 }
 
 template <typename T>
 struct GemmRow {
-  const Args<T>& a;
+  const RowArgs<T>& a;
   int64_t n;
   T* mr;
   T operator()(int64_t k) const {
-    return dist_gemm(mr[k], a.c[k], a.x + n * a.D, a.mu + k * a.D, a.s != nullptr ? a.s + k * a.D : nullptr, a.D);
+    return dist_gemm(mr[k], a.mu_sq_sum[k], a.x + n * a.D, a.mu + k * a.D,
+                     a.log_var != nullptr ? a.log_var + k * a.D : nullptr, a.D);
   }
-  void fill(T* out) const { logits_from_expansion(a, n, mr, a.c, 0, a.K, out); }
+  void fill(T* out) const { logits_from_expansion(a, n, mr, a.mu_sq_sum, 0, a.K, out); }
 };
 
 // Rows [b, e) (b a multiple of kRows): distances by row blocks, then the blocks' logits and statistics.
 template <typename T>
-LGM_ALWAYS_INLINE void direct_rows_block_t(const Args<T>& a, int64_t b, int64_t e) {
+LGM_ALWAYS_INLINE void direct_rows_block_t(const RowArgs<T>& a, int64_t b, int64_t e) {
   std::vector<T> xt(a.D * kRows), dt(a.K * kRows);
   for (int64_t n0 = b; n0 < e; n0 += kRows) {
     const int64_t rows = std::min<int64_t>(kRows, e - n0);
@@ -206,25 +207,25 @@ LGM_ALWAYS_INLINE void direct_rows_block_t(const Args<T>& a, int64_t b, int64_t 
 }
 
 template <typename T>
-LGM_ALWAYS_INLINE void gemm_rows_block_t(const Args<T>& a, int64_t b, int64_t e) {
+LGM_ALWAYS_INLINE void gemm_rows_block_t(const RowArgs<T>& a, int64_t b, int64_t e) {
   for (int64_t n = b; n < e; ++n) row_pass(a, n, GemmRow<T>{a, n, a.logits + n * a.K});
 }
 
 // Coefficients of the class tile [k0, k0 + kt): g (N, kt), r[n] where y_n is in the tile.
 template <typename T>
-LGM_ALWAYS_INLINE void coefficients_block_t(const Args<T>& a, int64_t b, int64_t e) {
+LGM_ALWAYS_INLINE void coefficients_block_t(const CoefArgs<T>& a, int64_t b, int64_t e) {
   const int64_t kt = a.kt, k0 = a.k0;
   for (int64_t n = b; n < e; ++n) {
-    T* gr = a.g + n * kt;
+    T* gr = a.coef + n * kt;
     const T* glr = a.grad_logits != nullptr ? a.grad_logits + n * a.ld_grad : nullptr;
-    const int64_t yl = a.y != nullptr ? a.y[n] - k0 : -1;  // label's column in the tile
+    const int64_t yl = a.labels != nullptr ? a.labels[n] - k0 : -1;  // label's column in the tile
     const bool in_tile = yl >= 0 && yl < kt;
-    if (a.saved_stats != nullptr) {  // loss mode
-      const T* lr = a.saved_logits + n * a.ld_logits;
-      const T lse = a.saved_stats[2 * n], q = a.saved_stats[2 * n + 1];
+    if (a.stats != nullptr) {  // loss mode
+      const T* lr = a.logits + n * a.ld_logits;
+      const T lse = a.stats[2 * n], q = a.stats[2 * n + 1];
       const T c = a.scale[n * a.scale_stride] * a.scale_mult;
-      if (a.c != nullptr) {  // recompute: lr holds the tile's expansion m
-        logits_from_expansion(a, n, lr, a.c, k0, kt, gr);
+      if (a.mu_sq_sum != nullptr) {  // recompute: lr holds the tile's expansion m
+        logits_from_expansion(a, n, lr, a.mu_sq_sum, k0, kt, gr);
         LGM_SIMD
         for (int64_t k = 0; k < kt; ++k) gr[k] = coef_g_other(prob(gr[k], lse), c);
       } else {
@@ -233,7 +234,7 @@ LGM_ALWAYS_INLINE void coefficients_block_t(const Args<T>& a, int64_t b, int64_t
       }
       if (in_tile) {
         gr[yl] = coef_g_label(q, a.alpha, a.lambda, c);
-        a.r[n] = coef_r(q, a.alpha, c);
+        a.label_coef[n] = coef_r(q, a.alpha, c);
       }
       if (glr != nullptr) {
         LGM_SIMD
@@ -241,7 +242,7 @@ LGM_ALWAYS_INLINE void coefficients_block_t(const Args<T>& a, int64_t b, int64_t
       }
     } else {  // logits mode
       for (int64_t k = 0; k < kt; ++k) gr[k] = coef_g_logit(glr[k], k == yl, a.alpha);
-      if (in_tile) a.r[n] = coef_r_logit(glr[yl], a.alpha);
+      if (in_tile) a.label_coef[n] = coef_r_logit(glr[yl], a.alpha);
     }
   }
 }
@@ -255,25 +256,25 @@ constexpr int kVecLanes = 32 / int(sizeof(T));
 
 // dL/dx[n, j0 .. j0 + CB): sum over classes k, in order per column, of g w (x - mu).
 template <typename T, int CB, bool W>
-LGM_ALWAYS_INLINE void grad_x_columns(const Args<T>& a, int64_t n, int64_t j0) {
+LGM_ALWAYS_INLINE void grad_x_columns(const DirectGradArgs<T>& a, int64_t n, int64_t j0) {
   const int64_t K = a.K, D = a.D;
   const T* xr = a.x + n * D + j0;
-  const T* gr = a.g + n * K;
+  const T* gr = a.coef + n * K;
   T acc[CB] = {}, xv[CB];
   for (int j = 0; j < CB; ++j) xv[j] = xr[j];
   for (int64_t k = 0; k < K; ++k) {
     const T g = gr[k];
     const T* mk = a.mu + k * D + j0;
-    const T* wk = W ? a.w + k * D + j0 : nullptr;
+    const T* wk = W ? a.inv_var + k * D + j0 : nullptr;
     LGM_SIMD
     for (int j = 0; j < CB; ++j) acc[j] += grad_x_term(g, W ? wk[j] : T(1), xv[j], mk[j]);
   }
-  T* out = a.gx + n * D + j0;
+  T* out = a.grad_features + n * D + j0;
   for (int j = 0; j < CB; ++j) out[j] = acc[j];
 }
 
 template <typename T, bool W>
-LGM_ALWAYS_INLINE void grad_x_rows(const Args<T>& a, int64_t b, int64_t e) {
+LGM_ALWAYS_INLINE void grad_x_rows(const DirectGradArgs<T>& a, int64_t b, int64_t e) {
   constexpr int L = kVecLanes<T>;
   const int64_t D = a.D;
   for (int64_t n = b; n < e; ++n) {
@@ -286,8 +287,8 @@ LGM_ALWAYS_INLINE void grad_x_rows(const Args<T>& a, int64_t b, int64_t e) {
 }
 
 template <typename T>
-LGM_ALWAYS_INLINE void grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
-  if (a.w != nullptr)
+LGM_ALWAYS_INLINE void grad_x_block_t(const DirectGradArgs<T>& a, int64_t b, int64_t e) {
+  if (a.inv_var != nullptr)
     grad_x_rows<T, true>(a, b, e);
   else
     grad_x_rows<T, false>(a, b, e);
@@ -299,44 +300,44 @@ LGM_ALWAYS_INLINE void grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
 // hsum[k] = sum_n g[n,k] + sum_{n: y_n = k0 + k} r[n], the log-det coefficient.
 // (The sums are accumulated in double: gsum is multiplied by mu and subtracted
 // from the GEMM's sum_n g x, so its rounding would not cancel.)
-template <typename T>
-void coefficient_column_sums(const Args<T>& a, T* gsum, T* hsum) {
-  const int64_t kt = a.kt;
+// A: DirectGradArgs (the tile is all K classes) or GemmClassArgs.
+template <typename T, typename A>
+void coefficient_column_sums(const A& a, int64_t k0, int64_t kt, T* gsum, T* hsum) {
   std::vector<double> acc(kt, 0.0);
   for (int64_t n = 0; n < a.N; ++n) {
-    const T* gr = a.g + n * kt;
+    const T* gr = a.coef + n * kt;
     LGM_SIMD
     for (int64_t k = 0; k < kt; ++k) acc[k] += static_cast<double>(gr[k]);
   }
   if (gsum != nullptr)
     for (int64_t k = 0; k < kt; ++k) gsum[k] = static_cast<T>(acc[k]);
-  if (a.y != nullptr)
+  if (a.labels != nullptr)
     for (int64_t n = 0; n < a.N; ++n) {
-      const int64_t yl = a.y[n] - a.k0;
-      if (yl >= 0 && yl < kt) acc[yl] += static_cast<double>(a.r[n]);
+      const int64_t yl = a.labels[n] - k0;
+      if (yl >= 0 && yl < kt) acc[yl] += static_cast<double>(a.label_coef[n]);
     }
   for (int64_t k = 0; k < kt; ++k) hsum[k] = static_cast<T>(acc[k]);
 }
 
-// Class k's gradients from its sample sums A1, A2 (w[j] = w_of(j)).
-template <typename T, typename W>
-LGM_ALWAYS_INLINE void class_final(const Args<T>& a, int64_t k, const T* A1, const T* A2, T hsum, W w_of) {
+// Class k's gradients from its sample sums A1, A2 (w[j] = w_of(j)); A: DirectGradArgs or GemmClassArgs.
+template <typename T, typename A, typename W>
+LGM_ALWAYS_INLINE void class_final(const A& a, int64_t k, const T* A1, const T* A2, T hsum, W w_of) {
   const int64_t D = a.D;
   for (int64_t j = 0; j < D; ++j) {
     const T wj = w_of(j);
-    if (a.gmu != nullptr) a.gmu[k * D + j] = grad_mu_final(A1[j], wj);
-    if (a.gs != nullptr) a.gs[k * D + j] = grad_log_var_final(A2[j], wj, hsum);
+    if (a.grad_means != nullptr) a.grad_means[k * D + j] = grad_mu_final(A1[j], wj);
+    if (a.grad_log_var != nullptr) a.grad_log_var[k * D + j] = grad_log_var_final(A2[j], wj, hsum);
   }
 }
 
 // Class k's sample sums A1, A2 over columns [j0, j0 + CB): sums over n in order per column.
 template <typename T, int CB>
-LGM_ALWAYS_INLINE void class_columns(const Args<T>& a, int64_t k, int64_t j0, T* A1, T* A2) {
+LGM_ALWAYS_INLINE void class_columns(const DirectGradArgs<T>& a, int64_t k, int64_t j0, T* A1, T* A2) {
   const int64_t K = a.K, D = a.D;
   T s1[CB] = {}, s2[CB] = {}, m[CB];
   for (int j = 0; j < CB; ++j) m[j] = a.mu[k * D + j0 + j];
   for (int64_t n = 0; n < a.N; ++n) {
-    const T g = a.g[n * K + k];
+    const T g = a.coef[n * K + k];
     const T* xr = a.x + n * D + j0;
     LGM_SIMD
     for (int j = 0; j < CB; ++j) class_accum(s1[j], s2[j], g, xr[j], m[j]);
@@ -345,7 +346,7 @@ LGM_ALWAYS_INLINE void class_columns(const Args<T>& a, int64_t k, int64_t j0, T*
 }
 
 template <typename T>
-LGM_ALWAYS_INLINE void class_block_t(const Args<T>& a, int64_t b, int64_t e) {
+LGM_ALWAYS_INLINE void class_block_t(const DirectGradArgs<T>& a, int64_t b, int64_t e) {
   constexpr int L = kVecLanes<T>;
   const int64_t D = a.D;
   std::vector<T> a1v(D), a2v(D);
@@ -357,17 +358,17 @@ LGM_ALWAYS_INLINE void class_block_t(const Args<T>& a, int64_t b, int64_t e) {
     for (; j0 + L <= D; j0 += L) class_columns<T, L>(a, k, j0, A1, A2);
     for (; j0 + L / 2 <= D; j0 += L / 2) class_columns<T, L / 2>(a, k, j0, A1, A2);
     for (; j0 < D; ++j0) class_columns<T, 1>(a, k, j0, A1, A2);
-    class_final(a, k, A1, A2, a.hsum[k], [&](int64_t j) { return a.w != nullptr ? a.w[k * D + j] : T(1); });
+    class_final(a, k, A1, A2, a.logdet_coef_sum[k],
+                [&](int64_t j) { return a.inv_var != nullptr ? a.inv_var[k * D + j] : T(1); });
   }
 }
 
 template <typename T>
-LGM_ALWAYS_INLINE void tables_block_t(const Args<T>& a, int64_t b, int64_t e) {
-  // a.mu holds log_var here; outputs w -> op_b, hl -> op_c.
+LGM_ALWAYS_INLINE void tables_block_t(const TableArgs<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
   for (int64_t k = b; k < e; ++k) {
-    const T* sk = a.mu + k * D;
-    T* wk = a.op_b != nullptr ? a.op_b + k * D : nullptr;
+    const T* sk = a.log_var + k * D;
+    T* wk = a.inv_var != nullptr ? a.inv_var + k * D : nullptr;
     T h = T(0);
     if (wk != nullptr) {
       LGM_SIMD
@@ -375,16 +376,16 @@ LGM_ALWAYS_INLINE void tables_block_t(const Args<T>& a, int64_t b, int64_t e) {
     }
     LGM_SIMD_SUM(h)
     for (int64_t j = 0; j < D; ++j) h += half_logdet_term(sk[j]);
-    a.op_c[k] = h;
+    a.half_logdet[k] = h;
   }
 }
 
 template <typename T>
-LGM_ALWAYS_INLINE void operands_a_block_t(const Args<T>& a, int64_t b, int64_t e) {
+LGM_ALWAYS_INLINE void operands_a_block_t(const OperandArgs<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
   for (int64_t n = b; n < e; ++n) {
     const T* xr = a.x + n * D;
-    T* ar = a.op_a + n * 2 * D;
+    T* ar = a.operand_a + n * 2 * D;
     LGM_SIMD
     for (int64_t j = 0; j < D; ++j) operand_a(xr[j], ar[j], ar[D + j]);
   }
@@ -392,24 +393,24 @@ LGM_ALWAYS_INLINE void operands_a_block_t(const Args<T>& a, int64_t b, int64_t e
 
 // Operand b and c of the tile's classes k0 + k, k in [b, e); w = exp(-log_var) computed here.
 template <typename T>
-LGM_ALWAYS_INLINE void operands_b_block_t(const Args<T>& a, int64_t b, int64_t e) {
+LGM_ALWAYS_INLINE void operands_b_block_t(const OperandArgs<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
   for (int64_t k = b; k < e; ++k) {
-    const T *muk = a.mu + (a.k0 + k) * D, *sk = a.s + (a.k0 + k) * D;
-    T *b1 = a.op_b + k * a.ld_b, *b2 = a.op_b2 + k * a.ld_b;
+    const T *muk = a.mu + (a.k0 + k) * D, *sk = a.log_var + (a.k0 + k) * D;
+    T *b1 = a.operand_b1 + k * a.ld_b, *b2 = a.operand_b2 + k * a.ld_b;
     T c = T(0);
     LGM_SIMD_SUM(c)
     for (int64_t j = 0; j < D; ++j) operand_b(muk[j], inv_var(sk[j]), b1[j], b2[j], c);
-    a.op_c[k] = c;
+    a.mu_sq_sum[k] = c;
   }
 }
 
 template <typename T>
-LGM_ALWAYS_INLINE void gemm_grad_x_block_t(const Args<T>& a, int64_t b, int64_t e) {
+LGM_ALWAYS_INLINE void gemm_grad_x_block_t(const GemmGradXArgs<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
   for (int64_t n = b; n < e; ++n) {
-    const T *xr = a.x + n * D, *t1 = a.moments + n * a.ld_moments, *t2 = a.moments2 + n * a.ld_moments;
-    T* out = a.gx + n * D;
+    const T *xr = a.x + n * D, *t1 = a.moments1 + n * a.ld_moments, *t2 = a.moments2 + n * a.ld_moments;
+    T* out = a.grad_features + n * D;
     LGM_SIMD
     for (int64_t j = 0; j < D; ++j) out[j] = grad_x_from_moments(xr[j], t1[j], t2[j]);
   }
@@ -418,36 +419,36 @@ LGM_ALWAYS_INLINE void gemm_grad_x_block_t(const Args<T>& a, int64_t b, int64_t 
 // Gradient rows of the tile's classes k0 + k, k in [b, e), from its moments' halves (a row is read whole
 // before the same row of the gradients is written: the moments may live there).
 template <typename T>
-LGM_ALWAYS_INLINE void gemm_class_block_t(const Args<T>& a, int64_t b, int64_t e) {
+LGM_ALWAYS_INLINE void gemm_class_block_t(const GemmClassArgs<T>& a, int64_t b, int64_t e) {
   const int64_t D = a.D;
   std::vector<T> a1v(D), a2v(D);
   T* A1 = a1v.data();
   T* A2 = a2v.data();
   for (int64_t k = b; k < e; ++k) {
     const int64_t kk = a.k0 + k;
-    const T *s1 = a.moments + k * a.ld_moments, *s2 = a.moments2 + k * a.ld_moments;
-    const T *muk = a.mu + kk * D, *sk = a.s + kk * D;
-    const T gsum = a.gsum[k];
+    const T *s1 = a.moments1 + k * a.ld_moments, *s2 = a.moments2 + k * a.ld_moments;
+    const T *muk = a.mu + kk * D, *sk = a.log_var + kk * D;
+    const T gsum = a.coef_sum[k];
     LGM_SIMD
     for (int64_t j = 0; j < D; ++j) class_sums_from_moments(s1[j], s2[j], gsum, muk[j], A1[j], A2[j]);
-    class_final(a, kk, A1, A2, a.hsum[k], [&](int64_t j) { return inv_var(sk[j]); });
+    class_final(a, kk, A1, A2, a.logdet_coef_sum[k], [&](int64_t j) { return inv_var(sk[j]); });
   }
 }
 
-// Per-ISA clones of each block, for both dtypes.
-#define LGM_CPU_BLOCK(name)                                                                         \
-  LGM_CPU_CLONES void name(const Args<float>& a, int64_t b, int64_t e) { name##_t<float>(a, b, e); } \
-  LGM_CPU_CLONES void name(const Args<double>& a, int64_t b, int64_t e) { name##_t<double>(a, b, e); }
-LGM_CPU_BLOCK(direct_rows_block)
-LGM_CPU_BLOCK(gemm_rows_block)
-LGM_CPU_BLOCK(coefficients_block)
-LGM_CPU_BLOCK(grad_x_block)
-LGM_CPU_BLOCK(class_block)
-LGM_CPU_BLOCK(tables_block)
-LGM_CPU_BLOCK(operands_a_block)
-LGM_CPU_BLOCK(operands_b_block)
-LGM_CPU_BLOCK(gemm_grad_x_block)
-LGM_CPU_BLOCK(gemm_class_block)
+// Per-ISA clones of each block (over its family's argument struct), for both dtypes.
+#define LGM_CPU_BLOCK(name, ArgStruct)                                                                  \
+  LGM_CPU_CLONES void name(const ArgStruct<float>& a, int64_t b, int64_t e) { name##_t<float>(a, b, e); } \
+  LGM_CPU_CLONES void name(const ArgStruct<double>& a, int64_t b, int64_t e) { name##_t<double>(a, b, e); }
+LGM_CPU_BLOCK(direct_rows_block, RowArgs)
+LGM_CPU_BLOCK(gemm_rows_block, RowArgs)
+LGM_CPU_BLOCK(coefficients_block, CoefArgs)
+LGM_CPU_BLOCK(grad_x_block, DirectGradArgs)
+LGM_CPU_BLOCK(class_block, DirectGradArgs)
+LGM_CPU_BLOCK(tables_block, TableArgs)
+LGM_CPU_BLOCK(operands_a_block, OperandArgs)
+LGM_CPU_BLOCK(operands_b_block, OperandArgs)
+LGM_CPU_BLOCK(gemm_grad_x_block, GemmGradXArgs)
+LGM_CPU_BLOCK(gemm_class_block, GemmClassArgs)
 #undef LGM_CPU_BLOCK
 
 template <typename scalar_t>
@@ -475,46 +476,46 @@ void coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
 template <typename scalar_t>
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
-  auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
+  auto a = direct_grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
   // dL/dx: rows in parallel.  dL/dmu, dL/dlog_var: classes in parallel.
-  if (a.gx != nullptr)
+  if (a.grad_features != nullptr)
     at::parallel_for(0, in.N, grain(in.K * in.D), [&](int64_t b, int64_t e) { grad_x_block(a, b, e); });
-  if (a.gmu != nullptr || a.gs != nullptr) {
+  if (a.grad_means != nullptr || a.grad_log_var != nullptr) {
     std::vector<scalar_t> hsum(in.K);
-    coefficient_column_sums(a, static_cast<scalar_t*>(nullptr), hsum.data());
-    a.hsum = hsum.data();
+    coefficient_column_sums(a, 0, in.K, static_cast<scalar_t*>(nullptr), hsum.data());
+    a.logdet_coef_sum = hsum.data();
     at::parallel_for(0, in.K, grain(in.N * in.D), [&](int64_t b, int64_t e) { class_block(a, b, e); });
   }
 }
 
 template <typename scalar_t>
 void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
-  auto a = make_table_args<scalar_t>(s, w, hl);
+  auto a = table_args<scalar_t>(s, w, hl);
   at::parallel_for(0, a.K, grain(8 * a.D), [&](int64_t b, int64_t e) { tables_block(a, b, e); });
 }
 
 template <typename scalar_t>
 void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& b1, Tensor& b2, Tensor& c) {
   auto a = operand_args<scalar_t>(in, op_a, k0, kt, b1, b2, c);
-  if (a.op_a != nullptr)
+  if (a.operand_a != nullptr)
     at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { operands_a_block(a, b, e); });
-  if (a.op_b != nullptr)
+  if (a.operand_b1 != nullptr)
     at::parallel_for(0, kt, grain(16 * in.D), [&](int64_t b, int64_t e) { operands_b_block(a, b, e); });
 }
 
 template <typename scalar_t>
 void gemm_grad_x(const Inputs& in, const Tensor& t1, const Tensor& t2, Tensor& grad_x) {
-  auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t1, t2);
+  auto a = gemm_grad_x_args<scalar_t>(in, t1, t2, grad_x);
   at::parallel_for(0, in.N, grain(2 * in.D), [&](int64_t b, int64_t e) { gemm_grad_x_block(a, b, e); });
 }
 
 template <typename scalar_t>
 void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1, const Tensor& s2,
                       const Tensor& g, const Tensor& r, Tensor& grad_mu, Tensor& grad_s) {
-  auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s1, s2, k0, kt);
+  auto a = gemm_class_args<scalar_t>(in, k0, kt, s1, s2, g, r, grad_mu, grad_s);
   std::vector<scalar_t> gsum(kt), hsum(kt);
-  coefficient_column_sums(a, gsum.data(), hsum.data());
-  a.gsum = gsum.data(), a.hsum = hsum.data();
+  coefficient_column_sums(a, k0, kt, gsum.data(), hsum.data());
+  a.coef_sum = gsum.data(), a.logdet_coef_sum = hsum.data();
   at::parallel_for(0, kt, grain(16 * in.D), [&](int64_t b, int64_t e) { gemm_class_block(a, b, e); });
 }
 

@@ -41,26 +41,6 @@
 #endif
 
 namespace lgm_ext {
-
-// ------------------------------------------------------------------ kernel regions (args.h)
-namespace {
-
-struct NotedRegion {
-  const char* lo;
-  const char* hi;
-};
-thread_local std::vector<NotedRegion> t_regions;  // per OS thread: filled by the thread that launches
-
-}  // namespace
-
-void note_kernel_region(const void* p, int64_t bytes) {
-  if (p == nullptr) return;
-  const char* lo = static_cast<const char*>(p);
-  t_regions.push_back({lo, lo + bytes});
-}
-
-void clear_kernel_regions() { t_regions.clear(); }
-
 namespace simt {
 
 // ------------------------------------------------------------------ fiber contexts
@@ -124,20 +104,14 @@ inline void make_context(Context& c, char* stack, size_t bytes, void (*entry)())
 inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
-Region region_of(const void* p, const char* name) {
-  const char* c = static_cast<const char*>(p);
-  const NotedRegion* best = nullptr;
-  for (const NotedRegion& r : t_regions) {  // the tensor that starts there, else the smallest that holds p
-    if (r.lo == c) {
-      best = &r;
-      break;
-    }
-    if (r.lo <= c && c < r.hi && (best == nullptr || r.hi - r.lo < best->hi - best->lo)) best = &r;
-  }
-  TORCH_CHECK(best != nullptr, "SIMT executor: the kernel pointer ", name, " (", p,
-              ") is not inside any tensor of this call (pass tensors' pointers through args.h's kernel_ptr)");
+// ------------------------------------------------------------------ kernel pointers (simt.h CheckedPtrs)
+Region tensor_region(const at::Tensor& t, const char* name, bool writable) {
+  int64_t extent = t.numel() > 0 ? 1 : 0;
+  for (int64_t i = 0; i < t.dim() && extent > 0; ++i) extent += (t.size(i) - 1) * t.stride(i);
   Region r;
-  r.lo = best->lo, r.hi = best->hi, r.name = name;
+  r.lo = static_cast<const char*>(t.data_ptr());
+  r.hi = r.lo + extent * static_cast<int64_t>(t.element_size());
+  r.name = name, r.writable = writable;
   return r;
 }
 

@@ -123,11 +123,8 @@ __global__ void block_sum_kernel(KPtr<float> out, KPtr<const float> x) {
 at::Tensor simt_fault(const std::string& kind) {
   at::Tensor out = at::zeros({64}, at::kFloat);
   at::Tensor x = at::arange(64, at::kFloat);
-  clear_kernel_regions();
-  note_kernel_region(out.data_ptr<float>(), out.nbytes());
-  note_kernel_region(x.data_ptr<float>(), x.nbytes());
-  float* o = out.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
+  const auto o = simt::CheckedPtrs::make<float>(out, "out");
+  const auto xp = simt::CheckedPtrs::make<const float>(x, "x");
   void* stream = nullptr;
   if (kind == "ok") {
     LGM_LAUNCH(block_sum_kernel, 1, 64, 0, stream, o, xp);

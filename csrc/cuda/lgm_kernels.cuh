@@ -4,8 +4,10 @@
 // comes from include/lgm_ext/math.h; this file holds only the thread decomposition (include/lgm_ext/launch.h),
 // warp reductions and launches.
 //
-// Written for both compilers: kernels take KArgs<T> / KPtr<T> (raw pointers under nvcc, bounds-checked
-// pointers on the executor), derived pointers are `auto`, a value read through a pointer to non-const
+// Written for both compilers: a kernel takes its family's argument struct (args.h) with the pointer policy
+// KPtrs, and KPtr<T> for any further pointer (raw pointers under nvcc; on the executor pointers bounded by the
+// tensor each was made from); the launch code builds them from tensors (the args.h builder with KPtrs,
+// KPtrs::make for the rest).  Derived pointers are `auto`, a value read through a pointer to non-const
 // elements is converted (static_cast<T>) where a template deduces from it, and every launch is LGM_LAUNCH.
 // The including file defines kernel_stream() and kernel_mm16() in lgm_ext::(anonymous) first.
 #pragma once
@@ -60,10 +62,10 @@ __device__ __forceinline__ int64_t warp_row() {
 // The row's logits are written (free logits; lane k % 32 writes entry k), then
 // the labelled entry gets its margin and the warp computes lse, 1 - P[n,y] and the loss.
 template <typename T>
-__device__ __forceinline__ void row_finish(const KArgs<T>& a, int64_t n, int lane, int64_t y, T d_y) {
+__device__ __forceinline__ void row_finish(const RowArgs<T, KPtrs>& a, int64_t n, int lane, int64_t y, T d_y) {
   if (a.stats == nullptr && (y < 0 || !a.margin_out)) return;
   const auto out = a.logits + n * a.K;
-  const T hl_y = y >= 0 && a.hl != nullptr ? a.hl[y] : T(0);
+  const T hl_y = y >= 0 && a.half_logdet != nullptr ? a.half_logdet[y] : T(0);
   const T l_y = labelled_logit(y, d_y, hl_y, a.alpha);
   if (a.margin_out && y >= 0 && lane == y % kWarp) out[y] = l_y;
   if (a.stats == nullptr) return;
@@ -75,111 +77,114 @@ __device__ __forceinline__ void row_finish(const KArgs<T>& a, int64_t n, int lan
     row_stats(m, others, l_y, lse, q);
     a.stats[2 * n] = lse;
     a.stats[2 * n + 1] = q;
-    a.loss[n] = row_loss(y, lse, l_y, d_y, hl_y, a.lambda);
+    a.row_loss[n] = row_loss(y, lse, l_y, d_y, hl_y, a.lambda);
   }
 }
 
 template <typename T>
-__global__ void direct_rows_kernel(KArgs<T> a) {
+__global__ void direct_rows_kernel(RowArgs<T, KPtrs> a) {
   const int lane = threadIdx.x;
   const int64_t n = warp_row();
   if (n >= a.N) return;  // whole warp
   const int64_t K = a.K, D = a.D;
   const auto xr = a.x + n * D;
-  const int64_t y = label_column(a.y, n, a.K);
+  const int64_t y = label_column(a.labels, n, a.K);
   const auto out = a.logits + n * K;
   T d_y = T(0);
   for (int64_t k = 0; k < K; ++k) {
-    const T part = sqdist_partial(xr, a.mu + k * D, a.w != nullptr ? a.w + k * D : nullptr, D, lane, kWarp);
+    const T part =
+        sqdist_partial(xr, a.mu + k * D, a.inv_var != nullptr ? a.inv_var + k * D : nullptr, D, lane, kWarp);
     const T d = dist_from_sqdist(warp_sum(part));
-    if (lane == k % kWarp) out[k] = free_logit(d, a.hl != nullptr ? a.hl[k] : T(0));
+    if (lane == k % kWarp) out[k] = free_logit(d, a.half_logdet != nullptr ? a.half_logdet[k] : T(0));
     if (k == y) d_y = d;
   }
   row_finish(a, n, lane, y, d_y);
 }
 
 // d[n, kk] on the GEMM path from the expansion entry m (math::dist_gemm: the
-// rare non-finite entry is recomputed by this lane alone).
-template <typename T>
-__device__ __forceinline__ T gemm_dist(const KArgs<T>& a, int64_t n, int64_t kk, val_t<T> m, val_t<T> c) {
-  return dist_gemm(m, c, a.x + n * a.D, a.mu + kk * a.D, a.s != nullptr ? a.s + kk * a.D : nullptr, a.D);
+// rare non-finite entry is recomputed by this lane alone); A: RowArgs or CoefArgs.
+template <typename T, template <typename, typename> class A>
+__device__ __forceinline__ T gemm_dist(const A<T, KPtrs>& a, int64_t n, int64_t kk, val_t<T> m, val_t<T> c) {
+  return dist_gemm(m, c, a.x + n * a.D, a.mu + kk * a.D, a.log_var != nullptr ? a.log_var + kk * a.D : nullptr, a.D);
 }
 
 template <typename T>
-__global__ void gemm_rows_kernel(KArgs<T> a) {
+__global__ void gemm_rows_kernel(RowArgs<T, KPtrs> a) {
   const int lane = threadIdx.x;
   const int64_t n = warp_row();
   if (n >= a.N) return;
   const int64_t K = a.K;
   const auto m = a.logits + n * K;
-  const int64_t y = label_column(a.y, n, a.K);
-  const T d_y = y >= 0 ? gemm_dist(a, n, y, m[y], a.c[y]) : T(0);
+  const int64_t y = label_column(a.labels, n, a.K);
+  const T d_y = y >= 0 ? gemm_dist(a, n, y, m[y], a.mu_sq_sum[y]) : T(0);
   __syncwarp();  // every lane has read m[y] before it is overwritten
   for (int64_t k = lane; k < K; k += kWarp)
-    m[k] = free_logit(gemm_dist(a, n, k, m[k], a.c[k]), a.hl != nullptr ? a.hl[k] : T(0));
+    m[k] = free_logit(gemm_dist(a, n, k, m[k], a.mu_sq_sum[k]), a.half_logdet != nullptr ? a.half_logdet[k] : T(0));
   row_finish(a, n, lane, y, d_y);
 }
 
 // Coefficients of the class tile [k0, k0 + kt): one warp per row, lanes over the tile.
 template <typename T>
-__global__ void coefficients_kernel(KArgs<T> a) {
+__global__ void coefficients_kernel(CoefArgs<T, KPtrs> a) {
   const int lane = threadIdx.x;
   const int64_t n = warp_row();
   if (n >= a.N) return;
   const int64_t kt = a.kt, k0 = a.k0;
-  const auto gr = a.g + n * kt;
+  const auto gr = a.coef + n * kt;
   const auto glr = a.grad_logits != nullptr ? a.grad_logits + n * a.ld_grad : nullptr;
-  const int64_t yl = a.y != nullptr ? a.y[n] - k0 : -1;
+  const int64_t yl = a.labels != nullptr ? a.labels[n] - k0 : -1;
   const bool in_tile = yl >= 0 && yl < kt;
-  if (a.saved_stats != nullptr) {
-    const auto lr = a.saved_logits + n * a.ld_logits;
-    const T lse = a.saved_stats[2 * n], q = a.saved_stats[2 * n + 1];
+  if (a.stats != nullptr) {
+    const auto lr = a.logits + n * a.ld_logits;
+    const T lse = a.stats[2 * n], q = a.stats[2 * n + 1];
     const T c = a.scale[n * a.scale_stride] * a.scale_mult;
     for (int64_t k = lane; k < kt; k += kWarp) {
       T v;
       if (k == yl) {
         v = coef_g_label(q, a.alpha, a.lambda, c);
       } else {
-        const T l0 = a.c != nullptr
-                         ? free_logit(gemm_dist(a, n, k0 + k, lr[k], a.c[k]), a.hl != nullptr ? a.hl[k0 + k] : T(0))
+        const T l0 = a.mu_sq_sum != nullptr
+                         ? free_logit(gemm_dist(a, n, k0 + k, lr[k], a.mu_sq_sum[k]),
+                                      a.half_logdet != nullptr ? a.half_logdet[k0 + k] : T(0))
                          : lr[k];
         v = coef_g_other(prob(l0, lse), c);
       }
       if (glr != nullptr) v = coef_add_logit_grad(v, glr[k]);
       gr[k] = v;
     }
-    if (lane == 0 && in_tile) a.r[n] = coef_r(q, a.alpha, c);
+    if (lane == 0 && in_tile) a.label_coef[n] = coef_r(q, a.alpha, c);
   } else {
     for (int64_t k = lane; k < kt; k += kWarp) gr[k] = coef_g_logit(glr[k], k == yl, a.alpha);
-    if (lane == 0 && in_tile) a.r[n] = coef_r_logit(glr[yl], a.alpha);
+    if (lane == 0 && in_tile) a.label_coef[n] = coef_r_logit(glr[yl], a.alpha);
   }
 }
 
 template <typename T>
-__global__ void grad_x_kernel(KArgs<T> a) {
+__global__ void grad_x_kernel(DirectGradArgs<T, KPtrs> a) {
   const int lane = threadIdx.x;
   const int64_t n = warp_row();
   if (n >= a.N) return;
   const int64_t K = a.K, D = a.D;
   for (int64_t j = lane; j < D; j += kWarp)
-    a.gx[n * D + j] = grad_x_elem(a.g + n * K, a.x[n * D + j], a.mu + j, a.w != nullptr ? a.w + j : nullptr, K, D);
+    a.grad_features[n * D + j] = grad_x_elem(a.coef + n * K, a.x[n * D + j], a.mu + j,
+                                             a.inv_var != nullptr ? a.inv_var + j : nullptr, K, D);
 }
 
-// Class tables: one warp per class, lanes over j (w skipped when op_b is null).
+// Class tables: one warp per class, lanes over j (inv_var skipped when null).
 template <typename T>
-__global__ void tables_kernel(KArgs<T> a) {
+__global__ void tables_kernel(TableArgs<T, KPtrs> a) {
   const int lane = threadIdx.x;
   const int64_t k = warp_row();
   if (k >= a.K) return;
   const int64_t D = a.D;
   T h = T(0);
   for (int64_t j = lane; j < D; j += kWarp) {
-    const T s = a.mu[k * D + j];
-    if (a.op_b != nullptr) a.op_b[k * D + j] = inv_var(s);
+    const T s = a.log_var[k * D + j];
+    if (a.inv_var != nullptr) a.inv_var[k * D + j] = inv_var(s);
     h += half_logdet_term(s);
   }
   h = warp_sum(h);
-  if (lane == 0) a.op_c[k] = h;
+  if (lane == 0) a.half_logdet[k] = h;
 }
 
 // ------------------------------------------------------------------ class kernels (direct path)
@@ -188,7 +193,7 @@ __global__ void tables_kernel(KArgs<T> a) {
 // [chunk * kChunkRows, ...) into partials p1, p2 (chunks, K, D) and ph (chunks, K);
 // class_finalize_kernel adds the chunks in order.
 template <typename T>
-__global__ void class_partial_kernel(KArgs<T> a, KPtr<T> p1, KPtr<T> p2, KPtr<T> ph, int64_t z0) {
+__global__ void class_partial_kernel(DirectGradArgs<T, KPtrs> a, KPtr<T> p1, KPtr<T> p2, KPtr<T> ph, int64_t z0) {
   const int64_t k = blockIdx.x;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * kClassThreads + threadIdx.x;
   const int64_t chunk = z0 + blockIdx.z;
@@ -198,9 +203,9 @@ __global__ void class_partial_kernel(KArgs<T> a, KPtr<T> p1, KPtr<T> p2, KPtr<T>
   T a1 = T(0), a2 = T(0), hs = T(0);
   const T muj = j < D ? a.mu[k * D + j] : T(0);
   for (int64_t n = n0; n < n1; ++n) {
-    const T gk = a.g[n * K + k];
+    const T gk = a.coef[n * K + k];
     hs += gk;
-    if (a.y != nullptr && a.y[n] == k) hs += a.r[n];
+    if (a.labels != nullptr && a.labels[n] == k) hs += a.label_coef[n];
     if (j < D) class_accum(a1, a2, gk, a.x[n * D + j], muj);
   }
   if (j < D) {
@@ -211,8 +216,8 @@ __global__ void class_partial_kernel(KArgs<T> a, KPtr<T> p1, KPtr<T> p2, KPtr<T>
 }
 
 template <typename T>
-__global__ void class_finalize_kernel(KArgs<T> a, KPtr<const T> p1, KPtr<const T> p2, KPtr<const T> ph,
-                                      int64_t chunks) {
+__global__ void class_finalize_kernel(DirectGradArgs<T, KPtrs> a, KPtr<const T> p1, KPtr<const T> p2,
+                                      KPtr<const T> ph, int64_t chunks) {
   const int64_t K = a.K, D = a.D;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < K * D;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -223,29 +228,29 @@ __global__ void class_finalize_kernel(KArgs<T> a, KPtr<const T> p1, KPtr<const T
       A2 += p2[c * K * D + i];
       hs += ph[c * K + k];
     }
-    const T wj = a.w != nullptr ? a.w[i] : T(1);
-    if (a.gmu != nullptr) a.gmu[i] = grad_mu_final(A1, wj);
-    if (a.gs != nullptr) a.gs[i] = grad_log_var_final(A2, wj, hs);
+    const T wj = a.inv_var != nullptr ? a.inv_var[i] : T(1);
+    if (a.grad_means != nullptr) a.grad_means[i] = grad_mu_final(A1, wj);
+    if (a.grad_log_var != nullptr) a.grad_log_var[i] = grad_log_var_final(A2, wj, hs);
   }
 }
 
 // ------------------------------------------------------------------ GEMM path helpers
 template <typename T>
-__global__ void operands_a_kernel(KArgs<T> a) {
+__global__ void operands_a_kernel(OperandArgs<T, KPtrs> a) {
   const int64_t D = a.D;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.N * D;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / D, j = i % D;
     T a1, a2;
     operand_a(static_cast<T>(a.x[i]), a1, a2);
-    a.op_a[n * 2 * D + j] = a1;
-    a.op_a[n * 2 * D + D + j] = a2;
+    a.operand_a[n * 2 * D + j] = a1;
+    a.operand_a[n * 2 * D + D + j] = a2;
   }
 }
 
 // Operand b and c of the tile's classes: one warp per class k0 + k.
 template <typename T>
-__global__ void operands_b_kernel(KArgs<T> a) {
+__global__ void operands_b_kernel(OperandArgs<T, KPtrs> a) {
   const int lane = threadIdx.x;
   const int64_t k = warp_row();
   if (k >= a.kt) return;
@@ -253,51 +258,54 @@ __global__ void operands_b_kernel(KArgs<T> a) {
   T c = T(0);
   for (int64_t j = lane; j < D; j += kWarp) {
     T b1, b2;
-    operand_b(static_cast<T>(a.mu[kk * D + j]), inv_var(static_cast<T>(a.s[kk * D + j])), b1, b2, c);
-    a.op_b[k * a.ld_b + j] = b1;
-    a.op_b2[k * a.ld_b + j] = b2;
+    operand_b(static_cast<T>(a.mu[kk * D + j]), inv_var(static_cast<T>(a.log_var[kk * D + j])), b1, b2, c);
+    a.operand_b1[k * a.ld_b + j] = b1;
+    a.operand_b2[k * a.ld_b + j] = b2;
   }
   c = warp_sum(c);
-  if (lane == 0) a.op_c[k] = c;
+  if (lane == 0) a.mu_sq_sum[k] = c;
 }
 
 template <typename T>
-__global__ void gemm_grad_x_kernel(KArgs<T> a) {
+__global__ void gemm_grad_x_kernel(GemmGradXArgs<T, KPtrs> a) {
   const int64_t D = a.D;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.N * D;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / D, j = i % D;
-    a.gx[i] = grad_x_from_moments(a.x[i], a.moments[n * a.ld_moments + j], a.moments2[n * a.ld_moments + j]);
+    a.grad_features[i] =
+        grad_x_from_moments(a.x[i], a.moments1[n * a.ld_moments + j], a.moments2[n * a.ld_moments + j]);
   }
 }
 
-// Column sums of the tile's g (thread per tile class; consecutive threads read consecutive k).
+// Column sums of the tile's g into coef_sum and logdet_coef_sum (GemmClassArgs; thread per tile class,
+// consecutive threads read consecutive k).
 template <typename T>
-__global__ void column_sums_kernel(KArgs<T> a, KPtr<T> gsum, KPtr<T> hsum) {
+__global__ void column_sums_kernel(GemmClassArgs<T, KPtrs> a, KPtr<T> coef_sum, KPtr<T> logdet_coef_sum) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= a.kt) return;
-  // Accumulated in double: gsum is multiplied by mu and subtracted from the GEMM's sum_n g x.
+  // Accumulated in double: coef_sum is multiplied by mu and subtracted from the GEMM's sum_n g x.
   double gs = 0.0, rs = 0.0;
   for (int64_t n = 0; n < a.N; ++n) {
-    gs += static_cast<double>(a.g[n * a.kt + k]);
-    if (a.y != nullptr && a.y[n] == a.k0 + k) rs += static_cast<double>(a.r[n]);
+    gs += static_cast<double>(a.coef[n * a.kt + k]);
+    if (a.labels != nullptr && a.labels[n] == a.k0 + k) rs += static_cast<double>(a.label_coef[n]);
   }
-  gsum[k] = static_cast<T>(gs);
-  hsum[k] = static_cast<T>(gs + rs);
+  coef_sum[k] = static_cast<T>(gs);
+  logdet_coef_sum[k] = static_cast<T>(gs + rs);
 }
 
 // Gradient rows of the tile's classes from its moments (kt, 2D).
 template <typename T>
-__global__ void gemm_class_kernel(KArgs<T> a) {
+__global__ void gemm_class_kernel(GemmClassArgs<T, KPtrs> a) {
   const int64_t kt = a.kt, D = a.D;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < kt * D;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = i / D, j = i % D, o = a.k0 * D + i;
     T A1, A2;
-    class_sums_from_moments(a.moments[k * a.ld_moments + j], a.moments2[k * a.ld_moments + j], a.gsum[k], a.mu[o], A1, A2);
-    const T wj = inv_var(a.s[o]);
-    if (a.gmu != nullptr) a.gmu[o] = grad_mu_final(A1, wj);
-    if (a.gs != nullptr) a.gs[o] = grad_log_var_final(A2, wj, a.hsum[k]);
+    class_sums_from_moments(a.moments1[k * a.ld_moments + j], a.moments2[k * a.ld_moments + j], a.coef_sum[k],
+                            a.mu[o], A1, A2);
+    const T wj = inv_var(a.log_var[o]);
+    if (a.grad_means != nullptr) a.grad_means[o] = grad_mu_final(A1, wj);
+    if (a.grad_log_var != nullptr) a.grad_log_var[o] = grad_log_var_final(A2, wj, a.logdet_coef_sum[k]);
   }
 }
 
@@ -312,76 +320,80 @@ unsigned elem_grid(int64_t n) {
 template <typename scalar_t>
 void direct_rows(const Inputs& in, double alpha, double lambda, bool margin_out, Tensor& logits, Tensor& stats,
                  Tensor& row_loss) {
-  auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, logits, stats, row_loss);
+  const auto a = row_args<scalar_t, KPtrs>(in, alpha, lambda, margin_out, logits, stats, row_loss);
   LGM_LAUNCH(direct_rows_kernel<scalar_t>, row_grid(in.N), kRowBlock, 0, kernel_stream(), a);
 }
 
 template <typename scalar_t>
 void gemm_rows(const Inputs& in, Tensor& m, const Tensor& c, double alpha, double lambda, bool margin_out,
                Tensor& stats, Tensor& row_loss) {
-  auto a = row_args<scalar_t>(in, alpha, lambda, margin_out, m, stats, row_loss, c);
+  const auto a = row_args<scalar_t, KPtrs>(in, alpha, lambda, margin_out, m, stats, row_loss, c);
   LGM_LAUNCH(gemm_rows_kernel<scalar_t>, row_grid(in.N), kRowBlock, 0, kernel_stream(), a);
 }
 
 template <typename scalar_t>
 void coefficients(const Inputs& in, const Coef& cf, Tensor& g, Tensor& r) {
-  auto a = coefficient_args<scalar_t>(in, cf, g, r);
+  const auto a = coefficient_args<scalar_t, KPtrs>(in, cf, g, r);
   LGM_LAUNCH(coefficients_kernel<scalar_t>, row_grid(in.N), kRowBlock, 0, kernel_stream(), a);
 }
 
 template <typename scalar_t>
 void direct_grads(const Inputs& in, const Tensor& g, const Tensor& r, Tensor& grad_x, Tensor& grad_mu,
                   Tensor& grad_s) {
-  auto a = grad_args<scalar_t>(in, g, r, grad_x, grad_mu, grad_s);
-  if (a.gx != nullptr) {
+  const auto a = direct_grad_args<scalar_t, KPtrs>(in, g, r, grad_x, grad_mu, grad_s);
+  if (a.grad_features != nullptr) {
     LGM_LAUNCH(grad_x_kernel<scalar_t>, row_grid(in.N), kRowBlock, 0, kernel_stream(), a);
   }
-  if (a.gmu == nullptr && a.gs == nullptr) return;
+  if (a.grad_means == nullptr && a.grad_log_var == nullptr) return;
+  // The partials: p[0], p[1] (chunks, K, D) and ph (chunks, K), each its own kernel pointer.
   const int64_t chunks = ceil_div(in.N, kChunkRows);
   Tensor p = at::empty({2, chunks, in.K, in.D}, in.x.options());
   Tensor ph = at::empty({chunks, in.K}, in.x.options());
-  scalar_t* p1 = kernel_ptr<scalar_t>(p);
-  scalar_t* p2 = p1 + chunks * in.K * in.D;
+  const auto p1 = KPtrs::make<scalar_t>(p.select(0, 0), "p1"), p2 = KPtrs::make<scalar_t>(p.select(0, 1), "p2");
+  const auto phs = KPtrs::make<scalar_t>(ph, "ph");
   const int64_t blocks_y = class_blocks_y(in);
   for_each_z_launch(chunks, [&](int64_t z0, int64_t nz) {
     const dim3 grid(static_cast<unsigned>(in.K), static_cast<unsigned>(blocks_y), static_cast<unsigned>(nz));
-    LGM_LAUNCH(class_partial_kernel<scalar_t>, grid, kClassThreads, 0, kernel_stream(), a, p1, p2, kernel_ptr<scalar_t>(ph), z0);
+    LGM_LAUNCH(class_partial_kernel<scalar_t>, grid, kClassThreads, 0, kernel_stream(), a, p1, p2, phs, z0);
   });
-  LGM_LAUNCH(class_finalize_kernel<scalar_t>, elem_grid(in.K * in.D), kThreads, 0, kernel_stream(), a, p1, p2,
-                                                                                       kernel_ptr<scalar_t>(ph), chunks);
+  LGM_LAUNCH(class_finalize_kernel<scalar_t>, elem_grid(in.K * in.D), kThreads, 0, kernel_stream(), a, p1, p2, phs,
+             chunks);
 }
 
 template <typename scalar_t>
 void class_tables(const Tensor& s, Tensor& w, Tensor& hl) {
-  auto a = make_table_args<scalar_t>(s, w, hl);
+  const auto a = table_args<scalar_t, KPtrs>(s, w, hl);
   LGM_LAUNCH(tables_kernel<scalar_t>, row_grid(a.K), kRowBlock, 0, kernel_stream(), a);
 }
 
 template <typename scalar_t>
 void gemm_operands(const Inputs& in, Tensor& op_a, int64_t k0, int64_t kt, Tensor& b1, Tensor& b2, Tensor& c) {
-  auto a = operand_args<scalar_t>(in, op_a, k0, kt, b1, b2, c);
-  if (a.op_a != nullptr) {
+  const auto a = operand_args<scalar_t, KPtrs>(in, op_a, k0, kt, b1, b2, c);
+  if (a.operand_a != nullptr) {
     LGM_LAUNCH(operands_a_kernel<scalar_t>, elem_grid(in.N * in.D), kThreads, 0, kernel_stream(), a);
   }
-  if (a.op_b != nullptr) {
+  if (a.operand_b1 != nullptr) {
     LGM_LAUNCH(operands_b_kernel<scalar_t>, row_grid(kt), kRowBlock, 0, kernel_stream(), a);
   }
 }
 
 template <typename scalar_t>
 void gemm_grad_x(const Inputs& in, const Tensor& t1, const Tensor& t2, Tensor& grad_x) {
-  auto a = grad_args<scalar_t>(in, Tensor(), Tensor(), grad_x, Tensor(), Tensor(), t1, t2);
+  const auto a = gemm_grad_x_args<scalar_t, KPtrs>(in, t1, t2, grad_x);
   LGM_LAUNCH(gemm_grad_x_kernel<scalar_t>, elem_grid(in.N * in.D), kThreads, 0, kernel_stream(), a);
 }
 
 template <typename scalar_t>
 void gemm_class_grads(const Inputs& in, int64_t k0, int64_t kt, const Tensor& s1, const Tensor& s2,
                       const Tensor& g, const Tensor& r, Tensor& grad_mu, Tensor& grad_s) {
-  auto a = grad_args<scalar_t>(in, g, r, Tensor(), grad_mu, grad_s, s1, s2, k0, kt);
+  auto a = gemm_class_args<scalar_t, KPtrs>(in, k0, kt, s1, s2, g, r, grad_mu, grad_s);
+  // The column sums: sums[0] = coef_sum, sums[1] = logdet_coef_sum (kt each).
   Tensor sums = at::empty({2, kt}, in.x.options());
-  scalar_t* gsum = kernel_ptr<scalar_t>(sums);
-  LGM_LAUNCH(column_sums_kernel<scalar_t>, elem_grid(kt), kThreads, 0, kernel_stream(), a, gsum, gsum + kt);
-  a.gsum = gsum, a.hsum = gsum + kt;
+  LGM_LAUNCH(column_sums_kernel<scalar_t>, elem_grid(kt), kThreads, 0, kernel_stream(), a,
+             KPtrs::make<scalar_t>(sums.select(0, 0), "coef_sum"),
+             KPtrs::make<scalar_t>(sums.select(0, 1), "logdet_coef_sum"));
+  a.coef_sum = KPtrs::make<const scalar_t>(sums.select(0, 0), "coef_sum");
+  a.logdet_coef_sum = KPtrs::make<const scalar_t>(sums.select(0, 1), "logdet_coef_sum");
   LGM_LAUNCH(gemm_class_kernel<scalar_t>, elem_grid(kt * in.D), kThreads, 0, kernel_stream(), a);
 }
 

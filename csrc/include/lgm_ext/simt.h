@@ -4,14 +4,15 @@
 // for the SIMT executor (csrc/cpu/simt.cpp), which runs them on the CPU for the `cuda-emulated` tests.
 // This header is what lets the same text compile both ways:
 //
-//   under nvcc        the CUDA keywords are the compiler's, device pointers are raw (KPtr<T> = T*), and
-//                     LGM_LAUNCH(kernel, grid, block, smem, stream, args...) checks CUDA's launch limits,
-//                     then launches with <<<grid, block, smem, stream>>>;
+//   under nvcc        the CUDA keywords are the compiler's, device pointers are raw (KPtrs = RawPtrs,
+//                     KPtr<T> = T*), and LGM_LAUNCH(kernel, grid, block, smem, stream, args...) checks CUDA's
+//                     launch limits, then launches with <<<grid, block, smem, stream>>>;
 //   on the host       __global__, __device__, __shared__, threadIdx, blockIdx, blockDim, gridDim,
 //                     __syncthreads, __syncwarp, __shfl*_sync and atomicAdd are defined here; every thread
 //                     of a block is a cooperative fiber that switches at each barrier and shuffle with
-//                     CUDA's semantics; KPtr<T> is a bounds-checked pointer that also records every write,
-//                     and LGM_LAUNCH checks the same limits and runs the grid block by block.
+//                     CUDA's semantics; KPtrs = simt::CheckedPtrs, whose KPtr<T> is a pointer bounded by the
+//                     tensor it was made from that also records every write, and LGM_LAUNCH checks the same
+//                     limits and runs the grid block by block.
 //
 // What the executor reports as an error naming the kernel, block and thread (a RuntimeError in Python): an
 // out-of-bounds read or write through a kernel pointer, two threads writing one address between barriers
@@ -37,7 +38,8 @@
 
 #include "lgm_ext/launch.h"
 
-// Include after args.h (ArgsT, RawPtrs) and every torch header: on the host this defines CUDA's keywords.
+// Include after args.h (the argument structs, RawPtrs) and every torch header: on the host this defines CUDA's
+// keywords.
 
 namespace lgm_ext {
 namespace launch {
@@ -66,11 +68,10 @@ inline void check_launch(const char* kernel, const Dim& grid, const Dim& block, 
 #if defined(__CUDACC__)
 
 namespace lgm_ext {
-namespace {  // per translation unit: nvcc's and the executor's KPtr differ
+namespace {  // per translation unit: nvcc's and the executor's KPtrs differ
+using KPtrs = RawPtrs;
 template <typename T>
 using KPtr = T*;
-template <typename T>
-using KArgs = ArgsT<T, RawPtrs>;
 }  // namespace
 }  // namespace lgm_ext
 
@@ -119,7 +120,12 @@ struct Region {
   const char* hi = nullptr;
   const char* name = "?";
   Space space = Space::global;
+  bool writable = false;  // the kernel received it as a pointer to non-const elements
 };
+
+// The region of a kernel pointer made from t: its own extent, 1 + sum_i (size_i - 1) * stride_i elements from
+// its data pointer (none when t is empty), named by the argument field (e.g. "grad_means").
+Region tensor_region(const at::Tensor& t, const char* name, bool writable);
 
 [[noreturn]] void out_of_bounds(const Region& r, const void* p, size_t size, bool write);
 
@@ -208,27 +214,24 @@ class Ref {
   int64_t i_;
 };
 
-// Kernel arguments on the executor.
+// The executor's pointer policy (args.h): each pointer of a kernel's argument struct, and each extra pointer
+// argument, made from its tensor and bounded by that tensor's extent.
 struct CheckedPtrs {
   template <typename U>
   using ptr = Ptr<U>;
+  template <typename U>
+  static Ptr<U> make(const at::Tensor& t, const char* name) {
+    if (!t.defined()) return Ptr<U>();
+    return Ptr<U>(t.data_ptr<std::remove_const_t<U>>(), tensor_region(t, name, !std::is_const_v<U>));
+  }
 };
-
-// The tensors of the current hook call (noted by args.h's builders): a raw pointer handed to a launch
-// becomes a checked pointer into the tensor that holds it.
-Region region_of(const void* p, const char* name);
-
-template <typename U>
-Ptr<U> checked(U* p, const char* name) {
-  if (p == nullptr) return Ptr<U>();
-  return Ptr<U>(p, region_of(p, name));
-}
 
 // A shared array seen through a checked, race-tracked pointer (LGM_SHARED).
 template <typename U, size_t n>
 Ptr<U> shared_view(U (&a)[n], const char* name) {
   Region r;
   r.lo = reinterpret_cast<const char*>(a), r.hi = r.lo + sizeof(a), r.name = name, r.space = Space::shared;
+  r.writable = !std::is_const_v<U>;
   return Ptr<U>(a, r);
 }
 
@@ -299,72 +302,24 @@ struct LaunchSpec {
 };
 void run(const LaunchSpec& spec, const std::function<void()>& thread_body);
 
-template <typename P>
-struct is_args : std::false_type {};
-template <typename T>
-struct is_args<ArgsT<T, CheckedPtrs>> : std::true_type {};
-template <typename P>
-struct is_ptr : std::false_type {};
-template <typename U>
-struct is_ptr<Ptr<U>> : std::true_type {};
-
-template <typename T>
-ArgsT<T, CheckedPtrs> to_device(const Args<T>& a) {
-  ArgsT<T, CheckedPtrs> d{};
-#define LGM_SIMT_S(f) d.f = a.f;
-#define LGM_SIMT_P(f) d.f = checked(a.f, "Args." #f);
-  LGM_ARGS_FIELDS(LGM_SIMT_S, LGM_SIMT_P)
-#undef LGM_SIMT_S
-#undef LGM_SIMT_P
-  return d;
-}
-
-template <typename P, typename A>
-P convert_arg(A&& a, const char* name) {
-  using D = std::decay_t<P>;
-  if constexpr (is_args<D>::value) {
-    return to_device(a);
-  } else if constexpr (is_ptr<D>::value) {
-    if constexpr (is_ptr<std::decay_t<A>>::value) {
-      return a;
-    } else {
-      return checked<typename D::element_type>(a, name);
-    }
-  } else {
-    return static_cast<D>(a);
-  }
-}
-
-inline const char* arg_name(size_t i) {
-  static const char* const names[] = {"argument 1", "argument 2", "argument 3", "argument 4", "argument 5",
-                                      "argument 6", "argument 7", "argument 8", "argument 9", "argument 10",
-                                      "argument 11", "argument 12", "argument 13", "argument 14", "argument 15",
-                                      "argument 16"};
-  return i < 16 ? names[i] : "argument";
-}
-
-template <typename... P, size_t... I, typename... A>
-void launch_with(const char* name, void (*kernel)(P...), const LaunchSpec& spec, std::index_sequence<I...>,
-                 A&&... args) {
-  std::tuple<std::decay_t<P>...> dev{convert_arg<P>(std::forward<A>(args), arg_name(I))...};
-  run(spec, [&] { std::apply(kernel, dev); });
-}
-
+// A launch: the kernel's own parameters, converted from the launch's arguments (a Ptr<T> also becomes the
+// kernel's Ptr<const T>); a pointer argument must be a checked one, made from its tensor (CheckedPtrs::make).
 template <typename... P, typename... A>
 void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
+  static_assert((!std::is_pointer_v<std::decay_t<A>> && ...),
+                "a raw pointer passed to a kernel: make it from its tensor with KPtrs::make");
   launch::check_launch(name, grid, block, smem);
-  launch_with(name, kernel, LaunchSpec{name, grid, block, smem}, std::index_sequence_for<P...>{},
-              std::forward<A>(args)...);
+  std::tuple<std::decay_t<P>...> dev{static_cast<std::decay_t<P>>(std::forward<A>(args))...};
+  run(LaunchSpec{name, grid, block, smem}, [&] { std::apply(kernel, dev); });
 }
 
 }  // namespace simt
 
-namespace {  // per translation unit: nvcc's and the executor's KPtr differ
+namespace {  // per translation unit: nvcc's and the executor's KPtrs differ
+using KPtrs = simt::CheckedPtrs;
 template <typename T>
 using KPtr = simt::Ptr<T>;
-template <typename T>
-using KArgs = ArgsT<T, simt::CheckedPtrs>;
 }  // namespace
 
 using simt::blockDim;
