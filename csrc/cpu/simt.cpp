@@ -105,6 +105,29 @@ inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &
 #endif
 
 // ------------------------------------------------------------------ kernel pointers (simt.h CheckedPtrs)
+namespace {
+
+// The memory the kernel pointers made for writing cover, since the current CallCheck began (or the last 256
+// such pointers without one): a read through a pointer to const elements can only race where it reads this
+// memory (an alias of an output), so the tracker records only those reads.
+thread_local std::vector<std::pair<const char*, const char*>> t_writable;
+
+void note_writable(const char* lo, const char* hi) {
+  for (const auto& [a, b] : t_writable)
+    if (a == lo && b == hi) return;
+  if (t_writable.size() >= 256) t_writable.clear();
+  t_writable.emplace_back(lo, hi);
+}
+
+bool in_writable(const void* addr) {
+  const char* c = static_cast<const char*>(addr);
+  for (const auto& [a, b] : t_writable)
+    if (a <= c && c < b) return true;
+  return false;
+}
+
+}  // namespace
+
 Region tensor_region(const at::Tensor& t, const char* name, bool writable) {
   int64_t extent = t.numel() > 0 ? 1 : 0;
   for (int64_t i = 0; i < t.dim() && extent > 0; ++i) extent += (t.size(i) - 1) * t.stride(i);
@@ -112,6 +135,7 @@ Region tensor_region(const at::Tensor& t, const char* name, bool writable) {
   r.lo = static_cast<const char*>(t.data_ptr());
   r.hi = r.lo + extent * static_cast<int64_t>(t.element_size());
   r.name = name, r.writable = writable;
+  if (writable) note_writable(r.lo, r.hi);
   return r;
 }
 
@@ -197,6 +221,7 @@ struct Exec {
   const char* order_name = "index order";
   // Global memory the launch wrote: each address's bytes before its first write (restored between schedules).
   std::unordered_map<void*, Undo> undo;
+  bool replay = false;  // the launch runs under more than one schedule (undo is kept)
 #if defined(LGM_SIMT_ASAN)
   void* sched_fake_stack = nullptr;
   const void* sched_stack_bottom = nullptr;
@@ -459,7 +484,7 @@ int orders_setting() {
   int o = g_orders.load(std::memory_order_relaxed);
   if (o == 0) {
     const char* v = std::getenv("LGM_SIMT_ORDERS");
-    o = v != nullptr && std::atoi(v) >= 1 ? std::atoi(v) : 2;
+    o = v != nullptr && std::atoi(v) >= 1 ? std::atoi(v) : 1;
     g_orders.store(o, std::memory_order_relaxed);
   }
   return o;
@@ -523,6 +548,7 @@ void run(const LaunchSpec& spec, const std::function<void()>& body) {
   std::vector<int64_t> blocks(nblocks);
   std::string schedule;
   const int orders = orders_setting();
+  e.replay = orders > 1;
   // The global memory the first schedule left: address -> bytes (compared with every later schedule's).
   std::unordered_map<void*, std::vector<unsigned char>> first;
   for (int k = 0; k < orders; ++k) {
@@ -631,7 +657,7 @@ Access me_now(const Exec& e, bool atomic) {
 
 void note_read(const void* addr, size_t bytes, const Region& r) {
   Exec* e = t_exec;
-  if (e == nullptr || e->current < 0) return;
+  if (e == nullptr || e->current < 0 || (!r.writable && !in_writable(addr))) return;
   const bool shared = r.space == Space::shared;
   AddrState& st = (shared ? e->shared_acc : e->global_acc)[addr];
   const Access me = me_now(*e, false);
@@ -686,7 +712,7 @@ void note_write(void* addr, size_t bytes, const Region& r, bool atomic) {
   }
   st.written = true;
   st.writer = me;
-  if (!shared) {
+  if (!shared && e->replay) {
     auto [it, fresh] = e->undo.try_emplace(addr);
     if (fresh) {
       const auto* p = static_cast<const unsigned char*>(addr);
@@ -694,19 +720,33 @@ void note_write(void* addr, size_t bytes, const Region& r, bool atomic) {
       it->second.name = r.name;
       it->second.element = (static_cast<const char*>(addr) - r.lo) / static_cast<std::ptrdiff_t>(bytes);
     }
-    if (t_check != nullptr) t_check->wrote(addr);
   }
+  if (!shared && t_check != nullptr) t_check->wrote(addr);
 }
 
 // ------------------------------------------------------------------ outputs a call must fill
-CallCheck::CallCheck(const char* call) : call_(call), prev_(t_check) { t_check = this; }
+CallCheck::CallCheck(const char* call) : call_(call), prev_(t_check) {
+  if (prev_ == nullptr) t_writable.clear();  // a new call: the pointers made for writing from here on
+  t_check = this;
+}
 CallCheck::~CallCheck() { t_check = prev_; }
 
 void CallCheck::launched(const char* kernel) {
   if (kernels_.empty() || kernels_.back() != kernel) kernels_.emplace_back(kernel);
 }
 
-void CallCheck::wrote(const void* addr) { written_.insert(addr); }
+void CallCheck::wrote(const void* addr) {
+  const char* c = static_cast<const char*>(addr);
+  for (Out& o : outs_)
+    if (o.lo <= c && c < o.hi) o.written[(c - o.lo) / o.elem] = true;
+}
+
+void CallCheck::add(const at::Tensor& t, const char* name, std::vector<bool> rows) {
+  const Region r = tensor_region(t, name, false);
+  Out o{t, name, std::move(rows), r.lo, r.hi, static_cast<int64_t>(t.element_size()), {}};
+  o.written.assign((r.hi - r.lo) / o.elem, false);
+  outs_.push_back(std::move(o));
+}
 
 namespace {
 
@@ -743,12 +783,12 @@ void CallCheck::output(const at::Tensor& t, const char* name, std::initializer_l
       dbl ? std::memcpy(p, &f64, 8) : std::memcpy(p, &f32, 4);
     });
   }
-  outs_.push_back({t, name, {}});
+  add(t, name, {});
 }
 
 void CallCheck::output_rows(const at::Tensor& t, const char* name, std::vector<bool> rows) {
   if (!t.defined() || t.numel() == 0) return;
-  outs_.push_back({t, name, std::move(rows)});
+  add(t, name, std::move(rows));
 }
 
 void CallCheck::verify() {
@@ -757,7 +797,7 @@ void CallCheck::verify() {
     std::vector<int64_t> first;
     for_each_element(o.t, [&](char* p, const std::vector<int64_t>& idx) {
       if (missing != nullptr || (!o.rows.empty() && !o.rows[idx[0]])) return;
-      if (written_.count(p) == 0) {
+      if (!o.written[(p - o.lo) / o.elem]) {
         first = idx;
         missing = &first;
       }

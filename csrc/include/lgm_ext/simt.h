@@ -30,7 +30,6 @@
 #include <functional>
 #include <initializer_list>
 #include <string>
-#include <unordered_set>
 #include <vector>
 #include <tuple>
 #include <type_traits>
@@ -257,7 +256,7 @@ T shfl_as(unsigned mask, T v, int mode, int arg, int width) {
 // leaves must be the same bytes under every schedule (else the launch fails naming the first differing
 // address).  A race-free kernel is deterministic whatever the order (fibers switch only at barriers and
 // shuffles); this catches what the access tracker cannot see (e.g. an order-dependent float atomicAdd).
-// The default is LGM_SIMT_ORDERS (2 when unset); returns the previous value.
+// The default is LGM_SIMT_ORDERS (1 when unset); returns the previous value.
 int set_orders(int orders);
 
 // ---- outputs a call must fill
@@ -285,12 +284,16 @@ class CallCheck {
   struct Out {
     at::Tensor t;
     std::string name;
-    std::vector<bool> rows;  // empty: every element
+    std::vector<bool> rows;     // empty: every element
+    const char* lo = nullptr;   // t's extent [lo, hi) and element size
+    const char* hi = nullptr;
+    int64_t elem = 1;
+    std::vector<bool> written;  // per element of the extent
   };
+  void add(const at::Tensor& t, const char* name, std::vector<bool> rows);
   std::string call_;
   std::vector<std::string> kernels_;
   std::vector<Out> outs_;
-  std::unordered_set<const void*> written_;
   CallCheck* prev_ = nullptr;
 };
 
