@@ -8,7 +8,8 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 JOBS   ?= 2
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test test-reference test-slow test-all lint docs bench build-cpu clean gpu-check test-sanitize
+.PHONY: install demo test test-reference test-slow test-all lint docs bench build-cpu clean gpu-check test-sanitize \
+        mutation-check
 
 install: $(VENV)/.installed
 
@@ -98,7 +99,7 @@ test-sanitize:
 	@mkdir -p $(SANITIZE_DIR)/src && touch $(SANITIZE_DIR)/src/$(SANITIZE_MARK)
 	rm -rf $(SANITIZE_DIR)/src/lgm_ext $(SANITIZE_DIR)/src/lgm_lab $(SANITIZE_DIR)/src/lgm_cli $(SANITIZE_DIR)/src/tests
 	cp -rp setup.py pyproject.toml csrc lgm_ext lgm_lab lgm_cli tests $(SANITIZE_DIR)/src/
-	rm -f $(SANITIZE_DIR)/src/lgm_ext/_C*.so
+	rm -f $(SANITIZE_DIR)/src/lgm_ext/_C*.so $(SANITIZE_DIR)/src/lgm_ext/_simt*.so
 	cd $(SANITIZE_DIR)/src && LGM_EXT_REQUIRE_BUILD=1 LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) \
 	  LGM_EXT_EXTRA_CXXFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
 	  LGM_EXT_EXTRA_LDFLAGS="-fsanitize=address,undefined" \
@@ -108,5 +109,11 @@ test-sanitize:
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  OMP_NUM_THREADS=1 PYTHONPATH=. $(abspath $(PY)) -m pytest -p no:cacheprovider $(SANITIZE_PYTEST) $(SANITIZE_TESTS)
 
+# Every kernel mutant of tests/test_simt_mutation.py (lane offset, missing barrier, stride, grid rounding, loop
+# bounds, swapped bounds, wrong output index, dropped write, ...): each built into the executor's module and
+# required to fail the fast emulated tests.  Not in CI (docs/CUDA.md has the time of one round).
+mutation-check: install
+	LGM_MUTATION_CHECK=1 $(PY) -m pytest -q -m slow -p no:cacheprovider tests/test_simt_mutation.py
+
 clean:
-	rm -rf build site lgm_ext/_C*.so *.egg-info
+	rm -rf build site lgm_ext/_C*.so lgm_ext/_simt*.so *.egg-info

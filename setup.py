@@ -9,6 +9,8 @@ Environment switches:
                         package on the pure-PyTorch path, with a warning
   LGM_EXT_CPU_ONLY=1    skip CUDA sources (fast iteration build)
   LGM_EXT_FORCE_CUDA=1  build CUDA sources even if detection says no (fails if no toolkit)
+  LGM_EXT_ONLY_SIMT=1   build only the test module lgm_ext._simt, against the lgm_ext._C built in place (the
+                        mutation check)
   TORCH_CUDA_ARCH_LIST  CUDA targets (default "8.0;9.0+PTX": sm_80, sm_90 and PTX)
   MAX_JOBS              parallel compile jobs (ninja)
   LGM_EXT_EXTRA_CXXFLAGS  extra host-compiler flags, appended (`make test-sanitize`: -fsanitize=address,undefined;
@@ -44,6 +46,10 @@ def build_cuda():
 
 def extensions():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # The test module lgm_ext._simt: the SIMT executor, the CUDA kernels compiled for it (the `cuda-emulated`
+    # backend) and its deliberately faulty kernels.  Never part of lgm_ext._C: it links against it (the operator
+    # bodies, the host layer) and is loaded only by the tests or whoever asks (lgm_ext._testing).
+    simt_sources = sorted(glob.glob("csrc/simt/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     # -fno-trapping-math: lets GCC if-convert the float compares and selects in math.h (fast_expf's
     # clamps, safe_exp's flush, the NaN passes) so the `omp simd` loops vectorise; it changes no
@@ -56,25 +62,24 @@ def extensions():
     if build_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-DNDEBUG", "-Xptxas=-v", "--expt-relaxed-constexpr", "-lineinfo"]
-        return [
-            CUDAExtension(
-                "lgm_ext._C",
-                cpu_sources + cuda_sources,
-                include_dirs=include_dirs,
-                define_macros=[("LGM_EXT_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                extra_link_args=ldflags,
-            )
-        ]
-    return [
-        CppExtension(
+        core = CUDAExtension(
             "lgm_ext._C",
-            cpu_sources,
+            cpu_sources + cuda_sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx},
+            define_macros=[("LGM_EXT_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=ldflags,
         )
-    ]
+    else:
+        core = CppExtension("lgm_ext._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                            extra_link_args=ldflags)
+    # LGM_EXT_SIMT: math.h as the kernels have it under nvcc where the host compiler can follow (sums in source
+    # order, the C library's exp instead of the CPU loops' polynomial; docs/CUDA.md "What is bitwise").
+    simt = CppExtension("lgm_ext._simt", simt_sources, include_dirs=include_dirs, define_macros=[("LGM_EXT_SIMT", "1")],
+                        extra_compile_args={"cxx": cxx}, extra_link_args=list(ldflags))
+    # LGM_EXT_ONLY_SIMT=1: only the executor's module, against the lgm_ext._C already built in place (the mutation
+    # check rebuilds it for each mutant of a kernel).
+    return [simt] if _flag("LGM_EXT_ONLY_SIMT") else [core, simt]
 
 
 class OptionalBuildExtension(BuildExtension):
@@ -91,6 +96,13 @@ class OptionalBuildExtension(BuildExtension):
                   "the pure-PyTorch path (set LGM_EXT_REQUIRE_BUILD=1 to make this an error)")
 
     def build_extension(self, ext):
+        if ext.name == "lgm_ext._simt":
+            # Linked against the _C this build made, found at run time next to it ($ORIGIN): one copy of the
+            # operator bodies and of their state in the process.
+            core = self.get_ext_fullpath("lgm_ext._C")
+            ext.library_dirs = [os.path.dirname(os.path.abspath(core))]
+            ext.libraries = [":" + os.path.basename(core)]
+            ext.extra_link_args = [*ext.extra_link_args, "-Wl,-rpath,$ORIGIN"]
         try:
             super().build_extension(ext)
         except Exception:

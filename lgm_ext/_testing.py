@@ -1,13 +1,21 @@
 """Test and benchmark hooks (private: not part of the public API).
 
-Two operators exist only for the test suite and the benchmarks; they are
-registered with a leading underscore in ``torch.ops.lgm_ext`` and wrapped here:
+Operators that exist only for the test suite and the benchmarks are registered
+with a leading underscore in ``torch.ops.lgm_ext`` and wrapped here.  Those of
+the SIMT executor live in a separate extension module, ``lgm_ext._simt``
+(csrc/simt/), which the production library never loads; ``executor()`` loads it:
 
 - ``_set_cuda_emulation(on) -> previous``: route the CPU operators through the
   CUDA kernels' own source (csrc/cuda/*.cuh) run on the CPU by the SIMT executor
-  (csrc/cpu/simt.cpp: every thread of every block, CUDA's barrier and shuffle
-  semantics, bounds and race checks).  The test suite runs every
-  device-parametrized test this way as ``cuda-emulated``.
+  (csrc/simt/simt.cpp: every thread of every block, CUDA's barrier and shuffle
+  semantics, bounds checks, read-write race tracking, outputs that must be
+  filled checked).  The test suite runs every device-parametrized test this way
+  as ``cuda-emulated``.
+- ``_simt_set_orders(n) -> previous``: run every launch under ``n`` thread
+  orders and require the same result (``simt_orders``).
+- ``_simt_fault(kind)``: one small deliberately wrong kernel (tests/test_simt.py).
+
+The others act on the production kernels (``lgm_ext._C``):
 - ``_flush_denormal_all_threads(on) -> ok``: set flush-to-zero on the calling
   thread *and* on every ATen worker thread (``torch.set_flush_denormal`` sets
   only the calling thread); benchmarks call it for every side.
@@ -24,6 +32,7 @@ registered with a leading underscore in ``torch.ops.lgm_ext`` and wrapped here:
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 
@@ -42,12 +51,22 @@ class _Hooks:
 
 ops = _Hooks()
 
-__all__ = ["cuda_emulation", "flush_denormals", "max_grid_z", "mm16_calls", "tensor_core_gemms"]
+__all__ = ["cuda_emulation", "executor", "flush_denormals", "max_grid_z", "mm16_calls", "simt_orders",
+           "tensor_core_gemms"]
+
+
+def executor():
+    """Load the SIMT executor's module ``lgm_ext._simt`` (once) and return it: its operators
+    (``_set_cuda_emulation``, ``_simt_set_orders``, ``_simt_fault``) are then in ``torch.ops.lgm_ext``."""
+    if not HAVE_KERNELS:
+        require_kernels("lgm_ext._testing.executor")
+    return importlib.import_module("lgm_ext._simt")
 
 
 @contextlib.contextmanager
 def cuda_emulation(on: bool = True):
     """Within the block, CPU tensors run through the CUDA kernels on the SIMT executor."""
+    executor()
     old = ops._set_cuda_emulation(bool(on))
     try:
         yield
@@ -85,3 +104,15 @@ def tensor_core_gemms(on: bool = True):
         yield
     finally:
         ops._set_tensor_core_gemms(old)
+
+
+@contextlib.contextmanager
+def simt_orders(n: int):
+    """Within the block, every launch on the SIMT executor runs under ``n`` thread orders (index order, reverse
+    order, then seeded shuffles), what it wrote restored between them, and must leave the same bytes."""
+    executor()
+    old = ops._simt_set_orders(int(n))
+    try:
+        yield
+    finally:
+        ops._simt_set_orders(old)

@@ -35,8 +35,45 @@ def test_ci_builds_cuda():
         pytest.skip("not a CI run with a CUDA toolkit")
 
 
+# What only the tests load: the SIMT executor, the CUDA kernels compiled for it and its faulty kernels.
+EXECUTOR_MARKS = [b"lgm_simt_switch", b"SIMT executor", b"_set_cuda_emulation", b"_simt_set_orders", b"_simt_fault",
+                  b"read_write_kernel", b"CallCheck", b"emulated_cuda_backend"]
+# The per-call emulation check and the region list the production path used to keep for the executor.
+GONE_MARKS = [b"cuda_emulation_enabled", b"note_kernel_region"]
+
+
+@pytest.mark.kernels
+def test_production_library_carries_no_executor():
+    """lgm_ext._C, which every user loads, holds no SIMT executor, no emulated kernels, no fault kernels and no
+    emulation switch (the CPU operators check nothing per call); all of it is in the test module lgm_ext._simt."""
+    from pathlib import Path
+
+    from lgm_ext import _C
+    from lgm_ext._testing import executor
+
+    production = Path(_C.__file__).read_bytes()
+    assert [m.decode() for m in EXECUTOR_MARKS + GONE_MARKS if m in production] == []
+    test_module = Path(executor().__file__).read_bytes()
+    assert [m.decode() for m in EXECUTOR_MARKS if m not in test_module] == []
+
+
+@pytest.mark.kernels
+def test_a_user_process_never_loads_the_executor():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, lgm_ext; x = torch.randn(4, 3); lgm_ext.lgm_logits(x, torch.randn(2, 3), None); "
+            "lgm_ext.pgd_step(x, x, x, alpha=0.1, eps=0.3); print('lgm_ext._simt' in sys.modules, "
+            "hasattr(torch.ops.lgm_ext, '_set_cuda_emulation'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
 @pytest.mark.kernels
 def test_emulation_switch_restores():
+    from lgm_ext._testing import executor
+
+    executor()
     old = torch.ops.lgm_ext._set_cuda_emulation(True)
     assert torch.ops.lgm_ext._set_cuda_emulation(old) is True
     with cuda_emulation():

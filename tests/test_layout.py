@@ -187,8 +187,14 @@ def test_test_hooks_are_private():
     registered = {op.split("::")[1].split(".")[0] for op in torch._C._dispatch_get_all_op_names()
                   if op.startswith("lgm_ext::")}
     assert {n for n in registered if not n.startswith("_")} <= documented
-    assert {"_set_cuda_emulation", "_flush_denormal_all_threads"} <= registered
-    from lgm_ext._testing import cuda_emulation
+    assert {"_flush_denormal_all_threads", "_set_max_grid_z", "_set_tensor_core_gemms", "_mm16_calls"} <= registered
+    from lgm_ext._testing import cuda_emulation, executor
+
+    executor()  # the SIMT executor's module registers its own private operators
+    registered = {op.split("::")[1].split(".")[0] for op in torch._C._dispatch_get_all_op_names()
+                  if op.startswith("lgm_ext::")}
+    assert {n for n in registered if not n.startswith("_")} <= documented
+    assert {"_set_cuda_emulation", "_simt_set_orders", "_simt_fault"} <= registered
 
     with cuda_emulation():
         assert torch.ops.lgm_ext._set_cuda_emulation(True) is True

@@ -11,6 +11,9 @@ pytestmark = pytest.mark.kernels  # the executor is part of the compiled extensi
 
 
 def fault(kind):
+    from lgm_ext._testing import executor
+
+    executor()  # the test module lgm_ext._simt holds the executor and these kernels
     return torch.ops.lgm_ext._simt_fault(kind)
 
 
@@ -29,9 +32,9 @@ def test_a_correct_kernel_runs():
         ("oob_write", r"oob_write_kernel, block \(1, 0, 0\), thread \(31, 0, 0\)",
          r"out-of-bounds write through out: byte offset 256 \(4 bytes\) of a 256-byte tensor"),
         ("global_race", r"global_race_kernel, block \(0, 0, 0\), thread \(1, 0, 0\)",
-         r"write-write race on global address .*: thread \(0, 0, 0\) of this block wrote it since the last barrier"),
+         r"write-write race on out element 0: thread \(0, 0, 0\) of this block wrote it with no barrier between"),
         ("shared_race", r"shared_race_kernel, block \(0, 0, 0\), thread \(32, 0, 0\)",
-         r"write-write race on shared address"),
+         r"write-write race on shared array buf element 0: thread \(0, 0, 0\) of this block wrote it"),
         ("divergent_barrier", r"divergent_barrier_kernel, block \(0, 0, 0\), thread \(0, 0, 0\)",
          r"divergent __syncthreads: thread \(0, 0, 0\) waits at it but thread \(16, 0, 0\) has exited"),
         ("exit_before_barrier", r"exit_before_barrier_kernel, block \(0, 0, 0\), thread \(0, 0, 0\)",
@@ -78,3 +81,68 @@ def test_executor_recovers_after_a_fault():
     with cuda_emulation():
         got = lgm_ext.lgm_logits(x, mu, None)
     torch.testing.assert_close(got, lgm_ext.lgm_logits(x, mu, None))
+
+
+# ---------------------------------------------------------------- read-write races (issue 44)
+# Thread 1 and thread 2 (lanes of warp 0) or thread 1 and thread 33 (warp 0 and warp 1) touch one slot of shared
+# memory or of a global tensor in the same barrier interval: one writes, the other reads.  In index order the
+# lower thread runs first, so raw_ (writer 1, reader 2/33) is seen at the read, war_ (reader 1, writer 2/33) at
+# the write.  On a GPU with independent thread scheduling each is a real race.
+RW_CASES = [(rw, scope, space) for rw in ("raw", "war") for scope in ("warp", "block")
+            for space in ("shared", "global")]
+
+
+@pytest.mark.parametrize("rw, scope, space", RW_CASES)
+def test_read_write_race_is_reported(rw, scope, space):
+    other = "2" if scope == "warp" else "33"
+    what = {"raw": f"thread \\({other}, 0, 0\\): read-after-write race on {{}} element {{}}: thread \\(1, 0, 0\\) "
+                   "of this block wrote it with no barrier between",
+            "war": f"thread \\({other}, 0, 0\\): write-after-read race on {{}} element {{}}: thread \\(1, 0, 0\\) "
+                   "of this block read it with no barrier between"}[rw]
+    where = ("shared array buf", 0) if space == "shared" else ("out", 32)
+    with pytest.raises(RuntimeError, match="SIMT executor: kernel read_write_kernel, block \\(0, 0, 0\\), "
+                                           + what.format(*where)):
+        fault(f"{rw}_{scope}_{space}")
+
+
+@pytest.mark.parametrize("rw, scope, space", RW_CASES)
+def test_the_barrier_that_orders_them_is_no_race(rw, scope, space):
+    """The same accesses with __syncwarp (same warp) or __syncthreads (two warps) between them: the reader sees
+    the write (raw) or the value before it (war)."""
+    assert fault(f"{rw}_{scope}_{space}_ordered")[0].item() == (1.0 if rw == "raw" else 0.0)
+
+
+def test_a_read_of_another_blocks_write_is_a_race():
+    with pytest.raises(RuntimeError, match=r"kernel read_across_blocks_kernel, block \(1, 0, 0\), thread \(0, 0, 0\): "
+                                           r"read-after-write race on out element 0: a thread of block 0 \(linear "
+                                           r"index\) wrote it in this launch \(blocks are unordered\)"):
+        fault("read_across_blocks")
+
+
+def test_an_output_left_unwritten_is_reported():
+    """The emulated backend poisons what a hook must fill and then requires every element written (CallCheck)."""
+    with pytest.raises(RuntimeError, match=r"SIMT executor: _simt_fault\(unwritten_output\) \(kernels "
+                                           r"short_loop_kernel\) left out element \[63\] of \[64\] unwritten"):
+        fault("unwritten_output")
+    assert torch.equal(fault("written_output"), torch.ones(64))
+
+
+def test_a_result_that_depends_on_the_thread_order_is_reported():
+    """Float atomics in another order give another sum: invisible to the access tracker (atomics may share an
+    address), caught by running the launch again in reverse order."""
+    from lgm_ext._testing import simt_orders
+
+    assert fault("order_dependent_sum")[0].item() == 0.0  # one order: (1 + 1e8) - 1e8
+    with simt_orders(2), pytest.raises(RuntimeError, match=r"kernel order_dependent_sum_kernel: the result depends "
+                                                           r"on the order the threads run in: out element 0 differs "
+                                                           r"between index order and reverse order"):
+        fault("order_dependent_sum")
+    with simt_orders(4):  # a correct kernel gives the same bytes under every order
+        assert torch.equal(fault("ok"), torch.full((64,), float(sum(range(64)))))
+
+
+def test_orders_must_be_positive():
+    from lgm_ext._testing import simt_orders
+
+    with pytest.raises(ValueError, match="orders must be >= 1"), simt_orders(0):
+        pass

@@ -11,7 +11,6 @@
 #include "../args.h"
 #include "../host.h"
 #include "cpu_kernels.h"
-#include "emulate_cuda.h"
 #include "lgm_ext/math.h"
 
 namespace lgm_ext {
@@ -537,10 +536,9 @@ const Backend& cpu_loops_for() {
   return be;
 }
 
-// The CPU backend's one dtype dispatch: the loops of the accumulation type, or (tests) the CPU
-// emulation of the CUDA kernels.
+// The CPU backend's one dtype dispatch: the loops of the accumulation type.  (The `cuda-emulated` tests
+// replace these registrations while they run: csrc/simt/emulate_cuda.cpp, in the separate lgm_ext._simt.)
 const Backend& cpu_backend(at::ScalarType acc) {
-  if (cuda_emulation_enabled()) return emulated_cuda_backend(acc);
   return acc == at::kDouble ? cpu_loops_for<double>() : cpu_loops_for<float>();
 }
 

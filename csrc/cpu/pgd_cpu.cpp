@@ -5,7 +5,6 @@
 
 #include "../host.h"
 #include "cpu_kernels.h"
-#include "emulate_cuda.h"
 #include "lgm_ext/math.h"
 
 namespace lgm_ext {
@@ -29,7 +28,6 @@ LGM_STEP_BLOCK(double)
 
 void step_into(Tensor& out, const Tensor& x, const Tensor& g, const Tensor& x0, double alpha, double eps,
                double lower, double upper) {
-  if (cuda_emulation_enabled()) return emulated_pgd_step(out, x, g, x0, alpha, eps, lower, upper);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pgd_step_cpu", [&] {
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *gp = g.data_ptr<T>(), *x0p = x0.data_ptr<T>();

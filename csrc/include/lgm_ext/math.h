@@ -20,6 +20,12 @@
 #define LGM_HD __host__ __device__ __forceinline__
 #define LGM_SIMD_SUM(var)
 #define LGM_SIMD
+#elif defined(LGM_EXT_SIMT)
+// The SIMT executor's build of the CUDA kernels (lgm_ext._simt): each lane's sums in source order, as nvcc
+// keeps them (no reassociating `omp simd reduction`).
+#define LGM_HD inline
+#define LGM_SIMD_SUM(var)
+#define LGM_SIMD
 #else
 #define LGM_HD inline
 #define LGM_PRAGMA_(x) _Pragma(#x)
@@ -84,7 +90,9 @@ LGM_HD T exp_(T v) {
 #endif
 }
 
-#if !defined(__CUDA_ARCH__)
+#if !defined(__CUDA_ARCH__) && !defined(LGM_EXT_SIMT)
+// The CPU loops' float exp; the executor's build of the CUDA kernels keeps the C library's (CUDA's expf is a
+// different ~2-ulp function again: docs/CUDA.md "What is bitwise").
 template <>
 inline float exp_<float>(float v) {
   return fast_expf(v);

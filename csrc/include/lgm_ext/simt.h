@@ -40,30 +40,6 @@
 // Include after args.h (the argument structs, RawPtrs) and every torch header: on the host this defines CUDA's
 // keywords.
 
-namespace lgm_ext {
-namespace launch {
-
-constexpr int64_t kMaxBlockThreads = 1024;  // threads per block
-constexpr int64_t kMaxBlockXY = 1024, kMaxBlockZ = 64;
-constexpr int64_t kMaxSharedBytes = 48 * 1024;  // dynamic shared memory without an opt-in attribute
-
-// CUDA refuses such a launch ("invalid configuration argument"); so does the executor, before it runs, and
-// so does LGM_LAUNCH before <<<>>> on a GPU.
-template <typename Dim>
-inline void check_launch(const char* kernel, const Dim& grid, const Dim& block, size_t smem) {
-  const int64_t gx = grid.x, gy = grid.y, gz = grid.z, bx = block.x, by = block.y, bz = block.z;
-  TORCH_CHECK(gx >= 1 && gx <= kMaxGridX && gy >= 1 && gy <= kMaxGridYZ && gz >= 1 && gz <= max_grid_z() &&
-                  bx >= 1 && bx <= kMaxBlockXY && by >= 1 && by <= kMaxBlockXY && bz >= 1 && bz <= kMaxBlockZ &&
-                  bx * by * bz <= kMaxBlockThreads && static_cast<int64_t>(smem) <= kMaxSharedBytes,
-              "CUDA launch of ", kernel, ": invalid configuration argument (grid ", gx, " x ", gy, " x ", gz,
-              ", block ", bx, " x ", by, " x ", bz, ", ", smem, " bytes of shared memory; limits: grid.x < 2^31, ",
-              "grid.y <= ", kMaxGridYZ, ", grid.z <= ", max_grid_z(), ", block <= 1024 x 1024 x 64 and ",
-              kMaxBlockThreads, " threads, shared memory <= ", kMaxSharedBytes, " bytes)");
-}
-
-}  // namespace launch
-}  // namespace lgm_ext
-
 #if defined(__CUDACC__)
 
 namespace lgm_ext {

@@ -86,7 +86,7 @@ __global__ void read_write_kernel(KPtr<float> out, int writer, int reader, bool 
     if (t == writer) slot[0] = 1.0f;
   }
   __syncthreads();
-  if (t < 32) out[t] = v;
+  if (t == reader) out[0] = v;  // what the reader saw
 }
 
 // Block 0 writes out[0], block 1 reads it: blocks of a launch are unordered.
@@ -181,9 +181,6 @@ at::Tensor simt_fault(const std::string& kind) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lgm_ext, m) {
-  // Test-only: the number of thread orders (schedules) every launch runs under (simt.h set_orders); returns
-  // the previous value.
-  m.def("_simt_set_orders(int orders) -> int", [](int64_t n) { return int64_t(simt::set_orders(static_cast<int>(n))); });
   // Test-only: run one small kernel on the SIMT executor -- "ok" (a correct block sum of arange(64); returns
   // it in every element) or a deliberate fault the executor must report (tests/test_simt.py).
   m.def("_simt_fault(str kind) -> Tensor", &simt_fault);

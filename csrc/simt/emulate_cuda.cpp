@@ -1,25 +1,21 @@
-// The `cuda-emulated` backend: the CUDA kernels' own source (csrc/cuda/*.cuh), compiled by the host compiler
-// and run on the SIMT executor (include/lgm_ext/simt.h, cpu/simt.cpp) -- every thread of every block, with
-// CUDA's barrier and warp-shuffle semantics, bounds-checked pointers and a write-race check.  There is no
-// second copy of a kernel here: what the tests run is what nvcc compiles.
-#include "emulate_cuda.h"
+// The `cuda-emulated` backend (in lgm_ext._simt, the test module, never in the production lgm_ext._C): the CUDA
+// kernels' own source (csrc/cuda/*.cuh), compiled by the host compiler and run on the SIMT executor
+// (include/lgm_ext/simt.h, simt/simt.cpp) -- every thread of every block, with CUDA's barrier and warp-shuffle
+// semantics, bounds-checked pointers, read-write race tracking and the outputs each hook must fill checked.
+// There is no second copy of a kernel here: what the tests run is what nvcc compiles.  While the emulation is
+// on, this module's registrations replace the CPU loops' for the CPU dispatch key (the dispatcher restores
+// those when they are dropped): the production operators carry no switch and no per-call check.
+#include <Python.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <atomic>
+#include <memory>
+#include <mutex>
 
 #include "../args.h"
 #include "../gemm.h"
-
-namespace lgm_ext {
-namespace {
-std::atomic<bool> g_emulate{false};
-std::atomic<int64_t> g_max_grid_z{launch::kMaxGridYZ};
-}  // namespace
-}  // namespace lgm_ext
-
 #include "lgm_ext/simt.h"
 
 namespace lgm_ext {
@@ -35,8 +31,6 @@ Mm16Fn kernel_mm16() { return &mm16_widened; }
 
 namespace lgm_ext {
 namespace {
-
-bool set_cuda_emulation(bool on) { return g_emulate.exchange(on); }
 
 // The emulated backend's hooks: each runs the kernels' own hook under a simt::CallCheck, which poisons the
 // outputs the hook must fill (signalling NaN, where they do not overlap an input) and then requires every
@@ -140,17 +134,6 @@ const Backend& emulated_backend_for() {
   return be;
 }
 
-}  // namespace
-
-// launch.h: the z extent of one launch, for the CUDA kernels and the executor.
-int64_t launch::max_grid_z() { return g_max_grid_z.load(std::memory_order_relaxed); }
-int64_t launch::set_max_grid_z(int64_t z) {
-  TORCH_CHECK_VALUE(z >= 1 && z <= kMaxGridYZ, "max_grid_z must be in [1, ", kMaxGridYZ, "], got ", z);
-  return g_max_grid_z.exchange(z);
-}
-
-bool cuda_emulation_enabled() { return g_emulate.load(std::memory_order_relaxed); }
-
 const Backend& emulated_cuda_backend(at::ScalarType acc) {
   return acc == at::kDouble ? emulated_backend_for<double>() : emulated_backend_for<float>();
 }
@@ -163,17 +146,43 @@ void emulated_pgd_step(Tensor& out, const Tensor& x, const Tensor& g, const Tens
   check.verify();
 }
 
+std::mutex g_emulation_mutex;
+std::unique_ptr<torch::Library> g_emulation;  // the CPU registrations of the emulated kernels, while on
+
+bool set_cuda_emulation(bool on) {
+  std::lock_guard<std::mutex> lock(g_emulation_mutex);
+  const bool was = g_emulation != nullptr;
+  if (on && !was) {
+    auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "lgm_ext", c10::DispatchKey::CPU, __FILE__,
+                                                __LINE__);
+    register_lgm_ops<&emulated_cuda_backend>(*lib);
+    register_pgd_ops<&emulated_pgd_step>(*lib);
+    g_emulation = std::move(lib);
+  } else if (!on && was) {
+    g_emulation.reset();  // the CPU loops' registrations are the operators' kernels again
+  }
+  return was;
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(lgm_ext, m) {
-  // Test-only: route CPU kernels through the CUDA kernels on the SIMT executor; returns the previous setting.
+  // Test-only: route the CPU operators through the CUDA kernels on the SIMT executor; returns the previous setting.
   m.def("_set_cuda_emulation(bool on) -> bool", &set_cuda_emulation);
-  // Test-only: the z extent one launch may use (launch.h max_grid_z; CUDA's limit 65,535 by default), for the
-  // executor and the real CUDA kernels; returns the previous value.
-  m.def("_set_max_grid_z(int z) -> int", [](int64_t z) { return set_max_grid_z(z); });
-  // Test-only: how many 16-bit (tensor-core) GEMMs the GEMM path has run (gemm.h), on any backend.
-  m.def("_mm16_calls() -> int", []() { return mm16_calls(); });
-  // Test/benchmark hook: the GEMM path's tensor-core mode on or off (gemm.h; off by default); returns the
-  // previous setting.
-  m.def("_set_tensor_core_gemms(bool on) -> bool", [](bool on) { return set_tensor_core_gemms(on); });
+  // Test-only: the number of thread orders (schedules) every launch runs under (simt.h set_orders); returns
+  // the previous value.
+  m.def("_simt_set_orders(int orders) -> int", [](int64_t n) { return int64_t(simt::set_orders(static_cast<int>(n))); });
 }
 
 }  // namespace lgm_ext
+
+extern "C" {
+// `import lgm_ext._simt` (lgm_ext._testing.executor()) loads this library, which links lgm_ext._C and runs the
+// registrations above.
+PyObject* PyInit__simt(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_simt",
+      "lgm-ext's SIMT executor (test module): the CUDA kernels run on the CPU, and their fault checks.", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
