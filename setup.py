@@ -99,8 +99,11 @@ class OptionalBuildExtension(BuildExtension):
         if ext.name == "lgm_ext._simt":
             # Linked against the _C this build made, found at run time next to it ($ORIGIN): one copy of the
             # operator bodies and of their state in the process.
-            core = self.get_ext_fullpath("lgm_ext._C")
-            ext.library_dirs = [os.path.dirname(os.path.abspath(core))]
+            # (this build's _C; with LGM_EXT_ONLY_SIMT, the one already in the source tree)
+            core = os.path.abspath(self.get_ext_fullpath("lgm_ext._C"))
+            if not os.path.exists(core):
+                core = os.path.join(HERE, "lgm_ext", os.path.basename(core))
+            ext.library_dirs = [os.path.dirname(core)]
             ext.libraries = [":" + os.path.basename(core)]
             ext.extra_link_args = [*ext.extra_link_args, "-Wl,-rpath,$ORIGIN"]
         try:

@@ -8,7 +8,8 @@ numbers in one command, within a time budget (issue 23).
 1. Build the extension in place against this Python's torch (``setup.py build_ext --inplace``: no pip, no
    download, nothing installed into the machine's site-packages), for the GPU present (TORCH_CUDA_ARCH_LIST from
    torch.cuda.get_device_capability(), MAX_JOBS = cores).  ``--build auto`` (default) skips it when
-   lgm_ext/_C*.so is newer than every source, loads, and has CUDA kernels wherever a GPU is present.
+   lgm_ext/_C*.so (and the test module lgm_ext/_simt*.so) is newer than every source, loads, and has CUDA
+   kernels wherever a GPU is present.
 2. Without a GPU: "no GPU: CUDA tests and benchmarks skipped", the summary, exit 0.
 3. The tests with a ``cuda`` parameter (gradcheck, float32/bf16 against the reference, opcheck, torch.compile,
    malformed input, mixed devices, the tensor-core GEMMs), stopped cleanly at their deadline.
@@ -92,6 +93,9 @@ def build_is_fresh(gpu: bool, python: str, root: Path = ROOT) -> tuple:
     newest = max(p.stat().st_mtime for p in sources(root))
     if lib.stat().st_mtime < newest:
         return False, "sources changed since the last build", {}
+    simt = root / "lgm_ext" / ("_simt" + sysconfig.get_config_var("EXT_SUFFIX"))  # the executor's test module
+    if not simt.exists() or simt.stat().st_mtime < newest:
+        return False, "no up-to-date lgm_ext/_simt test module", {}
     p = probe(python, root)
     if not p["loads"]:
         return False, f"the library does not load: {p['error']}", p

@@ -117,6 +117,9 @@ def test_build_freshness(tmp_path):
     os.utime(lib, (old, old))
     assert gpu_check.build_is_fresh(False, sys.executable, tmp_path)[:2] == (False, "sources changed since the last build")
     os.utime(lib, None)
+    # the executor's test module is part of the build: the cuda-emulated tests need it
+    assert gpu_check.build_is_fresh(False, sys.executable, tmp_path)[:2] == (False, "no up-to-date lgm_ext/_simt test module")
+    (tmp_path / "lgm_ext" / ("_simt" + __import__("sysconfig").get_config_var("EXT_SUFFIX"))).write_text("")
     fresh, why, found = gpu_check.build_is_fresh(False, sys.executable, tmp_path)
     assert found["loads"] is False
     assert not fresh and why.startswith("the library does not load")

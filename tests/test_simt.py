@@ -1,6 +1,6 @@
-"""The SIMT executor (csrc/cpu/simt.cpp) runs the CUDA kernels' own source on the CPU for the `cuda-emulated`
+"""The SIMT executor (csrc/simt/simt.cpp) runs the CUDA kernels' own source on the CPU for the `cuda-emulated`
 tests.  It must report, as an error naming the kernel, block and thread, what a GPU would hide or crash on:
-each class of fault below is a small deliberately wrong kernel (csrc/cpu/simt_faults.cpp, compiled for the
+each class of fault below is a small deliberately wrong kernel (csrc/simt/simt_faults.cpp, compiled for the
 executor only) run through ``torch.ops.lgm_ext._simt_fault(kind)``."""
 import pytest
 import torch
