@@ -97,7 +97,7 @@ test-sanitize:
 	@if [ -d $(SANITIZE_DIR)/src ] && [ -n "$$(ls -A $(SANITIZE_DIR)/src)" ] && [ ! -f $(SANITIZE_DIR)/src/$(SANITIZE_MARK) ]; \
 	then echo "SANITIZE_DIR=$(SANITIZE_DIR): $(SANITIZE_DIR)/src is not a copy that make test-sanitize made; give another SANITIZE_DIR (nothing was changed)" >&2; exit 2; fi
 	@mkdir -p $(SANITIZE_DIR)/src && touch $(SANITIZE_DIR)/src/$(SANITIZE_MARK)
-	rm -rf $(SANITIZE_DIR)/src/lgm_ext $(SANITIZE_DIR)/src/lgm_lab $(SANITIZE_DIR)/src/lgm_cli $(SANITIZE_DIR)/src/tests
+	rm -rf $(SANITIZE_DIR)/src/csrc $(SANITIZE_DIR)/src/lgm_ext $(SANITIZE_DIR)/src/lgm_lab $(SANITIZE_DIR)/src/lgm_cli $(SANITIZE_DIR)/src/tests
 	cp -rp setup.py pyproject.toml csrc lgm_ext lgm_lab lgm_cli tests $(SANITIZE_DIR)/src/
 	rm -f $(SANITIZE_DIR)/src/lgm_ext/_C*.so $(SANITIZE_DIR)/src/lgm_ext/_simt*.so
 	cd $(SANITIZE_DIR)/src && LGM_EXT_REQUIRE_BUILD=1 LGM_EXT_CPU_ONLY=1 MAX_JOBS=$(JOBS) \
