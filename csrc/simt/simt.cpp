@@ -216,8 +216,10 @@ struct Exec {
   std::exception_ptr error;  // the fault of thread error_thread
   int error_thread = -1;
   std::unordered_map<const void*, AddrState> global_acc, shared_acc;
-  // The schedule: threads are resumed in `order` (pos_of inverts it); `order_name` says which.
+  // The schedule: threads are resumed in `order` (pos_of inverts it); schedule k of the launch (0: index
+  // order), `order_name` says which.
   std::vector<int> order, pos_of;
+  int schedule = 0;
   const char* order_name = "index order";
   // Global memory the launch wrote: each address's bytes before its first write (restored between schedules).
   std::unordered_map<void*, Undo> undo;
@@ -243,7 +245,7 @@ std::string dim_str(const uint3& d) {
 std::string where(const Exec& e, int t) {
   std::ostringstream s;
   s << "kernel " << e.spec->kernel << ", block " << dim_str(e.block) << ", thread " << dim_str(e.fibers[t].tid);
-  if (e.order.size() > 0 && std::strcmp(e.order_name, "index order") != 0) s << " (threads run in " << e.order_name << ")";
+  if (e.schedule > 0) s << " (threads run in " << e.order_name << ")";
   return s.str();
 }
 
@@ -512,6 +514,7 @@ void set_schedule(Exec& e, int k, std::vector<int64_t>& blocks, std::string& nam
     name = "index order";
   }
   for (int p = 0; p < n; ++p) e.pos_of[e.order[p]] = p;
+  e.schedule = k;
   e.order_name = name.c_str();
 }
 
