@@ -4,7 +4,8 @@
 - :mod:`lgm_cli.evaluate`: ``lgm eval``;
 - :mod:`lgm_cli.adversarial`: ``lgm attack``, ``lgm verify``, ``lgm centers``;
 - :mod:`lgm_cli.figures`: ``lgm embed``, ``lgm curves``;
-- :mod:`lgm_cli.experiments`: ``lgm reproduce``, ``lgm inverse-centers``, ``lgm ablation``;
+- :mod:`lgm_cli.experiments`: ``lgm reproduce``, ``lgm inverse-centers``, ``lgm ablation``, ``lgm budget``,
+  ``lgm likelihood``;
 - :mod:`lgm_cli.detection`: ``lgm detect fit``, ``lgm detect score``; :mod:`lgm_cli.ood`: ``lgm ood``;
 - :mod:`lgm_cli.system`: ``lgm info``, ``lgm bench``, ``lgm cache``;
 - :mod:`lgm_cli.options`: what they share (options, checks, one-line errors, JSON).
@@ -78,6 +79,7 @@ app.command("reproduce")(experiments.reproduce)
 app.command("inverse-centers")(experiments.inverse_centers)
 app.command("ablation")(experiments.ablation)
 app.command("budget")(experiments.budget)
+app.command("likelihood")(experiments.likelihood)
 app.add_typer(detection.detect_app, name="detect")
 app.command("ood")(ood.ood)
 

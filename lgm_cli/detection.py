@@ -81,7 +81,8 @@ def fit(
         help="the detector (lgm_ext.detectors): mahalanobis-l2 (the default for every head: Mahalanobis on "
              "L2-normalised features, which the standard detection report recommends -- it rejects noise, inverted "
              "images and digits at 87.5-100% in every seed at 5% false rejections, docs/detector.md) | mahalanobis "
-             "| gaussian-diag | gaussian-identity | lgm-likelihood | lgm-mixture (an L-GM head's own Gaussians) | "
+             "| gaussian-diag | gaussian-identity | lgm-likelihood | lgm-mixture | lgm-distance | lgm-max-posterior "
+             "(an L-GM head's own Gaussians) | lgm-paper (the L-GM paper's identity-covariance distance) | "
              "knn | vim (a head with a linear classifier) | energy | max-logit | max-softmax | center-distance; or "
              "two or more joined by '+', e.g. mahalanobis-l2+mahalanobis (rejects when any rejects, calibrated "
              "jointly)"),
@@ -134,7 +135,7 @@ def fit(
         model, head, cfg, ck = load_trained(checkpoint, dev)
         if not detectors.applies(name, head):
             raise ValueError(f"--detector {name} does not apply to this checkpoint's {head.kind} head "
-                             f"(lgm-likelihood and lgm-mixture need an L-GM head, vim a linear classifier); the "
+                             f"(the lgm-* detectors need an L-GM head, vim a linear classifier); the "
                              f"detectors for it: {', '.join(detectors.names_for(head))}")
         need_fit = detectors.needs_fit(name) or split.value == "train"
         data = detection_data(cfg, data_dir=data_dir, test_subset=subset, fit_points=fit_subset if need_fit else 0,

@@ -200,3 +200,41 @@ def budget(
     write_json(json_out, round_floats(res))
 
 
+
+
+def likelihood(
+    preset: str = typer.Option("standard", help="the budget (lgm_lab.experiments.likelihood.LIKELIHOOD_PRESETS): "
+                                                "standard, the standard detection report's 1,024 SGD steps"),
+    rules: Optional[str] = typer.Option(None, help="comma-separated rules (default: all of "
+                                                   "lgm_lab.experiments.likelihood.RULES)"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the preset's, 0,1,2)"),
+    out: Path = typer.Option(Path("runs/likelihood"), help="output folder (finished runs and measurements there "
+                                                           "are reused)"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
+    fmt: str = format_opt(),
+    json_out: Optional[Path] = json_opt(),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="one line per run (--no-progress: quiet)"),
+) -> None:
+    """Why the L-GM head's own likelihood fails out of distribution: interventions on how the head trains (its
+    variance rule, lambda, alpha, the log-det, normalised features), each measured on the head's geometry and
+    on the head's own scores against far-OOD sets (OUT/likelihood.md, docs/likelihood)."""
+    from lgm_lab.experiments.likelihood import LIKELIHOOD_PRESETS, RULES, likelihood_experiment
+
+    try:
+        if preset not in LIKELIHOOD_PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(LIKELIHOOD_PRESETS)}, got {preset!r}")
+        names = [r.strip() for r in rules.split(",")] if rules else None
+        known = [r[0] for r in RULES]
+        for name in names or ():
+            if name not in known:
+                raise ValueError(f"--rules: unknown rule {name!r}; the rules are {', '.join(known)}")
+        seed_list = parse_seeds(seeds, "--seeds") if seeds is not None else None
+        check_common("cpu", 1, None, json_out)
+        out_folder(out)
+        res = likelihood_experiment(out, preset=preset, seeds=seed_list, rules=names, data_dir=data_dir, fmt=fmt,
+                                    progress=(lambda m: console.print(m, markup=False)) if progress
+                                    else (lambda m: None))
+    except (RuntimeError, ValueError, OSError) as err:
+        fail(err)
+    console.print((out / "likelihood.md").read_text(), markup=False)
+    write_json(json_out, round_floats(res))

@@ -18,7 +18,7 @@ from .functional import _scalar, check_labels, lgm_log_likelihood, lgm_logits
 __all__ = ["COVARIANCES", "SCORES", "calibrated_threshold", "check_fpr"]
 
 COVARIANCES = ("tied", "diag", "identity")
-SCORES = ("likelihood", "mixture", "max_posterior")
+SCORES = ("likelihood", "mixture", "max_posterior", "distance")
 FORMAT = "lgm_ext.LikelihoodDetector/1"
 _STATE_KEYS = ("format", "covariance", "score", "impl", "means", "log_var", "covariance_matrix", "threshold", "fpr",
                "calibration_size", "calibration_min", "calibration_max", "normalize", "given")
@@ -122,6 +122,9 @@ def _score_chunk(x: Tensor, kind: str, params, half_logdet: float, impl: str) ->
     logits = lgm_logits(x, mu, log_var, impl=impl)  # -d - 0.5 sum log_var: log N + 0.5 D log 2pi (+ tied)
     if kind == "predict":
         return logits.argmax(1)
+    if kind == "distance":  # -d of the predicted class: its log-density without the log-det and constants
+        top, best = logits.max(1)
+        return top if log_var is None else top + 0.5 * log_var.sum(1).index_select(0, best)
     lse = torch.logsumexp(logits, 1)
     if kind == "mixture":
         return lse - (math.log(k) + 0.5 * d * _LOG_2PI + half_logdet)

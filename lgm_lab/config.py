@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 __all__ = ["TrainConfig", "PRESETS", "DATASETS", "MODEL_NAMES", "HEAD_NAMES", "COVARIANCES", "LIKELIHOODS", "SCHEDULES",
+           "VARIANCE_RULES",
            "config_from_preset", "dataset_info", "config_fields", "REPRODUCE_PRESETS", "ATTACK_PROTOCOL_CHOICES",
            "CLASS_NAMES",
            "class_names", "LIBRARY_DEFAULTS", "parse_classes"]
@@ -53,6 +54,8 @@ DATASETS = {
 MODEL_NAMES = ("lenetpp", "resnet20", "resnet56", "resnet110")
 HEAD_NAMES = ("softmax", "center", "lgm", "lsoftmax", "inverse-class", "inverse-instance")
 COVARIANCES = ("diag", "identity")
+VARIANCE_RULES = ("sgd", "ema")  # how the L-GM log-variances learn (TrainConfig.variance_rule)
+MAX_LOG_VAR_BOUND = 20.0  # exp(+-20) keeps d = |x - mu|^2 / var far inside float32 for features of norm < 1e9
 LIKELIHOODS = ("full", "no-logdet", "identity")  # lgm_ext.modules.LIKELIHOODS (a test checks they agree)
 SCHEDULES = ("cyclic", "step", "constant")
 # Upper bounds on the sizes a configuration (or a checkpoint's) may ask for: a feat_dim of 1e9 would try to
@@ -157,6 +160,14 @@ class TrainConfig:
     likelihood: str = _opt("full", "L-GM likelihood term: full (with the log-det, Eq. 17), no-logdet, or identity "
                                    "(0.5|x - mu_y|^2, the authors' Caffe code); an ablation (docs/SPEC.md section 5)",
                            choices=LIKELIHOODS)
+    variance_rule: str = _opt("sgd", "L-GM log-variances: sgd (learned by the optimizer with the means, the paper) or "
+                                     "ema (a moving average of the training batches' squared deviations from the "
+                                     "means, no gradient); an intervention (docs/likelihood)", choices=VARIANCE_RULES)
+    variance_ema_rate: float = _opt(0.1, "--variance-rule ema: the weight of each batch in the moving average")
+    log_var_lr_mult: float = _opt(1.0, "learning-rate multiplier of the L-GM log-variances on top of --head-lr-mult "
+                                       "(the means keep --head-lr-mult)")
+    log_var_bound: float = _opt(_D["LOG_VAR_BOUND"], "L-GM: every forward clamps the log-variances to [-B, B]")
+    feature_norm: float = _opt(0.0, "L2-normalise the features and scale them to this norm before the head (0: off)")
     lambda_c: float = _opt(CENTER_WEIGHT, "center-loss weight")
     center_alpha: float = _opt(_D["CENTER_RATE"], "center update rate (Wen et al. Eq. 4)")
     lsoftmax_m: int = _opt(LSOFTMAX_M, "L-Softmax multiplicative angular margin m (Liu et al. 2016)")
@@ -215,7 +226,7 @@ class TrainConfig:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("alpha", "lambda_", "lambda_c", "lr", "momentum", "weight_decay", "warmup_epochs", "grad_clip",
-                     "head_lr_mult", "head_weight_decay", "spectral_norm"):
+                     "head_lr_mult", "head_weight_decay", "spectral_norm", "log_var_lr_mult", "feature_norm"):
             v = getattr(self, name)
             if v is None and name == "head_weight_decay":
                 continue
@@ -250,6 +261,12 @@ class TrainConfig:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not 0.0 <= self.center_alpha <= 1.0:
             raise ValueError(f"center_alpha must be in [0, 1], got {self.center_alpha}")
+        v = self.variance_ema_rate
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+            raise ValueError(f"variance_ema_rate must be in (0, 1] (the weight of each batch), got {v!r}")
+        v = self.log_var_bound
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= MAX_LOG_VAR_BOUND:
+            raise ValueError(f"log_var_bound must be in (0, {MAX_LOG_VAR_BOUND:g}], got {v!r}")
 
     @property
     def class_list(self) -> tuple[int, ...] | None:

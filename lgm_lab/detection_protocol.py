@@ -49,8 +49,11 @@ FPR = FPRS[0]
 COMBINATION = "mahalanobis-l2+mahalanobis"
 
 # The protocol's detectors, by registry name (lgm_ext.detectors.DETECTORS), in report order: on an L-GM network
-# its own scores first, and no MaxLogit or Energy (they rank as its likelihood and mixture score do).
-_LGM = ("lgm-likelihood", "lgm-mixture", "gaussian-diag", "mahalanobis", "mahalanobis-l2", "knn", "max-softmax")
+# its own scores first -- its likelihood, its mixture, the paper's identity-covariance distance (section 4.3), the
+# distance without the log-det and the max posterior (issue 45) -- and no MaxLogit or Energy (they rank as its
+# likelihood and mixture score do).
+_LGM = ("lgm-likelihood", "lgm-mixture", "lgm-paper", "lgm-distance", "lgm-max-posterior", "gaussian-diag",
+        "mahalanobis", "mahalanobis-l2", "knn", "max-softmax")
 _OTHER = ("mahalanobis", "mahalanobis-l2", "knn", "energy", "max-logit", "max-softmax")
 
 

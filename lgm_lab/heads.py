@@ -45,7 +45,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgm_ext import CenterLoss, InverseAdversaryCenterLoss, LGMLoss
-from lgm_ext.defaults import CENTER_RATE, INVERSE_EPS, INVERSE_STEP, INVERSE_STEPS, LGM_ALPHA, LGM_LAMBDA
+from lgm_ext.defaults import (
+    CENTER_RATE,
+    INVERSE_EPS,
+    INVERSE_STEP,
+    INVERSE_STEPS,
+    LGM_ALPHA,
+    LGM_LAMBDA,
+    LOG_VAR_BOUND,
+)
 
 from .config import CENTER_WEIGHT, HEAD_NAMES, LSOFTMAX_M
 
@@ -214,19 +222,60 @@ class LGMHead(LGMLoss, Head):
     """The L-GM head: an :class:`lgm_ext.LGMLoss` (warm-up ramp included) with the lab's :class:`Head`
     interface, so it goes wherever an ``LGMLoss`` goes (``LGMClassificationLoss(head)``,
     ``LikelihoodDetector.from_head(head)``, ``ShardedLGMLoss.load_full(head.means, head.log_var)``).
-    Checkpoints written when the head held its ``LGMLoss`` as ``head.lgm`` load unchanged."""
+    Checkpoints written when the head held its ``LGMLoss`` as ``head.lgm`` load unchanged.
 
-    config_keys = ("alpha", "lambda_", "covariance", "warmup_steps", "likelihood")
+    ``variance_rule="ema"`` (an intervention, docs/likelihood): the log-variances get no gradient; after every
+    training forward each class in the batch moves its variances to ``(1 - r) var + r v``, ``v`` the batch's mean
+    squared deviation of that class's features from its (learned) mean, ``r = variance_ema_rate``.  They are
+    stored unclamped (``log_var_bound`` clamps them in every forward, as always)."""
+
+    config_keys = ("alpha", "lambda_", "covariance", "warmup_steps", "likelihood", "log_var_bound", "variance_rule",
+                   "variance_ema_rate")
     centers_name = "L-GM means"
     density_map = True
 
     def __init__(self, feat_dim: int, num_classes: int, *, alpha: float = LGM_ALPHA, lambda_: float = LGM_LAMBDA,
-                 covariance: str = "diag", warmup_steps: int = 0, likelihood: str = "full") -> None:
+                 covariance: str = "diag", warmup_steps: int = 0, likelihood: str = "full",
+                 log_var_bound: float = LOG_VAR_BOUND, variance_rule: str = "sgd",
+                 variance_ema_rate: float = 0.1) -> None:
         if feat_dim < 1 or num_classes < 1:
             raise ValueError(f"feat_dim and num_classes must be >= 1, got {feat_dim}, {num_classes}")
+        if variance_rule not in ("sgd", "ema"):
+            raise ValueError(f"variance_rule must be 'sgd' or 'ema', got {variance_rule!r}")
+        if not 0.0 < variance_ema_rate <= 1.0:
+            raise ValueError(f"variance_ema_rate must be in (0, 1], got {variance_ema_rate!r}")
         super().__init__(num_classes, feat_dim, alpha=alpha, lambda_=lambda_, covariance=covariance,
-                         warmup_steps=warmup_steps, likelihood=likelihood)
+                         warmup_steps=warmup_steps, likelihood=likelihood, log_var_bound=log_var_bound)
+        self.variance_rule = "sgd" if self.log_var is None else variance_rule
+        self.variance_ema_rate = float(variance_ema_rate)
+        if self.variance_rule == "ema":
+            self.log_var.requires_grad_(False)
         self._register_load_state_dict_pre_hook(_unwrap_old_lgm_keys)
+
+    def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        out = super().forward(features, labels)
+        if self.training and self.variance_rule == "ema":
+            self._ema_update(features, labels)
+        return out
+
+    @torch.no_grad()
+    def _ema_update(self, features: Tensor, labels: Tensor) -> None:
+        """The ``ema`` rule's step (class docstring), after the loss was computed with the variances before it."""
+        x = features.detach().to(self.log_var.dtype)
+        y = labels.detach().long()
+        counts = torch.bincount(y, minlength=self.num_classes)
+        sq = torch.zeros_like(self.log_var).index_add_(0, y, (x - self.means.detach().index_select(0, y)) ** 2)
+        seen = counts > 0
+        batch_var = sq[seen] / counts[seen].to(sq.dtype)[:, None]
+        r = self.variance_ema_rate
+        var = (1 - r) * self.log_var[seen].exp() + r * batch_var
+        new = self.log_var.detach().clone()
+        new[seen] = var.clamp(min=torch.finfo(var.dtype).tiny).log()
+        # new storage: the forward's autograd graph may hold the old tensor for the backward still to come
+        self.log_var.data = new
+
+    def class_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.means, self.log_var) if p is not None and p.requires_grad]
 
     @property
     def label(self) -> str:
@@ -260,9 +309,6 @@ class LGMHead(LGMLoss, Head):
 
     def centers(self) -> Tensor:
         return self.means
-
-    def class_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.means, self.log_var) if p is not None]
 
 
 def _unwrap_old_lgm_keys(state_dict, prefix, *_args) -> None:

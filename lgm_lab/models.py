@@ -166,11 +166,33 @@ def spectral_normalize_(module: nn.Module, coeff: float) -> nn.Module:
     return module
 
 
+class _ScaledL2Norm:
+    """A forward hook replacing a network's (N, D) output x by ``scale * x / |x|`` (a picklable callable)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = float(scale)
+
+    def __call__(self, _module, _inputs, output):
+        return self.scale * nn.functional.normalize(output, dim=1)
+
+
+def scale_features_(module: nn.Module, scale: float) -> nn.Module:
+    """Make ``module``'s features L2-normalised and scaled to norm ``scale`` (a forward hook: the state dict
+    is unchanged, and everything that reads the features -- head, detectors, attacks -- reads these)."""
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"feature_norm must be a finite number > 0, got {scale!r}")
+    module.register_forward_hook(_ScaledL2Norm(scale))
+    return module
+
+
 def build_model(name: str, feat_dim: int, in_channels: int = 1, image_size: int = 28, *,
-                spectral_norm: float = 0.0, **kwargs) -> nn.Module:
+                spectral_norm: float = 0.0, feature_norm: float = 0.0, **kwargs) -> nn.Module:
     """The feature network registered as ``name``; extra keyword arguments go to its constructor.
-    ``spectral_norm`` > 0: :func:`spectral_normalize_` with that coefficient."""
+    ``spectral_norm`` > 0: :func:`spectral_normalize_` with that coefficient; ``feature_norm`` > 0:
+    :func:`scale_features_` to that norm."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     model = MODELS[name](feat_dim, in_channels, image_size, **kwargs)
-    return spectral_normalize_(model, spectral_norm) if spectral_norm else model
+    if spectral_norm:
+        spectral_normalize_(model, spectral_norm)
+    return scale_features_(model, feature_norm) if feature_norm else model

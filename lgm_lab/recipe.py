@@ -33,7 +33,7 @@ def build_model_and_head(cfg: TrainConfig, steps_per_epoch: int = 0) -> tuple[nn
     fields it declares (``Head.config_keys``), the warm-up in steps derived from ``steps_per_epoch``."""
     info = dataset_info(cfg.dataset)
     model = build_model(cfg.model, cfg.feat_dim, info["channels"], info["image_size"], feature_relu=cfg.feature_relu,
-                        spectral_norm=cfg.spectral_norm)
+                        spectral_norm=cfg.spectral_norm, feature_norm=cfg.feature_norm)
     derived = {"warmup_steps": warmup_steps(cfg, steps_per_epoch)}
     kwargs = {k: derived[k] if k in derived else getattr(cfg, k) for k in HEADS[cfg.head].config_keys}
     head = build_head(cfg.head, cfg.feat_dim, cfg.num_classes, **kwargs)  # fewer with cfg.classes
@@ -44,12 +44,19 @@ def build_model_and_head(cfg: TrainConfig, steps_per_epoch: int = 0) -> tuple[nn
 def make_optimizer(cfg: TrainConfig, model: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
     """SGD over two parameter groups (lgm_ext.param_groups): the network and the head's other
     parameters at ``lr``; the head's class parameters (L-GM means, log-variances) at
-    ``lr * head_lr_mult`` with ``head_weight_decay``."""
+    ``lr * head_lr_mult`` with ``head_weight_decay`` -- and a third with ``log_var_lr_mult`` != 1: the
+    log-variances at ``lr * head_lr_mult * log_var_lr_mult``.  Parameters without gradient (log-variances of
+    the ``ema`` rule) are in none."""
     cls = head.class_parameters()
     ids = {id(p) for p in cls}
-    rest = list(model.parameters()) + [p for p in head.parameters() if id(p) not in ids]
-    groups = lgm_ext.param_groups(rest, cls, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
-                                  weight_decay=cfg.weight_decay, head_weight_decay=cfg.head_weight_decay)
+    rest = [p for p in (*model.parameters(), *head.parameters()) if id(p) not in ids and p.requires_grad]
+    log_var = getattr(head, "log_var", None)
+    split = cfg.log_var_lr_mult != 1 and any(p is log_var for p in cls)  # else two groups, as runs always had
+    groups = lgm_ext.param_groups(rest, [p for p in cls if not (split and p is log_var)], lr=cfg.lr,
+                                  head_lr_mult=cfg.head_lr_mult, weight_decay=cfg.weight_decay,
+                                  head_weight_decay=cfg.head_weight_decay)
+    if split:  # a third group: the log-variances at lr * head_lr_mult * log_var_lr_mult
+        groups.append(dict(groups[1], params=[log_var], lr=groups[1]["lr"] * cfg.log_var_lr_mult))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 

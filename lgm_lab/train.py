@@ -46,9 +46,10 @@ from .run_folder import (
     write_atomically,
 )
 from .signing import signing_key
+from .trace import TRACE_EVERY, TRACE_FIELDS, log_var_stats, trace_point
 
 __all__ = ["train", "finished_run", "TrainResult", "TrainingDiverged", "METRIC_FIELDS", "epoch_batches",
-           "tensorboard_writer", "log_var_stats"]
+           "tensorboard_writer", "log_var_stats", "TRACE_EVERY", "TRACE_FIELDS", "trace_point"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,23 +65,12 @@ class TrainResult:
 
 
 # The files a run writes into its folder (an overwrite removes them; a kill may leave their temporaries).
-RUN_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json")
+RUN_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json", "trace.csv")
 
 # The columns of metrics.csv (and the scalars sent to TensorBoard), in order.
 METRIC_FIELDS = ("epoch", "steps", "train_loss", "train_accuracy", "test_error_percent", "lr",
                  "train_images_per_second", "test_log_likelihood_mean", "clipped_steps", "grad_norm_max",
                  "log_var_mean", "log_var_min")
-
-
-def log_var_stats(head: nn.Module) -> dict:
-    """Mean and minimum of a head's learned log-variances as its forward uses them (clamped), to follow a
-    collapse of the variances epoch by epoch; {} for a head without them."""
-    clamped = getattr(head, "clamped_log_var", None)
-    lv = clamped() if clamped is not None else None
-    if lv is None:
-        return {}
-    lv = lv.detach().double()
-    return {"log_var_mean": lv.mean().item(), "log_var_min": lv.min().item()}
 
 
 def _finite_weights(*modules: nn.Module) -> bool:
@@ -149,21 +139,24 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_csv(path: Path, history: list[dict]) -> None:
-    """metrics.json as a table (one row per epoch), for spreadsheets and plotting scripts."""
+def _save_csv(path: Path, history: list[dict], columns=METRIC_FIELDS) -> None:
+    """metrics.json as a table (one row per epoch), for spreadsheets and plotting scripts (or the trace, one row
+    per trace point)."""
     import csv
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(history)
     write_atomically(path, lambda f: f.write(buf.getvalue().encode()))
 
 
-def _save_metrics(out: Path, history: list[dict]) -> None:
+def _save_metrics(out: Path, history: list[dict], trace: list[dict] | None = None) -> None:
     save_json(out / "metrics.json", history)
     _save_csv(out / "metrics.csv", history)
+    if trace:
+        _save_csv(out / "trace.csv", trace, TRACE_FIELDS)
 
 
 def tensorboard_writer(log_dir):
@@ -385,6 +378,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
     opt = make_optimizer(cfg, model, head)
     sched = make_scheduler(cfg, opt, steps_per_epoch)
     history: list[dict] = []
+    trace: list[dict] = []
     start_epoch = steps_done = 0
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
@@ -396,9 +390,10 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
         history, start_epoch = list(ck["metrics"]), int(ck["epoch"])
+        trace = list(ck.get("trace", []))  # a checkpoint written before the trace has none
         steps_done = int(history[-1].get("steps", start_epoch * steps_per_epoch)) if history else 0
         if main:
-            _save_metrics(out, history)  # a kill between the checkpoint and the metrics write
+            _save_metrics(out, history, trace)  # a kill between the checkpoint and the metrics write
     if main:
         save_json(out / "config.json", asdict(cfg))
     params = [p for p in (*model.parameters(), *head.parameters()) if p.requires_grad]
@@ -408,6 +403,8 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
 
     bar = _progress(progress and main)
     done_here = 0
+    head_input: list = [None]  # the features of the last training forward, for the trace (a reference, no copy)
+    hook = head.register_forward_pre_hook(lambda _m, args: head_input.__setitem__(0, args[0])) if main else None
 
     def diverged(what: str, hint: str) -> TrainingDiverged:
         last = f"{ck_path} (epoch {start_epoch + done_here})" if ck_path.exists() else "none yet"
@@ -447,6 +444,8 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
                 opt.step()
                 sched.step()
                 steps_done += 1
+                if main and (steps_done % TRACE_EVERY == 0 or steps_done == 1) and head_input[0] is not None:
+                    trace.append({"steps": steps_done, **trace_point(head, head_input[0], labels)})
                 n = labels.shape[0]
                 seen += n
                 loss_sum += loss.item() * n
@@ -471,9 +470,9 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
                 save_checkpoint(ck_path, {
                     "config": asdict(cfg), "epoch": epoch + 1, "model": model.state_dict(),
                     "head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": _rng_state(cfg.device), "metrics": history, "data": data_sig,
+                    "rng": _rng_state(cfg.device), "metrics": history, "data": data_sig, "trace": trace,
                 })
-                _save_metrics(out, history)
+                _save_metrics(out, history, trace)
                 if writer is not None:
                     for k in METRIC_FIELDS[1:]:
                         if k in history[-1]:
@@ -483,6 +482,8 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, *, resume: bool, 
             done_here += 1
             if stop_after is not None and done_here >= stop_after:
                 break
+    if hook is not None:
+        hook.remove()
     if writer is not None:
         writer.close()
     return TrainResult(str(out), start_epoch + done_here, history, str(ck_path))

@@ -118,6 +118,15 @@ DETECTORS: dict[str, Entry] = {
                             False, "an L-GM head's own Gaussians, log-likelihood of the predicted class"),
     "lgm-mixture": Entry("L-GM mixture", lambda h, f, y, lg: LikelihoodDetector.from_head(h, score="mixture"),
                          _is_lgm_head, False, "an L-GM head's own Gaussians, equal-prior mixture density"),
+    "lgm-paper": Entry("L-GM paper score (identity distance)", _center, _is_lgm_head, False,
+                       "the L-GM paper's score (its section 4.3): distance to the predicted class's mean, identity "
+                       "covariance", member=CenterDistanceDetector),
+    "lgm-distance": Entry("L-GM distance (no log-det)",
+                          lambda h, f, y, lg: LikelihoodDetector.from_head(h, score="distance"), _is_lgm_head, False,
+                          "an L-GM head's own Gaussians, Mahalanobis distance to the predicted class's mean"),
+    "lgm-max-posterior": Entry("L-GM max posterior",
+                               lambda h, f, y, lg: LikelihoodDetector.from_head(h, score="max_posterior"),
+                               _is_lgm_head, False, "an L-GM head's own Gaussians, the largest class posterior"),
     "mahalanobis": Entry("Mahalanobis", _gaussian("tied"), summary="tied-covariance Gaussians fitted to the "
                                                                    "features (Lee et al. 2018)"),
     "mahalanobis-l2": Entry("Mahalanobis (L2-normalised)", _gaussian("tied", True),

@@ -91,7 +91,10 @@ class LikelihoodDetector(Detector):
       It does not detect far-away inputs: it is bounded by 0 and does not fall with the distance from
       the data -- with shared (tied or identity) covariances, far from every mean the nearest class's
       posterior tends to 1, the most normal score there is -- so noise far from the features is
-      accepted.  Use it to flag inputs between classes, not inputs from elsewhere.
+      accepted.  Use it to flag inputs between classes, not inputs from elsewhere;
+    - ``"distance"``: ``-(x - mu_yhat)^T Sigma_yhat^-1 (x - mu_yhat) / 2``, the predicted class's squared
+      Mahalanobis distance without the log-det and constants (the likelihood's other half: with tied or
+      identity covariances the two rank alike).
 
     ``normalize=True`` L2-normalises every feature before it is fitted or scored (``x / |x|``): with
     ``covariance="tied"`` that is the Mahalanobis detector on L2-normalised features, the detector the standard
@@ -383,7 +386,8 @@ class LikelihoodDetector(Detector):
     def score(self, features: Tensor, logits: Tensor | None = None) -> Tensor:
         """Scores of the detector's kind: higher = more normal.
 
-        A log-density in nats (``"likelihood"``, ``"mixture"``) or a log-posterior (``"max_posterior"``,
+        A log-density in nats (``"likelihood"``, ``"mixture"``), minus half a squared distance
+        (``"distance"``) or a log-posterior (``"max_posterior"``,
         <= 0).  Absolute values depend on D and on the covariances: read them against the threshold
         (:meth:`relative_to_threshold`) or by their ranking, not by their size.  Needs no threshold.
 

@@ -133,7 +133,10 @@ def _detectors_paragraph(res: dict) -> str:
             "d = half the feature dimension, Energy, MaxLogit and max-softmax; Mahalanobis, tied covariance, on raw "
             f"and L2-normalised features) fitted on {res['fit_points']} training images' features of each network, "
             "the center distance on the center-loss network, and on the L-GM network its own likelihood, its "
-            "mixture score and Gaussians re-fitted post hoc (on the L-GM network MaxLogit and Energy are left out: "
+            "mixture score" + (", the paper's score (the identity-covariance distance to the predicted class's "
+                               "mean, its section 4.3), the distance without the log-det, the max posterior"
+                               if any(k.startswith("L-GM paper score") for k in res["runs"]) else "") +
+            " and Gaussians re-fitted post hoc (on the L-GM network MaxLogit and Energy are left out: "
             "they rank as its likelihood and mixture score).")
     if family:
         text += (f" On every network, {COMBINATION_LABEL}: rejects when either does, calibrated jointly so that "
