@@ -207,7 +207,8 @@ def lgm_diagnostics(model, head, data: dict, f_fit: Tensor, y_fit: Tensor, feats
     x, _y = data["clean"]
     with torch.no_grad():
         f = features(model, x, batch).double()
-        lv = head.clamped_log_var().detach().double() if hasattr(head, "clamped_log_var") else None
+        lv = head.clamped_log_var() if hasattr(head, "clamped_log_var") else None  # None: identity covariance
+        lv = None if lv is None else lv.detach().double()
         refit = LikelihoodDetector.fit(f_fit, y_fit, "diag", num_classes=head.num_classes)
         mu = head.means.detach().double()
         out = {"head_log_var_mean": None if lv is None else lv.mean().item(),

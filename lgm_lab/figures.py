@@ -253,17 +253,19 @@ def budget_figure(points: list[dict], path: Path, fmt: str | None = None) -> str
     return _save(fig, path)
 
 
-def variance_trace_figure(traces: dict, path: Path, *, labels: dict | None = None, fmt: str | None = None) -> str:
+def variance_trace_figure(traces: dict, path: Path, *, labels: dict | None = None, bounds: dict | None = None,
+                          fmt: str | None = None) -> str:
     """The head's log-variances over training against the features' own (issue 45): one panel per rule
     (``traces`` = ``{rule: {seed: [trace point, ...]}}``, points of ``lgm_lab.train.TRACE_FIELDS``), the head's
     mean log-variance as its forward uses it (solid), as stored where it differs (dotted) and the training
-    batch's per-class log-variance (dashed), one colour per seed."""
+    batch's per-class log-variance (dashed), one colour per seed; ``bounds[rule]``: the clamp's lower end -B, drawn
+    where it is within the panel's range."""
     plt = _plt()
     path = _path(path, fmt)
     n = max(1, len(traces))
     cols = min(4, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for ax, (rule, seeds) in zip(axes.flat, traces.items()):
         for i, (seed, points) in enumerate(sorted(seeds.items())):
@@ -277,13 +279,17 @@ def variance_trace_figure(traces: dict, path: Path, *, labels: dict | None = Non
                                                      zip(vals, [p["log_var_mean"] for p in points])):
                     continue
                 ax.plot(steps, vals, style, color=cmap(i), lw=1, label=f"seed {seed}: {what}")
+        bound = (bounds or {}).get(rule)
+        if bound is not None and ax.get_ylim()[0] <= -bound:
+            ax.axhline(-bound, color="grey", lw=0.8, ls="-.", label=f"clamp -{bound:g}")
         ax.set_title((labels or {}).get(rule, rule), fontsize=7)
         ax.set_xlabel("SGD step", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(traces):]:
         ax.axis("off")
-    axes[0][0].set_ylabel("mean log-variance", fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("mean log-variance", fontsize=7)
     if traces:
         axes[0][0].legend(fontsize=5)
     return _save(fig, path)

@@ -242,3 +242,44 @@ def test_score_anatomy_takes_the_likelihood_apart_into_distance_and_log_det():
     assert a["clean"]["h_median"] == pytest.approx(0.0)  # two of three clean inputs are class 0
     lik = h.log_likelihood(far) + 0.5 * 2 * math.log(2 * math.pi)
     torch.testing.assert_close(lik, -torch.full((2,), 0.5 * 0.25 * math.exp(2), dtype=torch.float64) + 2.0)
+
+
+@pytest.mark.slow
+def test_likelihood_experiment_end_to_end_and_reuses_its_runs(tmp_path, monkeypatch):
+    import json
+
+    from lgm_lab.experiments import likelihood as lk
+
+    src = write_idx(tmp_path / "data", n_train=400, n_test=200)
+    monkeypatch.setitem(lk.LIKELIHOOD_PRESETS, "tiny", dict(
+        train=dict(steps=12, warmup_steps=4, test_subset=120, subset=400, batch_size=32), seeds=(0,),
+        fit_points=200, fgsm_subset=40))
+    out = tmp_path / "out"
+    res = lk.likelihood_experiment(out, preset="tiny", rules=["default", "ema", "identity-cov"], data_dir=src,
+                                   progress=lambda m: None)
+    for f in ("likelihood.json", "likelihood.md", "figures/variance_trace.png"):
+        assert (out / f).is_file(), f
+    md = (out / "likelihood.md").read_text()
+    for label in ("today's head", "moving average", "identity covariance", "L-GM paper score", "Remedy:"):
+        assert label in md
+    run = res["rules"]["ema"]["runs"][0]
+    assert run["geometry"]["clamped_share"] >= 0 and run["trace"] and "anatomy" in run
+    assert res["rules"]["identity-cov"]["runs"][0]["geometry"].get("log_var_learned") is None
+    assert json.loads((out / "likelihood.json").read_text())["preset"] == "tiny"
+    # a second call trains and measures nothing: the runs and their measurements are reused
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    lk.likelihood_experiment(out, preset="tiny", rules=["default", "ema", "identity-cov"], data_dir=src,
+                             progress=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == before
+
+
+def test_lgm_diagnostics_of_an_identity_covariance_head():
+    """lgm_diagnostics (lgm ood, the detection report) read an L-GM head's log-variances unconditionally and
+    raised AttributeError for a head with identity covariance (found by the identity-covariance rule)."""
+    from lgm_lab.detection_protocol import lgm_diagnostics
+
+    h = _head(k=3, d=4, covariance="identity").eval()
+    x = torch.randn(30, 4)
+    y = torch.arange(30) % 3
+    out = lgm_diagnostics(torch.nn.Identity(), h, {"clean": (x, y)}, x, y, {"far": 10 * x})
+    assert out["head_log_var_mean"] is None and out["sets"]["far"]["norm"] > out["clean"]["norm"]

@@ -152,10 +152,10 @@ def score_anatomy(head, f_clean: Tensor, feats: dict) -> dict:
     over the inputs, and the share of the inputs predicted as the most common class -- whether the score ranks
     inputs by their distance or by which class they are assigned to."""
     def parts(f: Tensor) -> dict:
-        f = f.double()
+        f = f.to(head.means.dtype)
         sc = head.scores(f)
         pred = head.logits(f).argmax(1)
-        d = -sc["distance"]
+        d = -sc["distance"].double()
         lv = head.clamped_log_var()
         h = torch.zeros_like(d) if lv is None else 0.5 * lv.detach().double().sum(1)[pred]
         share = torch.bincount(pred, minlength=head.num_classes).max().item() / max(1, len(pred))
@@ -236,7 +236,8 @@ def likelihood_experiment(out_dir, *, preset: str = "standard", seeds=None, rule
     (out / "figures").mkdir(parents=True, exist_ok=True)
     traces = {name: {seed: r["trace"] for seed, r in rule["runs"].items()} for name, rule in res["rules"].items()}
     res["figures"] = [str(Path(variance_trace_figure(traces, out / "figures" / "variance_trace", fmt=fmt,
-                                                     labels={n: r["label"] for n, r in res["rules"].items()}))
+                                                     labels={n: r["label"] for n, r in res["rules"].items()},
+                                                     bounds={n: rule_config(n, 0).log_var_bound for n in names}))
                           .relative_to(out))]
     res["verdicts"] = likelihood_verdicts(res)
     res["seconds"] = time.perf_counter() - t0
