@@ -160,7 +160,9 @@ def test_score_detectors_follow_the_library_convention(tiny):
     both = "Mahalanobis (L2-normalised) + Mahalanobis"
     assert D.build_detectors(head, f[:30], torch.arange(30) % head.num_classes)["KNN"].name == "KNN (k=30)"
     assert names == {"softmax": base + ("ViM", both), "center": base + ("ViM", "center distance", both),
-                     "lgm": ("L-GM likelihood", "L-GM mixture", "Gaussians re-fitted (diag)", "Mahalanobis",
+                     "lgm": ("L-GM likelihood", "L-GM mixture", "L-GM paper score (identity distance)",
+                             "L-GM distance (no log-det)", "L-GM max posterior", "Gaussians re-fitted (diag)",
+                             "Mahalanobis",
                              "Mahalanobis (L2-normalised)", "KNN", "max-softmax", both)}
     with pytest.raises(ValueError, match="calibrate"):
         OnFeatures(MaxSoftmaxDetector(), head.logits).reject(f)
@@ -183,7 +185,8 @@ def test_detection_experiment_tiny(tmp_path, monkeypatch):
     both = "Mahalanobis (L2-normalised) + Mahalanobis"
     dets = {f"{d} (center)" for d in ("Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "Energy",
                                       "MaxLogit", "max-softmax", "ViM", "center distance", both)}
-    dets |= {f"{d} (lgm-a1)" for d in ("L-GM likelihood", "L-GM mixture", "Gaussians re-fitted (diag)",
+    dets |= {f"{d} (lgm-a1)" for d in ("L-GM likelihood", "L-GM mixture", "L-GM paper score (identity distance)",
+                                       "L-GM distance (no log-det)", "L-GM max posterior", "Gaussians re-fitted (diag)",
                                        "Mahalanobis", "Mahalanobis (L2-normalised)", "KNN", "max-softmax", both)}
     assert set(res["runs"]) == dets
     sets = {*OOD_SETS, D.HELDOUT_SET, "FGSM 0.3", "PGD-10 0.3"}
