@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["log_var_stats", "TRACE_EVERY", "TRACE_FIELDS", "trace_point"]
+__all__ = ["log_var_stats", "TRACE_EVERY", "TRACE_FIELDS", "trace_point", "class_statistics"]
 
 
 def log_var_stats(head: nn.Module) -> dict:
@@ -34,21 +34,28 @@ TRACE_FIELDS = ("steps", "log_var_mean", "log_var_min", "log_var_raw_mean", "bat
 
 
 @torch.no_grad()
+def class_statistics(features: Tensor, labels: Tensor, num_classes: int | None = None):
+    """Per class of (N, D) ``features`` with (N,) ``labels`` (float64): the counts (K,), the means (K, D) and the
+    unbiased per-dimension variances around them (K, D; 0 for a class with fewer than two features)."""
+    x = features.detach().to(torch.float64)
+    y = labels.detach().to(x.device).long()
+    k = int(y.max()) + 1 if num_classes is None else num_classes
+    counts = torch.bincount(y, minlength=k).to(x.dtype)
+    means = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x) \
+        / counts.clamp(min=1)[:, None]
+    sq = torch.zeros_like(means).index_add_(0, y, (x - means[y]) ** 2)
+    return counts, means, sq / (counts - 1).clamp(min=1)[:, None]
+
+
+@torch.no_grad()
 def trace_point(head: nn.Module, features: Tensor, labels: Tensor) -> dict:
     """One trace point (:data:`TRACE_FIELDS` but ``steps``) from a training batch's features and labels and the
     head as it is now; the head's columns only for a head with log-variances."""
-    x = features.detach().to(torch.float64)
-    y = labels.detach().to(x.device).long()
-    k = int(y.max()) + 1
-    counts = torch.bincount(y, minlength=k).to(x.dtype)
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x)
-    means = sums / counts.clamp(min=1)[:, None]
-    sq = torch.zeros_like(sums).index_add_(0, y, (x - means[y]) ** 2)
+    counts, _means, var = class_statistics(features, labels)
     many = counts >= 2
-    out = {"feature_norm_mean": x.norm(dim=1).mean().item()}
+    out = {"feature_norm_mean": features.detach().double().norm(dim=1).mean().item()}
     if bool(many.any()):
-        var = sq[many] / (counts[many] - 1)[:, None]
-        out["batch_log_var_mean"] = var.clamp(min=torch.finfo(x.dtype).tiny).log().mean().item()
+        out["batch_log_var_mean"] = var[many].clamp(min=torch.finfo(var.dtype).tiny).log().mean().item()
     out.update(log_var_stats(head))
     raw = getattr(head, "log_var", None)
     if isinstance(raw, Tensor):

@@ -22,6 +22,7 @@ from ..figures import variance_trace_figure
 from ..ood_data import OOD_SETS
 from ..run_folder import save_json, save_text
 from ..tensors import features
+from ..trace import class_statistics
 from ..train import TrainingDiverged
 from .runs import budget_words, load_cached, run_config, save_cached, train_or_reuse
 from .stats import compare, mean_std_text
@@ -122,12 +123,9 @@ def head_geometry(head, f_fit: Tensor, y_fit: Tensor) -> dict:
     f = f_fit.double()
     y = y_fit.long().to(f.device)
     k = head.num_classes
-    counts = torch.bincount(y, minlength=k).to(f.dtype)
-    m = torch.zeros(k, f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, y, f) / counts.clamp(min=1)[:, None]
-    dev = f - m[y]
-    within = dev.pow(2).sum(1).mean().sqrt().item()
+    _counts, m, var = class_statistics(f, y, k)
+    within = (f - m[y]).pow(2).sum(1).mean().sqrt().item()
     between = torch.pdist(m).mean().item() if k > 1 else float("nan")
-    var = torch.zeros_like(m).index_add_(0, y, dev.pow(2)) / (counts - 1).clamp(min=1)[:, None]
     fitted = var.clamp(min=torch.finfo(f.dtype).tiny).log()
     mu = head.means.detach().double().to(f.device)
     offset = (mu - m).norm(dim=1).mean().item()
@@ -188,11 +186,6 @@ def measure_rule(run_dir: Path, P: dict, data_dir=None, batch: int = 256) -> dic
                 "fgsm_subset": P["fgsm_subset"], "test_subset": cfg.test_subset, "sets": list(OOD_SETS),
                 "fpr": FPR, "eps": EPS}
     cached = load_cached(run_dir / "likelihood_eval.json", settings)
-    if cached is not None and "anatomy" not in cached:  # measured before the anatomy existed: add it alone
-        data = detection_data(cfg, data_dir=data_dir, test_subset=cfg.test_subset, fit_points=0, sets=OOD_SETS)
-        cached["anatomy"] = score_anatomy(head, features(model, data["clean"][0], batch),
-                                          {k: features(model, v, batch) for k, v in data["abnormal"].items()})
-        save_cached(run_dir / "likelihood_eval.json", settings, cached)
     if cached is not None:
         return cached
     data = detection_data(cfg, data_dir=data_dir, test_subset=cfg.test_subset, fit_points=P["fit_points"],
