@@ -285,3 +285,22 @@ def test_lgm_diagnostics_of_an_identity_covariance_head():
     y = torch.arange(30) % 3
     out = lgm_diagnostics(torch.nn.Identity(), h, {"clean": (x, y)}, x, y, {"far": 10 * x})
     assert out["head_log_var_mean"] is None and out["sets"]["far"]["norm"] > out["clean"]["norm"]
+
+
+def test_likelihood_experiment_never_replaces_a_users_file_in_its_out_folder(tmp_path):
+    import os
+
+    from lgm_lab.experiments.likelihood import likelihood_experiment
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "likelihood.md"
+    mine.write_text("my notes")
+    with pytest.raises(ValueError, match="likelihood.md was not written by lgm likelihood"):
+        likelihood_experiment(out, rules=["default"], seeds=(0,), progress=lambda m: None)
+    assert mine.read_text() == "my notes" and sorted(p.name for p in out.iterdir()) == ["likelihood.md"]
+    mine.unlink()
+    os.mkfifo(out / "likelihood.json")
+    with pytest.raises(ValueError, match="not a regular file"):
+        likelihood_experiment(out, rules=["default"], seeds=(0,), progress=lambda m: None)
+    assert (out / "likelihood.json").is_fifo()

@@ -10,6 +10,7 @@ Fashion-MNIST with the report recipe; only its overrides differ.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -201,6 +202,29 @@ def measure_rule(run_dir: Path, P: dict, data_dir=None, batch: int = 256) -> dic
     return ev
 
 
+_TITLE = "# Why the L-GM head's own likelihood fails out of distribution"
+
+
+def _check_own_outputs(out: Path) -> None:
+    """Refuse (ValueError naming the file) an output name in ``out`` that holds something this experiment did not
+    write -- a user's file, or anything but a regular file -- before any work: only its own results are replaced."""
+    names = (out / "likelihood.json", out / "likelihood.md", out / "figures" / "variance_trace.png")
+    there = [p for p in names if p.exists() or p.is_symlink()]
+    if not there:
+        return
+    for p in there:
+        if p.is_symlink() or not p.is_file():
+            raise ValueError(f"{p} is not a regular file this experiment wrote; move it away or give another --out")
+    try:
+        own = json.loads(names[0].read_text()) if names[0].is_file() else None
+    except (OSError, ValueError):
+        own = None
+    md_own = not names[1].is_file() or names[1].read_text(errors="replace").startswith(_TITLE)
+    if not (isinstance(own, dict) and {"preset", "rules", "verdicts"} <= own.keys() and md_own):
+        raise ValueError(f"{there[0]} was not written by lgm likelihood (the folder holds files of yours); move it "
+                         "away or give another --out")
+
+
 def likelihood_experiment(out_dir, *, preset: str = "standard", seeds=None, rules=None, data_dir=None,
                           progress=print, fmt: str = "png") -> dict:
     """Every rule of :data:`RULES` (or ``rules``) for every seed of ``preset``: trained (or reused) into
@@ -212,6 +236,7 @@ def likelihood_experiment(out_dir, *, preset: str = "standard", seeds=None, rule
     seeds = tuple(P["seeds"] if seeds is None else seeds)
     names = [r[0] for r in RULES] if rules is None else [_rule(n)[0] for n in rules]
     out = Path(out_dir)
+    _check_own_outputs(out)
     t0 = time.perf_counter()
     diverged = train_rules(out, preset=preset, seeds=seeds, rules=names, data_dir=data_dir, progress=progress)
     res = {"preset": preset, "train": P["train"], "seeds": list(seeds), "fit_points": P["fit_points"],
@@ -298,7 +323,7 @@ def likelihood_markdown(res: dict) -> str:
     t, sets = res["train"], res["sets"]
     fgsm, pgd = f"FGSM {res['eps']:g}", f"PGD-10 {res['eps']:g}"
     seeds = ", ".join(map(str, res["seeds"]))
-    L = ["# Why the L-GM head's own likelihood fails out of distribution: interventions", "",
+    L = [f"{_TITLE}: interventions", "",
          f"LeNet++ 100-D (linear feature layer), L-GM head (alpha 1, lambda 0.1 unless the rule says otherwise), "
          f"Fashion-MNIST, all training images, {budget_words(t)}, the report recipe (the standard detection "
          f"report's budget: the default rule's networks are that report's L-GM networks); seeds {seeds}. Each "
